@@ -1,0 +1,3 @@
+from pedetect.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""The one console script, ``pedetect``: a subcommand per pipeline stage.
+
+Each concern keeps its own command in ``<concern>/command.py``; those modules import only Typer at
+module level so that ``pedetect --help`` stays fast. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pedetect import __version__
+from pedetect.metric.command import check_command, evaluate_command
+from pedetect.synth.command import synth_command
+
+app = typer.Typer(
+    name="pedetect",
+    help="Pulmonary embolism detection on CT pulmonary angiography (RSNA-STR PE challenge pipeline).",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pedetect {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Pulmonary embolism detection on CT pulmonary angiography."""
+
+
+app.command("synth")(synth_command)
+app.command("evaluate")(evaluate_command)
+app.command("check")(check_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
