@@ -1,0 +1,168 @@
+"""Stage 2: a sequence head over one series' ordered slice embeddings (DESIGN.md §2).
+
+Input: (B, T, D) embeddings in position order with a (B, T) mask of real slices; series shorter
+than T are padded. Output: one logit per slice and the nine exam logits. Padded positions never
+reach a pooled exam feature or the loss: recurrent encoders run on packed sequences, the
+transformer masks them as keys, pooling masks them, and :func:`metric_loss` takes real slices only.
+
+Long series can instead be resized to a fixed length and the slice logits resized back (1st place).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from pedetect.labels import EXAM_LABELS
+from pedetect.metric.loss import LossParts, weighted_log_loss_parts
+
+Encoder = Literal["gru", "lstm", "transformer"]
+
+
+def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[f, f − f_prev, f − f_next] per slice (1st place); at either end of a series the missing
+    neighbour is the slice itself, so its difference is 0 and padding never leaks in."""
+    lengths = mask.sum(1)
+    index = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+    prev_index = (index - 1).clamp(min=0)
+    next_index = torch.minimum(index + 1, (lengths - 1).clamp(min=0).unsqueeze(1))
+    gather = lambda idx: torch.gather(features, 1, idx.unsqueeze(-1).expand_as(features))  # noqa: E731
+    return torch.cat([features, features - gather(prev_index), features - gather(next_index)], dim=-1)
+
+
+def resize_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation of (T, C) to (length, C)."""
+    return F.interpolate(x.t().unsqueeze(0), size=length, mode="linear", align_corners=True)[0].t()
+
+
+class SinusoidalPosition(nn.Module):
+    def __init__(self, dim: int, max_len: int = 4096):
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        table = torch.zeros(max_len, dim)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[: x.shape[1]]
+
+
+class SequenceHead(nn.Module):
+    """Bidirectional GRU/LSTM or transformer over slice embeddings; slice and exam logits."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        *,
+        encoder: Encoder = "gru",
+        hidden: int = 128,
+        layers: int = 2,
+        dropout: float = 0.1,
+        heads: int = 4,
+        neighbour_diffs: bool = False,
+        use_cnn_logit: bool = True,
+        fixed_length: int | None = None,
+    ):
+        super().__init__()
+        self.neighbour_diffs = neighbour_diffs
+        self.use_cnn_logit = use_cnn_logit
+        self.fixed_length = fixed_length
+        in_dim = embedding_dim * (3 if neighbour_diffs else 1) + (1 if use_cnn_logit else 0)
+        self.encoder_kind = encoder
+        if encoder in ("gru", "lstm"):
+            rnn = nn.GRU if encoder == "gru" else nn.LSTM
+            self.encoder = rnn(
+                in_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                dropout=dropout if layers > 1 else 0.0,
+            )
+            out_dim = 2 * hidden
+        elif encoder == "transformer":
+            self.project = nn.Linear(in_dim, hidden)
+            self.position = SinusoidalPosition(hidden)
+            layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            out_dim = hidden
+        else:
+            raise ValueError(f"unknown sequence encoder {encoder!r}; choose gru, lstm or transformer")
+        self.dropout = nn.Dropout(dropout)
+        self.slice_head = nn.Linear(out_dim, 1)
+        self.attention = nn.Linear(out_dim, 1)
+        self.exam_head = nn.Linear(2 * out_dim, len(EXAM_LABELS))
+
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1)
+        if self.encoder_kind == "transformer":
+            return self.encoder(self.position(self.project(x)), src_key_padding_mask=~mask)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.encoder(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out
+
+    def forward(
+        self, embeddings: torch.Tensor, mask: torch.Tensor, cnn_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D), (B, T) bool, optional (B, T) → slice logits (B, T) (0 where padded), exam logits (B, 9)."""
+        mask = mask.bool()
+        x = embeddings.float()
+        if self.neighbour_diffs:
+            x = neighbour_differences(x, mask)
+        if self.use_cnn_logit:
+            if cnn_logits is None:
+                raise ValueError("this head was built with use_cnn_logit=True: pass the CNN's slice logits")
+            x = torch.cat([x, cnn_logits.float().unsqueeze(-1)], dim=-1)
+        x = x * mask.unsqueeze(-1)  # padding carries no values, whatever the caller left there
+        if self.fixed_length is None:
+            return self._heads(x, mask)
+        return self._heads_resized(x, mask)
+
+    def _heads(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.dropout(self._encode(x, mask))
+        slice_logits = self.slice_head(hidden).squeeze(-1).masked_fill(~mask, 0.0)
+        scores = self.attention(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))
+        attended = (torch.softmax(scores, dim=1).unsqueeze(-1) * hidden).sum(1)
+        maxed = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
+        exam_logits = self.exam_head(torch.cat([attended, maxed], dim=-1))
+        return slice_logits, exam_logits
+
+    def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.fixed_length
+        lengths = mask.sum(1).tolist()
+        resized = torch.stack([resize_sequence(x[b, :n], length) for b, n in enumerate(lengths)])
+        full = torch.ones(resized.shape[:2], dtype=torch.bool, device=x.device)
+        slice_resized, exam_logits = self._heads(resized, full)
+        slice_logits = torch.zeros(mask.shape, dtype=slice_resized.dtype, device=x.device)
+        for b, n in enumerate(lengths):
+            slice_logits[b, :n] = resize_sequence(slice_resized[b].unsqueeze(-1), n).squeeze(-1)
+        return slice_logits, exam_logits
+
+
+def metric_loss_parts(
+    slice_logits: torch.Tensor,
+    exam_logits: torch.Tensor,
+    mask: torch.Tensor,
+    slice_targets: torch.Tensor,
+    exam_targets: torch.Tensor,
+) -> LossParts:
+    """The competition metric over a batch of series (one exam each), real slices only."""
+    mask = mask.bool()
+    exam_index = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    return weighted_log_loss_parts(
+        slice_targets[mask].float(),
+        slice_logits[mask],
+        exam_index,
+        exam_targets.float(),
+        exam_logits,
+        from_logits=True,
+    )
+
+
+def metric_loss(*args) -> torch.Tensor:
+    """Training loss = the competition score of the batch; arguments as :func:`metric_loss_parts`."""
+    return metric_loss_parts(*args).score
