@@ -249,3 +249,18 @@ class TestBadInput:
     def test_missing_file(self, tmp_path):
         with pytest.raises(InputError, match="not found"):
             read_submission(tmp_path / "nope.csv")
+
+
+def test_prior_baseline_scores_the_label_entropy(tmp_path):
+    from pedetect.metric.baselines import label_prior, prior_submission
+
+    labels = random_labels(np.random.default_rng(11), 40)
+    prior = label_prior(labels)
+    exams = labels.drop_duplicates(STUDY)
+    assert prior["central_pe"] == pytest.approx(exams["central_pe"].mean())
+    assert prior[IMAGE_LABEL] == pytest.approx(labels[IMAGE_LABEL].mean())
+    report = evaluate_json(tmp_path, labels, prior_submission(prior, labels))
+    # Predicting each exam label's own frequency f costs its binary entropy H(f) per exam.
+    entropy = lambda f: 0.0 if f in (0, 1) else -(f * math.log(f) + (1 - f) * math.log(1 - f))  # noqa: E731
+    assert report["labels"]["central_pe"]["log_loss"] == pytest.approx(entropy(prior["central_pe"]))
+    assert report["score"] < math.log(2)
