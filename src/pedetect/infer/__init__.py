@@ -1,0 +1,1 @@
+"""Prediction on new studies: reading, models, ensembling, consistency, reports."""
