@@ -264,3 +264,23 @@ def test_prior_baseline_scores_the_label_entropy(tmp_path):
     entropy = lambda f: 0.0 if f in (0, 1) else -(f * math.log(f) + (1 - f) * math.log(1 - f))  # noqa: E731
     assert report["labels"]["central_pe"]["log_loss"] == pytest.approx(entropy(prior["central_pe"]))
     assert report["score"] < math.log(2)
+
+
+def test_exam_from_slices_follows_the_highest_slice():
+    from pedetect.metric.baselines import exam_from_slices, label_prior, positive_exam_prior
+
+    labels = make_labels(
+        {"p": [0, 1, 1], "q": [1, 0], "n": [0, 0], "i": [0]},
+        {
+            "p": {"central_pe": 1, "rv_lv_ratio_gte_1": 1},
+            "q": {"rightsided_pe": 1, "rv_lv_ratio_lt_1": 1},
+            "n": {"negative_exam_for_pe": 1},
+            "i": {"indeterminate": 1},
+        },
+    )
+    positive_prior = positive_exam_prior(labels)
+    assert positive_prior["central_pe"] == 0.5 and positive_prior["negative_exam_for_pe"] == 0.0
+    exam = exam_from_slices(np.array([0.1, 0.8, 0.3]), label_prior(labels), positive_prior)
+    assert exam["central_pe"] == pytest.approx(0.4) and exam["rv_lv_ratio_lt_1"] == pytest.approx(0.4)
+    # 1 - 0.8 shared 1:1 between negative and indeterminate (one exam each in the truth).
+    assert exam["negative_exam_for_pe"] == pytest.approx(0.1) and exam["indeterminate"] == pytest.approx(0.1)
