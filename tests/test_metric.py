@@ -22,18 +22,13 @@ from pedetect.metric.submission import InputError, read_labels, read_submission
 runner = CliRunner()
 
 
+def invoke_evaluate(tmp_path, labels: pd.DataFrame, submission: pd.DataFrame, *options: str):
+    labels_path, submission_path = write(labels, tmp_path / "labels.csv"), write(submission, tmp_path / "sub.csv")
+    return runner.invoke(app, ["evaluate", "--labels", str(labels_path), "--submission", str(submission_path), *options])
+
+
 def evaluate_json(tmp_path, labels: pd.DataFrame, submission: pd.DataFrame) -> dict:
-    result = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--labels",
-            str(write(labels, tmp_path / "labels.csv")),
-            "--submission",
-            str(write(submission, tmp_path / "sub.csv")),
-            "--json",
-        ],
-    )
+    result = invoke_evaluate(tmp_path, labels, submission, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -190,16 +185,7 @@ class TestBadInput:
         return tmp_path, labels, submission
 
     def run(self, tmp_path, labels, submission):
-        result = runner.invoke(
-            app,
-            [
-                "evaluate",
-                "--labels",
-                str(write(labels, tmp_path / "labels.csv")),
-                "--submission",
-                str(write(submission, tmp_path / "sub.csv")),
-            ],
-        )
+        result = invoke_evaluate(tmp_path, labels, submission)
         assert result.exit_code == 2, result.output
         return result.stderr
 
