@@ -1,0 +1,163 @@
+"""Slice datasets over the slice store.
+
+A :class:`SliceDataset` yields ``(image, target, index)``: a ``(C, S, S)`` uint8 tensor (the model
+normalises), the targets (slice label, then the configured exam labels) as float32, and the row
+index (validation gathers predictions across processes by it). The store is opened lazily in each
+process, so the dataset can be handed to forking or spawning data-loader workers.
+
+Input modes (``cnn.input.mode``):
+
+- ``windows``: the lung, PE and mediastinal windows of the slice (the store's three channels);
+- ``adjacent``: the PE window of slices z−1, z, z+1 of the same series (clamped at the ends);
+- ``both``: the two stacked, nine channels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pedetect.data.augment import SliceAugment
+from pedetect.labels import IMAGE_LABEL, SERIES, SOP, STUDY
+from pedetect.train.config import AugmentConfig
+
+SLICE_INDEX = "slice_index"
+N_SLICES = "n_slices"
+PE_CHANNEL = 1  # the PE window (L100/W700) is the store's second channel
+
+# Store reads may be read-only (memory-mapped) arrays; no step here writes into them in place
+# (resize, warp, lookup and cutout all return new tensors), so torch's warning is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class StoreError(ValueError):
+    """Labels and store that do not fit together."""
+
+
+class SliceSource(Protocol):
+    """What the datasets need from a slice store (``pedetect.store.SliceStore``)."""
+
+    slices: pd.DataFrame
+
+    def read_slice(self, series_uid: str, slice_index: int) -> np.ndarray: ...
+
+
+def open_store(path: str | Path) -> SliceSource:
+    from pedetect.store import SliceStore
+
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"slice store not found: {path} (make one with pedetect prepare)")
+    return SliceStore(path)
+
+
+def slice_items(labels: pd.DataFrame, store_slices: pd.DataFrame, *, source: str = "the labels") -> pd.DataFrame:
+    """Labelled slices with their place in the store: the label rows (order kept) plus the store's
+    series, ``slice_index`` and the series' slice count ``n_slices``.
+
+    Every labelled slice must be in the store; otherwise a :class:`StoreError` says how many are not.
+    """
+    store = store_slices[[SERIES, SOP, SLICE_INDEX]].copy()
+    store[N_SLICES] = store.groupby(SERIES)[SLICE_INDEX].transform("max") + 1
+    store = store.rename(columns={SERIES: "_store_series"})
+    merged = labels.merge(store, on=SOP, how="left", validate="many_to_one")
+    lacking = merged[SLICE_INDEX].isna()
+    if lacking.any():
+        n_studies = merged.loc[lacking, STUDY].nunique() if STUDY in merged else "?"
+        first = merged.loc[lacking, SOP].iloc[0]
+        raise StoreError(
+            f"the store lacks {int(lacking.sum())} of {len(merged)} slices in {source} "
+            f"({n_studies} studies; first SOPInstanceUID {first}); prepare the store from the same DICOM files, "
+            "or check pedetect prepare's failures.parquet"
+        )
+    merged[SERIES] = merged.pop("_store_series")
+    merged[SLICE_INDEX] = merged[SLICE_INDEX].astype(int)
+    merged[N_SLICES] = merged[N_SLICES].astype(int)
+    return merged
+
+
+class SliceDataset(Dataset):
+    """Slices of a store, read, resized and (for training) augmented."""
+
+    def __init__(
+        self,
+        store: str | Path | SliceSource,
+        items: pd.DataFrame,
+        *,
+        mode: str = "windows",
+        image_size: int = 512,
+        augment: AugmentConfig | None = None,
+        exam_labels: tuple[str, ...] = (),
+    ):
+        if mode not in ("windows", "adjacent", "both"):
+            raise ValueError(f"unknown input mode {mode!r}")
+        self._store_ref = store
+        self._store: Any = None if isinstance(store, (str, Path)) else store
+        self._pid = os.getpid()
+        self.mode = mode
+        self.series = items[SERIES].to_numpy(dtype=object)
+        self.slice_index = items[SLICE_INDEX].to_numpy(dtype=np.int64)
+        self.n_slices = items[N_SLICES].to_numpy(dtype=np.int64)
+        columns = [IMAGE_LABEL, *exam_labels] if IMAGE_LABEL in items else []
+        self.targets = np.array(items[columns].to_numpy(dtype=np.float32), copy=True) if columns else np.zeros((len(items), 0), np.float32)
+        self.transform = SliceAugment(image_size, augment)
+        self.train = augment is not None
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    @property
+    def positive(self) -> np.ndarray:
+        """Boolean mask of positive slices (the slice label)."""
+        return self.targets[:, 0] > 0.5
+
+    @property
+    def store(self) -> SliceSource:
+        if self._store is None or (isinstance(self._store_ref, (str, Path)) and os.getpid() != self._pid):
+            self._store = open_store(self._store_ref)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if isinstance(self._store_ref, (str, Path)):
+            state["_store"] = None  # reopened in the worker
+        state["_rng"] = None
+        return state
+
+    def rng(self) -> np.random.Generator:
+        """A generator per process: seeded from torch's per-worker seed and the distributed rank."""
+        if self._rng is None or self._rng_pid != os.getpid():
+            rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+            self._rng = np.random.default_rng([torch.initial_seed() % 2**63, rank])
+            self._rng_pid = os.getpid()
+        return self._rng
+
+    def read(self, i: int) -> np.ndarray:
+        """The raw (H, W, C) uint8 input of row ``i`` for the configured mode."""
+        series, index = self.series[i], int(self.slice_index[i])
+        store = self.store
+        if self.mode == "windows":
+            return store.read_slice(series, index)
+        last = int(self.n_slices[i]) - 1
+        below = store.read_slice(series, max(index - 1, 0))[:, :, PE_CHANNEL]
+        centre = store.read_slice(series, index)
+        above = store.read_slice(series, min(index + 1, last))[:, :, PE_CHANNEL]
+        adjacent = np.stack([below, centre[:, :, PE_CHANNEL], above], axis=2)
+        if self.mode == "adjacent":
+            return adjacent
+        return np.concatenate([centre, adjacent], axis=2)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
+        image = self.transform(image, self.rng() if self.train else None)
+        return image, torch.from_numpy(self.targets[i]), i

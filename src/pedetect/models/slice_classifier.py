@@ -1,0 +1,123 @@
+"""Stage 1: the slice classifier (a timm backbone and a linear head).
+
+Input: a ``(B, C, H, W)`` batch of uint8 (0–255) or float pixels in the 0–255 scale; the model
+normalises it itself, so data loaders ship compact uint8 tensors and every caller (training, the
+stage-2 embedding pass, ``predict``) feeds the same thing. Output: one logit per slice for
+``pe_present_on_image`` and, when configured, one per exam label (5th place).
+
+For later stages::
+
+    model = load_slice_classifier(model_dir, fold)      # resolved config + fold<k>/model.safetensors
+    embedding, slice_logit = model.embed(batch)         # (B, D), (B,)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pedetect.models.backbone import create_backbone
+
+if TYPE_CHECKING:
+    from pedetect.train.config import CnnConfig, ExperimentConfig
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def fold_dir(model_dir: str | Path, fold: int) -> Path:
+    """``MODEL_DIR/cnn/fold<k>``: where stage 1 writes one fold's weights and metrics."""
+    return Path(model_dir) / "cnn" / f"fold{fold}"
+
+
+class SliceClassifier(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        exam_labels: tuple[str, ...] = (),
+        mean: float = 0.5,
+        std: float = 0.25,
+        head_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.exam_labels = tuple(exam_labels)
+        self.embedding_dim = int(backbone.num_features)
+        self.dropout = nn.Dropout(head_dropout) if head_dropout else nn.Identity()
+        self.head = nn.Linear(self.embedding_dim, 1 + len(self.exam_labels))
+        self.register_buffer("mean", torch.tensor(float(mean) * 255.0), persistent=False)
+        self.register_buffer("std", torch.tensor(float(std) * 255.0), persistent=False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.head.weight.dtype if not torch.is_autocast_enabled() else torch.float32
+        return (x.to(dtype) - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, ``(B, embedding_dim)``."""
+        return self.backbone(self.normalise(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1 + len(exam_labels))``; column 0 is the slice label."""
+        return self.head(self.dropout(self.features(x)))
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume."""
+        features = self.features(x)
+        return features, self.head(features)[:, 0]
+
+
+def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True) -> SliceClassifier:
+    """The model of a resolved ``cnn`` config section; ``load_pretrained=False`` skips the backbone's
+    weights file (when trained weights are about to be loaded anyway)."""
+    b = cnn.backbone
+    backbone = create_backbone(
+        b.name,
+        in_chans=cnn.input.channels,
+        weights=b.weights if load_pretrained else None,
+        drop_path_rate=b.drop_path_rate,
+        **b.kwargs,
+    )
+    return SliceClassifier(
+        backbone,
+        exam_labels=tuple(cnn.targets.exam_labels),
+        mean=cnn.input.mean,
+        std=cnn.input.std,
+        head_dropout=b.drop_rate,
+    )
+
+
+def save_weights(model: SliceClassifier, path: str | Path) -> None:
+    """The model's tensors as safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    from pedetect.io import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": "pedetect.slice_classifier"})
+
+
+def load_slice_classifier(
+    model_dir: str | Path,
+    fold: int,
+    *,
+    config: ExperimentConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> SliceClassifier:
+    """The trained stage-1 model of one fold, in eval mode: built from ``MODEL_DIR/config.yaml``
+    (or ``config``) and loaded from ``MODEL_DIR/cnn/fold<k>/model.safetensors``."""
+    from safetensors.torch import load_file
+
+    from pedetect.train.config import read_resolved_config
+
+    if config is None:
+        config = read_resolved_config(model_dir)
+    path = fold_dir(model_dir, fold) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained CNN for fold {fold}: {path} is missing (run pedetect train --stage cnn)")
+    model = build_slice_classifier(config.cnn, load_pretrained=False)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().to(device)

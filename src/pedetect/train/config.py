@@ -1,0 +1,338 @@
+"""Experiment configuration: typed, validated models of the YAML recipes in ``configs/``.
+
+This module is the one place where every setting and its default is written down. A recipe only
+states what it changes; an unknown or misspelt key anywhere is an error naming the key, the file
+and the allowed keys. The resolved config (defaults filled in) is saved as ``MODEL_DIR/config.yaml``
+and is what later stages and ``predict`` rebuild the models from.
+
+Layout (top-level sections)::
+
+    name, source, seed
+    data:     folds and loading, shared by every stage
+    runtime:  devices, nodes, precision (shared by every stage)
+    logging:  CSV always; TensorBoard, Weights & Biases (offline), MLflow when configured
+    cnn:      stage 1, the slice CNN (backbone, input, augmentation, targets, loss, sampling,
+              optimiser, schedule, epochs)
+
+A stage-2 section (``seq``) slots in beside ``cnn`` with its own optimiser and schedule
+(:class:`OptimizerConfig`, :class:`SchedulerConfig` are shared), without changing existing recipes.
+
+Single values can be overridden from the command line: ``--set cnn.optimizer.lr=3e-4``
+(:func:`apply_overrides`); the value is read as YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pedetect.labels import EXAM_LABELS
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message says what and where."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+class DataConfig(Section):
+    folds: int = Field(5, ge=2, description="Number of cross-validation folds when pedetect makes them itself.")
+    fold_seed: int = Field(42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels).")
+    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per device.")
+    val_batch_size: Optional[int] = Field(None, ge=1, description="Validation batch size; default: 2 × the training batch size.")
+
+
+class RuntimeConfig(Section):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
+    devices: Union[int, Literal["auto"], list[int]] = Field("auto", description="Devices per node (an int, a list of ids, or 'auto').")
+    num_nodes: int = Field(1, ge=1, description="Number of nodes (DDP across nodes; launch with torchrun or SLURM).")
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
+        "auto", description="'auto' uses DDP whenever more than one device is used."
+    )
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
+        "auto", description="'auto': bf16-mixed on GPUs that support it, else 16-mixed on GPU, 32-true on CPU."
+    )
+    deterministic: bool = Field(False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
+
+
+class WandbConfig(Section):
+    project: str = "pedetect"
+    offline: bool = Field(True, description="Offline runs are written under MODEL_DIR and synced later with `wandb sync`.")
+
+
+class MlflowConfig(Section):
+    experiment: str = "pedetect"
+    tracking_uri: Optional[str] = Field(None, description="Default: a file store under MODEL_DIR/mlruns.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    wandb: Optional[WandbConfig] = Field(None, description="Also log to Weights & Biases (needs wandb).")
+    mlflow: Optional[MlflowConfig] = Field(None, description="Also log to MLflow (needs mlflow).")
+    progress_bar: bool = True
+    log_every_n_steps: int = Field(20, ge=1)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (after warm-up).")
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="SGD only.")
+
+
+class SchedulerConfig(Section):
+    name: Literal["cosine", "step", "constant"] = Field("cosine", description="Per optimiser step, after warm-up.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from 0, in (fractional) epochs.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final LR as a fraction of the peak.")
+    step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: the slice CNN
+
+
+class BackboneConfig(Section):
+    name: str = Field("resnet10t", description="Any timm model name (timm.list_models()).")
+    weights: Optional[Path] = Field(
+        None, description="Local pretrained weights (.safetensors or a torch state dict); none: random init. Never downloaded."
+    )
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone supports it.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
+
+
+class InputConfig(Section):
+    mode: Literal["windows", "adjacent", "both"] = Field(
+        "windows",
+        description="windows: lung/PE/mediastinal windows of one slice (3 ch); adjacent: PE window of slices "
+        "z-1, z, z+1 (3 ch, 1st/2nd places); both: the two stacked (9 ch).",
+    )
+    image_size: int = Field(512, ge=16, description="Square side the slice is resized to.")
+    mean: float = Field(0.5, description="Input normalisation: (pixel/255 - mean) / std, every channel.")
+    std: float = Field(0.25, gt=0)
+
+    @property
+    def channels(self) -> int:
+        return {"windows": 3, "adjacent": 3, "both": 9}[self.mode]
+
+
+class ShiftScaleRotateConfig(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    shift: float = Field(0.0625, ge=0, description="Max shift as a fraction of the side.")
+    scale: float = Field(0.1, ge=0, lt=1, description="Scale drawn from [1-scale, 1+scale].")
+    rotate: float = Field(15.0, ge=0, le=180, description="Max rotation in degrees.")
+
+
+class BrightnessContrastConfig(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0, description="Added offset drawn from [-b, b] × 255.")
+    contrast: float = Field(0.2, ge=0, lt=1, description="Gain on pixel values drawn from [1-c, 1+c] (albumentations: brightness_by_max).")
+
+
+class CutoutConfig(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    holes: int = Field(1, ge=1, description="Number of rectangles set to 0.")
+    size: float = Field(0.2, gt=0, le=1, description="Max side of each rectangle, as a fraction of the image side.")
+
+
+class AugmentConfig(Section):
+    hflip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip.")
+    vflip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
+    shift_scale_rotate: ShiftScaleRotateConfig = Field(default_factory=ShiftScaleRotateConfig)
+    brightness_contrast: BrightnessContrastConfig = Field(default_factory=BrightnessContrastConfig)
+    cutout: CutoutConfig = Field(default_factory=CutoutConfig)
+
+
+class TargetsConfig(Section):
+    exam_labels: list[str] = Field(
+        default_factory=list,
+        description="Exam labels also predicted per slice, trained on positive slices only (5th place); empty: slice label only.",
+    )
+    exam_weight: float = Field(1.0, ge=0, description="Weight of the exam-label loss relative to the slice loss.")
+
+    @field_validator("exam_labels")
+    @classmethod
+    def _known_labels(cls, value: list[str]) -> list[str]:
+        unknown = [label for label in value if label not in EXAM_LABELS]
+        if unknown:
+            raise ValueError(f"unknown exam label(s) {unknown}; allowed: {', '.join(EXAM_LABELS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("exam labels repeat")
+        return value
+
+
+class LossConfig(Section):
+    kind: Literal["bce", "focal"] = "bce"
+    focal_alpha: Optional[float] = Field(0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting).")
+    focal_gamma: float = Field(2.0, ge=0, description="focal: focusing exponent.")
+
+
+class SamplingConfig(Section):
+    mode: Literal["all", "balanced"] = Field("all", description="all: every training slice once per epoch, shuffled.")
+    positive_share: float = Field(0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch.")
+    samples_per_epoch: Optional[int] = Field(None, ge=1, description="balanced: slices per epoch; default: the training set size.")
+
+
+class CnnConfig(Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1, description="Per device.")
+    accumulate_grad_batches: int = Field(1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes.")
+    gradient_clip_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm (none: no clipping).")
+    monitor: Literal["val_auc", "val_loss"] = Field("val_auc", description="Metric that picks the best epoch (exported weights).")
+    export: Literal["best", "last"] = Field("best", description="Which epoch's weights become model.safetensors.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them."
+    )
+    limit_train_batches: Optional[Union[int, float]] = Field(None, description="Debugging: cap training batches per epoch.")
+    limit_val_batches: Optional[Union[int, float]] = Field(None, description="Debugging: cap validation batches.")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class ExperimentConfig(Section):
+    name: str = Field("experiment", description="A short name for the experiment.")
+    source: str = Field("", description="Where the recipe comes from (solution, write-up, changes).")
+    seed: int = Field(42, description="Global seed (lightning.seed_everything), offset by the fold number.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cnn: CnnConfig = Field(default_factory=CnnConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def _format_validation_error(error: ValidationError, model: type[BaseModel], where: str) -> str:
+    lines = [f"invalid config {where}:" if where else "invalid config:"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, item["loc"][:-1])
+            lines.append(f"  unknown key '{loc}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else ""))
+        else:
+            lines.append(f"  {loc}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at ``loc``; empty if it cannot be followed."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+        current = _model_in(annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside ``Optional[Model]`` and the like, else the annotation."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def validate_config(data: dict[str, Any], where: str = "") -> ExperimentConfig:
+    """Validate a plain dict as an :class:`ExperimentConfig`; errors name the key and the allowed keys."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, ExperimentConfig, where)) from None
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read a YAML recipe into an :class:`ExperimentConfig` (the shared loader, pedetect.config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        from pedetect.config import load_config
+    except ImportError:  # the shared loader is not there: validate here with the same rules
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections") from None
+        return validate_config(data, f"in {path}")
+    try:
+        return load_config(path, ExperimentConfig)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the shared loader's own error type derives from ValueError
+        raise ConfigError(str(error)) from None
+
+
+def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Return a copy of ``config`` with ``section.key=value`` overrides applied (values read as YAML)."""
+    if not overrides:
+        return config
+    import yaml
+
+    data = config.model_dump(mode="json")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. cnn.optimizer.lr=3e-4)")
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if part in node and node[part] is None:
+                    node[part] = {}
+                else:
+                    allowed = _allowed_keys(ExperimentConfig, tuple(parts[:depth]))
+                    raise ConfigError(
+                        f"override '{item}': unknown section '{'.'.join(parts[: depth + 1])}'; allowed keys here: {', '.join(allowed)}"
+                    )
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return validate_config(data, "after --set overrides")
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default written out), in field order."""
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=100)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    from pedetect.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(config_to_yaml(config))
+
+
+def read_resolved_config(model_dir: str | Path) -> ExperimentConfig:
+    """The resolved config saved in a model folder by ``pedetect train``."""
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} is not a model folder: {path.name} is missing")
+    return load_experiment(path)

@@ -1,0 +1,215 @@
+"""The Lightning module of stage 1: loss, optimiser, schedule, validation metrics, epoch history."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pedetect.models.slice_classifier import SliceClassifier
+from pedetect.train.config import CnnConfig, LossConfig, OptimizerConfig, SchedulerConfig
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, alpha: float | None) -> torch.Tensor:
+    """Element-wise sigmoid focal loss (Lin et al. 2017): ``α_t (1 − p_t)^γ · BCE``."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = bce * (1 - p_t).pow(gamma)
+    if alpha is not None:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def elementwise_loss(config: LossConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if config.kind == "focal":
+        return focal_loss(logits, targets, config.focal_gamma, config.focal_alpha)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+
+
+def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Slice-label loss, plus (weighted) exam-label loss on positive slices only (5th place)."""
+    loss = elementwise_loss(config.loss, logits[:, 0], targets[:, 0]).mean()
+    if logits.shape[1] > 1:
+        positive = targets[:, 0] > 0.5
+        exam = elementwise_loss(config.loss, logits[positive, 1:], targets[positive, 1:])
+        # A batch without positive slices adds 0 (and keeps the graph the same on every process).
+        exam_term = exam.mean() if positive.any() else logits[:, 1:].sum() * 0.0
+        loss = loss + config.targets.exam_weight * exam_term
+    return loss
+
+
+class LrSchedule:
+    """LR factor per optimiser step: linear warm-up, then cosine, step decay or constant.
+
+    A plain object of numbers, so ``LambdaLR.state_dict`` (and the checkpoint) stays weights-only.
+    """
+
+    def __init__(self, config: SchedulerConfig, total_steps: int, steps_per_epoch: float):
+        self.name = config.name
+        self.total = max(int(total_steps), 1)
+        self.warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        self.min_ratio = config.min_lr_ratio
+        self.step_every = max(config.step_epochs * steps_per_epoch, 1.0)
+        self.gamma = config.gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.name == "cosine":
+            progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.name == "step":
+            return self.gamma ** int((step - self.warmup) // self.step_every)
+        return 1.0
+
+
+def build_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-d tensors), as timm and torchvision's references.
+    decay, no_decay = [], []
+    for p in parameters:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    if config.name == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(target)) < 2:
+        return float("nan")
+    return float(roc_auc_score(target, score))
+
+
+def log_loss(target: np.ndarray, probability: np.ndarray) -> float:
+    """Mean binary log loss with the metric's clipping (pedetect.metric.loss)."""
+    from pedetect.metric.loss import binary_cross_entropy
+
+    return float(np.mean(binary_cross_entropy(target.astype(np.float64), probability.astype(np.float64))))
+
+
+class SliceModule(L.LightningModule):
+    """Trains a :class:`SliceClassifier`; keeps a per-epoch history that survives resume."""
+
+    def __init__(self, model: SliceClassifier, config: CnnConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.history: list[dict[str, Any]] = []
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._train_loss_sum = 0.0
+        self._train_loss_n = 0
+        self._train_samples = 0
+        self._epoch_start = 0.0
+        self._val_start = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ----------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum, self._train_loss_n, self._train_samples = 0.0, 0, 0
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets, _ = batch
+        loss = slice_loss(self.config, self.model(images), targets)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(images))
+        self._train_loss_sum += float(loss.detach())
+        self._train_loss_n += 1
+        self._train_samples += len(images)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.config.optimizer, self.model.parameters())
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = LrSchedule(self.config.scheduler, total, total / max(self.trainer.max_epochs or 1, 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+        self._val_start = time.perf_counter()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets, index = batch
+        logits = self.model(images)
+        loss = slice_loss(self.config, logits, targets)
+        self.log("val_batch_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
+        probability = torch.sigmoid(logits[:, 0].float())
+        self._val_outputs.append((index.detach(), probability.detach(), targets[:, 0].detach()))
+
+    def _gather_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target, probability) of every validation row once, gathered over processes."""
+        device = self.device
+        if self._val_outputs:
+            index = torch.cat([o[0] for o in self._val_outputs]).to(device)
+            prob = torch.cat([o[1] for o in self._val_outputs]).to(device)
+            target = torch.cat([o[2] for o in self._val_outputs]).to(device)
+        else:
+            index = torch.zeros(0, dtype=torch.long, device=device)
+            prob = target = torch.zeros(0, device=device)
+        if self.trainer.world_size > 1:
+            # Pad to a common length, gather, then drop the padding (index −1).
+            n = torch.tensor([len(index)], device=device)
+            longest = int(self.all_gather(n).max())
+            pad = longest - len(index)
+            index = torch.cat([index, torch.full((pad,), -1, dtype=index.dtype, device=device)])
+            prob = torch.cat([prob, torch.zeros(pad, device=device)])
+            target = torch.cat([target, torch.zeros(pad, device=device)])
+            index, prob, target = (self.all_gather(t).reshape(-1) for t in (index, prob, target))
+            keep = index >= 0
+            index, prob, target = index[keep], prob[keep], target[keep]
+            _, first = np.unique(index.cpu().numpy(), return_index=True)
+            prob, target = prob.cpu().numpy()[first], target.cpu().numpy()[first]
+            return target, prob
+        return target.cpu().numpy(), prob.cpu().numpy()
+
+    def on_validation_epoch_end(self) -> None:
+        target, prob = self._gather_validation()
+        self._val_outputs = []
+        if self.trainer.sanity_checking:
+            return
+        auc = roc_auc(target, prob)
+        loss = log_loss(target, prob) if len(target) else float("nan")
+        self.log("val_auc", auc, prog_bar=True, sync_dist=True)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        now = time.perf_counter()
+        train_seconds = (self._val_start - self._epoch_start) if self._epoch_start else float("nan")
+        record = {
+            "epoch": int(self.current_epoch),
+            "train_loss": self._train_loss_sum / max(self._train_loss_n, 1),
+            "val_loss": loss,
+            "val_auc": auc,
+            "lr": float(self.optimizers().param_groups[0]["lr"]) if self.trainer.optimizers else float("nan"),
+            "train_seconds": train_seconds,
+            "val_seconds": now - self._val_start,
+            "train_slices_per_second": self._train_samples * self.trainer.world_size / train_seconds
+            if train_seconds and train_seconds > 0
+            else float("nan"),
+            "val_slices": int(len(target)),
+            "val_positive": int((target > 0.5).sum()),
+        }
+        # A re-run of the same epoch (resume from a checkpoint saved before validation ended) replaces it.
+        self.history = [h for h in self.history if h["epoch"] != record["epoch"]] + [record]
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pedetect_history"] = [dict(h) for h in self.history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in checkpoint.get("pedetect_history", [])]

@@ -1,0 +1,75 @@
+"""Shared helpers of the stage-1 tests: a tiny in-memory slice store and labels for it.
+
+The real chain (synth → prepare → train) is exercised by tests/test_train.py; these make the
+unit tests of datasets, samplers and the training loop independent of the DICOM side and fast.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, TRAIN_COLUMNS
+
+
+class FakeStore:
+    """Store-like (``.slices``, ``.read_slice``): a bright artery disc per slice, with a dark
+    filling defect on positive slices; three channels like the store's three windows."""
+
+    def __init__(self, labels: pd.DataFrame, size: int = 48, seed: int = 0):
+        self.size = size
+        self.seed = seed
+        frame = labels[[STUDY, SERIES, SOP, IMAGE_LABEL]].copy()
+        frame["slice_index"] = frame.groupby(SERIES).cumcount()
+        frame["z"] = frame["slice_index"] * 2.5
+        self.slices = frame.drop(columns=[IMAGE_LABEL]).reset_index(drop=True)
+        self._positive = dict(zip(zip(frame[SERIES], frame["slice_index"]), frame[IMAGE_LABEL].astype(bool)))
+
+    def read_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
+        key = (series_uid, int(slice_index))
+        if key not in self._positive:
+            raise KeyError(key)
+        rng = np.random.default_rng([self.seed, zlib.crc32(series_uid.encode()), int(slice_index)])
+        s = self.size
+        yy, xx = np.mgrid[:s, :s]
+        image = np.full((s, s), 60.0) + rng.normal(0, 8, (s, s))
+        cy, cx = rng.uniform(0.35 * s, 0.65 * s, 2)
+        radius = s * 0.16
+        artery = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+        image[artery] = 200
+        if self._positive[key]:
+            dy, dx = rng.uniform(-0.4 * radius, 0.4 * radius, 2)
+            image[(yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 < (0.45 * radius) ** 2] = 70
+        image = np.clip(image, 0, 255)
+        return np.stack([image * 0.8, image, np.clip(image * 1.2, 0, 255)], axis=2).astype(np.uint8)
+
+    def read_series(self, series_uid: str) -> np.ndarray:
+        n = int((self.slices[SERIES] == series_uid).sum())
+        return np.stack([self.read_slice(series_uid, i) for i in range(n)])
+
+
+def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "s") -> pd.DataFrame:
+    """RSNA-columned labels: about half the studies positive, with a run of positive slices."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_studies):
+        positive = s % 2 == 0
+        image = np.zeros(slices, dtype=int)
+        if positive:
+            start = int(rng.integers(0, slices // 2))
+            image[start : start + int(rng.integers(slices // 4, slices // 2 + 1))] = 1
+        exam = {label: 0 for label in EXAM_LABELS}
+        if positive:
+            exam["rightsided_pe"] = 1
+            exam["rv_lv_ratio_lt_1"] = 1
+            exam["central_pe"] = int(rng.random() < 0.5)
+        else:
+            exam["negative_exam_for_pe"] = 1
+        for i in range(slices):
+            row = {c: 0 for c in TRAIN_COLUMNS}
+            row.update({STUDY: f"{prefix}{seed}.{s}", SERIES: f"{prefix}{seed}.{s}.1", SOP: f"{prefix}{seed}.{s}.1.{i}", IMAGE_LABEL: int(image[i])})
+            row.update(exam)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
