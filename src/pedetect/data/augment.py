@@ -33,9 +33,10 @@ class Geometry:
     scale: float = 1.0
     shift_x: float = 0.0  # fraction of the output side
     shift_y: float = 0.0
+    border: str = "constant"  # or "reflect"
 
     @property
-    def is_identity(self) -> bool:
+    def is_identity(self) -> bool:  # the border does not matter without a warp
         return not (self.hflip or self.vflip) and self.angle == 0 and self.scale == 1 and self.shift_x == 0 and self.shift_y == 0
 
 
@@ -94,20 +95,19 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(image.dtype) if image.dtype == torch.uint8 else out
 
 
-def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
-    """Bilinear affine warp of a (C, H, W) tensor; outside the source is 0."""
+def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: str = "constant") -> torch.Tensor:
+    """Bilinear affine warp of a (C, H, W) tensor; outside the source is 0 (or the source mirrored)."""
     if image.dtype == torch.uint8 and image.device.type == "cpu":
         import cv2
 
         m = matrix.astype(np.float64)
-        fn = lambda a: cv2.warpAffine(  # noqa: E731
-            a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-        )
+        mode = cv2.BORDER_REFLECT_101 if border == "reflect" else cv2.BORDER_CONSTANT
+        fn = lambda a: cv2.warpAffine(a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0)  # noqa: E731
         return _chw(_cv2_apply(fn, _hwc_view(image)))
-    return warp_torch(image, matrix, out_size)
+    return warp_torch(image, matrix, out_size, border)
 
 
-def warp_torch(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.Tensor:
+def warp_torch(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: str = "constant") -> torch.Tensor:
     """The same warp as :func:`warp` with ``grid_sample`` (any dtype, any device)."""
     h, w = image.shape[-2:]
     # Output pixel -> source pixel, then both to normalised [-1, 1] coordinates (align_corners=False).
@@ -120,7 +120,8 @@ def warp_torch(image: torch.Tensor, matrix: np.ndarray, out_size: int) -> torch.
     theta_t = torch.as_tensor(theta, dtype=torch.float32, device=image.device)[None]
     source = image[None].float()
     grid = F.affine_grid(theta_t, [1, image.shape[0], out_size, out_size], align_corners=False)
-    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    padding = "reflection" if border == "reflect" else "zeros"
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode=padding, align_corners=False)[0]
     return out.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out
 
 
@@ -170,6 +171,7 @@ class SliceAugment:
                 scale=float(rng.uniform(1 - ssr.scale, 1 + ssr.scale)),
                 shift_x=float(rng.uniform(-ssr.shift, ssr.shift)),
                 shift_y=float(rng.uniform(-ssr.shift, ssr.shift)),
+                border=ssr.border,
             )
         return Geometry(hflip, vflip)
 
@@ -184,7 +186,7 @@ class SliceAugment:
             # Shrink by area averaging first (no aliasing of thin vessels), then one warp at the training size.
             if min(image.shape[-2:]) > self.size:
                 image = resize(image, self.size)
-            image = warp(image, affine_matrix(tuple(image.shape[-2:]), self.size, geometry), self.size)
+            image = warp(image, affine_matrix(tuple(image.shape[-2:]), self.size, geometry), self.size, geometry.border)
         bc = c.brightness_contrast
         if bc.p > 0 and rng.random() < bc.p:
             gain = float(rng.uniform(1 - bc.contrast, 1 + bc.contrast))

@@ -38,8 +38,8 @@ class SliceClassifier(nn.Module):
         backbone: nn.Module,
         *,
         exam_labels: tuple[str, ...] = (),
-        mean: float = 0.5,
-        std: float = 0.25,
+        mean: float = 0.456,
+        std: float = 0.224,
         head_dropout: float = 0.0,
     ):
         super().__init__()

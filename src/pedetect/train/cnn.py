@@ -159,7 +159,7 @@ def _require(module: str, what: str) -> None:
 def build_loggers(config: ExperimentConfig, directory: Path, out: Path, fold: int) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list = [CSVLogger(save_dir=str(directory), name="logs", version="")]
+    loggers: list = [CSVLogger(save_dir=str(directory), name="logs")]  # logs/version_<n>: a resumed run keeps the old log
     log = config.logging
     if log.tensorboard:
         from importlib.util import find_spec

@@ -92,9 +92,11 @@ class OptimizerConfig(Section):
 
 
 class SchedulerConfig(Section):
-    name: Literal["cosine", "step", "constant"] = Field("cosine", description="Per optimiser step, after warm-up.")
+    name: Literal["cosine", "linear", "step", "constant"] = Field(
+        "cosine", description="LR curve per optimiser step after warm-up: cosine or linear decay to min_lr_ratio, step decay, or constant."
+    )
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from 0, in (fractional) epochs.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final LR as a fraction of the peak.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak.")
     step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
 
@@ -120,8 +122,8 @@ class InputConfig(Section):
         "z-1, z, z+1 (3 ch, 1st/2nd places); both: the two stacked (9 ch).",
     )
     image_size: int = Field(512, ge=16, description="Square side the slice is resized to.")
-    mean: float = Field(0.5, description="Input normalisation: (pixel/255 - mean) / std, every channel.")
-    std: float = Field(0.25, gt=0)
+    mean: float = Field(0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values).")
+    std: float = Field(0.224, gt=0)
 
     @property
     def channels(self) -> int:
@@ -133,6 +135,7 @@ class ShiftScaleRotateConfig(Section):
     shift: float = Field(0.0625, ge=0, description="Max shift as a fraction of the side.")
     scale: float = Field(0.1, ge=0, lt=1, description="Scale drawn from [1-scale, 1+scale].")
     rotate: float = Field(15.0, ge=0, le=180, description="Max rotation in degrees.")
+    border: Literal["constant", "reflect"] = Field("constant", description="Outside the slice: 0, or the slice mirrored.")
 
 
 class BrightnessContrastConfig(Section):

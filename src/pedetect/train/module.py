@@ -46,7 +46,7 @@ def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -
 
 
 class LrSchedule:
-    """LR factor per optimiser step: linear warm-up, then cosine, step decay or constant.
+    """LR factor per optimiser step: linear warm-up, then cosine or linear decay, step decay or constant.
 
     A plain object of numbers, so ``LambdaLR.state_dict`` (and the checkpoint) stays weights-only.
     """
@@ -62,9 +62,11 @@ class LrSchedule:
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
         if self.name == "cosine":
-            progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.name == "linear":
+            return self.min_ratio + (1 - self.min_ratio) * (1 - progress)
         if self.name == "step":
             return self.gamma ** int((step - self.warmup) // self.step_every)
         return 1.0
