@@ -1,0 +1,87 @@
+"""``pedetect synth``: write synthetic CTPA studies in the RSNA-STR layout (DESIGN.md §6).
+
+Only Typer and pathlib at import time; the generator is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# Keep in step with pedetect.synth.phantom (not imported here to keep `pedetect --help` fast).
+_POSITIVE_FRACTION = 0.31
+_INDETERMINATE_FRACTION = 0.02
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+class Syntax(str, Enum):
+    explicit = "explicit"
+    rle = "rle"
+    jpeg2000 = "jpeg2000"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(2)
+
+
+def synth_command(
+    out: Optional[Path] = typer.Argument(
+        None, help="Output folder: OUT/<split>/<Study>/<Series>/<SOP>.dcm plus the CSVs. Optional with --preview."
+    ),
+    studies: int = typer.Option(10, "--studies", "-n", min=0, help="Number of studies to write."),
+    slices: Optional[int] = typer.Option(
+        None, "--slices", min=1, help="Slices per study (default: drawn per study, 60-140)."
+    ),
+    size: int = typer.Option(256, "--size", min=32, help="Rows and columns of each slice, in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical pixels and labels."),
+    split: Split = typer.Option(
+        Split.train, "--split", help="train: OUT/train.csv. test: OUT/test.csv, OUT/test_labels.csv, OUT/sample_submission.csv."
+    ),
+    transfer_syntax: Syntax = typer.Option(
+        Syntax.explicit, "--transfer-syntax", help="explicit VR little endian, RLE Lossless or JPEG 2000 Lossless."
+    ),
+    positive_fraction: float = typer.Option(
+        _POSITIVE_FRACTION, "--positive-fraction", min=0.0, max=1.0, help="Expected fraction of PE-positive exams."
+    ),
+    indeterminate_fraction: float = typer.Option(
+        _INDETERMINATE_FRACTION, "--indeterminate-fraction", min=0.0, max=1.0,
+        help="Expected fraction of indeterminate exams (poor contrast or motion, no PE).",
+    ),
+    preview: Optional[Path] = typer.Option(
+        None, "--preview", help="Write a PNG montage of one positive study here (PE window, emboli outlined)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Write synthetic CT pulmonary angiography studies with ground-truth PE labels.
+
+    A chest phantom (body, lungs and vessels, heart, aorta, pulmonary arteries, spine and ribs) with
+    emboli as filling defects; every label comes from the phantom's own geometry and obeys the
+    challenge's consistency rules. Scanners vary per study (slice count and spacing, pixel size,
+    noise, rescale, signed/unsigned storage, instance order).
+    """
+    if out is None and preview is None:
+        raise _fail("give an output folder OUT, or --preview FILE.png")
+    if positive_fraction + indeterminate_fraction > 1.0:
+        raise _fail("--positive-fraction plus --indeterminate-fraction must be at most 1")
+    fractions = dict(positive_fraction=positive_fraction, indeterminate_fraction=indeterminate_fraction)
+    if out is not None:
+        from pedetect.synth.dataset import write_dataset
+
+        labels = write_dataset(out, studies, slices=slices, size=size, seed=seed, split=split.value,
+                               transfer_syntax=transfer_syntax.value, progress=progress, **fractions)
+        n_studies = labels["StudyInstanceUID"].nunique() if len(labels) else 0
+        n_pos = int(labels.groupby("StudyInstanceUID")["pe_present_on_image"].max().sum()) if len(labels) else 0
+        typer.echo(f"wrote {n_studies} studies ({n_pos} positive), {len(labels)} slices to {out / split.value}")
+    if preview is not None:
+        from pedetect.synth.preview import write_preview
+
+        write_preview(preview, seed=seed, size=size, slices=slices, split=split.value, **fractions)
+        typer.echo(f"wrote preview {preview}")

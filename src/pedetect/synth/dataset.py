@@ -1,0 +1,86 @@
+"""A whole synthetic dataset in the RSNA-STR layout: DICOM folders plus the label CSVs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from pedetect.labels import EXAM_LABELS, SOP, STUDY, SUBMISSION_COLUMNS, TRAIN_COLUMNS, UID_COLUMNS, exam_id
+from pedetect.synth.dicom import TRANSFER_SYNTAXES, write_series
+from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, SPLITS, plan_study
+from pedetect.synth.render import render_plan
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a CSV through a temporary file in the same folder, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            frame.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sample_submission(labels: pd.DataFrame, value: float = 0.5) -> pd.DataFrame:
+    """``id,label``: nine exam rows per study (``<Study>_<label>``), then one row per slice."""
+    studies = labels[STUDY].drop_duplicates().tolist()
+    ids = [exam_id(s, label) for s in studies for label in EXAM_LABELS] + labels[SOP].tolist()
+    return pd.DataFrame({SUBMISSION_COLUMNS[0]: ids, SUBMISSION_COLUMNS[1]: value})
+
+
+def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size: int = 256, seed: int = 0,
+                  split: str = "train", transfer_syntax: str = "explicit",
+                  positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
+                  progress: bool = True) -> pd.DataFrame:
+    """Write ``n_studies`` synthetic CTPA studies under ``out/<split>/<Study>/<Series>/<SOP>.dcm``.
+
+    train: ``out/train.csv``. test: ``out/test.csv`` (UIDs only), ``out/test_labels.csv`` (the truth,
+    train.csv columns) and ``out/sample_submission.csv``. Returns the labels (train.csv columns, one
+    row per slice, studies in index order, slices in position order). Study k is the same whatever
+    ``n_studies`` (it depends on seed, split, k and the options only).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, got {transfer_syntax!r}")
+    if n_studies < 0:
+        raise ValueError("n_studies must be >= 0")
+    if slices is not None and slices < 1:
+        raise ValueError("slices must be >= 1")
+    if size < 32:
+        raise ValueError("size must be >= 32")
+    out = Path(out)
+    root = out / split
+    root.mkdir(parents=True, exist_ok=True)
+    frames = []
+    studies = range(n_studies)
+    if progress:
+        from tqdm.auto import tqdm
+
+        studies = tqdm(studies, desc=f"synth {split}", unit="study", file=sys.stderr)
+    for i in studies:
+        plan = plan_study(i, seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
+                          indeterminate_fraction=indeterminate_fraction)
+        rendered = render_plan(plan)
+        write_series(plan, rendered.stored, root, transfer_syntax)
+        frames.append(plan.labels_frame())
+    labels = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TRAIN_COLUMNS))
+    if split == "train":
+        write_csv_atomic(labels, out / "train.csv")
+    else:
+        write_csv_atomic(labels[list(UID_COLUMNS)], out / "test.csv")
+        write_csv_atomic(labels, out / "test_labels.csv")
+        write_csv_atomic(sample_submission(labels), out / "sample_submission.csv")
+    return labels
+
+
+__all__ = ["write_dataset", "sample_submission", "write_csv_atomic"]

@@ -1,0 +1,96 @@
+"""A montage of one positive synthetic study in the PE window, emboli outlined from the phantom masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pedetect.labels import EXAM_LABELS, INFO_LABELS
+from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, plan_study
+from pedetect.synth.render import RenderedStudy, render_plan
+
+PE_WINDOW = (100.0, 700.0)  # level, width
+COLOURS = {"acute": "#ff3b30", "chronic": "#ffd60a"}
+
+
+def first_positive(seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
+                   positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
+                   limit: int = 200) -> RenderedStudy:
+    """The first positive study of the dataset (seed, split), rendered; study 0 forced positive if none."""
+    kw = dict(seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
+              indeterminate_fraction=indeterminate_fraction)
+    for i in range(limit if positive_fraction > 0 else 0):
+        plan = plan_study(i, **kw)
+        if plan.kind == "positive":
+            return render_plan(plan)
+    return render_plan(plan_study(0, kind="positive", **kw))
+
+
+def choose_slices(study: RenderedStudy, n: int = 12) -> list[int]:
+    """About n slices: most through the emboli, a few for anatomical context; head first."""
+    pos = np.flatnonzero(study.plan.pe_slices)
+    S = study.plan.n_slices
+    n_pe = min(len(pos), n - 4 if S > n else n)
+    picks = set(pos[np.linspace(0, len(pos) - 1, n_pe).round().astype(int)].tolist()) if n_pe else set()
+    us = np.linspace(0, 1, S)
+    for target in (0.92, 0.7, 0.5, 0.3, 0.15, 0.8, 0.4):
+        if len(picks) >= min(n, S):
+            break
+        k = int(np.argmin(np.abs(us - target)))
+        if min((abs(k - p) for p in picks), default=S) >= 2:
+            picks.add(k)
+    return sorted(picks, reverse=True)
+
+
+def _title(study: RenderedStudy) -> str:
+    plan = study.plan
+    on = [label for label in EXAM_LABELS + INFO_LABELS if plan.exam[label]]
+    kinds = sorted({e.kind for e in plan.emboli})
+    return (f"pedetect synth — seed {plan.seed}, study {plan.index}: {plan.n_slices} slices, "
+            f"{int(plan.pe_slices.sum())} with PE; RV/LV {plan.anatomy.rv_lv_ratio:.2f}; "
+            f"emboli: {len(plan.emboli)} ({', '.join(kinds)})\nexam labels = 1: {', '.join(on)}")
+
+
+def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
+    """Draw the montage of ``study`` to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ks = choose_slices(study, n)
+    cols = 4
+    rows = (len(ks) + cols - 1) // cols
+    level, width = PE_WINDOW
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 + 0.7), facecolor="black", squeeze=False)
+    z = study.z
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), ks):
+        img = np.clip((study.hu[k] - (level - width / 2)) / width, 0.0, 1.0)
+        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        emb = study.emboli[k]
+        for i, e in enumerate(study.plan.emboli, start=1):
+            m = emb == i
+            if m.any():
+                ax.contour(m, levels=[0.5], colors=COLOURS[e.kind], linewidths=0.9)
+        tag = "PE" if study.plan.pe_slices[k] else ""
+        ax.set_title(f"z {z[k]:.1f} mm  {tag}", color="#ff6b60" if tag else "white", fontsize=8)
+    fig.suptitle(_title(study), color="white", fontsize=8.5)
+    fig.text(0.5, 0.005, "PE window L100/W700 · outlines from phantom masks: red acute, yellow chronic",
+             color="#aaaaaa", ha="center", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, facecolor="black")
+    plt.close(fig)
+    return path
+
+
+def write_preview(path: Path, *, seed: int = 0, size: int = 256, slices: int | None = None, split: str = "train",
+                  positive_fraction: float = POSITIVE_FRACTION,
+                  indeterminate_fraction: float = INDETERMINATE_FRACTION) -> Path:
+    """Montage of the first positive study of the dataset (seed, split) written to ``path``."""
+    study = first_positive(seed, split, slices, size, positive_fraction, indeterminate_fraction)
+    return save_montage(study, path)
