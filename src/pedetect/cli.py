@@ -11,6 +11,7 @@ import typer
 from pedetect import __version__
 from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
+from pedetect.store.command import prepare_command
 from pedetect.train.command import split_command, train_command
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ def _root(
 
 
 app.command("synth")(synth_command)
+app.command("prepare")(prepare_command)
 app.command("evaluate")(evaluate_command)
 app.command("check")(check_command)
 app.command("split")(split_command)

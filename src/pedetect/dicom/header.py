@@ -1,0 +1,206 @@
+"""DICOM headers: recognise a file by content and take the few fields the pipeline needs.
+
+Only geometry, UIDs and pixel-format fields are read; patient-identifying fields (names, IDs,
+birth dates) are never read, logged or stored. Problems are raised as :class:`DicomError` with a
+short reason that ends up in ``failures.parquet``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from pedetect.dicom.source import Source, ZipMember, looks_like_dicom, read_bytes, read_head, source_label
+
+# Pixel data we can read as single-frame grayscale images.
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class DicomError(Exception):
+    """A file that cannot be used; ``reason`` is what ``failures.parquet`` records."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe_error(error: BaseException, limit: int = 160) -> str:
+    """``Type: message`` of an exception, one line, capped (messages never carry patient fields we read)."""
+    message = " ".join(str(error).split())
+    if len(message) > limit:
+        message = message[: limit - 1] + "…"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+@dataclass
+class SliceHeader:
+    """What ordering and grouping need from one DICOM file (no patient fields)."""
+
+    source: Any  # a path (str) or a ZipMember
+    study: str
+    series: str
+    sop: str
+    rows: int
+    cols: int
+    position: Optional[tuple[float, float, float]] = None  # ImagePositionPatient
+    orientation: Optional[tuple[float, ...]] = None  # ImageOrientationPatient (6)
+    instance_number: Optional[int] = None
+    slice_location: Optional[float] = None
+    pixel_spacing: Optional[tuple[float, float]] = None
+    slice_thickness: Optional[float] = None
+    modality: str = ""
+    transfer_syntax: str = ""
+    size: int = 0  # file size in bytes
+    mtime_ns: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return source_label(self.source)
+
+    def as_record(self) -> dict:
+        record = asdict(self)
+        record["source"] = self.source
+        return record
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword)
+    return str(value).strip() if value is not None else ""
+
+
+def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            value = [value]
+        values = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        return None
+    return tuple(values)
+
+
+def _float(ds: Any, keyword: str) -> Optional[float]:
+    values = _floats(ds, keyword, 1)
+    return values[0] if values else None
+
+
+def _int(ds: Any, keyword: str) -> Optional[int]:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | None = None) -> Any:
+    """Parse a source with pydicom (``header_only``: pixel data deferred, not read).
+
+    Raises :class:`DicomError` for empty files, non-DICOM content and unparsable headers.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if data is None and header_only and not isinstance(source, ZipMember):
+        head = read_head(source)
+    else:
+        if data is None:
+            data = read_bytes(source)
+        head = data[:132]
+    if not head:
+        raise DicomError("empty file (0 bytes)")
+    if not looks_like_dicom(head):
+        raise DicomError("not DICOM (no DICM marker and no DICOM header at the start)")
+    preamble = len(head) >= 132 and head[128:132] == b"DICM"
+    target: Any = io.BytesIO(data) if data is not None else os.fspath(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if header_only:
+                return pydicom.dcmread(target, defer_size=256, force=not preamble)
+            return pydicom.dcmread(target, force=not preamble)
+    except InvalidDicomError as error:
+        raise DicomError(f"not DICOM ({describe_error(error)})") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, NotImplementedError) as error:
+        raise DicomError(f"DICOM header unreadable or truncated ({describe_error(error)})") from None
+
+
+def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> SliceHeader:
+    """The :class:`SliceHeader` of a parsed dataset; raises :class:`DicomError` when it is unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _header(ds, source, size, mtime_ns)
+    except DicomError:
+        raise
+    except Exception as error:  # malformed values deep in the header
+        raise DicomError(f"DICOM header unreadable ({describe_error(error)})") from None
+
+
+def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        sop_class = getattr(ds.get("SOPClassUID"), "name", None) or _text(ds, "SOPClassUID") or "unknown SOP class"
+        raise DicomError(f"DICOM without pixel data ({sop_class})")
+    series = _text(ds, "SeriesInstanceUID")
+    sop = _text(ds, "SOPInstanceUID")
+    if not series:
+        raise DicomError("DICOM without SeriesInstanceUID")
+    if not sop:
+        raise DicomError("DICOM without SOPInstanceUID")
+    frames = _int(ds, "NumberOfFrames") or 1
+    if frames > 1:
+        raise DicomError(f"multi-frame image ({frames} frames) is not supported")
+    samples = _int(ds, "SamplesPerPixel") or 1
+    if samples != 1:
+        raise DicomError(f"not a grayscale image (SamplesPerPixel={samples})")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols:
+        raise DicomError("DICOM without Rows/Columns")
+    position = _floats(ds, "ImagePositionPatient", 3)
+    orientation = _floats(ds, "ImageOrientationPatient", 6)
+    spacing = _floats(ds, "PixelSpacing", 2)
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return SliceHeader(
+        source=source,
+        study=_text(ds, "StudyInstanceUID"),
+        series=series,
+        sop=sop,
+        rows=rows,
+        cols=cols,
+        position=position,  # type: ignore[arg-type]
+        orientation=orientation,
+        instance_number=_int(ds, "InstanceNumber"),
+        slice_location=_float(ds, "SliceLocation"),
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        slice_thickness=_float(ds, "SliceThickness"),
+        modality=_text(ds, "Modality"),
+        transfer_syntax=syntax,
+        size=size,
+        mtime_ns=mtime_ns,
+    )
+
+
+def read_header(source: Source) -> SliceHeader:
+    """Read the header of one file (pixel data not decoded); raises :class:`DicomError`."""
+    from pedetect.dicom.source import source_stat
+
+    try:
+        size, mtime_ns = source_stat(source)
+    except (OSError, KeyError) as error:
+        raise DicomError(f"unreadable ({describe_error(error)})") from None
+    if size == 0:
+        raise DicomError("empty file (0 bytes)")
+    try:
+        ds = dcmread_source(source, header_only=True)
+    except OSError as error:
+        raise DicomError(f"unreadable ({describe_error(error)})") from None
+    return header_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)

@@ -1,0 +1,238 @@
+"""Pixels → Hounsfield units → windowed uint8 channels (DESIGN.md §2).
+
+HU = stored value × RescaleSlope + RescaleIntercept, per slice, as floats; signed and unsigned
+storage; PixelPaddingValue (and PixelPaddingRangeLimit) become air. Each window (level L, width W)
+maps HU to ``round(clip((HU − (L − W/2)) / W, 0, 1) × 255)``.
+
+The fast path never computes HU per pixel: 16-bit stored values index a 65,536-entry table holding
+the three window values of every possible stored value (built once per distinct slope, intercept,
+padding and storage format, and cached). :func:`window_hu` is the plain float reference of the same
+mapping; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# (level, width) of the lung, PE and mediastinal windows: channels R, G, B.
+DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (100.0, 700.0), (40.0, 400.0))
+WINDOW_NAMES: tuple[str, ...] = ("lung", "pe", "mediastinal")
+AIR_HU = -1000.0
+
+NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def as_windows(windows: Optional[Sequence[Sequence[float]]]) -> tuple[tuple[float, float], ...]:
+    """Normalise windows to a hashable tuple of ``(level, width)`` floats (default: DESIGN.md §2)."""
+    if windows is None:
+        return DEFAULT_WINDOWS
+    out = tuple((float(level), float(width)) for level, width in windows)
+    if not out or any(not (width > 0) for _, width in out):
+        raise ValueError(f"windows need a positive width: {out}")
+    return out
+
+
+def window_hu(hu: np.ndarray, windows: Optional[Sequence[Sequence[float]]] = None) -> np.ndarray:
+    """Reference windowing: float HU ``(H, W)`` → uint8 ``(H, W, C)``, one channel per window."""
+    hu = np.asarray(hu, dtype=np.float64)
+    channels = [
+        np.round(np.clip((hu - (level - width / 2.0)) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
+        for level, width in as_windows(windows)
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def air_values(windows: Optional[Sequence[Sequence[float]]] = None) -> tuple[int, ...]:
+    """The windowed value of air in each channel (the fill of padding added by resizing)."""
+    return tuple(int(v) for v in window_hu(np.array([[AIR_HU]]), windows)[0, 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Modality: stored values and rescale
+
+
+def rescale(ds: Any) -> tuple[float, float]:
+    """``(slope, intercept)`` of one slice as floats (1, 0 when absent)."""
+
+    def number(keyword: str, default: float) -> float:
+        value = ds.get(keyword)
+        if value is None or str(value).strip() == "":
+            return default
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{keyword} is not a finite number")
+        return value
+
+    return number("RescaleSlope", 1.0), number("RescaleIntercept", 0.0)
+
+
+def padding_range(ds: Any) -> Optional[tuple[int, int]]:
+    """Stored-value range ``(low, high)`` that is padding (PixelPaddingValue … RangeLimit), if any."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    try:
+        first = int(value[0] if isinstance(value, (list, tuple, bytes)) else value)
+        limit = ds.get("PixelPaddingRangeLimit")
+        last = int(limit) if limit is not None else first
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (min(first, last), max(first, last))
+
+
+def stored_pixels(ds: Any) -> tuple[np.ndarray, bool, int]:
+    """The stored values of a single-frame grayscale slice: ``(array, signed, bits)``.
+
+    Native little-endian 16-bit data is taken straight from the bytes (``bits`` = BitsStored: the
+    high bits are masked or sign-extended by the lookup table); everything else goes through
+    pydicom's decoders (gdcm, pylibjpeg) and comes back already interpreted (``bits`` = 16 for
+    16-bit arrays).
+    """
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) is not None else ""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    allocated = int(ds.get("BitsAllocated", 16) or 16)
+    stored = int(ds.get("BitsStored", allocated) or allocated)
+    high = int(ds.get("HighBit", stored - 1) if ds.get("HighBit") is not None else stored - 1)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if (
+        syntax in NATIVE_LITTLE_ENDIAN
+        and allocated == 16
+        and high == stored - 1
+        and 1 <= stored <= 16
+        and "PixelData" in ds
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    ):
+        data = ds.PixelData
+        expected = rows * cols * 2
+        if len(data) < expected:
+            raise ValueError(f"pixel data too short: {len(data)} bytes for {rows}x{cols}x16 bit")
+        array = np.frombuffer(data, dtype="<u2", count=rows * cols).reshape(rows, cols)
+        return array, signed, stored
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        array = ds.pixel_array
+    if array.ndim != 2:
+        raise ValueError(f"expected one 2-D frame, got pixel array of shape {array.shape}")
+    if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:
+        signed = array.dtype.kind == "i"
+        if array.dtype.itemsize == 1:
+            array = array.astype(np.int16 if signed else np.uint16)
+        return array, signed, 16
+    return array, array.dtype.kind == "i", array.dtype.itemsize * 8
+
+
+def _interpret(patterns: np.ndarray, signed: bool, bits: int) -> np.ndarray:
+    """Values of 16-bit words whose low ``bits`` hold the (signed) stored value."""
+    mask = (1 << bits) - 1
+    values = (patterns & mask).astype(np.int64)
+    if signed:
+        values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
+    return values
+
+
+def _padding_mask(values: np.ndarray, padding: Optional[tuple[int, int]], signed: bool, bits: int) -> np.ndarray:
+    if padding is None:
+        return np.zeros(values.shape, dtype=bool)
+    low, high = padding
+    mask = (values >= low) & (values <= high)
+    if not signed and high < 0:  # a negative padding value written for unsigned data: its bit pattern
+        mask |= (values >= low + (1 << bits)) & (values <= high + (1 << bits))
+    return mask
+
+
+@lru_cache(maxsize=256)
+def window_table(
+    signed: bool,
+    bits: int,
+    slope: float,
+    intercept: float,
+    padding: Optional[tuple[int, int]],
+    windows: tuple[tuple[float, float], ...],
+    bgr: bool = False,
+) -> np.ndarray:
+    """65,536 packed pixels (uint32, bytes = channels then 0): the windowed value of every 16-bit word."""
+    if len(windows) > 4:
+        raise ValueError("at most 4 windows can be packed")
+    values = _interpret(np.arange(1 << 16, dtype=np.int64), signed, bits)
+    hu = values * slope + intercept
+    hu[_padding_mask(values, padding, signed, bits)] = AIR_HU
+    channels = window_hu(hu, windows)
+    if bgr:
+        channels = channels[:, ::-1]
+    packed = np.zeros((1 << 16, 4), dtype=np.uint8)
+    packed[:, : channels.shape[1]] = channels
+    table = packed.view(np.uint32).reshape(-1)
+    table.flags.writeable = False
+    return table
+
+
+def hu_from_dataset(ds: Any) -> np.ndarray:
+    """Float32 Hounsfield units of one slice (padding as air)."""
+    array, signed, bits = stored_pixels(ds)
+    slope, intercept = rescale(ds)
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 2:
+        values = _interpret(array.astype(np.int64) & 0xFFFF, signed, bits)
+    else:
+        values = array.astype(np.float64)
+    hu = values * slope + intercept
+    hu[_padding_mask(values, padding_range(ds), signed, bits)] = AIR_HU
+    return hu.astype(np.float32)
+
+
+def window_dataset(
+    ds: Any,
+    windows: Optional[Sequence[Sequence[float]]] = None,
+    image_size: Optional[int] = None,
+    *,
+    bgr: bool = False,
+) -> np.ndarray:
+    """One slice as windowed uint8 ``(H, W, 3)`` (channels in window order, reversed when ``bgr``),
+    resized with aspect kept to ``image_size`` × ``image_size`` when given."""
+    import cv2
+
+    wins = as_windows(windows)
+    if len(wins) != 3:
+        raise ValueError(f"the store holds exactly 3 windows, got {len(wins)}")
+    array, signed, bits = stored_pixels(ds)
+    slope, intercept = rescale(ds)
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 2:
+        table = window_table(signed, bits, slope, intercept, padding_range(ds), wins, bgr)
+        packed = np.take(table, array.view(np.uint16))
+        image = cv2.cvtColor(packed.view(np.uint8).reshape(*array.shape, 4), cv2.COLOR_RGBA2RGB)
+    else:
+        image = window_hu(hu_from_dataset(ds), wins)
+        if bgr:
+            image = np.ascontiguousarray(image[:, :, ::-1])
+    if image_size is not None:
+        fill = air_values(wins)
+        image = resize_keep_aspect(image, image_size, fill[::-1] if bgr else fill)
+    return image
+
+
+def resize_keep_aspect(image: np.ndarray, size: int, fill: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """Scale so the longer side is ``size`` (aspect kept) and centre on a ``size`` × ``size`` canvas
+    filled with ``fill`` (the windowed value of air)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (nw, nh), interpolation=interpolation)
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    if (nh, nw) == (size, size):
+        return resized
+    canvas = np.empty((size, size, image.shape[2]), dtype=image.dtype)
+    canvas[:] = np.asarray(fill, dtype=image.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top : top + nh, left : left + nw] = resized
+    return canvas
