@@ -149,6 +149,7 @@ class Blob:
 @dataclass
 class Embolus:
     vessel: str
+    level: str  # level of the artery (PA_LEVELS)
     kind: str  # "acute" or "chronic"
     locations: frozenset[str]
     segments: list[Segment]
@@ -258,7 +259,7 @@ class StudyPlan:
     patient: str  # "0007"
     noise_seed: int = 0
     motion: bool = False
-    extra: dict = field(default_factory=dict)
+    intended: dict = field(default_factory=dict)  # the label draw the geometry realises (see draw_labels)
 
     @property
     def n_slices(self) -> int:
@@ -330,24 +331,35 @@ def _sample_anatomy(rng: np.random.Generator, rv_lv_ratio: float) -> Anatomy:
 
 
 def lung_contains(an: Anatomy, p: np.ndarray, margin: float = 0.85) -> bool:
-    """Whether a point lies well inside a lung (used to grow the lung vessel trees)."""
+    """Whether a point lies well inside a lung (used to grow the lung vessel trees).
+
+    Pure-Python floats (called thousands of times per study); mirrors the drawn lung envelope:
+    lung ellipse ∩ cavity, above the diaphragm dome, off the mediastinum and the heart.
+    """
     x, y, z = float(p[0]), float(p[1]), float(p[2])
     u = z / ANATOMY_HEIGHT
-    s = float(_lung_scale(u))
-    if s <= 0.05 or u <= float(dome_height(an, np.array(x), np.array(y))) + 0.02:
+    s = 1.0 if u < 0.7 else max(0.0, min(1.0, (1.0 - u) / 0.3)) ** 0.6
+    if s <= 0.05:
+        return False
+    sx = -1.0 if x < 0 else 1.0
+    top = an.dome_right if x < 0 else an.dome_left
+    dome = top - 0.22 * (((x - sx * 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2)
+    if u <= dome + 0.02:
         return False
     bc = an.bc_back if y > 0 else an.bc_front
-    if (x / an.a_c) ** 2 + (y / bc) ** 2 > margin**2:
+    m2 = margin * margin
+    if (x / an.a_c) ** 2 + (y / bc) ** 2 > m2:
         return False
-    lx = an.lung_centre * an.a_c * (1 if x > 0 else -1)
-    if ((x - lx) / (0.62 * an.a_c * s)) ** 2 + ((y - 0.05 * an.bc_back) / (1.02 * max(an.bc_front, an.bc_back) * s)) ** 2 > margin**2:
+    lx = an.lung_centre * an.a_c * sx
+    if ((x - lx) / (0.62 * an.a_c * s)) ** 2 + ((y - 0.05 * an.bc_back) / (1.02 * max(an.bc_front, an.bc_back) * s)) ** 2 > m2:
         return False
     if abs(x - an.band_x) < an.band_w + 10.0:
         return False
-    hs = float(_heart_scale(u))
-    hx, hy = an.heart_centre
-    if hs > 0 and np.hypot(x - hx, y - hy) < (0.5 * an.l_lv + 12.0) * hs + 8.0:
-        return False
+    hz = 1.0 - ((u - 0.265) / 0.155) ** 2
+    if hz > 0:
+        hx, hy = an.heart_centre
+        if ((x - hx) ** 2 + (y - hy) ** 2) ** 0.5 < (0.5 * an.l_lv + 12.0) * hz**0.5 + 8.0:
+            return False
     return True
 
 
@@ -369,18 +381,19 @@ def _lobe_points(rng: np.random.Generator, an: Anatomy, side: str, lobe: str, n:
     """Points spread through one lobe (rejection sampling in the lung envelope)."""
     (u0, u1), rule = _LOBES[lobe]
     sx = -1.0 if side == "right" else 1.0
-    pts = []
-    for _ in range(60 * n):
-        u = rng.uniform(u0, u1)
-        p = np.array([sx * rng.uniform(0.0, an.a_c), rng.uniform(-an.bc_front, an.bc_back), u * ANATOMY_HEIGHT])
-        cut = -0.1 * an.bc_front
-        if rule == -1 and p[1] > cut or rule == 1 and u > 0.3 and p[1] < cut:
-            continue
+    m = 40 * n
+    cand = np.column_stack([sx * rng.uniform(0.0, an.a_c, m), rng.uniform(-an.bc_front, an.bc_back, m),
+                            rng.uniform(u0, u1, m) * ANATOMY_HEIGHT])
+    cut = -0.1 * an.bc_front
+    u = cand[:, 2] / ANATOMY_HEIGHT
+    ok = ~((rule == -1) & (cand[:, 1] > cut) | (rule == 1) & (u > 0.3) & (cand[:, 1] < cut))
+    picked = []
+    for p in cand[ok].tolist():
         if lung_contains(an, p, margin=0.93):
-            pts.append(p)
-            if len(pts) == n:
+            picked.append(p)
+            if len(picked) == n:
                 break
-    return np.array(pts).reshape(-1, 3)
+    return np.array(picked, dtype=np.float64).reshape(-1, 3)
 
 
 def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: str, tissue: Tissue, side: str,
@@ -388,11 +401,13 @@ def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: s
     """A space-filling branching tree from ``start`` to every target point.
 
     Each branch heads for the centroid of its targets, then splits them in two (three near the
-    root) along their main axis; leaves end on a target. Radii shrink by about a quarter per level.
+    root) along their widest axis (a k-d split); leaves end on a target and sprout twigs towards
+    the pleura. Radii shrink by about a quarter per level.
     """
     if len(targets) == 0:
         return
     level = _TREE_LEVELS[depth] if depth < len(_TREE_LEVELS) else "small"
+    label = level if tissue == Tissue.PA_BLOOD else ""
     if len(targets) == 1:
         end = targets[0]
     else:
@@ -402,29 +417,28 @@ def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: s
         if depth > 0 and not lung_contains(an, end, margin=0.97):
             end = start + (centroid - start) * 0.25
     small = level in ("subsegmental", "small")
-    out.append(Vessel(name, tissue, np.stack([start, end]), np.array([radius, radius * 0.93]), side=side,
-                      level=level if tissue == Tissue.PA_BLOOD else "",
-                      only_over=(int(Tissue.LUNG),) if small and radius < 2.6 else None))
+    out.append(Vessel(name, tissue, np.array([start, end]), np.array([radius, radius * 0.93]), side=side,
+                      level=label, only_over=(int(Tissue.LUNG),) if small and radius < 2.6 else None))
     if len(targets) == 1:
         # Twigs from each leaf towards the pleura fill the periphery with small vessels.
         out_dir = end - start
-        out_dir /= max(np.linalg.norm(out_dir), 1e-6)
-        for c in range(int(rng.integers(2, 4))):
-            d = out_dir + rng.normal(0.0, 0.6, 3)
-            d /= max(np.linalg.norm(d), 1e-6)
-            tip = end + d * rng.uniform(12.0, 28.0)
+        out_dir = out_dir / max(float(np.sqrt(out_dir @ out_dir)), 1e-6)
+        n = int(rng.integers(2, 4))
+        d = out_dir[None, :] + rng.normal(0.0, 0.6, (n, 3))
+        d /= np.maximum(np.sqrt((d * d).sum(axis=1)), 1e-6)[:, None]
+        tips = end[None, :] + d * rng.uniform(12.0, 28.0, n)[:, None]
+        twig_label = "small" if tissue == Tissue.PA_BLOOD else ""
+        for c, tip in enumerate(tips):
             if lung_contains(an, tip, margin=0.99):
-                out.append(Vessel(f"{name}.t{c}", tissue, np.stack([end, tip]), np.array([0.9 * radius, 0.7 * radius]),
-                                  side=side, level="small" if tissue == Tissue.PA_BLOOD else "",
-                                  only_over=(int(Tissue.LUNG),)))
+                out.append(Vessel(f"{name}.t{c}", tissue, np.array([end, tip]), np.array([0.9 * radius, 0.7 * radius]),
+                                  side=side, level=twig_label, only_over=(int(Tissue.LUNG),)))
         return
-    centred = targets - targets.mean(axis=0)
-    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
-    order = np.argsort(centred @ axis)
+    axis = int(np.argmax(targets.max(axis=0) - targets.min(axis=0)))
+    order = np.argsort(targets[:, axis], kind="stable")
     parts = 3 if depth == 0 and len(targets) >= 9 else 2
+    radii = radius * rng.uniform(0.7, 0.8, parts)
     for c, idx in enumerate(np.array_split(order, parts)):
-        child_r = max(1.1, radius * rng.uniform(0.7, 0.8))
-        _grow_tree(rng, an, out, f"{name}.{c}", tissue, side, end, targets[idx], child_r, depth + 1)
+        _grow_tree(rng, an, out, f"{name}.{c}", tissue, side, end, targets[idx], max(1.1, float(radii[c])), depth + 1)
 
 
 def _build_vessels(rng: np.random.Generator, an: Anatomy) -> list[Vessel]:
@@ -574,7 +588,7 @@ def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, w
             segs = _embolus_segments(rng, vessel, kind)
             chunks, crossed = _rasterise_embolus(segs, vessel, grid)
             if crossed.any():
-                emboli.append(Embolus(vessel.name, kind, vessel.locations(), segs, chunks, crossed))
+                emboli.append(Embolus(vessel.name, vessel.level, kind, vessel.locations(), segs, chunks, crossed))
                 break
     return emboli
 
@@ -759,4 +773,33 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
         study_uid=uid("study", *key), series_uid=uid("series", *key), frame_uid=uid("frame", *key),
         sop_uids=[uid("sop", *key, k) for k in range(n)], instance_numbers=inst.astype(np.int64),
         patient=f"{index:04d}", noise_seed=int(r_noise.integers(2**63)), motion=bool(lab["qa_motion"]),
+        intended=_intended_exam(lab),
     )
+
+
+def _intended_exam(lab: dict) -> dict[str, int]:
+    """Exam and informational labels as drawn, before any geometry."""
+    exam = {label: 0 for label in EXAM_LABELS + INFO_LABELS}
+    if lab["kind"] == "positive":
+        for label in LOCATION_LABELS:
+            exam[label] = int(label in lab["wanted"])
+        kinds = set(lab["kinds"])
+        exam[CHRONIC] = int(kinds == {"chronic"})
+        exam[ACUTE_AND_CHRONIC] = int(kinds == {"acute", "chronic"})
+        gte = lab["ratio"] >= 1.0
+        exam[GTE_1], exam[LT_1] = int(gte), int(not gte)
+    else:
+        exam[INDETERMINATE if lab["kind"] == "indeterminate" else NEGATIVE] = 1
+    exam[QA_MOTION], exam[QA_CONTRAST] = int(lab["qa_motion"]), int(lab["qa_contrast"])
+    exam[FLOW_ARTIFACT], exam[TRUE_FILLING_DEFECT] = int(lab["flow"]), int(lab["mimic"])
+    return exam
+
+
+def draw_labels(index: int = 0, *, seed: int = 0, split: str = "train", positive_fraction: float = POSITIVE_FRACTION,
+                indeterminate_fraction: float = INDETERMINATE_FRACTION) -> dict[str, int]:
+    """The exam labels that study ``index`` is drawn with, without building its geometry (fast).
+
+    :func:`plan_study` realises exactly these labels whenever its emboli can be placed on the
+    slice grid (always at ordinary slice counts; ``StudyPlan.intended`` keeps them for checking).
+    """
+    return _intended_exam(_draw_labels(_streams(seed, split, index)[0], positive_fraction, indeterminate_fraction, None))

@@ -17,14 +17,21 @@ COLOURS = {"acute": "#ff3b30", "chronic": "#ffd60a"}
 def first_positive(seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
                    positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
                    limit: int = 200) -> RenderedStudy:
-    """The first positive study of the dataset (seed, split), rendered; study 0 forced positive if none."""
+    """The first positive study of the dataset (seed, split) with an embolus in a lobar or larger artery.
+
+    Falls back to the first positive study, then to study 0 forced positive.
+    """
     kw = dict(seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
               indeterminate_fraction=indeterminate_fraction)
+    first = None
     for i in range(limit if positive_fraction > 0 else 0):
         plan = plan_study(i, **kw)
-        if plan.kind == "positive":
+        if plan.kind != "positive":
+            continue
+        if any(e.level in ("trunk", "main", "lobar") for e in plan.emboli):
             return render_plan(plan)
-    return render_plan(plan_study(0, kind="positive", **kw))
+        first = first or plan
+    return render_plan(first or plan_study(0, kind="positive", **kw))
 
 
 def choose_slices(study: RenderedStudy, n: int = 12) -> list[int]:
@@ -58,23 +65,31 @@ def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from scipy.ndimage import binary_dilation
 
     ks = choose_slices(study, n)
     cols = 4
-    rows = (len(ks) + cols - 1) // cols
     level, width = PE_WINDOW
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 + 0.7), facecolor="black", squeeze=False)
+    n_rows = (len(ks) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 3.4, n_rows * 2.5 + 0.8), facecolor="black", squeeze=False)
     z = study.z
+    body = (study.tissue != 0).any(axis=0)
+    body[study.tissue[0] == 13] = False  # not the table
+    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    pad = max(2, study.plan.scanner.size // 64)
+    r0, r1 = max(rows[0] - pad, 0), rows[-1] + pad + 1
+    c0, c1 = max(cols[0] - pad, 0), cols[-1] + pad + 1
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), ks):
-        img = np.clip((study.hu[k] - (level - width / 2)) / width, 0.0, 1.0)
+        img = np.clip((study.hu[k, r0:r1, c0:c1] - (level - width / 2)) / width, 0.0, 1.0)
         ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        emb = study.emboli[k]
+        emb = study.emboli[k, r0:r1, c0:c1]
         for i, e in enumerate(study.plan.emboli, start=1):
             m = emb == i
-            if m.any():
-                ax.contour(m, levels=[0.5], colors=COLOURS[e.kind], linewidths=0.9)
+            if m.any():  # outline just outside the mask so that the dark defect stays visible
+                ring = binary_dilation(m, iterations=max(1, study.plan.scanner.size // 256))
+                ax.contour(ring, levels=[0.5], colors=COLOURS[e.kind], linewidths=0.7)
         tag = "PE" if study.plan.pe_slices[k] else ""
         ax.set_title(f"z {z[k]:.1f} mm  {tag}", color="#ff6b60" if tag else "white", fontsize=8)
     fig.suptitle(_title(study), color="white", fontsize=8.5)
