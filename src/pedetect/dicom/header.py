@@ -147,8 +147,14 @@ def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int
 
 def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
-        sop_class = getattr(ds.get("SOPClassUID"), "name", None) or _text(ds, "SOPClassUID") or "unknown SOP class"
-        raise DicomError(f"DICOM without pixel data ({sop_class})")
+        meta = getattr(ds, "file_meta", None)
+        uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        name = str(getattr(uid, "name", "") or uid or "")
+        if "SOPClassUID" not in ds or not _text(ds, "SOPInstanceUID"):
+            raise DicomError(f"DICOM header truncated or empty (no dataset after the file meta; {name or 'unknown SOP class'})")
+        if "Image Storage" in name:
+            raise DicomError(f"DICOM without pixel data ({name}: truncated before the pixels?)")
+        raise DicomError(f"DICOM without pixel data ({name or 'unknown SOP class'})")
     series = _text(ds, "SeriesInstanceUID")
     sop = _text(ds, "SOPInstanceUID")
     if not series:

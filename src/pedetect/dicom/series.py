@@ -62,16 +62,21 @@ class SeriesVolume:
 
 
 def group_headers(headers: Iterable[SliceHeader]) -> tuple[dict[str, list[SliceHeader]], list[Failure]]:
-    """Headers grouped by SeriesInstanceUID (first-seen order), duplicate SOPInstanceUIDs set aside."""
+    """Headers grouped by SeriesInstanceUID (first-seen order). Of files sharing a SOPInstanceUID the
+    largest is kept (a truncated copy is smaller; ties: the first) and the others are failures."""
+    headers = list(headers)
+    best: dict[str, SliceHeader] = {}
+    for header in headers:
+        current = best.get(header.sop)
+        if current is None or header.size > current.size:
+            best[header.sop] = header
     groups: dict[str, list[SliceHeader]] = {}
-    seen: dict[str, str] = {}
     failures: list[Failure] = []
     for header in headers:
-        first = seen.get(header.sop)
-        if first is not None:
-            failures.append(Failure.of(header, f"duplicate SOPInstanceUID (same as {first})"))
+        keep = best[header.sop]
+        if keep is not header:
+            failures.append(Failure.of(header, f"duplicate SOPInstanceUID (kept {keep.label})"))
             continue
-        seen[header.sop] = header.label
         groups.setdefault(header.series, []).append(header)
     return groups, failures
 
