@@ -567,6 +567,31 @@ def _rasterise_embolus(segs: list[Segment], vessel: Vessel, grid: Grid) -> tuple
     return chunks, crossed
 
 
+def _overlap(a: list, b: list) -> bool:
+    """Whether two rasterised shapes (lists of (box, mask)) share a voxel."""
+    for (ba, ma) in a:
+        for (bb, mb) in b:
+            lo = [max(x.start, y.start) for x, y in zip(ba, bb)]
+            hi = [min(x.stop, y.stop) for x, y in zip(ba, bb)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            canvas = np.zeros([h - l for l, h in zip(lo, hi)], dtype=np.uint8)
+            for box, m in ((ba, ma), (bb, mb)):
+                # clip each mask to the shared window and add it in
+                sl_src, sl_dst = [], []
+                for ax, s_ in enumerate(box):
+                    start, stop = max(s_.start, lo[ax]), min(s_.stop, hi[ax])
+                    if stop <= start:
+                        break
+                    sl_src.append(slice(start - s_.start, stop - s_.start))
+                    sl_dst.append(slice(start - lo[ax], stop - lo[ax]))
+                else:
+                    canvas[tuple(sl_dst)] += m[tuple(sl_src)]
+            if (canvas > 1).any():
+                return True
+    return False
+
+
 def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str]) -> list[Embolus]:
     """Emboli realising the wanted location labels (each at a compatible artery) and kinds."""
     sites = [v for v in vessels if v.level in EMBOLUS_LEVEL_WEIGHTS and v.locations() <= wanted]
@@ -587,7 +612,7 @@ def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, w
             vessel = pool[int(rng.choice(len(pool), p=w / w.sum()))]
             segs = _embolus_segments(rng, vessel, kind)
             chunks, crossed = _rasterise_embolus(segs, vessel, grid)
-            if crossed.any():
+            if crossed.any() and not any(_overlap(chunks, e.chunks) for e in emboli):
                 emboli.append(Embolus(vessel.name, vessel.level, kind, vessel.locations(), segs, chunks, crossed))
                 break
     return emboli
