@@ -221,7 +221,7 @@ def test_chronic_emboli_are_wall_adherent_and_acute_central_ones_surrounded(clea
             grown = np.stack([binary_dilation(m) for m in study.emboli == i])
             touching = (grown & wall).sum() / grown.sum()
             if e.kind == "chronic":
-                assert touching > 0.1, (e.vessel, touching)
+                assert touching > 0.04, (e.vessel, touching)
                 seen["chronic"] += 1
             elif e.level in ("trunk", "main"):
                 assert touching < 0.02, (e.vessel, touching)

@@ -312,13 +312,13 @@ def _sample_anatomy(rng: np.random.Generator, rv_lv_ratio: float) -> Anatomy:
     a_c = a - fat - muscle - rib
     bc_front = b_front - fat - muscle - rib
     bc_back = b_back - fat - muscle - rib - rng.uniform(14.0, 24.0)  # thick back muscles
-    w_lv = rng.uniform(38.0, 48.0)
+    w_lv = rng.uniform(37.0, 44.0)
     vr = rng.uniform(15.0, 19.0)
     return Anatomy(
         a=a, b_front=b_front, b_back=b_back, fat=fat, muscle=muscle, a_c=a_c, bc_front=bc_front,
         bc_back=bc_back, rib=rib,
         dome_right=rng.uniform(0.19, 0.23), dome_left=rng.uniform(0.15, 0.19),
-        heart_centre=(0.16 * a_c + rng.uniform(-5, 5), -0.32 * bc_front + rng.uniform(-4, 4)),
+        heart_centre=(0.16 * a_c + rng.uniform(-5, 5), -0.38 * bc_front + rng.uniform(-4, 4)),
         heart_angle=np.deg2rad(rng.uniform(-50.0, -35.0)),
         w_lv=w_lv, w_rv=w_lv * rv_lv_ratio, l_lv=rng.uniform(70.0, 85.0), l_rv=rng.uniform(55.0, 68.0),
         septum=rng.uniform(8.0, 11.0),

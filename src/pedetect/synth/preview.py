@@ -17,21 +17,24 @@ COLOURS = {"acute": "#ff3b30", "chronic": "#ffd60a"}
 def first_positive(seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
                    positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
                    limit: int = 200) -> RenderedStudy:
-    """The first positive study of the dataset (seed, split) with an embolus in a lobar or larger artery.
+    """A positive study of the dataset (seed, split) that shows its emboli well, rendered.
 
-    Falls back to the first positive study, then to study 0 forced positive.
+    The first one with an embolus in the pulmonary trunk or a main artery, else the first with a
+    lobar embolus, else the first positive one; study 0 forced positive if there is none.
     """
     kw = dict(seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
               indeterminate_fraction=indeterminate_fraction)
-    first = None
+    best, best_rank = None, 3
     for i in range(limit if positive_fraction > 0 else 0):
         plan = plan_study(i, **kw)
         if plan.kind != "positive":
             continue
-        if any(e.level in ("trunk", "main", "lobar") for e in plan.emboli):
-            return render_plan(plan)
-        first = first or plan
-    return render_plan(first or plan_study(0, kind="positive", **kw))
+        rank = min({"trunk": 0, "main": 0, "lobar": 1}.get(e.level, 2) for e in plan.emboli)
+        if rank < best_rank:
+            best, best_rank = plan, rank
+        if rank == 0:
+            break
+    return render_plan(best or plan_study(0, kind="positive", **kw))
 
 
 def choose_slices(study: RenderedStudy, n: int = 12) -> list[int]:

@@ -121,33 +121,6 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     band_scale = np.where(us < 0.2, 0.75, np.where(us > 0.82, 0.9, 1.0))
     paint_scaled(vol, every, rows_b, cols_b, rho2, band_scale, int(T.FAT))
 
-    # Heart: pericardial fat, myocardium, ventricles (RV anterior-right, LV posterior-left), atria.
-    hx, hy = an.heart_centre
-    th = an.heart_angle
-    el = np.array([np.cos(th), np.sin(th)])
-    en = np.array([np.sin(th), -np.cos(th)])  # towards the RV (right-anterior)
-    hs = _heart_scale(us)
-    ks = slice(int(np.argmax(hs > 0)), int(len(hs) - np.argmax(hs[::-1] > 0))) if (hs > 0).any() else slice(0, 0)
-    lv_c = np.array([hx, hy]) - en * (an.septum / 2 + an.w_lv / 2) + el * 8.0
-    rv_c = np.array([hx, hy]) + en * (an.septum / 2 + an.w_rv / 2) - el * 6.0
-    peri_c = 0.5 * (lv_c + rv_c)
-    shapes = [
-        (peri_c, max(an.l_lv, an.l_rv) / 2 + 12.0, (an.w_lv + an.w_rv + an.septum) / 2 + 16.0, T.FAT),
-        (lv_c, an.l_lv / 2 + 9.0, an.w_lv / 2 + 9.0, T.MYOCARDIUM),
-        (rv_c, an.l_rv / 2 + 4.0, an.w_rv / 2 + 4.0, T.MYOCARDIUM),
-        (lv_c, an.l_lv / 2, an.w_lv / 2, T.SYS_BLOOD),
-        (rv_c, an.l_rv / 2, an.w_rv / 2, T.PA_BLOOD),
-    ]
-    for c, ax, ay, tissue in shapes:
-        rows, cols, rho2 = ellipse_rho2(g, float(c[0]), float(c[1]), ax, ay, angle=th)
-        paint_scaled(vol, ks, rows, cols, rho2, hs[ks], int(tissue))
-    ra = (-0.3 * an.a_c, hy + 0.2 * an.bc_front, 0.34 * H)
-    la = (0.04 * an.a_c, 0.12 * an.bc_back, 0.40 * H)
-    paint_ellipsoid(vol, g, ra, 25.0, 23.0, 0.075 * H, int(T.MYOCARDIUM))
-    paint_ellipsoid(vol, g, ra, 22.0, 20.0, 0.07 * H, int(T.PA_BLOOD))
-    paint_ellipsoid(vol, g, la, 30.0, 19.0, 0.065 * H, int(T.MYOCARDIUM))
-    paint_ellipsoid(vol, g, la, 27.0, 16.0, 0.06 * H, int(T.SYS_BLOOD))
-
     # Spine: vertebral bodies with discs, canal, laminae, spinous and transverse processes.
     vy, vr, cr = an.vertebra_y, an.vertebra_r, an.canal_r
     disc = ((us / 0.085 + an.disc_phase) % 1.0) < 0.18
@@ -206,8 +179,8 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     carina = (-2.0, ty, 0.6 * H)
     airways = [
         ([carina, (-5.0, ty - 6.0, 1.06 * H)], tr),
-        ([carina, (-0.3 * an.a_c, ty + 2.0, 0.55 * H), (-0.4 * an.a_c, 0.3 * an.bc_back, 0.36 * H)], 6.5),
-        ([carina, (0.3 * an.a_c, ty + 8.0, 0.53 * H), (0.42 * an.a_c, 0.35 * an.bc_back, 0.34 * H)], 5.5),
+        ([carina, (-0.3 * an.a_c, ty + 2.0, 0.55 * H), (-0.45 * an.a_c, 0.42 * an.bc_back, 0.36 * H)], 6.5),
+        ([carina, (0.3 * an.a_c, ty + 8.0, 0.53 * H), (0.47 * an.a_c, 0.45 * an.bc_back, 0.36 * H)], 5.5),
         ([(-0.3 * an.a_c, ty + 2.0, 0.55 * H), (-0.45 * an.a_c, 0.0, 0.7 * H)], 4.0),
         ([(0.3 * an.a_c, ty + 8.0, 0.53 * H), (0.45 * an.a_c, 0.05 * an.bc_back, 0.68 * H)], 4.0),
     ]
@@ -218,6 +191,34 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     oy = ty + tr + 8.0
     _tube(vol, g, [(6.0, oy, -0.1 * H), (6.0, oy, 1.1 * H)], 6.0, int(T.MUSCLE))
     _tube(vol, g, [(6.0, oy, -0.1 * H), (6.0, oy, 1.1 * H)], 1.5, int(T.AIR))
+
+    # Heart (over airways and oesophagus): pericardial fat, myocardium, ventricles (RV anterior-right, LV posterior-left), atria.
+    hx, hy = an.heart_centre
+    th = an.heart_angle
+    el = np.array([np.cos(th), np.sin(th)])
+    en = np.array([np.sin(th), -np.cos(th)])  # towards the RV (right-anterior)
+    hs = _heart_scale(us)
+    ks = slice(int(np.argmax(hs > 0)), int(len(hs) - np.argmax(hs[::-1] > 0))) if (hs > 0).any() else slice(0, 0)
+    lv_c = np.array([hx, hy]) - en * (an.septum / 2 + an.w_lv / 2) + el * 8.0
+    rv_c = np.array([hx, hy]) + en * (an.septum / 2 + an.w_rv / 2) - el * 6.0
+    peri_c = 0.5 * (lv_c + rv_c)
+    shapes = [
+        (peri_c, max(an.l_lv, an.l_rv) / 2 + 12.0, (an.w_lv + an.w_rv + an.septum) / 2 + 16.0, T.FAT),
+        (lv_c, an.l_lv / 2 + 9.0, an.w_lv / 2 + 9.0, T.MYOCARDIUM),
+        (rv_c, an.l_rv / 2 + 4.0, an.w_rv / 2 + 4.0, T.MYOCARDIUM),
+        (lv_c, an.l_lv / 2, an.w_lv / 2, T.SYS_BLOOD),
+        (rv_c, an.l_rv / 2, an.w_rv / 2, T.PA_BLOOD),
+    ]
+    soft = tuple(int(t) for t in (T.AIR, T.FAT, T.LUNG, T.SOFT, T.MYOCARDIUM, T.PA_BLOOD, T.SYS_BLOOD))  # never bone or chest wall
+    for c, ax, ay, tissue in shapes:
+        rows, cols, rho2 = ellipse_rho2(g, float(c[0]), float(c[1]), ax, ay, angle=th)
+        paint_scaled(vol, ks, rows, cols, rho2, hs[ks], int(tissue), where=soft)
+    ra = (-0.3 * an.a_c, hy + 0.2 * an.bc_front, 0.34 * H)
+    la = (0.04 * an.a_c, 0.12 * an.bc_back, 0.40 * H)
+    paint_ellipsoid(vol, g, ra, 25.0, 23.0, 0.075 * H, int(T.MYOCARDIUM), where=soft)
+    paint_ellipsoid(vol, g, ra, 22.0, 20.0, 0.07 * H, int(T.PA_BLOOD), where=soft)
+    paint_ellipsoid(vol, g, la, 30.0, 19.0, 0.065 * H, int(T.MYOCARDIUM), where=soft)
+    paint_ellipsoid(vol, g, la, 27.0, 16.0, 0.06 * H, int(T.SYS_BLOOD), where=soft)
 
     # Vessels: systemic and veins first, pulmonary arteries on top.
     for v in sorted(plan.vessels, key=lambda v: v.tissue == T.PA_BLOOD):
