@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Pulmonary embolism detection on CT pulmonary angiography (RSNA-STR PE challenge pipeline).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs re-flow instead of keeping source line breaks
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
