@@ -225,7 +225,7 @@ def test_config_file_unknown_key_and_windows(tmp_path):
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):
-    import pedetect.store.prepare as job
+    import pedetect.store.job as job
 
     for k in range(3):
         ct_series(tmp_path / "in" / f"s{k}", 3, rows=16, cols=16)
@@ -262,7 +262,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
 
 
 def test_a_crashing_series_is_reported_and_retried(tmp_path, monkeypatch):
-    import pedetect.store.prepare as job
+    import pedetect.store.job as job
 
     ct_series(tmp_path / "in", 3, rows=16, cols=16)
     monkeypatch.setattr(job, "_prepare_series", lambda task: (_ for _ in ()).throw(MemoryError("boom")))

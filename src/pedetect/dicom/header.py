@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -120,17 +121,47 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
     if not looks_like_dicom(head):
         raise DicomError("not DICOM (no DICM marker and no DICOM header at the start)")
     preamble = len(head) >= 132 and head[128:132] == b"DICM"
-    target: Any = io.BytesIO(data) if data is not None else os.fspath(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if header_only:
-                return pydicom.dcmread(target, defer_size=256, force=not preamble)
-            return pydicom.dcmread(target, force=not preamble)
+            if not header_only:
+                return pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source), force=not preamble)
+            fp: Any = io.BytesIO(data) if data is not None else open(source, "rb")
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
+                ds._pedetect_pixels = _pixel_element(fp, ds)  # type: ignore[attr-defined]
+            finally:
+                fp.close()
+            return ds
     except InvalidDicomError as error:
         raise DicomError(f"not DICOM ({describe_error(error)})") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, NotImplementedError) as error:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, NotImplementedError, struct.error) as error:
         raise DicomError(f"DICOM header unreadable or truncated ({describe_error(error)})") from None
+
+
+_PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+
+
+def _pixel_element(fp: Any, ds: Any) -> Optional[dict]:
+    """Where the pixel data element starts, read from the bytes after the header (pydicom's
+    ``stop_before_pixels`` leaves the file there): keyword, value offset and declared length."""
+    head = fp.read(12)
+    if len(head) < 8:
+        return None
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    endian = "<" if little is not False else ">"
+    group, element = struct.unpack(endian + "HH", head[:4])
+    keyword = _PIXEL_TAGS.get((group << 16) | element)
+    if keyword is None:
+        return None
+    start = fp.tell() - len(head)
+    if implicit:
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        return {"keyword": keyword, "offset": start + 8, "length": length}
+    if len(head) < 12:
+        return None
+    (length,) = struct.unpack(endian + "I", head[8:12])
+    return {"keyword": keyword, "offset": start + 12, "length": length}
 
 
 def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> SliceHeader:
@@ -146,7 +177,8 @@ def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int
 
 
 def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
-    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+    pixel_element = getattr(ds, "_pedetect_pixels", None)
+    if pixel_element is None and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         meta = getattr(ds, "file_meta", None)
         uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
         name = str(getattr(uid, "name", "") or uid or "")
@@ -175,6 +207,10 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     spacing = _floats(ds, "PixelSpacing", 2)
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    extra = {}
+    native = _native_pixels(ds, pixel_element, syntax, rows, cols)
+    if native is not None:
+        extra["native"] = native
     return SliceHeader(
         source=source,
         study=_text(ds, "StudyInstanceUID"),
@@ -192,7 +228,36 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
         transfer_syntax=syntax,
         size=size,
         mtime_ns=mtime_ns,
+        extra=extra,
     )
+
+
+def _native_pixels(ds: Any, element: Optional[dict], syntax: str, rows: int, cols: int) -> Optional[dict]:
+    """How to read this slice's pixels straight from its bytes (uncompressed little-endian 16-bit
+    single-frame data without a modality LUT sequence), or None: then pydicom decodes it."""
+    from pedetect.dicom.pixels import NATIVE_LITTLE_ENDIAN, padding_range, rescale
+
+    if element is None or element["keyword"] != "PixelData" or element["length"] == 0xFFFFFFFF:
+        return None
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if syntax and syntax not in NATIVE_LITTLE_ENDIAN or little is False:
+        return None
+    allocated = _int(ds, "BitsAllocated") or 0
+    stored = _int(ds, "BitsStored") or allocated
+    high = _int(ds, "HighBit")
+    high = stored - 1 if high is None else high
+    if allocated != 16 or high != stored - 1 or not 1 <= stored <= 16 or "ModalityLUTSequence" in ds:
+        return None
+    slope, intercept = rescale(ds)
+    return {
+        "offset": int(element["offset"]),
+        "length": int(element["length"]),
+        "signed": (_int(ds, "PixelRepresentation") or 0) == 1,
+        "bits": stored,
+        "slope": slope,
+        "intercept": intercept,
+        "padding": padding_range(ds),
+    }
 
 
 def read_header(source: Source) -> SliceHeader:

@@ -46,9 +46,14 @@ def window_hu(hu: np.ndarray, windows: Optional[Sequence[Sequence[float]]] = Non
     return np.stack(channels, axis=-1)
 
 
+@lru_cache(maxsize=16)
+def _air_values(windows: tuple) -> tuple[int, ...]:
+    return tuple(int(v) for v in window_hu(np.array([[AIR_HU]]), windows)[0, 0])
+
+
 def air_values(windows: Optional[Sequence[Sequence[float]]] = None) -> tuple[int, ...]:
     """The windowed value of air in each channel (the fill of padding added by resizing)."""
-    return tuple(int(v) for v in window_hu(np.array([[AIR_HU]]), windows)[0, 0])
+    return _air_values(as_windows(windows))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,17 +207,39 @@ def window_dataset(
     array, signed, bits = stored_pixels(ds)
     slope, intercept = rescale(ds)
     if array.dtype.kind in "iu" and array.dtype.itemsize == 2:
-        table = window_table(signed, bits, slope, intercept, padding_range(ds), wins, bgr)
-        packed = np.take(table, array.view(np.uint16))
-        image = cv2.cvtColor(packed.view(np.uint8).reshape(*array.shape, 4), cv2.COLOR_RGBA2RGB)
-    else:
-        image = window_hu(hu_from_dataset(ds), wins)
-        if bgr:
-            image = np.ascontiguousarray(image[:, :, ::-1])
-    if image_size is not None:
-        fill = air_values(wins)
-        image = resize_keep_aspect(image, image_size, fill[::-1] if bgr else fill)
-    return image
+        return window_stored(array, signed, bits, slope, intercept, padding_range(ds), wins, image_size, bgr=bgr)
+    image = window_hu(hu_from_dataset(ds), wins)
+    if bgr:
+        image = np.ascontiguousarray(image[:, :, ::-1])
+    return _fit(image, wins, image_size, bgr)
+
+
+def window_stored(
+    array: np.ndarray,
+    signed: bool,
+    bits: int,
+    slope: float,
+    intercept: float,
+    padding: Optional[tuple[int, int]],
+    windows: tuple[tuple[float, float], ...],
+    image_size: Optional[int] = None,
+    *,
+    bgr: bool = False,
+) -> np.ndarray:
+    """16-bit stored values (low ``bits`` hold the value) → windowed uint8 (H, W, 3) by table lookup."""
+    import cv2
+
+    table = window_table(signed, bits, float(slope), float(intercept), padding, windows, bgr)
+    packed = np.take(table, array.view(np.uint16))
+    image = cv2.cvtColor(packed.view(np.uint8).reshape(*array.shape, 4), cv2.COLOR_RGBA2RGB)
+    return _fit(image, windows, image_size, bgr)
+
+
+def _fit(image: np.ndarray, windows: tuple, image_size: Optional[int], bgr: bool) -> np.ndarray:
+    if image_size is None:
+        return image
+    fill = air_values(windows)
+    return resize_keep_aspect(image, image_size, fill[::-1] if bgr else fill)
 
 
 def resize_keep_aspect(image: np.ndarray, size: int, fill: Sequence[int] = (0, 0, 0)) -> np.ndarray:

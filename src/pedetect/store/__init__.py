@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "SliceStore": "pedetect.store.reader",
-    "prepare": "pedetect.store.prepare",
-    "PrepareSummary": "pedetect.store.prepare",
-    "StoreSettingsError": "pedetect.store.prepare",
+    "prepare": "pedetect.store.job",
+    "PrepareSummary": "pedetect.store.job",
+    "StoreSettingsError": "pedetect.store.job",
     "PrepareConfig": "pedetect.store.config",
     "WindowSpec": "pedetect.store.config",
 }
@@ -24,7 +24,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pedetect.store.config import PrepareConfig, WindowSpec
-    from pedetect.store.prepare import PrepareSummary, StoreSettingsError, prepare
+    from pedetect.store.job import PrepareSummary, StoreSettingsError, prepare
     from pedetect.store.reader import SliceStore
 
 

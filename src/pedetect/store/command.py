@@ -56,7 +56,7 @@ def prepare_command(
     """
     from pedetect.config import ConfigError, load_config
     from pedetect.store.config import PrepareConfig
-    from pedetect.store.prepare import StoreSettingsError, prepare
+    from pedetect.store.job import StoreSettingsError, prepare
 
     if not input_path.exists():
         raise _fail(f"INPUT not found: {input_path}")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, read_header
 from pedetect.dicom.order import plan_series
-from pedetect.dicom.pixels import window_dataset
+from pedetect.dicom.pixels import window_dataset, window_stored
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import Source, discover, read_bytes, source_label
 from pedetect.labels import SERIES, SOP, STUDY
@@ -149,11 +149,7 @@ def _prepare_series(task: SeriesTask) -> dict:
             position = 0
             for header, z_value in zip(plan.slices, plan.z):
                 try:
-                    ds = dcmread_source(header.source, data=read_bytes(header.source))
-                    sop = str(ds.get("SOPInstanceUID", "")).strip()
-                    if sop != header.sop:
-                        raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
-                    image = window_dataset(ds, windows, image_size, bgr=True)
+                    image = _slice_image(header, windows, image_size)
                     frame = encode_frame(image, params)
                 except DicomError as error:
                     failures.append(Failure.of(header, error.reason))
@@ -194,6 +190,28 @@ def _prepare_series(task: SeriesTask) -> dict:
     }
     atomic_write_json(marker_path(store, task.name), marker)
     return {"series": meta[SERIES], "name": task.name, "n_slices": len(kept), "failures": marker["failures"], "n_headers": len(task.headers)}
+
+
+def _slice_image(header: SliceHeader, windows: tuple, image_size: Optional[int]) -> Any:
+    """One slice, windowed (B,G,R for the JPEG encoder). Uncompressed 16-bit data is read straight
+    from the bytes at the offset the scan found; anything else is parsed and decoded by pydicom."""
+    import numpy as np
+
+    data = read_bytes(header.source)
+    native = header.extra.get("native")
+    if native is not None and len(data) == header.size:
+        count = header.rows * header.cols
+        end = native["offset"] + 2 * count
+        if end > len(data) or native["length"] < 2 * count:
+            raise DicomError(f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)")
+        array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
+        padding = tuple(native["padding"]) if native["padding"] is not None else None
+        return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=True)
+    ds = dcmread_source(header.source, data=data)
+    sop = str(ds.get("SOPInstanceUID", "")).strip()
+    if sop != header.sop:
+        raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
+    return window_dataset(ds, windows, image_size, bgr=True)
 
 
 # --------------------------------------------------------------------------------------------------
