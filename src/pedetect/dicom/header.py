@@ -176,6 +176,83 @@ def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int
         raise DicomError(f"DICOM header unreadable ({describe_error(error)})") from None
 
 
+# The header fields read per file, with their tags and VRs: decoded straight from the raw bytes
+# (pydicom's per-element conversion machinery costs more than the rest of the scan).
+_FIELDS: dict[str, tuple[int, str]] = {
+    "StudyInstanceUID": (0x0020000D, "UI"),
+    "SeriesInstanceUID": (0x0020000E, "UI"),
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "SOPClassUID": (0x00080016, "UI"),
+    "Modality": (0x00080060, "CS"),
+    "Rows": (0x00280010, "US"),
+    "Columns": (0x00280011, "US"),
+    "SamplesPerPixel": (0x00280002, "US"),
+    "BitsAllocated": (0x00280100, "US"),
+    "BitsStored": (0x00280101, "US"),
+    "HighBit": (0x00280102, "US"),
+    "PixelRepresentation": (0x00280103, "US"),
+    "PixelPaddingValue": (0x00280120, "US or SS"),
+    "PixelPaddingRangeLimit": (0x00280121, "US or SS"),
+    "ImagePositionPatient": (0x00200032, "DS"),
+    "ImageOrientationPatient": (0x00200037, "DS"),
+    "PixelSpacing": (0x00280030, "DS"),
+    "SliceThickness": (0x00180050, "DS"),
+    "SliceLocation": (0x00201041, "DS"),
+    "RescaleSlope": (0x00281053, "DS"),
+    "RescaleIntercept": (0x00281052, "DS"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "NumberOfFrames": (0x00280008, "IS"),
+}
+
+
+class _RawView:
+    """``get`` / ``in`` over a dataset's header fields, decoding raw little-endian values directly;
+    anything unusual (converted elements, big endian, odd values) goes through pydicom."""
+
+    def __init__(self, ds: Any):
+        self.ds = ds
+        self._dict = getattr(ds, "_dict", {})
+        self._little = getattr(ds, "original_encoding", (None, None))[1] is True
+
+    def __contains__(self, keyword: str) -> bool:
+        spec = _FIELDS.get(keyword)
+        return spec[0] in self._dict if spec is not None else keyword in self.ds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        spec = _FIELDS.get(keyword)
+        if spec is None or not self._little:
+            return self.ds.get(keyword, default)
+        from pydicom.dataelem import RawDataElement
+
+        element = self._dict.get(spec[0])
+        if element is None:
+            return default
+        if not isinstance(element, RawDataElement):
+            return self.ds.get(keyword, default)
+        raw = element.value
+        if raw is None or len(raw) == 0:
+            return default
+        vr = element.VR if element.VR in ("US", "SS") else spec[1]
+        try:
+            if vr in ("UI", "CS"):
+                return raw.rstrip(b"\x00 ").decode("ascii").strip()
+            if vr in ("DS", "IS"):
+                parts = [p.strip() for p in raw.rstrip(b"\x00").decode("ascii").split("\\")]
+                values = [float(p) if vr == "DS" else int(p) for p in parts]
+                return values[0] if len(values) == 1 else values
+            if vr == "US or SS":
+                vr = "SS" if self.get("PixelRepresentation") == 1 else "US"
+            if vr in ("US", "SS") and len(raw) % 2 == 0:
+                values = list(struct.unpack("<" + ("h" if vr == "SS" else "H") * (len(raw) // 2), raw))
+                return values[0] if len(values) == 1 else values
+        except (ValueError, UnicodeDecodeError, struct.error):
+            pass
+        return self.ds.get(keyword, default)
+
+
 def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     pixel_element = getattr(ds, "_pedetect_pixels", None)
     if pixel_element is None and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
@@ -187,6 +264,7 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
         if "Image Storage" in name:
             raise DicomError(f"DICOM without pixel data ({name}: truncated before the pixels?)")
         raise DicomError(f"DICOM without pixel data ({name or 'unknown SOP class'})")
+    ds = _RawView(ds)
     series = _text(ds, "SeriesInstanceUID")
     sop = _text(ds, "SOPInstanceUID")
     if not series:
