@@ -81,7 +81,7 @@ def check_command(
         typer.echo(
             f"wrote {fix}: fixed {len(report)} studies ({n_positive} made positive, "
             f"{len(report) - n_positive} negative), {sum(r.n_changed for r in report)} values moved, "
-            f"added loss {added:.6f} (own values as truth)",
+            f"added loss {added:.3g} (own values as truth)",
             err=True,
         )
     if violations:
