@@ -146,15 +146,26 @@ def cutout(image: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> torch
     return image
 
 
-class SliceAugment:
-    """Resize and (for training) augment one (C, H, W) slice tensor to (C, size, size).
+def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The central square of side ``fraction`` × the shorter side (a view, no copy)."""
+    if fraction >= 1.0:
+        return image
+    h, w = image.shape[-2:]
+    side = max(1, int(round(min(h, w) * fraction)))
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return image[..., y0 : y0 + side, x0 : x0 + side]
 
-    With ``config=None`` only the resize happens (validation and inference).
+
+class SliceAugment:
+    """Crop, resize and (for training) augment one (C, H, W) slice tensor to (C, size, size).
+
+    With ``config=None`` only the crop and resize happen (validation and inference).
     """
 
-    def __init__(self, image_size: int, config: AugmentConfig | None = None):
+    def __init__(self, image_size: int, config: AugmentConfig | None = None, crop: float = 1.0):
         self.size = image_size
         self.config = config
+        self.crop = crop
 
     def draw_geometry(self, rng: np.random.Generator) -> Geometry:
         c = self.config
@@ -176,6 +187,7 @@ class SliceAugment:
         return Geometry(hflip, vflip)
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
+        image = centre_crop(image, self.crop)
         if self.config is None or rng is None:
             return resize(image, self.size)
         c = self.config

@@ -9,7 +9,8 @@ Input modes (``cnn.input.mode``):
 
 - ``windows``: the lung, PE and mediastinal windows of the slice (the store's three channels);
 - ``adjacent``: the PE window of slices z−1, z, z+1 of the same series (clamped at the ends);
-- ``both``: the two stacked, nine channels.
+- ``both``: the three windows of slices z−1, z, z+1, nine channels (slice by slice: z−1 lung, PE,
+  mediastinal, then z, then z+1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+import torch.utils.data
 from torch.utils.data import Dataset
 
 from pedetect.data.augment import SliceAugment
@@ -93,6 +95,7 @@ class SliceDataset(Dataset):
         *,
         mode: str = "windows",
         image_size: int = 512,
+        crop: float = 1.0,
         augment: AugmentConfig | None = None,
         exam_labels: tuple[str, ...] = (),
     ):
@@ -107,10 +110,11 @@ class SliceDataset(Dataset):
         self.n_slices = items[N_SLICES].to_numpy(dtype=np.int64)
         columns = [IMAGE_LABEL, *exam_labels] if IMAGE_LABEL in items else []
         self.targets = np.array(items[columns].to_numpy(dtype=np.float32), copy=True) if columns else np.zeros((len(items), 0), np.float32)
-        self.transform = SliceAugment(image_size, augment)
+        self.transform = SliceAugment(image_size, augment, crop)
         self.train = augment is not None
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
+        self._setup_pid = -1
 
     def __len__(self) -> int:
         return len(self.series)
@@ -149,15 +153,24 @@ class SliceDataset(Dataset):
         if self.mode == "windows":
             return store.read_slice(series, index)
         last = int(self.n_slices[i]) - 1
-        below = store.read_slice(series, max(index - 1, 0))[:, :, PE_CHANNEL]
+        below = store.read_slice(series, max(index - 1, 0))
         centre = store.read_slice(series, index)
-        above = store.read_slice(series, min(index + 1, last))[:, :, PE_CHANNEL]
-        adjacent = np.stack([below, centre[:, :, PE_CHANNEL], above], axis=2)
+        above = store.read_slice(series, min(index + 1, last))
         if self.mode == "adjacent":
-            return adjacent
-        return np.concatenate([centre, adjacent], axis=2)
+            return np.stack([below[:, :, PE_CHANNEL], centre[:, :, PE_CHANNEL], above[:, :, PE_CHANNEL]], axis=2)
+        return np.concatenate([below, centre, above], axis=2)
+
+    def _process_setup(self) -> None:
+        """Once per process: in a DataLoader worker, OpenCV gets one thread (workers are the parallelism)."""
+        self._setup_pid = os.getpid()
+        if torch.utils.data.get_worker_info() is not None:
+            import cv2
+
+            cv2.setNumThreads(1)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self._setup_pid != os.getpid():
+            self._process_setup()
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
         image = self.transform(image, self.rng() if self.train else None)
         return image, torch.from_numpy(self.targets[i]), i

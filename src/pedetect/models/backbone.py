@@ -27,7 +27,7 @@ def check_backbone_name(name: str) -> None:
     if timm.is_model(name):
         return
     names = timm.list_models()
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.6)
     if not close:
         close = [n for n in names if name.lower() in n.lower()][:5]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"

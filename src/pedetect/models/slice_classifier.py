@@ -45,7 +45,8 @@ class SliceClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.exam_labels = tuple(exam_labels)
-        self.embedding_dim = int(backbone.num_features)
+        # timm: pooled features are head_hidden_size wide where a model has a pre-logits head (MobileNetV3).
+        self.embedding_dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         self.dropout = nn.Dropout(head_dropout) if head_dropout else nn.Identity()
         self.head = nn.Linear(self.embedding_dim, 1 + len(self.exam_labels))
         self.register_buffer("mean", torch.tensor(float(mean) * 255.0), persistent=False)

@@ -26,19 +26,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from pedetect.config import ConfigError, StrictModel, load_config, validate_config
 from pedetect.labels import EXAM_LABELS
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not validate; the message says what and where."""
+__all__ = ["ConfigError", "ExperimentConfig", "load_experiment", "apply_overrides", "save_config", "read_resolved_config"]
 
 
-class Section(BaseModel):
+class Section(StrictModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,9 +116,16 @@ class InputConfig(Section):
     mode: Literal["windows", "adjacent", "both"] = Field(
         "windows",
         description="windows: lung/PE/mediastinal windows of one slice (3 ch); adjacent: PE window of slices "
-        "z-1, z, z+1 (3 ch, 1st/2nd places); both: the two stacked (9 ch).",
+        "z-1, z, z+1 (3 ch, 1st/2nd places); both: the three windows of z-1, z, z+1 (9 ch).",
     )
-    image_size: int = Field(512, ge=16, description="Square side the slice is resized to.")
+    crop: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Central square crop before the resize, as a fraction of the shorter side (1: the whole slice). "
+        "A fixed stand-in for the 1st place's lung crop: it spends the pixels on the chest, where the pulmonary arteries are.",
+    )
+    image_size: int = Field(512, ge=16, description="Square side the (cropped) slice is resized to.")
     mean: float = Field(0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values).")
     std: float = Field(0.224, gt=0)
 
@@ -227,26 +231,13 @@ class ExperimentConfig(Section):
 # Loading, overriding, saving
 
 
-def _format_validation_error(error: ValidationError, model: type[BaseModel], where: str) -> str:
-    lines = [f"invalid config {where}:" if where else "invalid config:"]
-    for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, item["loc"][:-1])
-            lines.append(f"  unknown key '{loc}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else ""))
-        else:
-            lines.append(f"  {loc}: {item['msg']}")
-    return "\n".join(lines)
-
-
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (nested) model at ``loc``; empty if it cannot be followed."""
     current: Any = model
     for part in loc:
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return []
-        annotation = current.model_fields[part].annotation
-        current = _model_in(annotation)
+        current = _model_in(current.model_fields[part].annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
@@ -262,34 +253,17 @@ def _model_in(annotation: Any) -> Any:
     return annotation
 
 
-def validate_config(data: dict[str, Any], where: str = "") -> ExperimentConfig:
-    """Validate a plain dict as an :class:`ExperimentConfig`; errors name the key and the allowed keys."""
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, ExperimentConfig, where)) from None
+def validate_experiment(data: Any, source: str = "config") -> ExperimentConfig:
+    """Validate a plain mapping as an :class:`ExperimentConfig`; errors name the key and the allowed keys."""
+    return validate_config(data, ExperimentConfig, source=source)
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read a YAML recipe into an :class:`ExperimentConfig` (the shared loader, pedetect.config)."""
+    """Read a YAML recipe into an :class:`ExperimentConfig` (with the shared loader, ``pedetect.config``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        from pedetect.config import load_config
-    except ImportError:  # the shared loader is not there: validate here with the same rules
-        import yaml
-
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections") from None
-        return validate_config(data, f"in {path}")
-    try:
-        return load_config(path, ExperimentConfig)
-    except ConfigError:
-        raise
-    except ValueError as error:  # the shared loader's own error type derives from ValueError
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"{path}: config file not found")
+    return load_config(path, ExperimentConfig)
 
 
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
@@ -316,7 +290,7 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
                     )
             node = node[part]
         node[parts[-1]] = yaml.safe_load(raw)
-    return validate_config(data, "after --set overrides")
+    return validate_experiment(data, "--set overrides")
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:

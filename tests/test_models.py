@@ -1,0 +1,100 @@
+"""Backbones from timm (never downloaded) and the slice classifier API other stages use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pedetect.models.backbone import BackboneError, check_backbone_name, create_backbone, read_state_dict
+from pedetect.models.slice_classifier import (
+    SliceClassifier,
+    build_slice_classifier,
+    fold_dir,
+    load_slice_classifier,
+    save_weights,
+)
+from pedetect.train.config import ExperimentConfig, apply_overrides, save_config
+
+TINY = "resnet10t"
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(BackboneError, match=r"unknown timm backbone 'resnet10x'.*resnet10t"):
+        check_backbone_name("resnet10x")
+    with pytest.raises(BackboneError, match="efficientnet_b0"):
+        create_backbone("efficentnet_b0")
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BackboneError, match="pretrained weights file not found.*nothing is downloaded"):
+        create_backbone(TINY, weights=tmp_path / "resnet10t.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "state_dict", "wrapped"])
+def test_local_weights_are_loaded(tmp_path, fmt):
+    torch.manual_seed(0)
+    source = create_backbone(TINY)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, source.num_features)  # an ImageNet classifier: dropped
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file(state, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}} if fmt == "wrapped" else state, path)
+    torch.manual_seed(1)
+    loaded = create_backbone(TINY, weights=path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), source.eval()(x), atol=1e-5)
+
+
+def test_three_channel_weights_adapt_to_nine_channels(tmp_path):
+    source = create_backbone(TINY)
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_backbone(TINY, in_chans=9, weights=path)
+    assert model.conv1[0].weight.shape[1] == 9
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file(create_backbone("mobilenetv3_small_050").state_dict(), str(path))
+    with pytest.raises(BackboneError, match="another model"):
+        create_backbone(TINY, weights=path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "object": object()}, path)
+    with pytest.raises(BackboneError, match="weights-only"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("mode,channels", [("windows", 3), ("adjacent", 3), ("both", 9)])
+def test_slice_classifier_outputs(mode, channels):
+    config = apply_overrides(
+        ExperimentConfig(), [f"cnn.backbone.name={TINY}", f"cnn.input.mode={mode}", "cnn.targets.exam_labels=[central_pe, rightsided_pe]"]
+    )
+    model = build_slice_classifier(config.cnn).eval()
+    x = torch.randint(0, 256, (4, channels, 32, 32), dtype=torch.uint8)
+    logits = model(x)
+    embedding, slice_logit = model.embed(x)
+    assert logits.shape == (4, 3)
+    assert embedding.shape == (4, model.embedding_dim) and slice_logit.shape == (4,)
+    assert torch.allclose(slice_logit, logits[:, 0], atol=1e-5)
+    assert torch.allclose(model(x.float()), logits, atol=1e-5)  # uint8 and 0–255 floats are the same input
+
+
+def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
+    config = apply_overrides(ExperimentConfig(), [f"cnn.backbone.name={TINY}", "cnn.input.mode=both"])
+    save_config(config, tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    model = build_slice_classifier(config.cnn).eval()
+    save_weights(model, fold_dir(tmp_path, 2) / "model.safetensors")
+    loaded = load_slice_classifier(tmp_path, 2)
+    assert isinstance(loaded, SliceClassifier) and not loaded.training
+    x = torch.randint(0, 256, (2, 9, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="fold 0"):
+        load_slice_classifier(tmp_path, 0)

@@ -1,0 +1,93 @@
+"""Experiment configs: unknown keys are errors naming the allowed keys; recipes validate; overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+
+from pedetect.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_to_yaml,
+    load_experiment,
+    save_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = ["demo.yaml", "rsna_4th_rexnet200.yaml", "rsna_5th_effnetb5.yaml", "rsna_1st_seresnext50.yaml"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_validate_and_name_their_source(name):
+    config = load_experiment(CONFIGS / name)
+    assert config.source, f"{name} must say where it comes from"
+    assert timm.is_model(config.cnn.backbone.name)
+    assert config.cnn.backbone.weights is None  # nothing to download; weights are a local choice
+
+
+def test_recipes_say_what_the_issue_asks():
+    fourth = load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").cnn
+    assert (fourth.backbone.name, fourth.input.image_size, fourth.epochs, fourth.batch_size) == ("rexnet_200", 512, 3, 32)
+    assert (fourth.optimizer.name, fourth.optimizer.lr, fourth.optimizer.weight_decay, fourth.scheduler.name) == ("adamw", 1e-3, 1e-2, "cosine")
+    assert fourth.augment.hflip > 0 and fourth.augment.shift_scale_rotate.p > 0 and fourth.augment.cutout.p > 0
+    assert load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").data.folds == 3
+    fifth = load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml").cnn
+    assert fifth.backbone.name.startswith("tf_efficientnet_b5") and fifth.input.image_size == 512
+    assert fifth.targets.exam_labels and fifth.sampling.mode == "balanced" and fifth.sampling.positive_share == 0.25
+    assert (fifth.optimizer.name, fifth.optimizer.lr, fifth.scheduler.name) == ("adam", 5e-4, "step")
+    first = load_experiment(CONFIGS / "rsna_1st_seresnext50.yaml").cnn
+    assert (first.backbone.name, first.input.mode, first.input.image_size, first.loss.kind, first.epochs) == (
+        "seresnext50_32x4d", "adjacent", 576, "bce", 1
+    )
+
+
+def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cnn:\n  optimiser:\n    lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert "optimiser" in message and "bad.yaml" in message
+    assert "optimizer" in message and "scheduler" in message  # the allowed keys
+
+
+def test_nested_unknown_key_and_bad_value(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cnn:\n  augment:\n    cutout: {p: 0.5, hole: 3}\n  loss: {kind: dice}\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert "cnn.augment.cutout.hole" in message and "holes" in message
+    assert "cnn.loss.kind" in message
+
+
+def test_unknown_exam_label_is_an_error():
+    with pytest.raises(ConfigError, match="unknown exam label"):
+        apply_overrides(ExperimentConfig(), ["cnn.targets.exam_labels=[central]"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_overrides_set_single_values_and_check_keys():
+    config = apply_overrides(ExperimentConfig(), ["cnn.optimizer.lr=3e-4", "runtime.devices=2", "logging.wandb.project=x"])
+    assert config.cnn.optimizer.lr == 3e-4 and config.runtime.devices == 2 and config.logging.wandb.project == "x"
+    with pytest.raises(ConfigError, match="unknown section 'cnn.optimzer'.*optimizer"):
+        apply_overrides(config, ["cnn.optimzer.lr=1"])
+    with pytest.raises(ConfigError, match="cnn.optimizer.learning_rate"):
+        apply_overrides(config, ["cnn.optimizer.learning_rate=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides(config, ["cnn.epochs"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.epochs=1"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_experiment(tmp_path / "config.yaml") == config
+    text = config_to_yaml(config)
+    assert "warmup_epochs" in text and "focal_gamma" in text  # every default written out
