@@ -10,7 +10,9 @@ Python API (imported lazily, so that ``pedetect --help`` stays fast):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pedetect._lazy import lazy_getattr
 
 _EXPORTS = {
     "write_dataset": "pedetect.synth.dataset",
@@ -38,11 +40,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from pedetect.synth.render import RenderedStudy, render_plan, render_study
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)
