@@ -73,3 +73,30 @@ def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "
             row.update(exam)
             rows.append(row)
     return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
+
+
+def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: int | None = 40, workers: int = 2):
+    """The real chain's inputs: synthetic studies (training seed 1, validation seed 2) prepared into one
+    slice store. Returns (store, labels.csv, folds.csv) with the validation studies as fold 0."""
+    import shutil
+    from pathlib import Path
+
+    from pedetect.store import prepare
+    from pedetect.synth import write_dataset
+
+    root = Path(root)
+    dicom = root / "dicom"
+    frames = []
+    for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=0.5, progress=False)
+        shutil.move(str(root / name / "train"), str(dicom / name))  # DICOM only under dicom/
+        frame["fold"] = 0 if name == "val" else 1
+        frames.append(frame)
+    labels = pd.concat(frames, ignore_index=True)
+    folds = labels[[STUDY, "fold"]].drop_duplicates(STUDY)
+    assert folds[STUDY].is_unique, "training and validation seeds made the same study UIDs"
+    labels_path, folds_path = root / "labels.csv", root / "folds.csv"
+    labels.drop(columns=["fold"]).to_csv(labels_path, index=False)
+    folds.to_csv(folds_path, index=False)
+    prepare(dicom, root / "store", workers=workers, progress=False, echo=lambda message: None)
+    return root / "store", labels_path, folds_path

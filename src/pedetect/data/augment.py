@@ -53,7 +53,10 @@ def affine_matrix(in_hw: tuple[int, int], out_size: int, geometry: Geometry = Ge
     flip = np.diag([-1.0 if geometry.hflip else 1.0, -1.0 if geometry.vflip else 1.0])
     theta = math.radians(geometry.angle)
     # Counter-clockwise on screen (y points down): [[cos, sin], [-sin, cos]].
-    rotate = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]]) * geometry.scale
+    cos, sin = math.cos(theta), math.sin(theta)
+    if geometry.angle % 90 == 0:  # exact quarter turns (no 6e-17 residues): pixel centres land on pixel centres
+        cos, sin = round(cos), round(sin)
+    rotate = np.array([[cos, sin], [-sin, cos]]) * geometry.scale
     linear = rotate @ flip @ resize
     offset = c_dst + np.array([geometry.shift_x, geometry.shift_y]) * out_size - linear @ c_src
     return np.concatenate([linear, offset[:, None]], axis=1)
@@ -173,18 +176,19 @@ class SliceAugment:
             return Geometry()
         hflip = bool(rng.random() < c.hflip)
         vflip = bool(rng.random() < c.vflip)
+        quarter = 90.0 * int(rng.integers(1, 4)) if c.rotate90 > 0 and rng.random() < c.rotate90 else 0.0
         ssr = c.shift_scale_rotate
         if ssr.p > 0 and rng.random() < ssr.p:
             return Geometry(
                 hflip,
                 vflip,
-                angle=float(rng.uniform(-ssr.rotate, ssr.rotate)),
+                angle=quarter + float(rng.uniform(-ssr.rotate, ssr.rotate)),
                 scale=float(rng.uniform(1 - ssr.scale, 1 + ssr.scale)),
                 shift_x=float(rng.uniform(-ssr.shift, ssr.shift)),
                 shift_y=float(rng.uniform(-ssr.shift, ssr.shift)),
                 border=ssr.border,
             )
-        return Geometry(hflip, vflip)
+        return Geometry(hflip, vflip, angle=quarter)
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = centre_crop(image, self.crop)

@@ -157,6 +157,7 @@ class CutoutConfig(Section):
 class AugmentConfig(Section):
     hflip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip.")
     vflip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
+    rotate90: float = Field(0.0, ge=0, le=1, description="Probability of a rotation by 90, 180 or 270 degrees (exact, no interpolation).")
     shift_scale_rotate: ShiftScaleRotateConfig = Field(default_factory=ShiftScaleRotateConfig)
     brightness_contrast: BrightnessContrastConfig = Field(default_factory=BrightnessContrastConfig)
     cutout: CutoutConfig = Field(default_factory=CutoutConfig)

@@ -1,0 +1,174 @@
+"""The stage-1 training loop on a small in-memory store: outputs, resume, skip/force, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pedetect.data.dataset import StoreError
+from pedetect.data.folds import FoldsError
+from pedetect.models.slice_classifier import load_slice_classifier
+from pedetect.train.cnn import COMPLETE, TrainError, train_cnn
+from pedetect.train.config import CnnConfig, ExperimentConfig, SchedulerConfig, apply_overrides, load_experiment
+from pedetect.train.module import LrSchedule, focal_loss, slice_loss
+from train_fixtures import FakeStore, fake_labels
+
+pytestmark = [
+    pytest.mark.xdist_group("train"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
+]
+
+SMALL = [
+    "cnn.backbone.name=resnet10t",
+    "cnn.backbone.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+    "cnn.input.image_size=32",
+    "cnn.batch_size=16",
+    "data.num_workers=0",
+    "data.folds=3",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    labels = fake_labels(9, slices=10, seed=1)
+    return labels, FakeStore(labels, size=32)
+
+
+def config(*extra: str) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), SMALL + list(extra))
+
+
+class Crash(L.Callback):
+    """Stands in for a kill: fails when the given epoch starts (after the previous one's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated kill")
+
+
+def test_focal_loss_matches_bce_without_focusing():
+    logits, targets = torch.randn(20), (torch.rand(20) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert torch.allclose(focal_loss(logits, targets, gamma=0.0, alpha=None), bce)
+    assert (focal_loss(logits, targets, gamma=2.0, alpha=None) <= bce + 1e-7).all()
+
+
+def test_exam_labels_count_on_positive_slices_only():
+    cnn = CnnConfig.model_validate({"targets": {"exam_labels": ["central_pe"], "exam_weight": 1.0}})
+    logits = torch.tensor([[0.0, 5.0], [0.0, -5.0]])
+    negative_only = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # exam targets on negative slices: ignored
+    assert torch.isclose(slice_loss(cnn, logits, negative_only), torch.tensor(math.log(2)))
+    agreeing = slice_loss(cnn, logits, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))  # positive slice, exam label 1, logit +5
+    disagreeing = slice_loss(cnn, logits, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert disagreeing - agreeing > 4.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "step", "constant"])
+def test_lr_schedule_warms_up_then_decays(name):
+    schedule = LrSchedule(SchedulerConfig(name=name, warmup_epochs=1, min_lr_ratio=0.1, step_epochs=1, gamma=0.5), 40, 10)
+    factors = [schedule(step) for step in range(40)]
+    assert factors[0] < factors[5] < factors[9] <= 1.0  # warm-up over the first epoch
+    assert max(factors) <= 1.0
+    if name == "constant":
+        assert factors[-1] == 1.0
+    else:
+        assert factors[-1] < 0.6
+
+
+def test_train_writes_the_fold_bundle(data, tmp_path):
+    labels, store = data
+    cfg = config("cnn.epochs=2", "cnn.keep_checkpoints=true", "cnn.targets.exam_labels=[rightsided_pe]", "cnn.sampling.mode=balanced")
+    summary = train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=1)
+    fold = tmp_path / "cnn" / "fold1"
+    for name in ("model.safetensors", "metrics.json", "metrics.csv", "curves.png", COMPLETE, "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (fold / name).is_file(), name
+    assert load_experiment(tmp_path / "config.yaml") == cfg
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    assert sorted(folds["fold"].unique()) == [0, 1, 2] and len(folds) == 9
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    assert 0.0 <= metrics["val_auc"] <= 1.0 and metrics["val_loss"] > 0
+    assert metrics["val_studies"] == 3 and metrics["train_studies"] == 6
+    assert summary["folds_complete"] == [1]
+    model = load_slice_classifier(tmp_path, 1)
+    embedding, logit = model.embed(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert embedding.shape == (2, model.embedding_dim) and logit.shape == (2,)
+    assert model.head.out_features == 2  # slice label + rightsided_pe
+
+
+def test_resume_after_a_kill_and_skip_when_complete(data, tmp_path):
+    labels, store = data
+    cfg = config("cnn.epochs=3")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0, callbacks=[Crash(2)])
+    fold = tmp_path / "cnn" / "fold0"
+    assert (fold / "checkpoints" / "last.ckpt").is_file() and not (fold / COMPLETE).exists()
+    saved = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)  # our checkpoints are weights-only
+    assert saved["epoch"] == 1
+
+    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0)
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["resumed_after_epoch"] == 1
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]  # the history survived the kill
+    assert not (fold / "checkpoints").exists()  # pickles do not stay in the bundle
+    stamp = (fold / "model.safetensors").stat().st_mtime_ns
+
+    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0)  # complete: skipped
+    assert (fold / "model.safetensors").stat().st_mtime_ns == stamp
+    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0, force=True)  # --force: redone
+    assert (fold / "model.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads((fold / "metrics.json").read_text())["resumed_after_epoch"] is None
+
+
+def test_a_changed_config_needs_force(data, tmp_path):
+    labels, store = data
+    train_cnn(config("cnn.epochs=1"), store=store, labels=labels, out=tmp_path, fold=2)
+    with pytest.raises(TrainError, match=r"another config \(differs in cnn.epochs\)"):
+        train_cnn(config("cnn.epochs=2"), store=store, labels=labels, out=tmp_path, fold=2)
+    # runtime and logging may change between runs (e.g. more devices on resume)
+    train_cnn(config("cnn.epochs=1", "logging.log_every_n_steps=5"), store=store, labels=labels, out=tmp_path, fold=2)
+
+
+def test_errors_are_clear(data, tmp_path):
+    labels, store = data
+    with pytest.raises(FoldsError, match="fold 3 is out of range: there are 3 folds"):
+        train_cnn(config(), store=store, labels=labels, out=tmp_path / "a", fold=3)
+    extra = fake_labels(1, slices=4, seed=9, prefix="other")
+    with pytest.raises(StoreError, match="the store lacks 4 of 94 slices"):
+        train_cnn(config(), store=store, labels=pd.concat([labels, extra]), out=tmp_path / "b", fold=0)
+    with pytest.raises(Exception, match="unknown timm backbone 'resnet10x'"):
+        train_cnn(config("cnn.backbone.name=resnet10x"), store=store, labels=labels, out=tmp_path / "c", fold=0)
+    with pytest.raises(Exception, match="pretrained weights file not found"):
+        train_cnn(config("cnn.backbone.weights=nowhere/w.safetensors"), store=store, labels=labels, out=tmp_path / "d", fold=0)
+
+
+def test_missing_logger_package_is_a_clear_error(data, tmp_path):
+    import importlib.util
+
+    labels, store = data
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed")
+    with pytest.raises(TrainError, match="logging.mlflow is configured but the 'mlflow' package is not installed"):
+        train_cnn(config("logging.mlflow={}"), store=store, labels=labels, out=tmp_path, fold=0)
+
+
+def test_given_folds_file_is_recorded(data, tmp_path):
+    labels, store = data
+    studies = labels["StudyInstanceUID"].unique()
+    given = pd.DataFrame({"StudyInstanceUID": studies, "fold": np.arange(len(studies)) % 2})
+    given.to_csv(tmp_path / "given.csv", index=False)
+    summary = train_cnn(config("cnn.epochs=1"), store=store, labels=labels, out=tmp_path / "m", folds=tmp_path / "given.csv", fold=1)
+    recorded = pd.read_csv(tmp_path / "m" / "folds.csv").sort_values("StudyInstanceUID").reset_index(drop=True)
+    assert recorded.equals(given.sort_values("StudyInstanceUID").reset_index(drop=True))
+    assert summary["n_folds"] == 2
