@@ -381,6 +381,12 @@ def train_fold(
     from pedetect.train.module import SliceModule
 
     _quiet_lightning()
+    import warnings
+
+    # Noise from Lightning's own internals, not about this run.
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+    warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
     directory = fold_dir(out, fold)
     seed = config.seed + fold
     L.seed_everything(seed, workers=True, verbose=False)

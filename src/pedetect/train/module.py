@@ -128,7 +128,8 @@ class SliceModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets, _ = batch
         loss = slice_loss(self.config, self.model(images), targets)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        # Per step only: the epoch mean is in the history (no per-step all-reduce under DDP).
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(images))
         self._train_loss_sum += float(loss.detach())
         self._train_loss_n += 1
