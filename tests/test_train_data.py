@@ -118,3 +118,20 @@ def test_samplers_shard_by_rank(monkeypatch):
 def test_balanced_needs_both_classes():
     with pytest.raises(ValueError, match="both positive and negative"):
         EpochSampler(np.zeros(5, dtype=bool), mode="balanced")
+
+
+@pytest.mark.parametrize("mode", ["windows", "adjacent", "both"])
+def test_series_inputs_match_the_training_inputs(labelled, mode):
+    from pedetect.data.dataset import series_inputs
+    from pedetect.train.config import InputConfig
+
+    labels, store = labelled
+    items = slice_items(labels, store.slices)
+    series = items[SERIES].iloc[0]
+    rows = np.flatnonzero((items[SERIES] == series).to_numpy())
+    config = InputConfig(mode=mode, image_size=16, crop=0.75)
+    batch = series_inputs(store.read_series(series), config)
+    dataset = SliceDataset(store, items, mode=mode, image_size=16, crop=0.75)
+    assert batch.shape == (6, config.channels, 16, 16) and batch.dtype == torch.uint8
+    for row in rows:
+        assert torch.equal(batch[items[SLICE_INDEX].iloc[row]], dataset[row][0])

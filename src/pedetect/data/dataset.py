@@ -174,3 +174,32 @@ class SliceDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
         image = self.transform(image, self.rng() if self.train else None)
         return image, torch.from_numpy(self.targets[i]), i
+
+
+def stack_input(volume: np.ndarray, index: int, mode: str) -> np.ndarray:
+    """The (H, W, C) input of slice ``index`` of a (N, H, W, 3) series for an input mode."""
+    if mode == "windows":
+        return volume[index]
+    below, above = volume[max(index - 1, 0)], volume[min(index + 1, len(volume) - 1)]
+    if mode == "adjacent":
+        return np.stack([below[:, :, PE_CHANNEL], volume[index][:, :, PE_CHANNEL], above[:, :, PE_CHANNEL]], axis=2)
+    if mode == "both":
+        return np.concatenate([below, volume[index], above], axis=2)
+    raise ValueError(f"unknown input mode {mode!r}")
+
+
+def series_inputs(volume: np.ndarray, input_config) -> torch.Tensor:
+    """CNN inputs for every slice of one series, in position order: ``(N, C, S, S)`` uint8.
+
+    ``volume`` is ``SliceStore.read_series`` (N, H, W, 3); ``input_config`` the resolved ``cnn.input``.
+    The same crop, resize and channel stacking as training (no augmentation): what stage 2 embeds
+    and ``predict`` runs, batch by batch, through ``SliceClassifier.embed``.
+    """
+    transform = SliceAugment(input_config.image_size, None, input_config.crop)
+    out = [
+        transform(torch.from_numpy(np.ascontiguousarray(stack_input(volume, i, input_config.mode))).permute(2, 0, 1))
+        for i in range(len(volume))
+    ]
+    if not out:
+        return torch.zeros((0, input_config.channels, input_config.image_size, input_config.image_size), dtype=torch.uint8)
+    return torch.stack(out)

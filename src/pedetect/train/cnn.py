@@ -375,6 +375,7 @@ def train_fold(
 ) -> dict[str, Any] | None:
     """Train one fold (resuming from its last.ckpt); returns its metrics on the writing process."""
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from pedetect.models.slice_classifier import build_slice_classifier
@@ -395,7 +396,12 @@ def train_fold(
     if train_items.empty or val_items.empty:
         raise TrainError(f"fold {fold} leaves no {'training' if train_items.empty else 'validation'} slices")
     train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed)
-    model = build_slice_classifier(config.cnn)
+    # Every fold starts from the same weights, as it would from one pretrained file: the folds'
+    # embedding spaces stay comparable, which stage 2 needs (it trains on out-of-fold embeddings made
+    # by the other folds' CNNs). The data order still differs per fold (seeded above).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_slice_classifier(config.cnn)
     module = SliceModule(model, config.cnn)
 
     mode = "max" if config.cnn.monitor == "val_auc" else "min"
