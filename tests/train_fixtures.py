@@ -100,3 +100,35 @@ def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: 
     folds.to_csv(folds_path, index=False)
     prepare(dicom, root / "store", workers=workers, progress=False, echo=lambda message: None)
     return root / "store", labels_path, folds_path
+
+
+# A CNN small enough for unit tests on FakeStore data (seconds per fold on a CPU), and a sequence head to match.
+TINY_TRAINING = [
+    "cnn.backbone.name=resnet10t",
+    "cnn.backbone.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+    "cnn.input.image_size=32",
+    "cnn.batch_size=16",
+    "cnn.epochs=1",
+    "data.num_workers=0",
+    "data.folds=3",
+    "logging.progress_bar=false",
+    "embed.num_workers=0",
+    "seq.hidden=16",
+    "seq.epochs=3",
+    "seq.batch_size=4",
+]
+
+def tiny_config(*extra: str):
+    """The default experiment with :data:`TINY_TRAINING` and ``extra`` overrides."""
+    from pedetect.train.config import ExperimentConfig, apply_overrides
+
+    return apply_overrides(ExperimentConfig(), TINY_TRAINING + list(extra))
+
+
+# The synthetic studies of the real-chain tests (tests/test_train.py, tests/test_train_all.py).
+DEMO_CHAIN = dict(n_train=120, n_val=30)
+
+
+def demo_chain(root):
+    """:func:`synthetic_chain` with the real-chain tests' settings."""
+    return synthetic_chain(root, **DEMO_CHAIN)

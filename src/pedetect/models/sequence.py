@@ -6,13 +6,20 @@ reach a pooled exam feature or the loss: recurrent encoders run on packed sequen
 transformer masks them as keys, pooling masks them, and :func:`metric_loss` takes real slices only.
 
 Long series can instead be resized to a fixed length and the slice logits resized back (1st place).
+
+For ``predict`` and the bundle::
+
+    head = load_sequence_head(model_dir, fold)                # MODEL_DIR/seq/fold<k>/model.safetensors
+    slice_logits, exam_logits = predict_series(head, embeddings, cnn_logits)   # one series, numpy
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +28,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from pedetect.labels import EXAM_LABELS
 from pedetect.metric.loss import LossParts, weighted_log_loss_parts
 
+if TYPE_CHECKING:
+    from pedetect.train.config import ExperimentConfig, SeqConfig
+
 Encoder = Literal["gru", "lstm", "transformer"]
+WEIGHTS_FILE = "model.safetensors"
 
 
 def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,8 +80,11 @@ class SequenceHead(nn.Module):
         neighbour_diffs: bool = False,
         use_cnn_logit: bool = True,
         fixed_length: int | None = None,
+        input_dropout: float = 0.0,
     ):
         super().__init__()
+        self.embedding_dim = embedding_dim
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout else nn.Identity()
         self.neighbour_diffs = neighbour_diffs
         self.use_cnn_logit = use_cnn_logit
         self.fixed_length = fixed_length
@@ -110,7 +124,7 @@ class SequenceHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D), (B, T) bool, optional (B, T) → slice logits (B, T) (0 where padded), exam logits (B, 9)."""
         mask = mask.bool()
-        x = embeddings.float()
+        x = self.input_dropout(embeddings.float())
         if self.neighbour_diffs:
             x = neighbour_differences(x, mask)
         if self.use_cnn_logit:
@@ -166,3 +180,82 @@ def metric_loss_parts(
 def metric_loss(*args) -> torch.Tensor:
     """Training loss = the competition score of the batch; arguments as :func:`metric_loss_parts`."""
     return metric_loss_parts(*args).score
+
+
+def seq_dir(model_dir: str | Path, fold: int) -> Path:
+    """``MODEL_DIR/seq/fold<k>``: where stage 2 writes one fold's head and metrics."""
+    return Path(model_dir) / "seq" / f"fold{fold}"
+
+
+def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
+    """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide."""
+    return SequenceHead(
+        embedding_dim,
+        encoder=seq.encoder,
+        hidden=seq.hidden,
+        layers=seq.layers,
+        dropout=seq.dropout,
+        heads=seq.heads,
+        neighbour_diffs=seq.neighbour_diffs,
+        use_cnn_logit=seq.use_cnn_logit,
+        fixed_length=seq.fixed_length,
+        input_dropout=seq.input_dropout,
+    )
+
+
+def save_sequence_head(head: SequenceHead, path: str | Path) -> None:
+    """The head's tensors as safetensors (atomically), the embedding width in the metadata."""
+    from pedetect.models.slice_classifier import save_weights
+
+    save_weights(head, path, kind="pedetect.sequence_head", metadata={"embedding_dim": str(head.embedding_dim)})
+
+
+def load_sequence_head(
+    model_dir: str | Path,
+    fold: int,
+    *,
+    config: ExperimentConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> SequenceHead:
+    """The trained stage-2 head of one fold, in eval mode: built from ``MODEL_DIR/config.yaml`` (or
+    ``config``) and loaded from ``MODEL_DIR/seq/fold<k>/model.safetensors``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pedetect.train.config import read_resolved_config
+
+    if config is None:
+        config = read_resolved_config(model_dir)
+    path = seq_dir(model_dir, fold) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained sequence head for fold {fold}: {path} is missing (run pedetect train --stage seq)")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "embedding_dim" not in metadata:
+        raise ValueError(f"{path} is not a pedetect sequence head (no embedding_dim in its metadata)")
+    head = build_sequence_head(config.seq, int(metadata["embedding_dim"]))
+    head.load_state_dict(load_file(str(path)))
+    return head.eval().to(device)
+
+
+def predict_series(head: SequenceHead, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series.
+
+    ``embeddings`` ``(N, D)`` and ``logits`` ``(N,)`` as ``embed_volume`` gives them, in position
+    order. The head does its own preprocessing (neighbour differences, resizing to a fixed length and
+    back), the same code as in training. Runs in eval mode on the head's device.
+    """
+    if len(embeddings) == 0:
+        raise ValueError("a series without slices has no sequence prediction")
+    if embeddings.shape[1] != head.embedding_dim:
+        raise ValueError(f"embeddings are {embeddings.shape[1]} wide; this head takes {head.embedding_dim}")
+    device = next(head.parameters()).device
+    was_training = head.training
+    head.eval()
+    with torch.inference_mode():
+        emb = torch.as_tensor(np.asarray(embeddings), device=device).float().unsqueeze(0)
+        cnn = torch.as_tensor(np.asarray(logits), device=device).float().unsqueeze(0)
+        mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=device)
+        slice_logits, exam_logits = head(emb, mask, cnn)
+    head.train(was_training)
+    return slice_logits[0].float().cpu().numpy(), exam_logits[0].float().cpu().numpy()

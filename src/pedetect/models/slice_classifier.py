@@ -90,15 +90,15 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True) -> S
     )
 
 
-def save_weights(model: SliceClassifier, path: str | Path) -> None:
-    """The model's tensors as safetensors (atomically)."""
+def save_weights(model: nn.Module, path: str | Path, *, kind: str = "pedetect.slice_classifier", metadata: dict[str, str] | None = None) -> None:
+    """The model's tensors as safetensors (atomically), with ``kind`` and ``metadata`` in the header."""
     from safetensors.torch import save_file
 
     from pedetect.io import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": "pedetect.slice_classifier"})
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": kind, **(metadata or {})})
 
 
 def load_slice_classifier(
@@ -122,3 +122,47 @@ def load_slice_classifier(
     model = build_slice_classifier(config.cnn, load_pretrained=False)
     model.load_state_dict(load_file(str(path)))
     return model.eval().to(device)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for inference: bf16 on GPUs that have it, else fp16 on CUDA; none elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def embed_volume(
+    model: SliceClassifier,
+    volume,
+    input_config,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+):
+    """Embeddings and slice logits of one series: ``(float16 (N, D), float32 (N,))`` numpy arrays.
+
+    ``volume``: the series as ``SliceStore.read_series`` gives it, ``(N, H, W, 3)`` uint8 in position
+    order; ``input_config``: the resolved ``cnn.input``. Slices go through exactly the training
+    preprocessing (:func:`pedetect.data.dataset.series_inputs`) ``batch_size`` at a time, so memory is
+    one volume plus one batch; autocast on CUDA, ``torch.inference_mode``. The stage-2 embedding pass
+    and ``predict`` both call this.
+    """
+    import numpy as np
+
+    from pedetect.data.dataset import series_inputs
+
+    device = torch.device(device)
+    n = len(volume)
+    embeddings = np.zeros((n, model.embedding_dim), dtype=np.float16)
+    logits = np.zeros(n, dtype=np.float32)
+    dtype = autocast_dtype(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            # One slice of context each side, so adjacent-slice inputs see their true neighbours.
+            lo, hi = max(start - 1, 0), min(stop + 1, n)
+            inputs = series_inputs(volume[lo:hi], input_config)[start - lo : stop - lo]
+            embedding, logit = model.embed(inputs.to(device, non_blocking=True))
+            embeddings[start:stop] = embedding.float().cpu().numpy()
+            logits[start:stop] = logit.float().cpu().numpy()
+    return embeddings, logits

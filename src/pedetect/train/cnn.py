@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,13 @@ COMPLETE = "COMPLETE"
 FOLDS_FILE = "folds.csv"
 CONFIG_FILE = "config.yaml"
 # Sections whose change means a different model; runtime and logging may change between runs.
+# A change in MODEL_SECTIONS invalidates every stage (stage 1 and all built on it); a change in
+# SEQ_SECTIONS only the sequence heads (stage 2 is redone, stage 1 and the embeddings are kept).
 MODEL_SECTIONS = ("seed", "data", "cnn")
+SEQ_SECTIONS = ("seq",)
+# What each kind of change removes from MODEL_DIR.
+STAGE1_OUTPUTS = ("cnn", "embed", "seq", "prior.json", "bundle.json")
+SEQ_OUTPUTS = ("seq", "bundle.json")
 
 
 class TrainError(RuntimeError):
@@ -80,14 +87,28 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
-def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
-    """Dotted keys of the model-defining sections where two configs differ."""
-    fa, fb = (_flatten({k: c.model_dump(mode="json")[k] for k in MODEL_SECTIONS}) for c in (a, b))
+def config_differences(a: ExperimentConfig, b: ExperimentConfig, sections: Sequence[str] = MODEL_SECTIONS) -> list[str]:
+    """Dotted keys of the given (by default the model-defining) sections where two configs differ."""
+    fa, fb = (_flatten({k: c.model_dump(mode="json")[k] for k in sections}) for c in (a, b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+def remove_outputs(out: Path, names: Sequence[str]) -> None:
+    """Delete the named folders and files of MODEL_DIR (missing ones are fine)."""
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo: Callable[[str], None]) -> None:
-    """Write the resolved config; refuse a folder trained with another config unless ``force``."""
+    """Write the resolved config; refuse a folder trained with another stage-1 config unless ``force``.
+
+    A changed ``seq`` section alone removes the previous stage-2 results (they are redone; stage 1 and
+    the embeddings stay).
+    """
     path = out / CONFIG_FILE
     if path.is_file():
         try:
@@ -102,8 +123,12 @@ def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo:
                     f"{' …' if len(changed) > 8 else ''}); use another --out, or --force to retrain every fold"
                 )
             if is_global_zero():
-                echo(f"config changed ({', '.join(changed[:8])}): removing the previous stage-1 results")
-                shutil.rmtree(out / "cnn", ignore_errors=True)
+                echo(f"config changed ({', '.join(changed[:8])}): removing the previous results of every stage")
+                remove_outputs(out, STAGE1_OUTPUTS)
+        seq_changed = config_differences(previous, config, SEQ_SECTIONS)
+        if seq_changed and is_global_zero():
+            echo(f"stage-2 config changed ({', '.join(seq_changed[:8])}): removing the previous sequence heads")
+            remove_outputs(out, SEQ_OUTPUTS)
     if is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, path)
@@ -495,6 +520,61 @@ def write_summary(out: Path, n_folds: int) -> dict[str, Any]:
     return summary
 
 
+def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """The config with relative file paths made absolute (as saved in MODEL_DIR/config.yaml)."""
+    weights = config.cnn.backbone.weights
+    if weights is not None and not weights.is_absolute():
+        config = config.model_copy(deep=True)
+        config.cnn.backbone.weights = weights.resolve()
+    return config
+
+
+@dataclass
+class TrainingInputs:
+    """What every stage starts from: the resolved config, the store, labelled slices with their fold."""
+
+    config: ExperimentConfig
+    store: Any  # a Path, or a store object (tests)
+    source: Any  # the opened store
+    out: Path
+    labels: pd.DataFrame
+    items: pd.DataFrame  # slice_items + fold
+    n_folds: int
+    todo: list[int]  # the folds asked for
+
+
+def training_inputs(
+    config: ExperimentConfig,
+    *,
+    store: str | Path | Any,
+    labels: str | Path | pd.DataFrame,
+    out: str | Path,
+    folds: str | Path | None = None,
+    fold: int | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = _echo,
+) -> TrainingInputs:
+    """Open the store and labels, check the model folder's config (:func:`prepare_model_dir`) and
+    resolve the folds: the common set-up of every stage."""
+    from pedetect.data.dataset import open_store, slice_items
+
+    out = Path(out)
+    source = open_store(store) if isinstance(store, (str, Path)) else store  # a path, or a store object (tests)
+    if isinstance(store, str):
+        store = Path(store)
+    config = resolve_paths(config)
+    label_frame = labels if isinstance(labels, pd.DataFrame) else read_labels(labels)
+    items = slice_items(label_frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels))
+    prepare_model_dir(config, out, force=force, echo=echo)
+    fold_frame = resolve_folds(config, label_frame, out, Path(folds) if folds else None, force=force, echo=echo)
+    n_folds = n_folds_of(fold_frame)
+    items = attach_folds(items, fold_frame, source=str(folds or out / FOLDS_FILE))
+    if fold is not None:
+        check_fold_index(fold, n_folds)
+    todo = [fold] if fold is not None else list(range(n_folds))
+    return TrainingInputs(config, store, source, out, label_frame, items, n_folds, todo)
+
+
 def train_cnn(
     config: ExperimentConfig,
     *,
@@ -511,42 +591,37 @@ def train_cnn(
 
     Returns the summary (``cnn/summary.json``): per-fold and mean validation AUC and log loss.
     """
-    from pedetect.data.dataset import open_store, slice_items
+    check_cnn_config(config)
+    inputs = training_inputs(config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo)
+    return run_cnn(inputs, force=force, callbacks=callbacks, echo=echo)
 
-    out = Path(out)
-    source = open_store(store) if isinstance(store, (str, Path)) else store  # a path, or a store object (tests)
-    if isinstance(store, str):
-        store = Path(store)
-    weights = config.cnn.backbone.weights
-    if weights is not None and not weights.is_absolute():
-        config = config.model_copy(deep=True)
-        config.cnn.backbone.weights = weights.resolve()
+
+def check_cnn_config(config: ExperimentConfig) -> None:
+    """The backbone exists in timm and its weights file (if any) is there, before any work."""
     from pedetect.models.backbone import check_backbone_name, read_state_dict
 
     check_backbone_name(config.cnn.backbone.name)
-    if config.cnn.backbone.weights is not None and not config.cnn.backbone.weights.is_file():
-        read_state_dict(config.cnn.backbone.weights)  # the clear missing-file error, before any work
+    weights = resolve_paths(config).cnn.backbone.weights
+    if weights is not None and not weights.is_file():
+        read_state_dict(weights)  # the clear missing-file error
 
-    label_frame = labels if isinstance(labels, pd.DataFrame) else read_labels(labels)
-    items = slice_items(label_frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels))
-    prepare_model_dir(config, out, force=force, echo=echo)
-    fold_frame = resolve_folds(config, label_frame, out, Path(folds) if folds else None, force=force, echo=echo)
-    n_folds = n_folds_of(fold_frame)
-    items = attach_folds(items, fold_frame, source=str(folds or out / FOLDS_FILE))
-    if fold is not None:
-        check_fold_index(fold, n_folds)
-    todo = [fold] if fold is not None else list(range(n_folds))
+
+def run_cnn(
+    inputs: TrainingInputs, *, force: bool = False, callbacks: Sequence = (), echo: Callable[[str], None] = _echo
+) -> dict[str, Any]:
+    """Stage 1 on the folds of ``inputs`` (see :func:`train_cnn`)."""
+    out = inputs.out
     if force and is_global_zero():
         # Before any training starts, so processes of a distributed run all see the same folders.
-        for k in todo:
+        for k in inputs.todo:
             shutil.rmtree(fold_dir(out, k), ignore_errors=True)
-    for k in todo:
+    for k in inputs.todo:
         directory = fold_dir(out, k)
         if (directory / COMPLETE).is_file():
             echo(f"fold {k}: already complete ({directory / COMPLETE}); --force retrains it")
             continue
-        train_fold(config, items, k, store=store, out=out, callbacks=callbacks, echo=echo)
-    return write_summary(out, n_folds)
+        train_fold(inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo)
+    return write_summary(out, inputs.n_folds)
 
 
 def read_config_for_training(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -53,36 +53,60 @@ def train_command(
     ),
     force: bool = typer.Option(False, "--force", help="Retrain folds that are already complete (and accept a changed config)."),
 ) -> None:
-    """Train the model on cross-validation folds; resumable (a killed run continues from its last epoch).
+    """Train the model on cross-validation folds; resumable (a killed run continues where it stopped).
+
+    With no --stage, runs all three stages and leaves a complete model bundle for pedetect predict:
 
     Stage 1 (--stage cnn) trains a timm slice CNN per fold and writes MODEL_DIR/cnn/fold<k>/
     (model.safetensors, metrics.json, metrics.csv, curves.png), the resolved MODEL_DIR/config.yaml
     and MODEL_DIR/folds.csv. Several GPUs or nodes: set runtime.devices / runtime.num_nodes
     (DDP; across nodes launch one process per node with torchrun or SLURM).
+
+    --stage embed: each fold's CNN embeds the slices of the studies it did not train on
+    (MODEL_DIR/embed/fold{k}/, float16, with the CNN's slice logit).
+
+    --stage seq: a sequence head per fold over the out-of-fold embeddings, trained on the
+    competition metric (MODEL_DIR/seq/fold{k}/); once every fold is done, the cross-validated
+    score with its baselines (MODEL_DIR/seq/cv.json) and the out-of-fold predictions
+    (MODEL_DIR/seq/oof_predictions.csv).
+
+    Finished parts are skipped; --force redoes them. A changed seq section redoes stage 2 only.
     """
     if stage not in ("all", "cnn", "embed", "seq"):
         raise _fail(f"unknown stage '{stage}'; choose cnn, embed, seq or all")
-    if stage in ("embed", "seq"):
-        raise _fail(f"stage '{stage}' is not available in this version; only stage 1 (--stage cnn) is")
 
     from pedetect.data.dataset import StoreError
     from pedetect.data.folds import FoldsError
     from pedetect.models.backbone import BackboneError
-    from pedetect.train.cnn import TrainError, is_global_zero, read_config_for_training, train_cnn
+    from pedetect.train.cnn import TrainError, is_global_zero, read_config_for_training
     from pedetect.train.config import ConfigError
+    from pedetect.train.pipeline import train
 
     try:
         experiment = read_config_for_training(config, overrides)
-        summary = train_cnn(experiment, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
+        result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
     except (ConfigError, FoldsError, StoreError, BackboneError, TrainError) as error:
         raise _fail(str(error)) from None
     if not is_global_zero():
         return
-    for k, metrics in summary["folds"].items():
+    summary = result.get("cnn")
+    for k, metrics in (summary or {}).get("folds", {}).items():
         auc, loss = metrics["val_auc"], metrics["val_loss"]
         shown = f"AUC {auc:.4f}, log loss {loss:.4f}" if auc is not None else "no AUC (one class)"
         typer.echo(f"fold {k}: validation slice {shown} (epoch {metrics['exported_epoch']})")
-    if summary["mean_val_auc"] is not None:
+    if summary and summary["mean_val_auc"] is not None:
         typer.echo(f"mean validation slice AUC {summary['mean_val_auc']:.4f} over folds {summary['folds_complete']}")
-    if stage == "all":
-        typer.echo("stage 2 (embed, seq) is not available in this version: trained stage 1 only", err=True)
+    if "embed" in result:
+        typer.echo(f"embeddings: folds {result['embed']['folds_complete']} complete")
+    cv = result.get("seq")
+    if cv is not None:
+        base = cv["baselines"]
+        typer.echo(
+            f"cross-validated score {cv['score']:.4f} ({cv['score_consistent']:.4f} after consistency fixing, "
+            f"{cv['exams_fixed']} exams fixed) over {cv['n_studies']} studies; "
+            f"prior {base['prior']['score']:.4f}, stage 1 alone {base['stage1_alone']['score']:.4f}"
+        )
+    elif "seq" in result:
+        typer.echo("stage 2: not every fold is trained yet; no cross-validated score", err=True)
+    timing = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["seconds"].items())
+    typer.echo(f"time: {timing}" + (f"; bundle complete: {out}" if result.get("bundle") else ""), err=True)

@@ -13,9 +13,10 @@ Layout (top-level sections)::
     logging:  CSV always; TensorBoard, Weights & Biases (offline), MLflow when configured
     cnn:      stage 1, the slice CNN (backbone, input, augmentation, targets, loss, sampling,
               optimiser, schedule, epochs)
-
-A stage-2 section (``seq``) slots in beside ``cnn`` with its own optimiser and schedule
-(:class:`OptimizerConfig`, :class:`SchedulerConfig` are shared), without changing existing recipes.
+    embed:    the out-of-fold embedding pass between the stages (batch size, reader processes)
+    seq:      stage 2, the sequence head over each series' slice embeddings (encoder, inputs,
+              optimiser, schedule, epochs); :class:`OptimizerConfig`, :class:`SchedulerConfig`
+              are shared with ``cnn``
 
 Single values can be overridden from the command line: ``--set cnn.optimizer.lr=3e-4``
 (:func:`apply_overrides`); the value is read as YAML.
@@ -26,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pedetect.config import ConfigError, StrictModel, load_config, validate_config
 from pedetect.labels import EXAM_LABELS
@@ -216,6 +217,47 @@ class CnnConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# Between the stages: out-of-fold embeddings
+
+
+class EmbedConfig(Section):
+    batch_size: int = Field(64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results).")
+    num_workers: int = Field(1, ge=0, description="Processes reading series from the store ahead of the CNN (0: in the main process).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: the sequence head
+
+
+class SeqConfig(Section):
+    encoder: Literal["gru", "lstm", "transformer"] = Field("gru", description="Bidirectional GRU or LSTM, or a small transformer encoder.")
+    hidden: int = Field(128, ge=1, description="Hidden size per direction (GRU/LSTM) or model width (transformer).")
+    layers: int = Field(2, ge=1, description="Stacked recurrent or transformer layers.")
+    heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between layers and before the output heads.")
+    input_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the slice embeddings (not the CNN logit) as they enter the head."
+    )
+    neighbour_diffs: bool = Field(False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f.")
+    use_cnn_logit: bool = Field(True, description="Also input the CNN's slice logit.")
+    fixed_length: Optional[int] = Field(
+        None, ge=2, description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask."
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1, description="Series per batch (padded to the longest).")
+    gradient_clip_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm (none: no clipping).")
+    export: Literal["best", "last"] = Field("best", description="best: the epoch with the lowest validation score (the metric); last: the last epoch.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "SeqConfig":
+        if self.encoder == "transformer" and self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for the transformer encoder")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 class ExperimentConfig(Section):
@@ -226,6 +268,8 @@ class ExperimentConfig(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cnn: CnnConfig = Field(default_factory=CnnConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    seq: SeqConfig = Field(default_factory=SeqConfig)
 
 
 # --------------------------------------------------------------------------------------------------

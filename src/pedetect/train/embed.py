@@ -1,0 +1,201 @@
+"""Between the stages: out-of-fold slice embeddings (``pedetect train --stage embed``).
+
+Each fold's CNN embeds every slice of the series of *its own validation studies*, the studies it
+never trained on; across the folds every labelled series is embedded exactly once, by the one CNN
+that did not see it, so stage 2 learns from honest features (DESIGN.md §2). Writes::
+
+    MODEL_DIR/embed/fold<k>/<SeriesInstanceUID>.npz   embedding float16 (N, D), logit float32 (N,),
+                                                      sop (N,) SOPInstanceUIDs, all in position order
+    MODEL_DIR/embed/fold<k>/SOURCE.json               sha256 of the CNN weights that made them
+    MODEL_DIR/embed/fold<k>/COMPLETE                  written last: series count, embedding width, CNN hash
+
+Series are read one at a time (by ``embed.num_workers`` reader processes ahead of the CNN) and
+embedded ``embed.batch_size`` slices at a time by :func:`pedetect.models.slice_classifier.embed_volume`,
+the function ``predict`` uses, so memory stays bounded whatever the data size. Each series file is
+written atomically: a killed run keeps the series it finished and does the rest. A retrained CNN
+(other weights) invalidates the fold's embeddings: they are redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pedetect.data.folds import FOLD
+from pedetect.io import atomic_path
+from pedetect.labels import SERIES, SOP
+from pedetect.train.cnn import COMPLETE, TrainError, TrainingInputs, _echo, _uses_gpu, is_global_zero
+
+SOURCE_FILE = "SOURCE.json"
+
+
+def embed_dir(model_dir: str | Path, fold: int) -> Path:
+    """``MODEL_DIR/embed/fold<k>``: the series embedded by fold k's CNN (fold k's own studies)."""
+    return Path(model_dir) / "embed" / f"fold{fold}"
+
+
+def series_path(model_dir: str | Path, fold: int, series_uid: str) -> Path:
+    return embed_dir(model_dir, fold) / f"{series_uid}.npz"
+
+
+@dataclass(frozen=True)
+class SeriesEmbedding:
+    embedding: np.ndarray  # (N, D) float16
+    logit: np.ndarray  # (N,) float32, the CNN's slice logit
+    sop: np.ndarray  # (N,) SOPInstanceUIDs, position order
+
+
+def write_series_embedding(path: Path, item: SeriesEmbedding) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, embedding=item.embedding.astype(np.float16), logit=item.logit.astype(np.float32), sop=item.sop.astype(str))
+
+
+def read_series_embedding(path: Path) -> SeriesEmbedding:
+    if not path.is_file():
+        raise TrainError(f"embeddings missing: {path} (run pedetect train --stage embed)")
+    with np.load(path, allow_pickle=False) as data:
+        return SeriesEmbedding(data["embedding"], data["logit"], data["sop"])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_device(config) -> str:
+    """The device of the embedding pass and stage 2: ``runtime.accelerator`` (auto: CUDA if any)."""
+    import torch
+
+    if config.runtime.accelerator == "mps":
+        return "mps"
+    return "cuda" if _uses_gpu(config) and torch.cuda.is_available() else "cpu"
+
+
+class _SeriesReader:
+    """Dataset of whole series volumes, read from the store (in DataLoader workers when asked)."""
+
+    def __init__(self, store: Any, series: list[str]):
+        self.store_ref = store
+        self.series = series
+        self._store = None if isinstance(store, (str, Path)) else store
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
+        if self._store is None:
+            from pedetect.data.dataset import open_store
+
+            self._store = open_store(self.store_ref)
+        return self.series[i], self._store.read_series(self.series[i])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if isinstance(self.store_ref, (str, Path)):
+            state["_store"] = None  # reopened in the worker
+        return state
+
+
+def fold_series(items: pd.DataFrame, fold: int) -> list[str]:
+    """Series of fold k's studies (its validation studies), in a stable order."""
+    return sorted(items.loc[items[FOLD] == fold, SERIES].unique())
+
+
+def embed_fold(
+    inputs: TrainingInputs, fold: int, *, device: str | None = None, echo: Callable[[str], None] = _echo
+) -> dict[str, Any]:
+    """Embed fold k's own series with fold k's CNN; returns what its COMPLETE marker holds."""
+    import torch
+
+    from pedetect.models.slice_classifier import WEIGHTS_FILE, embed_volume, fold_dir, load_slice_classifier
+
+    config, out = inputs.config, inputs.out
+    weights = fold_dir(out, fold) / WEIGHTS_FILE
+    if not (fold_dir(out, fold) / COMPLETE).is_file() or not weights.is_file():
+        raise TrainError(f"fold {fold} has no trained CNN ({fold_dir(out, fold) / COMPLETE} is missing): run pedetect train --stage cnn first")
+    directory = embed_dir(out, fold)
+    cnn_hash = file_sha256(weights)
+    source = directory / SOURCE_FILE
+    if source.is_file() and json.loads(source.read_text()).get("cnn_sha256") != cnn_hash:
+        echo(f"embed fold {fold}: the CNN was retrained since; embedding again")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(source) as tmp:
+        tmp.write_text(json.dumps({"cnn_sha256": cnn_hash, "cnn_weights": str(weights.relative_to(out))}) + "\n")
+
+    series = fold_series(inputs.items, fold)
+    todo = [s for s in series if not series_path(out, fold, s).is_file()]
+    device = device or resolve_device(config)
+    model = load_slice_classifier(out, fold, config=config, device=device)
+    sops = inputs.source.slices.sort_values("slice_index").groupby(SERIES, sort=False)[SOP].agg(list)
+    echo(f"embed fold {fold}: {len(todo)} of {len(series)} series to embed with fold {fold}'s CNN on {device}")
+    started = time.perf_counter()
+    workers = config.embed.num_workers
+    loader = torch.utils.data.DataLoader(
+        _SeriesReader(inputs.store, todo), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+    )
+    n_slices = 0
+    for series_uid, volume in loader:
+        volume = np.asarray(volume)
+        sop = np.asarray(sops[series_uid])
+        if len(sop) != len(volume):
+            raise TrainError(f"series {series_uid}: the store lists {len(sop)} slices but read {len(volume)}")
+        embedding, logit = embed_volume(model, volume, config.cnn.input, batch_size=config.embed.batch_size, device=device)
+        write_series_embedding(series_path(out, fold, series_uid), SeriesEmbedding(embedding, logit, sop))
+        n_slices += len(volume)
+    seconds = time.perf_counter() - started
+    marker = {
+        "series": len(series),
+        "embedding_dim": int(model.embedding_dim),
+        "cnn_sha256": cnn_hash,
+        "seconds": round(seconds, 3),  # of the run that finished the fold
+    }
+    with atomic_path(directory / COMPLETE) as tmp:
+        tmp.write_text(json.dumps(marker) + "\n")
+    rate = f", {n_slices / seconds:.0f} slices/s" if n_slices and seconds > 0 else ""
+    echo(f"embed fold {fold}: {n_slices} slices in {seconds:.1f} s{rate}")
+    return marker
+
+
+def is_embedded(out: Path, fold: int) -> bool:
+    """Fold k's embeddings are complete and made by the CNN now in ``cnn/fold<k>``."""
+    from pedetect.models.slice_classifier import WEIGHTS_FILE, fold_dir
+
+    marker, weights = embed_dir(out, fold) / COMPLETE, fold_dir(out, fold) / WEIGHTS_FILE
+    return marker.is_file() and weights.is_file() and json.loads(marker.read_text()).get("cnn_sha256") == file_sha256(weights)
+
+
+def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = _echo) -> dict[str, Any]:
+    """The embedding pass on the folds of ``inputs``; finished folds are skipped unless ``force``.
+
+    Returns ``{"folds_complete": [...], "folds": {k: COMPLETE contents}}``, also ``embed/summary.json``.
+    """
+    if not is_global_zero():
+        return {}
+    out = inputs.out
+    for k in inputs.todo:
+        if force:
+            shutil.rmtree(embed_dir(out, k), ignore_errors=True)
+        if is_embedded(out, k):
+            echo(f"embed fold {k}: already complete ({embed_dir(out, k) / COMPLETE}); --force redoes it")
+            continue
+        embed_fold(inputs, k, echo=echo)
+    folds = {
+        k: json.loads((embed_dir(out, k) / COMPLETE).read_text()) for k in range(inputs.n_folds) if (embed_dir(out, k) / COMPLETE).is_file()
+    }
+    summary = {"folds_complete": sorted(folds), "folds": {str(k): v for k, v in folds.items()}}
+    with atomic_path(out / "embed" / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary

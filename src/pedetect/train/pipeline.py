@@ -1,0 +1,66 @@
+"""``pedetect train``: the stages in order, cnn → embed → seq, and the bundle they leave.
+
+Each stage skips what is finished (COMPLETE markers, checked against the weights or embeddings they
+were made from) and redoes it with ``force``; ``stage="all"`` runs the three and, once every fold of
+every stage is complete, writes ``MODEL_DIR/bundle.json`` (:mod:`pedetect.models.bundle`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pedetect.train.cnn import _echo, check_cnn_config, is_global_zero, run_cnn, training_inputs
+from pedetect.train.config import ExperimentConfig
+
+STAGES = ("cnn", "embed", "seq")
+
+
+def train(
+    config: ExperimentConfig,
+    *,
+    stage: str = "all",
+    store: str | Path | Any,
+    labels: str | Path | pd.DataFrame,
+    out: str | Path,
+    folds: str | Path | None = None,
+    fold: int | None = None,
+    force: bool = False,
+    callbacks: Sequence = (),
+    echo: Callable[[str], None] = _echo,
+) -> dict[str, Any]:
+    """Run ``stage`` (cnn, embed, seq or all) on every fold (or ``fold``).
+
+    Returns ``{"cnn": cnn/summary.json, "embed": embed/summary.json, "seq": seq/cv.json or None,
+    "seconds": {stage: wall time of this run}, "bundle": bundle.json or None}`` for the stages run.
+    """
+    from pedetect.models.bundle import write_bundle_info
+    from pedetect.train.embed import run_embed
+    from pedetect.train.seq import run_seq
+
+    if stage not in (*STAGES, "all"):
+        raise ValueError(f"unknown stage {stage!r}; choose cnn, embed, seq or all")
+    stages = STAGES if stage == "all" else (stage,)
+    if "cnn" in stages:
+        check_cnn_config(config)
+    inputs = training_inputs(config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo)
+    runners = {
+        "cnn": lambda: run_cnn(inputs, force=force, callbacks=callbacks, echo=echo),
+        "embed": lambda: run_embed(inputs, force=force, echo=echo),
+        "seq": lambda: run_seq(inputs, force=force, echo=echo),
+    }
+    result: dict[str, Any] = {"seconds": {}, "bundle": None}
+    for name in stages:
+        started = time.perf_counter()
+        result[name] = runners[name]()
+        result["seconds"][name] = round(time.perf_counter() - started, 3)
+    if stage == "all" and is_global_zero() and result["seq"] is not None:
+        dims = {m["embedding_dim"] for m in result["embed"]["folds"].values()}
+        result["bundle"] = write_bundle_info(
+            inputs.out, folds=list(range(inputs.n_folds)), embedding_dim=int(dims.pop()), cv_score=result["seq"]["score"]
+        )
+    return result

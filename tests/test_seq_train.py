@@ -1,0 +1,161 @@
+"""Stage 2 on a small in-memory store: the metric as loss and as evaluate computes it, padding,
+predict_series = training's forward, cross-validation files, config changes, the bundle reader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
+from pedetect.metric.evaluate import evaluate_files, evaluate_frames
+from pedetect.models.bundle import BundleError, read_bundle
+from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series, seq_dir
+from pedetect.models.slice_classifier import fold_dir
+from pedetect.train.cnn import COMPLETE, TrainError, training_inputs
+from pedetect.train.config import ConfigError, apply_overrides
+from pedetect.train.embed import embed_dir
+from pedetect.train.pipeline import train
+from pedetect.train.seq import _sigmoid, collate, load_records, oof_submission, predict_records
+from train_fixtures import FakeStore, fake_labels
+from train_fixtures import tiny_config as tiny
+
+pytestmark = [
+    pytest.mark.xdist_group("train"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """All three stages on 12 fake studies of 10 slices, 3 folds."""
+    labels = fake_labels(12, slices=10, seed=5)
+    store = FakeStore(labels, size=32)
+    config = tiny()
+    out = tmp_path_factory.mktemp("seq") / "model"
+    result = train(config, store=store, labels=labels, out=out)
+    return config, labels, store, out, result
+
+
+def test_the_training_loss_is_the_score_evaluate_gives(trained):
+    config, labels, store, out, _ = trained
+    records = load_records(training_inputs(config, store=store, labels=labels, out=out))
+    head = build_sequence_head(config.seq, records[0].embedding.shape[1]).eval()
+    batch = collate(records, "cpu")  # every series at once, padded to the longest
+    with torch.no_grad():
+        slice_logits, exam_logits = head(batch["embedding"], batch["mask"], batch["logit"])
+        loss = metric_loss(slice_logits, exam_logits, batch["labelled"], batch["slice_target"], batch["exam_target"])
+    slices = [_sigmoid(slice_logits[i, : len(r.logit)].double().numpy()) for i, r in enumerate(records)]
+    submission = oof_submission(records, slices, _sigmoid(exam_logits.double().numpy()))
+    assert evaluate_frames(labels, submission)["score"] == pytest.approx(loss.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", [(), ("seq.fixed_length=16", "seq.neighbour_diffs=true"), ("seq.encoder=transformer", "seq.heads=2")])
+def test_predict_series_is_the_batched_padded_forward(trained, extra):
+    config, labels, store, out, _ = trained
+    records = load_records(training_inputs(config, store=store, labels=labels, out=out))
+    config = apply_overrides(config, list(extra))
+    # Series of different lengths in one padded batch: cut two of them short.
+    for r, n in zip(records[:2], (4, 7)):
+        r.embedding, r.logit, r.sop, r.slice_target, r.labelled = r.embedding[:n], r.logit[:n], r.sop[:n], r.slice_target[:n], r.labelled[:n]
+    torch.manual_seed(0)
+    head = build_sequence_head(config.seq, records[0].embedding.shape[1]).eval()
+    slices, exams = predict_records(head, records[:5], batch_size=5, device="cpu")
+    for r, s, e in zip(records[:5], slices, exams):
+        alone_slices, alone_exam = predict_series(head, r.embedding, r.logit)
+        assert alone_slices.shape == (len(r.logit),) and alone_exam.shape == (len(EXAM_LABELS),)
+        np.testing.assert_allclose(alone_slices, s, atol=1e-5)
+        np.testing.assert_allclose(alone_exam, e, atol=1e-5)
+
+
+def test_cross_validation_files_agree_with_evaluate(trained, tmp_path):
+    config, labels, store, out, result = trained
+    cv = json.loads((out / "seq" / "cv.json").read_text())
+    assert cv == result["seq"]
+    labels_path = tmp_path / "labels.csv"
+    labels.to_csv(labels_path, index=False)
+    report = evaluate_files(labels_path, out / "seq" / "oof_predictions.csv")
+    assert report["score"] == pytest.approx(cv["score"], abs=1e-9)
+    assert report["n_studies"] == 12 and cv["n_slices"] == 120
+    assert set(cv["labels"]) == {IMAGE_LABEL, *EXAM_LABELS}
+    assert cv["score_consistent"] > 0 and cv["exams_fixed"] >= 0
+    # Each fold's validation score (computed from logits while training) is evaluate's on its studies.
+    for k in range(3):
+        metrics = json.loads((seq_dir(out, k) / "metrics.json").read_text())
+        fold_oof = pd.read_csv(seq_dir(out, k) / "oof_predictions.csv")
+        studies = {i.split("_")[0] for i in fold_oof["id"] if "_" in i}
+        fold_report = evaluate_frames(labels[labels[STUDY].isin(studies)], fold_oof)
+        assert fold_report["score"] == pytest.approx(metrics["val_score"], abs=1e-6)
+    # The baselines are on the same studies; the prior is the labels' frequency.
+    prior = json.loads((out / "prior.json").read_text())
+    assert prior[IMAGE_LABEL] == pytest.approx(labels[IMAGE_LABEL].mean())
+    assert cv["baselines"]["prior"]["slice_auc"] == 0.5
+    assert 0 < cv["baselines"]["stage1_alone"]["score"] < 2
+
+
+def test_bundle_reader(trained, tmp_path):
+    config, labels, store, out, result = trained
+    bundle = read_bundle(out)
+    assert bundle.folds == [0, 1, 2] and bundle.embedding_dim == result["bundle"]["embedding_dim"]
+    assert bundle.config == config
+    assert bundle.prior == json.loads((out / "prior.json").read_text())
+    head = load_sequence_head(out, 1)
+    assert not head.training and head.embedding_dim == bundle.embedding_dim
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (seq_dir(copy, 2) / COMPLETE).unlink()
+    with pytest.raises(BundleError, match=r"fold\(s\) \[2\] lack seq/fold2/COMPLETE"):
+        read_bundle(copy)
+    assert read_bundle(copy, allow_partial=True).folds == [0, 1]
+    (copy / "prior.json").unlink()
+    with pytest.raises(BundleError, match="prior.json missing"):
+        read_bundle(copy)
+
+
+def test_a_changed_seq_section_redoes_stage_2_only(trained, tmp_path):
+    config, labels, store, out, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    kept = [fold_dir(copy, 0) / COMPLETE, embed_dir(copy, 0) / COMPLETE]
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    old_head = (seq_dir(copy, 0) / "model.safetensors").read_bytes()
+    result = train(tiny("seq.hidden=8"), store=store, labels=labels, out=copy)
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
+    assert (seq_dir(copy, 0) / "model.safetensors").read_bytes() != old_head
+    assert result["seq"] is not None and (copy / "bundle.json").is_file()
+    assert load_sequence_head(copy, 0).encoder.hidden_size == 8
+    # A changed stage-1 section is refused without --force.
+    with pytest.raises(TrainError, match="cnn.epochs"):
+        train(tiny("cnn.epochs=2"), stage="seq", store=store, labels=labels, out=copy)
+
+
+def test_stage_2_needs_every_folds_embeddings(trained, tmp_path):
+    config, labels, store, out, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    shutil.rmtree(embed_dir(copy, 1))
+    shutil.rmtree(copy / "seq")
+    with pytest.raises(TrainError, match=r"folds \[1\] have none .*embed/fold1/COMPLETE"):
+        train(config, stage="seq", store=store, labels=labels, out=copy)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seq.encoder=rnn", "seq.encoder"),
+        ("seq.hiden=8", "unknown key 'seq.hiden'"),
+        ("seq.fixed_length=1", "seq.fixed_length"),
+    ],
+)
+def test_seq_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
+
+
+def test_transformer_heads_must_divide_the_width():
+    with pytest.raises(ConfigError, match=r"hidden \(10\) must be a multiple of heads \(4\)"):
+        tiny("seq.encoder=transformer", "seq.hidden=10", "seq.heads=4")
