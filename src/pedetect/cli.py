@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from pedetect import __version__
+from pedetect.infer.command import demo_command, predict_command
 from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command
@@ -45,6 +46,8 @@ app.command("evaluate")(evaluate_command)
 app.command("check")(check_command)
 app.command("split")(split_command)
 app.command("train")(train_command)
+app.command("predict")(predict_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

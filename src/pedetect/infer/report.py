@@ -104,8 +104,9 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
     plt.close(figure)
 
 
-def write_index(out_dir: Path, results: list[StudyResult]) -> Path:
-    """``index.html``: every study, most suspicious first, linking its PNG and JSON."""
+def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | None = None) -> Path:
+    """``index.html``: every study, most suspicious first, linking its PNG and JSON; ``notes`` (the
+    run's summary: what was lost) above the table."""
     rows = []
     for result in sorted(results, key=lambda r: (-r.pe_probability, r.study_uid)):
         name = html.escape(safe_name(result.study_uid))
@@ -124,7 +125,8 @@ def write_index(out_dir: Path, results: list[StudyResult]) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>pedetect report</title>"
         "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ddd}</style>"
         "</head><body><h1>pedetect report</h1>"
-        f"<p>{len(results)} studies, sorted by PE probability (highest slice probability).</p>"
+        + (f"<pre>{html.escape(chr(10).join(notes))}</pre>" if notes else "")
+        + f"<p>{len(results)} studies, sorted by PE probability (highest slice probability).</p>"
         "<table><tr><th>study</th><th>PE probability</th><th>slices</th><th>exam labels &gt; 0.5</th>"
         "<th>status</th><th>files</th></tr>" + "".join(rows) + "</table></body></html>"
     )

@@ -9,6 +9,9 @@
     MODEL_DIR/seq/fold<k>/model.safetensors   sequence head of fold k (+ metrics, curves)
     MODEL_DIR/seq/cv.json, oof_predictions.csv   the cross-validation
     MODEL_DIR/bundle.json              format version, folds, stages complete, embedding width, CV score
+    MODEL_DIR/preprocessing.json       the slice store's settings (windows, image size) that ``predict``
+                                       reads DICOM with; absent: the store defaults (DESIGN.md §2 windows,
+                                       each series' own size)
 
 Pairing at inference: fold k's sequence head reads the embeddings of fold k's CNN
 (``embed_volume(load_slice_classifier(dir, k), …)`` then ``predict_series(load_sequence_head(dir, k), …)``),
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 BUNDLE_FILE = "bundle.json"
 PRIOR_FILE = "prior.json"
+PREPROCESSING_FILE = "preprocessing.json"
 BUNDLE_FORMAT = 1
 COMPLETE = "COMPLETE"  # the marker every stage writes last in a finished fold (pedetect.train.cnn.COMPLETE)
 
@@ -110,3 +114,29 @@ def write_bundle_info(model_dir: str | Path, *, folds: list[int], embedding_dim:
     with atomic_path(Path(model_dir) / BUNDLE_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def write_preprocessing(model_dir: str | Path, store_settings: dict[str, Any]) -> dict[str, Any]:
+    """``MODEL_DIR/preprocessing.json`` from the settings of the slice store the model was trained on
+    (``SliceStore.settings``): what ``predict`` needs to read DICOM exactly as ``prepare`` did."""
+    from pedetect.io import atomic_path
+
+    keys = ("windows", "window_names", "image_size", "jpeg_quality", "jpeg_sampling")
+    record = {key: store_settings[key] for key in keys if key in store_settings}
+    with atomic_path(Path(model_dir) / PREPROCESSING_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_preprocessing(model_dir: str | Path) -> dict[str, Any]:
+    """The recorded store settings (:func:`write_preprocessing`), or the store defaults with
+    ``"recorded": False`` for a bundle that has none."""
+    path = Path(model_dir) / PREPROCESSING_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if len(record.get("windows", ())) != 3:
+            raise BundleError(f"{path}: 'windows' must list three [level, width] pairs")
+        return {"image_size": record.get("image_size"), **record, "recorded": True}
+    from pedetect.dicom.pixels import DEFAULT_WINDOWS
+
+    return {"windows": [list(w) for w in DEFAULT_WINDOWS], "image_size": None, "recorded": False}

@@ -1,0 +1,334 @@
+"""``pedetect predict``: raw DICOM → a consistent submission (and a report), one study at a time.
+
+For each study of the input (a folder or zip, any layout):
+
+1. read: prepare's scan, ordering, decoding and windowing (:mod:`pedetect.infer.reader`), with the
+   settings of the store the bundle was trained on (``MODEL_DIR/preprocessing.json``); the next
+   study is read in a background thread while the models work on this one, so memory is two studies
+   at most, whatever the input;
+2. every fold of every bundle (:class:`~pedetect.infer.ensemble.Ensemble`): CNN → sequence head,
+   probabilities averaged;
+3. slices that could not be decoded get the probability interpolated from their neighbours in
+   position order (unknown position: the study's mean); a study with no readable slice gets the
+   training prior (made consistent) and an error line;
+4. the label rules: the study's rows are repaired by ``pedetect check --fix``'s function
+   (:func:`pedetect.metric.consistency.fix_submission`), on the values exactly as written;
+5. the report of the study (JSON, PNG), from the final values.
+
+Then one CSV, in the order of ``--sample`` when given (ids the input lacks get the prior: no id of
+the sample is ever missing), else the nine exam rows of every study followed by every slice.
+Nothing identifies a patient here but UIDs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from pedetect.dicom.series import Failure
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, exam_id, split_exam_id
+from pedetect.metric.consistency import LOWERED
+
+DUPLICATE = "duplicate SOPInstanceUID"
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def value_text(value: float) -> str:
+    """How a probability is written; the rules are checked on the value read back from this text."""
+    return f"{float(value):.6g}"
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    report: Optional[Path] = None
+    models: str = ""
+    n_files: int = 0
+    n_studies: int = 0
+    n_slices_read: int = 0
+    n_rows: int = 0
+    n_fixed: int = 0  # studies whose rows the consistency fix changed
+    studies_failed: list[tuple[str, str]] = field(default_factory=list)  # (StudyInstanceUID, error)
+    lost: list[Failure] = field(default_factory=list)  # files or slices not used (each still has a row when its id is known)
+    unplaced: list[Failure] = field(default_factory=list)  # unreadable files whose study is unknown
+    ignored: int = 0  # files that are not DICOM and do not look like slices
+    absent_from_input: int = 0  # ids of --sample that no file of the input gave (prior written)
+    not_in_sample: int = 0  # ids the input gave that --sample lacks (appended at the end)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.studies_failed or self.lost or self.unplaced or self.absent_from_input)
+
+    def text(self) -> str:
+        rate = self.n_slices_read / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"predicted {self.n_studies} studies, {self.n_slices_read} slices read, {self.n_rows} rows written to {self.out} "
+            f"in {self.seconds:.1f} s ({rate:.1f} slices/s); consistency fix changed {self.n_fixed} studies",
+        ]
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        if self.ignored:
+            lines.append(f"ignored {self.ignored} file(s) that are not DICOM")
+        if self.not_in_sample:
+            lines.append(f"warning: {self.not_in_sample} predicted id(s) are not in the sample submission (written at the end)")
+        if self.ok:
+            lines.append("lost: nothing")
+            return "\n".join(lines)
+        lines.append("lost:")
+        for study, error in self.studies_failed:
+            lines.append(f"  study {study}: {error}")
+        failed = {study for study, _ in self.studies_failed}  # their files are listed in the report
+        for failure in (f for f in self.lost if f.study not in failed):
+            lines.append(f"  {failure.path}: {failure.reason}" + (f" (study {failure.study})" if failure.study else ""))
+        for failure in self.unplaced:
+            lines.append(f"  {failure.path}: {failure.reason} (study unknown: no row)")
+        if self.absent_from_input:
+            lines.append(f"  {self.absent_from_input} id(s) of the sample submission are in no readable file: training prior written")
+        return "\n".join(lines)
+
+
+@dataclass
+class _StudyRead:
+    plan: Any  # reader.StudyPlan
+    series: list[dict[tuple, Any]]  # per series: preprocessing key -> reader.SeriesRead
+    failures: list[Failure]  # series that could not be read at all
+    seconds: float
+
+
+def _read_study(plan, reads: list[tuple]) -> _StudyRead:
+    from pedetect.dicom.header import describe_error
+    from pedetect.infer.reader import read_series_planned
+
+    started = time.perf_counter()
+    series, failures = [], []
+    for headers in plan.series.values():
+        try:
+            series.append({key: read_series_planned(headers, key[0], key[1]) for key in reads})
+        except Exception as error:  # a whole series unusable: its slices are lost, the batch goes on
+            failures.extend(Failure.of(h, f"series unreadable ({describe_error(error)})") for h in headers)
+    return _StudyRead(plan, series, failures, time.perf_counter() - started)
+
+
+def consistent_prior(prior: dict[str, float]) -> tuple[float, np.ndarray]:
+    """(slice value, exam values) for a study nothing is known about: the training prior, made a
+    consistent negative exam by the fix's own edit (slices just below 0.5 at most)."""
+    from pedetect.metric.consistency import cheapest_negative_edit
+
+    exam = {label: float(prior[label]) for label in EXAM_LABELS}
+    exam.update(cheapest_negative_edit(np.zeros(0), exam).exam)
+    return min(float(prior[IMAGE_LABEL]), LOWERED), np.array([exam[label] for label in EXAM_LABELS])
+
+
+def fix_study(study: str, slice_rows: list[tuple[str, str, float]], exam: np.ndarray) -> tuple[list[tuple[str, str]], bool]:
+    """The study's rows ``(id, text)`` (nine exam rows, then the slices) after ``check --fix``'s repair;
+    ``slice_rows``: (series, sop, value). Returns the rows and whether the fix changed any."""
+    from pedetect.metric.consistency import fix_submission
+    from pedetect.metric.submission import align
+
+    ids = [exam_id(study, label) for label in EXAM_LABELS] + [sop for _, sop, _ in slice_rows]
+    texts = [value_text(v) for v in exam] + [value_text(v) for _, _, v in slice_rows]
+    frame = pd.DataFrame({"id": ids, "label": [float(t) for t in texts], "label_text": texts})
+    studies = pd.DataFrame({STUDY: study, SERIES: [s for s, _, _ in slice_rows], SOP: [sop for _, sop, _ in slice_rows]})
+    fixed, changes = fix_submission(frame, align(frame, studies, "prediction"))
+    return list(zip(fixed["id"], fixed["label_text"])), bool(changes)
+
+
+def predict(
+    input_path: str | Path,
+    model_dirs: list[str | Path],
+    out: str | Path,
+    *,
+    report_dir: str | Path | None = None,
+    device: str = "auto",
+    tta: bool = False,
+    sample: str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    echo: Callable[[str], None] = _echo,
+) -> PredictSummary:
+    """Predict every study of ``input_path``; write ``out`` (and the report). Raises
+    :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
+    ``FileNotFoundError`` or ``ValueError`` before any work when an argument is unusable; problems
+    with single files or studies are in the returned summary instead."""
+    from tqdm.auto import tqdm
+
+    from pedetect.infer.ensemble import Ensemble, resolve_device
+    from pedetect.infer.reader import scan_input
+    from pedetect.infer.report import write_index
+    from pedetect.io import write_csv_atomic
+    from pedetect.metric.submission import read_submission
+
+    started = time.perf_counter()
+    out = Path(out)
+    summary = PredictSummary(out, Path(report_dir) if report_dir else None)
+    sample_ids = read_submission(sample)["id"].tolist() if sample else None
+    if not Path(input_path).exists():
+        raise FileNotFoundError(f"input not found: {input_path}")
+    ensemble = Ensemble(model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size)
+    summary.models = ensemble.description
+    for path, preprocessing in zip(model_dirs, ensemble.preprocessing):
+        if not preprocessing["recorded"]:
+            echo(f"note: {path} does not record its store's settings (preprocessing.json): reading with the prepare defaults")
+    timings = {"scan": 0.0, "read": 0.0, "model": 0.0, "fix": 0.0, "report": 0.0}
+
+    scan_started = time.perf_counter()
+    with tqdm(desc="scan", unit="file", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        scan = scan_input(input_path, progress=bar.update)
+    timings["scan"] = time.perf_counter() - scan_started
+    summary.n_files, summary.ignored, summary.unplaced = scan.n_files, len(scan.ignored), list(scan.unplaced)
+    summary.n_studies = len(scan.studies)
+    echo(f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}")
+
+    prior_slice, prior_exam = consistent_prior(ensemble.prior)
+    rows: dict[str, str] = {}
+    exam_order: list[str] = []
+    slice_order: list[str] = []
+    results = []
+    pe_channel = _pe_channel(ensemble.preprocessing[0])
+    reads = ensemble.reads
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool, tqdm(
+        total=len(scan.studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ) as bar:
+        pending = pool.submit(_read_study, scan.studies[0], reads) if scan.studies else None
+        for i in range(len(scan.studies)):
+            read = pending.result()
+            pending = pool.submit(_read_study, scan.studies[i + 1], reads) if i + 1 < len(scan.studies) else None
+            result, study_rows, changed, pictures = _predict_study(ensemble, read, prior_slice, prior_exam, timings, summary)
+            summary.n_fixed += changed
+            for row_id, text in study_rows:
+                rows[row_id] = text
+                (slice_order if split_exam_id(row_id) is None else exam_order).append(row_id)
+            if summary.report is not None:
+                from pedetect.infer.report import write_study_report
+
+                t = time.perf_counter()
+                write_study_report(summary.report, result, pictures[..., pe_channel] if pictures is not None else None)
+                result.timings["report"] = time.perf_counter() - t
+                timings["report"] += result.timings["report"]
+            result.timings = {k: round(v, 3) for k, v in result.timings.items()}
+            results.append(result)
+            del read, pictures
+            bar.update(1)
+
+    if sample_ids is not None:
+        order, extra = _sample_order(sample_ids, rows, prior_slice, prior_exam, summary)
+    else:
+        order, extra = exam_order + slice_order, []
+    submission = pd.DataFrame({"id": order + extra, "label": [rows[i] for i in order + extra]})
+    write_csv_atomic(submission, out)
+    summary.n_rows = len(submission)
+    summary.seconds = time.perf_counter() - started
+    summary.timings = {k: round(v, 2) for k, v in timings.items()}
+    if summary.report is not None:
+        write_index(summary.report, results, notes=summary.text().splitlines())
+    return summary
+
+
+def _pe_channel(preprocessing: dict) -> int:
+    names = [str(n).lower() for n in preprocessing.get("window_names") or ()]
+    return names.index("pe") if "pe" in names else 1  # the store's default order: lung, PE, mediastinal
+
+
+def _sample_order(sample_ids: list[str], rows: dict[str, str], prior_slice: float, prior_exam: np.ndarray, summary: PredictSummary):
+    """The sample's ids in its order (absent ones get the prior), then predicted ids it lacks."""
+    position = {label: k for k, label in enumerate(EXAM_LABELS)}
+    for row_id in sample_ids:
+        if row_id in rows:
+            continue
+        summary.absent_from_input += 1
+        parsed = split_exam_id(row_id)
+        rows[row_id] = value_text(prior_exam[position[parsed[1]]] if parsed else prior_slice)
+    in_sample = set(sample_ids)
+    extra = [row_id for row_id in rows if row_id not in in_sample]
+    summary.not_in_sample = len(extra)
+    return list(sample_ids), extra
+
+
+def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: np.ndarray, timings: dict, summary: PredictSummary):
+    """One study's rows after the fix, its report record and its decoded images (for the picture)."""
+    from pedetect.infer.report import StudyResult
+
+    plan = read.plan
+    timings["read"] += read.seconds
+    started = time.perf_counter()
+    decoded: list[tuple[str, str, float, float]] = []  # (series, sop, z, probability), position order
+    filled: list[tuple[str, Failure, float]] = []  # (series, failure, probability) of slices with a row but no pixels
+    exams, weights, images = [], [], []
+    unknown_place: list[tuple[str, Failure]] = []
+    for series in read.series:
+        first = series[ensemble.reads[0]]
+        lost = [(first.series, failure, place) for failure, place in first.lost]
+        if len(first):
+            probabilities, exam = ensemble.predict_series({key: s.images for key, s in series.items()})
+            exams.append(exam)
+            weights.append(len(first))
+            images.append(first.images)
+            decoded += [(first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)]
+            for series_uid, failure, place in lost:
+                if math.isnan(place):
+                    unknown_place.append((series_uid, failure))
+                else:  # between its decoded neighbours in position order
+                    filled.append((series_uid, failure, float(np.interp(place, first.position, probabilities))))
+        else:
+            unknown_place += [(series_uid, failure) for series_uid, failure, _ in lost]
+    unknown_place += [(failure.series or "", failure) for failure in read.failures]
+    skipped = [f for f in plan.failures if f.reason.startswith(DUPLICATE)]  # the kept copy has the row
+    unknown_place += [(f.series or "", f) for f in plan.failures if not f.reason.startswith(DUPLICATE)]
+    model_seconds = time.perf_counter() - started
+    timings["model"] += model_seconds
+
+    error = None
+    summary.n_slices_read += len(decoded)
+    if decoded:
+        exam = np.average(np.stack(exams), axis=0, weights=weights)
+        mean = float(np.mean([p for *_, p in decoded]))
+    else:
+        exam, mean = prior_exam, prior_slice
+        error = f"no readable slice in {plan.n_files} file(s): training prior written"
+        summary.studies_failed.append((plan.study, error))
+    filled += [(series_uid, failure, mean) for series_uid, failure in unknown_place]
+    seen = {sop for _, sop, _, _ in decoded}
+    fills = []
+    for series_uid, failure, value in filled:
+        if failure.sop and failure.sop not in seen:
+            seen.add(failure.sop)
+            fills.append((series_uid, failure.sop, value))
+        elif failure.sop is None:
+            summary.unplaced.append(failure)
+            continue
+        summary.lost.append(failure)
+
+    started = time.perf_counter()
+    slice_rows = [(s, sop, p) for s, sop, _, p in decoded] + fills
+    study_rows, changed = fix_study(plan.study, slice_rows, exam)
+    fix_seconds = time.perf_counter() - started
+    timings["fix"] += fix_seconds
+    final = dict(study_rows)
+    result = StudyResult(
+        study_uid=plan.study,
+        exam_probabilities={label: float(final[exam_id(plan.study, label)]) for label in EXAM_LABELS},
+        sop_uids=[sop for _, sop, _, _ in decoded],
+        z=[z for _, _, z, _ in decoded],
+        slice_probabilities=[float(final[sop]) for _, sop, _, _ in decoded],
+        skipped_files=[
+            {"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": float(final[f.sop]) if f.sop in final else None}
+            for _, f, _ in filled
+        ] + [{"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": None} for f in skipped],
+        timings={"read": read.seconds, "model": model_seconds, "fix": fix_seconds},
+        error=error,
+    )
+    pictures = images[0] if len(images) == 1 else (np.concatenate(images) if images else None)
+    return result, study_rows, changed, pictures
