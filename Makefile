@@ -25,7 +25,6 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synth.py
 	$(BIN)/python benchmarks/prepare.py
-	$(BIN)/python benchmarks/predict.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)
