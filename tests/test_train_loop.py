@@ -153,12 +153,13 @@ def test_errors_are_clear(data, tmp_path):
         train_cnn(config("cnn.backbone.weights=nowhere/w.safetensors"), store=store, labels=labels, out=tmp_path / "d", fold=0)
 
 
-def test_missing_logger_package_is_a_clear_error(data, tmp_path):
+def test_missing_logger_package_is_a_clear_error(data, tmp_path, monkeypatch):
     import importlib.util
 
     labels, store = data
-    if importlib.util.find_spec("mlflow") is not None:
-        pytest.skip("mlflow is installed")
+    real_find_spec = importlib.util.find_spec
+    # Runs whether or not mlflow is installed here: the package is hidden from the lookup.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
     with pytest.raises(TrainError, match="logging.mlflow is configured but the 'mlflow' package is not installed"):
         train_cnn(config("logging.mlflow={}"), store=store, labels=labels, out=tmp_path, fold=0)
 
