@@ -392,6 +392,34 @@ def test_render_study_is_deterministic_and_forces_the_kind():
     assert render_study(3, seed=0, size=64, slices=10, kind="negative").plan.kind == "negative"
 
 
+def test_min_embolus_pixels_keeps_every_labelled_slice_visible():
+    """Conspicuous emboli (pedetect demo's data): every slice labelled positive shows at least the
+    minimum of clot, labels and masks still agree, and without the option nothing changes."""
+    kw = dict(seed=5, size=256, slices=40, kind="positive")
+    small_default, positive_studies, labelled = 0, 0, 0
+    for i in range(8):
+        default = render_study(i, **kw)
+        conspicuous = render_study(i, **kw, min_embolus_pixels=25)
+        per_slice = default.pe_mask.reshape(len(default.pe_mask), -1).sum(1)
+        small_default += int(((per_slice > 0) & (per_slice < 25)).sum())
+        per_slice = conspicuous.pe_mask.reshape(len(conspicuous.pe_mask), -1).sum(1)
+        labels = conspicuous.labels[IMAGE_LABEL].to_numpy()
+        np.testing.assert_array_equal(labels, (per_slice > 0).astype(int))
+        assert per_slice[per_slice > 0].min(initial=25) >= 25
+        is_embolus = np.isin(conspicuous.tissue, [int(Tissue.EMBOLUS_ACUTE), int(Tissue.EMBOLUS_CHRONIC)])
+        np.testing.assert_array_equal(is_embolus, conspicuous.pe_mask)
+        assert exam_violations(labels.astype(float), exam_of(conspicuous.labels)) == []
+        positive_studies += int(labels.any())
+        labelled += int(labels.sum())
+        assert conspicuous.plan.study_uid != default.plan.study_uid  # another dataset, other UIDs
+        again = render_study(i, **kw)
+        assert again.plan.study_uid == default.plan.study_uid and again.emboli.tobytes() == default.emboli.tobytes()
+    assert small_default > 0  # the default draws clots too small to see at this size
+    assert positive_studies >= 6 and labelled >= 20
+    with pytest.raises(ValueError, match="min_embolus_pixels"):
+        render_study(0, size=64, slices=5, min_embolus_pixels=-1)
+
+
 # -------------------------------------------------------------------------------------------- CLI
 
 

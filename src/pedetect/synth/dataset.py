@@ -40,13 +40,14 @@ def sample_submission(labels: pd.DataFrame, value: float = 0.5) -> pd.DataFrame:
 def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size: int = 256, seed: int = 0,
                   split: str = "train", transfer_syntax: str = "explicit",
                   positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-                  progress: bool = True) -> pd.DataFrame:
+                  min_embolus_pixels: int = 0, progress: bool = True) -> pd.DataFrame:
     """Write ``n_studies`` synthetic CTPA studies under ``out/<split>/<Study>/<Series>/<SOP>.dcm``.
 
     train: ``out/train.csv``. test: ``out/test.csv`` (UIDs only), ``out/test_labels.csv`` (the truth,
     train.csv columns) and ``out/sample_submission.csv``. Returns the labels (train.csv columns, one
     row per slice, studies in index order, slices in position order). Study k is the same whatever
-    ``n_studies`` (it depends on seed, split, k and the options only).
+    ``n_studies`` (it depends on seed, split, k and the options only). ``min_embolus_pixels``: every
+    embolus shows at least that many pixels on each slice it marks (:func:`plan_study`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -69,7 +70,7 @@ def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size:
         studies = tqdm(studies, desc=f"synth {split}", unit="study", file=sys.stderr)
     for i in studies:
         plan = plan_study(i, seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
-                          indeterminate_fraction=indeterminate_fraction)
+                          indeterminate_fraction=indeterminate_fraction, min_embolus_pixels=min_embolus_pixels)
         rendered = render_plan(plan)
         write_series(plan, rendered.stored, root, transfer_syntax)
         frames.append(plan.labels_frame())

@@ -567,6 +567,27 @@ def _rasterise_embolus(segs: list[Segment], vessel: Vessel, grid: Grid) -> tuple
     return chunks, crossed
 
 
+def _keep_visible(chunks: list, grid: Grid, min_pixels: int) -> tuple[list, np.ndarray]:
+    """The embolus only on the slices where its cross-section covers at least ``min_pixels`` pixels,
+    and those slices. A capsule's rounded ends cross a slice or two with a sliver of a pixel or
+    three, which no reader could see at a coarse pixel size: with a minimum, the clot stops where it
+    stops being visible, so the mask and the slice labels still agree voxel for voxel."""
+    canvases: dict[int, np.ndarray] = {}
+    for box, m in chunks:
+        for k in range(box[0].start, box[0].stop):
+            canvas = canvases.setdefault(k, np.zeros((len(grid.ys), len(grid.xs)), dtype=bool))
+            canvas[box[1], box[2]] |= m[k - box[0].start]
+    visible = np.zeros(len(grid.zs), dtype=bool)
+    for k, canvas in canvases.items():
+        visible[k] = int(canvas.sum()) >= min_pixels
+    kept = []
+    for box, m in chunks:
+        m = m & visible[box[0]][:, None, None]
+        if m.any():
+            kept.append((box, m))
+    return kept, visible
+
+
 def _overlap(a: list, b: list) -> bool:
     """Whether two rasterised shapes (lists of (box, mask)) share a voxel."""
     for (ba, ma) in a:
@@ -592,8 +613,10 @@ def _overlap(a: list, b: list) -> bool:
     return False
 
 
-def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str]) -> list[Embolus]:
-    """Emboli realising the wanted location labels (each at a compatible artery) and kinds."""
+def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str],
+                  min_pixels: int = 0) -> list[Embolus]:
+    """Emboli realising the wanted location labels (each at a compatible artery) and kinds; with
+    ``min_pixels``, only where at least that many pixels of clot show on each slice it marks."""
     sites = [v for v in vessels if v.level in EMBOLUS_LEVEL_WEIGHTS and v.locations() <= wanted]
     if not sites:
         return []
@@ -612,6 +635,8 @@ def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, w
             vessel = pool[int(rng.choice(len(pool), p=w / w.sum()))]
             segs = _embolus_segments(rng, vessel, kind)
             chunks, crossed = _rasterise_embolus(segs, vessel, grid)
+            if min_pixels > 0:
+                chunks, crossed = _keep_visible(chunks, grid, min_pixels)
             if crossed.any() and not any(_overlap(chunks, e.chunks) for e in emboli):
                 emboli.append(Embolus(vessel.name, vessel.level, kind, vessel.locations(), segs, chunks, crossed))
                 break
@@ -729,16 +754,20 @@ def _streams(seed: int, split: str, index: int) -> list[np.random.Generator]:
 
 def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
                positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-               kind: str | None = None) -> StudyPlan:
+               kind: str | None = None, min_embolus_pixels: int = 0) -> StudyPlan:
     """Plan study ``index`` of the dataset (seed, split): geometry, scanner, UIDs and labels, no pixels.
 
     Study k depends only on (seed, split, k) and the options, never on how many studies are made.
     ``kind`` forces "positive", "negative" or "indeterminate" (the rest of the study is unchanged).
+    ``min_embolus_pixels`` > 0 draws conspicuous emboli: each shows at least that many pixels on every
+    slice labelled with it (emboli then sit mostly in the larger arteries; see :func:`_keep_visible`).
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if not (0.0 <= positive_fraction and 0.0 <= indeterminate_fraction and positive_fraction + indeterminate_fraction <= 1.0):
         raise ValueError("positive_fraction and indeterminate_fraction must be >= 0 and sum to <= 1")
+    if min_embolus_pixels < 0:
+        raise ValueError("min_embolus_pixels must be >= 0")
     r_labels, r_anat, r_scan, r_path, r_look, r_noise = _streams(seed, split, index)
     lab = _draw_labels(r_labels, positive_fraction, indeterminate_fraction, kind)
     an = _sample_anatomy(r_anat, lab["ratio"])
@@ -747,7 +776,7 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
     grid = make_grid(sc)
     hu = _tissue_hu(r_look, lab["pa_hu"], lab["sys_hu"])
 
-    emboli = _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"]) if lab["kind"] == "positive" else []
+    emboli = _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"], min_embolus_pixels) if lab["kind"] == "positive" else []
     blobs: list[Blob] = []
     by_name = {v.name: v for v in vessels}
     if lab["flow"]:
@@ -785,6 +814,8 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
     exam[TRUE_FILLING_DEFECT] = int(lab["mimic"])
 
     key = (seed, split, index, size, slices, positive_fraction, indeterminate_fraction, kind)
+    if min_embolus_pixels:  # (the default keeps the UIDs it always had)
+        key += (min_embolus_pixels,)
     n = sc.n_slices
     if sc.instance_order == "increasing":
         inst = np.arange(1, n + 1)

@@ -305,7 +305,7 @@ def render_plan(plan: StudyPlan) -> RenderedStudy:
 
 def render_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
                  positive_fraction: float | None = None, indeterminate_fraction: float | None = None,
-                 kind: str | None = None) -> RenderedStudy:
+                 kind: str | None = None, min_embolus_pixels: int = 0) -> RenderedStudy:
     """Study ``index`` of the synthetic dataset (seed, split), rendered in memory, no DICOM written.
 
     Same arguments as :func:`pedetect.synth.write_dataset` give the same study as on disk.
@@ -316,5 +316,6 @@ def render_study(index: int = 0, *, seed: int = 0, split: str = "train", slices:
         kw["positive_fraction"] = positive_fraction
     if indeterminate_fraction is not None:
         kw["indeterminate_fraction"] = indeterminate_fraction
-    plan = plan_study(index, seed=seed, split=split, slices=slices, size=size, kind=kind, **kw)
+    plan = plan_study(index, seed=seed, split=split, slices=slices, size=size, kind=kind,
+                      min_embolus_pixels=min_embolus_pixels, **kw)
     return render_plan(plan)
