@@ -98,3 +98,25 @@ def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="fold 0"):
         load_slice_classifier(tmp_path, 0)
+
+
+def test_small_cnn_is_a_timm_backbone_that_sees_a_single_small_defect(tmp_path):
+    """pedetect_small_cnn: chosen by name like timm models, loads local weights, keeps full resolution
+    at its first layers and max-pools, so a 3×3 change anywhere moves its features."""
+    check_backbone_name("pedetect_small_cnn")
+    model = create_backbone("pedetect_small_cnn", in_chans=9, widths=[8, 16, 32])
+    assert model.num_features == 32
+    model.eval()
+    x = torch.zeros(2, 9, 64, 64)
+    x[1, :, 40:43, 10:13] = 1.0  # one small bright spot, far from the centre
+    with torch.no_grad():
+        features = model(x)
+    assert features.shape == (2, 32)
+    assert (features[1] - features[0]).abs().max() > 1e-3
+    save_file(model.state_dict(), tmp_path / "small.safetensors")
+    again = create_backbone("pedetect_small_cnn", in_chans=9, widths=[8, 16, 32], weights=tmp_path / "small.safetensors")
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), features)
+    with pytest.raises(ValueError, match="widths"):
+        create_backbone("pedetect_small_cnn", widths=[])

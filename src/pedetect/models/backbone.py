@@ -24,6 +24,9 @@ def check_backbone_name(name: str) -> None:
     """Raise a :class:`BackboneError` suggesting close names when timm has no model ``name``."""
     import timm
 
+    from pedetect.models.small_cnn import register
+
+    register()
     if timm.is_model(name):
         return
     names = timm.list_models()
