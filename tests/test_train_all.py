@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pedetect.metric.evaluate import evaluate_files
-from pedetect.models.bundle import read_bundle
+from pedetect.models.bundle import read_bundle, read_preprocessing
 from train_fixtures import demo_chain
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
@@ -55,6 +55,10 @@ def test_full_training_of_the_demo_recipe(tmp_path):
     bundle = read_bundle(out)
     assert bundle.folds == [0, 1, 2]
     assert json.loads((out / "bundle.json").read_text())["stages"] == ["cnn", "embed", "seq"]
+    # The bundle records how prepare read the DICOM, so predict needs no store and no flags.
+    preprocessing = read_preprocessing(out)
+    assert preprocessing["recorded"] is True
+    assert preprocessing["windows"] == [list(w) for w in json.loads((store / "prepare.json").read_text())["windows"]]
 
     # A re-run finds every part finished and redoes nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name.startswith("fold")}

@@ -16,7 +16,10 @@ from typing import Any, Callable, Optional
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
 
 SLICES = 40
-SIZE = 128
+SIZE = 256
+# Conspicuous emboli (pedetect synth --min-embolus-pixels): the default draws many clots of one to a
+# few pixels, which a from-scratch CPU model cannot learn in minutes (docs/stage1_notes.md).
+MIN_EMBOLUS_PIXELS = 25
 TRAIN_SEED, TEST_SEED = 1, 2
 TEST_SYNTAX = "rle"
 
@@ -92,8 +95,8 @@ def run_demo(
     from pedetect.metric.baselines import prior_submission
     from pedetect.metric.evaluate import evaluate_files, evaluate_frames
     from pedetect.metric.submission import read_labels
-    from pedetect.models.bundle import read_bundle, write_preprocessing
-    from pedetect.store import SliceStore, prepare
+    from pedetect.models.bundle import read_bundle
+    from pedetect.store import prepare
     from pedetect.synth import write_dataset
     from pedetect.train.cnn import read_config_for_training
     from pedetect.train.pipeline import train
@@ -112,8 +115,10 @@ def run_demo(
         started = time.perf_counter()
 
     echo(f"demo: synthetic studies into {data}")
-    write_dataset(data, train_studies, slices=SLICES, size=SIZE, seed=TRAIN_SEED, split="train", progress=progress)
-    write_dataset(data, test_studies, slices=SLICES, size=SIZE, seed=TEST_SEED, split="test", transfer_syntax=TEST_SYNTAX, progress=progress)
+    write_dataset(data, train_studies, slices=SLICES, size=SIZE, seed=TRAIN_SEED, split="train",
+                  min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
+    write_dataset(data, test_studies, slices=SLICES, size=SIZE, seed=TEST_SEED, split="test", transfer_syntax=TEST_SYNTAX,
+                  min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
     step("synth")
     summary = prepare(data / "train", store, workers=workers, progress=progress, echo=echo)
     if not summary.ok:
@@ -124,7 +129,6 @@ def run_demo(
         result = train(experiment, store=store, labels=data / "train.csv", out=model, echo=echo)
     except Exception as error:
         raise DemoError(f"train failed: {error}") from error
-    write_preprocessing(model, SliceStore(store).settings)
     cv = result.get("seq") or {}
     if cv:
         echo(f"demo: cross-validated score {cv['score']:.4f} (prior {cv['baselines']['prior']['score']:.4f})")

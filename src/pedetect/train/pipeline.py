@@ -38,7 +38,7 @@ def train(
     Returns ``{"cnn": cnn/summary.json, "embed": embed/summary.json, "seq": seq/cv.json or None,
     "seconds": {stage: wall time of this run}, "bundle": bundle.json or None}`` for the stages run.
     """
-    from pedetect.models.bundle import write_bundle_info
+    from pedetect.models.bundle import write_bundle_info, write_preprocessing
     from pedetect.train.embed import run_embed
     from pedetect.train.seq import run_seq
 
@@ -60,6 +60,9 @@ def train(
         result["seconds"][name] = round(time.perf_counter() - started, 3)
     if stage == "all" and is_global_zero() and result["seq"] is not None:
         dims = {m["embedding_dim"] for m in result["embed"]["folds"].values()}
+        settings = getattr(inputs.source, "settings", None)
+        if settings:  # how prepare read the DICOM: predict reads new studies the same way
+            write_preprocessing(inputs.out, settings)
         result["bundle"] = write_bundle_info(
             inputs.out, folds=list(range(inputs.n_folds)), embedding_dim=int(dims.pop()), cv_score=result["seq"]["score"]
         )
