@@ -75,7 +75,8 @@ def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "
     return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
 
 
-def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: int | None = 40, workers: int = 2):
+def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: int | None = 40, workers: int = 2,
+                    min_embolus_pixels: int = 0):
     """The real chain's inputs: synthetic studies (training seed 1, validation seed 2) prepared into one
     slice store. Returns (store, labels.csv, folds.csv) with the validation studies as fold 0."""
     import shutil
@@ -88,7 +89,8 @@ def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: 
     dicom = root / "dicom"
     frames = []
     for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
-        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=0.5, progress=False)
+        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=0.5,
+                              min_embolus_pixels=min_embolus_pixels, progress=False)
         shutil.move(str(root / name / "train"), str(dicom / name))  # DICOM only under dicom/
         frame["fold"] = 0 if name == "val" else 1
         frames.append(frame)
@@ -126,7 +128,7 @@ def tiny_config(*extra: str):
 
 
 # The synthetic studies of the real-chain tests (tests/test_train.py, tests/test_train_all.py).
-DEMO_CHAIN = dict(n_train=120, n_val=30)
+DEMO_CHAIN = dict(n_train=120, n_val=30, size=256, min_embolus_pixels=25)  # as pedetect demo's data
 
 
 def demo_chain(root):
