@@ -14,7 +14,8 @@ import torch
 from pedetect.data.dataset import StoreError
 from pedetect.data.folds import FoldsError
 from pedetect.models.slice_classifier import load_slice_classifier
-from pedetect.train.cnn import COMPLETE, TrainError, train_cnn
+from pedetect.train.cnn import COMPLETE, TrainError
+from pedetect.train.pipeline import train
 from pedetect.train.config import CnnConfig, ExperimentConfig, SchedulerConfig, apply_overrides, load_experiment
 from pedetect.train.module import LrSchedule, focal_loss, slice_loss
 from train_fixtures import FakeStore, fake_labels
@@ -89,7 +90,7 @@ def test_lr_schedule_warms_up_then_decays(name):
 def test_train_writes_the_fold_bundle(data, tmp_path):
     labels, store = data
     cfg = config("cnn.epochs=2", "cnn.keep_checkpoints=true", "cnn.targets.exam_labels=[rightsided_pe]", "cnn.sampling.mode=balanced")
-    summary = train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=1)
+    summary = train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=1)["cnn"]
     fold = tmp_path / "cnn" / "fold1"
     for name in ("model.safetensors", "metrics.json", "metrics.csv", "curves.png", COMPLETE, "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
         assert (fold / name).is_file(), name
@@ -111,46 +112,46 @@ def test_resume_after_a_kill_and_skip_when_complete(data, tmp_path):
     labels, store = data
     cfg = config("cnn.epochs=3")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0, callbacks=[Crash(2)])
+        train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0, callbacks=[Crash(2)])
     fold = tmp_path / "cnn" / "fold0"
     assert (fold / "checkpoints" / "last.ckpt").is_file() and not (fold / COMPLETE).exists()
     saved = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)  # our checkpoints are weights-only
     assert saved["epoch"] == 1
 
-    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0)
+    train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0)
     metrics = json.loads((fold / "metrics.json").read_text())
     assert metrics["resumed_after_epoch"] == 1
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]  # the history survived the kill
     assert not (fold / "checkpoints").exists()  # pickles do not stay in the bundle
     stamp = (fold / "model.safetensors").stat().st_mtime_ns
 
-    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0)  # complete: skipped
+    train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0)  # complete: skipped
     assert (fold / "model.safetensors").stat().st_mtime_ns == stamp
-    train_cnn(cfg, store=store, labels=labels, out=tmp_path, fold=0, force=True)  # --force: redone
+    train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0, force=True)  # --force: redone
     assert (fold / "model.safetensors").stat().st_mtime_ns != stamp
     assert json.loads((fold / "metrics.json").read_text())["resumed_after_epoch"] is None
 
 
 def test_a_changed_config_needs_force(data, tmp_path):
     labels, store = data
-    train_cnn(config("cnn.epochs=1"), store=store, labels=labels, out=tmp_path, fold=2)
+    train(config("cnn.epochs=1"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=2)
     with pytest.raises(TrainError, match=r"another config \(differs in cnn.epochs\)"):
-        train_cnn(config("cnn.epochs=2"), store=store, labels=labels, out=tmp_path, fold=2)
+        train(config("cnn.epochs=2"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=2)
     # runtime and logging may change between runs (e.g. more devices on resume)
-    train_cnn(config("cnn.epochs=1", "logging.log_every_n_steps=5"), store=store, labels=labels, out=tmp_path, fold=2)
+    train(config("cnn.epochs=1", "logging.log_every_n_steps=5"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=2)
 
 
 def test_errors_are_clear(data, tmp_path):
     labels, store = data
     with pytest.raises(FoldsError, match="fold 3 is out of range: there are 3 folds"):
-        train_cnn(config(), store=store, labels=labels, out=tmp_path / "a", fold=3)
+        train(config(), stage="cnn", store=store, labels=labels, out=tmp_path / "a", fold=3)
     extra = fake_labels(1, slices=4, seed=9, prefix="other")
     with pytest.raises(StoreError, match="the store lacks 4 of 94 slices"):
-        train_cnn(config(), store=store, labels=pd.concat([labels, extra]), out=tmp_path / "b", fold=0)
+        train(config(), stage="cnn", store=store, labels=pd.concat([labels, extra]), out=tmp_path / "b", fold=0)
     with pytest.raises(Exception, match="unknown timm backbone 'resnet10x'"):
-        train_cnn(config("cnn.backbone.name=resnet10x"), store=store, labels=labels, out=tmp_path / "c", fold=0)
+        train(config("cnn.backbone.name=resnet10x"), stage="cnn", store=store, labels=labels, out=tmp_path / "c", fold=0)
     with pytest.raises(Exception, match="pretrained weights file not found"):
-        train_cnn(config("cnn.backbone.weights=nowhere/w.safetensors"), store=store, labels=labels, out=tmp_path / "d", fold=0)
+        train(config("cnn.backbone.weights=nowhere/w.safetensors"), stage="cnn", store=store, labels=labels, out=tmp_path / "d", fold=0)
 
 
 def test_missing_logger_package_is_a_clear_error(data, tmp_path, monkeypatch):
@@ -161,7 +162,7 @@ def test_missing_logger_package_is_a_clear_error(data, tmp_path, monkeypatch):
     # Runs whether or not mlflow is installed here: the package is hidden from the lookup.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
     with pytest.raises(TrainError, match="logging.mlflow is configured but the 'mlflow' package is not installed"):
-        train_cnn(config("logging.mlflow={}"), store=store, labels=labels, out=tmp_path, fold=0)
+        train(config("logging.mlflow={}"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=0)
 
 
 def test_given_folds_file_is_recorded(data, tmp_path):
@@ -169,7 +170,7 @@ def test_given_folds_file_is_recorded(data, tmp_path):
     studies = labels["StudyInstanceUID"].unique()
     given = pd.DataFrame({"StudyInstanceUID": studies, "fold": np.arange(len(studies)) % 2})
     given.to_csv(tmp_path / "given.csv", index=False)
-    summary = train_cnn(config("cnn.epochs=1"), store=store, labels=labels, out=tmp_path / "m", folds=tmp_path / "given.csv", fold=1)
+    summary = train(config("cnn.epochs=1"), stage="cnn", store=store, labels=labels, out=tmp_path / "m", folds=tmp_path / "given.csv", fold=1)["cnn"]
     recorded = pd.read_csv(tmp_path / "m" / "folds.csv").sort_values("StudyInstanceUID").reset_index(drop=True)
     assert recorded.equals(given.sort_values("StudyInstanceUID").reset_index(drop=True))
     assert summary["n_folds"] == 2

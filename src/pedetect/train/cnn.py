@@ -1,6 +1,6 @@
 """Stage 1 runner: train the slice CNN on each cross-validation fold.
 
-``train_cnn(config, store=..., labels=..., out=MODEL_DIR)`` writes::
+``pedetect.train.pipeline.train(config, stage="cnn", store=..., labels=..., out=MODEL_DIR)`` writes::
 
     MODEL_DIR/config.yaml               the resolved config (every default written out)
     MODEL_DIR/folds.csv                 StudyInstanceUID,fold (given with --folds, or made here)
@@ -575,27 +575,6 @@ def training_inputs(
     return TrainingInputs(config, store, source, out, label_frame, items, n_folds, todo)
 
 
-def train_cnn(
-    config: ExperimentConfig,
-    *,
-    store: str | Path | Any,
-    labels: str | Path | pd.DataFrame,
-    out: str | Path,
-    folds: str | Path | None = None,
-    fold: int | None = None,
-    force: bool = False,
-    callbacks: Sequence = (),
-    echo: Callable[[str], None] = _echo,
-) -> dict[str, Any]:
-    """Train stage 1 on every fold (or ``fold``); finished folds are skipped unless ``force``.
-
-    Returns the summary (``cnn/summary.json``): per-fold and mean validation AUC and log loss.
-    """
-    check_cnn_config(config)
-    inputs = training_inputs(config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo)
-    return run_cnn(inputs, force=force, callbacks=callbacks, echo=echo)
-
-
 def check_cnn_config(config: ExperimentConfig) -> None:
     """The backbone exists in timm and its weights file (if any) is there, before any work."""
     from pedetect.models.backbone import check_backbone_name, read_state_dict
@@ -609,7 +588,7 @@ def check_cnn_config(config: ExperimentConfig) -> None:
 def run_cnn(
     inputs: TrainingInputs, *, force: bool = False, callbacks: Sequence = (), echo: Callable[[str], None] = _echo
 ) -> dict[str, Any]:
-    """Stage 1 on the folds of ``inputs`` (see :func:`train_cnn`)."""
+    """Stage 1 on the folds of ``inputs``, finished folds skipped unless ``force``; returns ``cnn/summary.json``."""
     out = inputs.out
     if force and is_global_zero():
         # Before any training starts, so processes of a distributed run all see the same folders.
@@ -630,4 +609,4 @@ def read_config_for_training(path: str | Path, overrides: Sequence[str] = ()) ->
     return apply_overrides(load_experiment(path), list(overrides))
 
 
-__all__ = ["train_cnn", "train_fold", "TrainError", "COMPLETE", "config_to_yaml", "read_config_for_training"]
+__all__ = ["train_fold", "TrainError", "COMPLETE", "config_to_yaml", "read_config_for_training"]
