@@ -35,7 +35,7 @@ def test_missing_slices_are_counted(labelled):
         slice_items(labels, partial)
 
 
-@pytest.mark.parametrize("mode,channels", [("windows", 3), ("adjacent", 3), ("both", 9)])
+@pytest.mark.parametrize("mode,channels", [("windows", 3), ("pe", 1), ("adjacent", 3), ("both", 9)])
 def test_input_modes(labelled, mode, channels):
     labels, store = labelled
     items = slice_items(labels, store.slices)
@@ -45,6 +45,8 @@ def test_input_modes(labelled, mode, channels):
     assert target.shape == (2,) and index == 1
     series, i = items[SERIES].iloc[1], items[SLICE_INDEX].iloc[1]
     raw = dataset.read(1)
+    if mode == "pe":  # the PE window of z alone
+        assert np.array_equal(raw[:, :, 0], store.read_slice(series, i)[:, :, 1])
     if mode == "adjacent":  # PE window of z-1, z, z+1
         for c, j in enumerate((i - 1, i, i + 1)):
             assert np.array_equal(raw[:, :, c], store.read_slice(series, j)[:, :, 1])
@@ -74,8 +76,11 @@ def test_crop_and_training_augmentation(labelled):
 def test_dataset_in_worker_processes(labelled):
     labels, store = labelled
     items = slice_items(labels, store.slices)
+    # This process has run torch ops and the datasets above (cv2 imported): the workers that fork
+    # from it resize with OpenCV (24 -> 16 px); this deadlocked when each worker set its OpenCV threads.
+    SliceDataset(store, items, image_size=12, augment=AugmentConfig.model_validate({"hflip": 1.0}))[0]
     dataset = SliceDataset(store, items, image_size=16)
-    loader = DataLoader(dataset, batch_size=5, num_workers=2)
+    loader = DataLoader(dataset, batch_size=5, num_workers=2, timeout=60)  # a deadlock fails, not hangs
     images, targets, index = next(iter(loader))
     assert images.shape == (5, 3, 16, 16) and index.tolist() == [0, 1, 2, 3, 4]
     assert torch.equal(targets[:, 0], torch.tensor(labels[IMAGE_LABEL].iloc[:5].to_numpy(), dtype=torch.float32))
@@ -120,7 +125,7 @@ def test_balanced_needs_both_classes():
         EpochSampler(np.zeros(5, dtype=bool), mode="balanced")
 
 
-@pytest.mark.parametrize("mode", ["windows", "adjacent", "both"])
+@pytest.mark.parametrize("mode", ["windows", "pe", "adjacent", "both"])
 def test_series_inputs_match_the_training_inputs(labelled, mode):
     from pedetect.data.dataset import series_inputs
     from pedetect.train.config import InputConfig

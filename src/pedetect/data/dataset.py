@@ -8,6 +8,7 @@ process, so the dataset can be handed to forking or spawning data-loader workers
 Input modes (``cnn.input.mode``):
 
 - ``windows``: the lung, PE and mediastinal windows of the slice (the store's three channels);
+- ``pe``: the PE window of the slice alone (one channel);
 - ``adjacent``: the PE window of slices z−1, z, z+1 of the same series (clamped at the ends);
 - ``both``: the three windows of slices z−1, z, z+1, nine channels (slice by slice: z−1 lung, PE,
   mediastinal, then z, then z+1).
@@ -99,7 +100,7 @@ class SliceDataset(Dataset):
         augment: AugmentConfig | None = None,
         exam_labels: tuple[str, ...] = (),
     ):
-        if mode not in ("windows", "adjacent", "both"):
+        if mode not in ("windows", "pe", "adjacent", "both"):
             raise ValueError(f"unknown input mode {mode!r}")
         self._store_ref = store
         self._store: Any = None if isinstance(store, (str, Path)) else store
@@ -114,7 +115,6 @@ class SliceDataset(Dataset):
         self.train = augment is not None
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
-        self._setup_pid = -1
 
     def __len__(self) -> int:
         return len(self.series)
@@ -152,6 +152,8 @@ class SliceDataset(Dataset):
         store = self.store
         if self.mode == "windows":
             return store.read_slice(series, index)
+        if self.mode == "pe":
+            return store.read_slice(series, index)[:, :, PE_CHANNEL : PE_CHANNEL + 1]
         last = int(self.n_slices[i]) - 1
         below = store.read_slice(series, max(index - 1, 0))
         centre = store.read_slice(series, index)
@@ -160,26 +162,30 @@ class SliceDataset(Dataset):
             return np.stack([below[:, :, PE_CHANNEL], centre[:, :, PE_CHANNEL], above[:, :, PE_CHANNEL]], axis=2)
         return np.concatenate([below, centre, above], axis=2)
 
-    def _process_setup(self) -> None:
-        """Once per process: in a DataLoader worker, OpenCV gets one thread (workers are the parallelism)."""
-        self._setup_pid = os.getpid()
-        if torch.utils.data.get_worker_info() is not None:
-            import cv2
-
-            cv2.setNumThreads(1)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self._setup_pid != os.getpid():
-            self._process_setup()
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
         image = self.transform(image, self.rng() if self.train else None)
         return image, torch.from_numpy(self.targets[i]), i
+
+
+def single_threaded_opencv() -> None:
+    """Give OpenCV one thread; call in the parent before DataLoader workers fork.
+
+    The workers are the parallelism, so each wants one OpenCV thread. Setting that inside a forked
+    worker can deadlock (seen: ``cv2.setNumThreads`` waiting forever in a worker forked from a process
+    that had run torch ops), so the parent sets it before the fork and the workers inherit it.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def stack_input(volume: np.ndarray, index: int, mode: str) -> np.ndarray:
     """The (H, W, C) input of slice ``index`` of a (N, H, W, 3) series for an input mode."""
     if mode == "windows":
         return volume[index]
+    if mode == "pe":
+        return volume[index][:, :, PE_CHANNEL : PE_CHANNEL + 1]
     below, above = volume[max(index - 1, 0)], volume[min(index + 1, len(volume) - 1)]
     if mode == "adjacent":
         return np.stack([below[:, :, PE_CHANNEL], volume[index][:, :, PE_CHANNEL], above[:, :, PE_CHANNEL]], axis=2)

@@ -278,7 +278,7 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
 def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFrame, val_items: pd.DataFrame, seed: int):
     from torch.utils.data import DataLoader
 
-    from pedetect.data.dataset import SliceDataset
+    from pedetect.data.dataset import SliceDataset, single_threaded_opencv
     from pedetect.data.sampler import EpochSampler, ShardSampler
 
     cnn = config.cnn
@@ -297,6 +297,7 @@ def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFram
     loader_args = dict(num_workers=workers, pin_memory=_uses_gpu(config), persistent_workers=workers > 0)
     if workers > 0:
         loader_args["prefetch_factor"] = 4
+        single_threaded_opencv()
     train_loader = DataLoader(
         train_set,
         batch_size=cnn.batch_size,
