@@ -71,7 +71,7 @@ def test_pickled_objects_are_refused(tmp_path):
         read_state_dict(path)
 
 
-@pytest.mark.parametrize("mode,channels", [("windows", 3), ("adjacent", 3), ("both", 9)])
+@pytest.mark.parametrize("mode,channels", [("windows", 3), ("pe", 1), ("adjacent", 3), ("both", 9)])
 def test_slice_classifier_outputs(mode, channels):
     config = apply_overrides(
         ExperimentConfig(), [f"cnn.backbone.name={TINY}", f"cnn.input.mode={mode}", "cnn.targets.exam_labels=[central_pe, rightsided_pe]"]

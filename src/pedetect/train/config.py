@@ -114,10 +114,10 @@ class BackboneConfig(Section):
 
 
 class InputConfig(Section):
-    mode: Literal["windows", "adjacent", "both"] = Field(
+    mode: Literal["windows", "pe", "adjacent", "both"] = Field(
         "windows",
-        description="windows: lung/PE/mediastinal windows of one slice (3 ch); adjacent: PE window of slices "
-        "z-1, z, z+1 (3 ch, 1st/2nd places); both: the three windows of z-1, z, z+1 (9 ch).",
+        description="windows: lung/PE/mediastinal windows of one slice (3 ch); pe: the PE window of one slice (1 ch); "
+        "adjacent: PE window of slices z-1, z, z+1 (3 ch, 1st/2nd places); both: the three windows of z-1, z, z+1 (9 ch).",
     )
     crop: float = Field(
         1.0,
@@ -132,7 +132,7 @@ class InputConfig(Section):
 
     @property
     def channels(self) -> int:
-        return {"windows": 3, "adjacent": 3, "both": 9}[self.mode]
+        return {"windows": 3, "pe": 1, "adjacent": 3, "both": 9}[self.mode]
 
 
 class ShiftScaleRotateConfig(Section):
