@@ -18,20 +18,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from train_fixtures import synthetic_chain
+from train_fixtures import DEMO_CHAIN, synthetic_chain
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-# Measured on this chain (2 CPU cores): 0.88 (docs/benchmarks.md). The floor leaves room for other
-# CPUs and library versions; see the stage-1 notes there on what limits the synthetic slice AUC.
+# Issue #4 asks for 0.90. Measured on this chain (the demo's 256-px studies, 2 CPU cores): 0.92 after
+# the first epoch, but 0.84–0.93 across epochs and recipes (docs/stage1_notes.md); raised to 0.90 once
+# the recipe holds it.
 DEMO_MIN_AUC = 0.80
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    return synthetic_chain(tmp_path_factory.mktemp("chain"), n_train=120, n_val=30)
+    return synthetic_chain(tmp_path_factory.mktemp("chain"), **DEMO_CHAIN)
 
 
 def train_args(store, labels, folds, out, *overrides):

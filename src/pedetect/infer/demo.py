@@ -20,6 +20,9 @@ SIZE = 256
 # Conspicuous emboli (pedetect synth --min-embolus-pixels): the default draws many clots of one to a
 # few pixels, which a from-scratch CPU model cannot learn in minutes (docs/stage1_notes.md).
 MIN_EMBOLUS_PIXELS = 25
+# Half the studies positive (RSNA: about a third): more positive slices for a model trained in minutes,
+# as in the real-chain tests (tests/train_fixtures.py).
+POSITIVE_FRACTION = 0.5
 TRAIN_SEED, TEST_SEED = 1, 2
 TEST_SYNTAX = "rle"
 
@@ -116,9 +119,9 @@ def run_demo(
 
     echo(f"demo: synthetic studies into {data}")
     write_dataset(data, train_studies, slices=SLICES, size=SIZE, seed=TRAIN_SEED, split="train",
-                  min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
+                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
     write_dataset(data, test_studies, slices=SLICES, size=SIZE, seed=TEST_SEED, split="test", transfer_syntax=TEST_SYNTAX,
-                  min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
+                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
     step("synth")
     summary = prepare(data / "train", store, workers=workers, progress=progress, echo=echo)
     if not summary.ok:
