@@ -9,8 +9,6 @@ that redoes nothing) are in tests/test_train_all.py.
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -30,16 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 MAX_TEST_TO_PRIOR = 1.1
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    started = time.perf_counter()
-    result = run_demo(out, progress=False, echo=lambda message: None)
-    print(f"pedetect demo: {time.perf_counter() - started:.0f} s ({result.seconds})")
-    return result
-
-
-def test_demo_predicts_a_compressed_test_set_of_another_seed(demo):
+def test_demo_predicts_a_compressed_test_set_of_another_seed(tmp_path):
+    demo = run_demo(tmp_path / "demo", progress=False, echo=lambda message: None)
     data = demo.out / "data"
     submission = demo.out / "submission.csv"
 

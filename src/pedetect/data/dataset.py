@@ -150,17 +150,11 @@ class SliceDataset(Dataset):
         """The raw (H, W, C) uint8 input of row ``i`` for the configured mode."""
         series, index = self.series[i], int(self.slice_index[i])
         store = self.store
-        if self.mode == "windows":
-            return store.read_slice(series, index)
-        if self.mode == "pe":
-            return store.read_slice(series, index)[:, :, PE_CHANNEL : PE_CHANNEL + 1]
+        if self.mode in ("windows", "pe"):
+            return stack_input(store.read_slice(series, index)[None], 0, self.mode)
         last = int(self.n_slices[i]) - 1
-        below = store.read_slice(series, max(index - 1, 0))
-        centre = store.read_slice(series, index)
-        above = store.read_slice(series, min(index + 1, last))
-        if self.mode == "adjacent":
-            return np.stack([below[:, :, PE_CHANNEL], centre[:, :, PE_CHANNEL], above[:, :, PE_CHANNEL]], axis=2)
-        return np.concatenate([below, centre, above], axis=2)
+        neighbours = [store.read_slice(series, j) for j in (max(index - 1, 0), index, min(index + 1, last))]
+        return stack_input(np.stack(neighbours), 1, self.mode)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)

@@ -5,8 +5,8 @@ defect 4–6 pixels across is a pixel or less by their first block: with pretrai
 hours of GPU that still works on real CTPA at 512 px, but a from-scratch model trained for minutes
 on a CPU learns the slice's level in the series instead (docs/stage1_notes.md). This net keeps full
 resolution for its first two convolutions, halves it only between stages, and max-pools the last
-feature map, so one clear defect anywhere on the slice is enough to fire it — the detector-shaped
-model that ``configs/demo.yaml`` trains.
+feature map, so one clear defect anywhere on the slice is enough to fire it: a detector-shaped
+alternative to the demo's resnet10t (measured against it in docs/stage1_notes.md).
 
 It is registered with timm on import of :mod:`pedetect.models.backbone`, so it is chosen like any
 timm backbone (``cnn.backbone.name: pedetect_small_cnn``, ``kwargs: {widths: [...]}``) and has the

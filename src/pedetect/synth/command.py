@@ -59,7 +59,7 @@ def synth_command(
         0, "--min-embolus-pixels", min=0,
         help="Conspicuous emboli: each shows at least this many pixels on every slice labelled with it "
         "(0: as drawn, down to slivers of a pixel at the clot's ends and in small arteries). "
-        "pedetect demo uses 12 at 128 px, so a small CPU model trained for minutes can see them.",
+        "pedetect demo uses 25 at 256 px, so a small CPU model trained for minutes can see them.",
     ),
     preview: Optional[Path] = typer.Option(
         None, "--preview", help="Write a PNG montage of one positive study here (PE window, emboli outlined)."
