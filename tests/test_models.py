@@ -120,3 +120,19 @@ def test_small_cnn_is_a_timm_backbone_that_sees_a_single_small_defect(tmp_path):
         assert torch.equal(again(x), features)
     with pytest.raises(ValueError, match="widths"):
         create_backbone("pedetect_small_cnn", widths=[])
+
+
+def test_small_cnn_space_to_depth_keeps_every_pixel_at_half_resolution():
+    """space_to_depth: 2 folds each 2×2 block into channels: the first stage runs at 32×32 on a
+    64×64 input with 4× the channels, and a one-pixel change still moves the features."""
+    model = create_backbone("pedetect_small_cnn", in_chans=1, widths=[8, 16], space_to_depth=2).eval()
+    first = model.stages[0][0][0]
+    assert first.in_channels == 4
+    x = torch.zeros(2, 1, 64, 64)
+    x[1, 0, 41, 11] = 1.0
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 16, 16, 16)
+        features = model(x)
+    assert (features[1] - features[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="space_to_depth"):
+        create_backbone("pedetect_small_cnn", space_to_depth=0)

@@ -29,14 +29,20 @@ class SmallSliceCNN(nn.Module):
     """Stages of two 3×3 conv-BN-ReLU, 2×2 max pooling between stages, global max (or average) pooling."""
 
     def __init__(self, in_chans: int = 3, num_classes: int = 0, widths: Sequence[int] = (16, 32, 64, 128),
-                 global_pool: str = "max", drop_rate: float = 0.0):
+                 global_pool: str = "max", drop_rate: float = 0.0, space_to_depth: int = 1):
         super().__init__()
+        if int(space_to_depth) < 1:
+            raise ValueError(f"pedetect_small_cnn: space_to_depth must be 1 or more, got {space_to_depth}")
         if not widths or any(int(w) < 1 for w in widths):
             raise ValueError(f"pedetect_small_cnn: widths must be positive channel counts, got {list(widths)}")
         if global_pool not in ("max", "avg"):
             raise ValueError(f"pedetect_small_cnn: global_pool must be 'max' or 'avg', got {global_pool!r}")
+        # Space-to-depth (pixel unshuffle) halves the resolution without discarding a pixel: each
+        # 2×2 block becomes 4 channels, so a defect a few pixels across is still all there for the
+        # first convolution, at a quarter of the cost of convolving at full resolution.
+        self.space_to_depth = nn.PixelUnshuffle(int(space_to_depth)) if int(space_to_depth) > 1 else nn.Identity()
         stages: list[nn.Module] = []
-        previous = in_chans
+        previous = in_chans * int(space_to_depth) ** 2
         for i, width in enumerate(int(w) for w in widths):
             layers: list[nn.Module] = [nn.MaxPool2d(2)] if i else []
             layers += [_conv_bn_relu(previous, width), _conv_bn_relu(width, width)]
@@ -51,7 +57,7 @@ class SmallSliceCNN(nn.Module):
         self.pretrained_cfg = {"first_conv": "stages.0.0.0", "classifier": "head"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
+        return self.stages(self.space_to_depth(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(self.global_pool(x).flatten(1))
