@@ -1,35 +1,79 @@
-"""``pedetect demo`` end to end: synthetic training set (seed 1) → prepare → the whole
-``pedetect train configs/demo.yaml`` (cnn → embed → seq, every fold) → ``pedetect predict`` on a test
-set of another seed stored as RLE lossless DICOM → evaluate. Every id of the test set is written in
-the sample submission's order, ``pedetect check`` passes, and the report lists every study.
+"""``pedetect demo`` end to end, the one run of the whole pipeline in the suite: synthetic training
+set (seed 1) → prepare → the whole ``pedetect train configs/demo.yaml`` (cnn → embed → seq, every
+fold) → ``pedetect predict`` on a test set of another seed stored as RLE lossless DICOM → evaluate.
 
-The training's own checks (cross-validated score against both baselines, complete bundle, a re-run
-that redoes nothing) are in tests/test_train_all.py.
+Training: the cross-validated score beats the prior baseline and stage 1 alone, ``pedetect evaluate``
+reproduces it from the out-of-fold predictions, the bundle is complete and records the preprocessing,
+and a re-run of ``pedetect train`` redoes nothing. Prediction: every id of the test set in the sample
+submission's order, ``pedetect check`` passes, the score against the prior's, a report per study.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from pedetect.cli import app
-from pedetect.infer.demo import run_demo
+from pedetect.infer.demo import default_config, run_demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
+from pedetect.metric.evaluate import evaluate_files
 from pedetect.metric.submission import expected_ids, read_studies
+from pedetect.models.bundle import read_bundle, read_preprocessing
 
 # Its own group: the other xdist worker runs it while the "train" group runs the stage tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
-# Test score / prior-baseline score. Issue #6 asks for 0.6; measured 0.99 and 1.02 (two demo runs, 50 % and
-# 30 % positive studies): the demo CNN's slice AUC of about 0.9 does not yet tell positive studies from
-# negative ones (docs/stage1_notes.md). Tightened to 0.6 once it does; until then a guard against a
-# pipeline that does clearly worse than predicting the training frequencies.
-MAX_TEST_TO_PRIOR = 1.1
+ROOT = Path(__file__).resolve().parents[1]
+# Score / prior-baseline score, cross-validated (issue #5) and on the test set (issue #6). Both issues
+# ask for 0.6. Measured (docs/stage1_notes.md, "fourth session"): CV 0.79, test 0.63 — stage 1 now
+# tells positive studies from negative ones (test negative_exam_for_pe AUC 1.0), but RV/LV and the
+# location labels stay near their priors. Bars with room for run-to-run variation; 0.6 once reached.
+MAX_CV_TO_PRIOR = 0.9
+MAX_TEST_TO_PRIOR = 0.8
 
 
-def test_demo_predicts_a_compressed_test_set_of_another_seed(tmp_path):
-    demo = run_demo(tmp_path / "demo", progress=False, echo=lambda message: None)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return run_demo(tmp_path_factory.mktemp("demo") / "demo", progress=False, echo=lambda message: None)
+
+
+def test_demo_training_beats_both_baselines_and_resumes(demo):
+    model, store, labels = demo.out / "model", demo.out / "store", demo.out / "data" / "train.csv"
+    cv = json.loads((model / "seq" / "cv.json").read_text())
+    prior, stage1 = cv["baselines"]["prior"]["score"], cv["baselines"]["stage1_alone"]["score"]
+    aucs = [json.loads((model / "cnn" / f"fold{k}" / "metrics.json").read_text())["val_auc"] for k in range(3)]
+    print(f"demo training: CV score {cv['score']:.4f} (consistent {cv['score_consistent']:.4f}), prior {prior:.4f}, "
+          f"stage 1 alone {stage1:.4f}; fold slice AUC {[round(a, 3) for a in aucs]}")
+    assert cv["score"] <= MAX_CV_TO_PRIOR * prior
+    assert cv["score"] < stage1
+    assert cv["n_studies"] == demo.n_train
+    # pedetect evaluate reproduces the score from the out-of-fold predictions.
+    assert evaluate_files(labels, model / "seq" / "oof_predictions.csv")["score"] == pytest.approx(cv["score"], abs=1e-9)
+    bundle = read_bundle(model)
+    assert bundle.folds == [0, 1, 2]
+    assert json.loads((model / "bundle.json").read_text())["stages"] == ["cnn", "embed", "seq"]
+    # The bundle records how prepare read the DICOM, so predict needs no store and no flags.
+    preprocessing = read_preprocessing(model)
+    assert preprocessing["recorded"] is True
+    assert preprocessing["windows"] == [list(w) for w in json.loads((store / "prepare.json").read_text())["windows"]]
+
+    # The same training through the CLI finds every part finished and redoes nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.is_file() and p.parent.name.startswith("fold")}
+    args = [sys.executable, "-m", "pedetect", "train", str(default_config()), "--store", str(store), "--labels", str(labels),
+            "--out", str(model), "--set", "logging.progress_bar=false"]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stderr.count("already complete") == 9  # 3 folds × (cnn, embed, seq)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_demo_predicts_a_compressed_test_set_of_another_seed(demo):
     data = demo.out / "data"
     submission = demo.out / "submission.csv"
 

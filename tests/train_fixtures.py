@@ -127,10 +127,5 @@ def tiny_config(*extra: str):
     return apply_overrides(ExperimentConfig(), TINY_TRAINING + list(extra))
 
 
-# The synthetic studies of the real-chain tests (tests/test_train.py, tests/test_train_all.py).
-DEMO_CHAIN = dict(n_train=120, n_val=30, size=256, min_embolus_pixels=25)  # as pedetect demo's data
-
-
-def demo_chain(root):
-    """:func:`synthetic_chain` with the real-chain tests' settings."""
-    return synthetic_chain(root, **DEMO_CHAIN)
+# The synthetic studies of the real-chain tests (tests/test_train.py): as pedetect demo's data.
+DEMO_CHAIN = dict(n_train=120, n_val=30, size=256, min_embolus_pixels=25)
