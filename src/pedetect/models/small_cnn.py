@@ -6,7 +6,7 @@ hours of GPU that still works on real CTPA at 512 px, but a from-scratch model t
 on a CPU learns the slice's level in the series instead (docs/stage1_notes.md). This net keeps full
 resolution for its first two convolutions, halves it only between stages, and max-pools the last
 feature map, so one clear defect anywhere on the slice is enough to fire it: a detector-shaped
-alternative to the demo's resnet10t (measured against it in docs/stage1_notes.md).
+alternative to resnet-style stems, and the demo recipe's backbone (measurements in docs/stage1_notes.md).
 
 It is registered with timm on import of :mod:`pedetect.models.backbone`, so it is chosen like any
 timm backbone (``cnn.backbone.name: pedetect_small_cnn``, ``kwargs: {widths: [...]}``) and has the
@@ -39,7 +39,8 @@ class SmallSliceCNN(nn.Module):
             raise ValueError(f"pedetect_small_cnn: global_pool must be 'max' or 'avg', got {global_pool!r}")
         # Space-to-depth (pixel unshuffle) halves the resolution without discarding a pixel: each
         # 2×2 block becomes 4 channels, so a defect a few pixels across is still all there for the
-        # first convolution, at a quarter of the cost of convolving at full resolution.
+        # first convolution, at a quarter of the cost of convolving at full resolution. Measured on the
+        # demo data it learns less in the same steps (docs/stage1_notes.md), so the default is off.
         self.space_to_depth = nn.PixelUnshuffle(int(space_to_depth)) if int(space_to_depth) > 1 else nn.Identity()
         stages: list[nn.Module] = []
         previous = in_chans * int(space_to_depth) ** 2
