@@ -53,6 +53,10 @@ def _high_water_kib(pid: int) -> int:
     return 0
 
 
+def _gb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def run_predict(study: Path, model: Path, out: Path, extra: list[str] = ()) -> dict:
     """One ``pedetect predict`` process: wall seconds, its own summary numbers, peak RSS (GB)."""
     started = time.perf_counter()
@@ -113,8 +117,8 @@ def main() -> None:
     print(f"| bundle | s per {args.slices}-slice study (process) | predict s | slices/s | peak GB | parts |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in rows:
-        print(f"| {name} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {r['slices_per_s']:.1f} | {r['peak_gb']:.2f} | {r['parts']} |")
-    print(f"\npeak memory, {args.memory_slices}-slice 512x512 study, demo bundle: {memory['peak_gb']:.2f} GB "
+        print(f"| {name} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {r['slices_per_s']:.1f} | {_gb(r['peak_gb'])} | {r['parts']} |")
+    print(f"\npeak memory, {args.memory_slices}-slice 512x512 study, demo bundle: {_gb(memory['peak_gb'])} GB "
           f"({memory['predict_s']:.1f} s, {memory['slices_per_s']:.1f} slices/s)")
 
 

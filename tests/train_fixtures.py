@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from pedetect.infer import demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, TRAIN_COLUMNS
 
 
@@ -89,7 +90,7 @@ def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: 
     dicom = root / "dicom"
     frames = []
     for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
-        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=0.5,
+        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=demo.POSITIVE_FRACTION,
                               min_embolus_pixels=min_embolus_pixels, progress=False)
         shutil.move(str(root / name / "train"), str(dicom / name))  # DICOM only under dicom/
         frame["fold"] = 0 if name == "val" else 1
@@ -127,5 +128,5 @@ def tiny_config(*extra: str):
     return apply_overrides(ExperimentConfig(), TINY_TRAINING + list(extra))
 
 
-# The synthetic studies of the real-chain tests (tests/test_train.py): as pedetect demo's data.
-DEMO_CHAIN = dict(n_train=120, n_val=30, size=256, min_embolus_pixels=25)
+# The synthetic studies of the real-chain tests (tests/test_train.py): pedetect demo's data.
+DEMO_CHAIN = dict(n_train=120, n_val=30, size=demo.SIZE, slices=demo.SLICES, min_embolus_pixels=demo.MIN_EMBOLUS_PIXELS)
