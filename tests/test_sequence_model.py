@@ -8,7 +8,7 @@ import torch
 
 from pedetect.labels import EXAM_LABELS
 from pedetect.metric.loss import weighted_log_loss
-from pedetect.models.sequence import SequenceHead, metric_loss, neighbour_differences
+from pedetect.models.sequence import CONDITIONAL_OUTPUTS, SequenceHead, conditional_exam_logits, metric_loss, neighbour_differences
 
 D = 8
 LENGTHS = [5, 9, 3]
@@ -17,6 +17,7 @@ CONFIGS = [
     dict(encoder="lstm", layers=1, neighbour_diffs=True),
     dict(encoder="transformer", layers=2, heads=2, hidden=16),
     dict(encoder="gru", fixed_length=16, neighbour_diffs=True),
+    dict(encoder="gru", exam_structure="conditional"),
 ]
 
 
@@ -113,3 +114,28 @@ def test_head_learns_a_toy_problem():
         optimiser.step()
         losses.append(loss.item())
     assert losses[0] > 0.55 and losses[-1] < 0.25 * losses[0]
+
+
+def test_conditional_exam_logits_multiply_out_and_obey_the_rules():
+    generator = torch.Generator().manual_seed(3)
+    outputs = torch.randn(200, len(CONDITIONAL_OUTPUTS), generator=generator) * 4
+    outputs[0], outputs[1] = 60.0, -60.0  # saturated: logits stay finite
+    p = torch.sigmoid(conditional_exam_logits(outputs).double())
+    q = {name: torch.sigmoid(outputs[:, i].double()) for i, name in enumerate(CONDITIONAL_OUTPUTS)}
+    column = {label: p[:, i] for i, label in enumerate(EXAM_LABELS)}
+    positive = q["positive"]
+    torch.testing.assert_close(column["negative_exam_for_pe"], (1 - positive) * (1 - q["indeterminate_if_not_positive"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(column["indeterminate"], (1 - positive) * q["indeterminate_if_not_positive"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(column["central_pe"], positive * q["central_pe_if_positive"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(column["leftsided_pe"], positive * q["leftsided_pe_if_positive"], atol=1e-6, rtol=0)
+    # Exactly one RV/LV label of a positive exam; negative + indeterminate + positive = 1.
+    torch.testing.assert_close(column["rv_lv_ratio_gte_1"] + column["rv_lv_ratio_lt_1"], positive, atol=1e-6, rtol=0)
+    torch.testing.assert_close(column["negative_exam_for_pe"] + column["indeterminate"] + positive, torch.ones(200, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.isfinite(conditional_exam_logits(outputs)).all()
+    # No positive-only label above its exam's P(positive): a confident negative exam is consistent.
+    for label in ("rv_lv_ratio_gte_1", "central_pe", "rightsided_pe", "chronic_pe", "acute_and_chronic_pe"):
+        assert (column[label] <= positive + 1e-9).all()
+    # Gradients flow in the saturated tails too (log space).
+    x = outputs.clone().requires_grad_(True)
+    conditional_exam_logits(x).sum().backward()
+    assert torch.isfinite(x.grad).all()

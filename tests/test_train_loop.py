@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import lightning as L
 import numpy as np
@@ -11,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pedetect.data.dataset import StoreError
+from pedetect.data.dataset import StoreError, training_targets
 from pedetect.data.folds import FoldsError
 from pedetect.models.slice_classifier import load_slice_classifier
 from pedetect.train.cnn import COMPLETE, TrainError
 from pedetect.train.pipeline import train
 from pedetect.train.config import CnnConfig, ExperimentConfig, SchedulerConfig, apply_overrides, load_experiment
 from pedetect.train.module import LrSchedule, focal_loss, slice_loss
+from pedetect.labels import IMAGE_LABEL
 from train_fixtures import FakeStore, fake_labels
 
 pytestmark = [
@@ -65,14 +65,35 @@ def test_focal_loss_matches_bce_without_focusing():
     assert (focal_loss(logits, targets, gamma=2.0, alpha=None) <= bce + 1e-7).all()
 
 
-def test_exam_labels_count_on_positive_slices_only():
-    cnn = CnnConfig.model_validate({"targets": {"exam_labels": ["central_pe"], "exam_weight": 1.0}})
-    logits = torch.tensor([[0.0, 5.0], [0.0, -5.0]])
-    negative_only = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # exam targets on negative slices: ignored
-    assert torch.isclose(slice_loss(cnn, logits, negative_only), torch.tensor(math.log(2)))
-    agreeing = slice_loss(cnn, logits, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))  # positive slice, exam label 1, logit +5
-    disagreeing = slice_loss(cnn, logits, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    assert disagreeing - agreeing > 4.0
+def test_exam_labels_count_on_positive_slices_and_whole_exam_labels_on_positive_exams():
+    cnn = CnnConfig.model_validate({"targets": {"exam_labels": ["central_pe"], "whole_exam_labels": ["rv_lv_ratio_gte_1"]}})
+    assert cnn.targets.head_labels == ("central_pe", "rv_lv_ratio_gte_1")
+    items = pd.DataFrame(
+        {
+            IMAGE_LABEL: [1, 0, 0],
+            "central_pe": [1, 1, 0],
+            "rv_lv_ratio_gte_1": [1, 1, 0],
+            "negative_exam_for_pe": [0, 0, 1],
+            "indeterminate": [0, 0, 0],
+        }
+    )  # a positive slice and a negative slice of a positive exam, a slice of a negative exam
+    targets = torch.from_numpy(training_targets(items, ("central_pe",), ("rv_lv_ratio_gte_1",)))
+    assert torch.equal(torch.isnan(targets), torch.tensor([[False, False, False], [False, True, False], [False, True, True]]))
+    logits = torch.tensor([[5.0, 5.0, 5.0], [-5.0, 5.0, -5.0], [-5.0, 5.0, 5.0]])
+    # Untrained entries add nothing whatever their logits: the middle slice's rv_lv logit is wrong.
+    bce = torch.nn.functional.softplus(torch.tensor(-5.0))
+    wrong = torch.nn.functional.softplus(torch.tensor(5.0))
+    expected = bce + (bce + bce + wrong) / 3  # slice term (all right) + mean of the three trained exam entries
+    assert torch.isclose(slice_loss(cnn, logits, targets), expected)
+    # A batch with nothing trained: the slice term alone, with gradients defined.
+    none = targets.clone()
+    none[:, 1:] = float("nan")
+    logits.requires_grad_(True)
+    loss = slice_loss(cnn, logits, none)
+    loss.backward()
+    assert torch.isclose(loss, bce) and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="in both exam_labels and whole_exam_labels"):
+        CnnConfig.model_validate({"targets": {"exam_labels": ["central_pe"], "whole_exam_labels": ["central_pe"]}})
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "step", "constant"])

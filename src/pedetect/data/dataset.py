@@ -1,9 +1,10 @@
 """Slice datasets over the slice store.
 
 A :class:`SliceDataset` yields ``(image, target, index)``: a ``(C, S, S)`` uint8 tensor (the model
-normalises), the targets (slice label, then the configured exam labels) as float32, and the row
-index (validation gathers predictions across processes by it). The store is opened lazily in each
-process, so the dataset can be handed to forking or spawning data-loader workers.
+normalises), the targets (slice label, then the configured exam labels; NaN where one is not trained
+on: :func:`training_targets`) as float32, and the row index (validation gathers predictions across
+processes by it). The store is opened lazily in each process, so the dataset can be handed to
+forking or spawning data-loader workers.
 
 Input modes (``cnn.input.mode``):
 
@@ -28,7 +29,7 @@ import torch.utils.data
 from torch.utils.data import Dataset
 
 from pedetect.data.augment import SliceAugment
-from pedetect.labels import IMAGE_LABEL, SERIES, SOP, STUDY
+from pedetect.labels import IMAGE_LABEL, NEGATIVE_LABELS, SERIES, SOP, STUDY
 from pedetect.train.config import AugmentConfig
 
 SLICE_INDEX = "slice_index"
@@ -86,6 +87,28 @@ def slice_items(labels: pd.DataFrame, store_slices: pd.DataFrame, *, source: str
     return merged
 
 
+def training_targets(items: pd.DataFrame, exam_labels: tuple[str, ...] = (), whole_exam_labels: tuple[str, ...] = ()) -> np.ndarray:
+    """``(N, 1 + E + W)`` float32: the slice label, ``exam_labels``, then ``whole_exam_labels``.
+
+    NaN marks a target the loss skips: ``exam_labels`` count on positive slices only (5th place: the
+    slice shows the embolus the label describes), ``whole_exam_labels`` on every slice of a positive
+    exam (a negative exam's 0 says nothing about its heart). Without a slice label (unlabelled
+    items): ``(N, 0)``.
+    """
+    if IMAGE_LABEL not in items:
+        return np.zeros((len(items), 0), np.float32)
+    missing = [c for c in (*exam_labels, *whole_exam_labels, *(NEGATIVE_LABELS if whole_exam_labels else ())) if c not in items]
+    if missing:
+        raise KeyError(f"the labels have no column(s) {missing}")
+    targets = items[[IMAGE_LABEL, *exam_labels, *whole_exam_labels]].to_numpy(dtype=np.float32, copy=True)
+    positive_slice = targets[:, 0] > 0.5
+    targets[~positive_slice, 1 : 1 + len(exam_labels)] = np.nan
+    if whole_exam_labels:
+        positive_exam = (items[list(NEGATIVE_LABELS)].to_numpy() < 0.5).all(axis=1)
+        targets[~positive_exam, 1 + len(exam_labels) :] = np.nan
+    return targets
+
+
 class SliceDataset(Dataset):
     """Slices of a store, read, resized and (for training) augmented."""
 
@@ -99,6 +122,7 @@ class SliceDataset(Dataset):
         crop: float = 1.0,
         augment: AugmentConfig | None = None,
         exam_labels: tuple[str, ...] = (),
+        whole_exam_labels: tuple[str, ...] = (),
     ):
         if mode not in ("windows", "pe", "adjacent", "both"):
             raise ValueError(f"unknown input mode {mode!r}")
@@ -109,8 +133,7 @@ class SliceDataset(Dataset):
         self.series = items[SERIES].to_numpy(dtype=object)
         self.slice_index = items[SLICE_INDEX].to_numpy(dtype=np.int64)
         self.n_slices = items[N_SLICES].to_numpy(dtype=np.int64)
-        columns = [IMAGE_LABEL, *exam_labels] if IMAGE_LABEL in items else []
-        self.targets = np.array(items[columns].to_numpy(dtype=np.float32), copy=True) if columns else np.zeros((len(items), 0), np.float32)
+        self.targets = training_targets(items, exam_labels, whole_exam_labels)
         self.transform = SliceAugment(image_size, augment, crop)
         self.train = augment is not None
         self._rng: np.random.Generator | None = None

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pedetect.train.config import ExperimentConfig, SeqConfig
 
 Encoder = Literal["gru", "lstm", "transformer"]
+ExamStructure = Literal["independent", "conditional"]
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -44,6 +45,51 @@ def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.T
     next_index = torch.minimum(index + 1, (lengths - 1).clamp(min=0).unsqueeze(1))
     gather = lambda idx: torch.gather(features, 1, idx.unsqueeze(-1).expand_as(features))  # noqa: E731
     return torch.cat([features, features - gather(prev_index), features - gather(next_index)], dim=-1)
+
+
+# The conditional exam head's outputs (exam_structure "conditional"): whether the exam is positive,
+# whether a non-positive exam is indeterminate, and the labels that only a positive exam can carry,
+# given that it is positive (one logit for both RV/LV labels: exactly one of them holds).
+CONDITIONAL_OUTPUTS: tuple[str, ...] = (
+    "positive",
+    "indeterminate_if_not_positive",
+    "rv_lv_ratio_gte_1_if_positive",
+    "central_pe_if_positive",
+    "rightsided_pe_if_positive",
+    "leftsided_pe_if_positive",
+    "chronic_pe_if_positive",
+    "acute_and_chronic_pe_if_positive",
+)
+_LOG_P_MAX = -1e-6  # keeps logit(p) finite (about 13.8) where p rounds to 1
+
+
+def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
+    return torch.where(log_p > -math.log(2.0), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+
+
+def conditional_exam_logits(outputs: torch.Tensor) -> torch.Tensor:
+    """Exam logits ``(B, 9)`` (EXAM_LABELS order) from the conditional head's ``(B, 8)`` outputs.
+
+    p(negative) = (1 − p₊)(1 − p_ind), p(indeterminate) = (1 − p₊) p_ind, p(label) = p₊ p(label | +)
+    for the seven labels of positive exams, p(rv_lv < 1) = p₊ (1 − p(rv_lv ≥ 1 | +)). The nine
+    probabilities then follow the label rules' structure by construction, and each conditional
+    output learns from the positive exams alone (a negative exam's 0 for central_pe says nothing
+    about where emboli sit). Computed in log space, so the logits stay exact in the tails.
+    """
+    log_sig = F.logsigmoid
+    z = {name: outputs[:, i] for i, name in enumerate(CONDITIONAL_OUTPUTS)}
+    positive, not_positive = log_sig(z["positive"]), log_sig(-z["positive"])
+    log_p = {
+        "negative_exam_for_pe": not_positive + log_sig(-z["indeterminate_if_not_positive"]),
+        "indeterminate": not_positive + log_sig(z["indeterminate_if_not_positive"]),
+        "rv_lv_ratio_gte_1": positive + log_sig(z["rv_lv_ratio_gte_1_if_positive"]),
+        "rv_lv_ratio_lt_1": positive + log_sig(-z["rv_lv_ratio_gte_1_if_positive"]),
+    }
+    for label in ("central_pe", "rightsided_pe", "leftsided_pe", "chronic_pe", "acute_and_chronic_pe"):
+        log_p[label] = positive + log_sig(z[f"{label}_if_positive"])
+    stacked = torch.stack([log_p[label] for label in EXAM_LABELS], dim=1).clamp(max=_LOG_P_MAX)
+    return stacked - _log1mexp(stacked)
 
 
 def resize_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -81,8 +127,12 @@ class SequenceHead(nn.Module):
         use_cnn_logit: bool = True,
         fixed_length: int | None = None,
         input_dropout: float = 0.0,
+        exam_structure: ExamStructure = "independent",
     ):
         super().__init__()
+        if exam_structure not in ("independent", "conditional"):
+            raise ValueError(f"unknown exam_structure {exam_structure!r}; choose independent or conditional")
+        self.exam_structure = exam_structure
         self.embedding_dim = embedding_dim
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout else nn.Identity()
         self.neighbour_diffs = neighbour_diffs
@@ -108,7 +158,8 @@ class SequenceHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.slice_head = nn.Linear(out_dim, 1)
         self.attention = nn.Linear(out_dim, 1)
-        self.exam_head = nn.Linear(2 * out_dim, len(EXAM_LABELS))
+        n_exam = len(EXAM_LABELS) if exam_structure == "independent" else len(CONDITIONAL_OUTPUTS)
+        self.exam_head = nn.Linear(2 * out_dim, n_exam)
 
     def _encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(1)
@@ -143,6 +194,8 @@ class SequenceHead(nn.Module):
         attended = (torch.softmax(scores, dim=1).unsqueeze(-1) * hidden).sum(1)
         maxed = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
         exam_logits = self.exam_head(torch.cat([attended, maxed], dim=-1))
+        if self.exam_structure == "conditional":
+            exam_logits = conditional_exam_logits(exam_logits)
         return slice_logits, exam_logits
 
     def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +253,7 @@ def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
         use_cnn_logit=seq.use_cnn_logit,
         fixed_length=seq.fixed_length,
         input_dropout=seq.input_dropout,
+        exam_structure=seq.exam_structure,
     )
 
 

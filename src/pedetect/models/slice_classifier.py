@@ -87,7 +87,7 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True) -> S
     )
     return SliceClassifier(
         backbone,
-        exam_labels=tuple(cnn.targets.exam_labels),
+        exam_labels=cnn.targets.head_labels,
         mean=cnn.input.mean,
         std=cnn.input.std,
         head_dropout=b.drop_rate,

@@ -282,8 +282,13 @@ def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFram
     from pedetect.data.sampler import EpochSampler, ShardSampler
 
     cnn = config.cnn
-    exam = tuple(cnn.targets.exam_labels)
-    common = dict(mode=cnn.input.mode, image_size=cnn.input.image_size, crop=cnn.input.crop, exam_labels=exam)
+    common = dict(
+        mode=cnn.input.mode,
+        image_size=cnn.input.image_size,
+        crop=cnn.input.crop,
+        exam_labels=tuple(cnn.targets.exam_labels),
+        whole_exam_labels=tuple(cnn.targets.whole_exam_labels),
+    )
     train_set = SliceDataset(store, train_items, augment=cnn.augment, **common)
     val_set = SliceDataset(store, val_items, augment=None, **common)
     sampler = EpochSampler(

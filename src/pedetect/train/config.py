@@ -169,9 +169,14 @@ class TargetsConfig(Section):
         default_factory=list,
         description="Exam labels also predicted per slice, trained on positive slices only (5th place); empty: slice label only.",
     )
+    whole_exam_labels: list[str] = Field(
+        default_factory=list,
+        description="Exam labels also predicted per slice, trained on every slice of positive exams: findings seen away "
+        "from the emboli, such as the RV/LV ratio at the heart (stage 2 pools them over the series).",
+    )
     exam_weight: float = Field(1.0, ge=0, description="Weight of the exam-label loss relative to the slice loss.")
 
-    @field_validator("exam_labels")
+    @field_validator("exam_labels", "whole_exam_labels")
     @classmethod
     def _known_labels(cls, value: list[str]) -> list[str]:
         unknown = [label for label in value if label not in EXAM_LABELS]
@@ -180,6 +185,18 @@ class TargetsConfig(Section):
         if len(set(value)) != len(value):
             raise ValueError("exam labels repeat")
         return value
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "TargetsConfig":
+        both = sorted(set(self.exam_labels) & set(self.whole_exam_labels))
+        if both:
+            raise ValueError(f"{both} in both exam_labels and whole_exam_labels; a label is trained on one set of slices")
+        return self
+
+    @property
+    def head_labels(self) -> tuple[str, ...]:
+        """The exam labels of the CNN's head, after the slice label: exam_labels, then whole_exam_labels."""
+        return (*self.exam_labels, *self.whole_exam_labels)
 
 
 class LossConfig(Section):
@@ -242,6 +259,11 @@ class SeqConfig(Section):
     use_cnn_logit: bool = Field(True, description="Also input the CNN's slice logit.")
     fixed_length: Optional[int] = Field(
         None, ge=2, description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask."
+    )
+    exam_structure: Literal["independent", "conditional"] = Field(
+        "independent",
+        description="independent: nine exam logits from the pooled features; conditional: p(positive), p(indeterminate | "
+        "not positive) and each positive-only label given positive, multiplied out (the label rules' structure).",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

@@ -34,13 +34,15 @@ def elementwise_loss(config: LossConfig, logits: torch.Tensor, targets: torch.Te
 
 
 def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Slice-label loss, plus (weighted) exam-label loss on positive slices only (5th place)."""
+    """Slice-label loss, plus (weighted) exam-label loss where the target is not NaN: positive slices
+    for ``exam_labels`` (5th place), every slice of a positive exam for ``whole_exam_labels``."""
     loss = elementwise_loss(config.loss, logits[:, 0], targets[:, 0]).mean()
     if logits.shape[1] > 1:
-        positive = targets[:, 0] > 0.5
-        exam = elementwise_loss(config.loss, logits[positive, 1:], targets[positive, 1:])
-        # A batch without positive slices adds 0 (and keeps the graph the same on every process).
-        exam_term = exam.mean() if positive.any() else logits[:, 1:].sum() * 0.0
+        trained = ~torch.isnan(targets[:, 1:])
+        exam = elementwise_loss(config.loss, logits[:, 1:], torch.nan_to_num(targets[:, 1:]))
+        # Mean over the trained entries; a batch without any adds 0 (and keeps the graph the same on
+        # every process).
+        exam_term = (exam * trained).sum() / trained.sum().clamp(min=1)
         loss = loss + config.targets.exam_weight * exam_term
     return loss
 
