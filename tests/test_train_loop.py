@@ -129,9 +129,27 @@ def test_train_writes_the_fold_bundle(data, tmp_path):
     assert model.head.out_features == 2  # slice label + rightsided_pe
 
 
+def test_the_weight_average_is_validated_and_exported(data, tmp_path):
+    labels, store = data
+    cfg = config("cnn.epochs=2", "cnn.keep_checkpoints=true", "cnn.ema_decay=0.9", "cnn.export=last")
+    train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0)
+    state = torch.load(tmp_path / "cnn" / "fold0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    exported = load_slice_classifier(tmp_path, 0).state_dict()
+    average = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
+    trained = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    # One update per optimiser step: 60 training slices in batches of 16 (the last one dropped), two epochs.
+    assert set(average) == set(trained) and state["ema.n_averaged"] == 2 * 3
+    weight = "head.weight"
+    assert torch.equal(exported[weight], average[weight]) and not torch.equal(exported[weight], trained[weight])
+    # BatchNorm statistics are averaged too (they are what the exported model normalises with).
+    stats = [k for k in average if k.endswith("running_mean")]
+    assert stats and all(torch.equal(exported[k], average[k]) for k in stats)
+    assert not all(torch.equal(trained[k], average[k]) for k in stats)
+
+
 def test_resume_after_a_kill_and_skip_when_complete(data, tmp_path):
     labels, store = data
-    cfg = config("cnn.epochs=3")
+    cfg = config("cnn.epochs=3", "cnn.ema_decay=0.9")  # the weight average is part of what resumes
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0, callbacks=[Crash(2)])
     fold = tmp_path / "cnn" / "fold0"

@@ -363,15 +363,16 @@ def export_fold(
     if config.cnn.export == "best" and checkpoint_callback.best_model_path and Path(checkpoint_callback.best_model_path).is_file():
         state = load_checkpoint_state(Path(checkpoint_callback.best_model_path))
         chosen_epoch = int(state["epoch"])
-        weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-        module.model.load_state_dict(weights)
+        prefix = module.evaluated_prefix
+        weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        module.evaluated_model.load_state_dict(weights)
     else:
         chosen_epoch = int(history[-1]["epoch"]) if history else -1
     for record in history:
         if record["epoch"] == chosen_epoch:
             chosen = record
     chosen = chosen or (history[-1] if history else {})
-    save_weights(module.model, directory / WEIGHTS_FILE)
+    save_weights(module.evaluated_model, directory / WEIGHTS_FILE)
 
     metrics = {
         "fold": fold,

@@ -224,6 +224,10 @@ class CnnConfig(Section):
     batch_size: int = Field(32, ge=1, description="Per device.")
     accumulate_grad_batches: int = Field(1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes.")
     gradient_clip_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm (none: no clipping).")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Validate and export an exponential moving average of the weights with this decay per "
+        "optimiser step (0.99: about the last 100 steps); none: the weights as trained.",
+    )
     monitor: Literal["val_auc", "val_loss"] = Field("val_auc", description="Metric that picks the best epoch (exported weights).")
     export: Literal["best", "last"] = Field("best", description="Which epoch's weights become model.safetensors.")
     keep_checkpoints: bool = Field(

@@ -111,6 +111,15 @@ class SliceModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.config = config
+        # An exponential moving average of the weights (and BatchNorm statistics): validated and
+        # exported in place of the last step's weights. Part of the module's state, so checkpoints
+        # and resume carry it; frozen, so DDP and the optimiser leave it alone.
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if config.ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
         self.history: list[dict[str, Any]] = []
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._train_loss_sum = 0.0
@@ -121,6 +130,16 @@ class SliceModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    @property
+    def evaluated_model(self) -> SliceClassifier:
+        """The network that is validated and exported: the weight average when configured."""
+        return self.model if self.ema is None else self.ema.module
+
+    @property
+    def evaluated_prefix(self) -> str:
+        """State-dict prefix of :attr:`evaluated_model` within this module (in checkpoints)."""
+        return "model." if self.ema is None else "ema.module."
 
     # ----------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
@@ -138,6 +157,10 @@ class SliceModule(L.LightningModule):
         self._train_samples += len(images)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after an optimiser step
+            self.ema.update_parameters(self.model)
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.config.optimizer, self.model.parameters())
         total = int(self.trainer.estimated_stepping_batches)
@@ -152,7 +175,7 @@ class SliceModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets, index = batch
-        logits = self.model(images)
+        logits = self.evaluated_model(images)
         loss = slice_loss(self.config, logits, targets)
         self.log("val_batch_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
         probability = torch.sigmoid(logits[:, 0].float())
