@@ -30,12 +30,12 @@ from pedetect.models.bundle import read_bundle, read_preprocessing
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 ROOT = Path(__file__).resolve().parents[1]
-# Score / prior-baseline score, cross-validated (issue #5) and on the test set (issue #6). Both issues
-# ask for 0.6. Measured (docs/stage1_notes.md, "fourth session"): CV 0.79, test 0.63 — stage 1 now
-# tells positive studies from negative ones (test negative_exam_for_pe AUC 1.0), but RV/LV and the
-# location labels stay near their priors. Bars with room for run-to-run variation; 0.6 once reached.
-MAX_CV_TO_PRIOR = 0.9
-MAX_TEST_TO_PRIOR = 0.8
+# Score / prior-baseline score, cross-validated (issue #5) and on the test set (issue #6); both issues
+# ask for 0.6. Measured (docs/stage2_notes.md; training is deterministic on these 2-core machines):
+# CV 0.66 — each fold's model is judged on studies no CNN of that fold saw — and test 0.56 with the
+# three folds' CNNs and heads averaged. The CV bar leaves room for run-to-run variation; 0.6 once reached.
+MAX_CV_TO_PRIOR = 0.75
+MAX_TEST_TO_PRIOR = 0.6
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def predict_command(
 
 def demo_command(
     out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
-    train_studies: int = typer.Option(120, "--train-studies", min=6, help="Synthetic training studies (seed 1)."),
+    train_studies: int = typer.Option(240, "--train-studies", min=6, help="Synthetic training studies (seed 1)."),
     test_studies: int = typer.Option(30, "--test-studies", min=1, help="Synthetic test studies (seed 2, RLE lossless)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."),
     overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),

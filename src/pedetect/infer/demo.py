@@ -86,7 +86,7 @@ def _echo(message: str) -> None:
 def run_demo(
     out: str | Path,
     *,
-    train_studies: int = 120,
+    train_studies: int = 240,
     test_studies: int = 30,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
