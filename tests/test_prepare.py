@@ -17,7 +17,7 @@ from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, re
 from pedetect.cli import app
 from pedetect.dicom import AIR_HU, read_files
 from pedetect.labels import SERIES, SOP, STUDY
-from pedetect.store import SliceStore
+from pedetect.store import SliceStore, prepare
 from pedetect.store.format import SERIES_DIR, decode_frame, encode_frame, jpeg_params
 
 SYNTAXES = {"explicit": 11, "rle": 12, "jpeg2000": 13}  # transfer syntax → seed (UIDs differ by seed)
@@ -324,3 +324,17 @@ def test_real_single_files(tmp_path):
     assert result.exit_code == 0, result.output
     store = SliceStore(tmp_path.parent / (tmp_path.name + "_store"))
     assert len(store.slices) == 3 and set(store.slices["height"]) == {128}
+
+
+def test_a_truncated_compressed_file_is_named_as_truncated(tmp_path):
+    from pedetect.synth import write_dataset
+
+    write_dataset(tmp_path / "in", 1, slices=4, size=32, seed=3, transfer_syntax="jpeg2000", progress=False)
+    victim = sorted((tmp_path / "in").rglob("*.dcm"))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 200])  # ends inside the encapsulated JPEG 2000 frame
+    summary = prepare(tmp_path / "in" / "train", tmp_path / "store", progress=False, echo=lambda m: None)
+    failures = pd.read_parquet(tmp_path / "store" / "failures.parquet")
+    assert len(SliceStore(tmp_path / "store").slices) == 3 and not summary.ok
+    assert failures["path"].tolist() == [str(victim)]
+    assert failures["reason"].iloc[0].startswith("pixel data unreadable") and "truncated" in failures["reason"].iloc[0]
