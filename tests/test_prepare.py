@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, real_file
 from pedetect.cli import app
 from pedetect.dicom import AIR_HU, read_files
+from pedetect.dicom.source import discover
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store import SliceStore, prepare
 from pedetect.store.format import SERIES_DIR, decode_frame, encode_frame, jpeg_params
@@ -338,3 +339,6 @@ def test_a_truncated_compressed_file_is_named_as_truncated(tmp_path):
     assert len(SliceStore(tmp_path / "store").slices) == 3 and not summary.ok
     assert failures["path"].tolist() == [str(victim)]
     assert failures["reason"].iloc[0].startswith("pixel data unreadable") and "truncated" in failures["reason"].iloc[0]
+    # predict's reader (read_files) names it the same way: the check lives in the shared DICOM read.
+    _, lost = read_files(discover(tmp_path / "in" / "train"))
+    assert [(f.path, f.reason) for f in lost] == [(str(victim), failures["reason"].iloc[0])]

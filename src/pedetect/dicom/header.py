@@ -125,7 +125,13 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not header_only:
-                return pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source), force=not preamble)
+                ds = pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source), force=not preamble)
+                # pydicom gives back an empty dataset for a file that ends inside encapsulated
+                # (compressed) frames; its header alone still reads.
+                if len(ds) == 0 and len(pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source),
+                                                        stop_before_pixels=True, force=not preamble)):
+                    raise DicomError("pixel data unreadable (the file ends inside its encapsulated frames: truncated)")
+                return ds
             fp: Any = io.BytesIO(data) if data is not None else open(source, "rb")
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)

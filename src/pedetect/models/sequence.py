@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from pedetect.labels import EXAM_LABELS
+from pedetect.labels import CHRONICITY_LABELS, EXAM_LABELS, LOCATION_LABELS
 from pedetect.metric.loss import LossParts, weighted_log_loss_parts
 
 if TYPE_CHECKING:
@@ -50,15 +50,12 @@ def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.T
 # The conditional exam head's outputs (exam_structure "conditional"): whether the exam is positive,
 # whether a non-positive exam is indeterminate, and the labels that only a positive exam can carry,
 # given that it is positive (one logit for both RV/LV labels: exactly one of them holds).
+_GIVEN_POSITIVE = (*LOCATION_LABELS, *CHRONICITY_LABELS)  # each its own p(label | positive)
 CONDITIONAL_OUTPUTS: tuple[str, ...] = (
     "positive",
     "indeterminate_if_not_positive",
     "rv_lv_ratio_gte_1_if_positive",
-    "central_pe_if_positive",
-    "rightsided_pe_if_positive",
-    "leftsided_pe_if_positive",
-    "chronic_pe_if_positive",
-    "acute_and_chronic_pe_if_positive",
+    *(f"{label}_if_positive" for label in _GIVEN_POSITIVE),
 )
 _LOG_P_MAX = -1e-6  # keeps logit(p) finite (about 13.8) where p rounds to 1
 
@@ -86,7 +83,7 @@ def conditional_exam_logits(outputs: torch.Tensor) -> torch.Tensor:
         "rv_lv_ratio_gte_1": positive + log_sig(z["rv_lv_ratio_gte_1_if_positive"]),
         "rv_lv_ratio_lt_1": positive + log_sig(-z["rv_lv_ratio_gte_1_if_positive"]),
     }
-    for label in ("central_pe", "rightsided_pe", "leftsided_pe", "chronic_pe", "acute_and_chronic_pe"):
+    for label in _GIVEN_POSITIVE:
         log_p[label] = positive + log_sig(z[f"{label}_if_positive"])
     stacked = torch.stack([log_p[label] for label in EXAM_LABELS], dim=1).clamp(max=_LOG_P_MAX)
     return stacked - _log1mexp(stacked)

@@ -208,10 +208,6 @@ def _slice_image(header: SliceHeader, windows: tuple, image_size: Optional[int])
         padding = tuple(native["padding"]) if native["padding"] is not None else None
         return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=True)
     ds = dcmread_source(header.source, data=data)
-    if "PixelData" not in ds:
-        # pydicom gives back an empty dataset for a file that ends inside encapsulated (compressed)
-        # frames: the scan, which stops before the pixel data, had found a sound header.
-        raise DicomError(f"pixel data unreadable (a full read of the {len(data)}-byte file finds no complete pixel data: truncated?)")
     sop = str(ds.get("SOPInstanceUID", "")).strip()
     if sop != header.sop:
         raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")

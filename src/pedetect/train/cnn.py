@@ -363,7 +363,7 @@ def export_fold(
     if config.cnn.export == "best" and checkpoint_callback.best_model_path and Path(checkpoint_callback.best_model_path).is_file():
         state = load_checkpoint_state(Path(checkpoint_callback.best_model_path))
         chosen_epoch = int(state["epoch"])
-        prefix = module.evaluated_prefix
+        prefix = next(name for name, m in module.named_modules() if m is module.evaluated_model) + "."
         weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
         module.evaluated_model.load_state_dict(weights)
     else:

@@ -136,11 +136,6 @@ class SliceModule(L.LightningModule):
         """The network that is validated and exported: the weight average when configured."""
         return self.model if self.ema is None else self.ema.module
 
-    @property
-    def evaluated_prefix(self) -> str:
-        """State-dict prefix of :attr:`evaluated_model` within this module (in checkpoints)."""
-        return "model." if self.ema is None else "ema.module."
-
     # ----------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_loss_n, self._train_samples = 0.0, 0, 0
