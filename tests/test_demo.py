@@ -32,9 +32,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 ROOT = Path(__file__).resolve().parents[1]
 # Score / prior-baseline score, cross-validated (issue #5) and on the test set (issue #6); both issues
 # ask for 0.6. Measured (docs/stage2_notes.md; training is deterministic on these 2-core machines):
-# CV 0.66 — each fold's model is judged on studies no CNN of that fold saw — and test 0.56 with the
-# three folds' CNNs and heads averaged. The CV bar leaves room for run-to-run variation; 0.6 once reached.
-MAX_CV_TO_PRIOR = 0.75
+# CV 0.586 — each fold's model is judged on studies no CNN of that fold saw — and test 0.46 with the
+# three folds' CNNs and heads averaged. A change to the demo recipe must re-measure both.
+MAX_CV_TO_PRIOR = 0.6
 MAX_TEST_TO_PRIOR = 0.6
 
 

@@ -136,3 +136,32 @@ def test_small_cnn_space_to_depth_keeps_every_pixel_at_half_resolution():
     assert (features[1] - features[0]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="space_to_depth"):
         create_backbone("pedetect_small_cnn", space_to_depth=0)
+
+
+@pytest.mark.parametrize("backbone", ["pedetect_small_cnn", TINY])
+def test_location_grid_appends_the_slice_logit_of_each_cell(tmp_path, backbone):
+    """embed.location_grid G: the embedding is the pooled features, then the slice head on each of
+    G × G cells; with G = 1 that cell is the whole slice (its logit is the slice logit), and with G = 3
+    a defect in one corner moves that corner's logit and leaves the opposite corner's alone."""
+    config = apply_overrides(ExperimentConfig(), [f"cnn.backbone.name={backbone}", "cnn.input.mode=pe", "embed.location_grid=3"])
+    save_config(config, tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    plain = build_slice_classifier(config.cnn).eval()
+    save_weights(plain, fold_dir(tmp_path, 0) / "model.safetensors")
+    gridded = load_slice_classifier(tmp_path, 0)  # location_grid from the config's embed section
+    assert gridded.embedding_dim == plain.embedding_dim + 9
+    x = torch.full((2, 1, 48, 48), 60, dtype=torch.uint8)
+    x[1, :, 2:8, 2:8] = 255  # a bright square in the top-left cell only
+    with torch.inference_mode():
+        features, logit = plain.embed(x)
+        embedding, grid_logit = gridded.embed(x)
+        assert torch.allclose(embedding[:, : plain.embedding_dim], features, atol=1e-5)
+        assert torch.allclose(grid_logit, logit, atol=1e-5)
+        cells = embedding[:, plain.embedding_dim :]
+        assert (cells[1, 0] - cells[0, 0]).abs() > 1e-4 and torch.allclose(cells[1, 8], cells[0, 8], atol=1e-5)
+        whole = SliceClassifier(plain.backbone, location_grid=1).eval()
+        whole.head.load_state_dict(plain.head.state_dict())
+        one_cell, slice_logit = whole.embed(x)
+        assert torch.allclose(one_cell[:, -1], slice_logit, atol=1e-5)
+    with pytest.raises(ValueError, match="location_grid"):
+        SliceClassifier(plain.backbone, location_grid=-1)

@@ -18,6 +18,8 @@ CONFIGS = [
     dict(encoder="transformer", layers=2, heads=2, hidden=16),
     dict(encoder="gru", fixed_length=16, neighbour_diffs=True),
     dict(encoder="gru", exam_structure="conditional"),
+    dict(encoder="gru", exam_structure="conditional", exam_pooling="per_output"),
+    dict(encoder="transformer", heads=2, hidden=16, exam_pooling="per_output"),
 ]
 
 
@@ -139,3 +141,22 @@ def test_conditional_exam_logits_multiply_out_and_obey_the_rules():
     x = outputs.clone().requires_grad_(True)
     conditional_exam_logits(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_per_output_pooling_gives_each_exam_output_its_own_slices():
+    """With per-output attention, output k's logit is row k of the head on [attention_k pooling, max
+    pooling]: steering one output's attention changes that output alone."""
+    torch.manual_seed(0)
+    head = SequenceHead(D, encoder="gru", hidden=6, exam_pooling="per_output").eval()
+    embeddings, mask, cnn_logits = batch(5)
+    _, before = head(embeddings, mask, cnn_logits)
+    with torch.no_grad():
+        head.attention.weight[3] += 5.0 * torch.randn(head.attention.weight.shape[1])
+    _, after = head(embeddings, mask, cnn_logits)
+    changed = (after - before).abs().amax(0) > 1e-6
+    assert changed.tolist() == [k == 3 for k in range(len(EXAM_LABELS))]
+    # The shared head's attention has one row; per_output one per exam output.
+    assert SequenceHead(D, exam_pooling="shared").attention.out_features == 1
+    assert head.attention.out_features == len(EXAM_LABELS)
+    with pytest.raises(ValueError, match="exam_pooling"):
+        SequenceHead(D, exam_pooling="mean")

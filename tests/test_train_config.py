@@ -91,3 +91,28 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_experiment(tmp_path / "config.yaml") == config
     text = config_to_yaml(config)
     assert "warmup_epochs" in text and "focal_gamma" in text  # every default written out
+
+
+def test_a_changed_config_removes_exactly_the_stages_it_invalidates(tmp_path):
+    from pedetect.train.cnn import TrainError, prepare_model_dir
+
+    def layout():
+        for name in ("cnn/fold0", "embed/fold0", "seq/fold0"):
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        return lambda: sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+
+    base = ExperimentConfig()
+    prepare_model_dir(base, tmp_path, force=False, echo=lambda m: None)
+    left = layout()
+    said: list[str] = []
+    prepare_model_dir(apply_overrides(base, ["seq.hidden=32"]), tmp_path, force=False, echo=said.append)
+    assert left() == ["cnn", "embed"] and "stage-2 config changed (seq.hidden)" in said[0]
+    left = layout()
+    gridded = apply_overrides(base, ["seq.hidden=32", "embed.location_grid=3"])
+    prepare_model_dir(gridded, tmp_path, force=False, echo=said.append)
+    assert left() == ["cnn"] and "embed.location_grid" in said[1]
+    left = layout()
+    prepare_model_dir(apply_overrides(gridded, ["embed.batch_size=8"]), tmp_path, force=False, echo=said.append)
+    assert left() == ["cnn", "embed", "seq"]  # batch size changes no result
+    with pytest.raises(TrainError, match="cnn.epochs"):
+        prepare_model_dir(apply_overrides(gridded, ["cnn.epochs=9"]), tmp_path, force=False, echo=said.append)

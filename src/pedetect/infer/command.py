@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from pedetect.infer.demo import TEST_STUDIES, TRAIN_STUDIES
+
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -52,8 +54,8 @@ def predict_command(
 
 def demo_command(
     out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
-    train_studies: int = typer.Option(240, "--train-studies", min=6, help="Synthetic training studies (seed 1)."),
-    test_studies: int = typer.Option(30, "--test-studies", min=1, help="Synthetic test studies (seed 2, RLE lossless)."),
+    train_studies: int = typer.Option(TRAIN_STUDIES, "--train-studies", min=6, help="Synthetic training studies (seed 1)."),
+    test_studies: int = typer.Option(TEST_STUDIES, "--test-studies", min=1, help="Synthetic test studies (seed 2, RLE lossless)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."),
     overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),
 ) -> None:

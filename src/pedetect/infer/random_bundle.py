@@ -46,7 +46,7 @@ def write_random_bundle(
     width = 0
     for k in range(folds):
         torch.manual_seed(seed + k)
-        cnn = build_slice_classifier(config.cnn, load_pretrained=False)
+        cnn = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)
         width = cnn.embedding_dim
         save_weights(cnn, fold_dir(out, k) / WEIGHTS_FILE)
         (fold_dir(out, k) / COMPLETE).write_text("{}\n")

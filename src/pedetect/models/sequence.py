@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 Encoder = Literal["gru", "lstm", "transformer"]
 ExamStructure = Literal["independent", "conditional"]
+ExamPooling = Literal["shared", "per_output"]
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -125,11 +126,15 @@ class SequenceHead(nn.Module):
         fixed_length: int | None = None,
         input_dropout: float = 0.0,
         exam_structure: ExamStructure = "independent",
+        exam_pooling: ExamPooling = "shared",
     ):
         super().__init__()
         if exam_structure not in ("independent", "conditional"):
             raise ValueError(f"unknown exam_structure {exam_structure!r}; choose independent or conditional")
+        if exam_pooling not in ("shared", "per_output"):
+            raise ValueError(f"unknown exam_pooling {exam_pooling!r}; choose shared or per_output")
         self.exam_structure = exam_structure
+        self.exam_pooling = exam_pooling
         self.embedding_dim = embedding_dim
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout else nn.Identity()
         self.neighbour_diffs = neighbour_diffs
@@ -154,8 +159,10 @@ class SequenceHead(nn.Module):
             raise ValueError(f"unknown sequence encoder {encoder!r}; choose gru, lstm or transformer")
         self.dropout = nn.Dropout(dropout)
         self.slice_head = nn.Linear(out_dim, 1)
-        self.attention = nn.Linear(out_dim, 1)
         n_exam = len(EXAM_LABELS) if exam_structure == "independent" else len(CONDITIONAL_OUTPUTS)
+        # shared: one attention over the slices for every exam output; per_output: each output attends
+        # to its own slices (the RV/LV outputs to the heart's, positive/negative to the emboli's).
+        self.attention = nn.Linear(out_dim, 1 if exam_pooling == "shared" else n_exam)
         self.exam_head = nn.Linear(2 * out_dim, n_exam)
 
     def _encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,10 +194,14 @@ class SequenceHead(nn.Module):
     def _heads(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.dropout(self._encode(x, mask))
         slice_logits = self.slice_head(hidden).squeeze(-1).masked_fill(~mask, 0.0)
-        scores = self.attention(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))
-        attended = (torch.softmax(scores, dim=1).unsqueeze(-1) * hidden).sum(1)
+        scores = self.attention(hidden).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, T, 1 or n_exam)
+        attended = torch.einsum("btk,btd->bkd", torch.softmax(scores, dim=1), hidden)
         maxed = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
-        exam_logits = self.exam_head(torch.cat([attended, maxed], dim=-1))
+        if self.exam_pooling == "shared":
+            exam_logits = self.exam_head(torch.cat([attended[:, 0], maxed], dim=-1))
+        else:  # output k reads its own attended vector: row k of the head's weights on [attended_k, maxed]
+            pooled = torch.cat([attended, maxed.unsqueeze(1).expand_as(attended)], dim=-1)
+            exam_logits = (pooled * self.exam_head.weight).sum(-1) + self.exam_head.bias
         if self.exam_structure == "conditional":
             exam_logits = conditional_exam_logits(exam_logits)
         return slice_logits, exam_logits
@@ -251,6 +262,7 @@ def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
         fixed_length=seq.fixed_length,
         input_dropout=seq.input_dropout,
         exam_structure=seq.exam_structure,
+        exam_pooling=seq.exam_pooling,
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pedetect.models.backbone import create_backbone
@@ -41,14 +42,20 @@ class SliceClassifier(nn.Module):
         mean: float = 0.456,
         std: float = 0.224,
         head_dropout: float = 0.0,
+        location_grid: int = 0,
     ):
         super().__init__()
+        if location_grid < 0:
+            raise ValueError(f"location_grid must be 0 (off) or a grid side, got {location_grid}")
         self.backbone = backbone
         self.exam_labels = tuple(exam_labels)
         # timm: pooled features are head_hidden_size wide where a model has a pre-logits head (MobileNetV3).
-        self.embedding_dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.feature_dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.location_grid = int(location_grid)
+        # What stage 2 reads per slice: the pooled features, then one slice logit per cell of the grid.
+        self.embedding_dim = self.feature_dim + self.location_grid**2
         self.dropout = nn.Dropout(head_dropout) if head_dropout else nn.Identity()
-        self.head = nn.Linear(self.embedding_dim, 1 + len(self.exam_labels))
+        self.head = nn.Linear(self.feature_dim, 1 + len(self.exam_labels))
         self.register_buffer("mean", torch.tensor(float(mean) * 255.0), persistent=False)
         self.register_buffer("std", torch.tensor(float(std) * 255.0), persistent=False)
         # Channels-last layout: oneDNN convolutions on CPU and tensor-core convolutions under mixed
@@ -69,14 +76,37 @@ class SliceClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume."""
-        features = self.features(x)
-        return features, self.head(features)[:, 0]
+        """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume.
+
+        With ``location_grid`` G, the embedding ends with G × G location logits: the slice head applied
+        to each cell of a G × G pooling of the last feature map (a coarse class-activation map), so
+        stage 2 learns where on the slice the emboli are (left, right, central) from numbers that
+        mean the same in every fold, not from the features' layout.
+        """
+        if not self.location_grid:
+            features = self.features(x)
+            return features, self.head(features)[:, 0]
+        feature_map = self.backbone.forward_features(self.normalise(x))
+        features = self.backbone.forward_head(feature_map, pre_logits=True)
+        cells = _pool_cells(self.backbone, feature_map, self.location_grid)  # (B * G * G, C, 1, 1)
+        cell_logits = self.head(self.backbone.forward_head(cells, pre_logits=True))[:, 0].reshape(len(x), -1)
+        return torch.cat([features, cell_logits.to(features.dtype)], dim=1), self.head(features)[:, 0]
 
 
-def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True) -> SliceClassifier:
+def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """A ``(B, C, H, W)`` feature map pooled to ``grid`` × ``grid`` cells the way the backbone pools
+    globally (max or average), as ``(B · grid², C, 1, 1)`` one-pixel maps for its own head."""
+    pool = getattr(backbone, "global_pool", None)
+    kind = getattr(pool, "pool_type", None) or ("max" if isinstance(pool, nn.AdaptiveMaxPool2d) else "avg")
+    pooled = (F.adaptive_max_pool2d if "max" in str(kind) and "avg" not in str(kind) else F.adaptive_avg_pool2d)(feature_map, grid)
+    b, c = pooled.shape[:2]
+    return pooled.permute(0, 2, 3, 1).reshape(b * grid * grid, c, 1, 1)
+
+
+def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, location_grid: int = 0) -> SliceClassifier:
     """The model of a resolved ``cnn`` config section; ``load_pretrained=False`` skips the backbone's
-    weights file (when trained weights are about to be loaded anyway)."""
+    weights file (when trained weights are about to be loaded anyway); ``location_grid``: the
+    ``embed.location_grid`` its embeddings carry (no weights of its own)."""
     b = cnn.backbone
     backbone = create_backbone(
         b.name,
@@ -91,6 +121,7 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True) -> S
         mean=cnn.input.mean,
         std=cnn.input.std,
         head_dropout=b.drop_rate,
+        location_grid=location_grid,
     )
 
 
@@ -123,7 +154,7 @@ def load_slice_classifier(
     path = fold_dir(model_dir, fold) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no trained CNN for fold {fold}: {path} is missing (run pedetect train --stage cnn)")
-    model = build_slice_classifier(config.cnn, load_pretrained=False)
+    model = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)
     model.load_state_dict(load_file(str(path)))
     return model.eval().to(device)
 

@@ -54,8 +54,12 @@ CONFIG_FILE = "config.yaml"
 # SEQ_SECTIONS only the sequence heads (stage 2 is redone, stage 1 and the embeddings are kept).
 MODEL_SECTIONS = ("seed", "data", "cnn")
 SEQ_SECTIONS = ("seq",)
+# Settings of the embedding pass that change what it writes (batch size and workers do not): a change
+# redoes the embeddings and stage 2, not the CNNs.
+EMBEDDING_KEYS = ("embed.location_grid",)
 # What each kind of change removes from MODEL_DIR.
 STAGE1_OUTPUTS = ("cnn", "embed", "seq", "prior.json", "bundle.json")
+EMBED_OUTPUTS = ("embed", "seq", "bundle.json")
 SEQ_OUTPUTS = ("seq", "bundle.json")
 
 
@@ -106,8 +110,8 @@ def remove_outputs(out: Path, names: Sequence[str]) -> None:
 def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo: Callable[[str], None]) -> None:
     """Write the resolved config; refuse a folder trained with another stage-1 config unless ``force``.
 
-    A changed ``seq`` section alone removes the previous stage-2 results (they are redone; stage 1 and
-    the embeddings stay).
+    A changed ``embed.location_grid`` removes the embeddings and stage 2 (the CNNs stay); a changed
+    ``seq`` section alone removes the previous stage-2 results (stage 1 and the embeddings stay).
     """
     path = out / CONFIG_FILE
     if path.is_file():
@@ -125,6 +129,10 @@ def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo:
             if is_global_zero():
                 echo(f"config changed ({', '.join(changed[:8])}): removing the previous results of every stage")
                 remove_outputs(out, STAGE1_OUTPUTS)
+        embed_changed = [k for k in config_differences(previous, config, ("embed",)) if k in EMBEDDING_KEYS]
+        if embed_changed and is_global_zero():
+            echo(f"embedding config changed ({', '.join(embed_changed)}): removing the previous embeddings and sequence heads")
+            remove_outputs(out, EMBED_OUTPUTS)
         seq_changed = config_differences(previous, config, SEQ_SECTIONS)
         if seq_changed and is_global_zero():
             echo(f"stage-2 config changed ({', '.join(seq_changed[:8])}): removing the previous sequence heads")

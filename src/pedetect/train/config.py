@@ -244,6 +244,10 @@ class CnnConfig(Section):
 class EmbedConfig(Section):
     batch_size: int = Field(64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results).")
     num_workers: int = Field(1, ge=0, description="Processes reading series from the store ahead of the CNN (0: in the main process).")
+    location_grid: int = Field(
+        0, ge=0, le=8, description="Append to each slice's embedding the CNN's slice logit on every cell of a G x G grid "
+        "over the slice (where the emboli are: left, right, central); 0: the pooled features alone.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +272,11 @@ class SeqConfig(Section):
         "independent",
         description="independent: nine exam logits from the pooled features; conditional: p(positive), p(indeterminate | "
         "not positive) and each positive-only label given positive, multiplied out (the label rules' structure).",
+    )
+    exam_pooling: Literal["shared", "per_output"] = Field(
+        "shared",
+        description="shared: one attention pooling over the slices for every exam output; per_output: an attention per "
+        "exam output (RV/LV can attend to the heart's slices while positive/negative attends to the emboli's).",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
