@@ -97,8 +97,9 @@ def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int) -> to
     """A ``(B, C, H, W)`` feature map pooled to ``grid`` × ``grid`` cells the way the backbone pools
     globally (max or average), as ``(B · grid², C, 1, 1)`` one-pixel maps for its own head."""
     pool = getattr(backbone, "global_pool", None)
-    kind = getattr(pool, "pool_type", None) or ("max" if isinstance(pool, nn.AdaptiveMaxPool2d) else "avg")
-    pooled = (F.adaptive_max_pool2d if "max" in str(kind) and "avg" not in str(kind) else F.adaptive_avg_pool2d)(feature_map, grid)
+    # timm names its pooling in pool_type ("avg", "max", "avgmax", ...); pedetect_small_cnn uses torch's.
+    kind = getattr(pool, "pool_type", "max" if isinstance(pool, nn.AdaptiveMaxPool2d) else "avg")
+    pooled = (F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d)(feature_map, grid)
     b, c = pooled.shape[:2]
     return pooled.permute(0, 2, 3, 1).reshape(b * grid * grid, c, 1, 1)
 
