@@ -128,7 +128,7 @@ def main() -> None:
 
     from pedetect.data.dataset import SliceDataset, open_store, slice_items
     from pedetect.data.sampler import EpochSampler
-    from pedetect.train.config import load_experiment
+    from pedetect.recipe import load_experiment
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

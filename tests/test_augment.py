@@ -16,7 +16,7 @@ from pedetect.data.augment import (
     warp,
     warp_torch,
 )
-from pedetect.train.config import AugmentConfig
+from pedetect.recipe import AugmentConfig
 
 
 def image(channels: int = 3, h: int = 40, w: int = 40, seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pedetect.cli import app
-from pedetect.infer.demo import default_config, run_demo
+from pedetect.demo.run import default_config, run_demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
 from pedetect.metric.evaluate import evaluate_files
 from pedetect.metric.submission import expected_ids, read_studies

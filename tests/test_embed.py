@@ -11,9 +11,10 @@ import torch
 from pedetect.data.dataset import series_inputs
 from pedetect.data.folds import read_folds
 from pedetect.labels import SERIES, SOP, STUDY
-from pedetect.models.slice_classifier import embed_volume, fold_dir, load_slice_classifier
-from pedetect.train.cnn import COMPLETE, TrainError, training_inputs
-from pedetect.train.embed import embed_dir, read_series_embedding, run_embed, series_path
+from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
+from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, embedding_path
+from pedetect.train.embed import read_series_embedding, run_embed
+from pedetect.train.setup import TrainError, training_inputs
 from pedetect.train.pipeline import train
 from train_fixtures import FakeStore, fake_labels
 from train_fixtures import tiny_config as tiny
@@ -47,7 +48,7 @@ def test_each_study_is_embedded_by_its_own_folds_cnn_only(trained):
     for k, names in files.items():
         assert names and all(folds[series_of[s]] == k for s in names)
     series = files[1][0]
-    stored = read_series_embedding(series_path(out, 1, series))
+    stored = read_series_embedding(embedding_path(out, 1, series))
     assert stored.embedding.dtype == np.float16 and stored.logit.dtype == np.float32
     assert stored.embedding.shape == (10, cnns[1].embedding_dim)
     expected_sops = store.slices[store.slices[SERIES] == series].sort_values("slice_index")[SOP].tolist()
@@ -99,16 +100,16 @@ def test_a_retrained_cnn_invalidates_its_embeddings(trained, tmp_path):
     config, labels, store, out = trained
     copy = tmp_path / "model"
     shutil.copytree(out, copy)
-    weights = fold_dir(copy, 0) / "model.safetensors"
+    weights = cnn_dir(copy, 0) / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(weights))
     state["head.bias"] = state["head.bias"] + 1.0  # another CNN: every logit moves by 1
     save_file(state, str(weights))
     series = sorted(p.stem for p in embed_dir(copy, 0).glob("*.npz"))[0]
-    old = read_series_embedding(series_path(copy, 0, series))
+    old = read_series_embedding(embedding_path(copy, 0, series))
     run_embed(training_inputs(config, store=store, labels=labels, out=copy))
-    new = read_series_embedding(series_path(copy, 0, series))
+    new = read_series_embedding(embedding_path(copy, 0, series))
     np.testing.assert_allclose(new.logit, old.logit + 1.0, atol=1e-4)
 
 

@@ -7,14 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from pedetect.models.backbone import BackboneError, check_backbone_name, create_backbone, read_state_dict
-from pedetect.models.slice_classifier import (
-    SliceClassifier,
-    build_slice_classifier,
-    fold_dir,
-    load_slice_classifier,
-    save_weights,
-)
-from pedetect.train.config import ExperimentConfig, apply_overrides, save_config
+from pedetect.models.layout import cnn_dir
+from pedetect.models.slice_classifier import SliceClassifier, build_slice_classifier, load_slice_classifier, save_weights
+from pedetect.recipe import ExperimentConfig, apply_overrides, save_config
 
 TINY = "resnet10t"
 
@@ -91,7 +86,7 @@ def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     torch.manual_seed(0)
     model = build_slice_classifier(config.cnn).eval()
-    save_weights(model, fold_dir(tmp_path, 2) / "model.safetensors")
+    save_weights(model, cnn_dir(tmp_path, 2) / "model.safetensors")
     loaded = load_slice_classifier(tmp_path, 2)
     assert isinstance(loaded, SliceClassifier) and not loaded.training
     x = torch.randint(0, 256, (2, 9, 32, 32), dtype=torch.uint8)
@@ -147,7 +142,7 @@ def test_location_grid_appends_the_slice_logit_of_each_cell(tmp_path, backbone):
     save_config(config, tmp_path / "config.yaml")
     torch.manual_seed(0)
     plain = build_slice_classifier(config.cnn).eval()
-    save_weights(plain, fold_dir(tmp_path, 0) / "model.safetensors")
+    save_weights(plain, cnn_dir(tmp_path, 0) / "model.safetensors")
     gridded = load_slice_classifier(tmp_path, 0)  # location_grid from the config's embed section
     assert gridded.embedding_dim == plain.embedding_dim + 9
     x = torch.full((2, 1, 48, 48), 60, dtype=torch.uint8)

@@ -1,7 +1,7 @@
 """``pedetect predict`` on real (synthetic) DICOM: every id written, the rules kept, bad files and
 studies accounted for, the report written.
 
-The fast tests use a bundle with random weights (pedetect.infer.random_bundle): what they check —
+The fast tests use a bundle with random weights (pedetect.testing): what they check —
 reading, ordering, ids, consistency, the bookkeeping of losses, the report — does not depend on what
 a model learnt. The trained model's score is checked by tests/test_demo.py.
 """
@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from pedetect.cli import app
 from pedetect.infer.predict import predict
-from pedetect.infer.random_bundle import write_random_bundle
+from pedetect.testing import write_random_bundle
 from pedetect.infer.reader import guess_uids
 from pedetect.labels import EXAM_LABELS, SERIES, SOP, STUDY, exam_id
 from pedetect.metric.consistency import find_violations

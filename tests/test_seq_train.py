@@ -14,13 +14,13 @@ import torch
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
 from pedetect.metric.evaluate import evaluate_files, evaluate_frames
 from pedetect.models.bundle import BundleError, read_bundle
-from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series, seq_dir
-from pedetect.models.slice_classifier import fold_dir
-from pedetect.train.cnn import COMPLETE, TrainError, training_inputs
-from pedetect.train.config import ConfigError, apply_overrides
-from pedetect.train.embed import embed_dir
+from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series
+from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, seq_dir
+from pedetect.train.setup import TrainError, training_inputs
+from pedetect.recipe import ConfigError, apply_overrides
 from pedetect.train.pipeline import train
-from pedetect.train.seq import _sigmoid, collate, load_records, oof_submission, predict_records
+from pedetect.metric.loss import sigmoid
+from pedetect.train.seq import collate, load_records, oof_submission, predict_records
 from train_fixtures import FakeStore, fake_labels
 from train_fixtures import tiny_config as tiny
 
@@ -49,8 +49,8 @@ def test_the_training_loss_is_the_score_evaluate_gives(trained):
     with torch.no_grad():
         slice_logits, exam_logits = head(batch["embedding"], batch["mask"], batch["logit"])
         loss = metric_loss(slice_logits, exam_logits, batch["labelled"], batch["slice_target"], batch["exam_target"])
-    slices = [_sigmoid(slice_logits[i, : len(r.logit)].double().numpy()) for i, r in enumerate(records)]
-    submission = oof_submission(records, slices, _sigmoid(exam_logits.double().numpy()))
+    slices = [sigmoid(slice_logits[i, : len(r.logit)].double().numpy()) for i, r in enumerate(records)]
+    submission = oof_submission(records, slices, sigmoid(exam_logits.double().numpy()))
     assert evaluate_frames(labels, submission)["score"] == pytest.approx(loss.item(), abs=1e-6)
 
 
@@ -120,7 +120,7 @@ def test_a_changed_seq_section_redoes_stage_2_only(trained, tmp_path):
     config, labels, store, out, _ = trained
     copy = tmp_path / "model"
     shutil.copytree(out, copy)
-    kept = [fold_dir(copy, 0) / COMPLETE, embed_dir(copy, 0) / COMPLETE]
+    kept = [cnn_dir(copy, 0) / COMPLETE, embed_dir(copy, 0) / COMPLETE]
     stamps = [p.stat().st_mtime_ns for p in kept]
     old_head = (seq_dir(copy, 0) / "model.safetensors").read_bytes()
     result = train(tiny("seq.hidden=8"), store=store, labels=labels, out=copy)

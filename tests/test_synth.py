@@ -14,6 +14,7 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from typer.testing import CliRunner
 
 from pedetect.cli import app
+from pedetect.io import TMP_MARK
 from pedetect.labels import (
     EXAM_LABELS,
     IMAGE_LABEL,
@@ -447,7 +448,7 @@ def test_cli_train_and_test_splits(tmp_path):
     assert (sub["label"] == 0.5).all()
     assert len(list((tmp_path / "test").rglob("*.dcm"))) == 12
     assert set(test[STUDY]).isdisjoint(train[STUDY])
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic CSV writes leave no temporary files
+    assert not [p for p in tmp_path.rglob("*") if TMP_MARK in p.name]  # atomic CSV writes leave no temporary files
 
 
 def test_cli_preview_and_errors(tmp_path):

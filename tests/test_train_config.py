@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 
-from pedetect.train.config import (
+from pedetect.models.backbone import check_backbone_name
+from pedetect.recipe import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -24,7 +24,7 @@ RECIPES = ["demo.yaml", "rsna_4th_rexnet200.yaml", "rsna_5th_effnetb5.yaml", "rs
 def test_recipes_validate_and_name_their_source(name):
     config = load_experiment(CONFIGS / name)
     assert config.source, f"{name} must say where it comes from"
-    assert timm.is_model(config.cnn.backbone.name)
+    check_backbone_name(config.cnn.backbone.name)  # timm has it (pedetect_small_cnn registered with timm)
     assert config.cnn.backbone.weights is None  # nothing to download; weights are a local choice
 
 
@@ -94,7 +94,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_a_changed_config_removes_exactly_the_stages_it_invalidates(tmp_path):
-    from pedetect.train.cnn import TrainError, prepare_model_dir
+    from pedetect.train.setup import TrainError, prepare_model_dir
 
     def layout():
         for name in ("cnn/fold0", "embed/fold0", "seq/fold0"):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from pedetect.data.dataset import N_SLICES, SLICE_INDEX, SliceDataset, StoreError, slice_items
 from pedetect.data.sampler import EpochSampler, ShardSampler
 from pedetect.labels import IMAGE_LABEL, SERIES, SOP
-from pedetect.train.config import AugmentConfig
+from pedetect.recipe import AugmentConfig
 from train_fixtures import FakeStore, fake_labels
 
 
@@ -128,7 +128,7 @@ def test_balanced_needs_both_classes():
 @pytest.mark.parametrize("mode", ["windows", "pe", "adjacent", "both"])
 def test_series_inputs_match_the_training_inputs(labelled, mode):
     from pedetect.data.dataset import series_inputs
-    from pedetect.train.config import InputConfig
+    from pedetect.recipe import InputConfig
 
     labels, store = labelled
     items = slice_items(labels, store.slices)

@@ -13,9 +13,10 @@ import torch
 from pedetect.data.dataset import StoreError, training_targets
 from pedetect.data.folds import FoldsError
 from pedetect.models.slice_classifier import load_slice_classifier
-from pedetect.train.cnn import COMPLETE, TrainError
+from pedetect.models.layout import COMPLETE
+from pedetect.train.setup import TrainError
 from pedetect.train.pipeline import train
-from pedetect.train.config import CnnConfig, ExperimentConfig, SchedulerConfig, apply_overrides, load_experiment
+from pedetect.recipe import CnnConfig, ExperimentConfig, SchedulerConfig, apply_overrides, load_experiment
 from pedetect.train.module import LrSchedule, focal_loss, slice_loss
 from pedetect.labels import IMAGE_LABEL
 from train_fixtures import FakeStore, fake_labels

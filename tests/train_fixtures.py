@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from pedetect.infer import demo
+from pedetect.demo import run as demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, TRAIN_COLUMNS
 
 
@@ -123,7 +123,7 @@ TINY_TRAINING = [
 
 def tiny_config(*extra: str):
     """The default experiment with :data:`TINY_TRAINING` and ``extra`` overrides."""
-    from pedetect.train.config import ExperimentConfig, apply_overrides
+    from pedetect.recipe import ExperimentConfig, apply_overrides
 
     return apply_overrides(ExperimentConfig(), TINY_TRAINING + list(extra))
 

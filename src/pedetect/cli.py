@@ -9,7 +9,8 @@ from __future__ import annotations
 import typer
 
 from pedetect import __version__
-from pedetect.infer.command import demo_command, predict_command
+from pedetect.demo.command import demo_command
+from pedetect.infer.command import predict_command
 from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command

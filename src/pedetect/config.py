@@ -26,7 +26,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The (sub)model that holds the field at ``loc`` (list indices and dict keys skipped)."""
     current: Any = model
     for part in loc:
@@ -35,19 +35,25 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
         field = current.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue  # a list index or a dict key: stay on the element type found below
-        current = _inner_model(field.annotation)
+        current = inner_model(field.annotation)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _inner_model(annotation: Any) -> Any:
+def inner_model(annotation: Any) -> Any:
     """The pydantic model inside ``Optional[M]``, ``list[M]``, ``dict[str, M]``, … (or the annotation)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if isinstance(found, type) and issubclass(found, BaseModel):
             return found
     return annotation
+
+
+def allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the (sub)model at ``loc``, sorted; empty where ``loc`` leads to no model."""
+    owner = model_at(model, loc)
+    return sorted(owner.model_fields) if owner is not None else []
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
@@ -57,8 +63,7 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
         loc = tuple(problem.get("loc", ()))
         where = ".".join(str(part) for part in loc) or "(top level)"
         if problem.get("type") == "extra_forbidden":
-            owner = _model_at(model, loc[:-1])
-            allowed = ", ".join(sorted(owner.model_fields)) if owner is not None else "?"
+            allowed = ", ".join(allowed_keys(model, loc[:-1])) or "?"
             lines.append(f"{source}: unknown key {where!r}; allowed keys here: {allowed}")
         else:
             lines.append(f"{source}: {where}: {problem.get('msg')} (got {problem.get('input')!r})")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pedetect.train.config import AugmentConfig
+from pedetect.recipe import AugmentConfig
 
 
 @dataclass(frozen=True)

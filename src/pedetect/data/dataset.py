@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from pedetect.data.augment import SliceAugment
 from pedetect.labels import IMAGE_LABEL, NEGATIVE_LABELS, SERIES, SOP, STUDY
-from pedetect.train.config import AugmentConfig
+from pedetect.recipe import AugmentConfig
 
 SLICE_INDEX = "slice_index"
 N_SLICES = "n_slices"

@@ -1,4 +1,4 @@
-"""``pedetect predict`` and ``pedetect demo`` (Typer and pathlib only at import: ``--help`` stays fast)."""
+"""``pedetect predict`` (Typer and pathlib only at import: ``--help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ from typing import Optional
 
 import typer
 
-from pedetect.infer.demo import TEST_STUDIES, TRAIN_STUDIES
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
+from pedetect.console import fail
 
 
 def predict_command(
@@ -44,29 +39,9 @@ def predict_command(
         summary = predict(input_path, list(model), out, report_dir=report, device=device, tta=tta, sample=sample,
                           batch_size=batch_size, progress=progress)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     typer.echo(summary.text(), err=True)
     if report is not None:
         typer.echo(f"report: {report / 'index.html'}", err=True)
     if not summary.ok:
         raise typer.Exit(1)
-
-
-def demo_command(
-    out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
-    train_studies: int = typer.Option(TRAIN_STUDIES, "--train-studies", min=6, help="Synthetic training studies (seed 1)."),
-    test_studies: int = typer.Option(TEST_STUDIES, "--test-studies", min=1, help="Synthetic test studies (seed 2, RLE lossless)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."),
-    overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),
-) -> None:
-    """The whole pipeline on synthetic CTPA, on a CPU in minutes: synth (train and test sets of
-    different seeds) → prepare → train (configs/demo.yaml) → predict with report → evaluate, and a
-    closing table: the score against the prior baseline, slice AUC, per-label AUC, the report's place.
-    """
-    from pedetect.infer.demo import DemoError, run_demo
-
-    try:
-        result = run_demo(out, train_studies=train_studies, test_studies=test_studies, config=config, overrides=list(overrides))
-    except DemoError as error:
-        raise _fail(str(error)) from None
-    typer.echo(result.table())

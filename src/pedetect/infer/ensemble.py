@@ -15,19 +15,7 @@ from typing import Any
 import numpy as np
 
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when there is one, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return device
+from pedetect.metric.loss import sigmoid
 
 
 def preprocessing_key(preprocessing: dict[str, Any]) -> tuple:
@@ -43,10 +31,6 @@ class _Member:
     head: Any
     input_config: Any
     read: tuple  # preprocessing key
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 class Ensemble:
@@ -95,7 +79,7 @@ class Ensemble:
             for view in views:
                 embeddings, logits = embed_volume(member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device)
                 slice_logits, exam_logits = predict_series(member.head, embeddings, logits)
-                per_bundle.setdefault(member.bundle, []).append((_sigmoid(slice_logits), _sigmoid(exam_logits)))
+                per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), sigmoid(exam_logits)))
         slices = np.mean([np.mean([s for s, _ in runs], axis=0) for runs in per_bundle.values()], axis=0)
         exams = np.mean([np.mean([e for _, e in runs], axis=0) for runs in per_bundle.values()], axis=0)
         return slices, exams

@@ -165,7 +165,8 @@ def predict(
     with single files or studies are in the returned summary instead."""
     from tqdm.auto import tqdm
 
-    from pedetect.infer.ensemble import Ensemble, resolve_device
+    from pedetect.infer.ensemble import Ensemble
+    from pedetect.runtime import resolve_device
     from pedetect.infer.reader import scan_input
     from pedetect.infer.report import write_index
     from pedetect.io import write_csv_atomic

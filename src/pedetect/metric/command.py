@@ -7,10 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
+from pedetect.console import fail
 
 
 def evaluate_command(
@@ -32,7 +29,7 @@ def evaluate_command(
     try:
         report = evaluate_files(labels, submission)
     except InputError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -59,7 +56,7 @@ def check_command(
         frame = read_submission(submission)
         aligned = align(frame, read_studies(studies), submission)
     except InputError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
 
     violations = find_violations(aligned)
     n_studies = len(aligned.study_uids)

@@ -13,13 +13,20 @@ from pedetect.metric.loss import weighted_log_loss_parts
 from pedetect.metric.submission import align, read_labels, read_submission
 
 
-def _auc(target: np.ndarray, prediction: np.ndarray) -> float | None:
-    """ROC AUC, or None when the truth has a single class (AUC undefined)."""
+def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC; NaN when the truth has a single class (AUC undefined). The one AUC of the package:
+    evaluation, and the validation of both training stages."""
     if len(np.unique(target)) < 2:
-        return None
+        return float("nan")
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(target, prediction))
+    return float(roc_auc_score(target, score))
+
+
+def _reported_auc(target: np.ndarray, prediction: np.ndarray) -> float | None:
+    """:func:`roc_auc` as the JSON report gives it: null where undefined."""
+    auc = roc_auc(target, prediction)
+    return None if np.isnan(auc) else auc
 
 
 def evaluate_frames(labels: pd.DataFrame, submission: pd.DataFrame, submission_path: str | Path = "submission") -> dict[str, Any]:
@@ -37,14 +44,14 @@ def evaluate_frames(labels: pd.DataFrame, submission: pd.DataFrame, submission_p
     per_label = {
         IMAGE_LABEL: {
             "log_loss": float(parts.image_score) if parts.image_weight > 0 else None,
-            "auc": _auc(image_target, aligned.image_prediction),
+            "auc": _reported_auc(image_target, aligned.image_prediction),
             "positives": int(image_target.sum()),
         }
     }
     for k, label in enumerate(EXAM_LABELS):
         per_label[label] = {
             "log_loss": float(parts.exam_loss_per_label[k] / n_exams),
-            "auc": _auc(exam_target[:, k], aligned.exam_prediction[:, k]),
+            "auc": _reported_auc(exam_target[:, k], aligned.exam_prediction[:, k]),
             "positives": int(exam_target[:, k].sum()),
         }
     return {

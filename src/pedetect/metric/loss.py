@@ -41,6 +41,11 @@ def _clip_eps(xp, array) -> float:
     return EPS_FLOAT64 if array.dtype == xp.float64 else float(xp.finfo(array.dtype).eps)
 
 
+def sigmoid(logit) -> np.ndarray:
+    """Probabilities of logits, in float64 (numpy; training uses torch's own)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logit, dtype=np.float64)))
+
+
 def binary_cross_entropy(target, prediction, *, from_logits: bool = False):
     """Element-wise binary cross-entropy; ``target`` may be soft (any value in [0, 1]).
 

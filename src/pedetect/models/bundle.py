@@ -1,17 +1,7 @@
 """The model bundle: one folder holding everything ``predict`` needs (DESIGN.md §4).
 
-``pedetect train CONFIG`` (all stages) leaves::
-
-    MODEL_DIR/config.yaml              the resolved config: the models are rebuilt from it
-    MODEL_DIR/folds.csv                where every training study was
-    MODEL_DIR/prior.json               training frequency of every label (for studies that cannot be read)
-    MODEL_DIR/cnn/fold<k>/model.safetensors   slice CNN of fold k (+ metrics, curves)
-    MODEL_DIR/seq/fold<k>/model.safetensors   sequence head of fold k (+ metrics, curves)
-    MODEL_DIR/seq/cv.json, oof_predictions.csv   the cross-validation
-    MODEL_DIR/bundle.json              format version, folds, stages complete, embedding width, CV score
-    MODEL_DIR/preprocessing.json       the slice store's settings (windows, image size) that ``predict``
-                                       reads DICOM with; absent: the store defaults (DESIGN.md §2 windows,
-                                       each series' own size)
+``pedetect train CONFIG`` (all stages) leaves a model folder whose names are in
+:mod:`pedetect.models.layout`; this module reads it as a whole and checks that it is complete.
 
 Pairing at inference: fold k's sequence head reads the embeddings of fold k's CNN
 (``embed_volume(load_slice_classifier(dir, k), …)`` then ``predict_series(load_sequence_head(dir, k), …)``),
@@ -26,14 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from pedetect.train.config import ExperimentConfig
+from pedetect.models.layout import (
+    BUNDLE_FILE,
+    COMPLETE,
+    CONFIG_FILE,
+    FOLDS_FILE,
+    PREPROCESSING_FILE,
+    PRIOR_FILE,
+    complete_folds,
+    fold_dir,
+    read_model_config,
+)
 
-BUNDLE_FILE = "bundle.json"
-PRIOR_FILE = "prior.json"
-PREPROCESSING_FILE = "preprocessing.json"
+if TYPE_CHECKING:
+    from pedetect.recipe import ExperimentConfig
+
 BUNDLE_FORMAT = 1
-COMPLETE = "COMPLETE"  # the marker every stage writes last in a finished fold (pedetect.train.cnn.COMPLETE)
 
 
 class BundleError(ValueError):
@@ -55,14 +53,9 @@ def _fold_ids(folds_csv: Path) -> list[int]:
     return sorted(int(k) for k in pd.read_csv(folds_csv)["fold"].unique())
 
 
-def complete_folds(model_dir: str | Path) -> list[int]:
-    """Fold ids with both ``cnn/fold<k>/COMPLETE`` and ``seq/fold<k>/COMPLETE``."""
-    model_dir = Path(model_dir)
-    ids = set()
-    for stage in ("cnn", "seq"):
-        found = {int(p.parent.name[4:]) for p in (model_dir / stage).glob(f"fold*/{COMPLETE}") if p.parent.name[4:].isdigit()}
-        ids = found if stage == "cnn" else ids & found
-    return sorted(ids)
+def paired_folds(model_dir: str | Path) -> list[int]:
+    """Fold ids with both a finished CNN and a finished sequence head."""
+    return sorted(set(complete_folds(model_dir, "cnn")) & set(complete_folds(model_dir, "seq")))
 
 
 def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle:
@@ -73,23 +66,27 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
     Raises :class:`BundleError` naming what is missing.
     """
     from pedetect.config import ConfigError
-    from pedetect.train.config import read_resolved_config
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BundleError(f"model folder not found: {model_dir}")
-    missing = [name for name in ("config.yaml", PRIOR_FILE, "folds.csv") if not (model_dir / name).is_file()]
+    missing = [name for name in (CONFIG_FILE, PRIOR_FILE, FOLDS_FILE) if not (model_dir / name).is_file()]
     if missing:
         raise BundleError(f"{model_dir} is not a complete model bundle: {', '.join(missing)} missing (train it with pedetect train CONFIG)")
     try:
-        config = read_resolved_config(model_dir)
+        config = read_model_config(model_dir)
     except ConfigError as error:
-        raise BundleError(f"{model_dir / 'config.yaml'} cannot be read: {error}") from None
-    expected = _fold_ids(model_dir / "folds.csv")
-    folds = complete_folds(model_dir)
+        raise BundleError(f"{model_dir / CONFIG_FILE} cannot be read: {error}") from None
+    expected = _fold_ids(model_dir / FOLDS_FILE)
+    folds = paired_folds(model_dir)
     lacking = [k for k in expected if k not in folds]
     if lacking and (not allow_partial or not folds):
-        what = [f"{stage}/fold{k}/{COMPLETE}" for k in lacking for stage in ("cnn", "seq") if not (model_dir / stage / f"fold{k}" / COMPLETE).is_file()]
+        what = [
+            str((fold_dir(model_dir, stage, k) / COMPLETE).relative_to(model_dir))
+            for k in lacking
+            for stage in ("cnn", "seq")
+            if not (fold_dir(model_dir, stage, k) / COMPLETE).is_file()
+        ]
         raise BundleError(
             f"{model_dir} is not a complete model bundle: fold(s) {lacking} lack {', '.join(what[:6])}{' …' if len(what) > 6 else ''} "
             "(run pedetect train CONFIG with the same --out to finish it)"
@@ -108,23 +105,22 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
 
 def write_bundle_info(model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None) -> dict[str, Any]:
     """``MODEL_DIR/bundle.json``, written when a full training run finishes."""
-    from pedetect.io import atomic_path
+    from pedetect.io import write_json_atomic
+    from pedetect.models.layout import STAGES
 
-    info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": ["cnn", "embed", "seq"], "embedding_dim": embedding_dim, "cv_score": cv_score}
-    with atomic_path(Path(model_dir) / BUNDLE_FILE) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": list(STAGES), "embedding_dim": embedding_dim, "cv_score": cv_score}
+    write_json_atomic(Path(model_dir) / BUNDLE_FILE, info)
     return info
 
 
 def write_preprocessing(model_dir: str | Path, store_settings: dict[str, Any]) -> dict[str, Any]:
     """``MODEL_DIR/preprocessing.json`` from the settings of the slice store the model was trained on
     (``SliceStore.settings``): what ``predict`` needs to read DICOM exactly as ``prepare`` did."""
-    from pedetect.io import atomic_path
+    from pedetect.io import write_json_atomic
 
     keys = ("windows", "window_names", "image_size", "jpeg_quality", "jpeg_sampling")
     record = {key: store_settings[key] for key in keys if key in store_settings}
-    with atomic_path(Path(model_dir) / PREPROCESSING_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(Path(model_dir) / PREPROCESSING_FILE, record)
     return record
 
 

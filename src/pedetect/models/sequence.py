@@ -27,14 +27,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pedetect.labels import CHRONICITY_LABELS, EXAM_LABELS, LOCATION_LABELS
 from pedetect.metric.loss import LossParts, weighted_log_loss_parts
+from pedetect.models.layout import WEIGHTS_FILE, read_model_config, seq_dir
 
 if TYPE_CHECKING:
-    from pedetect.train.config import ExperimentConfig, SeqConfig
+    from pedetect.recipe import ExperimentConfig, SeqConfig
 
 Encoder = Literal["gru", "lstm", "transformer"]
 ExamStructure = Literal["independent", "conditional"]
 ExamPooling = Literal["shared", "per_output"]
-WEIGHTS_FILE = "model.safetensors"
 
 
 def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -243,11 +243,6 @@ def metric_loss(*args) -> torch.Tensor:
     return metric_loss_parts(*args).score
 
 
-def seq_dir(model_dir: str | Path, fold: int) -> Path:
-    """``MODEL_DIR/seq/fold<k>``: where stage 2 writes one fold's head and metrics."""
-    return Path(model_dir) / "seq" / f"fold{fold}"
-
-
 def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
     """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide."""
     return SequenceHead(
@@ -285,10 +280,8 @@ def load_sequence_head(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from pedetect.train.config import read_resolved_config
-
     if config is None:
-        config = read_resolved_config(model_dir)
+        config = read_model_config(model_dir)
     path = seq_dir(model_dir, fold) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no trained sequence head for fold {fold}: {path} is missing (run pedetect train --stage seq)")

@@ -21,17 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pedetect.models.backbone import create_backbone
+from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, read_model_config
 
 if TYPE_CHECKING:
-    from pedetect.train.config import CnnConfig, ExperimentConfig
-
-WEIGHTS_FILE = "model.safetensors"
-
-
-def fold_dir(model_dir: str | Path, fold: int) -> Path:
-    """``MODEL_DIR/cnn/fold<k>``: where stage 1 writes one fold's weights and metrics."""
-    return Path(model_dir) / "cnn" / f"fold{fold}"
-
+    from pedetect.recipe import CnnConfig, ExperimentConfig
 
 class SliceClassifier(nn.Module):
     def __init__(
@@ -148,11 +141,9 @@ def load_slice_classifier(
     (or ``config``) and loaded from ``MODEL_DIR/cnn/fold<k>/model.safetensors``."""
     from safetensors.torch import load_file
 
-    from pedetect.train.config import read_resolved_config
-
     if config is None:
-        config = read_resolved_config(model_dir)
-    path = fold_dir(model_dir, fold) / WEIGHTS_FILE
+        config = read_model_config(model_dir)
+    path = cnn_dir(model_dir, fold) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no trained CNN for fold {fold}: {path} is missing (run pedetect train --stage cnn)")
     model = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)

@@ -10,10 +10,8 @@ from typing import Optional
 
 import typer
 
+from pedetect.console import fail
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
 
 
 def prepare_command(
@@ -59,15 +57,15 @@ def prepare_command(
     from pedetect.store.job import StoreSettingsError, prepare
 
     if not input_path.exists():
-        raise _fail(f"INPUT not found: {input_path}")
+        raise fail(f"INPUT not found: {input_path}")
     try:
         settings = load_config(config, PrepareConfig) if config is not None else PrepareConfig()
     except ConfigError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     try:
         summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress)
     except StoreSettingsError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     typer.echo(summary.text())
     if not summary.ok:
         raise typer.Exit(1)

@@ -16,10 +16,7 @@ when its marker exists, and the marker is renamed into place after its data file
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,6 @@ FAILURES_FILE = "failures.parquet"
 SERIES_DIR = "series"
 DATA_SUFFIX = ".jpgs"
 MARKER_SUFFIX = ".json"
-TMP_MARK = ".tmp-"
 
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -51,56 +47,6 @@ def data_path(store: Path, name: str) -> Path:
 
 def marker_path(store: Path, name: str) -> Path:
     return store / SERIES_DIR / (name + MARKER_SUFFIX)
-
-
-def tmp_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any, *, fsync: bool = False) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=None, separators=(",", ":"), default=_json_default).encode("utf-8"), fsync=fsync)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return os.fspath(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def atomic_write_parquet(path: Path, frame: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=path.name + TMP_MARK, dir=path.parent)
-    os.close(fd)
-    try:
-        frame.to_parquet(name, index=False)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pedetect.dicom.order import plan_series
 from pedetect.dicom.pixels import window_dataset, window_stored
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import Source, discover, read_bytes, source_label
+from pedetect.io import TMP_MARK, atomic_path, read_json, write_json_atomic, write_parquet_atomic
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.config import PrepareConfig
 from pedetect.store.format import (
@@ -37,16 +38,11 @@ from pedetect.store.format import (
     SERIES_FILE,
     SETTINGS_FILE,
     SLICES_FILE,
-    TMP_MARK,
-    atomic_write_json,
-    atomic_write_parquet,
     data_path,
     encode_frame,
     jpeg_params,
     marker_path,
-    read_json,
     series_name,
-    tmp_path,
 )
 
 SCAN_CHUNK = 256
@@ -138,38 +134,30 @@ def _prepare_series(task: SeriesTask) -> dict:
     final = data_path(store, task.name)
     final.parent.mkdir(parents=True, exist_ok=True)
     marker_path(store, task.name).unlink(missing_ok=True)  # a stale marker must never describe new data
-    tmp = tmp_path(final)
     kept: list[SliceHeader] = []
     z: list[float] = []
     offsets: list[int] = []
     lengths: list[int] = []
     height = width = None
-    try:
-        with open(tmp, "wb") as f:
-            position = 0
-            for header, z_value in zip(plan.slices, plan.z):
-                try:
-                    image = _slice_image(header, windows, image_size)
-                    frame = encode_frame(image, params)
-                except DicomError as error:
-                    failures.append(Failure.of(header, error.reason))
-                    continue
-                except Exception as error:  # decoder errors: this slice only
-                    failures.append(Failure.of(header, f"pixel data unreadable ({describe_error(error)})"))
-                    continue
-                height, width = image.shape[:2]
-                f.write(frame)
-                offsets.append(position)
-                lengths.append(len(frame))
-                position += len(frame)
-                kept.append(header)
-                z.append(float(z_value))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(final, fsync=True) as tmp, open(tmp, "wb") as f:
+        position = 0
+        for header, z_value in zip(plan.slices, plan.z):
+            try:
+                image = _slice_image(header, windows, image_size)
+                frame = encode_frame(image, params)
+            except DicomError as error:
+                failures.append(Failure.of(header, error.reason))
+                continue
+            except Exception as error:  # decoder errors: this slice only
+                failures.append(Failure.of(header, f"pixel data unreadable ({describe_error(error)})"))
+                continue
+            height, width = image.shape[:2]
+            f.write(frame)
+            offsets.append(position)
+            lengths.append(len(frame))
+            position += len(frame)
+            kept.append(header)
+            z.append(float(z_value))
     if height is None:
         height, width = (image_size, image_size) if image_size else (plan.rows, plan.cols)
     meta = series_metadata(plan, kept, z, height=height, width=width, n_failed=len(plan.slices) - len(kept))
@@ -188,7 +176,7 @@ def _prepare_series(task: SeriesTask) -> dict:
         },
         "failures": [failure.as_record() for failure in failures],
     }
-    atomic_write_json(marker_path(store, task.name), marker)
+    write_json_atomic(marker_path(store, task.name), marker, indent=None)
     return {"series": meta[SERIES], "name": task.name, "n_slices": len(kept), "failures": marker["failures"], "n_headers": len(task.headers)}
 
 
@@ -314,7 +302,7 @@ def _check_settings(store: Path, settings: dict) -> None:
                 "prepare into a new --out folder, or delete this one"
             )
         return
-    atomic_write_json(path, {**settings, "format": FORMAT_VERSION, "channels": "R,G,B = windows in order", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json_atomic(path, {**settings, "format": FORMAT_VERSION, "channels": "R,G,B = windows in order", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _clean_tmp(store: Path) -> None:
@@ -470,9 +458,9 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
         slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
     series = pd.DataFrame(series_rows) if series_rows else pd.DataFrame(columns=[STUDY, SERIES, "n_slices", "height", "width", "file"])
     failure_frame = pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)) if failures else pd.DataFrame({c: pd.Series(dtype="object") for c in FAILURE_COLUMNS})
-    atomic_write_parquet(store / SERIES_FILE, series)
-    atomic_write_parquet(store / FAILURES_FILE, failure_frame)
-    atomic_write_parquet(store / SLICES_FILE, slices)  # last: its presence means the store is readable
+    write_parquet_atomic(store / SERIES_FILE, series)
+    write_parquet_atomic(store / FAILURES_FILE, failure_frame)
+    write_parquet_atomic(store / SLICES_FILE, slices)  # last: its presence means the store is readable
     summary.series_total = len(series)
     summary.slices_total = len(slices)
     summary.failures = len(failure_frame)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pedetect.io import read_json
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.format import (
     FAILURES_FILE,
@@ -21,7 +22,6 @@ from pedetect.store.format import (
     SETTINGS_FILE,
     SLICES_FILE,
     decode_frame,
-    read_json,
 )
 
 MAX_OPEN_FILES = 64

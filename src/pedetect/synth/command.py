@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from pedetect.console import fail
+
 # Keep in step with pedetect.synth.phantom (not imported here to keep `pedetect --help` fast).
 _POSITIVE_FRACTION = 0.31
 _INDETERMINATE_FRACTION = 0.02
@@ -26,10 +28,6 @@ class Syntax(str, Enum):
     rle = "rle"
     jpeg2000 = "jpeg2000"
 
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(2)
 
 
 def synth_command(
@@ -74,9 +72,9 @@ def synth_command(
     noise, rescale, signed/unsigned storage, instance order).
     """
     if out is None and preview is None:
-        raise _fail("give an output folder OUT, or --preview FILE.png")
+        raise fail("give an output folder OUT, or --preview FILE.png")
     if positive_fraction + indeterminate_fraction > 1.0:
-        raise _fail("--positive-fraction plus --indeterminate-fraction must be at most 1")
+        raise fail("--positive-fraction plus --indeterminate-fraction must be at most 1")
     fractions = dict(positive_fraction=positive_fraction, indeterminate_fraction=indeterminate_fraction)
     if out is not None:
         from pedetect.synth.dataset import write_dataset

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from pedetect.io import write_csv_atomic
 from pedetect.labels import EXAM_LABELS, SOP, STUDY, SUBMISSION_COLUMNS, TRAIN_COLUMNS, UID_COLUMNS, exam_id
 from pedetect.synth.dicom import TRANSFER_SYNTAXES, write_series
 from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, SPLITS, plan_study
 from pedetect.synth.render import render_plan
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
-    """Write a CSV through a temporary file in the same folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            frame.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def sample_submission(labels: pd.DataFrame, value: float = 0.5) -> pd.DataFrame:
@@ -84,4 +68,4 @@ def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size:
     return labels
 
 
-__all__ = ["write_dataset", "sample_submission", "write_csv_atomic"]
+__all__ = ["write_dataset", "sample_submission"]

@@ -284,13 +284,13 @@ class StudyPlan:
 # ------------------------------------------------------------------------------------------ anatomy
 
 
-def _lung_scale(u: np.ndarray | float) -> np.ndarray:
+def lung_scale(u: np.ndarray | float) -> np.ndarray:
     """In-plane scale of each lung along the height: full below 0.7, closing at the apex (u = 1)."""
     u = np.asarray(u, dtype=np.float64)
     return np.where(u < 0.7, 1.0, np.clip((1.0 - u) / 0.3, 0.0, 1.0) ** 0.6)
 
 
-def _heart_scale(u: np.ndarray | float) -> np.ndarray:
+def heart_scale(u: np.ndarray | float) -> np.ndarray:
     u = np.asarray(u, dtype=np.float64)
     return np.sqrt(np.clip(1.0 - ((u - 0.265) / 0.155) ** 2, 0.0, 1.0))
 

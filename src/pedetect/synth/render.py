@@ -12,8 +12,8 @@ from pedetect.synth.phantom import (
     Anatomy,
     StudyPlan,
     Tissue,
-    _heart_scale,
-    _lung_scale,
+    heart_scale,
+    lung_scale,
     dome_height,
     plan_study,
 )
@@ -99,7 +99,7 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     sub[:, cav] = int(T.FAT)
     below = (dome[None] >= us[:, None, None].astype(np.float32)) & cav[None]
     sub[below] = int(T.SOFT)
-    sl = _lung_scale(us).astype(np.float32)[:, None, None] ** 2
+    sl = lung_scale(us).astype(np.float32)[:, None, None] ** 2
     lung = np.zeros(sub.shape, dtype=bool)
     for cx, cy, ax, ay in lung_ellipses(an):
         r2 = ((xs - cx) / ax) ** 2 + ((ys - cy) / ay) ** 2
@@ -197,7 +197,7 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     th = an.heart_angle
     el = np.array([np.cos(th), np.sin(th)])
     en = np.array([np.sin(th), -np.cos(th)])  # towards the RV (right-anterior)
-    hs = _heart_scale(us)
+    hs = heart_scale(us)
     ks = slice(int(np.argmax(hs > 0)), int(len(hs) - np.argmax(hs[::-1] > 0))) if (hs > 0).any() else slice(0, 0)
     lv_c = np.array([hx, hy]) - en * (an.septum / 2 + an.w_lv / 2) + el * 8.0
     rv_c = np.array([hx, hy]) + en * (an.septum / 2 + an.w_rv / 2) - el * 6.0

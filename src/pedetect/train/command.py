@@ -7,10 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
+from pedetect.console import fail
 
 
 def split_command(
@@ -32,7 +29,7 @@ def split_command(
         frame = read_labels(labels)
         result = make_folds(frame, folds, seed)
     except FoldsError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     write_csv_atomic(result.sort_values([FOLD, STUDY]), out)
     typer.echo(fold_summary(frame, result).to_string())
     typer.echo(f"wrote {out} ({len(result)} studies in {folds} folds, seed {seed})", err=True)
@@ -73,20 +70,21 @@ def train_command(
     Finished parts are skipped; --force redoes them. A changed seq section redoes stage 2 only.
     """
     if stage not in ("all", "cnn", "embed", "seq"):
-        raise _fail(f"unknown stage '{stage}'; choose cnn, embed, seq or all")
+        raise fail(f"unknown stage '{stage}'; choose cnn, embed, seq or all")
 
     from pedetect.data.dataset import StoreError
     from pedetect.data.folds import FoldsError
     from pedetect.models.backbone import BackboneError
-    from pedetect.train.cnn import TrainError, is_global_zero, read_config_for_training
-    from pedetect.train.config import ConfigError
+    from pedetect.recipe import ConfigError
+    from pedetect.runtime import is_global_zero
     from pedetect.train.pipeline import train
+    from pedetect.train.setup import TrainError, read_config_for_training
 
     try:
         experiment = read_config_for_training(config, overrides)
         result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
     except (ConfigError, FoldsError, StoreError, BackboneError, TrainError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     if not is_global_zero():
         return
     summary = result.get("cnn")

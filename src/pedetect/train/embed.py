@@ -19,7 +19,6 @@ written atomically: a killed run keeps the series it finished and does the rest.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -30,21 +29,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
-from pedetect.io import atomic_path
+from pedetect.io import atomic_path, read_json, write_json_atomic
 from pedetect.labels import SERIES, SOP
-from pedetect.train.cnn import COMPLETE, TrainError, TrainingInputs, _echo, _uses_gpu, is_global_zero
-
-SOURCE_FILE = "SOURCE.json"
-
-
-def embed_dir(model_dir: str | Path, fold: int) -> Path:
-    """``MODEL_DIR/embed/fold<k>``: the series embedded by fold k's CNN (fold k's own studies)."""
-    return Path(model_dir) / "embed" / f"fold{fold}"
-
-
-def series_path(model_dir: str | Path, fold: int, series_uid: str) -> Path:
-    return embed_dir(model_dir, fold) / f"{series_uid}.npz"
+from pedetect.models.layout import (
+    COMPLETE,
+    EMBEDDING_SOURCE_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    cnn_dir,
+    embed_dir,
+    embedding_path,
+    is_complete,
+    read_complete,
+    stage_root,
+    write_complete,
+)
+from pedetect.runtime import is_global_zero, resolve_device
+from pedetect.train.setup import TrainError, TrainingInputs
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_device(config) -> str:
-    """The device of the embedding pass and stage 2: ``runtime.accelerator`` (auto: CUDA if any)."""
-    import torch
-
-    if config.runtime.accelerator == "mps":
-        return "mps"
-    return "cuda" if _uses_gpu(config) and torch.cuda.is_available() else "cpu"
 
 
 class _SeriesReader:
@@ -114,30 +108,28 @@ def fold_series(items: pd.DataFrame, fold: int) -> list[str]:
 
 
 def embed_fold(
-    inputs: TrainingInputs, fold: int, *, device: str | None = None, echo: Callable[[str], None] = _echo
+    inputs: TrainingInputs, fold: int, *, device: str | None = None, echo: Callable[[str], None] = console_echo
 ) -> dict[str, Any]:
     """Embed fold k's own series with fold k's CNN; returns what its COMPLETE marker holds."""
     import torch
 
-    from pedetect.models.slice_classifier import WEIGHTS_FILE, embed_volume, fold_dir, load_slice_classifier
+    from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
 
     config, out = inputs.config, inputs.out
-    weights = fold_dir(out, fold) / WEIGHTS_FILE
-    if not (fold_dir(out, fold) / COMPLETE).is_file() or not weights.is_file():
-        raise TrainError(f"fold {fold} has no trained CNN ({fold_dir(out, fold) / COMPLETE} is missing): run pedetect train --stage cnn first")
+    weights = cnn_dir(out, fold) / WEIGHTS_FILE
+    if not is_complete(cnn_dir(out, fold)) or not weights.is_file():
+        raise TrainError(f"fold {fold} has no trained CNN ({cnn_dir(out, fold) / COMPLETE} is missing): run pedetect train --stage cnn first")
     directory = embed_dir(out, fold)
     cnn_hash = file_sha256(weights)
-    source = directory / SOURCE_FILE
-    if source.is_file() and json.loads(source.read_text()).get("cnn_sha256") != cnn_hash:
+    source = directory / EMBEDDING_SOURCE_FILE
+    if source.is_file() and read_json(source).get("cnn_sha256") != cnn_hash:
         echo(f"embed fold {fold}: the CNN was retrained since; embedding again")
         shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(source) as tmp:
-        tmp.write_text(json.dumps({"cnn_sha256": cnn_hash, "cnn_weights": str(weights.relative_to(out))}) + "\n")
+    write_json_atomic(source, {"cnn_sha256": cnn_hash, "cnn_weights": str(weights.relative_to(out))}, indent=None)
 
     series = fold_series(inputs.items, fold)
-    todo = [s for s in series if not series_path(out, fold, s).is_file()]
-    device = device or resolve_device(config)
+    todo = [s for s in series if not embedding_path(out, fold, s).is_file()]
+    device = device or resolve_device(config.runtime.accelerator)
     model = load_slice_classifier(out, fold, config=config, device=device)
     sops = inputs.source.slices.sort_values("slice_index").groupby(SERIES, sort=False)[SOP].agg(list)
     echo(f"embed fold {fold}: {len(todo)} of {len(series)} series to embed with fold {fold}'s CNN on {device}")
@@ -153,7 +145,7 @@ def embed_fold(
         if len(sop) != len(volume):
             raise TrainError(f"series {series_uid}: the store lists {len(sop)} slices but read {len(volume)}")
         embedding, logit = embed_volume(model, volume, config.cnn.input, batch_size=config.embed.batch_size, device=device)
-        write_series_embedding(series_path(out, fold, series_uid), SeriesEmbedding(embedding, logit, sop))
+        write_series_embedding(embedding_path(out, fold, series_uid), SeriesEmbedding(embedding, logit, sop))
         n_slices += len(volume)
     seconds = time.perf_counter() - started
     marker = {
@@ -162,8 +154,7 @@ def embed_fold(
         "cnn_sha256": cnn_hash,
         "seconds": round(seconds, 3),  # of the run that finished the fold
     }
-    with atomic_path(directory / COMPLETE) as tmp:
-        tmp.write_text(json.dumps(marker) + "\n")
+    write_complete(directory, marker)
     rate = f", {n_slices / seconds:.0f} slices/s" if n_slices and seconds > 0 else ""
     echo(f"embed fold {fold}: {n_slices} slices in {seconds:.1f} s{rate}")
     return marker
@@ -171,13 +162,11 @@ def embed_fold(
 
 def is_embedded(out: Path, fold: int) -> bool:
     """Fold k's embeddings are complete and made by the CNN now in ``cnn/fold<k>``."""
-    from pedetect.models.slice_classifier import WEIGHTS_FILE, fold_dir
-
-    marker, weights = embed_dir(out, fold) / COMPLETE, fold_dir(out, fold) / WEIGHTS_FILE
-    return marker.is_file() and weights.is_file() and json.loads(marker.read_text()).get("cnn_sha256") == file_sha256(weights)
+    weights = cnn_dir(out, fold) / WEIGHTS_FILE
+    return is_complete(embed_dir(out, fold)) and weights.is_file() and read_complete(embed_dir(out, fold)).get("cnn_sha256") == file_sha256(weights)
 
 
-def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = _echo) -> dict[str, Any]:
+def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any]:
     """The embedding pass on the folds of ``inputs``; finished folds are skipped unless ``force``.
 
     Returns ``{"folds_complete": [...], "folds": {k: COMPLETE contents}}``, also ``embed/summary.json``.
@@ -192,10 +181,7 @@ def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[st
             echo(f"embed fold {k}: already complete ({embed_dir(out, k) / COMPLETE}); --force redoes it")
             continue
         embed_fold(inputs, k, echo=echo)
-    folds = {
-        k: json.loads((embed_dir(out, k) / COMPLETE).read_text()) for k in range(inputs.n_folds) if (embed_dir(out, k) / COMPLETE).is_file()
-    }
+    folds = {k: read_complete(embed_dir(out, k)) for k in range(inputs.n_folds) if is_complete(embed_dir(out, k))}
     summary = {"folds_complete": sorted(folds), "folds": {str(k): v for k, v in folds.items()}}
-    with atomic_path(out / "embed" / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(stage_root(out, "embed") / SUMMARY_FILE, summary)
     return summary

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pedetect.metric.evaluate import roc_auc
 from pedetect.models.slice_classifier import SliceClassifier
-from pedetect.train.config import CnnConfig, LossConfig, OptimizerConfig, SchedulerConfig
+from pedetect.recipe import CnnConfig, LossConfig, OptimizerConfig, SchedulerConfig
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, alpha: float | None) -> torch.Tensor:
@@ -86,15 +87,6 @@ def build_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimize
     if config.name == "adam":
         return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-
-
-def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC; NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(target)) < 2:
-        return float("nan")
-    return float(roc_auc_score(target, score))
 
 
 def log_loss(target: np.ndarray, probability: np.ndarray) -> float:

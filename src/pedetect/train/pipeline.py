@@ -14,10 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from pedetect.train.cnn import _echo, check_cnn_config, is_global_zero, run_cnn, training_inputs
-from pedetect.train.config import ExperimentConfig
-
-STAGES = ("cnn", "embed", "seq")
+from pedetect.console import echo as console_echo
+from pedetect.models.layout import STAGES
+from pedetect.recipe import ExperimentConfig
+from pedetect.runtime import is_global_zero
+from pedetect.train.cnn import check_cnn_config, run_cnn
+from pedetect.train.setup import training_inputs
 
 
 def train(
@@ -31,7 +33,7 @@ def train(
     fold: int | None = None,
     force: bool = False,
     callbacks: Sequence = (),
-    echo: Callable[[str], None] = _echo,
+    echo: Callable[[str], None] = console_echo,
 ) -> dict[str, Any]:
     """Run ``stage`` (cnn, embed, seq or all) on every fold (or ``fold``).
 

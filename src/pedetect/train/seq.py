@@ -24,7 +24,6 @@ All series are held in memory as float16 (RSNA with 2048-wide embeddings: about 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,15 +34,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
-from pedetect.io import atomic_path, write_csv_atomic
+from pedetect.io import read_json, write_csv_atomic, write_json_atomic
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, UID_COLUMNS, exam_id
-from pedetect.models.bundle import PRIOR_FILE
-from pedetect.train.cnn import COMPLETE, TrainError, TrainingInputs, _echo, _finite, is_global_zero, write_curves
-from pedetect.train.embed import embed_dir, read_series_embedding, resolve_device, series_path
-
-OOF_FILE = "oof_predictions.csv"
-CV_FILE = "cv.json"
+from pedetect.metric.loss import sigmoid
+from pedetect.models.layout import (
+    COMPLETE,
+    CV_FILE,
+    METRICS_FILE,
+    OOF_FILE,
+    PRIOR_FILE,
+    WEIGHTS_FILE,
+    embed_dir,
+    embedding_path,
+    is_complete,
+    read_complete,
+    seq_dir,
+    stage_root,
+    write_complete,
+)
+from pedetect.runtime import is_global_zero, resolve_device
+from pedetect.train.embed import read_series_embedding
+from pedetect.train.reporting import finite, write_fold_report
+from pedetect.train.setup import TrainError, TrainingInputs
 
 
 @dataclass
@@ -61,10 +75,6 @@ class SeriesRecord:
     exam_target: np.ndarray  # (9,) float32
 
 
-def seq_root(model_dir: str | Path) -> Path:
-    return Path(model_dir) / "seq"
-
-
 def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
     """Every labelled series with the embeddings of its own fold's CNN (out of fold)."""
     items = inputs.items
@@ -74,7 +84,7 @@ def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
             f"{int((per_study > 1).sum())} studies have more than one series in the labels (e.g. {per_study[per_study > 1].index[0]}); "
             "stage 2 takes one series per study, as the RSNA data has"
         )
-    missing = [k for k in range(inputs.n_folds) if not (embed_dir(inputs.out, k) / COMPLETE).is_file()]
+    missing = [k for k in range(inputs.n_folds) if not is_complete(embed_dir(inputs.out, k))]
     if missing:
         raise TrainError(
             f"stage 2 needs the embeddings of every fold; folds {missing} have none ({embed_dir(inputs.out, missing[0]) / COMPLETE} "
@@ -83,7 +93,7 @@ def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
     target_of = dict(zip(items[SOP], items[IMAGE_LABEL].astype(np.float32)))
     records = []
     for (study, series, fold), exam in items.groupby([STUDY, SERIES, FOLD], sort=True)[list(EXAM_LABELS)].first().iterrows():
-        stored = read_series_embedding(series_path(inputs.out, int(fold), series))
+        stored = read_series_embedding(embedding_path(inputs.out, int(fold), series))
         labelled = np.array([s in target_of for s in stored.sop])
         target = np.array([target_of.get(s, 0.0) for s in stored.sop], dtype=np.float32)
         records.append(
@@ -161,26 +171,56 @@ def oof_submission(records: Sequence[SeriesRecord], slice_probability: Sequence[
     return pd.DataFrame({"id": ids, "label": np.concatenate(values)})
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
 def embeddings_fingerprint(out: Path, n_folds: int) -> str:
     """Identifies the embeddings a head learnt from (the CNN weights behind every fold's embeddings)."""
-    markers = [json.loads((embed_dir(out, k) / COMPLETE).read_text())["cnn_sha256"] for k in range(n_folds)]
+    markers = [read_complete(embed_dir(out, k))["cnn_sha256"] for k in range(n_folds)]
     return hashlib.sha256("|".join(markers).encode()).hexdigest()
 
 
+def train_epoch(head, optimizer, schedule, train: Sequence[SeriesRecord], order: np.ndarray, *, seq, device) -> float:
+    """One pass over ``train`` in ``order``, the metric as the loss; returns the mean batch loss."""
+    import torch
+
+    from pedetect.models.sequence import metric_loss
+
+    head.train()
+    losses = []
+    for start in range(0, len(order), seq.batch_size):
+        batch = collate([train[i] for i in order[start : start + seq.batch_size]], device)
+        slice_logits, exam_logits = head(batch["embedding"], batch["mask"], batch["logit"])
+        loss = metric_loss(slice_logits, exam_logits, batch["labelled"], batch["slice_target"], batch["exam_target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if seq.gradient_clip_norm:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), seq.gradient_clip_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def validate(head, val: Sequence[SeriesRecord], *, batch_size: int, device) -> dict[str, float]:
+    """The competition score of ``val`` and its parts, and the slice AUC."""
+    from pedetect.metric.evaluate import roc_auc
+
+    slice_logits, exam_logits = predict_records(head, val, batch_size=batch_size, device=device)
+    parts = score_records(val, slice_logits, exam_logits)
+    auc = roc_auc(
+        np.concatenate([r.slice_target[r.labelled] for r in val]), np.concatenate([s[r.labelled] for r, s in zip(val, slice_logits)])
+    )
+    return {"val_loss": float(parts.score), "val_image_part": float(parts.image_score), "val_exam_part": float(parts.exam_score), "val_auc": auc}
+
+
 def train_seq_fold(
-    inputs: TrainingInputs, records: Sequence[SeriesRecord], fold: int, *, device: str, echo: Callable[[str], None] = _echo
+    inputs: TrainingInputs, records: Sequence[SeriesRecord], fold: int, *, device: str, echo: Callable[[str], None] = console_echo
 ) -> dict[str, Any]:
     """Train fold k's head on the other folds' series; export the best (or last) epoch."""
     import torch
 
-    from pedetect.models.sequence import build_sequence_head, metric_loss, save_sequence_head, seq_dir
-    from pedetect.train.module import LrSchedule, build_optimizer, roc_auc
+    from pedetect.models.sequence import build_sequence_head
+    from pedetect.train.module import LrSchedule, build_optimizer
 
-    config, out = inputs.config, inputs.out
+    config = inputs.config
     seq = config.seq
     train = [r for r in records if r.fold != fold]
     val = [r for r in records if r.fold == fold]
@@ -190,95 +230,76 @@ def train_seq_fold(
     seed = config.seed + fold
     torch.manual_seed(seed)
     generator = np.random.default_rng(seed)
-    embedding_dim = train[0].embedding.shape[1]
-    head = build_sequence_head(seq, embedding_dim).to(device)
+    head = build_sequence_head(seq, train[0].embedding.shape[1]).to(device)
     optimizer = build_optimizer(seq.optimizer, head.parameters())
     steps_per_epoch = -(-len(train) // seq.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(seq.scheduler, seq.epochs * steps_per_epoch, steps_per_epoch))
     history: list[dict[str, Any]] = []
     best_score, best_state, best_epoch = float("inf"), None, -1
     for epoch in range(seq.epochs):
-        head.train()
-        losses = []
-        order = generator.permutation(len(train))
-        for start in range(0, len(order), seq.batch_size):
-            batch = collate([train[i] for i in order[start : start + seq.batch_size]], device)
-            slice_logits, exam_logits = head(batch["embedding"], batch["mask"], batch["logit"])
-            loss = metric_loss(slice_logits, exam_logits, batch["labelled"], batch["slice_target"], batch["exam_target"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if seq.gradient_clip_norm:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), seq.gradient_clip_norm)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        slice_logits, exam_logits = predict_records(head, val, batch_size=seq.batch_size, device=device)
-        parts = score_records(val, slice_logits, exam_logits)
-        score = float(parts.score)
-        auc = roc_auc(
-            np.concatenate([r.slice_target[r.labelled] for r in val]), np.concatenate([s[r.labelled] for r, s in zip(val, slice_logits)])
-        )
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": float(np.mean(losses)),
-                "val_loss": score,
-                "val_image_part": float(parts.image_score),
-                "val_exam_part": float(parts.exam_score),
-                "val_auc": auc,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-        )
-        if score < best_score:
-            best_score, best_epoch = score, epoch
+        train_loss = train_epoch(head, optimizer, schedule, train, generator.permutation(len(train)), seq=seq, device=device)
+        scores = validate(head, val, batch_size=seq.batch_size, device=device)
+        history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": optimizer.param_groups[0]["lr"]})
+        if scores["val_loss"] < best_score:
+            best_score, best_epoch = scores["val_loss"], epoch
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     if seq.export == "best" and best_state is not None:
         head.load_state_dict(best_state)
         chosen = history[best_epoch]
     else:
         chosen = history[-1]
+    metrics = export_seq_fold(inputs, head, train, val, fold, chosen=chosen, history=history, seconds=time.perf_counter() - started, device=device)
+    echo(f"seq fold {fold}: validation score {chosen['val_loss']:.4f} (epoch {chosen['epoch']}), {metrics['seconds']:.1f} s")
+    return metrics
+
+
+def export_seq_fold(
+    inputs: TrainingInputs,
+    head,
+    train: Sequence[SeriesRecord],
+    val: Sequence[SeriesRecord],
+    fold: int,
+    *,
+    chosen: dict[str, Any],
+    history: list[dict[str, Any]],
+    seconds: float,
+    device,
+) -> dict[str, Any]:
+    """Fold k's head, its out-of-fold predictions, metrics and curves, then its COMPLETE marker."""
+    from pedetect.models.sequence import save_sequence_head
+
+    config, out = inputs.config, inputs.out
+    seq = config.seq
     directory = seq_dir(out, fold)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_sequence_head(head.cpu(), directory / "model.safetensors")
+    save_sequence_head(head.cpu(), directory / WEIGHTS_FILE)
     head.to(device)
     slice_logits, exam_logits = predict_records(head, val, batch_size=seq.batch_size, device=device)
-    write_csv_atomic(oof_submission(val, [_sigmoid(s) for s in slice_logits], _sigmoid(exam_logits)), directory / OOF_FILE)
-    seconds = time.perf_counter() - started
+    write_csv_atomic(oof_submission(val, [sigmoid(s) for s in slice_logits], sigmoid(exam_logits)), directory / OOF_FILE)
     metrics = {
         "fold": fold,
-        "val_score": _finite(chosen["val_loss"]),
-        "val_image_part": _finite(chosen["val_image_part"]),
-        "val_exam_part": _finite(chosen["val_exam_part"]),
-        "val_slice_auc": _finite(chosen["val_auc"]),
+        "val_score": finite(chosen["val_loss"]),
+        "val_image_part": finite(chosen["val_image_part"]),
+        "val_exam_part": finite(chosen["val_exam_part"]),
+        "val_slice_auc": finite(chosen["val_auc"]),
         "exported_epoch": int(chosen["epoch"]),
         "export": seq.export,
         "train_series": len(train),
         "val_series": len(val),
-        "embedding_dim": int(embedding_dim),
+        "embedding_dim": int(head.embedding_dim),
         "seconds": round(seconds, 3),
-        "epochs": [{k: _finite(v) for k, v in h.items()} for h in history],
     }
-    with atomic_path(directory / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2))
-    write_csv_atomic(pd.DataFrame(history), directory / "metrics.csv")
-    write_curves(history, directory / "curves.png", f"{config.name} — sequence head fold {fold} ({seq.encoder}); val loss = the metric")
-    marker = {"val_score": metrics["val_score"], "embeddings": embeddings_fingerprint(out, inputs.n_folds)}
-    with atomic_path(directory / COMPLETE) as tmp:
-        tmp.write_text(json.dumps(marker) + "\n")
-    echo(f"seq fold {fold}: validation score {best_score if seq.export == 'best' else chosen['val_loss']:.4f} "
-         f"(epoch {chosen['epoch']}), {seconds:.1f} s")
+    title = f"{config.name} — sequence head fold {fold} ({seq.encoder}); val loss = the metric"
+    metrics = write_fold_report(directory, metrics, history, title)
+    write_complete(directory, {"val_score": metrics["val_score"], "embeddings": embeddings_fingerprint(out, inputs.n_folds)})
     return metrics
 
 
 def is_trained(out: Path, fold: int, n_folds: int) -> bool:
     """Fold k's head is complete and learnt from the embeddings now in ``embed/``."""
-    from pedetect.models.sequence import seq_dir
-
-    marker = seq_dir(out, fold) / COMPLETE
-    if not marker.is_file():
+    if not is_complete(seq_dir(out, fold)):
         return False
     try:
-        return json.loads(marker.read_text()).get("embeddings") == embeddings_fingerprint(out, n_folds)
+        return read_complete(seq_dir(out, fold)).get("embeddings") == embeddings_fingerprint(out, n_folds)
     except (FileNotFoundError, KeyError):
         return False
 
@@ -288,8 +309,7 @@ def write_prior(inputs: TrainingInputs) -> dict[str, float]:
     from pedetect.metric.baselines import label_prior
 
     prior = label_prior(inputs.labels)
-    with atomic_path(inputs.out / PRIOR_FILE) as tmp:
-        tmp.write_text(json.dumps(prior, indent=2))
+    write_json_atomic(inputs.out / PRIOR_FILE, prior)
     return prior
 
 
@@ -299,7 +319,6 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
     from pedetect.metric.consistency import fix_submission
     from pedetect.metric.evaluate import evaluate_frames
     from pedetect.metric.submission import align
-    from pedetect.models.sequence import seq_dir
 
     out = inputs.out
     oof = pd.concat([pd.read_csv(seq_dir(out, k) / OOF_FILE) for k in range(inputs.n_folds)], ignore_index=True)
@@ -312,7 +331,7 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
     prior = label_prior(inputs.labels)
     prior_report = evaluate_frames(truth, prior_submission(prior, truth[list(UID_COLUMNS)]))
     positive_prior = positive_exam_prior(inputs.labels)
-    slice_probability = [_sigmoid(r.logit) for r in records]
+    slice_probability = [sigmoid(r.logit) for r in records]
     exam_probability = np.array(
         [[exam_from_slices(p, prior, positive_prior)[label] for label in EXAM_LABELS] for p in slice_probability]
     )
@@ -323,7 +342,7 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
 
     folds = {}
     for k in range(inputs.n_folds):
-        m = json.loads((seq_dir(out, k) / "metrics.json").read_text())
+        m = read_json(seq_dir(out, k) / METRICS_FILE)
         folds[str(k)] = {key: m[key] for key in ("val_score", "exported_epoch", "val_series", "seconds")}
     cv = {
         "score": report["score"],
@@ -338,23 +357,21 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
         "baselines": {"prior": brief(prior_report), "stage1_alone": brief(stage1_report)},
         "folds": folds,
     }
-    write_csv_atomic(oof[["id", "label"]], seq_root(out) / OOF_FILE)
-    with atomic_path(seq_root(out) / CV_FILE) as tmp:
-        tmp.write_text(json.dumps(cv, indent=2))
+    write_csv_atomic(oof[["id", "label"]], stage_root(out, "seq") / OOF_FILE)
+    write_json_atomic(stage_root(out, "seq") / CV_FILE, cv)
     return cv
 
 
-def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = _echo) -> dict[str, Any] | None:
+def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any] | None:
     """Stage 2 on the folds of ``inputs``; finished folds are skipped unless ``force``. Once every fold
     is complete, writes and returns the cross-validation (``seq/cv.json``); else returns None."""
-    from pedetect.models.sequence import seq_dir
 
     if not is_global_zero():
         return None
     out = inputs.out
     records = load_records(inputs)
     write_prior(inputs)
-    device = resolve_device(inputs.config)
+    device = resolve_device(inputs.config.runtime.accelerator)
     for k in inputs.todo:
         if force:
             shutil.rmtree(seq_dir(out, k), ignore_errors=True)

@@ -4,7 +4,6 @@ side of ``predict`` that do not depend on what a model has learnt."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,15 @@ def write_random_bundle(
 ) -> Path:
     """Write a bundle of ``folds`` folds of ``config``'s CNN and sequence head with random weights
     (seeded), readable by :func:`pedetect.models.bundle.read_bundle` and ``predict``."""
+    import pandas as pd
     import torch
 
-    from pedetect.models.bundle import COMPLETE, PRIOR_FILE, write_bundle_info, write_preprocessing
-    from pedetect.models.sequence import build_sequence_head, save_sequence_head, seq_dir
-    from pedetect.models.slice_classifier import WEIGHTS_FILE, build_slice_classifier, fold_dir, save_weights
-    from pedetect.train.config import save_config
+    from pedetect.io import write_csv_atomic, write_json_atomic
+    from pedetect.models.bundle import write_bundle_info, write_preprocessing
+    from pedetect.models.layout import CONFIG_FILE, FOLDS_FILE, PRIOR_FILE, WEIGHTS_FILE, cnn_dir, seq_dir, write_complete
+    from pedetect.models.sequence import build_sequence_head, save_sequence_head
+    from pedetect.models.slice_classifier import build_slice_classifier, save_weights
+    from pedetect.recipe import save_config
 
     prior = prior or DEFAULT_PRIOR
     absent = {IMAGE_LABEL, *EXAM_LABELS} - set(prior)
@@ -40,18 +42,18 @@ def write_random_bundle(
         raise ValueError(f"the prior lacks {', '.join(sorted(absent))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    (out / "folds.csv").write_text(f"{STUDY},fold\n" + "".join(f"random.{k},{k}\n" for k in range(folds)))
-    (out / PRIOR_FILE).write_text(json.dumps(prior, indent=2))
+    save_config(config, out / CONFIG_FILE)
+    write_csv_atomic(pd.DataFrame({STUDY: [f"random.{k}" for k in range(folds)], "fold": list(range(folds))}), out / FOLDS_FILE)
+    write_json_atomic(out / PRIOR_FILE, prior)
     width = 0
     for k in range(folds):
         torch.manual_seed(seed + k)
         cnn = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)
         width = cnn.embedding_dim
-        save_weights(cnn, fold_dir(out, k) / WEIGHTS_FILE)
-        (fold_dir(out, k) / COMPLETE).write_text("{}\n")
+        save_weights(cnn, cnn_dir(out, k) / WEIGHTS_FILE)
+        write_complete(cnn_dir(out, k), {})
         save_sequence_head(build_sequence_head(config.seq, width), seq_dir(out, k) / WEIGHTS_FILE)
-        (seq_dir(out, k) / COMPLETE).write_text("{}\n")
+        write_complete(seq_dir(out, k), {})
     write_bundle_info(out, folds=list(range(folds)), embedding_dim=width, cv_score=None)
     if store_settings is not None:
         write_preprocessing(out, store_settings)

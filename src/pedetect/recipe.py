@@ -27,12 +27,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pedetect.config import ConfigError, StrictModel, load_config, validate_config
+from pedetect.config import ConfigError, StrictModel, allowed_keys, load_config, validate_config
 from pedetect.labels import EXAM_LABELS
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_experiment", "apply_overrides", "save_config", "read_resolved_config"]
+__all__ = ["ConfigError", "ExperimentConfig", "load_experiment", "apply_overrides", "save_config"]
 
 
 class Section(StrictModel):
@@ -311,28 +311,6 @@ class ExperimentConfig(Section):
 # Loading, overriding, saving
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (nested) model at ``loc``; empty if it cannot be followed."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return []
-        current = _model_in(current.model_fields[part].annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside ``Optional[Model]`` and the like, else the annotation."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation
-
-
 def validate_experiment(data: Any, source: str = "config") -> ExperimentConfig:
     """Validate a plain mapping as an :class:`ExperimentConfig`; errors name the key and the allowed keys."""
     return validate_config(data, ExperimentConfig, source=source)
@@ -364,7 +342,7 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
                 if part in node and node[part] is None:
                     node[part] = {}
                 else:
-                    allowed = _allowed_keys(ExperimentConfig, tuple(parts[:depth]))
+                    allowed = allowed_keys(ExperimentConfig, tuple(parts[:depth]))
                     raise ConfigError(
                         f"override '{item}': unknown section '{'.'.join(parts[: depth + 1])}'; allowed keys here: {', '.join(allowed)}"
                     )
@@ -381,15 +359,7 @@ def config_to_yaml(config: ExperimentConfig) -> str:
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    from pedetect.io import atomic_path
+    from pedetect.io import write_text_atomic
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(config_to_yaml(config))
+    write_text_atomic(path, config_to_yaml(config))
 
-
-def read_resolved_config(model_dir: str | Path) -> ExperimentConfig:
-    """The resolved config saved in a model folder by ``pedetect train``."""
-    path = Path(model_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{model_dir} is not a model folder: {path.name} is missing")
-    return load_experiment(path)

@@ -104,7 +104,7 @@ def run_demo(
     from pedetect.models.bundle import read_bundle
     from pedetect.store import prepare
     from pedetect.synth import write_dataset
-    from pedetect.train.cnn import read_config_for_training
+    from pedetect.train.setup import read_config_for_training
     from pedetect.train.pipeline import train
 
     out = Path(out)

@@ -1,0 +1,1 @@
+"""``pedetect demo``: the orchestration above inference (synth → prepare → train → predict → evaluate)."""
