@@ -1,7 +1,7 @@
 """The RSNA-STR PE label schema, in one place.
 
 Everything that names a label, weighs a label or builds a submission id takes it from here.
-Weights are the challenge's published values (DESIGN.md §5).
+Weights are the challenge's published values (the RSNA-STR PE Detection challenge's evaluation page).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ LABEL_COLUMNS: tuple[str, ...] = TRAIN_COLUMNS[3:]
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("id", "label")
 
-# Labels grouped by the rules they take part in (DESIGN.md §5).
+# Labels grouped by the rules they take part in (pedetect.metric.rules states the rules).
 RV_LV_LABELS: tuple[str, str] = ("rv_lv_ratio_gte_1", "rv_lv_ratio_lt_1")
 LOCATION_LABELS: tuple[str, str, str] = ("central_pe", "rightsided_pe", "leftsided_pe")
 CHRONICITY_LABELS: tuple[str, str] = ("chronic_pe", "acute_and_chronic_pe")

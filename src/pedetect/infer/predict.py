@@ -166,11 +166,11 @@ def predict(
     from tqdm.auto import tqdm
 
     from pedetect.infer.ensemble import Ensemble
-    from pedetect.runtime import resolve_device
     from pedetect.infer.reader import scan_input
     from pedetect.infer.report import write_index
     from pedetect.io import write_csv_atomic
     from pedetect.metric.submission import read_submission
+    from pedetect.runtime import resolve_device
 
     started = time.perf_counter()
     out = Path(out)
@@ -194,40 +194,29 @@ def predict(
     echo(f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}")
 
     prior_slice, prior_exam = consistent_prior(ensemble.prior)
-    rows: dict[str, str] = {}
-    exam_order: list[str] = []
-    slice_order: list[str] = []
-    results = []
     pe_channel = _pe_channel(ensemble.preprocessing[0])
-    reads = ensemble.reads
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool, tqdm(
-        total=len(scan.studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    ) as bar:
-        pending = pool.submit(_read_study, scan.studies[0], reads) if scan.studies else None
-        for i in range(len(scan.studies)):
-            read = pending.result()
-            pending = pool.submit(_read_study, scan.studies[i + 1], reads) if i + 1 < len(scan.studies) else None
-            result, study_rows, changed, pictures = _predict_study(ensemble, read, prior_slice, prior_exam, timings, summary)
-            summary.n_fixed += changed
-            for row_id, text in study_rows:
-                rows[row_id] = text
-                (slice_order if split_exam_id(row_id) is None else exam_order).append(row_id)
-            if summary.report is not None:
-                from pedetect.infer.report import write_study_report
+    rows: dict[str, str] = {}
+    results = []
+    for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress):
+        if summary.report is not None:
+            from pedetect.infer.report import write_study_report
 
-                t = time.perf_counter()
-                write_study_report(summary.report, result, pictures[..., pe_channel] if pictures is not None else None)
-                result.timings["report"] = time.perf_counter() - t
-                timings["report"] += result.timings["report"]
-            result.timings = {k: round(v, 3) for k, v in result.timings.items()}
-            results.append(result)
-            del read, pictures
-            bar.update(1)
+            report_started = time.perf_counter()
+            pictures = outcome.pictures[..., pe_channel] if outcome.pictures is not None else None
+            write_study_report(summary.report, outcome.result, pictures)
+            outcome.seconds["report"] = time.perf_counter() - report_started
+        outcome.pictures = None  # the study's images are not kept past its report
+        outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
+        outcome.add_to(summary)
+        rows.update(outcome.rows)
+        for key, seconds in outcome.seconds.items():
+            timings[key] += seconds
+        results.append(outcome.result)
 
     if sample_ids is not None:
         order, extra = _sample_order(sample_ids, rows, prior_slice, prior_exam, summary)
-    else:
-        order, extra = exam_order + slice_order, []
+    else:  # every study's nine exam rows, then every slice
+        order, extra = [i for i in rows if split_exam_id(i) is not None] + [i for i in rows if split_exam_id(i) is None], []
     submission = pd.DataFrame({"id": order + extra, "label": [rows[i] for i in order + extra]})
     write_csv_atomic(submission, out)
     summary.n_rows = len(submission)
@@ -236,6 +225,25 @@ def predict(
     if summary.report is not None:
         write_index(summary.report, results, notes=summary.text().splitlines())
     return summary
+
+
+def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool):
+    """Each study's :class:`StudyOutcome`, in order, the next study read in a background thread
+    while the models work on this one (memory: two studies at most)."""
+    from tqdm.auto import tqdm
+
+    reads = ensemble.reads
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool, tqdm(
+        total=len(studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ) as bar:
+        pending = pool.submit(_read_study, studies[0], reads) if studies else None
+        for i in range(len(studies)):
+            read = pending.result()
+            pending = pool.submit(_read_study, studies[i + 1], reads) if i + 1 < len(studies) else None
+            outcome = _predict_study(ensemble, read, prior_slice, prior_exam)
+            del read
+            yield outcome
+            bar.update(1)
 
 
 def _pe_channel(preprocessing: dict) -> int:
@@ -258,66 +266,113 @@ def _sample_order(sample_ids: list[str], rows: dict[str, str], prior_slice: floa
     return list(sample_ids), extra
 
 
-def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: np.ndarray, timings: dict, summary: PredictSummary):
+@dataclass
+class StudyOutcome:
+    """What predicting one study gives: its rows after the fix and its report record, and what it
+    adds to the run's summary (the caller adds it: predicting a study changes nothing else)."""
+
+    result: Any  # report.StudyResult
+    rows: list[tuple[str, str]]  # (id, text), nine exam rows then the slices
+    changed: bool  # the consistency fix changed the rows
+    pictures: Optional[np.ndarray]  # the decoded slices, for the report's picture
+    n_slices_read: int
+    lost: list[Failure]  # files or slices with a row but no pixels
+    unplaced: list[Failure]  # lost files whose SOPInstanceUID is unknown (no row)
+    error: Optional[str]  # the study had no readable slice
+    seconds: dict[str, float]  # read, model, fix
+
+    def add_to(self, summary: PredictSummary) -> None:
+        summary.n_fixed += self.changed
+        summary.n_slices_read += self.n_slices_read
+        summary.lost += self.lost
+        summary.unplaced += self.unplaced
+        if self.error is not None:
+            summary.studies_failed.append((self.result.study_uid, self.error))
+
+
+@dataclass
+class _SeriesOutputs:
+    """Every series of a study through the ensemble, before the lost slices are filled in."""
+
+    decoded: list[tuple[str, str, float, float]]  # (series, sop, z, probability), position order
+    placed: list[tuple[str, Failure, float]]  # lost slices between decoded neighbours: (series, failure, probability)
+    unplaced: list[tuple[str, Failure]]  # lost slices whose place is unknown: (series, failure)
+    exams: list[np.ndarray]  # each series' exam probabilities
+    weights: list[int]  # each series' decoded slices
+    images: list[np.ndarray]  # each series' decoded slices (first preprocessing)
+
+
+def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
+    """Each readable series through the ensemble; lost slices with a known place get the value
+    interpolated between their decoded neighbours in position order."""
+    outputs = _SeriesOutputs([], [], [], [], [], [])
+    for series in read.series:
+        first = series[ensemble.reads[0]]
+        lost = [(first.series, failure, place) for failure, place in first.lost]
+        if not len(first):
+            outputs.unplaced += [(series_uid, failure) for series_uid, failure, _ in lost]
+            continue
+        probabilities, exam = ensemble.predict_series({key: s.images for key, s in series.items()})
+        outputs.exams.append(exam)
+        outputs.weights.append(len(first))
+        outputs.images.append(first.images)
+        outputs.decoded += [(first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)]
+        for series_uid, failure, place in lost:
+            if math.isnan(place):
+                outputs.unplaced.append((series_uid, failure))
+            else:
+                outputs.placed.append((series_uid, failure, float(np.interp(place, first.position, probabilities))))
+    return outputs
+
+
+def fill_lost(
+    decoded_sops: set[str], placed: list[tuple[str, Failure, float]], unplaced: list[tuple[str, Failure]], mean: float
+) -> tuple[list[tuple[str, str, float]], list[tuple[str, Failure, float]], list[Failure], list[Failure]]:
+    """Rows for the slices that could not be decoded: interpolated where their place is known, the
+    study's mean elsewhere. Returns (rows (series, sop, value) to add, every lost slice with its
+    value, the lost ones that still get a row or had one, the ones with no SOPInstanceUID: no row)."""
+    filled = placed + [(series_uid, failure, mean) for series_uid, failure in unplaced]
+    seen = set(decoded_sops)
+    rows, lost, no_row = [], [], []
+    for series_uid, failure, value in filled:
+        if failure.sop is None:
+            no_row.append(failure)
+            continue
+        if failure.sop and failure.sop not in seen:
+            seen.add(failure.sop)
+            rows.append((series_uid, failure.sop, value))
+        lost.append(failure)
+    return rows, filled, lost, no_row
+
+
+def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: np.ndarray) -> StudyOutcome:
     """One study's rows after the fix, its report record and its decoded images (for the picture)."""
     from pedetect.infer.report import StudyResult
 
     plan = read.plan
-    timings["read"] += read.seconds
     started = time.perf_counter()
-    decoded: list[tuple[str, str, float, float]] = []  # (series, sop, z, probability), position order
-    filled: list[tuple[str, Failure, float]] = []  # (series, failure, probability) of slices with a row but no pixels
-    exams, weights, images = [], [], []
-    unknown_place: list[tuple[str, Failure]] = []
-    for series in read.series:
-        first = series[ensemble.reads[0]]
-        lost = [(first.series, failure, place) for failure, place in first.lost]
-        if len(first):
-            probabilities, exam = ensemble.predict_series({key: s.images for key, s in series.items()})
-            exams.append(exam)
-            weights.append(len(first))
-            images.append(first.images)
-            decoded += [(first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)]
-            for series_uid, failure, place in lost:
-                if math.isnan(place):
-                    unknown_place.append((series_uid, failure))
-                else:  # between its decoded neighbours in position order
-                    filled.append((series_uid, failure, float(np.interp(place, first.position, probabilities))))
-        else:
-            unknown_place += [(series_uid, failure) for series_uid, failure, _ in lost]
-    unknown_place += [(failure.series or "", failure) for failure in read.failures]
+    outputs = _run_series(ensemble, read)
+    decoded = outputs.decoded
+    unplaced = outputs.unplaced + [(failure.series or "", failure) for failure in read.failures]
     skipped = [f for f in plan.failures if f.reason.startswith(DUPLICATE)]  # the kept copy has the row
-    unknown_place += [(f.series or "", f) for f in plan.failures if not f.reason.startswith(DUPLICATE)]
+    unplaced += [(f.series or "", f) for f in plan.failures if not f.reason.startswith(DUPLICATE)]
     model_seconds = time.perf_counter() - started
-    timings["model"] += model_seconds
 
     error = None
-    summary.n_slices_read += len(decoded)
     if decoded:
-        exam = np.average(np.stack(exams), axis=0, weights=weights)
+        exam = np.average(np.stack(outputs.exams), axis=0, weights=outputs.weights)
         mean = float(np.mean([p for *_, p in decoded]))
     else:
         exam, mean = prior_exam, prior_slice
         error = f"no readable slice in {plan.n_files} file(s): training prior written"
-        summary.studies_failed.append((plan.study, error))
-    filled += [(series_uid, failure, mean) for series_uid, failure in unknown_place]
-    seen = {sop for _, sop, _, _ in decoded}
-    fills = []
-    for series_uid, failure, value in filled:
-        if failure.sop and failure.sop not in seen:
-            seen.add(failure.sop)
-            fills.append((series_uid, failure.sop, value))
-        elif failure.sop is None:
-            summary.unplaced.append(failure)
-            continue
-        summary.lost.append(failure)
+    fills, filled, lost, no_row = fill_lost({sop for _, sop, _, _ in decoded}, outputs.placed, unplaced, mean)
 
     started = time.perf_counter()
     slice_rows = [(s, sop, p) for s, sop, _, p in decoded] + fills
     study_rows, changed = fix_study(plan.study, slice_rows, exam)
     fix_seconds = time.perf_counter() - started
-    timings["fix"] += fix_seconds
     final = dict(study_rows)
+    seconds = {"read": read.seconds, "model": model_seconds, "fix": fix_seconds}
     result = StudyResult(
         study_uid=plan.study,
         exam_probabilities={label: float(final[exam_id(plan.study, label)]) for label in EXAM_LABELS},
@@ -328,8 +383,9 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
             {"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": float(final[f.sop]) if f.sop in final else None}
             for _, f, _ in filled
         ] + [{"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": None} for f in skipped],
-        timings={"read": read.seconds, "model": model_seconds, "fix": fix_seconds},
+        timings=dict(seconds),
         error=error,
     )
+    images = outputs.images
     pictures = images[0] if len(images) == 1 else (np.concatenate(images) if images else None)
-    return result, study_rows, changed, pictures
+    return StudyOutcome(result, study_rows, changed, pictures, len(decoded), lost, no_row, error, seconds)

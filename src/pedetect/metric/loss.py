@@ -1,4 +1,4 @@
-"""The competition metric: weighted binary log loss (DESIGN.md §5), written once.
+"""The competition metric: weighted binary log loss, written once.
 
 The same functions run on numpy arrays (``pedetect evaluate``, the consistency fixer) and on torch
 tensors (the stage-2 training loss, differentiable), because they only use operations that both

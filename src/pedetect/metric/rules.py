@@ -1,4 +1,4 @@
-"""The challenge's label-consistency rules (DESIGN.md §5), as plain functions of one exam.
+"""The challenge's label-consistency rules, as plain functions of one exam (the rules are :data:`RULES`).
 
 An exam is positive when any of its slices has probability > 0.5. Each rule has a short name that
 `pedetect check` prints; the fixer in :mod:`pedetect.metric.consistency` repairs exactly these.

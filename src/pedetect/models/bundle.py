@@ -1,4 +1,4 @@
-"""The model bundle: one folder holding everything ``predict`` needs (DESIGN.md §4).
+"""The model bundle: one folder holding everything ``predict`` needs (docs/design.md, "The model folder").
 
 ``pedetect train CONFIG`` (all stages) leaves a model folder whose names are in
 :mod:`pedetect.models.layout`; this module reads it as a whole and checks that it is complete.

@@ -1,4 +1,4 @@
-"""Stage 2: a sequence head over one series' ordered slice embeddings (DESIGN.md §2).
+"""Stage 2: a sequence head over one series' ordered slice embeddings (docs/design.md, "Data flow").
 
 Input: (B, T, D) embeddings in position order with a (B, T) mask of real slices; series shorter
 than T are padded. Output: one logit per slice and the nine exam logits. Padded positions never

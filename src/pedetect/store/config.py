@@ -30,7 +30,7 @@ class PrepareConfig(StrictModel):
     )
     windows: list[WindowSpec] = Field(
         default_factory=lambda: [WindowSpec(**w) for w in DEFAULT_WINDOW_SPECS],
-        description="Exactly three windows, channels R, G, B (default DESIGN.md §2: lung, PE, mediastinal).",
+        description="Exactly three windows, channels R, G, B (default: lung L-600/W1500, PE L100/W700, mediastinal L40/W400).",
     )
     jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of the stored frames (chosen by measurement, docs/benchmarks.md).")
     jpeg_sampling: Literal["444", "422", "420"] = Field(

@@ -1,4 +1,4 @@
-"""The slice store on disk (DESIGN.md §4), chosen by measurement (docs/benchmarks.md)::
+"""The slice store on disk (docs/design.md, "The slice store"), chosen by measurement (docs/benchmarks.md)::
 
     STORE/
       prepare.json            settings the store was made with (windows, image size, JPEG settings)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -36,7 +36,7 @@ class SliceStore:
     - ``series``: ``series.parquet``, one row per series (geometry, spacing, z, irregularities);
       :meth:`series_info` gives one series as a dict;
     - :meth:`read_slice` → (H, W, 3) uint8, :meth:`read_series` → (N, H, W, 3) uint8; channels R, G, B =
-      lung, PE, mediastinal windows (DESIGN.md §2).
+      lung, PE, mediastinal windows (``pedetect.dicom.pixels.DEFAULT_WINDOWS``).
     """
 
     def __init__(self, path: str | Path):

@@ -1,4 +1,4 @@
-"""Synthetic CTPA studies with ground truth from the phantom itself (DESIGN.md §6).
+"""Synthetic CTPA studies with ground truth from the phantom itself (docs/design.md, "Synthetic data").
 
 Python API (imported lazily, so that ``pedetect --help`` stays fast):
 

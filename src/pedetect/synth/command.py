@@ -1,4 +1,4 @@
-"""``pedetect synth``: write synthetic CTPA studies in the RSNA-STR layout (DESIGN.md §6).
+"""``pedetect synth``: write synthetic CTPA studies in the RSNA-STR layout (docs/design.md, "Synthetic data").
 
 Only Typer and pathlib at import time; the generator is imported when the command runs.
 """

@@ -1,4 +1,4 @@
-"""The CTPA phantom: anatomy, pathology, scanner, UIDs and labels of one study (DESIGN.md §6).
+"""The CTPA phantom: anatomy, pathology, scanner, UIDs and labels of one study (docs/design.md, "Synthetic data").
 
 A study is *planned* first (:func:`plan_study`): every random draw, the 3D geometry of the anatomy
 (capsules and ellipsoids in millimetres), the emboli and their rasterised masks, the scanner and the
@@ -38,7 +38,7 @@ ANATOMY_HEIGHT = 280.0
 SPLITS = ("train", "test")
 KINDS = ("positive", "negative", "indeterminate")
 
-# RSNA-STR training-set exam frequencies (per exam); see the issue / DESIGN.md §6.
+# RSNA-STR training-set exam frequencies (per exam), which the synthetic training sets follow by default.
 POSITIVE_FRACTION = 0.31
 INDETERMINATE_FRACTION = 0.02
 LOCATION_TARGETS = {"central_pe": 0.18, "rightsided_pe": 0.80, "leftsided_pe": 0.66}

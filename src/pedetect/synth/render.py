@@ -69,28 +69,38 @@ def _tube(vol: np.ndarray, g: Grid, pts: list, radius: float, value: int) -> Non
 
 
 def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
-    """The tissue label volume and the embolus index volume of a planned study."""
+    """The tissue label volume and the embolus index volume of a planned study: each structure
+    painted over the ones before it, from the table outwards to the emboli."""
     an, g = plan.anatomy, plan.grid
-    S = len(g.zs)
-    H = ANATOMY_HEIGHT
-    us = g.zs / H
+    us = g.zs / ANATOMY_HEIGHT  # each slice's height as a fraction of the anatomy
     vol = np.full(g.shape, int(T.AIR), dtype=np.uint8)
-    every = slice(0, S)
+    parts = (_paint_table, _paint_body, _paint_cavity, _paint_mediastinum, _paint_spine, _paint_chest_wall_bones, _paint_airways, _paint_heart)
+    for paint_part in parts:
+        paint_part(vol, an, g, us)
+    emb = _paint_vessels_and_emboli(vol, plan)
+    return vol, emb
 
-    # Scanner table under the patient: a shallow curved plate.
+
+def _paint_table(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """A scanner table under the patient: a shallow curved plate."""
     x2 = g.xs[None, :] ** 2
     top = an.b_back + 5.0 - 0.0009 * x2
     table = (g.ys[:, None] >= top) & (g.ys[:, None] <= top + 7.0) & (np.abs(g.xs[None, :]) < 0.95 * an.a + 20.0)
     vol[:, table] = int(T.TABLE)
 
-    # Body: subcutaneous fat over muscle over the thoracic cavity.
+
+def _paint_body(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """Subcutaneous fat over muscle over the thoracic cavity."""
+    every = slice(0, len(g.zs))
     body_scale = 1.0 + 0.03 * (us - 0.5)
     rows, cols, rho2 = ellipse_rho2(g, 0.0, 0.0, an.a, an.b_front, ay_back=an.b_back, reach=1.03)
     paint_scaled(vol, every, rows, cols, rho2, body_scale, int(T.FAT))
     rows, cols, rho2 = ellipse_rho2(g, 0.0, 0.0, an.a - an.fat, an.b_front - an.fat, ay_back=an.b_back - an.fat, reach=1.03)
     paint_scaled(vol, every, rows, cols, rho2, body_scale, int(T.MUSCLE))
 
-    # Cavity: fat, abdomen below the diaphragm domes, lungs above them.
+
+def _paint_cavity(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """The thoracic cavity: fat, abdomen below the diaphragm domes, lungs above them, stomach gas."""
     rows, cols, rho2c = ellipse_rho2(g, 0.0, 0.0, an.a_c, an.bc_front, ay_back=an.bc_back)
     xs, ys = g.xs[cols][None, :], g.ys[rows][:, None]
     dome = dome_height(an, xs, ys).astype(np.float32)
@@ -114,14 +124,21 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
         part[:, gas & cav] = int(T.AIR)
         sub[low] = part
 
-    # Mediastinum: a central band from sternum to spine.
+
+def _paint_mediastinum(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """A central band of fat from sternum to spine."""
+    every = slice(0, len(g.zs))
     top_v = an.vertebra_y - an.vertebra_r
     cy = 0.5 * (top_v - an.bc_front)
     rows_b, cols_b, rho2 = ellipse_rho2(g, an.band_x, cy, an.band_w, 0.5 * (top_v + an.bc_front) + 6.0)
     band_scale = np.where(us < 0.2, 0.75, np.where(us > 0.82, 0.9, 1.0))
     paint_scaled(vol, every, rows_b, cols_b, rho2, band_scale, int(T.FAT))
 
-    # Spine: vertebral bodies with discs, canal, laminae, spinous and transverse processes.
+
+def _paint_spine(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """Vertebral bodies with discs, canal, laminae, spinous and transverse processes."""
+    S = len(g.zs)
+    every = slice(0, len(g.zs))
     vy, vr, cr = an.vertebra_y, an.vertebra_r, an.canal_r
     disc = ((us / 0.085 + an.disc_phase) % 1.0) < 0.18
     rows, cols, rho2 = ellipse_rho2(g, 0.0, vy, vr * 1.05, vr)
@@ -140,6 +157,10 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
         rows, cols, rho2 = ellipse_rho2(g, cx, cy_, ax, ay)
         paint_scaled(vol, every, rows, cols, rho2, np.ones(S), int(value))
 
+
+def _paint_chest_wall_bones(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """Ribs sloping down from back to front, the sternum and the scapulae."""
+    H = ANATOMY_HEIGHT
     # Ribs: bands just outside the cavity, sloping down from back to front.
     ring_out = 1.0 + an.rib / min(an.a_c, an.bc_back)
     rows, cols, rho2 = ellipse_rho2(g, 0.0, 0.0, an.a_c, an.bc_front, ay_back=an.bc_back, reach=ring_out + 0.05)
@@ -174,7 +195,10 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
         paint(vol, (ks_sc, rows, cols), np.broadcast_to(plate, (ks_sc.stop - ks_sc.start,) + plate.shape),
               int(T.BONE), where=(int(T.MUSCLE), int(T.FAT)))
 
-    # Airways and oesophagus.
+
+def _paint_airways(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """Trachea, main and lobar bronchi, and the oesophagus."""
+    H = ANATOMY_HEIGHT
     ty, tr = an.trachea_y, an.trachea_r
     carina = (-2.0, ty, 0.6 * H)
     airways = [
@@ -192,7 +216,11 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     _tube(vol, g, [(6.0, oy, -0.1 * H), (6.0, oy, 1.1 * H)], 6.0, int(T.MUSCLE))
     _tube(vol, g, [(6.0, oy, -0.1 * H), (6.0, oy, 1.1 * H)], 1.5, int(T.AIR))
 
-    # Heart (over airways and oesophagus): pericardial fat, myocardium, ventricles (RV anterior-right, LV posterior-left), atria.
+
+def _paint_heart(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
+    """The heart (over airways and oesophagus): pericardial fat, myocardium, ventricles (RV anterior-right,
+    LV posterior-left), atria."""
+    H = ANATOMY_HEIGHT
     hx, hy = an.heart_centre
     th = an.heart_angle
     el = np.array([np.cos(th), np.sin(th)])
@@ -220,6 +248,10 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     paint_ellipsoid(vol, g, la, 30.0, 19.0, 0.065 * H, int(T.MYOCARDIUM), where=soft)
     paint_ellipsoid(vol, g, la, 27.0, 16.0, 0.06 * H, int(T.SYS_BLOOD), where=soft)
 
+
+def _paint_vessels_and_emboli(vol: np.ndarray, plan: StudyPlan) -> np.ndarray:
+    """Vessels, flow artefacts, mimics and emboli; returns the embolus index volume."""
+    g = plan.grid
     # Vessels: systemic and veins first, pulmonary arteries on top.
     for v in sorted(plan.vessels, key=lambda v: v.tissue == T.PA_BLOOD):
         for seg in v.segments():
@@ -233,7 +265,7 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
         for box, m in e.chunks:
             paint(vol, box, m, int(e.tissue))
             paint(emb, box, m, i)
-    return vol, emb
+    return emb
 
 
 def _noise_bank(rng: np.random.Generator, h: int, w: int, sd: float, k: int = 4, pad: int = 16) -> np.ndarray:

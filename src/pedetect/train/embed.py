@@ -2,7 +2,7 @@
 
 Each fold's CNN embeds every slice of the series of *its own validation studies*, the studies it
 never trained on; across the folds every labelled series is embedded exactly once, by the one CNN
-that did not see it, so stage 2 learns from honest features (DESIGN.md §2). Writes::
+that did not see it, so stage 2 learns from honest features (docs/design.md, "Data flow"). Writes::
 
     MODEL_DIR/embed/fold<k>/<SeriesInstanceUID>.npz   embedding float16 (N, D), logit float32 (N,),
                                                       sop (N,) SOPInstanceUIDs, all in position order
