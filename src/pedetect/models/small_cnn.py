@@ -8,7 +8,8 @@ resolution for its first two convolutions, halves it only between stages, and ma
 feature map, so one clear defect anywhere on the slice is enough to fire it: a detector-shaped
 alternative to resnet-style stems, and the demo recipe's backbone (measurements in docs/stage1_notes.md).
 
-It is registered with timm on import of :mod:`pedetect.models.backbone`, so it is chosen like any
+It is registered with timm whenever :mod:`pedetect.models.backbone` checks or creates a backbone
+(:func:`register`), so it is chosen like any
 timm backbone (``cnn.backbone.name: pedetect_small_cnn``, ``kwargs: {widths: [...]}``) and has the
 timm feature-extractor interface that :class:`~pedetect.models.slice_classifier.SliceClassifier` uses.
 """
