@@ -33,15 +33,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
+from pedetect.console import echo as console_echo
 from pedetect.dicom.series import Failure
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, exam_id, split_exam_id
 from pedetect.metric.consistency import LOWERED
 
 DUPLICATE = "duplicate SOPInstanceUID"
-
-
-def _echo(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def value_text(value: float) -> str:
@@ -157,7 +154,7 @@ def predict(
     sample: str | Path | None = None,
     batch_size: int = 32,
     progress: bool = True,
-    echo: Callable[[str], None] = _echo,
+    echo: Callable[[str], None] = console_echo,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
