@@ -18,6 +18,7 @@ from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, ra
 from pedetect.dicom import (
     AIR_HU,
     DEFAULT_WINDOWS,
+    DicomError,
     ZipMember,
     discover,
     hu_from_dataset,
@@ -26,7 +27,9 @@ from pedetect.dicom import (
     read_files,
     read_header,
     read_series,
+    read_slice,
     resize_keep_aspect,
+    scan_files,
     window_dataset,
     window_hu,
 )
@@ -39,6 +42,14 @@ def reference_window(hu: np.ndarray) -> np.ndarray:
     for level, width in [(-600, 1500), (100, 700), (40, 400)]:
         out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))
     return np.stack(out, -1)
+
+
+def read_files_of_one_series(files, **kwargs):
+    """The read path on files of one series: scan the headers, then order, decode and window them."""
+    headers, failures = scan_files(files)
+    assert failures == []
+    assert len({h.series for h in headers}) == 1
+    return read_series(headers, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ real files
@@ -92,7 +103,7 @@ def test_j2k_pixelrep_mismatch_is_signed_correctly():
 
 def test_ct5n_position_order_beats_instance_number():
     files = series_files(CT5N)
-    volume = read_series(files)
+    volume = read_files_of_one_series(files)
     # independent: z from ImagePositionPatient · (row × col)
     expected = []
     for path in files:
@@ -119,7 +130,7 @@ def test_ct5n_position_order_beats_instance_number():
 
 
 def test_ct2_gap_is_recorded():
-    volume = read_series(series_files(CT2))
+    volume = read_files_of_one_series(series_files(CT2))
     np.testing.assert_allclose(volume.z, [-99.48, 103.02, 104.27, 105.52], atol=1e-4)
     assert volume.instance_numbers == [18, 180, 181, 182]
     assert volume.meta["spacing"] == pytest.approx(1.25, abs=1e-3)
@@ -230,7 +241,7 @@ def test_series_order_rescale_per_slice_and_sizes(tmp_path):
         dtype = np.int16 if intercept == 0.0 else np.uint16
         files.append(make_ct(tmp_path / f"f{k}", stored.astype(dtype), study=study, series=series, position=(0, 0, -5.0 * k), instance=k + 1, slope=slope, intercept=intercept))
     files.append(make_ct(tmp_path / "scout", np.zeros((20, 16), np.uint16), study=study, series=series, position=(0, 0, 50), instance=9))
-    volume = read_series([str(f) for f in files])
+    volume = read_files_of_one_series([str(f) for f in files])
     assert len(volume) == 4
     np.testing.assert_allclose(volume.z, [-15, -10, -5, 0])
     # per-slice rescale: the HU (and so the window values) follow the slice, not the first slice
@@ -243,7 +254,7 @@ def test_series_order_rescale_per_slice_and_sizes(tmp_path):
 
 def test_instance_number_fallback_is_recorded(tmp_path):
     files = [make_ct(tmp_path / f"f{k}", phantom(8, 8, seed=k), study="1.2", series="1.2.1", position=None, instance=3 - k) for k in range(3)]
-    volume = read_series([str(f) for f in files])
+    volume = read_files_of_one_series([str(f) for f in files])
     assert volume.instance_numbers == [1, 2, 3]
     assert volume.meta["order_by"] == "instance_number"
     assert any("ordered by InstanceNumber" in text for text in volume.meta["irregularities"])
@@ -251,7 +262,7 @@ def test_instance_number_fallback_is_recorded(tmp_path):
 
 def test_duplicate_positions_recorded(tmp_path):
     files = [make_ct(tmp_path / f"f{k}", phantom(8, 8, seed=k), study="1.2", series="1.2.1", position=(0, 0, [0, 1, 1, 2][k]), instance=k) for k in range(4)]
-    volume = read_series([str(f) for f in files])
+    volume = read_files_of_one_series([str(f) for f in files])
     assert volume.meta["n_duplicates"] == 1
     assert len(volume) == 4
 
@@ -268,6 +279,84 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     assert reasons["no_pixels"].startswith("DICOM without pixel data")
     assert reasons["trunc_pixels"].startswith("pixel data unreadable")
     assert set(reasons) == {p.name for p in bad.values()}
+    # the slice that could not be decoded keeps its place in the series' position order (last: z + 0.5)
+    series = volumes[0]
+    assert series.n_planned == 4 and series.position.tolist() == [0.0, 1.0, 2.0]
+    assert [(Path(f.path).name, place) for f, place in series.lost] == [("trunc_pixels", 3.0)]
+    assert series.lost[0][0].series == series.series and series.lost[0][0].sop is not None
+    assert "1 slice(s) could not be decoded" in series.meta["irregularities"]
+    assert series.meta["n_slices"] == 3 and series.meta["z"] == pytest.approx(series.z.tolist())
+
+
+def test_duplicate_sop_uids_keep_the_largest_file(tmp_path):
+    files = ct_series(tmp_path / "s", 3, rows=16, cols=16)
+    copy = tmp_path / "s" / "copy_of_first"
+    copy.write_bytes(files[0].read_bytes()[:-100])  # a truncated copy: same SOPInstanceUID, smaller
+    twin = tmp_path / "s" / "twin_of_second"
+    twin.write_bytes(files[1].read_bytes())  # an exact copy: the first seen is kept
+    volumes, failures = read_files([str(copy), *(str(f) for f in files), str(twin)])
+    assert len(volumes) == 1 and len(volumes[0]) == 3 and volumes[0].lost == []
+    assert sorted(volumes[0].sources) == sorted(str(f) for f in files)
+    assert [(f.path, f.reason) for f in failures] == [
+        (str(copy), f"duplicate SOPInstanceUID (kept {files[0]})"),
+        (str(twin), f"duplicate SOPInstanceUID (kept {files[1]})"),
+    ]
+    assert all(f.series == volumes[0].series and f.sop for f in failures)
+
+
+# ------------------------------------------------------------------------------------------ one slice
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
+@pytest.mark.parametrize("image_size", [None, 96])
+def test_read_slice_equals_pydicom_decode_in_both_channel_orders(name, image_size):
+    path = real_file(name)
+    header = read_header(path)
+    # uncompressed 16-bit data takes the fast path (straight from the bytes), JPEG 2000 goes through pydicom
+    assert (header.extra.get("native") is not None) == (name == "CT_small.dcm")
+    expected = window_dataset(pydicom.dcmread(path), image_size=image_size)
+    rgb = read_slice(header, image_size=image_size)
+    bgr = read_slice(header, image_size=image_size, bgr=True)
+    assert rgb.dtype == np.uint8 and rgb.shape == expected.shape
+    np.testing.assert_array_equal(rgb, expected)
+    np.testing.assert_array_equal(bgr, rgb[:, :, ::-1])
+    if image_size is None:
+        np.testing.assert_array_equal(rgb, reference_window(hu_from_dataset(pydicom.dcmread(path))))
+
+
+def test_read_slice_windows_are_the_channels_in_order(tmp_path):
+    stored = np.full((8, 8), 1064, np.uint16)  # 40 HU at intercept -1024
+    header = read_header(str(make_ct(tmp_path / "x", stored, study="1.2", series="1.2.1")))
+    windows = ((40.0, 400.0), (-600.0, 1500.0), (100.0, 700.0))
+    image = read_slice(header, windows)
+    assert image[0, 0].tolist() == reference_window(np.array([[40.0]]))[0, 0][[2, 0, 1]].tolist()
+    with pytest.raises(ValueError):
+        read_slice(header, ((40.0, 0.0),) * 3)
+
+
+def test_a_file_changed_since_the_scan_fails_with_its_reason(tmp_path):
+    a = make_ct(tmp_path / "a", phantom(16, 16), study="1.2", series="1.2.1", position=(0, 0, 0))
+    b = make_ct(tmp_path / "b", phantom(16, 16, seed=1), study="1.2", series="1.2.1", position=(0, 0, 1))
+    other = make_ct(tmp_path / "other", phantom(24, 24), study="1.2", series="1.2.1")
+    headers, _ = scan_files([str(a), str(b)])
+    a.write_bytes(other.read_bytes())  # replaced after the scan by another slice
+    with pytest.raises(DicomError) as caught:
+        read_slice(headers[0])
+    assert caught.value.reason == "file changed while preparing (SOPInstanceUID differs from the scan)"
+    series = read_series(headers)
+    assert len(series) == 1 and series.sources == [str(b)]
+    assert [(f.path, f.reason, place) for f, place in series.lost] == [(str(a), caught.value.reason, 0.0)]
+
+
+def test_truncated_pixel_data_is_named_by_the_fast_path(tmp_path):
+    path = make_ct(tmp_path / "a", phantom(16, 16), study="1.2", series="1.2.1")
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    header = read_header(str(path))
+    assert header.extra.get("native") is not None
+    with pytest.raises(DicomError) as caught:
+        read_slice(header)
+    assert caught.value.reason == "pixel data unreadable (truncated: 412 of 512 bytes)"
 
 
 def test_discovery_by_content_and_zip_members(tmp_path):
@@ -284,7 +373,7 @@ def test_discovery_by_content_and_zip_members(tmp_path):
             z.write(p, f"../../evil/{k}")  # hostile names are only ever read, never used as paths
     members = discover(archive)
     assert all(isinstance(m, ZipMember) for m in members) and len(members) == 3
-    volume = read_series(members)
+    volume = read_files_of_one_series(members)
     assert len(volume) == 3 and all("::" in s for s in volume.sources)
     assert not (tmp_path.parent / "evil").exists()
 
@@ -301,6 +390,6 @@ def test_plan_orders_reversed_normal():
 
 def test_no_patient_fields_in_metadata(tmp_path):
     files = ct_series(tmp_path, 2, rows=8, cols=8)
-    volume = read_series([str(f) for f in files])
+    volume = read_files_of_one_series([str(f) for f in files])
     text = repr(volume.meta) + repr(volume.failures) + repr(read_header(str(files[0])))
     assert "Secret" not in text and "SECRET-ID" not in text

@@ -339,6 +339,8 @@ def test_a_truncated_compressed_file_is_named_as_truncated(tmp_path):
     assert len(SliceStore(tmp_path / "store").slices) == 3 and not summary.ok
     assert failures["path"].tolist() == [str(victim)]
     assert failures["reason"].iloc[0].startswith("pixel data unreadable") and "truncated" in failures["reason"].iloc[0]
-    # predict's reader (read_files) names it the same way: the check lives in the shared DICOM read.
-    _, lost = read_files(discover(tmp_path / "in" / "train"))
-    assert [(f.path, f.reason) for f in lost] == [(str(victim), failures["reason"].iloc[0])]
+    # the in-memory read (predict's) names it the same way: prepare and predict share one DICOM read path.
+    # Its header reads, so like prepare the read path loses it as a slice of its series.
+    series, unread = read_files(discover(tmp_path / "in" / "train"))
+    assert unread == [] and len(series) == 1 and len(series[0]) == 3
+    assert [(f.path, f.reason, f.sop) for f in series[0].failures] == [(str(victim), failures["reason"].iloc[0], failures[SOP].iloc[0])]

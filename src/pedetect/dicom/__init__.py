@@ -1,10 +1,12 @@
 """Reading DICOM: discovery by content, headers, slice ordering, pixels → HU, windowing.
 
-The reusable entry points (no store needed)::
+One read path (:mod:`pedetect.dicom.read`), used by ``pedetect prepare`` and ``pedetect predict`` alike::
 
-    from pedetect.dicom import read_files, read_series
-    volumes, failures = read_files(paths)      # any mix of series; paths or ZipMember
-    volume = read_series(paths_of_one_series)  # SeriesVolume: images (N,H,W,3) uint8, z, sop_uids, meta, failures
+    from pedetect.dicom import read_files, read_series, read_slice, scan_files
+    headers, failures = scan_files(paths)       # headers only; paths or ZipMember
+    series = read_series(headers_of_one_series)  # SeriesRead: images (N,H,W,3) uint8, z, sop_uids, lost, meta
+    image = read_slice(headers[0])              # one slice, windowed (H,W,3) uint8
+    series_list, failures = read_files(paths)   # all of it: scan, group by series, read each
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pedetect.dicom.pixels import (
     window_dataset,
     window_hu,
 )
-from pedetect.dicom.series import Failure, SeriesVolume, group_headers, read_files, read_series, series_metadata
+from pedetect.dicom.read import SeriesRead, decode_series, read_files, read_series, read_slice, scan_files
+from pedetect.dicom.series import Failure, group_headers, series_metadata
 from pedetect.dicom.source import ZipMember, discover, looks_like_dicom
 
 __all__ = [
@@ -30,9 +33,10 @@ __all__ = [
     "DicomError",
     "Failure",
     "SeriesPlan",
-    "SeriesVolume",
+    "SeriesRead",
     "SliceHeader",
     "ZipMember",
+    "decode_series",
     "discover",
     "group_headers",
     "hu_from_dataset",
@@ -41,7 +45,9 @@ __all__ = [
     "read_files",
     "read_header",
     "read_series",
+    "read_slice",
     "resize_keep_aspect",
+    "scan_files",
     "series_metadata",
     "spacing_stats",
     "window_dataset",

@@ -8,7 +8,10 @@
    file, rename it into place, then write the marker (the series' metadata, slice table and failures);
 5. assemble slices.parquet, series.parquet and failures.parquet from the markers.
 
-Killed at any point, a rerun redoes only series without a valid marker.
+Scanning, grouping, ordering, decoding and windowing are the DICOM read path of
+:mod:`pedetect.dicom.read`, which ``pedetect predict`` reads through too; this module adds the tasks,
+the runner, the markers and the store's tables. Killed at any point, a rerun redoes only series
+without a valid marker.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, read_header
+from pedetect.dicom.header import SliceHeader, describe_error
 from pedetect.dicom.order import plan_series
-from pedetect.dicom.pixels import window_dataset, window_stored
+from pedetect.dicom.read import decode_series, scan_files, series_size, slice_failure
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
-from pedetect.dicom.source import Source, discover, read_bytes, source_label
+from pedetect.dicom.source import discover
 from pedetect.io import TMP_MARK, atomic_path, read_json, write_json_atomic, write_parquet_atomic
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.config import PrepareConfig
@@ -93,19 +96,6 @@ class PrepareSummary:
 # Tasks (run in worker processes or on Dask workers: plain picklable arguments, no shared state)
 
 
-def scan_chunk(sources: Sequence[Source]) -> tuple[list[SliceHeader], list[dict]]:
-    """Headers of a batch of files; unusable files as failure records."""
-    headers, failures = [], []
-    for source in sources:
-        try:
-            headers.append(read_header(source))
-        except DicomError as error:
-            failures.append(Failure(source_label(source), error.reason).as_record())
-        except Exception as error:  # anything else about one file stays with that file
-            failures.append(Failure(source_label(source), f"unreadable ({describe_error(error)})").as_record())
-    return headers, failures
-
-
 @dataclass
 class SeriesTask:
     store: str
@@ -126,7 +116,7 @@ def prepare_series(task: SeriesTask) -> dict:
 def _prepare_series(task: SeriesTask) -> dict:
     store = Path(task.store)
     settings = task.settings
-    windows = tuple(tuple(w) for w in settings["windows"])
+    windows = settings["windows"]
     image_size = settings["image_size"]
     params = jpeg_params(settings["jpeg_quality"], settings["jpeg_sampling"])
     plan = plan_series(task.headers)
@@ -138,28 +128,25 @@ def _prepare_series(task: SeriesTask) -> dict:
     z: list[float] = []
     offsets: list[int] = []
     lengths: list[int] = []
-    height = width = None
     with atomic_path(final, fsync=True) as tmp, open(tmp, "wb") as f:
         position = 0
-        for header, z_value in zip(plan.slices, plan.z):
-            try:
-                image = _slice_image(header, windows, image_size)
-                frame = encode_frame(image, params)
-            except DicomError as error:
-                failures.append(Failure.of(header, error.reason))
+        for i, image, failure in decode_series(plan, windows, image_size, bgr=True):  # B,G,R for the JPEG encoder
+            header = plan.slices[i]
+            if failure is None:
+                try:
+                    frame = encode_frame(image, params)
+                except Exception as error:  # this slice only
+                    failure = slice_failure(header, error)
+            if failure is not None:
+                failures.append(failure)
                 continue
-            except Exception as error:  # decoder errors: this slice only
-                failures.append(Failure.of(header, f"pixel data unreadable ({describe_error(error)})"))
-                continue
-            height, width = image.shape[:2]
             f.write(frame)
             offsets.append(position)
             lengths.append(len(frame))
             position += len(frame)
             kept.append(header)
-            z.append(float(z_value))
-    if height is None:
-        height, width = (image_size, image_size) if image_size else (plan.rows, plan.cols)
+            z.append(float(plan.z[i]))
+    height, width = series_size(plan, image_size)
     meta = series_metadata(plan, kept, z, height=height, width=width, n_failed=len(plan.slices) - len(kept))
     marker = {
         "format": FORMAT_VERSION,
@@ -178,28 +165,6 @@ def _prepare_series(task: SeriesTask) -> dict:
     }
     write_json_atomic(marker_path(store, task.name), marker, indent=None)
     return {"series": meta[SERIES], "name": task.name, "n_slices": len(kept), "failures": marker["failures"], "n_headers": len(task.headers)}
-
-
-def _slice_image(header: SliceHeader, windows: tuple, image_size: Optional[int]) -> Any:
-    """One slice, windowed (B,G,R for the JPEG encoder). Uncompressed 16-bit data is read straight
-    from the bytes at the offset the scan found; anything else is parsed and decoded by pydicom."""
-    import numpy as np
-
-    data = read_bytes(header.source)
-    native = header.extra.get("native")
-    if native is not None and len(data) == header.size:
-        count = header.rows * header.cols
-        end = native["offset"] + 2 * count
-        if end > len(data) or native["length"] < 2 * count:
-            raise DicomError(f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)")
-        array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
-        padding = tuple(native["padding"]) if native["padding"] is not None else None
-        return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=True)
-    ds = dcmread_source(header.source, data=data)
-    sop = str(ds.get("SOPInstanceUID", "")).strip()
-    if sop != header.sop:
-        raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
-    return window_dataset(ds, windows, image_size, bgr=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,9 +335,9 @@ def prepare(
         chunk = max(16, min(SCAN_CHUNK, len(sources) // (runner.workers * 4) + 1))
         chunks = [sources[i : i + chunk] for i in range(0, len(sources), chunk)]
         with _progress(len(sources), "file", "scan", progress) as bar:
-            for found, failed in runner.imap(scan_chunk, chunks):
+            for found, failed in runner.imap(scan_files, chunks):
                 headers.extend(found)
-                scan_failures.extend(failed)
+                scan_failures.extend(failure.as_record() for failure in failed)
                 bar.update(len(found) + len(failed))
         headers.sort(key=lambda h: h.label)  # results arrive in any order; keep runs deterministic
         groups, duplicates = group_headers(headers)

@@ -1,0 +1,178 @@
+"""The one DICOM read path, used alike by ``pedetect prepare`` (streaming to the slice store) and
+``pedetect predict`` (in memory, one study at a time), so a model sees the pixels it was trained on:
+
+1. :func:`scan_files`: the header of each file (pixel data not decoded); unusable files are failures;
+2. :func:`~pedetect.dicom.series.group_headers`: by SeriesInstanceUID, duplicate SOPInstanceUIDs are failures;
+3. :func:`~pedetect.dicom.order.plan_series`: position order along the slice normal, odd-sized slices set aside;
+4. :func:`read_slice`: one slice decoded to HU and windowed (uncompressed 16-bit data straight from the
+   file's bytes at the offset the scan found; anything else through pydicom's decoders);
+5. :func:`decode_series`: every slice of a planned series in order, a failure per slice that cannot be
+   decoded; :func:`read_series` gathers them into one array (:class:`SeriesRead`).
+
+>>> series, failures = read_files(paths_of_one_study)          # doctest: +SKIP
+>>> s = series[0]; s.images.shape, s.z[:3], s.sop_uids[0]        # doctest: +SKIP
+((N, 512, 512, 3), array([...]), '1.2...')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, read_header
+from pedetect.dicom.order import SeriesPlan, plan_series
+from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
+from pedetect.dicom.series import Failure, group_headers, series_metadata
+from pedetect.dicom.source import Source, read_bytes, source_label
+
+Windows = Optional[Sequence[Sequence[float]]]
+
+
+def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failure]]:
+    """Headers of files (paths or :class:`~pedetect.dicom.source.ZipMember`); unusable files as failures."""
+    headers, failures = [], []
+    for source in sources:
+        try:
+            headers.append(read_header(source))
+        except DicomError as error:
+            failures.append(Failure(source_label(source), error.reason))
+        except Exception as error:  # anything else about one file stays with that file
+            failures.append(Failure(source_label(source), f"unreadable ({describe_error(error)})"))
+    return headers, failures
+
+
+def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False) -> np.ndarray:
+    """One slice as windowed uint8 ``(H, W, 3)``: channels in window order (R, G, B), reversed when
+    ``bgr`` (for the JPEG encoder); resized with aspect kept to ``image_size`` when given.
+
+    Uncompressed 16-bit data is read straight from the bytes at the offset the scan found; anything
+    else is parsed and decoded by pydicom. Raises :class:`DicomError` for a truncated file or one
+    that changed since the scan, and any decoder error as it comes."""
+    windows = as_windows(windows)
+    data = read_bytes(header.source)
+    native = header.extra.get("native")
+    if native is not None and len(data) == header.size:
+        count = header.rows * header.cols
+        end = native["offset"] + 2 * count
+        if end > len(data) or native["length"] < 2 * count:
+            raise DicomError(f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)")
+        array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
+        padding = tuple(native["padding"]) if native["padding"] is not None else None
+        return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=bgr)
+    ds = dcmread_source(header.source, data=data)
+    sop = str(ds.get("SOPInstanceUID", "")).strip()
+    if sop != header.sop:
+        raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
+    return window_dataset(ds, windows, image_size, bgr=bgr)
+
+
+def slice_failure(header: SliceHeader, error: BaseException) -> Failure:
+    """The failure of one slice that could not be read: a :class:`DicomError`'s own reason, else the
+    decoder's error as ``pixel data unreadable (…)``."""
+    reason = error.reason if isinstance(error, DicomError) else f"pixel data unreadable ({describe_error(error)})"
+    return Failure.of(header, reason)
+
+
+def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
+    """``(height, width)`` of the series' windowed slices."""
+    return (image_size, image_size) if image_size else (plan.rows, plan.cols)
+
+
+def decode_series(
+    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False
+) -> Iterator[tuple[int, Optional[np.ndarray], Optional[Failure]]]:
+    """Each slice of a planned series in position order: ``(i, image, None)`` for ``plan.slices[i]``
+    decoded and windowed (see :func:`read_slice`), or ``(i, None, failure)``. A slice that cannot be
+    decoded, or decodes to another size than the series', fails alone."""
+    windows = as_windows(windows)
+    height, width = series_size(plan, image_size)
+    for i, header in enumerate(plan.slices):
+        try:
+            image = read_slice(header, windows, image_size, bgr=bgr)
+            if image.shape[:2] != (height, width):
+                raise ValueError(f"decoded size {image.shape[1]}x{image.shape[0]} is not the series' {width}x{height}")
+        except Exception as error:  # a decoder error of any kind is this slice's failure
+            yield i, None, slice_failure(header, error)
+            continue
+        yield i, image, None
+
+
+@dataclass
+class SeriesRead:
+    """One series in position order: ``images[k]`` is decoded slice ``k`` (uint8, channels in window
+    order, R,G,B = lung, PE, mediastinal by default), as prepare stores it before its JPEG encoding."""
+
+    series: str
+    plan: SeriesPlan
+    images: np.ndarray  # (N, H, W, 3) uint8, decoded slices only
+    z: np.ndarray  # (N,) mm along the slice normal (NaN where unknown)
+    slices: list[SliceHeader]  # (N,) the decoded slices' headers
+    position: np.ndarray  # (N,) place of each decoded slice in the series' full position order (plan.slices)
+    lost: list[tuple[Failure, float]]  # slices set aside or not decoded, with their place (NaN: unknown)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def n_planned(self) -> int:
+        """Slices in the series' position order (decoded or not)."""
+        return len(self.plan.slices)
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [h.sop for h in self.slices]
+
+    @property
+    def instance_numbers(self) -> list[Optional[int]]:
+        return [h.instance_number for h in self.slices]
+
+    @property
+    def sources(self) -> list[str]:
+        return [h.label for h in self.slices]
+
+    @property
+    def failures(self) -> list[Failure]:
+        return [failure for failure, _ in self.lost]
+
+    @property
+    def meta(self) -> dict:
+        """The series' metadata as prepare records it (:func:`~pedetect.dicom.series.series_metadata`)."""
+        height, width = self.images.shape[1:3]
+        return series_metadata(self.plan, self.slices, self.z, height=height, width=width, n_failed=self.n_planned - len(self))
+
+
+def read_series(headers: Sequence[SliceHeader], windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False) -> SeriesRead:
+    """Order, decode and window the slices of one series (headers from :func:`scan_files`) into one
+    preallocated array; slices that cannot be used are in ``lost``."""
+    plan = plan_series(headers)
+    height, width = series_size(plan, image_size)
+    images = np.empty((len(plan.slices), height, width, 3), dtype=np.uint8)
+    lost: list[tuple[Failure, float]] = [(Failure.of(h, reason), math.nan) for h, reason in plan.rejected]
+    kept: list[int] = []
+    for i, image, failure in decode_series(plan, windows, image_size, bgr=bgr):
+        if failure is not None:
+            lost.append((failure, float(i)))
+            continue
+        images[len(kept)] = image
+        kept.append(i)
+    return SeriesRead(
+        series=plan.slices[0].series if plan.slices else headers[0].series,
+        plan=plan,
+        images=images[: len(kept)],
+        z=np.asarray(plan.z, dtype=float)[kept] if len(plan.z) else np.zeros(0),
+        slices=[plan.slices[i] for i in kept],
+        position=np.asarray(kept, dtype=float),
+        lost=lost,
+    )
+
+
+def read_files(sources: Iterable[Source], *, windows: Windows = None, image_size: Optional[int] = None, bgr: bool = False) -> tuple[list[SeriesRead], list[Failure]]:
+    """Every series of some files, each read by :func:`read_series` (first-seen order), and the failures
+    of files that belong to no series (unreadable files, duplicates); each series carries its own."""
+    headers, failures = scan_files(sources)
+    groups, duplicates = group_headers(headers)
+    failures.extend(duplicates)
+    return [read_series(group, windows, image_size, bgr=bgr) for group in groups.values()], failures
