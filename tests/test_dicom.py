@@ -37,7 +37,7 @@ from pedetect.dicom.pixels import air_values
 
 
 def reference_window(hu: np.ndarray) -> np.ndarray:
-    """DESIGN.md §2 windows written out by hand: lung, PE, mediastinal."""
+    """The default windows written out by hand: lung L-600/W1500, PE L100/W700, mediastinal L40/W400."""
     out = []
     for level, width in [(-600, 1500), (100, 700), (40, 400)]:
         out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))

@@ -1,4 +1,4 @@
-"""Slice order, z positions and the irregularities of one series (DESIGN.md §2).
+"""Slice order, z positions and the irregularities of one series (docs/design.md, "Data flow").
 
 Slices are ordered by position along the slice normal: ImagePositionPatient projected on the cross
 product of the two ImageOrientationPatient vectors, ascending. InstanceNumber is a fallback only,

@@ -1,4 +1,4 @@
-"""Pixels → Hounsfield units → windowed uint8 channels (DESIGN.md §2).
+"""Pixels → Hounsfield units → windowed uint8 channels (docs/design.md, "Data flow").
 
 HU = stored value × RescaleSlope + RescaleIntercept, per slice, as floats; signed and unsigned
 storage; PixelPaddingValue (and PixelPaddingRangeLimit) become air. Each window (level L, width W)
@@ -27,7 +27,7 @@ NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
 def as_windows(windows: Optional[Sequence[Sequence[float]]]) -> tuple[tuple[float, float], ...]:
-    """Normalise windows to a hashable tuple of ``(level, width)`` floats (default: DESIGN.md §2)."""
+    """Normalise windows to a hashable tuple of ``(level, width)`` floats (default: :data:`DEFAULT_WINDOWS`)."""
     if windows is None:
         return DEFAULT_WINDOWS
     out = tuple((float(level), float(width)) for level, width in windows)

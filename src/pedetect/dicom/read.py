@@ -28,6 +28,9 @@ from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
 from pedetect.dicom.source import Source, read_bytes, source_label
 
+# Files whose headers one task scans: enough to amortise a task, few enough to report progress often.
+SCAN_CHUNK = 256
+
 Windows = Optional[Sequence[Sequence[float]]]
 
 

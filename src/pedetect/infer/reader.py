@@ -21,13 +21,12 @@ from pathlib import PurePath
 from typing import Callable, Optional, Sequence
 
 from pedetect.dicom.header import SliceHeader
-from pedetect.dicom.read import SeriesRead, read_series, scan_files
+from pedetect.dicom.read import SCAN_CHUNK, SeriesRead, read_series, scan_files
 from pedetect.dicom.series import Failure, group_headers
 from pedetect.dicom.source import discover
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
-SCAN_CHUNK = 256
 
 
 def guess_uids(label: str) -> tuple[Optional[str], Optional[str], Optional[str]]:

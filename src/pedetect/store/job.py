@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from pedetect.dicom.header import SliceHeader, describe_error
 from pedetect.dicom.order import plan_series
-from pedetect.dicom.read import decode_series, scan_files, series_size, slice_failure
+from pedetect.dicom.read import SCAN_CHUNK, decode_series, scan_files, series_size, slice_failure
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import discover
 from pedetect.io import TMP_MARK, atomic_path, read_json, write_json_atomic, write_parquet_atomic
@@ -48,7 +48,6 @@ from pedetect.store.format import (
     series_name,
 )
 
-SCAN_CHUNK = 256
 SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "height", "width", "file", "offset", "length", "source")
 
 
