@@ -199,7 +199,6 @@ def window_dataset(
 ) -> np.ndarray:
     """One slice as windowed uint8 ``(H, W, 3)`` (channels in window order, reversed when ``bgr``),
     resized with aspect kept to ``image_size`` × ``image_size`` when given."""
-    import cv2
 
     wins = as_windows(windows)
     if len(wins) != 3:
