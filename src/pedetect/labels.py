@@ -71,8 +71,11 @@ def exam_id(study_uid: str, label: str) -> str:
 
 def split_exam_id(row_id: str) -> tuple[str, str] | None:
     """Inverse of :func:`exam_id`; ``None`` when the id is not an exam id (so a slice id)."""
-    for label in EXAM_LABELS:
+    for label in _LABELS_LONGEST_FIRST:  # "…_acute_and_chronic_pe" also ends with "_chronic_pe"
         suffix = "_" + label
         if row_id.endswith(suffix):
             return row_id[: -len(suffix)], label
     return None
+
+
+_LABELS_LONGEST_FIRST: tuple[str, ...] = tuple(sorted(EXAM_LABELS, key=len, reverse=True))
