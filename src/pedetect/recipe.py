@@ -265,6 +265,19 @@ class SeqConfig(Section):
     )
     neighbour_diffs: bool = Field(False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f.")
     use_cnn_logit: bool = Field(True, description="Also input the CNN's slice logit.")
+    inputs: Literal["features", "logits"] = Field(
+        "features",
+        description="features: each slice's whole embedding (the CNN's pooled features, then its location logits); "
+        "logits: the location logits alone (embed.location_grid² numbers, with the slice logit when use_cnn_logit): "
+        "numbers that mean the same whichever fold's CNN made them.",
+    )
+    training_embeddings: Literal["out_of_fold", "own_cnn"] = Field(
+        "out_of_fold",
+        description="What head k trains on. out_of_fold: every other fold's series as embedded by that fold's CNN, "
+        "which never saw them; own_cnn: its own CNN's embeddings of its training series (the published solutions' "
+        "way: one feature space for training, validation and prediction, at the price of features of series the "
+        "CNN trained on). Either way head k is validated on, and predicts from, CNN k's embeddings of unseen series.",
+    )
     fixed_length: Optional[int] = Field(
         None, ge=2, description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask."
     )
@@ -305,6 +318,17 @@ class ExperimentConfig(Section):
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     seq: SeqConfig = Field(default_factory=SeqConfig)
+
+    @model_validator(mode="after")
+    def _seq_has_inputs(self) -> "ExperimentConfig":
+        if self.seq.inputs == "logits" and not self.embed.location_grid and not self.seq.use_cnn_logit:
+            raise ValueError("seq.inputs: logits needs embed.location_grid > 0 or seq.use_cnn_logit: the head would have no input")
+        return self
+
+    @property
+    def seq_input_columns(self) -> int | None:
+        """How many trailing columns of each embedding the sequence head reads (None: all of them)."""
+        return self.embed.location_grid**2 if self.seq.inputs == "logits" else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def write_random_bundle(
         width = cnn.embedding_dim
         save_weights(cnn, cnn_dir(out, k) / WEIGHTS_FILE)
         write_complete(cnn_dir(out, k), {})
-        save_sequence_head(build_sequence_head(config.seq, width), seq_dir(out, k) / WEIGHTS_FILE)
+        save_sequence_head(build_sequence_head(config.seq, width, input_columns=config.seq_input_columns), seq_dir(out, k) / WEIGHTS_FILE)
         write_complete(seq_dir(out, k), {})
     write_bundle_info(out, folds=list(range(folds)), embedding_dim=width, cv_score=None)
     if store_settings is not None:

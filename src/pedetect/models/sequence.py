@@ -127,8 +127,13 @@ class SequenceHead(nn.Module):
         input_dropout: float = 0.0,
         exam_structure: ExamStructure = "independent",
         exam_pooling: ExamPooling = "shared",
+        input_columns: int | None = None,
     ):
         super().__init__()
+        if input_columns is not None and not 0 <= input_columns <= embedding_dim:
+            raise ValueError(f"input_columns must be None or 0 … {embedding_dim}, got {input_columns}")
+        if input_columns == 0 and not use_cnn_logit:
+            raise ValueError("input_columns=0 and use_cnn_logit=False leave the head no input")
         if exam_structure not in ("independent", "conditional"):
             raise ValueError(f"unknown exam_structure {exam_structure!r}; choose independent or conditional")
         if exam_pooling not in ("shared", "per_output"):
@@ -140,7 +145,9 @@ class SequenceHead(nn.Module):
         self.neighbour_diffs = neighbour_diffs
         self.use_cnn_logit = use_cnn_logit
         self.fixed_length = fixed_length
-        in_dim = embedding_dim * (3 if neighbour_diffs else 1) + (1 if use_cnn_logit else 0)
+        # The trailing columns it reads (the location logits, when the features are left out).
+        self.input_columns = embedding_dim if input_columns is None else int(input_columns)
+        in_dim = self.input_columns * (3 if neighbour_diffs else 1) + (1 if use_cnn_logit else 0)
         self.encoder_kind = encoder
         if encoder in ("gru", "lstm"):
             rnn = nn.GRU if encoder == "gru" else nn.LSTM
@@ -179,7 +186,7 @@ class SequenceHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D), (B, T) bool, optional (B, T) → slice logits (B, T) (0 where padded), exam logits (B, 9)."""
         mask = mask.bool()
-        x = self.input_dropout(embeddings.float())
+        x = self.input_dropout(embeddings[..., embeddings.shape[-1] - self.input_columns :].float())
         if self.neighbour_diffs:
             x = neighbour_differences(x, mask)
         if self.use_cnn_logit:
@@ -243,8 +250,9 @@ def metric_loss(*args) -> torch.Tensor:
     return metric_loss_parts(*args).score
 
 
-def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
-    """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide."""
+def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: int | None = None) -> SequenceHead:
+    """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide, reading
+    their last ``input_columns`` columns (``ExperimentConfig.seq_input_columns``; None: all)."""
     return SequenceHead(
         embedding_dim,
         encoder=seq.encoder,
@@ -258,6 +266,7 @@ def build_sequence_head(seq: SeqConfig, embedding_dim: int) -> SequenceHead:
         input_dropout=seq.input_dropout,
         exam_structure=seq.exam_structure,
         exam_pooling=seq.exam_pooling,
+        input_columns=input_columns,
     )
 
 
@@ -289,7 +298,7 @@ def load_sequence_head(
         metadata = handle.metadata() or {}
     if "embedding_dim" not in metadata:
         raise ValueError(f"{path} is not a pedetect sequence head (no embedding_dim in its metadata)")
-    head = build_sequence_head(config.seq, int(metadata["embedding_dim"]))
+    head = build_sequence_head(config.seq, int(metadata["embedding_dim"]), input_columns=config.seq_input_columns)
     head.load_state_dict(load_file(str(path)))
     return head.eval().to(device)
 

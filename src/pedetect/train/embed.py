@@ -107,10 +107,22 @@ def fold_series(items: pd.DataFrame, fold: int) -> list[str]:
     return sorted(items.loc[items[FOLD] == fold, SERIES].unique())
 
 
+def embedding_scope(config) -> str:
+    """Which series each fold's CNN embeds: ``own_fold`` (its validation studies, the ones it never
+    saw), or ``all`` when stage 2 trains head k on CNN k's embeddings of its training series too
+    (``seq.training_embeddings: own_cnn``)."""
+    return "all" if config.seq.training_embeddings == "own_cnn" else "own_fold"
+
+
+def series_to_embed(items: pd.DataFrame, fold: int, scope: str) -> list[str]:
+    return fold_series(items, fold) if scope == "own_fold" else sorted(items[SERIES].unique())
+
+
 def embed_fold(
     inputs: TrainingInputs, fold: int, *, device: str | None = None, echo: Callable[[str], None] = console_echo
 ) -> dict[str, Any]:
-    """Embed fold k's own series with fold k's CNN; returns what its COMPLETE marker holds."""
+    """Embed fold k's own series (every series, with scope ``all``) with fold k's CNN; returns what
+    its COMPLETE marker holds."""
     import torch
 
     from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
@@ -127,7 +139,8 @@ def embed_fold(
         shutil.rmtree(directory)
     write_json_atomic(source, {"cnn_sha256": cnn_hash, "cnn_weights": str(weights.relative_to(out))}, indent=None)
 
-    series = fold_series(inputs.items, fold)
+    scope = embedding_scope(config)
+    series = series_to_embed(inputs.items, fold, scope)
     todo = [s for s in series if not embedding_path(out, fold, s).is_file()]
     device = device or resolve_device(config.runtime.accelerator)
     model = load_slice_classifier(out, fold, config=config, device=device)
@@ -150,6 +163,7 @@ def embed_fold(
     seconds = time.perf_counter() - started
     marker = {
         "series": len(series),
+        "scope": scope,
         "embedding_dim": int(model.embedding_dim),
         "cnn_sha256": cnn_hash,
         "seconds": round(seconds, 3),  # of the run that finished the fold
@@ -160,10 +174,14 @@ def embed_fold(
     return marker
 
 
-def is_embedded(out: Path, fold: int) -> bool:
-    """Fold k's embeddings are complete and made by the CNN now in ``cnn/fold<k>``."""
+def is_embedded(out: Path, fold: int, scope: str = "own_fold") -> bool:
+    """Fold k's embeddings are complete, cover ``scope`` and were made by the CNN now in ``cnn/fold<k>``."""
     weights = cnn_dir(out, fold) / WEIGHTS_FILE
-    return is_complete(embed_dir(out, fold)) and weights.is_file() and read_complete(embed_dir(out, fold)).get("cnn_sha256") == file_sha256(weights)
+    if not is_complete(embed_dir(out, fold)) or not weights.is_file():
+        return False
+    marker = read_complete(embed_dir(out, fold))
+    covers = scope == "own_fold" or marker.get("scope") == "all"
+    return covers and marker.get("cnn_sha256") == file_sha256(weights)
 
 
 def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any]:
@@ -177,7 +195,7 @@ def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[st
     for k in inputs.todo:
         if force:
             shutil.rmtree(embed_dir(out, k), ignore_errors=True)
-        if is_embedded(out, k):
+        if is_embedded(out, k, embedding_scope(inputs.config)):
             echo(f"embed fold {k}: already complete ({embed_dir(out, k) / COMPLETE}); --force redoes it")
             continue
         embed_fold(inputs, k, echo=echo)

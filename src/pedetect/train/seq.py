@@ -75,8 +75,9 @@ class SeriesRecord:
     exam_target: np.ndarray  # (9,) float32
 
 
-def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
-    """Every labelled series with the embeddings of its own fold's CNN (out of fold)."""
+def load_records(inputs: TrainingInputs, *, cnn: int | None = None) -> list[SeriesRecord]:
+    """Every labelled series with its embeddings: by its own fold's CNN, which never saw it (``cnn``
+    None: out of fold), or all by fold ``cnn``'s CNN (``seq.training_embeddings: own_cnn``)."""
     items = inputs.items
     per_study = items.groupby(STUDY)[SERIES].nunique()
     if (per_study > 1).any():
@@ -84,16 +85,22 @@ def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
             f"{int((per_study > 1).sum())} studies have more than one series in the labels (e.g. {per_study[per_study > 1].index[0]}); "
             "stage 2 takes one series per study, as the RSNA data has"
         )
-    missing = [k for k in range(inputs.n_folds) if not is_complete(embed_dir(inputs.out, k))]
+    needed = range(inputs.n_folds) if cnn is None else [cnn]
+    missing = [k for k in needed if not is_complete(embed_dir(inputs.out, k))]
     if missing:
         raise TrainError(
             f"stage 2 needs the embeddings of every fold; folds {missing} have none ({embed_dir(inputs.out, missing[0]) / COMPLETE} "
             "is missing): run pedetect train --stage embed"
         )
+    if cnn is not None and read_complete(embed_dir(inputs.out, cnn)).get("scope") != "all":
+        raise TrainError(
+            f"seq.training_embeddings own_cnn needs fold {cnn}'s CNN to have embedded every series; "
+            f"{embed_dir(inputs.out, cnn)} holds only its own fold's: run pedetect train --stage embed"
+        )
     target_of = dict(zip(items[SOP], items[IMAGE_LABEL].astype(np.float32)))
     records = []
     for (study, series, fold), exam in items.groupby([STUDY, SERIES, FOLD], sort=True)[list(EXAM_LABELS)].first().iterrows():
-        stored = read_series_embedding(embedding_path(inputs.out, int(fold), series))
+        stored = read_series_embedding(embedding_path(inputs.out, int(fold) if cnn is None else cnn, series))
         labelled = np.array([s in target_of for s in stored.sop])
         target = np.array([target_of.get(s, 0.0) for s in stored.sop], dtype=np.float32)
         records.append(
@@ -103,6 +110,14 @@ def load_records(inputs: TrainingInputs) -> list[SeriesRecord]:
             )
         )
     return records
+
+
+def training_records(inputs: TrainingInputs, records: Sequence[SeriesRecord], fold: int) -> list[SeriesRecord]:
+    """What head k learns from (``seq.training_embeddings``): the other folds' out-of-fold records,
+    or the other folds' series as CNN k embedded them."""
+    if inputs.config.seq.training_embeddings == "own_cnn":
+        return [r for r in load_records(inputs, cnn=fold) if r.fold != fold]
+    return [r for r in records if r.fold != fold]
 
 
 def collate(records: Sequence[SeriesRecord], device) -> dict[str, Any]:
@@ -222,7 +237,7 @@ def train_seq_fold(
 
     config = inputs.config
     seq = config.seq
-    train = [r for r in records if r.fold != fold]
+    train = training_records(inputs, records, fold)
     val = [r for r in records if r.fold == fold]
     if not train or not val:
         raise TrainError(f"fold {fold} leaves no {'training' if not train else 'validation'} series for stage 2")
@@ -230,7 +245,7 @@ def train_seq_fold(
     seed = config.seed + fold
     torch.manual_seed(seed)
     generator = np.random.default_rng(seed)
-    head = build_sequence_head(seq, train[0].embedding.shape[1]).to(device)
+    head = build_sequence_head(seq, train[0].embedding.shape[1], input_columns=config.seq_input_columns).to(device)
     optimizer = build_optimizer(seq.optimizer, head.parameters())
     steps_per_epoch = -(-len(train) // seq.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(seq.scheduler, seq.epochs * steps_per_epoch, steps_per_epoch))
