@@ -1,4 +1,5 @@
-"""The out-of-fold embedding pass on a small in-memory store: who embeds what, format, resume."""
+"""The out-of-fold embedding pass on a small in-memory store (conftest.trained_model): who embeds
+what, format, resume."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, embedding_path
 from pedetect.train.embed import read_series_embedding, run_embed
 from pedetect.train.setup import TrainError, training_inputs
 from pedetect.train.pipeline import train
-from train_fixtures import FakeStore, fake_labels
-from train_fixtures import tiny_config as tiny
+from train_fixtures import FakeStore, fake_labels, tiny_config
 
 pytestmark = [
     pytest.mark.xdist_group("train"),
@@ -25,20 +25,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Three CNN folds (9-channel adjacent-slice input, so neighbours matter) and their embeddings."""
-    labels = fake_labels(9, slices=10, seed=3)
-    store = FakeStore(labels, size=32)
-    config = tiny("cnn.input.mode=both")
-    out = tmp_path_factory.mktemp("embed") / "model"
-    train(config, stage="cnn", store=store, labels=labels, out=out)
-    train(config, stage="embed", store=store, labels=labels, out=out)
-    return config, labels, store, out
-
-
-def test_each_study_is_embedded_by_its_own_folds_cnn_only(trained):
-    config, labels, store, out = trained
+def test_each_study_is_embedded_by_its_own_folds_cnn_only(trained_model):
+    config, labels, store, out, _ = trained_model
     folds = read_folds(out / "folds.csv").set_index(STUDY)["fold"]
     cnns = [load_slice_classifier(out, k) for k in range(3)]
     files = {k: sorted(p.stem for p in embed_dir(out, k).glob("*.npz")) for k in range(3)}
@@ -61,11 +49,11 @@ def test_each_study_is_embedded_by_its_own_folds_cnn_only(trained):
     np.testing.assert_array_equal(stored.logit, own[1])
     assert np.abs(other[1] - stored.logit).max() > 1e-3
     marker = json.loads((embed_dir(out, 1) / COMPLETE).read_text())
-    assert marker["series"] == 3 and marker["embedding_dim"] == cnns[1].embedding_dim
+    assert marker["series"] == 4 and marker["embedding_dim"] == cnns[1].embedding_dim
 
 
-def test_embed_volume_is_the_training_preprocessing_whatever_the_batch(trained):
-    config, labels, store, out = trained
+def test_embed_volume_is_the_training_preprocessing_whatever_the_batch(trained_model):
+    config, labels, store, out, _ = trained_model
     model = load_slice_classifier(out, 0)
     volume = store.read_series(labels[SERIES].iloc[0])
     with torch.no_grad():
@@ -76,15 +64,15 @@ def test_embed_volume_is_the_training_preprocessing_whatever_the_batch(trained):
         np.testing.assert_allclose(logit, reference_logit.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_a_rerun_embeds_only_what_is_missing(trained):
-    config, labels, store, out = trained
-    directory = embed_dir(out, 2)
+def test_a_rerun_embeds_only_what_is_missing(trained_model, trained_copy):
+    config, labels, store, _, _ = trained_model
+    directory = embed_dir(trained_copy, 2)
     files = sorted(directory.glob("*.npz"))
     before = {p: p.stat().st_mtime_ns for p in files}
     content = read_series_embedding(files[0])
     files[0].unlink()
     (directory / COMPLETE).unlink()  # as after a kill
-    inputs = training_inputs(config, store=store, labels=labels, out=out)
+    inputs = training_inputs(config, store=store, labels=labels, out=trained_copy)
     run_embed(inputs)
     assert (directory / COMPLETE).is_file()
     np.testing.assert_array_equal(read_series_embedding(files[0]).embedding, content.embedding)
@@ -94,12 +82,9 @@ def test_a_rerun_embeds_only_what_is_missing(trained):
     assert {p: p.stat().st_mtime_ns for p in files} == after
 
 
-def test_a_retrained_cnn_invalidates_its_embeddings(trained, tmp_path):
-    import shutil
-
-    config, labels, store, out = trained
-    copy = tmp_path / "model"
-    shutil.copytree(out, copy)
+def test_a_retrained_cnn_invalidates_its_embeddings(trained_model, trained_copy):
+    config, labels, store, _, _ = trained_model
+    copy = trained_copy
     weights = cnn_dir(copy, 0) / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
@@ -116,4 +101,4 @@ def test_a_retrained_cnn_invalidates_its_embeddings(trained, tmp_path):
 def test_embedding_needs_the_cnn_first(tmp_path):
     labels = fake_labels(6, slices=6, seed=4)
     with pytest.raises(TrainError, match=r"cnn/fold0/COMPLETE"):
-        train(tiny(), stage="embed", store=FakeStore(labels, size=32), labels=labels, out=tmp_path / "model")
+        train(tiny_config(), stage="embed", store=FakeStore(labels, size=32), labels=labels, out=tmp_path / "model")

@@ -10,27 +10,35 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
 from metric_helpers import make_labels, make_submission, random_labels, write
-from pedetect.cli import app
 from pedetect.labels import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, SOP, STUDY
 from pedetect.metric.evaluate import evaluate_frames
 from pedetect.metric.loss import weighted_log_loss, weighted_log_loss_parts
 from pedetect.metric.submission import InputError, read_labels, read_submission
 
-runner = CliRunner()
+
+@pytest.fixture
+def evaluate_cli(cli, tmp_path):
+    """``pedetect evaluate`` of a labels frame and a submission frame (written as labels.csv, sub.csv)."""
+
+    def invoke(labels: pd.DataFrame, submission: pd.DataFrame, *options: str):
+        labels_path, submission_path = write(labels, tmp_path / "labels.csv"), write(submission, tmp_path / "sub.csv")
+        return cli("evaluate", "--labels", labels_path, "--submission", submission_path, *options)
+
+    return invoke
 
 
-def invoke_evaluate(tmp_path, labels: pd.DataFrame, submission: pd.DataFrame, *options: str):
-    labels_path, submission_path = write(labels, tmp_path / "labels.csv"), write(submission, tmp_path / "sub.csv")
-    return runner.invoke(app, ["evaluate", "--labels", str(labels_path), "--submission", str(submission_path), *options])
+@pytest.fixture
+def evaluate_json(evaluate_cli):
+    """``pedetect evaluate --json``'s report, which must exit 0."""
 
+    def report(labels: pd.DataFrame, submission: pd.DataFrame) -> dict:
+        result = evaluate_cli(labels, submission, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
 
-def evaluate_json(tmp_path, labels: pd.DataFrame, submission: pd.DataFrame) -> dict:
-    result = invoke_evaluate(tmp_path, labels, submission, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return report
 
 
 def paper_example():
@@ -47,7 +55,7 @@ def paper_example():
     return labels, submission
 
 
-def test_two_exam_example_worked_on_paper(tmp_path):
+def test_two_exam_example_worked_on_paper(evaluate_json):
     labels, submission = paper_example()
     # On paper. q_A = 1/2, so A's slices weigh 0.07361963 / 2 each; q_B = 0, B's slices weigh 0.
     image_loss = 0.07361963 / 2 * (-math.log(0.8) - math.log(1 - 0.4))
@@ -62,7 +70,7 @@ def test_two_exam_example_worked_on_paper(tmp_path):
     expected = (image_loss + exam_loss) / (image_weight + 2 * total_w)
     assert expected == pytest.approx(0.61395841050, abs=1e-10)
 
-    report = evaluate_json(tmp_path, labels, submission)
+    report = evaluate_json(labels, submission)
     assert report["score"] == pytest.approx(expected, abs=1e-12)
     assert report["image_part"] == pytest.approx(image_loss / image_weight, abs=1e-12)
     assert report["exam_part"] == pytest.approx(exam_loss / (2 * total_w), abs=1e-12)
@@ -74,19 +82,19 @@ def test_two_exam_example_worked_on_paper(tmp_path):
     assert report["n_studies"] == 2 and report["n_slices"] == 5
 
 
-def test_all_half_scores_ln2(tmp_path):
+def test_all_half_scores_ln2(evaluate_json):
     labels = random_labels(np.random.default_rng(1), 30)
     submission = make_submission(labels, lambda sop: 0.5, lambda s, label: 0.5)
-    report = evaluate_json(tmp_path, labels, submission)
+    report = evaluate_json(labels, submission)
     assert report["score"] == pytest.approx(math.log(2), abs=1e-12)
 
 
-def test_perfect_predictions_score_zero(tmp_path):
+def test_perfect_predictions_score_zero(evaluate_json):
     labels = random_labels(np.random.default_rng(2), 30)
     image = labels.set_index(SOP)[IMAGE_LABEL].astype(float).to_dict()
     exams = labels.drop_duplicates(STUDY).set_index(STUDY)
     submission = make_submission(labels, image.get, lambda s, label: float(exams.loc[s, label]))
-    report = evaluate_json(tmp_path, labels, submission)
+    report = evaluate_json(labels, submission)
     assert 0 <= report["score"] < 1e-12
     assert report["slice_auc"] == 1.0
 
@@ -116,11 +124,11 @@ def submission_as_read(tmp_path, submission):
     return read_submission(write(submission, tmp_path / "s.csv"))
 
 
-def test_slice_auc_and_label_auc_match_sklearn(tmp_path):
+def test_slice_auc_and_label_auc_match_sklearn(evaluate_json):
     rng = np.random.default_rng(6)
     labels = random_labels(rng, 40)
     submission = make_submission(labels, lambda sop: rng.random(), lambda s, label: rng.random())
-    report = evaluate_json(tmp_path, labels, submission)
+    report = evaluate_json(labels, submission)
     values = submission.set_index("id")["label"]
     assert report["slice_auc"] == pytest.approx(roc_auc_score(labels[IMAGE_LABEL], values.loc[labels[SOP]]))
     exams = labels.drop_duplicates(STUDY)
@@ -180,64 +188,65 @@ def test_negative_slices_carry_no_weight():
 
 class TestBadInput:
     @pytest.fixture
-    def files(self, tmp_path):
+    def rejected(self, evaluate_cli):
+        """``pedetect evaluate``'s error message, which must exit 2."""
+
+        def run(labels: pd.DataFrame, submission: pd.DataFrame) -> str:
+            result = evaluate_cli(labels, submission)
+            assert result.exit_code == 2, result.output
+            return result.stderr
+
+        return run
+
+    def test_missing_ids(self, rejected):
         labels, submission = paper_example()
-        return tmp_path, labels, submission
-
-    def run(self, tmp_path, labels, submission):
-        result = invoke_evaluate(tmp_path, labels, submission)
-        assert result.exit_code == 2, result.output
-        return result.stderr
-
-    def test_missing_ids(self, files):
-        tmp_path, labels, submission = files
-        message = self.run(tmp_path, labels, submission[~submission["id"].isin(["A.1", "B_central_pe"])])
+        message = rejected(labels, submission[~submission["id"].isin(["A.1", "B_central_pe"])])
         assert "sub.csv" in message and "2 expected id(s) are missing" in message
         assert "'A.1'" in message and "'B_central_pe'" in message
 
-    def test_many_missing_ids_are_summarised(self, files):
-        tmp_path, labels, submission = files
-        message = self.run(tmp_path, labels, submission[~submission["id"].str.startswith("B")])
+    def test_many_missing_ids_are_summarised(self, rejected):
+        labels, submission = paper_example()
+        message = rejected(labels, submission[~submission["id"].str.startswith("B")])
         assert "12 expected id(s) are missing" in message and "and 7 more" in message
 
-    def test_unknown_ids(self, files):
-        tmp_path, labels, submission = files
+    def test_unknown_ids(self, rejected):
+        labels, submission = paper_example()
         extra = pd.DataFrame({"id": ["Z.9"], "label": [0.5]})
-        message = self.run(tmp_path, labels, pd.concat([submission, extra]))
+        message = rejected(labels, pd.concat([submission, extra]))
         assert "1 id(s) belong to no study" in message and "'Z.9'" in message
 
-    def test_duplicate_ids(self, files):
-        tmp_path, labels, submission = files
-        message = self.run(tmp_path, labels, pd.concat([submission, submission.iloc[[3]]]))
+    def test_duplicate_ids(self, rejected):
+        labels, submission = paper_example()
+        message = rejected(labels, pd.concat([submission, submission.iloc[[3]]]))
         assert "appear more than once" in message and "'A_leftsided_pe'" in message
 
     @pytest.mark.parametrize("bad", ["nan", "1.5", "-0.1", "abc", ""])
-    def test_values_not_probabilities(self, files, bad):
-        tmp_path, labels, submission = files
+    def test_values_not_probabilities(self, rejected, bad):
+        labels, submission = paper_example()
         submission = submission.astype({"label": object})
         submission.loc[submission["id"] == "A.0", "label"] = bad
-        message = self.run(tmp_path, labels, submission)
+        message = rejected(labels, submission)
         assert "column 'label'" in message and "A.0=" in message
 
-    def test_missing_columns(self, files):
-        tmp_path, labels, submission = files
-        message = self.run(tmp_path, labels.drop(columns=["central_pe"]), submission)
+    def test_missing_columns(self, rejected):
+        labels, submission = paper_example()
+        message = rejected(labels.drop(columns=["central_pe"]), submission)
         assert "labels.csv lacks column(s) central_pe" in message
-        message = self.run(tmp_path, labels, submission.rename(columns={"label": "prob"}))
+        message = rejected(labels, submission.rename(columns={"label": "prob"}))
         assert "sub.csv lacks column(s) label" in message
 
-    def test_labels_not_binary(self, files):
-        tmp_path, labels, submission = files
+    def test_labels_not_binary(self, rejected):
+        labels, submission = paper_example()
         labels = labels.astype({IMAGE_LABEL: float})
         labels.loc[0, IMAGE_LABEL] = 0.5
-        assert "must hold 0 or 1" in self.run(tmp_path, labels, submission)
+        assert "must hold 0 or 1" in rejected(labels, submission)
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(InputError, match="not found"):
             read_submission(tmp_path / "nope.csv")
 
 
-def test_prior_baseline_scores_the_label_entropy(tmp_path):
+def test_prior_baseline_scores_the_label_entropy(evaluate_json):
     from pedetect.metric.baselines import label_prior, prior_submission
 
     labels = random_labels(np.random.default_rng(11), 40)
@@ -245,7 +254,7 @@ def test_prior_baseline_scores_the_label_entropy(tmp_path):
     exams = labels.drop_duplicates(STUDY)
     assert prior["central_pe"] == pytest.approx(exams["central_pe"].mean())
     assert prior[IMAGE_LABEL] == pytest.approx(labels[IMAGE_LABEL].mean())
-    report = evaluate_json(tmp_path, labels, prior_submission(prior, labels))
+    report = evaluate_json(labels, prior_submission(prior, labels))
     # Predicting each exam label's own frequency f costs its binary entropy H(f) per exam.
     entropy = lambda f: 0.0 if f in (0, 1) else -(f * math.log(f) + (1 - f) * math.log(1 - f))  # noqa: E731
     assert report["labels"]["central_pe"]["log_loss"] == pytest.approx(entropy(prior["central_pe"]))

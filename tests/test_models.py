@@ -88,7 +88,7 @@ def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
     model = build_slice_classifier(config.cnn).eval()
     save_weights(model, cnn_dir(tmp_path, 2) / "model.safetensors")
     loaded = load_slice_classifier(tmp_path, 2)
-    assert isinstance(loaded, SliceClassifier) and not loaded.training
+    assert not loaded.training
     x = torch.randint(0, 256, (2, 9, 32, 32), dtype=torch.uint8)
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="fold 0"):

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from pedetect.cli import app
 from pedetect.infer.predict import predict
 from pedetect.testing import write_random_bundle
 from pedetect.infer.reader import guess_uids
@@ -46,7 +44,7 @@ def consistent_and_complete(submission: Path, studies_csv: Path) -> pd.DataFrame
     return frame
 
 
-def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path):
+def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path, cli):
     root, labels, model = dataset
     data = root / "data"
     summary = predict(data / "test", [model], tmp_path / "sub.csv", report_dir=tmp_path / "report",
@@ -55,7 +53,7 @@ def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path)
     frame = consistent_and_complete(tmp_path / "sub.csv", data / "test.csv")
     assert frame["id"].tolist() == pd.read_csv(data / "sample_submission.csv")["id"].tolist()
     # pedetect check agrees.
-    result = CliRunner().invoke(app, ["check", str(tmp_path / "sub.csv"), "--studies", str(data / "test.csv")])
+    result = cli("check", tmp_path / "sub.csv", "--studies", data / "test.csv")
     assert result.exit_code == 0, result.output
 
     values = dict(zip(frame["id"], frame["label"]))
@@ -100,7 +98,7 @@ def test_flip_tta_averages_a_second_pass(dataset, tmp_path):
     consistent_and_complete(tmp_path / "tta.csv", root / "data" / "test.csv")
 
 
-def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset, tmp_path):
+def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset, tmp_path, cli):
     root, labels, model = dataset
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
@@ -118,9 +116,8 @@ def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset,
         path.write_bytes(b"\0" * 64)
     (data / "test" / "notes.txt").write_text("not a slice: ignored")
 
-    result = CliRunner().invoke(app, ["predict", str(data / "test"), "--model", str(model), "--out", str(tmp_path / "sub.csv"),
-                                      "--report", str(tmp_path / "report"), "--sample", str(data / "sample_submission.csv"),
-                                      "--device", "cpu", "--no-progress"])
+    result = cli("predict", data / "test", "--model", model, "--out", tmp_path / "sub.csv", "--report", tmp_path / "report",
+                 "--sample", data / "sample_submission.csv", "--device", "cpu", "--no-progress")
     assert result.exit_code == 1, result.output  # something was lost
     output = result.output
     assert f"study {dead}: no readable slice in {SLICES} file(s)" in output
@@ -155,12 +152,11 @@ def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset,
             assert values[sop] == pytest.approx(reference[sop], abs=1e-6)
 
 
-def test_unusable_arguments_exit_2_naming_them(dataset, tmp_path):
+def test_unusable_arguments_exit_2_naming_them(dataset, tmp_path, cli):
     root, _, model = dataset
-    runner = CliRunner()
-    result = runner.invoke(app, ["predict", str(root / "data" / "test"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "s.csv")])
+    result = cli("predict", root / "data" / "test", "--model", tmp_path / "nope", "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "model folder not found" in result.output and "nope" in result.output
-    result = runner.invoke(app, ["predict", str(tmp_path / "missing"), "--model", str(model), "--out", str(tmp_path / "s.csv")])
+    result = cli("predict", tmp_path / "missing", "--model", model, "--out", tmp_path / "s.csv")
     assert result.exit_code == 2 and "input not found" in result.output
     assert not (tmp_path / "s.csv").exists()
 

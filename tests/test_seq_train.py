@@ -1,5 +1,6 @@
-"""Stage 2 on a small in-memory store: the metric as loss and as evaluate computes it, padding,
-predict_series = training's forward, cross-validation files, config changes, the bundle reader."""
+"""Stage 2 on a small in-memory store (conftest.trained_model): the metric as loss and as evaluate
+computes it, padding, predict_series = training's forward, cross-validation files, config changes,
+the bundle reader."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
-from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 from pedetect.metric.evaluate import evaluate_files, evaluate_frames
 from pedetect.models.bundle import BundleError, read_bundle
 from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series
 from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, seq_dir
 from pedetect.train.setup import TrainError, training_inputs
 from pedetect.recipe import ConfigError, apply_overrides
+from pedetect.train.embed import read_series_embedding
 from pedetect.train.pipeline import train
 from pedetect.metric.loss import sigmoid
 from pedetect.train.seq import collate, load_records, oof_submission, predict_records
-from train_fixtures import FakeStore, fake_labels
-from train_fixtures import tiny_config as tiny
+from train_fixtures import tiny_config
 
 pytestmark = [
     pytest.mark.xdist_group("train"),
@@ -30,19 +32,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """All three stages on 12 fake studies of 10 slices, 3 folds."""
-    labels = fake_labels(12, slices=10, seed=5)
-    store = FakeStore(labels, size=32)
-    config = tiny()
-    out = tmp_path_factory.mktemp("seq") / "model"
-    result = train(config, store=store, labels=labels, out=out)
-    return config, labels, store, out, result
-
-
-def test_the_training_loss_is_the_score_evaluate_gives(trained):
-    config, labels, store, out, _ = trained
+def test_the_training_loss_is_the_score_evaluate_gives(trained_model):
+    config, labels, store, out, _ = trained_model
     records = load_records(training_inputs(config, store=store, labels=labels, out=out))
     head = build_sequence_head(config.seq, records[0].embedding.shape[1]).eval()
     batch = collate(records, "cpu")  # every series at once, padded to the longest
@@ -55,8 +46,8 @@ def test_the_training_loss_is_the_score_evaluate_gives(trained):
 
 
 @pytest.mark.parametrize("extra", [(), ("seq.fixed_length=16", "seq.neighbour_diffs=true"), ("seq.encoder=transformer", "seq.heads=2")])
-def test_predict_series_is_the_batched_padded_forward(trained, extra):
-    config, labels, store, out, _ = trained
+def test_predict_series_is_the_batched_padded_forward(trained_model, extra):
+    config, labels, store, out, _ = trained_model
     records = load_records(training_inputs(config, store=store, labels=labels, out=out))
     config = apply_overrides(config, list(extra))
     # Series of different lengths in one padded batch: cut two of them short.
@@ -72,8 +63,8 @@ def test_predict_series_is_the_batched_padded_forward(trained, extra):
         np.testing.assert_allclose(alone_exam, e, atol=1e-5)
 
 
-def test_cross_validation_files_agree_with_evaluate(trained, tmp_path):
-    config, labels, store, out, result = trained
+def test_cross_validation_files_agree_with_evaluate(trained_model, tmp_path, cli):
+    config, labels, store, out, result = trained_model
     cv = json.loads((out / "seq" / "cv.json").read_text())
     assert cv == result["seq"]
     labels_path = tmp_path / "labels.csv"
@@ -82,7 +73,12 @@ def test_cross_validation_files_agree_with_evaluate(trained, tmp_path):
     assert report["score"] == pytest.approx(cv["score"], abs=1e-9)
     assert report["n_studies"] == 12 and cv["n_slices"] == 120
     assert set(cv["labels"]) == {IMAGE_LABEL, *EXAM_LABELS}
-    assert cv["score_consistent"] > 0 and cv["exams_fixed"] >= 0
+    # pedetect check --fix on the out-of-fold predictions fixes as many exams, and evaluate gives
+    # the fixed file score_consistent.
+    fixed = tmp_path / "fixed.csv"
+    checked = cli("check", out / "seq" / "oof_predictions.csv", "--studies", labels_path, "--fix", fixed)
+    assert f"fixed {cv['exams_fixed']} studies (" in checked.stderr, checked.output
+    assert evaluate_files(labels_path, fixed)["score"] == pytest.approx(cv["score_consistent"], abs=1e-9)
     # Each fold's validation score (computed from logits while training) is evaluate's on its studies.
     for k in range(3):
         metrics = json.loads((seq_dir(out, k) / "metrics.json").read_text())
@@ -94,19 +90,22 @@ def test_cross_validation_files_agree_with_evaluate(trained, tmp_path):
     prior = json.loads((out / "prior.json").read_text())
     assert prior[IMAGE_LABEL] == pytest.approx(labels[IMAGE_LABEL].mean())
     assert cv["baselines"]["prior"]["slice_auc"] == 0.5
-    assert 0 < cv["baselines"]["stage1_alone"]["score"] < 2
+    # Stage 1 alone ranks the slices by the out-of-fold CNN logits of the embedding pass.
+    stored = [read_series_embedding(p) for k in range(3) for p in embed_dir(out, k).glob("*.npz")]
+    truth = labels.set_index(SOP)[IMAGE_LABEL]
+    stage1_auc = roc_auc_score(truth.loc[np.concatenate([e.sop for e in stored])], np.concatenate([e.logit for e in stored]))
+    assert cv["baselines"]["stage1_alone"]["slice_auc"] == pytest.approx(stage1_auc, abs=1e-9)
 
 
-def test_bundle_reader(trained, tmp_path):
-    config, labels, store, out, result = trained
+def test_bundle_reader(trained_model, trained_copy):
+    config, labels, store, out, result = trained_model
     bundle = read_bundle(out)
     assert bundle.folds == [0, 1, 2] and bundle.embedding_dim == result["bundle"]["embedding_dim"]
     assert bundle.config == config
     assert bundle.prior == json.loads((out / "prior.json").read_text())
     head = load_sequence_head(out, 1)
     assert not head.training and head.embedding_dim == bundle.embedding_dim
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
+    copy = trained_copy
     (seq_dir(copy, 2) / COMPLETE).unlink()
     with pytest.raises(BundleError, match=r"fold\(s\) \[2\] lack seq/fold2/COMPLETE"):
         read_bundle(copy)
@@ -116,27 +115,25 @@ def test_bundle_reader(trained, tmp_path):
         read_bundle(copy)
 
 
-def test_a_changed_seq_section_redoes_stage_2_only(trained, tmp_path):
-    config, labels, store, out, _ = trained
-    copy = tmp_path / "model"
-    shutil.copytree(out, copy)
+def test_a_changed_seq_section_redoes_stage_2_only(trained_model, trained_copy):
+    config, labels, store, _, _ = trained_model
+    copy = trained_copy
     kept = [cnn_dir(copy, 0) / COMPLETE, embed_dir(copy, 0) / COMPLETE]
     stamps = [p.stat().st_mtime_ns for p in kept]
     old_head = (seq_dir(copy, 0) / "model.safetensors").read_bytes()
-    result = train(tiny("seq.hidden=8"), store=store, labels=labels, out=copy)
+    result = train(apply_overrides(config, ["seq.hidden=8"]), store=store, labels=labels, out=copy)
     assert [p.stat().st_mtime_ns for p in kept] == stamps
     assert (seq_dir(copy, 0) / "model.safetensors").read_bytes() != old_head
-    assert result["seq"] is not None and (copy / "bundle.json").is_file()
+    assert result["seq"] == json.loads((copy / "seq" / "cv.json").read_text()) and (copy / "bundle.json").is_file()
     assert load_sequence_head(copy, 0).encoder.hidden_size == 8
     # A changed stage-1 section is refused without --force.
     with pytest.raises(TrainError, match="cnn.epochs"):
-        train(tiny("cnn.epochs=2"), stage="seq", store=store, labels=labels, out=copy)
+        train(apply_overrides(config, ["cnn.epochs=2"]), stage="seq", store=store, labels=labels, out=copy)
 
 
-def test_stage_2_needs_every_folds_embeddings(trained, tmp_path):
-    config, labels, store, out, _ = trained
-    copy = tmp_path / "model"
-    shutil.copytree(out, copy)
+def test_stage_2_needs_every_folds_embeddings(trained_model, trained_copy):
+    config, labels, store, _, _ = trained_model
+    copy = trained_copy
     shutil.rmtree(embed_dir(copy, 1))
     shutil.rmtree(copy / "seq")
     with pytest.raises(TrainError, match=r"folds \[1\] have none .*embed/fold1/COMPLETE"):
@@ -153,9 +150,9 @@ def test_stage_2_needs_every_folds_embeddings(trained, tmp_path):
 )
 def test_seq_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        tiny(override)
+        tiny_config(override)
 
 
 def test_transformer_heads_must_divide_the_width():
     with pytest.raises(ConfigError, match=r"hidden \(10\) must be a multiple of heads \(4\)"):
-        tiny("seq.encoder=transformer", "seq.hidden=10", "seq.heads=4")
+        tiny_config("seq.encoder=transformer", "seq.hidden=10", "seq.heads=4")

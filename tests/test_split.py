@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from pedetect.cli import app
 from pedetect.data.folds import (
     FOLD,
     FoldsError,
@@ -97,11 +95,11 @@ def test_attach_folds_names_studies_without_a_fold():
         attach_folds(labels, folds)
 
 
-def test_split_command_writes_folds_and_prints_distribution(tmp_path):
+def test_split_command_writes_folds_and_prints_distribution(tmp_path, cli):
     labels = skewed_labels(30)
     labels_path, out = tmp_path / "train.csv", tmp_path / "folds.csv"
     labels.to_csv(labels_path, index=False)
-    result = CliRunner().invoke(app, ["split", str(labels_path), "--folds", "3", "--out", str(out), "--seed", "5"])
+    result = cli("split", labels_path, "--folds", 3, "--out", out, "--seed", 5)
     assert result.exit_code == 0, result.output
     folds = read_folds(out)
     assert len(folds) == 30 and folds[FOLD].nunique() == 3
@@ -114,9 +112,9 @@ def test_split_command_writes_folds_and_prints_distribution(tmp_path):
     assert summary.loc["all", "studies"] == 30
 
 
-def test_split_command_reports_bad_labels(tmp_path):
+def test_split_command_reports_bad_labels(tmp_path, cli):
     path = tmp_path / "bad.csv"
     pd.DataFrame({STUDY: ["a"]}).to_csv(path, index=False)
-    result = CliRunner().invoke(app, ["split", str(path), "--folds", "2", "--out", str(tmp_path / "f.csv")])
+    result = cli("split", path, "--folds", 2, "--out", tmp_path / "f.csv")
     assert result.exit_code == 2
     assert "missing label column" in result.output

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from dicom_fixtures import ct_series
 from pedetect.dicom import read_files
@@ -87,8 +88,6 @@ def test_pickle_and_forked_workers(store_path):
 
 
 def test_torch_dataloader_workers(store_path):
-    torch = pytest.importorskip("torch")
-
     class Slices(torch.utils.data.Dataset):
         def __init__(self, store):
             self.store = store

@@ -11,9 +11,7 @@ import pandas as pd
 import pydicom
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion
-from typer.testing import CliRunner
 
-from pedetect.cli import app
 from pedetect.io import TMP_MARK
 from pedetect.labels import (
     EXAM_LABELS,
@@ -424,17 +422,16 @@ def test_min_embolus_pixels_keeps_every_labelled_slice_visible():
 # -------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_and_test_splits(tmp_path):
-    runner = CliRunner()
-    result = runner.invoke(app, ["synth", str(tmp_path), "--studies", "2", "--slices", "5", "--size", "64",
-                                 "--seed", "3", "--no-progress", "--positive-fraction", "0.5"])
+def test_cli_train_and_test_splits(tmp_path, cli):
+    result = cli("synth", tmp_path, "--studies", 2, "--slices", 5, "--size", 64, "--seed", 3, "--no-progress",
+                 "--positive-fraction", 0.5)
     assert result.exit_code == 0, result.output
     train = pd.read_csv(tmp_path / "train.csv")
     assert list(train.columns) == list(TRAIN_COLUMNS) and len(train) == 10
     assert len(list((tmp_path / "train").rglob("*.dcm"))) == 10
 
-    result = runner.invoke(app, ["synth", str(tmp_path), "--studies", "3", "--slices", "4", "--size", "64",
-                                 "--split", "test", "--transfer-syntax", "rle", "--no-progress"])
+    result = cli("synth", tmp_path, "--studies", 3, "--slices", 4, "--size", 64, "--split", "test",
+                 "--transfer-syntax", "rle", "--no-progress")
     assert result.exit_code == 0, result.output
     test = pd.read_csv(tmp_path / "test.csv")
     truth = pd.read_csv(tmp_path / "test_labels.csv")
@@ -451,17 +448,16 @@ def test_cli_train_and_test_splits(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if TMP_MARK in p.name]  # atomic CSV writes leave no temporary files
 
 
-def test_cli_preview_and_errors(tmp_path):
-    runner = CliRunner()
+def test_cli_preview_and_errors(tmp_path, cli):
     png = tmp_path / "preview.png"
-    result = runner.invoke(app, ["synth", "--preview", str(png), "--size", "96", "--slices", "24", "--seed", "2"])
+    result = cli("synth", "--preview", png, "--size", 96, "--slices", 24, "--seed", 2)
     assert result.exit_code == 0, result.output
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    assert runner.invoke(app, ["synth"]).exit_code == 2
-    bad = runner.invoke(app, ["synth", str(tmp_path / "x"), "--positive-fraction", "0.9", "--indeterminate-fraction", "0.2"])
+    assert cli("synth").exit_code == 2
+    bad = cli("synth", tmp_path / "x", "--positive-fraction", 0.9, "--indeterminate-fraction", 0.2)
     assert bad.exit_code == 2
-    helped = runner.invoke(app, ["synth", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    helped = cli("synth", "--help", env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     assert helped.exit_code == 0
     for option in ("--studies", "--slices", "--size", "--seed", "--split", "--transfer-syntax", "--preview",
                    "--positive-fraction", "--indeterminate-fraction"):

@@ -1,18 +1,25 @@
-"""Shared helpers of the stage-1 tests: a tiny in-memory slice store and labels for it.
+"""Shared helpers of the training tests: a tiny in-memory slice store and labels for it, tiny
+configs, the real chain's inputs, ``pedetect`` run as a process.
 
-The real chain (synth → prepare → train) is exercised by tests/test_train.py; these make the
+The real chain (synth → prepare → train) is exercised by tests/test_train.py; FakeStore makes the
 unit tests of datasets, samplers and the training loop independent of the DICOM side and fast.
+Fixtures built from these (the trained model several files share) are in conftest.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pedetect.demo import run as demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, TRAIN_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 class FakeStore:
@@ -81,7 +88,6 @@ def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: 
     """The real chain's inputs: synthetic studies (training seed 1, validation seed 2) prepared into one
     slice store. Returns (store, labels.csv, folds.csv) with the validation studies as fold 0."""
     import shutil
-    from pathlib import Path
 
     from pedetect.store import prepare
     from pedetect.synth import write_dataset
@@ -130,3 +136,38 @@ def tiny_config(*extra: str):
 
 # The synthetic studies of the real-chain tests (tests/test_train.py): pedetect demo's data.
 DEMO_CHAIN = dict(n_train=120, n_val=30, size=demo.SIZE, slices=demo.SLICES, min_embolus_pixels=demo.MIN_EMBOLUS_PIXELS)
+
+
+def pedetect_command(*args) -> list[str]:
+    """``python -m pedetect ARGS…`` as a process's argument list (arguments through ``str``)."""
+    return [sys.executable, "-m", "pedetect", *map(str, args)]
+
+
+def run_pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``pedetect ARGS…`` as a process in the repository; a non-zero exit fails the test with
+    the tail of its output."""
+    result = subprocess.run(pedetect_command(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def fold_slice_auc(out, fold: int, store, labels: pd.DataFrame) -> float:
+    """Slice AUC of MODEL_DIR ``out``'s exported CNN of ``fold`` on that fold's validation studies
+    (``out/folds.csv``), computed here in one process, series by series: what the fold's
+    ``metrics.json`` must record as ``val_auc``. ``store``: a SliceStore or FakeStore."""
+    from sklearn.metrics import roc_auc_score
+
+    from pedetect.data.folds import read_folds
+    from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
+    from pedetect.recipe import load_experiment
+
+    config = load_experiment(Path(out) / "config.yaml")
+    model = load_slice_classifier(out, fold)
+    folds = read_folds(Path(out) / "folds.csv")
+    studies = set(folds.loc[folds["fold"] == fold, STUDY])
+    truth = labels[labels[STUDY].isin(studies)].set_index(SOP)[IMAGE_LABEL]
+    targets, logits = [], []
+    for series, rows in store.slices[store.slices[STUDY].isin(studies)].groupby(SERIES):
+        logits.append(embed_volume(model, store.read_series(series), config.cnn.input)[1])
+        targets.append(truth.loc[rows.sort_values("slice_index")[SOP]].to_numpy())
+    return float(roc_auc_score(np.concatenate(targets), np.concatenate(logits)))

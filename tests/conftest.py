@@ -1,0 +1,60 @@
+"""Fixtures shared by several test files (pytest finds them here). Helpers that tests import by name
+stay in train_fixtures.py, dicom_fixtures.py and metric_helpers.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pedetect.cli import app
+from pedetect.recipe import ExperimentConfig
+from train_fixtures import FakeStore, fake_labels, tiny_config
+
+
+@pytest.fixture
+def cli():
+    """``pedetect ARGS…`` run in this process: ``cli("check", path, "--studies", path)`` → click's Result.
+    Arguments are passed through ``str`` (paths, numbers); keywords go to ``CliRunner.invoke``."""
+    runner = CliRunner()
+
+    def invoke(*args: Any, **kwargs: Any):
+        return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+    return invoke
+
+
+class TrainedModel(NamedTuple):
+    config: ExperimentConfig
+    labels: pd.DataFrame
+    store: FakeStore
+    out: Path  # the model folder
+    result: dict[str, Any]  # what train() returned
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> TrainedModel:
+    """Every stage (cnn → embed → seq, 3 folds) of :func:`tiny_config` with the 9-channel
+    adjacent-slice input (so a slice's neighbours matter to its embedding), on 12 fake studies of 10
+    slices. Trained once per session (test_embed.py, test_seq_train.py: both in the xdist group
+    "train", so one worker trains it); tests must not change it — use ``trained_copy`` for that."""
+    from pedetect.train.pipeline import train
+
+    labels = fake_labels(12, slices=10, seed=5)
+    store = FakeStore(labels, size=32)
+    config = tiny_config("cnn.input.mode=both")
+    out = tmp_path_factory.mktemp("trained") / "model"
+    result = train(config, store=store, labels=labels, out=out)
+    return TrainedModel(config, labels, store, out, result)
+
+
+@pytest.fixture
+def trained_copy(trained_model, tmp_path) -> Path:
+    """A copy of ``trained_model``'s model folder that a test may change."""
+    copy = tmp_path / "model"
+    shutil.copytree(trained_model.out, copy)
+    return copy
