@@ -1,4 +1,6 @@
-"""A complete model bundle with random weights: for timing ``predict`` with any recipe's full-size
+"""Test and benchmark support, shipped with the package (as ``numpy.testing`` is).
+
+A complete model bundle with random weights: for timing ``predict`` with any recipe's full-size
 models without training them (benchmarks/predict.py), and for tests of the reading and bookkeeping
 side of ``predict`` that do not depend on what a model has learnt."""
 
