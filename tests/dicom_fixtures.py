@@ -165,3 +165,11 @@ def bad_files(folder: Path, good_slice: Path) -> dict[str, Path]:
     out["no_pixels"] = folder / "no_pixels"
     nopix.save_as(out["no_pixels"])
     return out
+
+
+def reference_window(hu: np.ndarray) -> np.ndarray:
+    """The default windows written out by hand: lung L-600/W1500, PE L100/W700, mediastinal L40/W400."""
+    out = []
+    for level, width in [(-600, 1500), (100, 700), (40, 400)]:
+        out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))
+    return np.stack(out, -1)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.pixels import apply_modality_lut
 
-from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, raw_pixels_explicit_le, real_file, series_files
+from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, raw_pixels_explicit_le, real_file, reference_window, series_files
 from pedetect.dicom import (
     AIR_HU,
     DEFAULT_WINDOWS,
@@ -34,14 +34,6 @@ from pedetect.dicom import (
     window_hu,
 )
 from pedetect.dicom.pixels import air_values
-
-
-def reference_window(hu: np.ndarray) -> np.ndarray:
-    """The default windows written out by hand: lung L-600/W1500, PE L100/W700, mediastinal L40/W400."""
-    out = []
-    for level, width in [(-600, 1500), (100, 700), (40, 400)]:
-        out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))
-    return np.stack(out, -1)
 
 
 def read_files_of_one_series(files, **kwargs):

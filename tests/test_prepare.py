@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, real_file
+from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, real_file, reference_window
 from pedetect.cli import app
 from pedetect.dicom import AIR_HU, read_files
 from pedetect.dicom.source import discover
@@ -23,13 +23,6 @@ from pedetect.store.format import SERIES_DIR, decode_frame, encode_frame, jpeg_p
 
 SYNTAXES = {"explicit": 11, "rle": 12, "jpeg2000": 13}  # transfer syntax → seed (UIDs differ by seed)
 SIZE, SLICES = 64, 5
-
-
-def reference_window(hu: np.ndarray) -> np.ndarray:
-    out = []
-    for level, width in [(-600, 1500), (100, 700), (40, 400)]:
-        out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))
-    return np.stack(out, -1)
 
 
 def run(*args: str):
@@ -207,7 +200,7 @@ def test_clean_input_exit_zero_image_size_and_zip(tmp_path):
 
 
 def test_config_file_unknown_key_and_windows(tmp_path):
-    files = ct_series(tmp_path / "in", 2, rows=16, cols=16)
+    ct_series(tmp_path / "in", 2, rows=16, cols=16)
     bad = tmp_path / "bad.yaml"
     bad.write_text("image_size: 32\njpeg_qualty: 90\n")
     result = run(str(tmp_path / "in"), "--out", str(tmp_path / "s0"), "--config", str(bad))
@@ -302,7 +295,8 @@ def test_workers_give_the_same_store(small_input, tmp_path):
 
 
 def test_dask_local_cluster(small_input, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         result = run(str(small_input), "--out", str(tmp_path / "dask"), "--scheduler", cluster.scheduler_address)
     assert result.exit_code == 1, result.output
