@@ -1,8 +1,9 @@
 """Stage 2 runner: a sequence head per fold over out-of-fold embeddings (``pedetect train --stage seq``).
 
-Fold k's head trains on the series of every other fold — each embedded by its own fold's CNN, which
-never saw it (``embed/fold<j>``) — and is validated, epoch by epoch, with the competition metric on
-fold k's series as embedded by CNN k. The loss is the metric itself (:func:`metric_loss`), the
+Fold k's head trains on the series of every other fold — by default each embedded by its own fold's
+CNN, which never saw it (``embed/fold<j>``); with ``seq.training_embeddings: own_cnn`` as CNN k
+embedded them (one feature space, the published solutions' way) — and is validated, epoch by epoch,
+with the competition metric on fold k's series as embedded by CNN k. The loss is the metric itself (:func:`metric_loss`), the
 same code as ``pedetect evaluate``. Pairing at inference is the same as here: head k reads CNN k's
 embeddings, so the cross-validated score below is what ``predict`` (the mean over folds of head k on
 CNN k) is measured by. Writes::
