@@ -11,7 +11,7 @@
     MODEL_DIR/cnn/fold<k>/model.safetensors    stage 1: fold k's slice CNN
     MODEL_DIR/cnn/fold<k>/checkpoints/         while fold k trains: last.ckpt, best.ckpt (resume)
     MODEL_DIR/embed/summary.json               the embedding pass: folds complete
-    MODEL_DIR/embed/fold<k>/<series>.npz       fold k's own series embedded by fold k's CNN
+    MODEL_DIR/embed/fold<k>/<series>.npz       series embedded by fold k's CNN (its own fold's; all with own_cnn)
     MODEL_DIR/embed/fold<k>/SOURCE.json        hash of the CNN weights that made them
     MODEL_DIR/seq/fold<k>/model.safetensors    stage 2: fold k's sequence head
     MODEL_DIR/seq/fold<k>/oof_predictions.csv  fold k's studies, out of fold
