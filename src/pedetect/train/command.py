@@ -69,8 +69,10 @@ def train_command(
 
     Finished parts are skipped; --force redoes them. A changed seq section redoes stage 2 only.
     """
-    if stage not in ("all", "cnn", "embed", "seq"):
-        raise fail(f"unknown stage '{stage}'; choose cnn, embed, seq or all")
+    from pedetect.models.layout import STAGES
+
+    if stage not in (*STAGES, "all"):
+        raise fail(f"unknown stage '{stage}'; choose {', '.join(STAGES)} or all")
 
     from pedetect.data.dataset import StoreError
     from pedetect.data.folds import FoldsError
