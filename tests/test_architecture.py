@@ -23,7 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"data"}),
     frozenset({"models"}),
     frozenset({"train"}),
-    frozenset({"infer"}),
+    frozenset({"infer", "export"}),
     frozenset({"demo", "testing"}),
     frozenset({"cli", "__main__"}),
 )

@@ -10,6 +10,7 @@ import typer
 
 from pedetect import __version__
 from pedetect.demo.command import demo_command
+from pedetect.export.command import export_command
 from pedetect.infer.command import predict_command
 from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
@@ -48,6 +49,7 @@ app.command("check")(check_command)
 app.command("split")(split_command)
 app.command("train")(train_command)
 app.command("predict")(predict_command)
+app.command("export")(export_command)
 app.command("demo")(demo_command)
 
 

@@ -92,3 +92,14 @@ def write_parquet_atomic(path: str | os.PathLike[str], frame) -> None:
     """A pandas DataFrame as Parquet (no index)."""
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read a megabyte at a time: what a later output was made from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,6 +21,12 @@ def predict_command(
         None, "--sample", help="Sample submission: write its ids in its order (ids the input lacks get the training prior)."
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per CNN batch."),
+    runtime: str = typer.Option(
+        "auto", "--runtime",
+        help="auto, torch, onnx or onnx-int8. auto: PyTorch on a GPU; on a CPU the fastest runtime that pedetect export "
+        "made and found exact enough (int8, then ONNX fp32), else PyTorch.",
+    ),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the models (default: every core)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Predict PE from raw DICOM: every fold's CNN and sequence head of every bundle, averaged, with
@@ -37,7 +43,7 @@ def predict_command(
 
     try:
         summary = predict(input_path, list(model), out, report_dir=report, device=device, tta=tta, sample=sample,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, runtime=runtime, threads=threads, progress=progress)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
     typer.echo(summary.text(), err=True)

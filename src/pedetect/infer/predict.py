@@ -71,7 +71,8 @@ class PredictSummary:
 
     def text(self) -> str:
         rate = self.n_slices_read / self.seconds if self.seconds > 0 else 0.0
-        lines = [
+        lines = [f"models: {self.models}"] if self.models else []
+        lines += [
             f"predicted {self.n_studies} studies, {self.n_slices_read} slices read, {self.n_rows} rows written to {self.out} "
             f"in {self.seconds:.1f} s ({rate:.1f} slices/s); consistency fix changed {self.n_fixed} studies",
         ]
@@ -153,6 +154,8 @@ def predict(
     tta: bool = False,
     sample: str | Path | None = None,
     batch_size: int = 32,
+    runtime: str = "auto",
+    threads: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = console_echo,
 ) -> PredictSummary:
@@ -175,8 +178,16 @@ def predict(
     sample_ids = read_submission(sample)["id"].tolist() if sample else None
     if not Path(input_path).exists():
         raise FileNotFoundError(f"input not found: {input_path}")
-    ensemble = Ensemble(model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    ensemble = Ensemble(model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size, runtime=runtime, threads=threads)
     summary.models = ensemble.description
+    for path, (name, why) in zip(model_dirs, ensemble.runtimes):
+        echo(f"runtime of {path}: {name} ({why})")
     for path, preprocessing in zip(model_dirs, ensemble.preprocessing):
         if not preprocessing["recorded"]:
             echo(f"note: {path} does not record its store's settings (preprocessing.json): reading with the prepare defaults")

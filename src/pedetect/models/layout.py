@@ -16,6 +16,9 @@
     MODEL_DIR/seq/fold<k>/model.safetensors    stage 2: fold k's sequence head
     MODEL_DIR/seq/fold<k>/oof_predictions.csv  fold k's studies, out of fold
     MODEL_DIR/seq/oof_predictions.csv, cv.json the cross-validation of stage 2
+    MODEL_DIR/onnx/fold<k>/cnn.onnx, seq.onnx  pedetect export: fold k's CNN and head for ONNX Runtime
+    MODEL_DIR/onnx/fold<k>/cnn_int8.onnx       pedetect export --int8: the CNN quantized to int8
+    MODEL_DIR/onnx/export.json                 what was exported from which weights, and how exact it is
 
 Every stage's fold folder also holds ``metrics.json``, ``metrics.csv`` and ``curves.png``, and
 ``COMPLETE``, written last: a fold is finished exactly when its marker exists (the marker's JSON
@@ -47,15 +50,17 @@ CHECKPOINTS_DIR = "checkpoints"
 EMBEDDING_SOURCE_FILE = "SOURCE.json"
 OOF_FILE = "oof_predictions.csv"
 CV_FILE = "cv.json"
+ONNX_DIR = "onnx"
+EXPORT_FILE = "export.json"
 
 STAGES = ("cnn", "embed", "seq")
 
 # What a change of each kind invalidates: a new stage-1 model (seed, data, cnn) makes every later
 # output stale, new embeddings make stage 2 stale, a new stage 2 only itself.
 OUTPUTS_AFTER = {
-    "cnn": ("cnn", "embed", "seq", PRIOR_FILE, BUNDLE_FILE),
-    "embed": ("embed", "seq", BUNDLE_FILE),
-    "seq": ("seq", BUNDLE_FILE),
+    "cnn": ("cnn", "embed", "seq", PRIOR_FILE, BUNDLE_FILE, ONNX_DIR),
+    "embed": ("embed", "seq", BUNDLE_FILE, ONNX_DIR),
+    "seq": ("seq", BUNDLE_FILE, ONNX_DIR),
 }
 
 
@@ -81,6 +86,11 @@ def embed_dir(model_dir: str | Path, fold: int) -> Path:
 
 def seq_dir(model_dir: str | Path, fold: int) -> Path:
     return fold_dir(model_dir, "seq", fold)
+
+
+def onnx_dir(model_dir: str | Path, fold: int) -> Path:
+    """``MODEL_DIR/onnx/fold<k>``: fold k's exported models (``pedetect export``)."""
+    return Path(model_dir) / ONNX_DIR / f"fold{fold}"
 
 
 def embedding_path(model_dir: str | Path, fold: int, series_uid: str) -> Path:

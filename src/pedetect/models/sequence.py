@@ -62,8 +62,10 @@ _LOG_P_MAX = -1e-6  # keeps logit(p) finite (about 13.8) where p rounds to 1
 
 
 def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
-    return torch.where(log_p > -math.log(2.0), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012). Near 0, 1 − exp(x) is
+    −2 exp(x/2) sinh(x/2): as accurate as expm1 and, unlike it, an ONNX operator (the export)."""
+    near_zero = math.log(2.0) + log_p / 2 + torch.log(-torch.sinh(log_p / 2))
+    return torch.where(log_p > -math.log(2.0), near_zero, torch.log1p(-torch.exp(log_p)))
 
 
 def conditional_exam_logits(outputs: torch.Tensor) -> torch.Tensor:
@@ -90,9 +92,14 @@ def conditional_exam_logits(outputs: torch.Tensor) -> torch.Tensor:
     return stacked - _log1mexp(stacked)
 
 
+def resize_batch(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation of (B, T, C) to (B, length, C)."""
+    return F.interpolate(x.transpose(1, 2), size=length, mode="linear", align_corners=True).transpose(1, 2)
+
+
 def resize_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
     """Linear interpolation of (T, C) to (length, C)."""
-    return F.interpolate(x.t().unsqueeze(0), size=length, mode="linear", align_corners=True)[0].t()
+    return resize_batch(x.unsqueeze(0), length)[0]
 
 
 class SinusoidalPosition(nn.Module):
@@ -172,20 +179,48 @@ class SequenceHead(nn.Module):
         self.attention = nn.Linear(out_dim, 1 if exam_pooling == "shared" else n_exam)
         self.exam_head = nn.Linear(2 * out_dim, n_exam)
 
-    def _encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(1)
+    def predict_series(self, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series.
+
+        ``embeddings`` ``(N, D)`` and ``logits`` ``(N,)`` as ``embed_volume`` gives them, in position
+        order. The head does its own preprocessing (neighbour differences, resizing to a fixed length
+        and back), the same code as in training. Runs in eval mode on the head's device. The exported
+        head (:class:`pedetect.models.onnx.OnnxSequenceHead`) answers the same call.
+        """
+        if len(embeddings) == 0:
+            raise ValueError("a series without slices has no sequence prediction")
+        if embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"embeddings are {embeddings.shape[1]} wide; this head takes {self.embedding_dim}")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        with torch.inference_mode():
+            emb = torch.as_tensor(np.asarray(embeddings), device=device).float().unsqueeze(0)
+            cnn = torch.as_tensor(np.asarray(logits), device=device).float().unsqueeze(0)
+            slice_logits, exam_logits = self(emb, None, cnn)
+        self.train(was_training)
+        return slice_logits[0].float().cpu().numpy(), exam_logits[0].float().cpu().numpy()
+
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> torch.Tensor:
         if self.encoder_kind == "transformer":
-            return self.encoder(self.position(self.project(x)), src_key_padding_mask=~mask)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            return self.encoder(self.position(self.project(x)), src_key_padding_mask=~mask if padded else None)
+        if not padded:  # every position a real slice: nothing to pack (and exportable to ONNX)
+            return self.encoder(x)[0]
+        packed = pack_padded_sequence(x, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.encoder(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return out
 
     def forward(
-        self, embeddings: torch.Tensor, mask: torch.Tensor, cnn_logits: torch.Tensor | None = None
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None = None, cnn_logits: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D), (B, T) bool, optional (B, T) → slice logits (B, T) (0 where padded), exam logits (B, 9)."""
-        mask = mask.bool()
+        """(B, T, D), (B, T) bool, optional (B, T) → slice logits (B, T) (0 where padded), exam logits (B, 9).
+
+        ``mask`` None: every position is a real slice (one series, as ``predict`` runs it): the
+        recurrent encoder runs unpacked, the path an ONNX export takes.
+        """
+        padded = mask is not None
+        mask = mask.bool() if padded else torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
         x = self.input_dropout(embeddings[..., embeddings.shape[-1] - self.input_columns :].float())
         if self.neighbour_diffs:
             x = neighbour_differences(x, mask)
@@ -193,13 +228,14 @@ class SequenceHead(nn.Module):
             if cnn_logits is None:
                 raise ValueError("this head was built with use_cnn_logit=True: pass the CNN's slice logits")
             x = torch.cat([x, cnn_logits.float().unsqueeze(-1)], dim=-1)
-        x = x * mask.unsqueeze(-1)  # padding carries no values, whatever the caller left there
+        if padded:
+            x = x * mask.unsqueeze(-1)  # padding carries no values, whatever the caller left there
         if self.fixed_length is None:
-            return self._heads(x, mask)
-        return self._heads_resized(x, mask)
+            return self._heads(x, mask, padded=padded)
+        return self._heads_resized(x, mask, padded=padded)
 
-    def _heads(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.dropout(self._encode(x, mask))
+    def _heads(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.dropout(self._encode(x, mask, padded=padded))
         slice_logits = self.slice_head(hidden).squeeze(-1).masked_fill(~mask, 0.0)
         scores = self.attention(hidden).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, T, 1 or n_exam)
         attended = torch.einsum("btk,btd->bkd", torch.softmax(scores, dim=1), hidden)
@@ -213,12 +249,15 @@ class SequenceHead(nn.Module):
             exam_logits = conditional_exam_logits(exam_logits)
         return slice_logits, exam_logits
 
-    def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.fixed_length
+        full = torch.ones((x.shape[0], length), dtype=torch.bool, device=x.device)
+        if not padded:  # every series is T long: resize the batch at once (no per-series lengths to read)
+            slice_resized, exam_logits = self._heads(resize_batch(x, length), full, padded=False)
+            return resize_batch(slice_resized.unsqueeze(-1), x.shape[1]).squeeze(-1), exam_logits
         lengths = mask.sum(1).tolist()
         resized = torch.stack([resize_sequence(x[b, :n], length) for b, n in enumerate(lengths)])
-        full = torch.ones(resized.shape[:2], dtype=torch.bool, device=x.device)
-        slice_resized, exam_logits = self._heads(resized, full)
+        slice_resized, exam_logits = self._heads(resized, full, padded=False)
         slice_logits = torch.zeros(mask.shape, dtype=slice_resized.dtype, device=x.device)
         for b, n in enumerate(lengths):
             slice_logits[b, :n] = resize_sequence(slice_resized[b].unsqueeze(-1), n).squeeze(-1)
@@ -304,23 +343,6 @@ def load_sequence_head(
 
 
 def predict_series(head: SequenceHead, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series.
-
-    ``embeddings`` ``(N, D)`` and ``logits`` ``(N,)`` as ``embed_volume`` gives them, in position
-    order. The head does its own preprocessing (neighbour differences, resizing to a fixed length and
-    back), the same code as in training. Runs in eval mode on the head's device.
-    """
-    if len(embeddings) == 0:
-        raise ValueError("a series without slices has no sequence prediction")
-    if embeddings.shape[1] != head.embedding_dim:
-        raise ValueError(f"embeddings are {embeddings.shape[1]} wide; this head takes {head.embedding_dim}")
-    device = next(head.parameters()).device
-    was_training = head.training
-    head.eval()
-    with torch.inference_mode():
-        emb = torch.as_tensor(np.asarray(embeddings), device=device).float().unsqueeze(0)
-        cnn = torch.as_tensor(np.asarray(logits), device=device).float().unsqueeze(0)
-        mask = torch.ones(emb.shape[:2], dtype=torch.bool, device=device)
-        slice_logits, exam_logits = head(emb, mask, cnn)
-    head.train(was_training)
-    return slice_logits[0].float().cpu().numpy(), exam_logits[0].float().cpu().numpy()
+    """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series:
+    :meth:`SequenceHead.predict_series`."""
+    return head.predict_series(embeddings, logits)

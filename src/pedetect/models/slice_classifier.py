@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pedetect.models.backbone import create_backbone
@@ -82,7 +81,7 @@ class SliceClassifier(nn.Module):
         feature_map = self.backbone.forward_features(self.normalise(x))
         features = self.backbone.forward_head(feature_map, pre_logits=True)
         cells = _pool_cells(self.backbone, feature_map, self.location_grid)  # (B * G * G, C, 1, 1)
-        cell_logits = self.head(self.backbone.forward_head(cells, pre_logits=True))[:, 0].reshape(len(x), -1)
+        cell_logits = self.head(self.backbone.forward_head(cells, pre_logits=True))[:, 0].reshape(-1, self.location_grid**2)
         return torch.cat([features, cell_logits.to(features.dtype)], dim=1), self.head(features)[:, 0]
 
 
@@ -92,9 +91,15 @@ def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int) -> to
     pool = getattr(backbone, "global_pool", None)
     # timm names its pooling in pool_type ("avg", "max", "avgmax", ...); pedetect_small_cnn uses torch's.
     kind = getattr(pool, "pool_type", "max" if isinstance(pool, nn.AdaptiveMaxPool2d) else "avg")
-    pooled = (F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d)(feature_map, grid)
-    b, c = pooled.shape[:2]
-    return pooled.permute(0, 2, 3, 1).reshape(b * grid * grid, c, 1, 1)
+    c, height, width = feature_map.shape[1:]
+    # Adaptive pooling's own cells (rows floor(i·H/G) … ceil((i+1)·H/G)), written as slices: the same
+    # numbers as F.adaptive_max_pool2d, and exportable to ONNX, which has no adaptive pooling for a
+    # grid that does not divide the map (8 × 8 into 3 × 3 for the demo's CNN).
+    rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
+    cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
+    reduce = (lambda cell: cell.amax(dim=(2, 3))) if kind == "max" else (lambda cell: cell.mean(dim=(2, 3)))
+    cells = [reduce(feature_map[:, :, r0:r1, c0:c1]) for r0, r1 in rows for c0, c1 in cols]  # G² × (B, C), row-major
+    return torch.stack(cells, dim=1).reshape(-1, c, 1, 1)  # -1, not b · G²: a batch size an export keeps dynamic
 
 
 def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, location_grid: int = 0) -> SliceClassifier:

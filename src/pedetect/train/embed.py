@@ -18,7 +18,6 @@ written atomically: a killed run keeps the series it finished and does the rest.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import pandas as pd
 
 from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
-from pedetect.io import atomic_path, read_json, write_json_atomic
+from pedetect.io import atomic_path, file_sha256, read_json, write_json_atomic
 from pedetect.labels import SERIES, SOP
 from pedetect.models.layout import (
     COMPLETE,
@@ -67,14 +66,6 @@ def read_series_embedding(path: Path) -> SeriesEmbedding:
         raise TrainError(f"embeddings missing: {path} (run pedetect train --stage embed)")
     with np.load(path, allow_pickle=False) as data:
         return SeriesEmbedding(data["embedding"], data["logit"], data["sop"])
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _SeriesReader:
