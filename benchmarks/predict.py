@@ -8,9 +8,13 @@ under 3 GB), for two bundles with random weights (weights do not change the time
 - a full-size recipe (default configs/rsna_4th_rexnet200.yaml: rexnet_200 at 512 px), with
   ``--full-folds`` folds (default 1: the time of its 3 folds is 3 × that CNN part).
 
-Each run is a fresh ``pedetect predict`` process, so its peak memory is its own.
+Every bundle is exported first (``pedetect export --int8``, checked and calibrated on the 250-slice
+study's store) and predicted in each runtime (``--runtime torch``, ``onnx``, ``onnx-int8``): the
+ratios are against PyTorch in the same run. Each run is a fresh ``pedetect predict`` process, so its
+peak memory is its own. ``--demo-dir DIR`` (a finished ``pedetect demo --out DIR``) adds each
+runtime's score and slice AUC on that demo's test set.
 
-    python benchmarks/predict.py [--slices 250] [--memory-slices 1000] [--full-config FILE] [--skip-full]
+    python benchmarks/predict.py [--slices 250] [--memory-slices 1000] [--full-config FILE] [--skip-full] [--demo-dir DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -87,6 +91,43 @@ def run_predict(study: Path, model: Path, out: Path, extra: list[str] = ()) -> d
     }
 
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def prepare_store(study: Path, out: Path) -> Path:
+    """The study as a slice store: what pedetect export checks and calibrates on."""
+    subprocess.run([sys.executable, "-m", "pedetect", "prepare", str(study), "--out", str(out), "--no-progress"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def export(model: Path, store: Path, *extra: str) -> float:
+    """``pedetect export MODEL --int8`` (fp32 and int8); its wall seconds."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pedetect", "export", str(model), "--store", str(store), "--int8", *extra],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"pedetect export failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def demo_accuracy(demo_dir: Path, tmp: Path) -> list[tuple[str, dict]]:
+    """Each runtime's score and slice AUC on a finished ``pedetect demo --out DIR``'s test set, the
+    export checked on the demo's training store with its labels."""
+    from pedetect.metric.evaluate import evaluate_files
+
+    model = tmp / "demo-trained"
+    subprocess.run([sys.executable, "-m", "pedetect", "export", str(demo_dir / "model"), "--store", str(demo_dir / "store"),
+                    "--labels", str(demo_dir / "data" / "train.csv"), "--out", str(model), "--int8"], check=True)
+    rows = []
+    for runtime in RUNTIMES:
+        out = tmp / f"demo-{runtime}.csv"
+        run_predict(demo_dir / "data" / "test", model, out, ["--runtime", runtime, "--sample", str(demo_dir / "data" / "sample_submission.csv")])
+        report = evaluate_files(demo_dir / "data" / "test_labels.csv", out)
+        rows.append((runtime, {"score": report["score"], "slice_auc": report["slice_auc"]}))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=250)
@@ -94,32 +135,47 @@ def main() -> None:
     parser.add_argument("--full-config", type=Path, default=ROOT / "configs" / "rsna_4th_rexnet200.yaml")
     parser.add_argument("--full-folds", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--demo-dir", type=Path, help="A finished pedetect demo --out DIR: also each runtime's score on its test set.")
+    parser.add_argument("--threads", type=int, help="predict --threads (default: every core).")
     args = parser.parse_args()
     import torch
 
+    threads = ["--threads", str(args.threads)] if args.threads else []
     with tempfile.TemporaryDirectory(prefix="pedetect-bench-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
         study = make_study(tmp / "study", args.slices)
         big = make_study(tmp / "big", args.memory_slices, seed=12)
+        store = prepare_store(study, tmp / "store")
         print(f"synthetic studies ({args.slices} and {args.memory_slices} slices, 512x512) in {time.perf_counter() - started:.0f} s; "
               f"torch threads {torch.get_num_threads()}", flush=True)
-        demo = make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None)
-        memory = run_predict(big, demo, tmp / "b.csv")
-        print(f"{args.memory_slices}-slice study, demo bundle: {memory}", flush=True)
-        rows = [("demo (3 folds, pedetect_small_cnn 128 px)", run_predict(study, demo, tmp / "a.csv"))]
-        print(rows[-1], flush=True)
+        bundles = [("demo (3 folds, pedetect_small_cnn 128 px)", make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None))]
         if not args.skip_full:
-            full = make_bundle(args.full_config, tmp / "full", args.full_folds)
-            rows.append((f"{args.full_config.stem} ({args.full_folds} fold, random weights)", run_predict(study, full, tmp / "c.csv")))
-            print(rows[-1], flush=True)
+            name = f"{args.full_config.stem} ({args.full_folds} fold, random weights)"
+            bundles.append((name, make_bundle(args.full_config, tmp / "full", args.full_folds)))
+        rows, memory, exports = [], [], []
+        for name, bundle in bundles:
+            exports.append((name, export(bundle, store, *threads)))
+            print(f"{name}: exported in {exports[-1][1]:.0f} s", flush=True)
+            for runtime in RUNTIMES:
+                rows.append((name, runtime, run_predict(study, bundle, tmp / "a.csv", ["--runtime", runtime, *threads])))
+                print(rows[-1], flush=True)
+        for runtime in RUNTIMES:
+            memory.append((runtime, run_predict(big, bundles[0][1], tmp / "b.csv", ["--runtime", runtime, *threads])))
+            print(f"{args.memory_slices}-slice study, demo bundle, {runtime}: {memory[-1][1]}", flush=True)
+        accuracy = demo_accuracy(args.demo_dir, tmp) if args.demo_dir else []
     print()
-    print(f"| bundle | s per {args.slices}-slice study (process) | predict s | slices/s | peak GB | parts |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, r in rows:
-        print(f"| {name} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {r['slices_per_s']:.1f} | {_gb(r['peak_gb'])} | {r['parts']} |")
-    print(f"\npeak memory, {args.memory_slices}-slice 512x512 study, demo bundle: {_gb(memory['peak_gb'])} GB "
-          f"({memory['predict_s']:.1f} s, {memory['slices_per_s']:.1f} slices/s)")
+    print(f"| bundle | runtime | s per {args.slices}-slice study (process) | predict s | × PyTorch | slices/s | peak GB | parts |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    baseline = {name: r["predict_s"] for name, runtime, r in rows if runtime == "torch"}
+    for name, runtime, r in rows:
+        speedup = baseline[name] / r["predict_s"] if r["predict_s"] > 0 else float("nan")
+        print(f"| {name} | {runtime} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {speedup:.2f} | {r['slices_per_s']:.1f} | {_gb(r['peak_gb'])} | {r['parts']} |")
+    print("\nexport (fp32 and int8, checked on the study): " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports))
+    print(f"peak memory, {args.memory_slices}-slice 512x512 study, demo bundle: "
+          + ", ".join(f"{runtime} {_gb(r['peak_gb'])} GB ({r['predict_s']:.1f} s)" for runtime, r in memory))
+    if accuracy:
+        print(f"\n{args.demo_dir} test set: " + ", ".join(f"{runtime} score {a['score']:.4f}, slice AUC {a['slice_auc']:.4f}" for runtime, a in accuracy))
 
 
 if __name__ == "__main__":
