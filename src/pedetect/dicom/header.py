@@ -20,6 +20,17 @@ from pedetect.dicom.source import Source, ZipMember, looks_like_dicom, read_byte
 # Pixel data we can read as single-frame grayscale images.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
+# Only CT images enter the store (an MR or a secondary capture windowed as if it held HU is noise the
+# model was never trained on). The SOP classes of CT (PS3.4 B.5): CT Image Storage, and Enhanced and
+# Legacy Converted Enhanced CT, whose frames and geometry live in functional groups not read yet.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
+CT_SOP_CLASSES = (CT_IMAGE_STORAGE, *ENHANCED_CT_CLASSES)
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# The most pixels one slice may declare. CT slices are at most 2048 × 2048; the cap bounds every
+# buffer a decoder allocates for a slice (a hostile header cannot ask for gigabytes).
+MAX_SLICE_PIXELS = 4096 * 4096
+
 
 class DicomError(Exception):
     """A file that cannot be used; ``reason`` is what ``failures.parquet`` records."""
@@ -67,6 +78,51 @@ class SliceHeader:
         record = asdict(self)
         record["source"] = self.source
         return record
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """A value taken from a file, safe to put in a reason: printable ASCII, capped at ``limit``."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(text).strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sop_class_name(uid: str) -> str:
+    """``Name (uid)`` of a SOP class as failure reasons give it (pydicom's name; the UID alone when unknown)."""
+    from pydicom.uid import UID
+
+    uid = printable(uid)
+    name = UID(uid).name if uid else ""
+    return f"{name} ({uid})" if name and name != uid else f"SOP class {uid or '(empty)'}"
+
+
+def _sop_class(ds: Any) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID, else ``""``."""
+    uid = _text(ds, "SOPClassUID")
+    if not uid:
+        meta = getattr(ds, "file_meta", None)
+        uid = _text(meta, "MediaStorageSOPClassUID") if meta is not None else ""
+    return uid
+
+
+def _check_ct_image(ds: Any, sop_class: str) -> bool:
+    """Raise :class:`DicomError` unless ``ds`` (of a CT SOP class, or of none) is a CT image the read
+    path can use. A file without any SOP class UID (old or hand-edited exports) is taken as CT when
+    its Modality says CT, and the caller records that; without either it is a failure. Returns True
+    when taken by Modality."""
+    if sop_class in ENHANCED_CT_CLASSES:
+        frames = _int(ds, "NumberOfFrames")
+        raise DicomError(
+            f"{sop_class_name(sop_class)} is not read yet ({frames if frames is not None else 'unknown'} frame(s); "
+            "frame positions are in functional groups)"
+        )
+    if not sop_class:
+        modality = _text(ds, "Modality")
+        if modality.upper() != "CT":
+            raise DicomError(f"not known to be a CT image: no SOP class UID, Modality {printable(modality) or '(none)'}")
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric and photometric.upper() not in GRAYSCALE:
+        raise DicomError(f"not a grayscale image (PhotometricInterpretation {printable(photometric)})")
+    return not sop_class
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -208,6 +264,7 @@ _FIELDS: dict[str, tuple[int, str]] = {
     "RescaleIntercept": (0x00281052, "DS"),
     "InstanceNumber": (0x00200013, "IS"),
     "NumberOfFrames": (0x00280008, "IS"),
+    "PhotometricInterpretation": (0x00280004, "CS"),
 }
 
 
@@ -261,16 +318,17 @@ class _RawView:
 
 def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     pixel_element = getattr(ds, "_pedetect_pixels", None)
+    sop_class = _sop_class(ds)
+    if sop_class and sop_class not in CT_SOP_CLASSES:
+        raise DicomError(f"not a CT image: {sop_class_name(sop_class)}")
     if pixel_element is None and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
-        meta = getattr(ds, "file_meta", None)
-        uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        name = str(getattr(uid, "name", "") or uid or "")
+        name = sop_class_name(sop_class) if sop_class else "unknown SOP class"
         if "SOPClassUID" not in ds or not _text(ds, "SOPInstanceUID"):
-            raise DicomError(f"DICOM header truncated or empty (no dataset after the file meta; {name or 'unknown SOP class'})")
-        if "Image Storage" in name:
-            raise DicomError(f"DICOM without pixel data ({name}: truncated before the pixels?)")
-        raise DicomError(f"DICOM without pixel data ({name or 'unknown SOP class'})")
+            raise DicomError(f"DICOM header truncated or empty (no dataset after the file meta; {name})")
+        _check_ct_image(ds, sop_class)
+        raise DicomError(f"DICOM without pixel data ({name}: truncated before the pixels?)")
     ds = _RawView(ds)
+    taken_by_modality = _check_ct_image(ds, sop_class)
     series = _text(ds, "SeriesInstanceUID")
     sop = _text(ds, "SOPInstanceUID")
     if not series:
@@ -284,14 +342,16 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     if samples != 1:
         raise DicomError(f"not a grayscale image (SamplesPerPixel={samples})")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    if not rows or not cols:
+    if not rows or not cols or rows < 1 or cols < 1:
         raise DicomError("DICOM without Rows/Columns")
+    if rows * cols > MAX_SLICE_PIXELS:
+        raise DicomError(f"image too large: {rows}x{cols} pixels (at most {MAX_SLICE_PIXELS} per slice are decoded)")
     position = _floats(ds, "ImagePositionPatient", 3)
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    extra = {}
+    extra: dict = {"taken_as_ct_by_modality": True} if taken_by_modality else {}
     native = _native_pixels(ds, pixel_element, syntax, rows, cols)
     if native is not None:
         extra["native"] = native

@@ -72,6 +72,9 @@ def series_metadata(
         irregular.append(f"{len(studies)} StudyInstanceUIDs in one series")
     if n_failed:
         irregular.append(f"{n_failed} slice(s) could not be decoded")
+    by_modality = sum(1 for h in kept if h.extra.get("taken_as_ct_by_modality"))
+    if by_modality:
+        irregular.append(f"{by_modality} slice(s) without a SOP class UID, taken as CT by their Modality")
     spacings = {h.pixel_spacing for h in kept if h.pixel_spacing is not None}
     if len(spacings) > 1:
         irregular.append("mixed PixelSpacing")
