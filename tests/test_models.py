@@ -160,3 +160,61 @@ def test_location_grid_appends_the_slice_logit_of_each_cell(tmp_path, backbone):
         assert torch.allclose(one_cell[:, -1], slice_logit, atol=1e-5)
     with pytest.raises(ValueError, match="location_grid"):
         SliceClassifier(plain.backbone, location_grid=-1)
+
+
+def test_a_local_file_takes_timms_pretrained_path_and_every_tensor_matches(tmp_path):
+    """``weights: FILE`` is timm's own pretrained loading (``pretrained_cfg_overlay=dict(file=…)``):
+    the call ``weights: pretrained`` makes with the hub, here with no network."""
+    torch.manual_seed(0)
+    source = create_backbone(TINY)
+    path = tmp_path / "w.safetensors"
+    save_file({**source.state_dict(), "fc.weight": torch.zeros(1000, source.num_features), "fc.bias": torch.zeros(1000)}, str(path))
+    torch.manual_seed(1)
+    loaded = create_backbone(TINY, weights=path)
+    assert loaded.pretrained_cfg.get("file") == str(path)  # loaded by timm's mechanism, from this file
+    own = loaded.state_dict()
+    assert set(own) == set(source.state_dict())  # the classifier was dropped (num_classes=0)
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(own[key], tensor), key
+
+
+def test_a_pickle_is_refused_on_timms_path_too(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": create_backbone(TINY).state_dict(), "object": object()}, path)
+    with pytest.raises(BackboneError, match="weights-only"):
+        create_backbone(TINY, weights=path)
+
+
+def test_pretrained_weights_offline_say_which_file_to_provide(tmp_path):
+    """The hub unreachable (HF_HUB_OFFLINE with an empty cache): one clear error naming the weights'
+    hub page and the setting to change, not a stack trace."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    code = (
+        "from pedetect.models.backbone import BackboneError, create_backbone\n"
+        "try:\n    create_backbone('resnet10t.c3_in1k', weights='pretrained')\n"
+        "except BackboneError as error:\n    print('ERROR', error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ERROR cannot fetch timm's pretrained weights for 'resnet10t.c3_in1k'")
+    assert "https://huggingface.co/timm/resnet10t.c3_in1k" in result.stdout
+    assert "set cnn.backbone.weights to that file" in result.stdout and "HF_HUB_OFFLINE" in result.stdout
+
+
+def test_starting_weights_are_recorded(tmp_path):
+    from pedetect.io import file_sha256
+    from pedetect.models.backbone import weights_provenance
+
+    assert weights_provenance(None, TINY) == {"weights": "random"}
+    hub = weights_provenance("pretrained", "rexnet_200.nav_in1k")
+    assert hub == {"weights": "pretrained", "tag": "rexnet_200.nav_in1k", "hf_hub_id": "timm/rexnet_200.nav_in1k",
+                   "file": "model.safetensors (or pytorch_model.bin)"}
+    legacy = weights_provenance("pretrained", "legacy_seresnext50_32x4d")  # no hub copy: timm's URL
+    assert legacy["tag"] == "legacy_seresnext50_32x4d.in1k" and legacy["url"].endswith(".pth")
+    path = tmp_path / "w.safetensors"
+    save_file(create_backbone(TINY).state_dict(), str(path))
+    assert weights_provenance(path, TINY) == {"weights": "file", "path": str(path), "sha256": file_sha256(path)}

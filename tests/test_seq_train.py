@@ -125,6 +125,9 @@ def test_a_changed_seq_section_redoes_stage_2_only(trained_model, trained_copy):
     assert [p.stat().st_mtime_ns for p in kept] == stamps
     assert (seq_dir(copy, 0) / "model.safetensors").read_bytes() != old_head
     assert result["seq"] == json.loads((copy / "seq" / "cv.json").read_text()) and (copy / "bundle.json").is_file()
+    # where the CNN's training started, in the bundle and in each fold's marker (random here)
+    assert json.loads((copy / "bundle.json").read_text())["starting_weights"] == {"weights": "random"}
+    assert json.loads((cnn_dir(copy, 0) / COMPLETE).read_text())["starting_weights"] == {"weights": "random"}
     assert load_sequence_head(copy, 0).encoder.hidden_size == 8
     # A changed stage-1 section is refused without --force.
     with pytest.raises(TrainError, match="cnn.epochs"):

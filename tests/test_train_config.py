@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pedetect.models.backbone import check_backbone_name
+from pedetect.models.backbone import check_backbone_name, pretrained_source
 from pedetect.recipe import (
     ConfigError,
     ExperimentConfig,
@@ -25,12 +25,17 @@ def test_recipes_validate_and_name_their_source(name):
     config = load_experiment(CONFIGS / name)
     assert config.source, f"{name} must say where it comes from"
     check_backbone_name(config.cnn.backbone.name)  # timm has it (pedetect_small_cnn registered with timm)
-    assert config.cnn.backbone.weights is None  # nothing to download; weights are a local choice
+    if name == "demo.yaml":
+        assert config.cnn.backbone.weights is None  # the demo starts from random weights: nothing to fetch
+    else:  # each winner started from pretrained weights: timm knows where this tag's come from (no download here)
+        assert config.cnn.backbone.weights == "pretrained"
+        source = pretrained_source(config.cnn.backbone.name)
+        assert source["tag"] == config.cnn.backbone.name and ("hf_hub_id" in source or "url" in source)
 
 
 def test_recipes_say_what_the_issue_asks():
     fourth = load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").cnn
-    assert (fourth.backbone.name, fourth.input.image_size, fourth.epochs, fourth.batch_size) == ("rexnet_200", 512, 3, 32)
+    assert (fourth.backbone.name, fourth.input.image_size, fourth.epochs, fourth.batch_size) == ("rexnet_200.nav_in1k", 512, 3, 32)
     assert (fourth.optimizer.name, fourth.optimizer.lr, fourth.optimizer.weight_decay, fourth.scheduler.name) == ("adamw", 1e-3, 1e-2, "cosine")
     assert fourth.augment.hflip > 0 and fourth.augment.shift_scale_rotate.p > 0 and fourth.augment.cutout.p > 0
     assert load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").data.folds == 3
@@ -40,7 +45,7 @@ def test_recipes_say_what_the_issue_asks():
     assert (fifth.optimizer.name, fifth.optimizer.lr, fifth.scheduler.name) == ("adam", 5e-4, "step")
     first = load_experiment(CONFIGS / "rsna_1st_seresnext50.yaml").cnn
     assert (first.backbone.name, first.input.mode, first.input.image_size, first.loss.kind, first.epochs) == (
-        "seresnext50_32x4d", "adjacent", 576, "bce", 1
+        "legacy_seresnext50_32x4d.in1k", "adjacent", 576, "bce", 1
     )
 
 

@@ -105,8 +105,10 @@ class SchedulerConfig(Section):
 
 class BackboneConfig(Section):
     name: str = Field("resnet10t", description="Any timm model name (timm.list_models()).")
-    weights: Optional[Path] = Field(
-        None, description="Local pretrained weights (.safetensors or a torch state dict); none: random init. Never downloaded."
+    weights: Optional[Union[Literal["pretrained"], Path]] = Field(
+        None,
+        description="pretrained: timm's pretrained weights of the name's tag (fetched and cached by timm; offline: its cache, "
+        "HF_HUB_OFFLINE=1); a path: local weights (.safetensors or a torch state dict); none: random init.",
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone supports it.")

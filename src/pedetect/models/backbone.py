@@ -1,10 +1,19 @@
-"""Backbones from timm, by name, with random weights or a local weights file. Nothing is downloaded.
+"""Backbones from timm, by name: random weights, timm's pretrained weights, or a local weights file.
 
-``create_backbone("tf_efficientnet_b5_ns", in_chans=3, weights="b5.safetensors")`` builds the
-model with ``pretrained=False`` and loads the file: a safetensors file or a PyTorch state dict
-(read with ``torch.load(weights_only=True)``; ``state_dict``/``model`` wrappers and ``module.``
-prefixes are unwrapped). The classifier of the file is dropped, and when the input channels differ
-(9-channel input from 3-channel ImageNet weights) the first convolution is adapted the timm way.
+``weights``:
+
+- ``None``: random initialisation;
+- ``"pretrained"``: the pretrained weights of the name's timm tag (``rexnet_200.nav_in1k``), fetched
+  and cached by timm's own mechanism (the Hugging Face hub cache, ``HF_HOME``; ``HF_HUB_OFFLINE=1``
+  uses the cache only), as every timm user expects. Offline with an empty cache: a
+  :class:`BackboneError` that names the file to download and how to point the recipe at it;
+- a path: a local weights file (safetensors, or a state dict read with ``torch.load(weights_only=True)``),
+  loaded by the same timm call (``pretrained_cfg_overlay=dict(file=…)``), so the hub weights and the
+  file go through one path: timm's checkpoint filters, the classifier dropped, and the first
+  convolution adapted when the input channels differ (9-channel input from 3-channel ImageNet weights).
+
+pedetect's own ``pedetect_small_cnn`` has no timm pretrained configuration; its files are read here
+(:func:`read_state_dict`, :func:`load_backbone_weights`).
 """
 
 from __future__ import annotations
@@ -107,6 +116,56 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         )
 
 
+PRETRAINED = "pretrained"
+
+
+def pretrained_source(name: str) -> dict[str, str]:
+    """Where timm's pretrained weights of ``name`` come from: its tag and hub id or URL."""
+    import timm
+
+    model_name, tag = timm.models.split_model_name_tag(name)
+    cfg = timm.models.get_pretrained_cfg(f"{model_name}.{tag}" if tag else model_name)
+    if cfg is None:
+        raise BackboneError(f"timm has no pretrained weights for '{name}'; set cnn.backbone.weights to a local file or to null")
+    record = {"tag": f"{model_name}.{cfg.tag}" if getattr(cfg, "tag", None) else model_name}
+    if cfg.hf_hub_id:
+        record["hf_hub_id"] = cfg.hf_hub_id
+        record["file"] = cfg.hf_hub_filename or "model.safetensors (or pytorch_model.bin)"
+    if cfg.url:
+        record["url"] = cfg.url
+    return record
+
+
+def _offline_help(name: str) -> str:
+    try:
+        source = pretrained_source(name)
+    except BackboneError as error:
+        return str(error)
+    where = (
+        f"https://huggingface.co/{source['hf_hub_id']} ({source['file']})" if "hf_hub_id" in source else source.get("url", "its URL in timm")
+    )
+    return (
+        f"download the weights of {source['tag']} from {where} on a machine that can reach it, "
+        "then set cnn.backbone.weights to that file (or copy the Hugging Face cache, HF_HOME, and set HF_HUB_OFFLINE=1)"
+    )
+
+
+def _create_pretrained(name: str, file: str | Path | None, **kwargs) -> nn.Module:
+    """``timm.create_model(pretrained=True)`` from the hub cache, or from ``file`` (the overlay)."""
+    import timm
+
+    overlay = {"file": str(file)} if file is not None else {}
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as error:  # timm and the hub raise many kinds; each becomes one clear message
+        reason = " ".join(str(error).split())[:600]
+        if file is None:
+            raise BackboneError(f"cannot fetch timm's pretrained weights for '{name}' ({type(error).__name__}: {reason}); {_offline_help(name)}") from None
+        if "weights_only" in reason or "Unpickl" in type(error).__name__ or "pickle" in reason.lower():
+            raise BackboneError(f"cannot read {file} as a weights-only state dict (pickled objects are refused): {reason}") from None
+        raise BackboneError(f"{file} does not fit '{name}': {reason}; are these weights for another model?") from None
+
+
 def create_backbone(
     name: str,
     *,
@@ -116,16 +175,33 @@ def create_backbone(
     drop_path_rate: float = 0.0,
     **kwargs,
 ) -> nn.Module:
-    """A timm feature extractor (``num_classes=0``: pooled features, ``.num_features`` wide)."""
+    """A timm feature extractor (``num_classes=0``: pooled features, ``.num_features`` wide);
+    ``weights``: None, ``"pretrained"`` or a local file (the module docstring)."""
     import timm
 
     check_backbone_name(name)
-    if weights is not None and not Path(weights).is_file():
+    if weights is not None and weights != PRETRAINED and not Path(weights).is_file():
         read_state_dict(weights)  # raises the missing-file error before building anything
     extra = dict(kwargs)
     if drop_path_rate:
         extra["drop_path_rate"] = drop_path_rate
-    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, drop_rate=drop_rate, **extra)
-    if weights is not None:
-        load_backbone_weights(model, weights)
-    return model
+    common = dict(num_classes=0, in_chans=in_chans, drop_rate=drop_rate, **extra)
+    own_model = name.split(".")[0] == "pedetect_small_cnn"  # no timm pretrained configuration: its files are read here
+    if weights is None or (own_model and weights != PRETRAINED):
+        model = timm.create_model(name, pretrained=False, **common)
+        if weights is not None:
+            load_backbone_weights(model, weights)
+        return model
+    return _create_pretrained(name, None if weights == PRETRAINED else weights, **common)
+
+
+def weights_provenance(weights: str | Path | None, name: str) -> dict[str, str]:
+    """What a model's starting weights were, for the bundle: random, a timm tag (and its hub id or
+    URL), or a local file's SHA-256."""
+    from pedetect.io import file_sha256
+
+    if weights is None:
+        return {"weights": "random"}
+    if weights == PRETRAINED:
+        return {"weights": PRETRAINED, **pretrained_source(name)}
+    return {"weights": "file", "path": str(weights), "sha256": file_sha256(weights)}

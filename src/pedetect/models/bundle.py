@@ -103,12 +103,17 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
     return Bundle(model_dir, config, [k for k in folds if k in expected], prior, info.get("embedding_dim"))
 
 
-def write_bundle_info(model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None) -> dict[str, Any]:
-    """``MODEL_DIR/bundle.json``, written when a full training run finishes."""
+def write_bundle_info(
+    model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None, starting_weights: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``MODEL_DIR/bundle.json``, written when a full training run finishes; ``starting_weights``:
+    where the CNN's training started (:func:`pedetect.models.backbone.weights_provenance`)."""
     from pedetect.io import write_json_atomic
     from pedetect.models.layout import STAGES
 
     info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": list(STAGES), "embedding_dim": embedding_dim, "cv_score": cv_score}
+    if starting_weights is not None:
+        info["starting_weights"] = starting_weights
     write_json_atomic(Path(model_dir) / BUNDLE_FILE, info)
     return info
 

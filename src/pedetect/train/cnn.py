@@ -214,6 +214,7 @@ def train_fold(
     import lightning as L
     import torch
 
+    from pedetect.models.backbone import weights_provenance
     from pedetect.models.slice_classifier import build_slice_classifier
     from pedetect.train.module import SliceModule
 
@@ -249,7 +250,8 @@ def train_fold(
     metrics = export_fold(config, module, directory, checkpoint, fold=fold, extra=extra)
     if not config.cnn.keep_checkpoints:
         shutil.rmtree(directory / CHECKPOINTS_DIR, ignore_errors=True)
-    write_complete(directory, {"val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"]})
+    starting = weights_provenance(config.cnn.backbone.weights, config.cnn.backbone.name)
+    write_complete(directory, {"val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "starting_weights": starting})
     auc = metrics["val_auc"]
     echo(f"fold {fold}: validation slice AUC {auc:.4f}, log loss {metrics['val_loss']:.4f}" if auc is not None else f"fold {fold} done")
     return metrics
@@ -282,7 +284,7 @@ def check_cnn_config(config: ExperimentConfig) -> None:
 
     check_backbone_name(config.cnn.backbone.name)
     weights = resolve_paths(config).cnn.backbone.weights
-    if weights is not None and not weights.is_file():
+    if isinstance(weights, Path) and not weights.is_file():
         read_state_dict(weights)  # the clear missing-file error
 
 

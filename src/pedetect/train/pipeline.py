@@ -40,6 +40,7 @@ def train(
     Returns ``{"cnn": cnn/summary.json, "embed": embed/summary.json, "seq": seq/cv.json or None,
     "seconds": {stage: wall time of this run}, "bundle": bundle.json or None}`` for the stages run.
     """
+    from pedetect.models.backbone import weights_provenance
     from pedetect.models.bundle import write_bundle_info, write_preprocessing
     from pedetect.train.embed import run_embed
     from pedetect.train.seq import run_seq
@@ -65,7 +66,9 @@ def train(
         settings = getattr(inputs.source, "settings", None)
         if settings:  # how prepare read the DICOM: predict reads new studies the same way
             write_preprocessing(inputs.out, settings)
+        backbone = inputs.config.cnn.backbone
         result["bundle"] = write_bundle_info(
-            inputs.out, folds=list(range(inputs.n_folds)), embedding_dim=int(dims.pop()), cv_score=result["seq"]["score"]
+            inputs.out, folds=list(range(inputs.n_folds)), embedding_dim=int(dims.pop()), cv_score=result["seq"]["score"],
+            starting_weights=weights_provenance(backbone.weights, backbone.name),
         )
     return result

@@ -127,7 +127,7 @@ def resolve_folds(
 def resolve_paths(config: ExperimentConfig) -> ExperimentConfig:
     """The config with relative file paths made absolute (as saved in MODEL_DIR/config.yaml)."""
     weights = config.cnn.backbone.weights
-    if weights is not None and not weights.is_absolute():
+    if isinstance(weights, Path) and not weights.is_absolute():
         config = config.model_copy(deep=True)
         config.cnn.backbone.weights = weights.resolve()
     return config
