@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from pedetect.dicom.source import Source, ZipMember, looks_like_dicom, read_bytes, read_head, source_label
+from pedetect.dicom.source import (
+    Source,
+    SourceError,
+    ZipMember,
+    is_zip_data,
+    looks_like_dicom,
+    open_path,
+    read_bytes,
+    read_head,
+    source_label,
+)
 
 # Pixel data we can read as single-frame grayscale images.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -32,12 +41,8 @@ GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 MAX_SLICE_PIXELS = 4096 * 4096
 
 
-class DicomError(Exception):
+class DicomError(SourceError):
     """A file that cannot be used; ``reason`` is what ``failures.parquet`` records."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def describe_error(error: BaseException, limit: int = 160) -> str:
@@ -175,20 +180,22 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
     if not head:
         raise DicomError("empty file (0 bytes)")
     if not looks_like_dicom(head):
+        if is_zip_data(head):
+            raise DicomError("not DICOM: a zip archive (archives inside the input are not opened)")
         raise DicomError("not DICOM (no DICM marker and no DICOM header at the start)")
     preamble = len(head) >= 132 and head[128:132] == b"DICM"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not header_only:
-                ds = pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source), force=not preamble)
+                assert data is not None  # read above
+                ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
                 # pydicom gives back an empty dataset for a file that ends inside encapsulated
                 # (compressed) frames; its header alone still reads.
-                if len(ds) == 0 and len(pydicom.dcmread(io.BytesIO(data) if data is not None else os.fspath(source),
-                                                        stop_before_pixels=True, force=not preamble)):
+                if len(ds) == 0 and len(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not preamble)):
                     raise DicomError("pixel data unreadable (the file ends inside its encapsulated frames: truncated)")
                 return ds
-            fp: Any = io.BytesIO(data) if data is not None else open(source, "rb")
+            fp: Any = io.BytesIO(data) if data is not None else open_path(source)
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
                 ds._pedetect_pixels = _pixel_element(fp, ds)  # type: ignore[attr-defined]
@@ -410,12 +417,13 @@ def read_header(source: Source) -> SliceHeader:
 
     try:
         size, mtime_ns = source_stat(source)
-    except (OSError, KeyError) as error:
-        raise DicomError(f"unreadable ({describe_error(error)})") from None
-    if size == 0:
-        raise DicomError("empty file (0 bytes)")
-    try:
+        if size == 0:
+            raise DicomError("empty file (0 bytes)")
         ds = dcmread_source(source, header_only=True)
-    except OSError as error:
+    except DicomError:
+        raise
+    except SourceError as error:
+        raise DicomError(error.reason) from None
+    except (OSError, KeyError) as error:
         raise DicomError(f"unreadable ({describe_error(error)})") from None
     return header_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)

@@ -26,7 +26,7 @@ from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, descr
 from pedetect.dicom.order import SeriesPlan, plan_series
 from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
-from pedetect.dicom.source import Source, read_bytes, source_label
+from pedetect.dicom.source import Source, SourceError, read_bytes, source_label
 
 # Files whose headers one task scans: enough to amortise a task, few enough to report progress often.
 SCAN_CHUNK = 256
@@ -73,9 +73,10 @@ def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optiona
 
 
 def slice_failure(header: SliceHeader, error: BaseException) -> Failure:
-    """The failure of one slice that could not be read: a :class:`DicomError`'s own reason, else the
-    decoder's error as ``pixel data unreadable (…)``."""
-    reason = error.reason if isinstance(error, DicomError) else f"pixel data unreadable ({describe_error(error)})"
+    """The failure of one slice that could not be read: a :class:`DicomError`'s (or
+    :class:`~pedetect.dicom.source.SourceError`'s) own reason, else the decoder's error as
+    ``pixel data unreadable (…)``."""
+    reason = error.reason if isinstance(error, SourceError) else f"pixel data unreadable ({describe_error(error)})"
     return Failure.of(header, reason)
 
 

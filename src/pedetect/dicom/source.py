@@ -3,20 +3,51 @@
 A *source* is either a path (``str`` / ``os.PathLike``) or a :class:`ZipMember`. Zip members are
 read into memory from the archive; nothing is ever extracted to a path taken from the archive.
 Archives are opened lazily and cached per process (safe after ``fork``).
+
+Inputs come from anywhere, so a source that must not be read raises :class:`SourceError` with the
+reason its failure row records (docs/reliability.md lists every case):
+
+- a path that is not a regular file (a FIFO would block the reader forever, a device file could
+  act on being opened) is never opened: it is checked with ``stat`` first and again with ``fstat``
+  on a non-blocking descriptor, in case it was swapped in between;
+- a symlink member, an encrypted member, a member
+  whose declared size exceeds :data:`MAX_MEMBER_BYTES` or :data:`MAX_COMPRESSION_RATIO` times its
+  compressed size (a zip bomb), a member past :data:`MAX_ARCHIVE_BYTES` of the archive's members
+  (in name order), and a member whose data is not the size its header declares.
+
+A member's name is only a label (``archive::name``), never a path: a name that is absolute or
+climbs out with ``..`` is read in memory like any other, and cannot place a file anywhere.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 DICM_OFFSET = 128
 HEAD_BYTES = 132
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive's end record
+
+# Caps on what one zip may make the reader hold: a member of at most 1 GiB (an Enhanced CT of 2,000
+# 512 × 512 frames), inflated at most 200-fold (CT slices deflate 2-10-fold; a zip bomb ~1,000-fold),
+# and 64 GiB over the archive's members together (a few thousand studies).
+MAX_MEMBER_BYTES = 1 << 30
+MAX_COMPRESSION_RATIO = 200
+MAX_ARCHIVE_BYTES = 64 << 30
+
+
+class SourceError(Exception):
+    """A source that is not read; ``reason`` is what its failure row records."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, order=True)
@@ -32,14 +63,54 @@ class ZipMember:
 
 Source = Union[str, "os.PathLike[str]", ZipMember]
 
-_ARCHIVES: dict[str, tuple[int, zipfile.ZipFile]] = {}
+
+class _Archive:
+    """An open zip and, from its central directory alone, why each member must not be read."""
+
+    def __init__(self, path: str):
+        self.zip = zipfile.ZipFile(path)
+        self.refused: dict[str, str] = {}
+        total = 0
+        for info in sorted(self.zip.infolist(), key=lambda i: i.filename):
+            if info.is_dir():
+                continue
+            total += info.file_size
+            reason = _member_problem(info) or (
+                f"zip member refused: the archive's members exceed {MAX_ARCHIVE_BYTES} bytes together" if total > MAX_ARCHIVE_BYTES else None
+            )
+            if reason:
+                self.refused[info.filename] = reason
+
+    def info(self, name: str) -> zipfile.ZipInfo:
+        if name in self.refused:
+            raise SourceError(self.refused[name])
+        return self.zip.getinfo(name)
 
 
-def _archive(path: str) -> zipfile.ZipFile:
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member must not be read, from its directory entry; None when it may be."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "zip member refused: a symbolic link"
+    if info.flag_bits & 0x1:
+        return "zip member refused: encrypted"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"zip member refused: declares {info.file_size} bytes (at most {MAX_MEMBER_BYTES})"
+    if info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        return (
+            f"zip member refused: inflates {info.file_size} bytes from {info.compress_size} "
+            f"(more than {MAX_COMPRESSION_RATIO} times: a zip bomb?)"
+        )
+    return None
+
+
+_ARCHIVES: dict[str, tuple[int, _Archive]] = {}
+
+
+def _archive(path: str) -> _Archive:
     pid = os.getpid()
     cached = _ARCHIVES.get(path)
     if cached is None or cached[0] != pid:
-        _ARCHIVES[path] = (pid, zipfile.ZipFile(path))
+        _ARCHIVES[path] = (pid, _Archive(path))
     return _ARCHIVES[path][1]
 
 
@@ -48,30 +119,89 @@ def source_label(source: Source) -> str:
     return str(source) if isinstance(source, ZipMember) else os.fspath(source)
 
 
+def _not_a_file(path: str, mode: int) -> str:
+    """The reason a path that is not a regular file is not read."""
+    if stat.S_ISDIR(mode):
+        if os.path.islink(path):
+            return "a symbolic link to a folder: not followed"
+        try:
+            os.scandir(path).close()
+        except OSError as error:
+            return f"a folder that could not be listed ({type(error).__name__}: {error.strerror or error})"
+        return "a folder, not a file"
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+    return f"{kind}: never opened"
+
+
+def open_path(path: "str | os.PathLike[str]") -> BinaryIO:
+    """A regular file opened for reading; anything else raises :class:`SourceError` without being
+    opened for real (the descriptor is non-blocking, and checked again before it is used)."""
+    path = os.fspath(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise SourceError(_not_a_file(path, mode))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # swapped for something else since the stat
+            raise SourceError(_not_a_file(path, mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_member(source: ZipMember, n: int | None = None) -> bytes:
+    archive = _archive(source.archive)
+    info = archive.info(source.name)
+    try:
+        with archive.zip.open(info) as f:
+            data = f.read(info.file_size if n is None else min(n, info.file_size))
+    except zipfile.BadZipFile as error:  # the data inflates to more than declared (CRC), or is damaged
+        raise SourceError(f"zip member damaged or its declared size is wrong ({error})") from None
+    except RuntimeError as error:  # zipfile's own refusals (encryption, unknown methods)
+        raise SourceError(f"zip member unreadable ({error})") from None
+    if n is None and len(data) != info.file_size:
+        raise SourceError(f"zip member's declared size is wrong: {info.file_size} bytes declared, {len(data)} inflated")
+    return data
+
+
 def read_bytes(source: Source) -> bytes:
     """The whole content of a source."""
     if isinstance(source, ZipMember):
-        return _archive(source.archive).read(source.name)
-    with open(source, "rb") as f:
+        return _read_member(source)
+    with open_path(source) as f:
         return f.read()
 
 
 def read_head(source: Source, n: int = HEAD_BYTES) -> bytes:
     """The first ``n`` bytes of a source (fewer when it is shorter)."""
     if isinstance(source, ZipMember):
-        with _archive(source.archive).open(source.name) as f:
-            return f.read(n)
-    with open(source, "rb") as f:
+        return _read_member(source, n)
+    with open_path(source) as f:
         return f.read(n)
 
 
 def source_stat(source: Source) -> tuple[int, int]:
-    """``(size, mtime_ns)`` of a source; for zip members the stored size and the archive's mtime."""
+    """``(size, mtime_ns)`` of a source; for zip members the stored size and the archive's mtime.
+    Raises :class:`SourceError` for a source that must not be read."""
     if isinstance(source, ZipMember):
-        info = _archive(source.archive).getinfo(source.name)
+        info = _archive(source.archive).info(source.name)
         return int(info.file_size), int(os.stat(source.archive).st_mtime_ns) ^ (info.CRC or 0)
-    st = os.stat(source)
+    try:
+        st = os.stat(source)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise SourceError(f"path too long to open ({len(os.fspath(source))} characters)") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(_not_a_file(os.fspath(source), st.st_mode))
     return int(st.st_size), int(st.st_mtime_ns)
+
+
+def is_zip_data(head: bytes) -> bool:
+    """True when bytes start like a zip archive."""
+    return head[:4] in ZIP_MAGIC
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -96,13 +226,16 @@ def is_zip(path: Path) -> bool:
 
 
 def discover(input_path: str | Path) -> list[Source]:
-    """Every candidate file under a folder (any nesting, any names, sorted) or every member of a zip.
+    """Every candidate under a folder (any nesting, any names, sorted) or every member of a zip.
 
-    Directories, symlinks to directories and special files are skipped; everything else is a
-    candidate, recognised as DICOM (or not) by content later.
+    Folders are walked without following symbolic links (so a link loop cannot trap the walk) and
+    without recursion (so depth is no limit). Everything that is not a folder is a candidate, links
+    and special files included: :func:`source_stat` gives each that is not a readable regular file
+    its failure, and a folder that cannot be listed is a candidate for the same reason. Files are
+    recognised as DICOM (or not) by content later.
     """
     path = Path(input_path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"input not found: {path}")
     if path.is_file():
         if is_zip(path):
@@ -110,18 +243,25 @@ def discover(input_path: str | Path) -> list[Source]:
             names = [info.filename for info in zipfile.ZipFile(archive).infolist() if not info.is_dir()]
             return [ZipMember(archive, name) for name in sorted(names)]
         return [os.fspath(path)]
-    return sorted(_walk(path))
+    return sorted(_walk(os.fspath(path)))
 
 
-def _walk(root: Path) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in filenames:
-            full = os.path.join(dirpath, name)
+def _walk(root: str) -> Iterator[str]:
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            yield folder  # not listable (permissions, a path too long): its own failure
+            continue
+        for entry in entries:
             try:
-                mode = os.stat(full).st_mode
+                is_folder = entry.is_dir(follow_symlinks=False)
             except OSError:
-                yield full  # a dangling link: reported as unreadable later
-                continue
-            if stat.S_ISREG(mode):
-                yield full
+                is_folder = False
+            if is_folder:
+                folders.append(entry.path)
+            else:
+                yield entry.path
