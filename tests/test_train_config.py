@@ -42,6 +42,7 @@ def test_recipes_say_what_the_issue_asks():
     fifth = load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml").cnn
     assert fifth.backbone.name.startswith("tf_efficientnet_b5") and fifth.input.image_size == 512
     assert fifth.targets.exam_labels and fifth.sampling.mode == "balanced" and fifth.sampling.positive_share == 0.25
+    assert (fifth.augment.vflip, fifth.augment.hflip) == (0.5, 0.0)  # the published flip keeps left and right
     assert (fifth.optimizer.name, fifth.optimizer.lr, fifth.scheduler.name) == ("adam", 5e-4, "step")
     first = load_experiment(CONFIGS / "rsna_1st_seresnext50.yaml").cnn
     assert (first.backbone.name, first.input.mode, first.input.image_size, first.loss.kind, first.epochs) == (
@@ -121,3 +122,13 @@ def test_a_changed_config_removes_exactly_the_stages_it_invalidates(tmp_path):
     assert left() == ["cnn", "embed", "seq"]  # batch size changes no result
     with pytest.raises(TrainError, match="cnn.epochs"):
         prepare_model_dir(apply_overrides(gridded, ["cnn.epochs=9"]), tmp_path, force=False, echo=said.append)
+
+
+def test_a_recipe_whose_flips_would_mislabel_sides_is_refused_before_training():
+    from pedetect.train.cnn import check_cnn_config
+    from pedetect.train.setup import TrainError
+
+    config = apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.augment.rotate90=0.5"])
+    with pytest.raises(TrainError, match="rotate90 turns left and right"):
+        check_cnn_config(config)
+    check_cnn_config(apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.augment.hflip=0.5"]))  # swapped: fine

@@ -140,3 +140,35 @@ def test_series_inputs_match_the_training_inputs(labelled, mode):
     assert batch.shape == (6, config.channels, 16, 16) and batch.dtype == torch.uint8
     for row in rows:
         assert torch.equal(batch[items[SLICE_INDEX].iloc[row]], dataset[row][0])
+
+
+def test_a_mirrored_slice_swaps_its_left_and_right_targets(labelled):
+    """A left-right flip (or a half turn) puts the embolus on the image's other side: the slice's
+    leftsided_pe and rightsided_pe targets trade places; an up-down flip keeps them."""
+    labels, store = labelled
+    labels = labels.copy()
+    labels["leftsided_pe"], labels["rightsided_pe"], labels["central_pe"] = 1.0, 0.0, 1.0
+    items = slice_items(labels, store.slices)
+    positive = int(np.flatnonzero(items[IMAGE_LABEL].to_numpy() > 0.5)[0])
+    sides = ("leftsided_pe", "central_pe", "rightsided_pe")
+    order = {}
+    for name, augment in {"plain": None, "hflip": {"hflip": 1.0}, "vflip": {"vflip": 1.0}, "half turn": {"hflip": 1.0, "vflip": 1.0}}.items():
+        config = AugmentConfig.model_validate(augment) if augment else None
+        target = SliceDataset(store, items, image_size=12, augment=config, exam_labels=sides)[positive][1].tolist()
+        order[name] = target[1:]
+    assert order["plain"] == [1.0, 1.0, 0.0]
+    assert order["hflip"] == [0.0, 1.0, 1.0]  # left and right swapped, central kept
+    assert order["vflip"] == [1.0, 1.0, 0.0]
+    assert order["half turn"] == [0.0, 1.0, 1.0]  # both flips: a rotation by 180 degrees, the sides swapped
+    assert SliceDataset(store, items, image_size=12, augment=AugmentConfig.model_validate({"vflip": 1.0}), exam_labels=sides).side_columns is None
+
+
+def test_augmentations_that_would_mislabel_sides_are_refused(labelled):
+    labels, store = labelled
+    labels = labels.copy()
+    labels["leftsided_pe"], labels["rightsided_pe"] = 1.0, 0.0
+    items = slice_items(labels, store.slices)
+    with pytest.raises(ValueError, match="train both leftsided_pe and rightsided_pe"):
+        SliceDataset(store, items, augment=AugmentConfig.model_validate({"hflip": 0.5}), exam_labels=("leftsided_pe",))
+    with pytest.raises(ValueError, match="rotate90"):
+        SliceDataset(store, items, augment=AugmentConfig.model_validate({"rotate90": 0.5}), exam_labels=("leftsided_pe", "rightsided_pe"))

@@ -60,6 +60,8 @@ SUBMISSION_COLUMNS: tuple[str, str] = ("id", "label")
 # Labels grouped by the rules they take part in (pedetect.metric.rules states the rules).
 RV_LV_LABELS: tuple[str, str] = ("rv_lv_ratio_gte_1", "rv_lv_ratio_lt_1")
 LOCATION_LABELS: tuple[str, str, str] = ("central_pe", "rightsided_pe", "leftsided_pe")
+# The labels that name the patient's side: a left-right mirrored image swaps them.
+SIDE_LABELS: tuple[str, str] = ("leftsided_pe", "rightsided_pe")
 CHRONICITY_LABELS: tuple[str, str] = ("chronic_pe", "acute_and_chronic_pe")
 NEGATIVE_LABELS: tuple[str, str] = ("negative_exam_for_pe", "indeterminate")
 

@@ -39,6 +39,13 @@ class Geometry:
     def is_identity(self) -> bool:  # the border does not matter without a warp
         return not (self.hflip or self.vflip) and self.angle == 0 and self.scale == 1 and self.shift_x == 0 and self.shift_y == 0
 
+    @property
+    def swaps_sides(self) -> bool:
+        """Whether the patient's left and right trade sides of the image: a left-right flip or a half
+        turn, not both. An up-down flip keeps them (why the 5th place flipped vertically)."""
+        half_turn = round(self.angle / 90.0) % 4 == 2
+        return self.hflip != half_turn
+
 
 def affine_matrix(in_hw: tuple[int, int], out_size: int, geometry: Geometry = Geometry()) -> np.ndarray:
     """2×3 matrix mapping source pixel (x, y) to output pixel (OpenCV convention, centres at integers).
@@ -191,9 +198,13 @@ class SliceAugment:
         return Geometry(hflip, vflip, angle=quarter)
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return self.transform(image, rng)[0]
+
+    def transform(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, Geometry]:
+        """The slice and the geometry drawn for it (targets that name a side follow the geometry)."""
         image = centre_crop(image, self.crop)
         if self.config is None or rng is None:
-            return resize(image, self.size)
+            return resize(image, self.size), Geometry()
         c = self.config
         geometry = self.draw_geometry(rng)
         if geometry.is_identity:
@@ -217,4 +228,4 @@ class SliceAugment:
                 y0, x0 = (int(v) for v in rng.integers(0, self.size - np.array([hh, ww]) + 1))
                 boxes.append((y0, x0, y0 + hh, x0 + ww))
             image = cutout(image, boxes)
-        return image
+        return image, geometry

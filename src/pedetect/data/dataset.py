@@ -29,7 +29,7 @@ import torch.utils.data
 from torch.utils.data import Dataset
 
 from pedetect.data.augment import SliceAugment
-from pedetect.labels import IMAGE_LABEL, NEGATIVE_LABELS, SERIES, SOP, STUDY
+from pedetect.labels import IMAGE_LABEL, NEGATIVE_LABELS, SERIES, SIDE_LABELS, SOP, STUDY
 from pedetect.recipe import AugmentConfig
 
 SLICE_INDEX = "slice_index"
@@ -109,6 +109,21 @@ def training_targets(items: pd.DataFrame, exam_labels: tuple[str, ...] = (), who
     return targets
 
 
+def side_target_columns(labels: tuple[str, ...], augment: AugmentConfig | None) -> tuple[int, int] | None:
+    """Target columns (after the slice label's) of leftsided_pe and rightsided_pe, when the
+    augmentation can mirror a slice: they trade places on a mirrored sample. Raises ``ValueError``
+    for a recipe whose augmentation would make a side label wrong (one side trained without the
+    other, or quarter turns, which put left and right at the top and bottom)."""
+    sides = [label for label in labels if label in SIDE_LABELS]
+    if not sides or augment is None or not (augment.hflip or augment.rotate90):
+        return None
+    if augment.rotate90:
+        raise ValueError(f"cnn.augment.rotate90 turns left and right into top and bottom: it cannot train {', '.join(sides)}")
+    if len(sides) != 2:
+        raise ValueError(f"cnn.augment.hflip mirrors slices: train both {' and '.join(SIDE_LABELS)} or neither (given {sides[0]})")
+    return 1 + labels.index(SIDE_LABELS[0]), 1 + labels.index(SIDE_LABELS[1])
+
+
 class SliceDataset(Dataset):
     """Slices of a store, read, resized and (for training) augmented."""
 
@@ -134,6 +149,7 @@ class SliceDataset(Dataset):
         self.slice_index = items[SLICE_INDEX].to_numpy(dtype=np.int64)
         self.n_slices = items[N_SLICES].to_numpy(dtype=np.int64)
         self.targets = training_targets(items, exam_labels, whole_exam_labels)
+        self.side_columns = side_target_columns((*exam_labels, *whole_exam_labels), augment)
         self.transform = SliceAugment(image_size, augment, crop)
         self.train = augment is not None
         self._rng: np.random.Generator | None = None
@@ -181,8 +197,13 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
-        image = self.transform(image, self.rng() if self.train else None)
-        return image, torch.from_numpy(self.targets[i]), i
+        image, geometry = self.transform.transform(image, self.rng() if self.train else None)
+        target = self.targets[i]
+        if self.side_columns and geometry.swaps_sides:  # the embolus on the image's other side: the label follows it
+            left, right = self.side_columns
+            target = target.copy()
+            target[[left, right]] = target[[right, left]]
+        return image, torch.from_numpy(target), i
 
 
 def single_threaded_opencv() -> None:

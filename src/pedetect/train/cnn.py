@@ -279,9 +279,15 @@ def write_summary(out: Path, n_folds: int) -> dict[str, Any]:
 
 
 def check_cnn_config(config: ExperimentConfig) -> None:
-    """The backbone exists in timm and its weights file (if any) is there, before any work."""
+    """The backbone exists in timm, its weights file (if any) is there, and the augmentation keeps
+    the side labels right (:func:`~pedetect.data.dataset.side_target_columns`), before any work."""
+    from pedetect.data.dataset import side_target_columns
     from pedetect.models.backbone import check_backbone_name, read_state_dict
 
+    try:
+        side_target_columns(config.cnn.targets.head_labels, config.cnn.augment)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
     check_backbone_name(config.cnn.backbone.name)
     weights = resolve_paths(config).cnn.backbone.weights
     if isinstance(weights, Path) and not weights.is_file():
