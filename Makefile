@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synth.py
 	$(BIN)/python benchmarks/prepare.py
+
+# Coverage-guided fuzzing of the DICOM read path with atheris (tests/fuzz/read_fuzz.py): corpus and
+# crash inputs in fuzz_output/. The test suite runs a short seeded pass of the same target.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(BIN)/python tests/fuzz/read_fuzz.py --atheris $(FUZZ_SECONDS) --corpus fuzz_output/corpus
 
 clean:
 	rm -rf $(VENV) $(DEMO)

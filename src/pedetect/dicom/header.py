@@ -14,6 +14,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from pedetect.dicom.pixels import check_declared_size
 from pedetect.dicom.source import (
     Source,
     SourceError,
@@ -36,13 +37,16 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 CT_SOP_CLASSES = (CT_IMAGE_STORAGE, *ENHANCED_CT_CLASSES)
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
-# The most pixels one slice may declare. CT slices are at most 2048 × 2048; the cap bounds every
-# buffer a decoder allocates for a slice (a hostile header cannot ask for gigabytes).
-MAX_SLICE_PIXELS = 4096 * 4096
 
 
 class DicomError(SourceError):
     """A file that cannot be used; ``reason`` is what ``failures.parquet`` records."""
+
+
+def is_input_failure(error: BaseException) -> bool:
+    """True for what reading one bad file may raise: any Exception, and the panic of a decoder
+    written in Rust (pyo3's PanicException derives from BaseException, like KeyboardInterrupt)."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
 
 
 def describe_error(error: BaseException, limit: int = 160) -> str:
@@ -343,16 +347,18 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     if not sop:
         raise DicomError("DICOM without SOPInstanceUID")
     frames = _int(ds, "NumberOfFrames") or 1
-    if frames > 1:
-        raise DicomError(f"multi-frame image ({frames} frames) is not supported")
     samples = _int(ds, "SamplesPerPixel") or 1
-    if samples != 1:
-        raise DicomError(f"not a grayscale image (SamplesPerPixel={samples})")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols or rows < 1 or cols < 1:
         raise DicomError("DICOM without Rows/Columns")
-    if rows * cols > MAX_SLICE_PIXELS:
-        raise DicomError(f"image too large: {rows}x{cols} pixels (at most {MAX_SLICE_PIXELS} per slice are decoded)")
+    try:
+        check_declared_size(rows, cols, max(frames, 1), max(samples, 1))
+    except ValueError as error:
+        raise DicomError(f"image too large: {error}") from None
+    if frames > 1:
+        raise DicomError(f"multi-frame image ({frames} frames) is not supported")
+    if samples != 1:
+        raise DicomError(f"not a grayscale image (SamplesPerPixel={samples})")
     position = _floats(ds, "ImagePositionPatient", 3)
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)

@@ -24,6 +24,9 @@ WINDOW_NAMES: tuple[str, ...] = ("lung", "pe", "mediastinal")
 AIR_HU = -1000.0
 
 NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+# The most pixels one slice may declare. CT slices are at most 2048 × 2048; the cap bounds every
+# buffer a decoder allocates for a slice (a hostile header cannot ask for gigabytes).
+MAX_SLICE_PIXELS = 4096 * 4096
 
 
 def as_windows(windows: Optional[Sequence[Sequence[float]]]) -> tuple[tuple[float, float], ...]:
@@ -89,6 +92,70 @@ def padding_range(ds: Any) -> Optional[tuple[int, int]]:
     return (min(first, last), max(first, last))
 
 
+def check_declared_size(rows: int, cols: int, frames: int = 1, samples: int = 1) -> None:
+    """Raise ValueError when a header declares more pixel values than one slice may hold."""
+    if rows < 1 or cols < 1 or frames < 1 or samples < 1:
+        raise ValueError(f"declared size {rows}x{cols} ({frames} frame(s), {samples} sample(s)) is empty")
+    if rows * cols * frames * samples > MAX_SLICE_PIXELS:
+        raise ValueError(f"declared size {rows}x{cols} ({frames} frame(s), {samples} sample(s)) is over {MAX_SLICE_PIXELS} values per slice")
+
+
+# The decoder each compressed transfer syntax must use when pydicom's default order is unsafe: gdcm
+# aborts the whole process (an uncaught C++ exception) on some damaged JPEG 2000 frames, where
+# pylibjpeg's OpenJPEG raises an error (tests/data/fuzz_regressions/j2k_gdcm_abort.dcm).
+DECODING_PLUGIN = {
+    "1.2.840.10008.1.2.4.90": "pylibjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg",
+}
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, JPEG-LS
+
+
+def codestream_size(frame: bytes) -> Optional[tuple[int, int]]:
+    """``(rows, columns)`` a compressed frame declares in its own header (JPEG, JPEG-LS, JPEG 2000),
+    or None when it declares none we read (RLE: its decoder allocates from Rows and Columns)."""
+    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC, then SIZ (raw or inside a JP2 box)
+    if siz >= 0 and len(frame) >= siz + 24:
+        x, y, x0, y0 = np.frombuffer(frame, dtype=">u4", count=4, offset=siz + 8)
+        return int(y) - int(y0), int(x) - int(x0)
+    if frame[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(frame) and frame[at] == 0xFF:
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(frame[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS and at + 9 <= len(frame):
+            rows = int.from_bytes(frame[at + 5 : at + 7], "big")
+            return (rows, int.from_bytes(frame[at + 7 : at + 9], "big")) if rows else None  # 0: given later (DNL)
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            return None
+        at += 2 + length
+    return None
+
+
+def _check_before_decoding(ds: Any, rows: int, cols: int) -> None:
+    """What pydicom's decoders would allocate must fit the slice cap and the header's own size: a
+    compressed frame declaring other dimensions than Rows × Columns is decoded at its own size (a
+    40,000 × 40,000 JPEG 2000 frame in a 2 kB file is 1.6 GB) before pydicom notices the mismatch."""
+    from pydicom.encaps import get_frame
+    from pydicom.uid import UID
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check_declared_size(rows, cols, frames, int(ds.get("SamplesPerPixel", 1) or 1))
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if getattr(ds, "file_meta", None) is not None else None
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    size = codestream_size(get_frame(ds.PixelData, 0, number_of_frames=frames))
+    if size is not None and size != (rows, cols):
+        raise ValueError(f"the compressed frame is {size[1]}x{size[0]}, the header says {cols}x{rows}")
+
+
 def stored_pixels(ds: Any) -> tuple[np.ndarray, bool, int]:
     """The stored values of a single-frame grayscale slice: ``(array, signed, bits)``.
 
@@ -119,8 +186,10 @@ def stored_pixels(ds: Any) -> tuple[np.ndarray, bool, int]:
         return array, signed, stored
     import warnings
 
+    _check_before_decoding(ds, rows, cols)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        ds.pixel_array_options(decoding_plugin=DECODING_PLUGIN.get(syntax, ""))
         array = ds.pixel_array
     if array.ndim != 2:
         raise ValueError(f"expected one 2-D frame, got pixel array of shape {array.shape}")

@@ -17,12 +17,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, read_header
+from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_header
 from pedetect.dicom.order import SeriesPlan, plan_series
 from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
@@ -42,7 +43,9 @@ def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failu
             headers.append(read_header(source))
         except DicomError as error:
             failures.append(Failure(source_label(source), error.reason))
-        except Exception as error:  # anything else about one file stays with that file
+        except BaseException as error:  # anything else about one file stays with that file
+            if not is_input_failure(error):
+                raise
             failures.append(Failure(source_label(source), f"unreadable ({describe_error(error)})"))
     return headers, failures
 
@@ -66,7 +69,9 @@ def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optiona
         padding = tuple(native["padding"]) if native["padding"] is not None else None
         return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=bgr)
     ds = dcmread_source(header.source, data=data)
-    sop = str(ds.get("SOPInstanceUID", "")).strip()
+    with warnings.catch_warnings():  # pydicom warns, with the value, about malformed UIDs
+        warnings.simplefilter("ignore")
+        sop = str(ds.get("SOPInstanceUID", "")).strip()
     if sop != header.sop:
         raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
     return window_dataset(ds, windows, image_size, bgr=bgr)
@@ -98,7 +103,9 @@ def decode_series(
             image = read_slice(header, windows, image_size, bgr=bgr)
             if image.shape[:2] != (height, width):
                 raise ValueError(f"decoded size {image.shape[1]}x{image.shape[0]} is not the series' {width}x{height}")
-        except Exception as error:  # a decoder error of any kind is this slice's failure
+        except BaseException as error:  # a decoder error of any kind is this slice's failure
+            if not is_input_failure(error):
+                raise
             yield i, None, slice_failure(header, error)
             continue
         yield i, image, None

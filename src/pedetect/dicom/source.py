@@ -133,7 +133,29 @@ def _not_a_file(path: str, mode: int) -> str:
     return f"{kind}: never opened"
 
 
-def open_path(path: "str | os.PathLike[str]") -> BinaryIO:
+class BoundedFile:
+    """A file whose ``read(n)`` never asks for more than the bytes it has left: CPython allocates
+    ``n`` bytes up front, so a header declaring a 4 GB element in a 2 kB file would cost 4 GB."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file = file
+        self.size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self.size - self.file.tell())
+        return self.file.read(left if n is None or n < 0 or n > left else n)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> "BoundedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def open_path(path: "str | os.PathLike[str]") -> BoundedFile:
     """A regular file opened for reading; anything else raises :class:`SourceError` without being
     opened for real (the descriptor is non-blocking, and checked again before it is used)."""
     path = os.fspath(path)
@@ -142,10 +164,10 @@ def open_path(path: "str | os.PathLike[str]") -> BinaryIO:
         raise SourceError(_not_a_file(path, mode))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped for something else since the stat
-            raise SourceError(_not_a_file(path, mode))
-        return os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped for something else since the stat
+            raise SourceError(_not_a_file(path, st.st_mode))
+        return BoundedFile(os.fdopen(fd, "rb"), st.st_size)
     except BaseException:
         os.close(fd)
         raise
