@@ -129,7 +129,14 @@ def test_export_of_a_trained_bundle_is_checked_on_its_validation_studies(trained
     assert int8["score_change"] == pytest.approx(int8["score"] - torch_run["score"])
     within = abs(int8["score_change"]) <= INT8_SCORE_TOLERANCE and abs(int8["slice_auc_change"]) <= INT8_AUC_TOLERANCE
     assert record["default_ok"]["onnx-int8"] is within
-    assert choose_runtime(out, "auto", [0, 1, 2])[0] == ("onnx-int8" if within else "onnx")
+    assert choose_runtime(out, "auto", [0, 1, 2])[0] == fastest_exact(record)
+    assert all(record["check"][name]["seconds_per_100_slices"] > 0 for name in ("torch", "onnx", "onnx-int8"))
+
+
+def fastest_exact(record: dict) -> str:
+    """What auto must choose: the fastest, as the export timed them, of PyTorch and the runtimes that passed."""
+    candidates = ["torch", *(name for name, ok in record["default_ok"].items() if ok)]
+    return min(candidates, key=lambda name: record["check"][name]["seconds_per_100_slices"])
 
 
 N_STUDIES, SLICES, SIZE = 4, 12, 64
@@ -172,14 +179,16 @@ def test_predict_in_every_runtime(exported, cli, tmp_path):
         result = _predict(cli, root, model, tmp_path / f"{runtime}.csv", "--runtime", runtime, "--report", str(tmp_path / f"report-{runtime}"))
         assert result.exit_code == 0, result.output
         runs[runtime] = read_submission(tmp_path / f"{runtime}.csv").set_index("id")["label"]
-        chosen = runtime if runtime != "auto" else "onnx"  # int8 was not checked with labels: fp32 is the fastest exact one
+        # int8 was not checked with labels: auto takes the faster of ONNX fp32 and PyTorch
+        chosen = runtime if runtime != "auto" else fastest_exact(json.loads((model / "onnx" / "export.json").read_text()))
         assert f"runtime {chosen})" in result.output
         assert f"runtime {chosen})" in (tmp_path / f"report-{runtime}" / "index.html").read_text()
     assert len(runs["torch"]) == N_STUDIES * (SLICES + len(EXAM_LABELS))
     for runtime in ("onnx", "onnx-int8", "auto"):
         assert runs[runtime].index.equals(runs["torch"].index)
     np.testing.assert_allclose(runs["onnx"].to_numpy(), runs["torch"].to_numpy(), rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(runs["auto"].to_numpy(), runs["onnx"].to_numpy())
+    auto = fastest_exact(json.loads((model / "onnx" / "export.json").read_text()))
+    np.testing.assert_array_equal(runs["auto"].to_numpy(), runs[auto].to_numpy())
     moved = np.abs(runs["onnx-int8"].to_numpy() - runs["torch"].to_numpy())
     assert moved.max() > 0  # quantized: not the same numbers, ...
     assert moved.max() < 0.5  # ... but the same model
@@ -214,3 +223,24 @@ def test_runtime_errors_are_clear(exported, cli, tmp_path):
     (tmp_path / "taken" / "file").write_text("x")
     result = cli("export", str(model), "--store", str(root / "store"), "--out", str(tmp_path / "taken"))
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_auto_takes_the_fastest_exact_runtime_as_the_export_timed_it(exported, tmp_path):
+    _, model, _ = exported
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    path = copy / "onnx" / "export.json"
+    record = json.loads(path.read_text())
+    record["default_ok"] = {"onnx": True, "onnx-int8": True}
+    for name, seconds in {"torch": 3.0, "onnx": 2.0, "onnx-int8": 1.0}.items():
+        record["check"][name]["seconds_per_100_slices"] = seconds
+    path.write_text(json.dumps(record))
+    assert choose_runtime(copy, "auto", [0, 1])[0] == "onnx-int8"
+    record["check"]["onnx-int8"]["seconds_per_100_slices"] = 2.5  # int8 slower than fp32 (small CNNs)
+    path.write_text(json.dumps(record))
+    assert choose_runtime(copy, "auto", [0, 1])[0] == "onnx"
+    record["check"]["torch"]["seconds_per_100_slices"] = 0.5
+    path.write_text(json.dumps(record))
+    name, why = choose_runtime(copy, "auto", [0, 1])
+    assert name == "torch" and why.startswith("faster than onnx, onnx-int8")
+    assert choose_runtime(copy, "auto", [0, 1], device="cuda") == ("torch", "on cuda")

@@ -12,9 +12,12 @@ For every fold of the bundle (:mod:`pedetect.models.onnx` has the file formats):
    cross-validation pools them.
 
 ``MODEL_DIR/onnx/export.json`` records it all with the SHA-256 of the weights each file was made
-from, and which runtimes are exact enough to be ``predict``'s default: ONNX fp32 when no probability
-moves by more than :data:`FP32_TOLERANCE`, int8 when the score moves by at most
-:data:`INT8_SCORE_TOLERANCE` and the slice AUC by at most :data:`INT8_AUC_TOLERANCE`.
+from, each runtime's time on the check series, and which runtimes are exact enough to be
+``predict``'s default: ONNX fp32 when no probability moves by more than :data:`FP32_TOLERANCE`, int8
+when the score moves by at most :data:`INT8_SCORE_TOLERANCE` and the slice AUC by at most
+:data:`INT8_AUC_TOLERANCE`. ``auto`` takes the fastest of those and PyTorch as measured here (int8
+is not faster for every network: on the demo's small CNN its quantize and dequantize steps cost
+more than they save).
 """
 
 from __future__ import annotations
@@ -50,9 +53,15 @@ class _Check:
     max_embedding: float = 0.0
     max_logit: float = 0.0
     max_probability: float = 0.0
+    seconds: float = 0.0  # the runtime's own time on the check series (CNN and head)
+    slices: int = 0
     slice_logits: list[np.ndarray] = field(default_factory=list)  # the CNN's, per series
     head_slices: list[np.ndarray] = field(default_factory=list)  # the head's slice logits, per series
     head_exams: list[np.ndarray] = field(default_factory=list)  # the head's exam logits, per series
+
+    def timed(self, seconds: float, slices: int) -> None:
+        self.seconds += seconds
+        self.slices += slices
 
     def add(self, run: tuple[np.ndarray, ...], reference: tuple[np.ndarray, ...] | None = None) -> None:
         """One series' (embedding, CNN logit, head slice logits, head exam logits); the largest
@@ -77,6 +86,7 @@ class _Check:
             "max_abs_embedding": self.max_embedding,
             "max_abs_slice_logit": self.max_logit,
             "max_abs_probability": self.max_probability,
+            "seconds_per_100_slices": 100 * self.seconds / self.slices if self.slices else None,
         }
 
 
@@ -215,8 +225,9 @@ def export_bundle(
         )
 
     summary = {name: check.record() for name, check in checks.items()}
+    summary["torch"] = {"seconds_per_100_slices": reference.record()["seconds_per_100_slices"]}
     if records:
-        summary["torch"] = _quality(records, reference)
+        summary["torch"].update(_quality(records, reference))
         for name, check in checks.items():
             summary[name].update(_quality(records, check))
             summary[name]["score_change"] = summary[name]["score"] - summary["torch"]["score"]
@@ -270,12 +281,17 @@ def _check_fold(source, check: list[str], cnn, head, folder: Path, config, *, in
         volume = source.read_series(uid)
         if not len(volume):
             continue
+        started = time.perf_counter()
         embedding, logit = embed_volume(cnn, volume, config.cnn.input, batch_size=batch_size)
         torch_run = (embedding, logit, *head.predict_series(embedding, logit))
+        reference.timed(time.perf_counter() - started, len(volume))
         reference.add(torch_run)
         for name, (runtime_cnn, runtime_head) in runtimes.items():
+            started = time.perf_counter()
             e, l = embed_volume(runtime_cnn, volume, config.cnn.input, batch_size=batch_size)
-            results[name].add((e, l, *runtime_head.predict_series(e, l)), torch_run)
+            run = (e, l, *runtime_head.predict_series(e, l))
+            results[name].timed(time.perf_counter() - started, len(volume))
+            results[name].add(run, torch_run)
     return reference, results
 
 
@@ -283,6 +299,8 @@ def _merge(into: _Check, other: _Check) -> None:
     into.max_embedding = max(into.max_embedding, other.max_embedding)
     into.max_logit = max(into.max_logit, other.max_logit)
     into.max_probability = max(into.max_probability, other.max_probability)
+    into.seconds += other.seconds
+    into.slices += other.slices
     into.slice_logits += other.slice_logits
     into.head_slices += other.head_slices
     into.head_exams += other.head_exams

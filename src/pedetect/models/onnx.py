@@ -238,8 +238,9 @@ def read_export(model_dir: str | Path) -> dict | None:
 
 def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, device: str = "cpu") -> tuple[str, str]:
     """The runtime ``predict`` uses for a bundle, and why. ``auto``: PyTorch on a GPU; on a CPU the
-    fastest runtime the export found exact enough (int8, then ONNX fp32), else PyTorch. A runtime
-    asked for by name must exist for every fold (else ``ValueError`` naming the command that makes it)."""
+    fastest, in the export's own timing, of PyTorch and the runtimes the export found exact enough.
+    A runtime asked for by name must exist for every fold (else ``ValueError`` naming the command
+    that makes it)."""
     if requested not in RUNTIMES:
         raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
     if requested == "torch":
@@ -259,12 +260,21 @@ def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, d
         return requested, "asked for"
     if device != "cpu":
         return "torch", f"on {device}"
-    for name in ("onnx-int8", "onnx"):
-        if name in available and record["default_ok"].get(name):
-            return name, record["why"][name]
     if record is None:
         return "torch", "no ONNX export (pedetect export)"
-    return "torch", "no exported runtime passed its accuracy check (" + "; ".join(f"{k}: {v}" for k, v in record["why"].items()) + ")"
+    exact = [name for name in available if record["default_ok"].get(name)]
+    if not exact:
+        return "torch", "no exported runtime passed its accuracy check (" + "; ".join(f"{k}: {v}" for k, v in record["why"].items()) + ")"
+    speed = {name: record["check"].get(name, {}).get("seconds_per_100_slices") for name in (*exact, "torch")}
+    timed = {name: value for name, value in speed.items() if value}
+    fastest = min(timed, key=timed.get) if timed else exact[0]
+    if fastest == "torch":
+        return "torch", f"faster than {', '.join(exact)} in the export's timing ({_speeds(timed)})"
+    return fastest, f"{record['why'][fastest]}; fastest in the export's timing ({_speeds(timed)})"
+
+
+def _speeds(timed: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2g} s per 100 slices" for name, value in sorted(timed.items(), key=lambda item: item[1]))
 
 
 def load_runtime_fold(model_dir: str | Path, fold: int, runtime: str, *, threads: int | None = None):
