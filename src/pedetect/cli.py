@@ -16,6 +16,7 @@ from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command
 from pedetect.train.command import split_command, train_command
+from pedetect.view.command import view_command
 
 app = typer.Typer(
     name="pedetect",
@@ -49,6 +50,7 @@ app.command("check")(check_command)
 app.command("split")(split_command)
 app.command("train")(train_command)
 app.command("predict")(predict_command)
+app.command("view")(view_command)
 app.command("export")(export_command)
 app.command("demo")(demo_command)
 

@@ -9,13 +9,17 @@ two are averaged.
 Runtime (fp32, or an int8 CNN); ``auto`` takes per bundle the fastest one its export found exact
 enough (:func:`pedetect.models.onnx.choose_runtime`). Every runtime answers the same two calls
 (``embed`` a batch of slices, ``predict_series`` one series), so batching and pairing do not change.
+
+Where the model looks: with ``embed.location_grid`` G, each CNN's embedding ends with its slice
+logit on each cell of a G × G grid over its (cropped) input. The report's viewer draws those cells'
+probabilities, averaged over the folds (and flip views) of the first bundle that has a grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -37,6 +41,24 @@ class _Member:
     input_config: Any
     read: tuple  # preprocessing key
     runtime: str
+    location: tuple[int, float]  # (embed.location_grid, cnn.input.crop): the grid over the CNN's crop of the slice
+
+
+class LocationView(NamedTuple):
+    """How to place the location grid on a slice: G × G cells over the central square crop of side
+    ``crop`` × the slice's shorter side (the CNN's input), for slices read with ``read``."""
+
+    grid: int
+    crop: float
+    read: tuple
+
+
+class SeriesPrediction(NamedTuple):
+    """One series through the ensemble, slices in position order."""
+
+    slices: np.ndarray  # (N,) slice PE probabilities
+    exams: np.ndarray  # (9,) exam probabilities, EXAM_LABELS order
+    location: Optional[np.ndarray]  # (N, G, G) probability of each grid cell, None without a grid (see LocationView)
 
 
 class Ensemble:
@@ -75,7 +97,13 @@ class Ensemble:
                     head = load_sequence_head(bundle.path, k, config=bundle.config, device=device)
                 else:
                     cnn, head = load_runtime_fold(bundle.path, k, chosen, threads=threads)
-                self.members.append(_Member(b, k, cnn, head, bundle.config.cnn.input, preprocessing_key(self.preprocessing[b]), chosen))
+                location = (int(bundle.config.embed.location_grid), float(bundle.config.cnn.input.crop))
+                self.members.append(
+                    _Member(b, k, cnn, head, bundle.config.cnn.input, preprocessing_key(self.preprocessing[b]), chosen, location)
+                )
+        # One grid for the viewer: members drawing on other grids or crops cannot be averaged cell by cell.
+        first = next((m for m in self.members if m.location[0] > 0), None)
+        self.location_view = LocationView(first.location[0], first.location[1], first.read) if first else None
         labels = (IMAGE_LABEL, *EXAM_LABELS)
         self.prior = {label: float(np.mean([bundle.prior[label] for bundle in self.bundles])) for label in labels}
 
@@ -87,8 +115,8 @@ class Ensemble:
         ]
         return ", ".join(parts) + f" on {self.device}" + (", flip TTA" if self.tta else "")
 
-    def predict_series(self, volumes: dict[tuple, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Slice probabilities ``(N,)`` and exam probabilities ``(9,)`` of one series.
+    def predict_series(self, volumes: dict[tuple, np.ndarray]) -> SeriesPrediction:
+        """Slice and exam probabilities of one series, and where on each slice the CNNs see PE.
 
         ``volumes``: the series read with each distinct preprocessing of the bundles (:attr:`reads`),
         ``(N, H, W, 3)`` uint8 in position order.
@@ -96,13 +124,22 @@ class Ensemble:
         from pedetect.models.slice_classifier import embed_volume
 
         per_bundle: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        cells: list[np.ndarray] = []
+        view_of_grid = self.location_view
         for member in self.members:
             volume = volumes[member.read]
-            views = [volume, volume[:, :, ::-1]] if self.tta else [volume]  # flip: a view, copied batch by batch
-            for view in views:
+            views = [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]  # flip: a view, copied batch by batch
+            for view, flipped in views:
                 embeddings, logits = embed_volume(member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device)
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
                 per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), sigmoid(exam_logits)))
+                if view_of_grid is not None and member.location == (view_of_grid.grid, view_of_grid.crop) and member.read == view_of_grid.read:
+                    g = view_of_grid.grid
+                    # The embedding's last G² columns, row-major over the crop (SliceClassifier.embed).
+                    grid = sigmoid(embeddings[:, -g * g :]).reshape(-1, g, g)
+                    cells.append(grid[:, :, ::-1] if flipped else grid)  # a flipped view's columns back in place
         slices = np.mean([np.mean([s for s, _ in runs], axis=0) for runs in per_bundle.values()], axis=0)
         exams = np.mean([np.mean([e for _, e in runs], axis=0) for runs in per_bundle.values()], axis=0)
-        return slices, exams
+        # Probabilities, not logits, are averaged: the folds' CNNs end on different logit scales.
+        location = np.mean(cells, axis=0).astype(np.float32) if cells else None
+        return SeriesPrediction(slices, exams, location)

@@ -13,7 +13,8 @@ For each study of the input (a folder or zip, any layout):
    training prior (made consistent) and an error line;
 4. the label rules: the study's rows are repaired by ``pedetect check --fix``'s function
    (:func:`pedetect.metric.consistency.fix_submission`), on the values exactly as written;
-5. the report of the study (JSON, PNG), from the final values.
+5. the report of the study (:mod:`pedetect.infer.report`: JSON, PNG, viewer page and slices), with
+   the model's own values beside the final ones, written in a background thread meanwhile.
 
 Then one CSV, in the order of ``--sample`` when given (ids the input lacks get the prior: no id of
 the sample is ever missing), else the nine exam rows of every study followed by every slice.
@@ -22,6 +23,7 @@ Nothing identifies a patient here but UIDs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -202,24 +204,25 @@ def predict(
     echo(f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}")
 
     prior_slice, prior_exam = consistent_prior(ensemble.prior)
-    pe_channel = _pe_channel(ensemble.preprocessing[0])
     rows: dict[str, str] = {}
     results = []
-    for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress):
-        if summary.report is not None:
-            from pedetect.infer.report import write_study_report
-
-            report_started = time.perf_counter()
-            pictures = outcome.pictures[..., pe_channel] if outcome.pictures is not None else None
-            write_study_report(summary.report, outcome.result, pictures)
-            outcome.seconds["report"] = time.perf_counter() - report_started
-        outcome.pictures = None  # the study's images are not kept past its report
-        outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
-        outcome.add_to(summary)
-        rows.update(outcome.rows)
-        for key, seconds in outcome.seconds.items():
-            timings[key] += seconds
-        results.append(outcome.result)
+    # The report is written in a background thread; "report" in the timings is what prediction waited for it.
+    reports = _report_writer(summary.report, ensemble) if summary.report is not None else contextlib.nullcontext()
+    with reports as writer:
+        # The viewer's slice JPEGs are encoded as soon as a study is read, while the models work on it.
+        on_read = (lambda read: writer.prepare(read.plan.study, _study_pictures(read, ensemble.reads[0]))) if writer else None
+        for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress, on_read=on_read):
+            outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
+            if writer is not None:
+                timings["report"] += writer.submit(outcome.result, outcome.pictures, outcome.location)
+            outcome.pictures = outcome.location = None  # the study's images live on only in the report's queue
+            outcome.add_to(summary)
+            rows.update(outcome.rows)
+            for key, seconds in outcome.seconds.items():
+                timings[key] += seconds
+            results.append(outcome.result)
+        if writer is not None:
+            timings["report"] += writer.finish()
 
     if sample_ids is not None:
         order, extra = _sample_order(sample_ids, rows, prior_slice, prior_exam, summary)
@@ -235,9 +238,11 @@ def predict(
     return summary
 
 
-def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool):
+def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool,
+                     on_read: Optional[Callable[[_StudyRead], None]] = None):
     """Each study's :class:`StudyOutcome`, in order, the next study read in a background thread
-    while the models work on this one (memory: two studies at most)."""
+    while the models work on this one (memory: two studies at most); ``on_read`` sees each study
+    as soon as it is read, before the models."""
     from tqdm.auto import tqdm
 
     reads = ensemble.reads
@@ -248,15 +253,27 @@ def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np
         for i in range(len(studies)):
             read = pending.result()
             pending = pool.submit(_read_study, studies[i + 1], reads) if i + 1 < len(studies) else None
+            if on_read is not None:
+                on_read(read)
             outcome = _predict_study(ensemble, read, prior_slice, prior_exam)
             del read
             yield outcome
             bar.update(1)
 
 
-def _pe_channel(preprocessing: dict) -> int:
-    names = [str(n).lower() for n in preprocessing.get("window_names") or ()]
-    return names.index("pe") if "pe" in names else 1  # the store's default order: lung, PE, mediastinal
+def _report_writer(report_dir: Path, ensemble):
+    """The report's writer for slices read with the first bundle's settings (the images predict keeps)."""
+    from pedetect.dicom.pixels import WINDOW_NAMES
+    from pedetect.infer.report import ReportWriter
+
+    preprocessing = ensemble.preprocessing[0]
+    view = ensemble.location_view
+    return ReportWriter(
+        report_dir,
+        window_names=preprocessing.get("window_names") or WINDOW_NAMES,
+        windows=preprocessing["windows"],
+        crop=view.crop if view is not None else 1.0,
+    )
 
 
 def _sample_order(sample_ids: list[str], rows: dict[str, str], prior_slice: float, prior_exam: np.ndarray, summary: PredictSummary):
@@ -282,7 +299,8 @@ class StudyOutcome:
     result: Any  # report.StudyResult
     rows: list[tuple[str, str]]  # (id, text), nine exam rows then the slices
     changed: bool  # the consistency fix changed the rows
-    pictures: Optional[np.ndarray]  # the decoded slices, for the report's picture
+    pictures: Optional[np.ndarray]  # the decoded slices (N, H, W, 3), for the report
+    location: Optional[np.ndarray]  # (N, G, G): where on each decoded slice the CNNs see PE (Ensemble.location_view)
     n_slices_read: int
     lost: list[Failure]  # files or slices with a row but no pixels
     unplaced: list[Failure]  # lost files whose SOPInstanceUID is unknown (no row)
@@ -307,7 +325,7 @@ class _SeriesOutputs:
     unplaced: list[tuple[str, Failure]]  # lost slices whose place is unknown: (series, failure)
     exams: list[np.ndarray]  # each series' exam probabilities
     weights: list[int]  # each series' decoded slices
-    images: list[np.ndarray]  # each series' decoded slices (first preprocessing)
+    locations: list[Optional[np.ndarray]]  # each series' location grid per slice (None: no grid)
 
 
 def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
@@ -320,10 +338,11 @@ def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
         if not len(first):
             outputs.unplaced += [(series_uid, failure) for series_uid, failure, _ in lost]
             continue
-        probabilities, exam = ensemble.predict_series({key: s.images for key, s in series.items()})
-        outputs.exams.append(exam)
+        prediction = ensemble.predict_series({key: s.images for key, s in series.items()})
+        probabilities = prediction.slices
+        outputs.exams.append(prediction.exams)
         outputs.weights.append(len(first))
-        outputs.images.append(first.images)
+        outputs.locations.append(prediction.location)
         outputs.decoded += [(first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)]
         for series_uid, failure, place in lost:
             if math.isnan(place):
@@ -387,6 +406,8 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
         sop_uids=[sop for _, sop, _, _ in decoded],
         z=[z for _, _, z, _ in decoded],
         slice_probabilities=[float(final[sop]) for _, sop, _, _ in decoded],
+        model_exam_probabilities={label: float(v) for label, v in zip(EXAM_LABELS, exam)},
+        model_slice_probabilities=[p for *_, p in decoded],
         skipped_files=[
             {"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": float(final[f.sop]) if f.sop in final else None}
             for _, f, _ in filled
@@ -394,6 +415,16 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
         timings=dict(seconds),
         error=error,
     )
-    images = outputs.images
-    pictures = images[0] if len(images) == 1 else (np.concatenate(images) if images else None)
-    return StudyOutcome(result, study_rows, changed, pictures, len(decoded), lost, no_row, error, seconds)
+    pictures = _study_pictures(read, ensemble.reads[0])
+    location = _concatenate(outputs.locations) if all(grid is not None for grid in outputs.locations) else None
+    return StudyOutcome(result, study_rows, changed, pictures, location, len(decoded), lost, no_row, error, seconds)
+
+
+def _study_pictures(read: _StudyRead, key: tuple) -> Optional[np.ndarray]:
+    """The study's decoded slices read with ``key``, (N, H, W, 3): its rows' order (series after series)."""
+    return _concatenate([series[key].images for series in read.series if len(series[key])])
+
+
+def _concatenate(per_series: list[np.ndarray]) -> Optional[np.ndarray]:
+    """The study's series one after the other (the order of its rows), without a copy for one series."""
+    return per_series[0] if len(per_series) == 1 else (np.concatenate(per_series) if per_series else None)

@@ -1,0 +1,289 @@
+"""The report's study viewer in a real browser: headless Chromium driven by selenium.
+
+The test makes its own report (synthetic studies, a bundle with random weights, ``pedetect predict
+--report``), opens it from ``file://`` and uses it as a reader would: arrow keys, a click on the
+curve, "next suspicious", the overlay and window keys, checking the page's state and its pixels.
+
+Chromium and its driver are Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them
+where missing). Without them this test skips, except where ``CI`` or ``PEDETECT_REQUIRE_BROWSER`` is
+set (``.ci/run`` sets it): there it fails, so CI cannot pass without having run it.
+
+Run as a script, it writes a study page's screenshot (the README's picture; docs/viewer_example.png
+was made with the demo's trained bundle, seed 7, on its test studies)::
+
+    .venv/bin/python tests/test_viewer_browser.py docs/viewer_example.png --model demo_output/model --input demo_output/data/test
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.xdist_group("viewer_browser")  # one worker: one report, one browser
+
+LAPTOP = (1366, 768)
+N_STUDIES, SLICES, SIZE = 3, 40, 160
+
+
+def browser_paths() -> tuple[str, str] | None:
+    """(Chromium, chromedriver), or None when either is missing."""
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver") or next((p for p in ("/usr/lib/chromium/chromedriver",) if Path(p).is_file()), None)
+    return (browser, driver) if browser and driver else None
+
+
+def start_browser(size: tuple[int, int] = LAPTOP):
+    """Headless Chromium at a laptop's window size, its console log kept. The driver's path is given,
+    so selenium never looks for one on the network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     f"--window-size={size[0]},{size[1]}", "--force-device-scale-factor=1", "--hide-scrollbars"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def make_report(root: Path, model: Path | None = None, dicom: Path | None = None) -> Path:
+    """``pedetect predict --report`` into ``root/report``: of ``dicom`` with ``model`` when given,
+    else of synthetic studies with a random demo-recipe bundle."""
+    from typer.testing import CliRunner
+
+    from pedetect.cli import app
+    from pedetect.recipe import load_experiment
+    from pedetect.synth import write_dataset
+    from pedetect.testing import write_random_bundle
+
+    if dicom is None:
+        write_dataset(root / "data", N_STUDIES, slices=SLICES, size=SIZE, seed=11, split="test", progress=False)
+        dicom = root / "data" / "test"
+    if model is None:
+        repo = Path(__file__).resolve().parents[1]
+        model = write_random_bundle(load_experiment(repo / "configs" / "demo.yaml"), root / "model", folds=2)
+    result = CliRunner().invoke(app, ["predict", str(dicom), "--model", str(model), "--out", str(root / "sub.csv"),
+                                      "--report", str(root / "report"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return root / "report"
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class StudyPage:
+    """One study page open in the browser, read and driven as a person would."""
+
+    def __init__(self, driver, path: Path):
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.by = driver, By
+        driver.get(path.as_uri())
+        self.record = json.loads(path.with_suffix(".json").read_text())
+        self.wait_image()
+
+    def find(self, css: str):
+        return self.driver.find_element(self.by.CSS_SELECTOR, css)
+
+    @property
+    def body(self):
+        return self.find("body")
+
+    @property
+    def slice(self) -> int:
+        return int(self.body.get_attribute("data-slice"))
+
+    def wait_image(self) -> None:
+        """Until the shown slice's JPEG is decoded (the image a reader sees)."""
+        wait_for(lambda: self.driver.execute_script(
+            "const i = document.getElementById('slice'); return i.complete && i.naturalWidth > 0 && "
+            "i.src.endsWith(arguments[0]);", self.record["viewer"]["slices"][self.slice]), what="the slice image")
+
+    def key(self, key: str) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.driver).send_keys(key).perform()
+        self.wait_image()
+
+    def stage_pixels(self) -> np.ndarray:
+        """The image area as the browser draws it (slice, window, overlay)."""
+        import cv2
+
+        png = self.find("#stage").screenshot_as_png
+        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+
+    def click_curve_at(self, index: int) -> None:
+        """A click on the curve where slice ``index`` is drawn (the page's own x mapping: padding 34
+        px left, 10 px right)."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        curve = self.find("#curve")
+        width = curve.size["width"]
+        count = len(self.record["sop_uids"])
+        x = 34 + index / (count - 1) * (width - 34 - 10)
+        ActionChains(self.driver).move_to_element_with_offset(curve, int(round(x - width / 2)), 0).click().perform()
+        self.wait_image()
+
+    def console_errors(self) -> list[dict]:
+        return [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def missing(message: str) -> None:
+    """A skip on a developer's machine, a failure on CI: CI must not pass without the browser test."""
+    if os.environ.get("CI") or os.environ.get("PEDETECT_REQUIRE_BROWSER"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing("selenium is missing (it is in the test extra: pip install -e '.[test]'): the viewer's browser test cannot run")
+    if browser_paths() is None:
+        missing("headless Chromium is missing (apt-get install -y chromium chromium-driver): the viewer's browser test cannot run")
+    browser = start_browser()
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return make_report(tmp_path_factory.mktemp("viewer"))
+
+
+def most_suspicious_study(report: Path) -> Path:
+    records = {path: json.loads(path.read_text()) for path in report.glob("*.json")}
+    return max(records, key=lambda p: records[p]["pe_probability"]).with_suffix(".html")
+
+
+def test_study_page_scrolls_jumps_and_shows_where_the_model_looks(driver, report):
+    page = StudyPage(driver, most_suspicious_study(report))
+    record = page.record
+    count = len(record["sop_uids"])
+    assert page.slice == 0 and count == SLICES
+    assert page.find("#slice-sop").text == record["sop_uids"][0]
+    assert page.find("#study-uid").text == record["study_uid"]
+
+    first = page.stage_pixels()
+    source = page.find("#slice").get_attribute("src")
+    page.key("\ue015")  # arrow down
+    assert page.slice == 1 and page.find("#slice-index").text == "1"
+    assert page.find("#slice").get_attribute("src") != source
+    assert page.find("#slice-sop").text == record["sop_uids"][1]
+    assert page.find("#slice-z").text == f"{record['z'][1]:.1f} mm"
+    second = page.stage_pixels()
+    assert first.shape == second.shape and np.abs(first - second).mean() > 0.5  # another slice on screen
+    page.key("\ue013")  # arrow up
+    assert page.slice == 0
+    page.key("\ue014")  # arrow right: next as well
+    page.key("\ue014")
+    assert page.slice == 2
+
+    target = count * 2 // 3
+    page.click_curve_at(target)
+    assert page.slice == target
+
+    driver.find_element(page.by.ID, "next-suspicious").click()
+    page.wait_image()
+    probabilities = np.asarray(record["model_slice_probabilities"])
+    assert page.slice == int(np.argmax(probabilities)) == record["viewer"]["suspicious"][0]
+
+    # The overlay: the model's grid on the slice, off and on again (key o and the checkbox).
+    assert record["viewer"]["location"]["grid"] == 3 and page.body.get_attribute("data-overlay") == "on"
+    with_overlay = page.stage_pixels()
+    page.key("o")
+    assert page.body.get_attribute("data-overlay") == "off"
+    assert page.find("#overlay").value_of_css_property("visibility") == "hidden"
+    without = page.stage_pixels()
+    assert np.abs(with_overlay - without).mean() > 0.5
+    page.find("#overlay-toggle").click()
+    assert page.body.get_attribute("data-overlay") == "on"
+    assert np.abs(page.stage_pixels() - with_overlay).max() <= 2
+
+    # Windows: another channel of the same JPEG.
+    assert page.body.get_attribute("data-window") == "pe"
+    page.key("2")
+    assert page.body.get_attribute("data-window") == "lung"
+    assert np.abs(page.stage_pixels() - with_overlay).mean() > 0.5
+    page.key("1")
+
+    assert page.console_errors() == []
+
+
+def test_index_lists_the_most_suspicious_first_and_links_each_viewer(driver, report):
+    from selenium.webdriver.common.by import By
+
+    driver.get((report / "index.html").as_uri())
+    rows = driver.find_elements(By.CSS_SELECTOR, "body.index table tr")[1:]
+    assert len(rows) == N_STUDIES
+    shown = [float(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows]
+    assert shown == sorted(shown, reverse=True)
+    rows[0].find_element(By.LINK_TEXT, "viewer").click()
+    wait_for(lambda: driver.find_elements(By.ID, "study-uid") and driver.find_element(By.ID, "study-uid").text, what="the study page")
+    assert driver.current_url.endswith(most_suspicious_study(report).name)
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_a_study_with_no_readable_slice_opens_and_says_so(driver, report):
+    from pedetect.infer.report import StudyResult, write_study_report
+    from pedetect.labels import EXAM_LABELS
+    from selenium.webdriver.common.by import By
+
+    prior = dict.fromkeys(EXAM_LABELS, 0.1) | {"negative_exam_for_pe": 0.9}
+    lost = StudyResult("1.2.3.999", prior, [], [], [], dict(prior), [], error="no readable slice in 3 file(s): training prior written")
+    page = write_study_report(report, lost, None).page
+    driver.get(page.as_uri())
+    wait_for(lambda: driver.find_element(By.ID, "study-uid").text == "1.2.3.999", what="the study page")
+    assert driver.find_element(By.ID, "no-slices").is_displayed()
+    assert "no readable slice" in driver.find_element(By.ID, "study-notes").text
+    driver.find_element(By.TAG_NAME, "body").send_keys("\ue015n")  # keys on an empty series do nothing, and fail nothing
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def save_example(out: Path, model: Path | None = None, dicom: Path | None = None) -> None:
+    """A study page at a laptop's size on its most suspicious study's most suspicious slice, overlay
+    on (docs/viewer_example.png: the demo's trained bundle on its test studies)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = make_report(Path(tmp), model, dicom)
+        browser = start_browser()
+        try:
+            page = StudyPage(browser, most_suspicious_study(report))
+            browser.find_element(page.by.ID, "next-suspicious").click()
+            page.wait_image()
+            assert page.console_errors() == []
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(browser.get_screenshot_as_png())
+        finally:
+            browser.quit()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Screenshot a study page of a fresh report (the README's picture).")
+    parser.add_argument("out", type=Path, help="PNG to write, e.g. docs/viewer_example.png")
+    parser.add_argument("--model", type=Path, help="a trained bundle (default: random weights)")
+    parser.add_argument("--input", type=Path, help="DICOM studies to predict (default: synthetic ones)")
+    arguments = parser.parse_args()
+    save_example(arguments.out, arguments.model, arguments.input)
