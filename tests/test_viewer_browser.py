@@ -2,7 +2,8 @@
 
 The test makes its own report (synthetic studies, a bundle with random weights, ``pedetect predict
 --report``), opens it from ``file://`` and uses it as a reader would: arrow keys, a click on the
-curve, "next suspicious", the overlay and window keys, checking the page's state and its pixels.
+curve, the mouse wheel, "next suspicious", the overlay and window keys, checking the page's state
+and its pixels.
 
 Chromium and its driver are Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them
 where missing). Without them this test skips, except where ``CI`` or ``PEDETECT_REQUIRE_BROWSER`` is
@@ -121,6 +122,14 @@ class StudyPage:
         ActionChains(self.driver).send_keys(key).perform()
         self.wait_image()
 
+    def wheel(self, delta_y: int) -> None:
+        """The mouse wheel turned over the image (a real input event, not a script's)."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+        ActionChains(self.driver).scroll_from_origin(ScrollOrigin.from_element(self.find("#stage")), 0, delta_y).perform()
+        self.wait_image()
+
     def stage_pixels(self) -> np.ndarray:
         """The image area as the browser draws it (slice, window, overlay)."""
         import cv2
@@ -195,6 +204,11 @@ def test_study_page_scrolls_jumps_and_shows_where_the_model_looks(driver, report
     assert page.slice == 0
     page.key("\ue014")  # arrow right: next as well
     page.key("\ue014")
+    assert page.slice == 2
+
+    page.wheel(120)  # one notch of a mouse wheel down, one up
+    assert page.slice == 3
+    page.wheel(-120)
     assert page.slice == 2
 
     target = count * 2 // 3
