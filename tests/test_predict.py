@@ -165,3 +165,26 @@ def test_guess_uids_from_rsna_paths():
     assert guess_uids("/x/test/1.2.3/1.2.3.4/1.2.3.4.5.dcm") == ("1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert guess_uids("a.zip::test/1.2/1.3/1.4.dcm") == ("1.2", "1.3", "1.4")
     assert guess_uids("/x/scan/IMG0001.dcm") == (None, None, None)
+
+
+def test_flip_tta_swaps_the_flipped_views_sides_back(dataset):
+    """With --tta each fold's exam outputs are the mean of the series and its mirror image with left
+    and right exchanged: a left-sided embolus stays left-sided (issue: averaged unswapped, the
+    leftsided_pe AUC fell from 0.966 to 0.887 with --tta)."""
+    from pedetect.infer.ensemble import Ensemble, preprocessing_key
+    from pedetect.models.bundle import read_preprocessing
+
+    _, _, model = dataset
+    key = preprocessing_key(read_preprocessing(model))
+    rng = np.random.default_rng(3)
+    volume = rng.integers(0, 255, size=(9, SIZE, SIZE, 3), dtype=np.uint8)
+    volume[:, :, : SIZE // 3] = 0  # not symmetric: the mirror image is another input
+    plain = Ensemble([model], device="cpu", runtime="torch")
+    tta = Ensemble([model], device="cpu", runtime="torch", tta=True)
+    original = plain.predict_series({key: volume}).exams
+    mirrored = plain.predict_series({key: np.ascontiguousarray(volume[:, :, ::-1])}).exams
+    left, right = EXAM_LABELS.index("leftsided_pe"), EXAM_LABELS.index("rightsided_pe")
+    assert abs(mirrored[left] - mirrored[right]) > 1e-4  # the random heads tell the sides apart ...
+    swapped = mirrored.copy()
+    swapped[[left, right]] = mirrored[[right, left]]
+    np.testing.assert_allclose(tta.predict_series({key: volume}).exams, (original + swapped) / 2, rtol=0, atol=1e-6)

@@ -14,9 +14,9 @@ def predict_command(
     input_path: Path = typer.Argument(..., help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies."),
     model: list[Path] = typer.Option(..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."),
     out: Path = typer.Option(..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Folder for the report: per study a JSON and a PNG, and index.html."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
-    tta: bool = typer.Option(False, "--tta", help="Also predict each series flipped left-right and average."),
+    tta: bool = typer.Option(False, "--tta", help="Also predict each series flipped left-right and average (the flipped view's left and right exchanged back)."),
     sample: Optional[Path] = typer.Option(
         None, "--sample", help="Sample submission: write its ids in its order (ids the input lacks get the training prior)."
     ),

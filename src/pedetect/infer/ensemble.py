@@ -3,7 +3,8 @@
 Fold k's head reads fold k's CNN embeddings (the pairing the cross-validated score measured).
 Probabilities are averaged over the folds of a bundle, then over bundles (each bundle weighs the
 same whatever its fold count). ``tta``: each fold also sees the series flipped left–right, and the
-two are averaged.
+two are averaged, the flipped view's leftsided_pe and rightsided_pe swapped back (a mirrored series
+shows the patient's left on the other side) and its location grid mirrored back.
 
 ``runtime``: each bundle's folds run in PyTorch or, when ``pedetect export`` made them, in ONNX
 Runtime (fp32, or an int8 CNN); ``auto`` takes per bundle the fastest one its export found exact
@@ -23,8 +24,12 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SIDE_LABELS
 from pedetect.metric.loss import sigmoid
+
+
+# EXAM_LABELS order with leftsided_pe and rightsided_pe exchanged: a flipped view's exam outputs back in place.
+SIDE_SWAP = np.array([EXAM_LABELS.index({SIDE_LABELS[0]: SIDE_LABELS[1], SIDE_LABELS[1]: SIDE_LABELS[0]}.get(label, label)) for label in EXAM_LABELS])
 
 
 def preprocessing_key(preprocessing: dict[str, Any]) -> tuple:
@@ -132,6 +137,8 @@ class Ensemble:
             for view, flipped in views:
                 embeddings, logits = embed_volume(member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device)
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
+                if flipped:  # a mirrored series is a mirrored patient: its left is the original's right
+                    exam_logits = exam_logits[SIDE_SWAP]
                 per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), sigmoid(exam_logits)))
                 if view_of_grid is not None and member.location == (view_of_grid.grid, view_of_grid.crop) and member.read == view_of_grid.read:
                     g = view_of_grid.grid
