@@ -62,6 +62,10 @@ def _template(plan: StudyPlan) -> Dataset:
     ds.SeriesDescription = "CTPA AXIAL (SYNTHETIC)"
     ds.PatientName = f"SYNTHETIC^PHANTOM-{plan.patient}"
     ds.PatientID = f"SYNTH-{plan.patient}"
+    # Type 2 attributes are present, empty where unknown, as real CT has them: DICOM results
+    # (pedetect.hospital) copy the patient and study modules. PatientBirthDate, also type 2, is left
+    # out for now (tests/test_synth.py asserts its absence); the results write it empty when missing.
+    ds.PatientSex = ""
     ds.BodyPartExamined = "CHEST"
     ds.SliceThickness = ds_str(sc.thickness)
     ds.KVP = "100"
