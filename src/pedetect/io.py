@@ -103,3 +103,118 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ locks
+LOCK_FILE = "pedetect.lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another run holds the folder's lock; the message names it (pid, host, command, since when)."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _describe_holder(record: dict[str, Any]) -> str:
+    parts = [f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"]
+    if record.get("command"):
+        parts.append(f"({record['command']})")
+    if record.get("started"):
+        parts.append(f"since {record['started']}")
+    return " ".join(parts)
+
+
+def _read_lock_record(fd: int) -> dict[str, Any] | None:
+    """The JSON a lock file holds (None: empty or unreadable, e.g. a holder between open and write)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, 1 << 16)
+    try:
+        record = json.loads(data) if data.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, command: str, echo: Any = None) -> Iterator[Path]:
+    """Hold ``FOLDER/pedetect.lock`` for the block: one writer per store or model folder.
+
+    The lock is ``fcntl.flock`` on the file (taken without waiting, released by the kernel when the
+    process ends, however it ends), and the file records the holder: pid, host, command, start time.
+    A second run raises :class:`FolderLocked` naming the holder before it touches anything. A lock
+    file whose flock is free was left by a process that died: on this host it is taken over (and
+    ``echo`` says so); one left by another host is refused (its process cannot be checked from here,
+    and a network file system may not carry flock): the message says which file to delete.
+    The file is removed when the block ends (and the folder, when this call made it and it is still empty).
+    """
+    import fcntl
+    import socket
+    import time
+
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    host = socket.gethostname()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: a live holder
+            record = _read_lock_record(fd) or {}
+            os.close(fd)
+            raise FolderLocked(
+                f"{folder} is in use by another pedetect run: {_describe_holder(record)} holds {path}; "
+                "wait for it to finish (two runs writing one folder would corrupt it)"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder removed the file between our open and our flock: take the new one
+            os.close(fd)
+            continue
+        break
+    try:
+        previous = _read_lock_record(fd)
+        if previous is not None:
+            if previous.get("host") != host:
+                os.close(fd)
+                fd = -1
+                raise FolderLocked(
+                    f"{path} was left by {_describe_holder(previous)}, another host, whose process cannot be checked "
+                    f"from here: if that run is over, delete {path} and run again"
+                )
+            pid = previous.get("pid")
+            state = "no longer running" if not (isinstance(pid, int) and _process_alive(pid)) else "its pid now belongs to another process"
+            if echo is not None:
+                echo(f"note: took over the stale lock {path} of {_describe_holder(previous)} ({state})")
+        record = {
+            "pid": os.getpid(),
+            "host": host,
+            "command": command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+        os.fsync(fd)
+        yield path
+    finally:
+        if fd >= 0:
+            try:
+                os.unlink(path)  # before unlocking: a waiting opener then sees another inode and retries
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        if created:  # a run that stopped before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -13,7 +13,6 @@ import typer
 from pedetect.console import fail
 
 
-
 def prepare_command(
     input_path: Path = typer.Argument(
         ...,
@@ -53,6 +52,7 @@ def prepare_command(
     Safe to kill and run again: finished series are kept, the rest are done. Exit status 1 when anything could not be read (see failures.parquet), 2 on a usage error.
     """
     from pedetect.config import ConfigError, load_config
+    from pedetect.io import FolderLocked
     from pedetect.store.config import PrepareConfig
     from pedetect.store.job import StoreSettingsError, prepare
 
@@ -64,7 +64,7 @@ def prepare_command(
         raise fail(str(error)) from None
     try:
         summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress)
-    except StoreSettingsError as error:
+    except (StoreSettingsError, FolderLocked) as error:
         raise fail(str(error)) from None
     typer.echo(summary.text())
     if not summary.ok:

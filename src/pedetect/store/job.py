@@ -30,7 +30,7 @@ from pedetect.dicom.order import plan_series
 from pedetect.dicom.read import SCAN_CHUNK, decode_series, scan_files, series_size, slice_failure
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import discover
-from pedetect.io import TMP_MARK, atomic_path, read_json, write_json_atomic, write_parquet_atomic
+from pedetect.io import TMP_MARK, atomic_path, folder_lock, read_json, write_json_atomic, write_parquet_atomic
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.config import PrepareConfig
 from pedetect.store.format import (
@@ -320,6 +320,23 @@ def prepare(
     settings = _settings(config)
     store = Path(out)
     store.mkdir(parents=True, exist_ok=True)
+    # One writer per store: a second run would delete the first's temporary files and rewrite its tables.
+    with folder_lock(store, command="pedetect prepare", echo=echo):
+        return _prepare_locked(input_path, store, config, settings, workers=workers, scheduler=scheduler, progress=progress, echo=echo, started=started)
+
+
+def _prepare_locked(
+    input_path: str | Path,
+    store: Path,
+    config: PrepareConfig,
+    settings: dict,
+    *,
+    workers: int,
+    scheduler: Optional[str],
+    progress: bool,
+    echo: Callable[[str], None],
+    started: float,
+) -> PrepareSummary:
     _check_settings(store, settings)
     (store / SERIES_DIR).mkdir(exist_ok=True)
     _clean_tmp(store)

@@ -76,16 +76,18 @@ def train_command(
 
     from pedetect.data.dataset import StoreError
     from pedetect.data.folds import FoldsError
+    from pedetect.io import FolderLocked
     from pedetect.models.backbone import BackboneError
     from pedetect.recipe import ConfigError
     from pedetect.runtime import is_global_zero
     from pedetect.train.pipeline import train
-    from pedetect.train.setup import TrainError, read_config_for_training
+    from pedetect.train.setup import TrainError, model_dir_lock, read_config_for_training
 
     try:
         experiment = read_config_for_training(config, overrides)
-        result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
-    except (ConfigError, FoldsError, StoreError, BackboneError, TrainError) as error:
+        with model_dir_lock(out):  # one writer per model folder
+            result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
+    except (ConfigError, FoldsError, StoreError, BackboneError, TrainError, FolderLocked) as error:
         raise fail(str(error)) from None
     if not is_global_zero():
         return

@@ -179,6 +179,19 @@ def training_inputs(
     return TrainingInputs(config, store, source, out, label_frame, items, n_folds, todo)
 
 
+def model_dir_lock(out: str | Path, *, echo: Callable[[str], None] = console_echo):
+    """The model folder's lock (:func:`pedetect.io.folder_lock`) for the process that writes it: a
+    second ``pedetect train`` into the same folder is refused before it changes anything. The other
+    processes of a distributed run (rank > 0) are started by the holder and take no lock."""
+    import contextlib
+
+    from pedetect.io import folder_lock
+
+    if not is_global_zero():
+        return contextlib.nullcontext(Path(out))
+    return folder_lock(out, command="pedetect train", echo=echo)
+
+
 def read_config_for_training(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """A recipe file with ``--set`` overrides applied."""
     return apply_overrides(load_experiment(path), list(overrides))

@@ -1,0 +1,205 @@
+"""Concurrency and faults (issue #22): two runs into one folder, a lock left by a dead run, a full
+disk during prepare and predict. Every run here is a real ``pedetect`` process; nothing is mocked.
+
+Two runs at once are made deterministic with signals: the first is frozen (SIGSTOP) as soon as it
+holds its lock, the second runs and must refuse, then the first is let go (SIGCONT) and must finish
+exactly as a run alone does. A run killed (SIGKILL) while holding its lock leaves a stale lock file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from train_fixtures import ROOT, pedetect_command, tiny_config
+
+from pedetect.io import LOCK_FILE
+
+SIZE, SLICES = 48, 8
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def start(*args, log: Path) -> subprocess.Popen:
+    """``pedetect ARGS…`` as a background process, its output in ``log``."""
+    handle = open(log, "w")
+    process = subprocess.Popen(pedetect_command(*args), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    handle.close()
+    return process
+
+
+def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_lock(folder: Path, process: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+    """The lock record of ``process`` once it holds ``FOLDER/pedetect.lock``."""
+    path = folder / LOCK_FILE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the first run ended (exit {process.returncode}) before it was seen holding the lock:\n{log.read_text()[-3000:]}")
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        if record and record.get("pid") == process.pid:
+            return record
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"{path} was not taken by pid {process.pid} within {timeout} s")
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    text = log.read_text()
+    assert process.returncode == 0, text[-3000:]
+    return text
+
+
+def store_bytes(store: Path) -> dict[str, bytes]:
+    """Every series data file and marker of a store (the tables are compared as frames)."""
+    return {p.name: p.read_bytes() for p in sorted((store / "series").iterdir())}
+
+
+def same_store(store: Path, reference: Path) -> None:
+    import pandas as pd
+
+    from pedetect.store import SliceStore
+
+    got, want = store_bytes(store), store_bytes(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if name.endswith(".json"):  # markers: same slices, offsets and failures (the fingerprint holds mtimes: same input)
+            assert json.loads(got[name]) == json.loads(want[name]), name
+        else:
+            assert got[name] == want[name], name
+    for table in ("slices.parquet", "series.parquet", "failures.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(store / table), pd.read_parquet(reference / table))
+    opened = SliceStore(store)
+    for series in opened.slices["SeriesInstanceUID"].unique():
+        assert len(opened.read_series(series)) > 0
+    assert not (store / LOCK_FILE).exists()
+    assert not [p for p in store.rglob("*") if ".tmp-" in p.name]
+
+
+# ------------------------------------------------------------------------------------------ data
+@pytest.fixture(scope="module")
+def dicom(tmp_path_factory) -> Path:
+    from pedetect.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("faults")
+    write_dataset(root / "synth", 3, slices=SLICES, size=SIZE, seed=31, progress=False)
+    return root / "synth" / "train"
+
+
+@pytest.fixture(scope="module")
+def reference_store(dicom, tmp_path_factory) -> Path:
+    """The store a run alone makes of ``dicom``."""
+    out = tmp_path_factory.mktemp("reference") / "store"
+    result = run("prepare", dicom, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def test_a_second_prepare_into_the_same_store_refuses_and_the_first_finishes_intact(dicom, reference_store, tmp_path):
+    store, log = tmp_path / "store", tmp_path / "first.log"
+    first = start("prepare", dicom, "--out", store, "--no-progress", log=log)
+    record = wait_for_lock(store, first, log)
+    assert record["host"] == socket.gethostname() and record["command"] == "pedetect prepare"
+    os.kill(first.pid, signal.SIGSTOP)  # frozen while it holds the store
+    try:
+        second = run("prepare", dicom, "--out", store, "--no-progress")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stdout + second.stderr
+    message = second.stderr
+    assert f"{store} is in use by another pedetect run" in message
+    assert f"pid {first.pid} on host {socket.gethostname()}" in message and "pedetect prepare" in message
+    assert str(store / LOCK_FILE) in message
+    assert "Traceback" not in message
+    finish(first, log)
+    same_store(store, reference_store)
+
+
+def test_a_lock_left_by_a_killed_prepare_is_taken_over_and_said_so(dicom, reference_store, tmp_path):
+    store, log = tmp_path / "store", tmp_path / "first.log"
+    first = start("prepare", dicom, "--out", store, "--no-progress", log=log)
+    wait_for_lock(store, first, log)
+    first.kill()  # SIGKILL: no clean-up of any kind runs
+    first.wait()
+    assert (store / LOCK_FILE).exists()
+    rerun = run("prepare", dicom, "--out", store, "--no-progress")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"took over the stale lock {store / LOCK_FILE} of pid {first.pid} on host {socket.gethostname()}" in rerun.stderr
+    assert "no longer running" in rerun.stderr
+    same_store(store, reference_store)
+
+
+def test_a_lock_left_by_another_host_is_refused_with_the_file_to_delete(dicom, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / LOCK_FILE).write_text(json.dumps({"pid": 4242, "host": "scanner-node-7", "command": "pedetect prepare", "started": "2026-01-01T00:00:00+0000"}))
+    result = run("prepare", dicom, "--out", store, "--no-progress")
+    assert result.returncode == 2
+    assert f"{store / LOCK_FILE} was left by pid 4242 on host scanner-node-7" in result.stderr
+    assert f"delete {store / LOCK_FILE}" in result.stderr
+    assert sorted(p.name for p in store.iterdir()) == [LOCK_FILE]  # nothing else was written
+    (store / LOCK_FILE).unlink()
+    assert run("prepare", dicom, "--out", store, "--no-progress").returncode == 0
+
+
+# ------------------------------------------------------------------------------------------ train
+@pytest.fixture(scope="module")
+def training_inputs(dicom, reference_store, tmp_path_factory) -> dict[str, Path]:
+    """A recipe that trains in seconds, labels and folds for the reference store's studies."""
+    import pandas as pd
+
+    from pedetect.recipe import save_config
+
+    root = tmp_path_factory.mktemp("train_inputs")
+    labels = pd.read_csv(dicom.parent / "train.csv")
+    labels.to_csv(root / "labels.csv", index=False)
+    studies = labels["StudyInstanceUID"].drop_duplicates().tolist()
+    pd.DataFrame({"StudyInstanceUID": studies, "fold": [k % 2 for k in range(len(studies))]}).to_csv(root / "folds.csv", index=False)
+    save_config(tiny_config("cnn.backbone.name=pedetect_small_cnn", "cnn.backbone.kwargs={}", "cnn.batch_size=8"), root / "tiny.yaml")
+    return {"config": root / "tiny.yaml", "labels": root / "labels.csv", "folds": root / "folds.csv", "store": reference_store}
+
+
+def train_args(inputs: dict[str, Path], out: Path) -> list:
+    return ["train", inputs["config"], "--store", inputs["store"], "--labels", inputs["labels"], "--folds", inputs["folds"],
+            "--out", out, "--stage", "cnn", "--fold", "0"]
+
+
+def test_a_second_train_into_the_same_model_folder_refuses_and_the_first_finishes_intact(training_inputs, tmp_path):
+    from pedetect.models.layout import cnn_dir, is_complete
+    from pedetect.models.slice_classifier import load_slice_classifier
+
+    out, log = tmp_path / "model", tmp_path / "first.log"
+    first = start(*train_args(training_inputs, out), log=log)
+    record = wait_for_lock(out, first, log)
+    assert record["command"] == "pedetect train"
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+        second = run(*train_args(training_inputs, out), "--force")
+        after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"{out} is in use by another pedetect run: pid {first.pid} on host {socket.gethostname()} (pedetect train)" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert after == before  # the second run changed nothing (not even with --force)
+    finish(first, log)
+    assert is_complete(cnn_dir(out, 0))
+    load_slice_classifier(out, 0)  # the weights read back whole
+    assert not (out / LOCK_FILE).exists()
