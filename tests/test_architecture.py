@@ -23,7 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"data"}),
     frozenset({"models"}),
     frozenset({"train"}),
-    frozenset({"infer", "export", "view"}),
+    frozenset({"infer", "export", "view", "hospital"}),
     frozenset({"demo", "testing"}),
     frozenset({"cli", "__main__"}),
 )

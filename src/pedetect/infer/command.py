@@ -28,6 +28,11 @@ def predict_command(
     ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the models (default: every core)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    dicom_out: Optional[Path] = typer.Option(
+        None, "--dicom-out",
+        help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
+        "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
+    ),
 ) -> None:
     """Predict PE from raw DICOM: every fold's CNN and sequence head of every bundle, averaged, with
     the label rules enforced (the repair of pedetect check --fix).
@@ -43,7 +48,8 @@ def predict_command(
 
     try:
         summary = predict(input_path, list(model), out, report_dir=report, device=device, tta=tta, sample=sample,
-                          batch_size=batch_size, runtime=runtime, threads=threads, progress=progress)
+                          batch_size=batch_size, runtime=runtime, threads=threads, progress=progress,
+                          dicom_out=dicom_out)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
     typer.echo(summary.text(), err=True)

@@ -160,6 +160,7 @@ def predict(
     threads: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = console_echo,
+    dicom_out: str | Path | None = None,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
@@ -176,6 +177,9 @@ def predict(
 
     started = time.perf_counter()
     out = Path(out)
+    # --dicom-out: DICOM results (pedetect.hospital) made from the report's pictures; a temporary report without --report.
+    scratch = _ScratchReport(dicom_out is not None and report_dir is None)
+    report_dir = report_dir or scratch.path
     summary = PredictSummary(out, Path(report_dir) if report_dir else None)
     sample_ids = read_submission(sample)["id"].tolist() if sample else None
     if not Path(input_path).exists():
@@ -235,7 +239,33 @@ def predict(
     summary.timings = {k: round(v, 2) for k, v in timings.items()}
     if summary.report is not None:
         write_index(summary.report, results, notes=summary.text().splitlines())
+    if dicom_out is not None:
+        from pedetect.hospital.results import describe, write_results
+
+        sources = {plan.study: {h.sop: h.source for hs in plan.series.values() for h in hs} for plan in scan.studies}
+        for study, written, error in write_results(results, sources, summary.report, ensemble.bundles, Path(dicom_out)):
+            if error is not None:
+                summary.studies_failed.append((study, error))
+            else:
+                echo(describe(written))
+        if scratch.path is not None:
+            summary.report = None
+    scratch.cleanup()
     return summary
+
+
+class _ScratchReport:
+    """A temporary report folder (removed by ``cleanup``) when ``wanted``; else ``path`` is None."""
+
+    def __init__(self, wanted: bool):
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="pedetect-report-") if wanted else None
+        self.path = self._dir.name if self._dir else None
+
+    def cleanup(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool,

@@ -1,0 +1,375 @@
+"""A study's prediction as DICOM objects: a Comprehensive SR (TID 1500), a Secondary Capture of the
+report picture and a Key Object Selection of the key slices (docs/dicom_results.md).
+
+Every object is a new series of the source study. Only the patient and study modules are copied
+from the source (highdicom copies them from the first evidence instance); type 2 attributes the
+source lacks are written empty, so a real study missing them still gets a result. Nothing of the
+patient is ever logged: the functions here name studies by UID.
+
+The objects' UIDs are derived from the study, the bundle and the predicted instances, so a result
+written twice for the same study and model (a restart, a re-delivery) is the same instance, not a
+second answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from pedetect import __version__
+from pedetect.dicom.source import Source, read_bytes
+from pedetect.infer.report import StudyResult, safe_name
+from pedetect.io import atomic_path, file_sha256
+from pedetect.labels import EXAM_LABELS
+from pedetect.metric.rules import THRESHOLD
+from pedetect.view.page import suspicious_slices
+
+PRIVATE_SCHEME = "99PEDETECT"  # the private coding scheme of the challenge's labels (docs/dicom_results.md)
+PRIVATE_SCHEME_NAME = "pedetect challenge labels (RSNA-STR PE 2020)"
+LABEL_CODES: dict[str, tuple[str, str]] = {  # exam label -> (code value, code meaning)
+    "negative_exam_for_pe": ("NEG-EXAM", "Negative exam for pulmonary embolism"),
+    "indeterminate": ("INDETERMINATE", "Indeterminate exam for pulmonary embolism"),
+    "chronic_pe": ("CHRONIC-PE", "Chronic pulmonary embolism"),
+    "acute_and_chronic_pe": ("ACUTE-CHRONIC-PE", "Acute and chronic pulmonary embolism"),
+    "central_pe": ("CENTRAL-PE", "Central pulmonary embolism"),
+    "leftsided_pe": ("LEFT-PE", "Left-sided pulmonary embolism"),
+    "rightsided_pe": ("RIGHT-PE", "Right-sided pulmonary embolism"),
+    "rv_lv_ratio_gte_1": ("RVLV-GTE-1", "RV/LV diameter ratio >= 1"),
+    "rv_lv_ratio_lt_1": ("RVLV-LT-1", "RV/LV diameter ratio < 1"),
+}
+PE_TRACKING = "pulmonary_embolism"  # the tracking identifier of the study-level PE finding
+N_KEY_TOP = 3  # the most suspicious slices always referenced (as the report picture shows them)
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903}
+NOT_DIAGNOSTIC = "NOT FOR DIAGNOSTIC USE"
+SERIES_DESCRIPTIONS = {
+    "sr": f"pedetect PE result ({NOT_DIAGNOSTIC})",
+    "sc": f"pedetect PE picture ({NOT_DIAGNOSTIC})",
+    "ko": f"pedetect PE key slices ({NOT_DIAGNOSTIC})",
+}
+FILE_NAMES = {"sr": "sr.dcm", "sc": "sc.dcm", "ko": "ko.dcm"}
+# Type 2 attributes of the Patient and General Study modules: written empty when the source lacks them.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+class ResultError(Exception):
+    """The DICOM results of a study could not be made (the message names the study and why)."""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What made the result: pedetect's version and the identity of each bundle."""
+
+    name: str = "pedetect"
+    version: str = __version__
+    bundles: tuple[str, ...] = ()  # "<folder name> <config> folds=<k,…> sha256:<bundle.json>"
+
+    @property
+    def identity(self) -> str:
+        return hashlib.sha256("|".join(self.bundles).encode()).hexdigest()[:16]
+
+
+def algorithm_of(bundles: Sequence[Any]) -> Algorithm:
+    """The algorithm identity of an ensemble's bundles (``pedetect.models.bundle.Bundle``)."""
+    ids = []
+    for bundle in bundles:
+        manifest = Path(bundle.path) / "bundle.json"
+        digest = file_sha256(manifest)[:16] if manifest.exists() else "unrecorded"
+        ids.append(f"{Path(bundle.path).name} {bundle.config.name} folds={','.join(map(str, bundle.folds))} sha256:{digest}")
+    return Algorithm(bundles=tuple(ids))
+
+
+@dataclass
+class StudyDicom:
+    """The files written for one study (None: not made, with the reason in ``notes``)."""
+
+    study_uid: str
+    sr: Optional[Path] = None
+    sc: Optional[Path] = None
+    ko: Optional[Path] = None
+    key_sops: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.sr, self.sc, self.ko) if p is not None]
+
+
+def key_slices(result: StudyResult) -> list[int]:
+    """Indices (position order) of the key slices: the most suspicious (the model's highest slice
+    of each run above the threshold, and at least the top three) and every slice whose written
+    value is above the threshold."""
+    model = np.asarray(result.model_slice_probabilities, dtype=float)
+    top = list(np.argsort(-model, kind="stable")[:N_KEY_TOP]) if len(model) else []
+    chosen = set(int(i) for i in top) | set(suspicious_slices(model, THRESHOLD))
+    chosen |= {i for i, p in enumerate(result.slice_probabilities) if p > THRESHOLD}
+    return sorted(chosen)
+
+
+def _uid(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def _header(source: Source):
+    """A source instance's header (no pixels); ResultError naming the file when unreadable."""
+    import io
+
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(read_bytes(source)), stop_before_pixels=True, force=True)
+    except Exception as error:
+        raise ResultError(f"{source}: cannot read the header ({type(error).__name__}: {error})") from None
+
+
+def _with_type2(ds):
+    """``ds`` with the type 2 patient/study attributes it lacks present and empty (a copy)."""
+    import copy
+
+    ds = copy.copy(ds)
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds or ds[keyword].value is None:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def _codes():
+    from highdicom.sr import CodedConcept
+
+    present = CodedConcept("52101004", "SCT", "Present")
+    absent = CodedConcept("2667000", "SCT", "Absent")
+    probability = CodedConcept("122157", "DCM", "Probability")
+    unit = CodedConcept("1", "UCUM", "no units")
+    pe = CodedConcept("59282003", "SCT", "Pulmonary embolism")
+    labels = {label: CodedConcept(code, PRIVATE_SCHEME, meaning) for label, (code, meaning) in LABEL_CODES.items()}
+    return present, absent, probability, unit, pe, labels
+
+
+def _observer(algorithm: Algorithm):
+    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
+    from pydicom.sr.codedict import codes
+
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=_uid("pedetect-device", algorithm.identity), name=algorithm.name, manufacturer_name="pedetect",
+            model_name=f"{algorithm.name} {algorithm.version}"[:64], serial_number=algorithm.identity,
+        ),
+    )
+
+
+def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
+    """The Comprehensive SR (TID 1500 Measurement Report) of one study."""
+    from highdicom.sr import (
+        AlgorithmIdentification, CodedConcept, ComprehensiveSR, MeasurementReport, Measurement, MeasurementsAndQualitativeEvaluations,
+        ObservationContext, QualitativeEvaluation, SourceImageForMeasurementGroup, TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+
+    present, absent, probability, unit, pe, label_codes = _codes()
+    algorithm_id = AlgorithmIdentification(name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None)
+
+    def group(tracking: str, finding, model_probability: float, decision: bool, sources=None):
+        return MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(identifier=tracking, uid=_uid("tracking", sop_uid, tracking)),
+            finding_type=finding,
+            algorithm_id=algorithm_id,
+            measurements=[Measurement(name=probability, value=float(model_probability), unit=unit)],
+            qualitative_evaluations=[QualitativeEvaluation(name=finding, value=present if decision else absent)],
+            source_images=sources,
+        )
+
+    sources = [SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID) for ds in key_datasets] or None
+    groups = [group(PE_TRACKING, pe, result.pe_probability, result.pe_positive, sources)]
+    for label in EXAM_LABELS:
+        model = result.model_exam_probabilities.get(label, float("nan"))
+        groups.append(group(label, label_codes[label], model, result.exam_probabilities[label] > THRESHOLD))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=_observer(algorithm)),
+        procedure_reported=CodedConcept("77477000", "SCT", "Computed tomography"),
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    sr = ComprehensiveSR(
+        evidence=evidence, content=report[0], series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect", is_complete=True, is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    return sr
+
+
+def _private_scheme():
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "pedetect (docs/dicom_results.md)"
+    return item
+
+
+def build_sc(reference, picture: np.ndarray, *, series_uid: str, sop_uid: str):
+    """The Secondary Capture (highdicom SCImage) of the report picture, RGB."""
+    from highdicom.sc import SCImage
+
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=reference, pixel_array=np.ascontiguousarray(picture, dtype=np.uint8), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"],
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect", patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    sc.SeriesDescription = SERIES_DESCRIPTIONS["sc"]
+    sc.Laterality = ""  # type 2C; a chest has none (dciodvfy asks for it present)
+    sc.BurnedInAnnotation = "NO"  # the picture holds probabilities and slice numbers, nothing of the patient
+    return sc
+
+
+def build_ko(key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
+    """The Key Object Selection ("Of Interest", DCM 113000) of the key slices."""
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+    from pydicom.sr.codedict import codes
+
+    content = KeyObjectSelection(
+        document_title=codes.DCM.OfInterest, referenced_objects=key_datasets, observer_device_context=_observer(algorithm),
+        description=f"pedetect: most suspicious slices and slices above {THRESHOLD} ({NOT_DIAGNOSTIC})",
+    )
+    ko = KeyObjectSelectionDocument(
+        evidence=key_datasets, content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["ko"],
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect",
+    )
+    ko.SeriesDescription = SERIES_DESCRIPTIONS["ko"]
+    return ko
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A PNG as (H, W, 3) uint8 RGB (even sizes are not needed: SC frames may be odd)."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ResultError(f"{path}: cannot read the report picture")
+    return image[..., ::-1].copy()
+
+
+def write_study_results(result: StudyResult, sources: dict[str, Source], picture: Optional[Path], algorithm: Algorithm,
+                        out_dir: Path) -> StudyDicom:
+    """Write ``out_dir/<study>/{sr,sc,ko}.dcm`` for one predicted study.
+
+    ``sources``: SOPInstanceUID -> the file it came from (the key slices' headers are read for the
+    references; the first readable one gives the patient and study modules). ``picture``: the report
+    PNG (no SC without it). Raises :class:`ResultError` when no source header is readable (nothing
+    to copy the patient from); parts that cannot be made are skipped with a note.
+    """
+    written = StudyDicom(result.study_uid)
+    folder = Path(out_dir) / safe_name(result.study_uid)
+    key = key_slices(result)
+    key_datasets = []
+    for i in key:
+        sop = result.sop_uids[i]
+        if sop in sources:
+            try:
+                key_datasets.append(_header(sources[sop]))
+            except ResultError as error:
+                written.notes.append(str(error))
+    written.key_sops = [str(ds.SOPInstanceUID) for ds in key_datasets]
+    reference = key_datasets[0] if key_datasets else None
+    for source in sources.values() if reference is None else ():
+        try:
+            reference = _header(source)
+            break
+        except ResultError as error:
+            written.notes.append(str(error))
+    if reference is None:
+        raise ResultError(f"study {result.study_uid}: no readable source instance to copy the patient and study from")
+    reference = _with_type2(reference)
+    evidence = [_with_type2(ds) for ds in key_datasets] or [reference]
+    seed = (result.study_uid, algorithm.identity, hashlib.sha256("|".join(result.sop_uids).encode()).hexdigest())
+
+    def uids(kind: str) -> dict[str, str]:
+        return {"series_uid": _uid(*seed, kind, "series"), "sop_uid": _uid(*seed, kind, "instance")}
+
+    sr = build_sr(result, evidence, evidence if key_datasets else [], algorithm, **uids("sr"))
+    written.sr = _save(sr, folder / FILE_NAMES["sr"])
+    if picture is not None and Path(picture).exists():
+        written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"])
+    else:
+        written.notes.append("no report picture (no decoded slice): no secondary capture")
+    if key_datasets:
+        written.ko = _save(build_ko(evidence, algorithm, **uids("ko")), folder / FILE_NAMES["ko"])
+    else:
+        written.notes.append("no key slice: no key object selection")
+    return written
+
+
+def _save(dataset, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        dataset.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def read_sr_values(path: str | Path) -> dict[str, Any]:
+    """The values of a pedetect SR read back with highdicom: per tracking identifier the finding's
+    code, the model probability and the decision (True: present); and the referenced key slices."""
+    import highdicom as hd
+
+    sr = hd.sr.srread(str(path))
+    groups = sr.content.get_image_measurement_groups()
+    values: dict[str, Any] = {"findings": {}, "key_sops": [], "algorithm": None}
+    for group in groups:
+        tracking = group.tracking_identifier
+        (measurement,) = group.get_measurements()
+        (evaluation,) = group.get_qualitative_evaluations()
+        finding = group.finding_type
+        values["findings"][tracking] = {
+            "code": (finding.value, finding.scheme_designator),
+            "probability": float(measurement.value),
+            "present": evaluation.value.value == "52101004",
+        }
+        if tracking == PE_TRACKING:
+            values["key_sops"] = [ref.referenced_sop_instance_uid for ref in group.source_images]
+        if values["algorithm"] is None:
+            texts = [(item.ConceptNameCodeSequence[0].CodeValue, item.TextValue) for item in group[0].ContentSequence
+                     if item.ValueType == "TEXT"]
+            values["algorithm"] = {
+                "name": next((t for code, t in texts if code == "111001"), None),
+                "version": next((t for code, t in texts if code == "111003"), None),
+                "parameters": [t for code, t in texts if code == "111002"],
+            }
+    return values
+
+
+def describe(written: StudyDicom) -> str:
+    """One line for a log: the study UID and what was written (no patient field)."""
+    kinds = ", ".join(p.name for p in written.files) or "nothing"
+    notes = f" ({'; '.join(written.notes)})" if written.notes else ""
+    return f"DICOM results of study {written.study_uid}: {kinds}, {len(written.key_sops)} key slice(s){notes}"
+
+
+def results_manifest(written: StudyDicom) -> str:
+    return json.dumps({"study": written.study_uid, "files": [p.name for p in written.files], "key_sops": written.key_sops,
+                       "notes": written.notes})
+
+
+def write_results(results: Sequence[StudyResult], sources: dict[str, dict[str, Source]], report_dir: Path, bundles: Sequence[Any],
+                  out_dir: Path) -> list[tuple[str, Optional[StudyDicom], Optional[str]]]:
+    """``pedetect predict --dicom-out``: the DICOM results of every predicted study, from the report's
+    pictures (``report_dir/<study>.png``). Returns per study (UID, what was written, the error)."""
+    algorithm = algorithm_of(bundles)
+    done: list[tuple[str, Optional[StudyDicom], Optional[str]]] = []
+    for result in results:
+        picture = Path(report_dir) / f"{safe_name(result.study_uid)}.png"
+        try:
+            written = write_study_results(result, sources.get(result.study_uid, {}), picture, algorithm, Path(out_dir))
+            done.append((result.study_uid, written, None))
+        except Exception as error:  # one study's results lost, the others still written
+            done.append((result.study_uid, None, f"DICOM results not written: {type(error).__name__}: {error}"))
+    return done
