@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import SLICE_INDEX
+from pedetect.data.folds import FOLD
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY
 
 EXPORT_FORMAT = 1
 FP32_TOLERANCE = 1e-4  # largest change of any probability for ONNX fp32 to count as the same model
 INT8_SCORE_TOLERANCE = 0.005  # int8 is the default only when the score moves by at most this ...
 INT8_AUC_TOLERANCE = 0.002  # ... and the slice AUC by at most this
-SLICE_INDEX = "slice_index"
-FOLD = "fold"
 
 
 class ExportError(ValueError):

@@ -92,8 +92,6 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
     from pedetect.io import atomic_path
 
     head = head.eval().cpu()
-    if head.fixed_length is not None:
-        raise ValueError("a head that resizes series to a fixed length (seq.fixed_length) is not exported: it stays in PyTorch")
     example = (torch.randn(1, 8, head.embedding_dim), torch.randn(1, 8))
     names = {"input_names": ["embeddings", "cnn_logits"], "output_names": ["slice_logits", "exam_logits"]}
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
