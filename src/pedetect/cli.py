@@ -12,6 +12,7 @@ from pedetect import __version__
 from pedetect.demo.command import demo_command
 from pedetect.export.command import export_command
 from pedetect.infer.command import predict_command
+from pedetect.hospital.command import serve_command
 from pedetect.metric.command import check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command
@@ -52,6 +53,7 @@ app.command("train")(train_command)
 app.command("predict")(predict_command)
 app.command("view")(view_command)
 app.command("export")(export_command)
+app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 
 

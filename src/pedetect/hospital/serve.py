@@ -1,0 +1,243 @@
+"""``pedetect serve``: a DICOM node that answers CT studies with DICOM results.
+
+A pynetdicom C-STORE SCP (C-ECHO answered) writes each received instance to the spool as it arrives
+(``SPOOL/incoming/<study>/<sop>.dcm``, atomically: a received instance is never only in memory).
+A study is complete when no instance of it arrived for ``settle`` seconds (the files' times, so a
+restart sees the same); one study at a time is predicted with ``pedetect predict``'s own function
+(memory bounded as there), its DICOM results (:mod:`pedetect.hospital.results`) are put in
+``SPOOL/outbox/<study>/`` and the study is marked answered (``SPOOL/done/<study>.json``, written
+last). A delivery thread sends the outbox to the destination (:mod:`pedetect.hospital.deliver`),
+retrying with back-off; a result leaves the outbox only once the destination accepted it.
+
+Killed at any point and restarted on the same spool, the node predicts the studies received but not
+answered and sends what the outbox still holds; results have UIDs derived from the study, the
+bundle and the instances, so a study answered twice is stored once. Instances that are not CT
+images are acknowledged and not kept (logged by SOP class). Logs name UIDs, never patient fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
+from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
+
+LOG = logging.getLogger("pedetect.serve")
+INCOMING, OUTBOX, DONE, WORK = "incoming", "outbox", "done", "work"
+
+
+@dataclass
+class ServeConfig:
+    model_dirs: Sequence[Path]
+    spool: Path
+    ae_title: str = "PEDETECT"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    settle: float = 10.0
+    destination: Optional[str] = None
+    device: str = "auto"
+    retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
+    retry_max: float = 60.0
+    poll: float = 0.2
+
+
+@dataclass
+class Spool:
+    """The spool's folders and the state each study is in."""
+
+    root: Path
+    received: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        for name in (INCOMING, OUTBOX, DONE, WORK):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def study_dir(self, study: str) -> Path:
+        return self.root / INCOMING / _safe(study)
+
+    def done_path(self, study: str) -> Path:
+        return self.root / DONE / f"{_safe(study)}.json"
+
+    def store(self, study: str, sop: str, data: bytes) -> bool:
+        """Write an instance; returns False when the same instance was already there (sent twice)."""
+        path = self.study_dir(study) / f"{_safe(sop)}.dcm"
+        again = path.exists()
+        write_bytes_atomic(path, data)
+        if not again and self.done_path(study).exists():  # a new instance of an answered study: answer it again
+            self.done_path(study).unlink()
+        return not again
+
+    def pending(self, settle: float, now: Optional[float] = None) -> list[str]:
+        """Studies received, not answered, and quiet for ``settle`` seconds; oldest first."""
+        now = time.time() if now is None else now
+        ready = []
+        for folder in (self.root / INCOMING).iterdir():
+            if not folder.is_dir() or (self.root / DONE / f"{folder.name}.json").exists():
+                continue
+            times = [p.stat().st_mtime for p in folder.glob("*.dcm")]
+            if times and now - max(times) >= settle:
+                ready.append((max(times), folder.name))
+        return [name for _, name in sorted(ready)]
+
+    def last_received(self, study: str) -> float:
+        return max((p.stat().st_mtime for p in self.study_dir(study).glob("*.dcm")), default=0.0)
+
+
+def _safe(uid: str) -> str:
+    """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(uid))[:128] or "_"
+
+
+def dataset_bytes(dataset, file_meta) -> bytes:
+    """A received dataset as a Part 10 file."""
+    from io import BytesIO
+
+    from pydicom.dataset import FileDataset
+
+    buffer = BytesIO()
+    ds = FileDataset(None, dataset, file_meta=file_meta, preamble=b"\0" * 128)
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Server:
+    """The node: the SCP (started by :meth:`start`), the prediction loop and the delivery thread."""
+
+    def __init__(self, config: ServeConfig, *, predict_study: Optional[Callable[[Path, Path, Path], dict]] = None):
+        from pedetect.hospital.deliver import Outbox, parse_destination
+
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.destination = parse_destination(config.destination) if config.destination else None
+        self.outbox = Outbox(self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max)
+        self.stop_event = threading.Event()
+        self.ae = None
+        self.server = None
+        self._predict_study = predict_study or self._predict_with_pedetect
+
+    # -- the SCP
+    def start(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import Verification
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.maximum_pdu_size = 0
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        self.ae = ae
+        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        LOG.info("listening as %s on %s:%d; spool %s; destination %s", self.config.ae_title, self.config.host,
+                 self.config.port, self.spool.root, self.destination.describe() if self.destination else "none (results stay in the outbox)")
+
+    def _on_store(self, event) -> int:
+        try:
+            ds = event.dataset
+            sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
+            sop = str(ds.get("SOPInstanceUID", event.request.AffectedSOPInstanceUID))
+            study = str(ds.get("StudyInstanceUID", ""))
+            if sop_class not in CT_SOP_CLASSES:
+                LOG.info("instance %s of study %s not kept: %s is not a CT image", sop, study or "(none)", sop_class_name(sop_class))
+                return 0x0000
+            if not study:
+                LOG.warning("instance %s not kept: no StudyInstanceUID", sop)
+                return 0xC000  # cannot understand
+            new = self.spool.store(study, sop, dataset_bytes(ds, event.file_meta))
+            LOG.debug("received %s of study %s%s", sop, study, "" if new else " (again: replaced)")
+            if not new:
+                LOG.info("instance %s of study %s received again: kept once", sop, study)
+            return 0x0000
+        except Exception as error:  # the sender is told; nothing half-written stays (atomic writes)
+            LOG.error("C-STORE failed: %s: %s", type(error).__name__, error)
+            return 0xA700  # out of resources
+
+    # -- prediction
+    def _predict_with_pedetect(self, study_dir: Path, work: Path, results: Path) -> dict:
+        from pedetect.infer.predict import predict
+
+        summary = predict(study_dir, list(self.config.model_dirs), work / "submission.csv", report_dir=work / "report",
+                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m), dicom_out=results)
+        lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in summary.lost + summary.unplaced]
+        return {"studies": summary.n_studies, "slices": summary.n_slices_read, "lost": lost,
+                "errors": [error for _, error in summary.studies_failed], "seconds": round(summary.seconds, 3)}
+
+    def answer(self, study: str) -> None:
+        """Predict one received study, queue its results, mark it answered."""
+        study_dir = self.spool.root / INCOMING / study
+        work = self.spool.root / WORK / study
+        shutil.rmtree(work, ignore_errors=True)
+        started, last = time.time(), self.spool.last_received(study)
+        LOG.info("predicting study %s (%d instances, %.1f s after the last one)", study, len(list(study_dir.glob("*.dcm"))), started - last)
+        record = self._predict_study(study_dir, work, work / "dicom")
+        if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
+            LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
+            return
+        queued = []
+        for folder in (work / "dicom").glob("*"):
+            for path in sorted(folder.glob("*.dcm")):
+                self.outbox.put(folder.name, path)
+                queued.append(path.name)
+        record.update({"study": study, "results": queued, "answered_at": time.time(), "last_received": last})
+        write_json_atomic(self.spool.done_path(study), record)
+        shutil.rmtree(work, ignore_errors=True)
+        LOG.info("study %s answered in %.1f s: %s queued; lost %d file(s)", study, time.time() - started,
+                 ", ".join(queued) or "no result", len(record.get("lost", [])))
+        self.outbox.wake()
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`: the SCP, the delivery thread, and studies predicted in this thread."""
+        if self.server is None:
+            self.start()
+        delivery = threading.Thread(target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True)
+        delivery.start()
+        resumed = [p.name for p in (self.spool.root / INCOMING).iterdir() if p.is_dir() and not self.spool.done_path(p.name).exists()]
+        if resumed:
+            LOG.info("resuming %d received study(ies) not yet answered: %s", len(resumed), ", ".join(resumed))
+        try:
+            while not self.stop_event.is_set():
+                for study in self.spool.pending(self.config.settle):
+                    if self.stop_event.is_set():
+                        break
+                    try:
+                        self.answer(study)
+                    except Exception as error:  # the study stays unanswered; the node goes on
+                        LOG.exception("study %s could not be answered: %s: %s", study, type(error).__name__, error)
+                        write_json_atomic(self.spool.done_path(study), {"study": study, "error": f"{type(error).__name__}: {error}"})
+                self.stop_event.wait(self.config.poll)
+        finally:
+            self.shutdown()
+            delivery.join(timeout=10)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def answered(spool: Path, study: str) -> Optional[dict]:
+    """The record of an answered study (None: not answered)."""
+    path = Path(spool) / DONE / f"{_safe(study)}.json"
+    return read_json(path) if path.exists() else None
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("pedetect")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

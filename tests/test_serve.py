@@ -1,0 +1,260 @@
+"""``pedetect serve`` as a real process on loopback: real pynetdicom associations in and out.
+
+The destination is a C-STORE SCP run by the test (down first, then up: results wait on disk); the
+node is killed during a prediction and restarted (the study is answered once). The bundle has random
+weights (pedetect.testing); tests/test_orthanc.py runs the loop against a real PACS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from pedetect.hospital.results import PE_TRACKING, read_sr_values
+from pedetect.hospital.serve import answered
+from pedetect.synth import write_dataset
+from pedetect.testing import write_random_bundle
+from train_fixtures import tiny_config
+
+SLICES, SIZE = 10, 64
+PEDETECT = str(Path(sys.executable).with_name("pedetect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def echo_ok(port: int, ae_title: str = "PEDETECT") -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0x0000
+
+
+def c_store(port: int, paths: list[Path], ae_title: str = "PEDETECT") -> list[int]:
+    """Send files in one association; their statuses."""
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="TESTSCU")
+    for uid in dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets):
+        ae.add_requested_context(uid[0], [uid[1]])
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+class Serve:
+    """``pedetect serve`` in a subprocess (stopped, or killed, by its pid)."""
+
+    def __init__(self, model: Path, spool: Path, destination: str | None, *, settle: float = 0.5, port: int | None = None):
+        self.port = port or free_port()
+        self.log = spool.parent / f"{spool.name}-serve.log"
+        args = [PEDETECT, "serve", "--model", str(model), "--ae-title", "PEDETECT", "--host", "127.0.0.1", "--port", str(self.port),
+                "--spool", str(spool), "--settle", str(settle), "--device", "cpu", "--retry-max", "1"]
+        args += ["--destination", destination] if destination else []
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.handle = open(self.log, "a")
+        self.process = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, env=env)
+        wait_for(lambda: echo_ok(self.port), 90, "pedetect serve to answer C-ECHO", self.process, self.log)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.handle.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+@pytest.fixture
+def serves():
+    started: list[Serve] = []
+
+    def start(*args, **kwargs) -> Serve:
+        started.append(Serve(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for serve in started:
+        serve.stop()
+
+
+class StoreSCP:
+    """A destination PACS stand-in: a real pynetdicom C-STORE SCP keeping what it receives."""
+
+    def __init__(self, port: int, folder: Path):
+        self.port, self.folder, self.server = port, folder, None
+        self.received: list[pydicom.Dataset] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        ae = AE(ae_title="DEST")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+        def on_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self.lock:
+                self.received.append(ds)
+            ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return 0x0000
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def of_study(self, study: str) -> dict[str, list]:
+        with self.lock:
+            found: dict[str, list] = {}
+            for ds in self.received:
+                if ds.StudyInstanceUID == study:
+                    found.setdefault(str(ds.Modality), []).append(ds)
+            return found
+
+
+@pytest.fixture
+def destination(tmp_path):
+    scp = StoreSCP(free_port(), tmp_path / "dest")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    labels = write_dataset(root / "data", 1, slices=SLICES, size=SIZE, seed=9, split="test", progress=False)
+    model = write_random_bundle(tiny_config(), root / "model", folds=2)
+    uid = labels["StudyInstanceUID"].iloc[0]
+    files = sorted((root / "data" / "test" / uid).rglob("*.dcm"))
+    return uid, files, model
+
+
+def non_ct_instance(folder: Path, study: str) -> Path:
+    """A Secondary Capture instance in the study (a PACS routes such objects too)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = SecondaryCaptureImageStorage, generate_uid(), study
+    ds.SeriesInstanceUID, ds.Modality = generate_uid(), "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    path = folder / "sc.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_serve_answers_a_study_and_delivers_when_the_destination_comes_back(study, serves, destination, tmp_path):
+    uid, files, model = study
+    spool = tmp_path / "spool"
+    node = serves(model, spool, f"dimse:DEST@127.0.0.1:{destination.port}")  # the destination is down
+    # A non-CT instance, the study, and one instance sent twice.
+    statuses = c_store(node.port, [non_ct_instance(tmp_path, uid), *files, files[3]])
+    assert statuses == [0] * (len(files) + 2)
+    assert len(list((spool / "incoming").rglob("*.dcm"))) == len(files)  # the non-CT one not kept, the twice-sent once
+    record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+    assert record["slices"] == len(files) and record["lost"] == [] and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+    wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
+    assert len(list((spool / "outbox").rglob("*.dcm"))) == 3  # kept on disk while the destination is down
+    destination.start()
+    got = wait_for(lambda: (lambda f: f if len(f) == 3 else None)(destination.of_study(uid)), 60, "the results at the destination",
+                   node.process, node.log)
+    assert sorted(got) == ["KO", "OT", "SR"]
+    wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
+    sr_path = destination.folder / f"{got['SR'][0].SOPInstanceUID}.dcm"
+    values = read_sr_values(sr_path)
+    assert set(values["key_sops"]) <= {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert 0.0 <= values["findings"][PE_TRACKING]["probability"] <= 1.0
+    log = node.text()
+    assert "not a CT image" in log and "received again" in log and f"delivered study {uid}" in log
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert str(source.PatientName) not in log and source.PatientID not in log  # UIDs only
+
+
+def test_serve_killed_during_a_prediction_answers_the_study_once_after_a_restart(study, serves, destination, tmp_path):
+    uid, files, model = study
+    spool = tmp_path / "spool"
+    destination.start()
+    node = serves(model, spool, f"dimse:DEST@127.0.0.1:{destination.port}", settle=0.3)
+    assert c_store(node.port, files) == [0] * len(files)
+    wait_for(lambda: "predicting study" in node.text(), 60, "the prediction to start", node.process, node.log)
+    node.kill()
+    assert answered(spool, uid) is None
+    again = serves(model, spool, f"dimse:DEST@127.0.0.1:{destination.port}", settle=0.3, port=node.port)
+    wait_for(lambda: len(destination.of_study(uid)) == 3, 120, "the results after the restart", again.process, again.log)
+    assert "resuming 1 received study" in again.text()
+    time.sleep(1.0)
+    received = destination.of_study(uid)
+    # Answered once: one result per kind (the same UIDs, had the killed run already sent any).
+    assert {kind: len({ds.SOPInstanceUID for ds in items}) for kind, items in received.items()} == {"KO": 1, "OT": 1, "SR": 1}
+
+
+def test_a_second_node_on_the_same_spool_is_refused(study, serves, tmp_path):
+    _, _, model = study
+    spool = tmp_path / "spool"
+    serves(model, spool, None)
+    run = subprocess.run([PEDETECT, "serve", "--model", str(model), "--spool", str(spool), "--port", str(free_port()),
+                          "--host", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "in use by another pedetect run" in run.stderr
+
+
+def test_bad_destination_is_refused_naming_the_forms(study):
+    _, _, model = study
+    run = subprocess.run([PEDETECT, "serve", "--model", str(model), "--destination", "pacs.example:104"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "dimse:AE@host:port" in run.stderr
