@@ -9,6 +9,7 @@ remove it (the prepare job does).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+# A write that failed for want of room: no space, over quota, over the process's file size limit (RLIMIT_FSIZE).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an ``OSError`` of a write that found no room (:data:`DISK_FULL_ERRNOS`)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:

@@ -5,6 +5,7 @@ Only Typer and pathlib at import time; the job is imported when the command runs
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +53,7 @@ def prepare_command(
     Safe to kill and run again: finished series are kept, the rest are done. Exit status 1 when anything could not be read (see failures.parquet), 2 on a usage error.
     """
     from pedetect.config import ConfigError, load_config
-    from pedetect.io import FolderLocked
+    from pedetect.io import FolderLocked, is_disk_full
     from pedetect.store.config import PrepareConfig
     from pedetect.store.job import StoreSettingsError, prepare
 
@@ -66,6 +67,14 @@ def prepare_command(
         summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress)
     except (StoreSettingsError, FolderLocked) as error:
         raise fail(str(error)) from None
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise fail(
+            f"no room to write the slice store {out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
+            "the series finished so far are kept and no file was left half-written: free space and run the same command again to finish",
+            code=1,
+        ) from None
     typer.echo(summary.text())
     if not summary.ok:
         raise typer.Exit(1)

@@ -30,7 +30,7 @@ from pedetect.dicom.order import plan_series
 from pedetect.dicom.read import SCAN_CHUNK, decode_series, scan_files, series_size, slice_failure
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import discover
-from pedetect.io import TMP_MARK, atomic_path, folder_lock, read_json, write_json_atomic, write_parquet_atomic
+from pedetect.io import TMP_MARK, atomic_path, folder_lock, is_disk_full, read_json, write_json_atomic, write_parquet_atomic
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.config import PrepareConfig
 from pedetect.store.format import (
@@ -108,6 +108,10 @@ def prepare_series(task: SeriesTask) -> dict:
     """Write one series (data file, then marker); returns a short result for the progress report."""
     try:
         return _prepare_series(task)
+    except OSError as error:
+        if is_disk_full(error):  # every later series would fail the same way: stop the job, say so
+            raise
+        return {"series": task.headers[0].series, "name": task.name, "error": describe_error(error, 300), "n_slices": 0, "failures": [], "n_headers": len(task.headers)}
     except Exception as error:  # the series stays unfinished (no marker) and is retried on the next run
         return {"series": task.headers[0].series, "name": task.name, "error": describe_error(error, 300), "n_slices": 0, "failures": [], "n_headers": len(task.headers)}
 
@@ -370,6 +374,8 @@ def _prepare_locked(
                 continue
             tasks.append(SeriesTask(os.fspath(store), name, group, settings, fp))
         tasks.sort(key=lambda t: -len(t.headers))  # longest first: better balance at the end
+        if tasks:  # the tables are rewritten below; until then the store is not readable (a full disk stops it in between)
+            (store / SLICES_FILE).unlink(missing_ok=True)
         summary.series_total = len(groups)
         todo = sum(len(t.headers) for t in tasks)
         crashed: list[dict] = []
