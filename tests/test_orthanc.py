@@ -1,0 +1,168 @@
+"""The hospital loop against a real PACS: Orthanc (Debian packages orthanc, orthanc-dicomweb) on
+loopback ports with a temporary configuration and storage, stopped by its pid.
+
+A synthetic study is stored in Orthanc; Orthanc sends it (C-STORE, its REST "store to modality")
+to ``pedetect serve``; the SR, SC and KOS then appear in Orthanc's DICOMweb for that study (STOW-RS
+or C-STORE back) with the values ``pedetect predict --dicom-out`` gives for the same study.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from pedetect.hospital.results import read_sr_values
+from pedetect.hospital.serve import answered
+from pedetect.infer.predict import predict
+from test_serve import c_store, free_port, serves, study, wait_for  # noqa: F401  (fixtures)
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class Orthanc:
+    """An Orthanc server with its own configuration and storage under ``folder``."""
+
+    def __init__(self, folder: Path, pedetect_port: int):
+        if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+            pytest.fail("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb; .ci/run installs them)")
+        self.folder, self.http, self.dicom = folder, free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http}"
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pedetect-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": {"pedetect": ["PEDETECT", "127.0.0.1", pedetect_port]},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+
+    def start(self) -> None:
+        self.log = open(self.folder / "orthanc.log", "a")
+        self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._up(), 30, "Orthanc to start", self.process, self.folder / "orthanc.log")
+
+    def _up(self) -> bool:
+        try:
+            return self.get("/system")["DicomPort"] == self.dicom
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process is not None:
+            self.log.close()
+        self.process = None
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def post(self, path: str, data: bytes, content_type: str = "application/octet-stream"):
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": content_type}, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read() or b"null")
+
+    def series_of(self, study: str) -> dict[str, list[str]]:
+        """Modality -> SeriesInstanceUIDs of the study, by QIDO-RS."""
+        try:
+            found = self.get(f"/dicom-web/studies/{study}/series")
+        except OSError:
+            return {}
+        series: dict[str, list[str]] = {}
+        for item in found or []:
+            series.setdefault(item["00080060"]["Value"][0], []).append(item["0020000E"]["Value"][0])
+        return series
+
+    def retrieve(self, study: str, series: str) -> list[pydicom.Dataset]:
+        """The series' instances by WADO-RS."""
+        from dicomweb_client.api import DICOMwebClient
+
+        return DICOMwebClient(url=f"{self.url}/dicom-web").retrieve_series(study, series)
+
+
+@pytest.fixture
+def orthancs(tmp_path):
+    made: list[Orthanc] = []
+
+    def make(pedetect_port: int) -> Orthanc:
+        made.append(Orthanc(tmp_path / f"orthanc{len(made)}", pedetect_port))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def results_in(pacs: Orthanc, study: str):
+    series = pacs.series_of(study)
+    return series if all(kind in series for kind in ("SR", "OT", "KO")) else None
+
+
+def test_orthanc_sends_a_study_to_serve_and_gets_sr_sc_and_key_images_back(study, serves, orthancs, tmp_path):
+    uid, files, model = study
+    port = free_port()
+    pacs = orthancs(port)
+    pacs.start()
+    for path in files:  # the study stored in the PACS
+        pacs.post("/instances", path.read_bytes(), "application/dicom")
+    orthanc_study = pacs.post("/tools/lookup", uid.encode(), "text/plain")[0]["ID"]
+    spool = tmp_path / "spool"
+    node = serves(model, spool, f"dicomweb:{pacs.url}/dicom-web", settle=1.0, port=port)
+    pacs.post("/modalities/pedetect/store", orthanc_study.encode(), "text/plain")  # the PACS routes the study
+    series = wait_for(lambda: results_in(pacs, uid), 120, "the SR, SC and KOS in Orthanc", node.process, node.log)
+    stored_at = time.time()
+    record = answered(spool, uid)
+    latency = stored_at - record["last_received"]
+    print(f"\nlast instance received → SR, SC and KOS in Orthanc's DICOMweb: {latency:.2f} s (settle 1.0 s, "
+          f"prediction {record['seconds']:.2f} s, {len(files)} slices)")
+
+    # The same values as pedetect predict --dicom-out on the same study.
+    predict(files[0].parent, [model], tmp_path / "sub.csv", dicom_out=tmp_path / "dicom", device="cpu", progress=False, echo=lambda m: None)
+    expected = read_sr_values(tmp_path / "dicom" / uid / "sr.dcm")
+    (sr,) = pacs.retrieve(uid, series["SR"][0])
+    sr.save_as(tmp_path / "from_orthanc_sr.dcm", enforce_file_format=True)
+    got = read_sr_values(tmp_path / "from_orthanc_sr.dcm")
+    assert got["key_sops"] == expected["key_sops"] and got["algorithm"] == expected["algorithm"]
+    for tracking, finding in expected["findings"].items():
+        assert got["findings"][tracking]["present"] == finding["present"]
+        assert got["findings"][tracking]["probability"] == pytest.approx(finding["probability"], abs=1e-5)
+    (ko,) = pacs.retrieve(uid, series["KO"][0])
+    referenced = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in ko.ContentSequence if item.ValueType == "IMAGE"]
+    assert referenced == expected["key_sops"]
+    (sc,) = pacs.retrieve(uid, series["OT"][0])
+    assert sc.SamplesPerPixel == 3 and sc.pixel_array.std() > 0
+    assert sc.PatientID == sr.PatientID == pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
+    # One answer: three new series, one instance each.
+    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 1, "SR": 1, "OT": 1, "KO": 1}
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_by_c_store_when_it_returns(study, serves, orthancs, tmp_path):
+    uid, files, model = study
+    port = free_port()
+    pacs = orthancs(port)  # configured, not started: the destination is down
+    spool = tmp_path / "spool"
+    node = serves(model, spool, f"dimse:ORTHANC@127.0.0.1:{pacs.dicom}", settle=0.3, port=port)
+    assert c_store(node.port, files) == [0] * len(files)
+    wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+    wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
+    assert len(list((spool / "outbox").rglob("*.dcm"))) == 3
+    pacs.start()
+    series = wait_for(lambda: results_in(pacs, uid), 60, "the results in Orthanc after it returned", node.process, node.log)
+    assert {kind: len(uids) for kind, uids in series.items()} == {"SR": 1, "OT": 1, "KO": 1}
+    wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
