@@ -92,22 +92,28 @@ def same_store(store: Path, reference: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-@pytest.fixture(scope="module")
-def dicom(tmp_path_factory) -> Path:
+def synth_input(root: Path, studies: int, slices: int, size: int, seed: int) -> Path:
     from pedetect.synth import write_dataset
 
-    root = tmp_path_factory.mktemp("faults")
-    write_dataset(root / "synth", 3, slices=SLICES, size=SIZE, seed=31, progress=False)
+    write_dataset(root / "synth", studies, slices=slices, size=size, seed=seed, progress=False)
     return root / "synth" / "train"
+
+
+def prepared_alone(dicom: Path, out: Path) -> Path:
+    """The store a run alone makes of ``dicom``."""
+    result = run("prepare", dicom, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def dicom(tmp_path_factory) -> Path:
+    return synth_input(tmp_path_factory.mktemp("faults"), 3, SLICES, SIZE, 31)
 
 
 @pytest.fixture(scope="module")
 def reference_store(dicom, tmp_path_factory) -> Path:
-    """The store a run alone makes of ``dicom``."""
-    out = tmp_path_factory.mktemp("reference") / "store"
-    result = run("prepare", dicom, "--out", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return out
+    return prepared_alone(dicom, tmp_path_factory.mktemp("reference") / "store")
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -300,19 +306,12 @@ def no_partial_store_file(store: Path) -> None:
 @pytest.fixture(scope="module")
 def bigger_dicom(tmp_path_factory) -> Path:
     """Four series of about 55 kB of store each: a 140 kB disk holds two."""
-    from pedetect.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("bigger")
-    write_dataset(root / "synth", 4, slices=16, size=64, seed=51, progress=False)
-    return root / "synth" / "train"
+    return synth_input(tmp_path_factory.mktemp("bigger"), 4, 16, 64, 51)
 
 
 @pytest.fixture(scope="module")
 def bigger_reference(bigger_dicom, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bigger_reference") / "store"
-    result = run("prepare", bigger_dicom, "--out", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return out
+    return prepared_alone(bigger_dicom, tmp_path_factory.mktemp("bigger_reference") / "store")
 
 
 def test_prepare_on_a_full_disk_says_so_keeps_no_partial_file_and_the_rerun_finishes(disk_fault, bigger_dicom, bigger_reference):
