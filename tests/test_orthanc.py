@@ -25,12 +25,20 @@ from test_serve import c_store, free_port, serves, study, wait_for  # noqa: F401
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# The routing rule of README.md's "In a hospital": every stable CT series to pedetect.
+ROUTE_LUA = """
+function OnStableSeries(seriesId, tags, metadata)
+  if tags["Modality"] == "CT" then  -- CT series only: the results coming back are not sent again
+    RestApiPost("/modalities/pedetect/store", seriesId)  -- C-STORE of the whole series
+  end
+end
+"""
 
 
 class Orthanc:
     """An Orthanc server with its own configuration and storage under ``folder``."""
 
-    def __init__(self, folder: Path, pedetect_port: int):
+    def __init__(self, folder: Path, pedetect_port: int, *, route: bool = False):
         if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
             pytest.fail("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb; .ci/run installs them)")
         self.folder, self.http, self.dicom = folder, free_port(), free_port()
@@ -44,6 +52,9 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"pedetect": ["PEDETECT", "127.0.0.1", pedetect_port]},
         }
+        if route:
+            (folder / "route.lua").write_text(ROUTE_LUA)
+            config.update({"LuaScripts": [str(folder / "route.lua")], "StableAge": 1})
         (folder / "orthanc.json").write_text(json.dumps(config))
 
     def start(self) -> None:
@@ -100,8 +111,8 @@ class Orthanc:
 def orthancs(tmp_path):
     made: list[Orthanc] = []
 
-    def make(pedetect_port: int) -> Orthanc:
-        made.append(Orthanc(tmp_path / f"orthanc{len(made)}", pedetect_port))
+    def make(pedetect_port: int, **options) -> Orthanc:
+        made.append(Orthanc(tmp_path / f"orthanc{len(made)}", pedetect_port, **options))
         return made[-1]
 
     yield make
@@ -114,17 +125,15 @@ def results_in(pacs: Orthanc, study: str):
     return series if all(kind in series for kind in ("SR", "OT", "KO")) else None
 
 
-def test_orthanc_sends_a_study_to_serve_and_gets_sr_sc_and_key_images_back(study, serves, orthancs, tmp_path):
+def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(study, serves, orthancs, tmp_path):
     uid, files, model = study
     port = free_port()
-    pacs = orthancs(port)
+    pacs = orthancs(port, route=True)
     pacs.start()
-    for path in files:  # the study stored in the PACS
-        pacs.post("/instances", path.read_bytes(), "application/dicom")
-    orthanc_study = pacs.post("/tools/lookup", uid.encode(), "text/plain")[0]["ID"]
     spool = tmp_path / "spool"
     node = serves(model, spool, f"dicomweb:{pacs.url}/dicom-web", settle=1.0, port=port)
-    pacs.post("/modalities/pedetect/store", orthanc_study.encode(), "text/plain")  # the PACS routes the study
+    for path in files:  # the study stored in the PACS, which routes it (Lua, OnStableSeries) to pedetect
+        pacs.post("/instances", path.read_bytes(), "application/dicom")
     series = wait_for(lambda: results_in(pacs, uid), 120, "the SR, SC and KOS in Orthanc", node.process, node.log)
     stored_at = time.time()
     record = answered(spool, uid)
