@@ -40,6 +40,7 @@ EXPORT_FORMAT = 1
 FP32_TOLERANCE = 1e-4  # largest change of any probability for ONNX fp32 to count as the same model
 INT8_SCORE_TOLERANCE = 0.005  # int8 is the default only when the score moves by at most this ...
 INT8_AUC_TOLERANCE = 0.002  # ... and the slice AUC by at most this
+CALIBRATION_BATCH = 8
 
 
 class ExportError(ValueError):
@@ -206,7 +207,8 @@ def export_bundle(
             "check_series": len(check),
         }
         if int8:
-            batches = _calibration_batches(source, training, config.cnn.input, slices=calibration_slices, batch_size=batch_size, seed=k)
+            # Small calibration batches: the calibrator holds one batch's every activation at a time.
+            batches = _calibration_batches(source, training, config.cnn.input, slices=calibration_slices, batch_size=CALIBRATION_BATCH, seed=k)
             quantize_slice_classifier(folder / CNN_FILE, folder / CNN_INT8_FILE, batches)
             record["files"].append(CNN_INT8_FILE)
             record["calibration_slices"] = calibration_slices
