@@ -86,7 +86,7 @@ class Serve:
         self.port = port or free_port()
         self.log = spool.parent / f"{spool.name}-serve.log"
         args = [PEDETECT, "serve", "--model", str(model), "--ae-title", "PEDETECT", "--host", "127.0.0.1", "--port", str(self.port),
-                "--spool", str(spool), "--settle", str(settle), "--device", "cpu", "--retry-max", "1"]
+                "--spool", str(spool), "--settle", str(settle), "--device", "cpu", "--retry-max", "1", "--min-slices", "8"]
         args += ["--destination", destination] if destination else []
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.handle = open(self.log, "a")

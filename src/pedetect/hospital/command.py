@@ -21,6 +21,7 @@ def serve_command(
         None, "--destination",
         help="Where results go: dimse:AE@host:port (C-STORE) or dicomweb:URL (STOW-RS). Without it results stay in SPOOL/outbox/.",
     ),
+    min_slices: int = typer.Option(20, "--min-slices", min=1, help="A usable series has at least this many slices (series selection: docs/dicom_results.md)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     retry_max: float = typer.Option(60.0, "--retry-max", min=0.1, help="Longest wait between delivery retries, seconds (back-off doubles from 1 s)."),
 ) -> None:
@@ -48,7 +49,7 @@ def serve_command(
         raise fail(str(error)) from None
     configure_logging()
     config = ServeConfig(model_dirs=list(model), spool=spool, ae_title=ae_title, host=host, port=port, settle=settle,
-                         destination=destination, device=device, retry_max=retry_max)
+                         destination=destination, device=device, retry_max=retry_max, min_slices=min_slices)
     try:
         with folder_lock(spool, command="pedetect serve"):
             server = Server(config)

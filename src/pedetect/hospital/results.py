@@ -165,8 +165,10 @@ def _observer(algorithm: Algorithm):
     )
 
 
-def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
-    """The Comprehensive SR (TID 1500 Measurement Report) of one study."""
+def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str,
+             comments: Sequence[str] = ()):
+    """The Comprehensive SR (TID 1500 Measurement Report) of one study; ``comments``: TEXT items
+    (DCM 121106 "Comment") in the report's Qualitative Evaluations container (what was not used and why)."""
     from highdicom.sr import (
         AlgorithmIdentification, CodedConcept, ComprehensiveSR, MeasurementReport, Measurement, MeasurementsAndQualitativeEvaluations,
         ObservationContext, QualitativeEvaluation, SourceImageForMeasurementGroup, TrackingIdentifier,
@@ -197,14 +199,38 @@ def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm:
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
+    content = report[0]
+    if comments:
+        content.ContentSequence.append(_comments(comments))
     sr = ComprehensiveSR(
-        evidence=evidence, content=report[0], series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
+        evidence=evidence, content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect", is_complete=True, is_final=False,
         is_verified=False,
     )
     sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
+
+
+def _comments(comments: Sequence[str]):
+    from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
+
+    container = ContainerContentItem(name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = [
+        TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
+        for text in comments
+    ]
+    return container
+
+
+def sr_comments(sr) -> list[str]:
+    """The comments of a pedetect SR (pydicom dataset): what was not used and why."""
+    found = []
+    for item in sr.ContentSequence:
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375":
+            found += [str(child.TextValue) for child in item.ContentSequence if child.ValueType == "TEXT"]
+    return found
 
 
 def _private_scheme():
@@ -261,13 +287,14 @@ def read_picture(path: Path) -> np.ndarray:
 
 
 def write_study_results(result: StudyResult, sources: dict[str, Source], picture: Optional[Path], algorithm: Algorithm,
-                        out_dir: Path) -> StudyDicom:
+                        out_dir: Path, notes: Sequence[str] = ()) -> StudyDicom:
     """Write ``out_dir/<study>/{sr,sc,ko}.dcm`` for one predicted study.
 
     ``sources``: SOPInstanceUID -> the file it came from (the key slices' headers are read for the
     references; the first readable one gives the patient and study modules). ``picture``: the report
     PNG (no SC without it). Raises :class:`ResultError` when no source header is readable (nothing
-    to copy the patient from); parts that cannot be made are skipped with a note.
+    to copy the patient from); parts that cannot be made are skipped with a note. ``notes`` (and
+    every file the prediction could not use, from ``result.skipped_files``) become the SR's comments.
     """
     written = StudyDicom(result.study_uid)
     folder = Path(out_dir) / safe_name(result.study_uid)
@@ -297,7 +324,8 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
     def uids(kind: str) -> dict[str, str]:
         return {"series_uid": _uid(*seed, kind, "series"), "sop_uid": _uid(*seed, kind, "instance")}
 
-    sr = build_sr(result, evidence, evidence if key_datasets else [], algorithm, **uids("sr"))
+    comments = list(notes) + skipped_notes(result)
+    sr = build_sr(result, evidence, evidence if key_datasets else [], algorithm, comments=comments, **uids("sr"))
     written.sr = _save(sr, folder / FILE_NAMES["sr"])
     if picture is not None and Path(picture).exists():
         written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"])
@@ -308,6 +336,21 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
     else:
         written.notes.append("no key slice: no key object selection")
     return written
+
+
+def skipped_notes(result: StudyResult) -> list[str]:
+    """One line per file the prediction could not use: its SOPInstanceUID (else its file name) and why."""
+    return [f"instance {item.get('SOPInstanceUID') or Path(str(item.get('path', ''))).name} not used: {item.get('reason')}"
+            for item in result.skipped_files]
+
+
+def result_from_report(path: Path) -> StudyResult:
+    """A study's :class:`StudyResult` from its report JSON (``REPORT/<study>.json``)."""
+    import dataclasses
+
+    record = json.loads(Path(path).read_text())
+    names = {f.name for f in dataclasses.fields(StudyResult)}
+    return StudyResult(**{k: v for k, v in record.items() if k in names})
 
 
 def _save(dataset, path: Path) -> Path:
@@ -323,7 +366,7 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
 
     sr = hd.sr.srread(str(path))
     groups = sr.content.get_image_measurement_groups()
-    values: dict[str, Any] = {"findings": {}, "key_sops": [], "algorithm": None}
+    values: dict[str, Any] = {"findings": {}, "key_sops": [], "algorithm": None, "comments": sr_comments(sr)}
     for group in groups:
         tracking = group.tracking_identifier
         (measurement,) = group.get_measurements()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
+from pedetect.hospital.selection import MIN_SLICES
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
 
 LOG = logging.getLogger("pedetect.serve")
@@ -43,6 +44,7 @@ class ServeConfig:
     settle: float = 10.0
     destination: Optional[str] = None
     device: str = "auto"
+    min_slices: int = MIN_SLICES  # a usable series has at least this many slices (pedetect.hospital.selection)
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
     retry_max: float = 60.0
     poll: float = 0.2
@@ -163,13 +165,40 @@ class Server:
 
     # -- prediction
     def _predict_with_pedetect(self, study_dir: Path, work: Path, results: Path) -> dict:
+        """Choose the series, predict it with ``pedetect predict``'s function, write the DICOM results."""
+        from pedetect.hospital.results import algorithm_of, describe, result_from_report, write_study_results
+        from pedetect.hospital.selection import select_series
         from pedetect.infer.predict import predict
+        from pedetect.models.bundle import read_bundle
 
-        summary = predict(study_dir, list(self.config.model_dirs), work / "submission.csv", report_dir=work / "report",
-                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m), dicom_out=results)
+        selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices)
+        for line in selection.notes():
+            LOG.info("study %s: %s", study_dir.name, line)
+        record: dict = {"series": selection.record()}
+        if selection.chosen is None:
+            record["error"] = "no usable CT series: " + "; ".join(selection.notes()[1:])
+            return record
+        chosen = work / "input"
+        chosen.mkdir(parents=True, exist_ok=True)
+        for path in selection.files:  # hard links (the read path does not follow symbolic links); a copy across devices
+            try:
+                os.link(path, chosen / path.name)
+            except OSError:
+                shutil.copyfile(path, chosen / path.name)
+        summary = predict(chosen, list(self.config.model_dirs), work / "submission.csv", report_dir=work / "report",
+                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m))
         lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in summary.lost + summary.unplaced]
-        return {"studies": summary.n_studies, "slices": summary.n_slices_read, "lost": lost,
-                "errors": [error for _, error in summary.studies_failed], "seconds": round(summary.seconds, 3)}
+        for line in lost:
+            LOG.warning("study %s: file not used: %s", study_dir.name, line)
+        record.update({"slices": summary.n_slices_read, "lost": lost, "errors": [error for _, error in summary.studies_failed],
+                       "seconds": round(summary.seconds, 3)})
+        algorithm = algorithm_of([read_bundle(path) for path in self.config.model_dirs])
+        sources = {path.stem: path for path in selection.files}
+        for report in sorted((work / "report").glob("*.json")):
+            result = result_from_report(report)
+            written = write_study_results(result, sources, report.with_suffix(".png"), algorithm, results, notes=selection.notes())
+            LOG.info("%s", describe(written))
+        return record
 
     def answer(self, study: str) -> None:
         """Predict one received study, queue its results, mark it answered."""
@@ -190,8 +219,11 @@ class Server:
         record.update({"study": study, "results": queued, "answered_at": time.time(), "last_received": last})
         write_json_atomic(self.spool.done_path(study), record)
         shutil.rmtree(work, ignore_errors=True)
-        LOG.info("study %s answered in %.1f s: %s queued; lost %d file(s)", study, time.time() - started,
-                 ", ".join(queued) or "no result", len(record.get("lost", [])))
+        if record.get("error"):
+            LOG.warning("study %s answered without a result: %s", study, record["error"])
+        else:
+            LOG.info("study %s answered in %.1f s: %s queued; lost %d file(s)", study, time.time() - started,
+                     ", ".join(queued) or "no result", len(record.get("lost", [])))
         self.outbox.wake()
 
     def run(self) -> None:

@@ -1,0 +1,122 @@
+"""Choosing the CTPA series of a study (docs/dicom_results.md, "Series selection").
+
+A study from a PACS is not one series: scouts, lung-kernel and thick reconstructions, MPRs, dose
+reports. The rules, in order: a series is usable when it is a CT image series (the node keeps no
+other object), not a localizer (ImageType), axial (the slice normal within 30° of the patient's
+head-foot axis), with at least ``min_slices`` slices. Of the usable ones the chosen series is the
+first by: contrast known present (ContrastBolusAgent not empty) before unknown, soft-tissue kernel
+before a lung or sharp kernel (ConvolutionKernel), thinnest SliceThickness, most slices, then
+SeriesInstanceUID. Files whose header cannot be read go with the chosen series: the read path names
+them as lost (the study is still answered). Every other series is recorded with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+MIN_SLICES = 20
+AXIAL_COS = math.cos(math.radians(30))
+# Kernels of lung or bone reconstructions (Siemens B/I/Br 50+, GE LUNG/BONE/EDGE, Philips YA-YC/L/D, Toshiba FC5x-FC8x).
+_SHARP = re.compile(r"LUNG|BONE|EDGE|SHARP|DETAIL|^[BI]r?[5-9]\d|^FC[5-8]\d|^Y[A-C]$|^[LD]$", re.IGNORECASE)
+
+
+@dataclass
+class SeriesInfo:
+    uid: str
+    files: list[Path] = field(default_factory=list)
+    description: str = ""
+    image_type: tuple[str, ...] = ()
+    normal_z: Optional[float] = None  # |z component| of the slice normal (1: axial)
+    thickness: Optional[float] = None
+    kernel: str = ""
+    contrast: bool = False
+    reason: Optional[str] = None  # why not usable
+
+    def summary(self) -> str:
+        parts = [f"{len(self.files)} slices"]
+        parts += [f"{self.thickness:g} mm"] if self.thickness else []
+        parts += [f"kernel {self.kernel}"] if self.kernel else []
+        parts += ["contrast"] if self.contrast else []
+        return ", ".join(parts)
+
+
+@dataclass
+class Selection:
+    chosen: Optional[SeriesInfo]
+    rejected: list[SeriesInfo]  # each with its reason
+    unreadable: list[Path]  # files whose header could not be read (passed on with the chosen series)
+
+    @property
+    def files(self) -> list[Path]:
+        return (self.chosen.files if self.chosen else []) + self.unreadable
+
+    def notes(self) -> list[str]:
+        lines = [f"series used: {self.chosen.uid} ({self.chosen.summary()})"] if self.chosen else ["no usable CT series"]
+        lines += [f"series not used: {s.uid} ({s.reason})" for s in self.rejected]
+        return lines
+
+    def record(self) -> dict:
+        return {"used": self.chosen.uid if self.chosen else None, "why": self.chosen.summary() if self.chosen else None,
+                "not_used": {s.uid: s.reason for s in self.rejected}, "unreadable_files": [p.name for p in self.unreadable]}
+
+
+def _float(value) -> Optional[float]:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _info(ds, path: Path, series: dict[str, SeriesInfo]) -> None:
+    uid = str(ds.get("SeriesInstanceUID", "")) or "(no SeriesInstanceUID)"
+    info = series.get(uid)
+    if info is None:
+        info = series[uid] = SeriesInfo(uid)
+        info.image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+        info.kernel = " ".join(str(v) for v in ds.get("ConvolutionKernel") or ()) if not isinstance(ds.get("ConvolutionKernel"), str) else str(ds.ConvolutionKernel)
+        info.thickness = _float(ds.get("SliceThickness"))
+        info.contrast = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
+        orientation = [_float(v) for v in (ds.get("ImageOrientationPatient") or ())]
+        if len(orientation) == 6 and None not in orientation:
+            r, c = orientation[:3], orientation[3:]
+            n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+            norm = math.sqrt(sum(v * v for v in n)) or 1.0
+            info.normal_z = abs(n[2]) / norm
+    info.files.append(path)
+
+
+def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
+    """The CTPA series among ``files`` (one study's CT instances), by the rules above."""
+    import pydicom
+
+    series: dict[str, SeriesInfo] = {}
+    unreadable: list[Path] = []
+    for path in sorted(files):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+                "SeriesInstanceUID", "ImageType", "ConvolutionKernel", "SliceThickness", "ContrastBolusAgent", "ImageOrientationPatient"])
+        except Exception:
+            unreadable.append(path)
+            continue
+        _info(ds, path, series)
+    usable, rejected = [], []
+    for info in series.values():
+        if "LOCALIZER" in info.image_type:
+            info.reason = "localizer (scout)"
+        elif info.normal_z is None:
+            info.reason = "no usable ImageOrientationPatient"
+        elif info.normal_z < AXIAL_COS:
+            info.reason = "not axial (MPR or oblique reconstruction)"
+        elif len(info.files) < min_slices:
+            info.reason = f"{len(info.files)} slices, fewer than {min_slices}"
+        (rejected if info.reason else usable).append(info)
+    usable.sort(key=lambda s: (not s.contrast, bool(_SHARP.search(s.kernel)), s.thickness if s.thickness else math.inf, -len(s.files), s.uid))
+    chosen = usable[0] if usable else None
+    for other in usable[1:]:
+        other.reason = f"another series preferred ({other.summary()} against {chosen.summary()})"
+        rejected.append(other)
+    return Selection(chosen, rejected, unreadable)
