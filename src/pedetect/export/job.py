@@ -274,10 +274,12 @@ def _check_fold(source, check: list[str], cnn, head, folder: Path, config, *, in
     from pedetect.models.slice_classifier import embed_volume
 
     onnx_head = OnnxSequenceHead(folder / SEQ_FILE, threads=threads)
-    runtimes = {"onnx": (OnnxSliceClassifier(folder / CNN_FILE, threads=threads), onnx_head)}
+    # No memory arenas: PyTorch and two ONNX Runtime CNNs side by side would each keep their peak
+    # (a full-size CNN at 512 px: about 5 GB apiece).
+    runtimes = {"onnx": (OnnxSliceClassifier(folder / CNN_FILE, threads=threads, keep_memory=False), onnx_head)}
     if int8:
         # Only the CNN is quantized: the int8 runtime's head is the exact one.
-        runtimes["onnx-int8"] = (OnnxSliceClassifier(folder / CNN_INT8_FILE, threads=threads), onnx_head)
+        runtimes["onnx-int8"] = (OnnxSliceClassifier(folder / CNN_INT8_FILE, threads=threads, keep_memory=False), onnx_head)
     reference, results = _Check(), {name: _Check() for name in runtimes}
     for uid in check:
         volume = source.read_series(uid)

@@ -111,12 +111,14 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
         )
 
 
-def onnx_session(path: str | Path, *, threads: int | None = None):
+def onnx_session(path: str | Path, *, threads: int | None = None, keep_memory: bool = True):
     """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads (None: its default,
-    every physical core)."""
+    every physical core). ``keep_memory=False``: no memory arena, so the session holds no more than
+    its current run (several sessions side by side, as the export's check runs them)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = keep_memory
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are not the user's business
     if threads:
@@ -128,9 +130,9 @@ def onnx_session(path: str | Path, *, threads: int | None = None):
 class OnnxSliceClassifier:
     """A fold's exported CNN (``cnn.onnx`` or ``cnn_int8.onnx``): ``embed`` as the torch model's."""
 
-    def __init__(self, path: str | Path, *, threads: int | None = None):
+    def __init__(self, path: str | Path, *, threads: int | None = None, keep_memory: bool = True):
         self.path = Path(path)
-        self.session = onnx_session(path, threads=threads)
+        self.session = onnx_session(path, threads=threads, keep_memory=keep_memory)
         shape = self.session.get_outputs()[0].shape
         if not isinstance(shape[-1], int):
             raise ValueError(f"{path}: the embedding width is not fixed in the graph ({shape})")
@@ -203,9 +205,7 @@ def quantize_slice_classifier(fp32_path: str | Path, int8_path: str | Path, batc
             quantize_static(
                 str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                # Ranges merged after every batch: the same ranges as keeping every batch's activations,
-                # which for a full-size CNN at 512 px ran out of 20 GB.
-                extra_options={"CalibTensorRangeSymmetric": False, "CalibMaxIntermediateOutputs": 1},
+                extra_options={"CalibTensorRangeSymmetric": False},
             )
 
 
