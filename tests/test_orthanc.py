@@ -175,3 +175,33 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_by_c_store_when_it_retu
     series = wait_for(lambda: results_in(pacs, uid), 60, "the results in Orthanc after it returned", node.process, node.log)
     assert {kind: len(uids) for kind, uids in series.items()} == {"SR": 1, "OT": 1, "KO": 1}
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
+
+
+def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_the_results_back(study, orthancs, tmp_path, cli):
+    uid, files, model = study
+    pacs = orthancs(free_port())
+    pacs.start()
+    scout = tmp_path / "scout.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.SeriesInstanceUID, ds.ImageType = pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(scout, enforce_file_format=True)
+    for path in [*files, scout]:
+        pacs.post("/instances", path.read_bytes(), "application/dicom")
+    date = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyDate)
+    result = cli("predict", "--dicomweb", f"{pacs.url}/dicom-web", "--qido", f"StudyDate={date}-{date}", "--model", model,
+                 "--out", tmp_path / "sub.csv", "--dicom-out", tmp_path / "dicom", "--destination", f"dicomweb:{pacs.url}/dicom-web",
+                 "--min-slices", 8, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "localizer (scout)" in result.output and "results stored" in result.output
+    series = wait_for(lambda: results_in(pacs, uid), 10, "the results in Orthanc")
+    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 2, "SR": 1, "OT": 1, "KO": 1}
+    (sr,) = pacs.retrieve(uid, series["SR"][0])
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    got, written = read_sr_values(tmp_path / "sr.dcm"), read_sr_values(tmp_path / "dicom" / uid / "sr.dcm")
+    assert got == written and any("localizer (scout)" in line for line in got["comments"])
+    # The same values as predict on the files themselves.
+    predict(files[0].parent, [model], tmp_path / "direct.csv", dicom_out=tmp_path / "direct", device="cpu", progress=False, echo=lambda m: None)
+    direct = read_sr_values(tmp_path / "direct" / uid / "sr.dcm")
+    assert got["key_sops"] == direct["key_sops"]
+    assert {k: v["present"] for k, v in got["findings"].items()} == {k: v["present"] for k, v in direct["findings"].items()}

@@ -11,7 +11,7 @@ from pedetect.console import fail
 
 
 def predict_command(
-    input_path: Path = typer.Argument(..., help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies."),
+    input_path: Optional[Path] = typer.Argument(None, help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb)."),
     model: list[Path] = typer.Option(..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."),
     out: Path = typer.Option(..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG."),
@@ -33,6 +33,16 @@ def predict_command(
         help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
         "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
     ),
+    dicomweb: Optional[str] = typer.Option(
+        None, "--dicomweb", help="Instead of INPUT: a DICOMweb server (e.g. http://pacs:8042/dicom-web); studies from --study "
+        "and --qido are retrieved with WADO-RS, their CTPA series chosen (docs/dicom_results.md) and answered with DICOM results.",
+    ),
+    study: list[str] = typer.Option([], "--study", help="With --dicomweb: a StudyInstanceUID to predict; repeat for more."),
+    qido: list[str] = typer.Option([], "--qido", help="With --dicomweb: a QIDO-RS filter KEY=VALUE selecting studies (e.g. StudyDate=20200101-20201231); repeatable."),
+    min_slices: int = typer.Option(20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."),
+    destination: Optional[str] = typer.Option(
+        None, "--destination", help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",
+    ),
 ) -> None:
     """Predict PE from raw DICOM: every fold's CNN and sequence head of every bundle, averaged, with
     the label rules enforced (the repair of pedetect check --fix).
@@ -46,10 +56,20 @@ def predict_command(
     from pedetect.metric.submission import InputError
     from pedetect.models.bundle import BundleError
 
+    if (input_path is None) == (dicomweb is None):
+        raise fail("give one of INPUT (a folder or a zip) and --dicomweb URL")
+    if dicomweb is None and (study or qido or destination):
+        raise fail("--study, --qido and --destination go with --dicomweb")
+    options = dict(report_dir=report, device=device, tta=tta, sample=sample, batch_size=batch_size, runtime=runtime,
+                   threads=threads, progress=progress, dicom_out=dicom_out)
     try:
-        summary = predict(input_path, list(model), out, report_dir=report, device=device, tta=tta, sample=sample,
-                          batch_size=batch_size, runtime=runtime, threads=threads, progress=progress,
-                          dicom_out=dicom_out)
+        if dicomweb is not None:
+            from pedetect.hospital.dicomweb import parse_filters, predict_dicomweb
+
+            summary = predict_dicomweb(dicomweb, study, parse_filters(qido), list(model), out, destination=destination,
+                                       min_slices=min_slices, **options)
+        else:
+            summary = predict(input_path, list(model), out, **options)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
     typer.echo(summary.text(), err=True)
