@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.hospital.selection import MIN_SLICES
+from pedetect.infer.report import safe_name
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
 
 LOG = logging.getLogger("pedetect.serve")
@@ -72,7 +73,7 @@ class Spool:
         """Write an instance; returns False when the same instance was already there (sent twice)."""
         path = self.study_dir(study) / f"{_safe(sop)}.dcm"
         again = path.exists()
-        write_bytes_atomic(path, data)
+        write_bytes_atomic(path, data, fsync=True)  # on disk before the sender is told it was stored
         if not again and self.done_path(study).exists():  # a new instance of an answered study: answer it again
             self.done_path(study).unlink()
         return not again
@@ -94,20 +95,7 @@ class Spool:
 
 
 def _safe(uid: str) -> str:
-    """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(uid))[:128] or "_"
-
-
-def dataset_bytes(dataset, file_meta) -> bytes:
-    """A received dataset as a Part 10 file."""
-    from io import BytesIO
-
-    from pydicom.dataset import FileDataset
-
-    buffer = BytesIO()
-    ds = FileDataset(None, dataset, file_meta=file_meta, preamble=b"\0" * 128)
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return safe_name(str(uid))
 
 
 class Server:
@@ -154,7 +142,7 @@ class Server:
             if not study:
                 LOG.warning("instance %s not kept: no StudyInstanceUID", sop)
                 return 0xC000  # cannot understand
-            new = self.spool.store(study, sop, dataset_bytes(ds, event.file_meta))
+            new = self.spool.store(study, sop, event.encoded_dataset())  # the bytes as sent, with their file meta
             LOG.debug("received %s of study %s%s", sop, study, "" if new else " (again: replaced)")
             if not new:
                 LOG.info("instance %s of study %s received again: kept once", sop, study)
