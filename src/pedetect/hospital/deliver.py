@@ -91,7 +91,6 @@ class Outbox:
         self.first, self.most = first, most
         self._due: dict[str, tuple[float, float]] = {}  # study -> (next try, current delay)
         self._wake = threading.Event()
-        self.delivered: list[tuple[str, float]] = []  # (study, time) this process delivered
 
     def put(self, study: str, path: Path) -> Path:
         """Queue a result file (copied, atomically, into the outbox)."""
@@ -129,7 +128,6 @@ class Outbox:
                 path.unlink()
             shutil.rmtree(self.root / study, ignore_errors=True)
             self._due.pop(study, None)
-            self.delivered.append((study, time.time()))
             LOG.info("delivered study %s: %s (%s)", study, ", ".join(p.name for p in paths), self.destination.describe())
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:

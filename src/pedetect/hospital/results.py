@@ -397,11 +397,6 @@ def describe(written: StudyDicom) -> str:
     return f"DICOM results of study {written.study_uid}: {kinds}, {len(written.key_sops)} key slice(s){notes}"
 
 
-def results_manifest(written: StudyDicom) -> str:
-    return json.dumps({"study": written.study_uid, "files": [p.name for p in written.files], "key_sops": written.key_sops,
-                       "notes": written.notes})
-
-
 def write_results(results: Sequence[StudyResult], sources: dict[str, dict[str, Source]], report_dir: Path, bundles: Sequence[Any],
                   out_dir: Path) -> list[tuple[str, Optional[StudyDicom], Optional[str]]]:
     """``pedetect predict --dicom-out``: the DICOM results of every predicted study, from the report's

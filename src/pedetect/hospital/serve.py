@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.hospital.selection import MIN_SLICES
@@ -101,7 +101,7 @@ def _safe(uid: str) -> str:
 class Server:
     """The node: the SCP (started by :meth:`start`), the prediction loop and the delivery thread."""
 
-    def __init__(self, config: ServeConfig, *, predict_study: Optional[Callable[[Path, Path, Path], dict]] = None):
+    def __init__(self, config: ServeConfig):
         from pedetect.hospital.deliver import Outbox, parse_destination
 
         self.config = config
@@ -111,7 +111,6 @@ class Server:
         self.stop_event = threading.Event()
         self.ae = None
         self.server = None
-        self._predict_study = predict_study or self._predict_with_pedetect
 
     # -- the SCP
     def start(self) -> None:
@@ -195,7 +194,7 @@ class Server:
         shutil.rmtree(work, ignore_errors=True)
         started, last = time.time(), self.spool.last_received(study)
         LOG.info("predicting study %s (%d instances, %.1f s after the last one)", study, len(list(study_dir.glob("*.dcm"))), started - last)
-        record = self._predict_study(study_dir, work, work / "dicom")
+        record = self._predict_with_pedetect(study_dir, work, work / "dicom")
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
             return
@@ -259,5 +258,4 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("pedetect")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its debug logs would dump datasets
