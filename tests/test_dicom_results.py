@@ -158,3 +158,27 @@ def test_dicom_out_without_report_writes_no_report(predicted, tmp_path, cli_modu
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dicom", "sub.csv"]
     assert {p.name for p in (tmp_path / "dicom").iterdir()} == set(studies(labels))
+
+
+def test_nothing_but_the_patient_and_study_modules_comes_from_the_source(predicted, tmp_path):
+    """The source's equipment, series and acquisition attributes (InstitutionName, StationName, …) are
+    not copied: highdicom would put the equipment into ContributingEquipmentSequence."""
+    root, labels, model = predicted
+    study = studies(labels)[0]
+    canaries = {"InstitutionName": "QXCANARY INSTITUTE", "InstitutionAddress": "QXCANARY STREET", "StationName": "QXCANARYST",
+                "InstitutionalDepartmentName": "QXCANARY DEPT", "DeviceSerialNumber": "QXCANARY42", "OperatorsName": "QXCANARY^OP",
+                "PerformingPhysicianName": "QXCANARY^DR", "Manufacturer": "QXCANARY SCANNERS", "PatientComments": "kept: patient module"}
+    sources = {}
+    for path in (root / "data" / "test" / study).rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for keyword, value in canaries.items():
+            setattr(ds, keyword, value)
+        ds.save_as(tmp_path / path.name)
+        sources[ds.SOPInstanceUID] = str(tmp_path / path.name)
+    result = report_result(root / "report", study)
+    written = write_study_results(result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out")
+    assert len(written.files) == 3
+    for path in written.files:
+        assert b"QXCANARY" not in path.read_bytes(), path
+        assert pydicom.dcmread(path, stop_before_pixels=True).PatientComments == "kept: patient module"
+        assert validator_errors(path) == [], path

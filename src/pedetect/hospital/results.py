@@ -129,15 +129,50 @@ def _header(source: Source):
         raise ResultError(f"{source}: cannot read the header ({type(error).__name__}: {error})") from None
 
 
-def _with_type2(ds):
-    """``ds`` with the type 2 patient/study attributes it lacks present and empty (a copy)."""
-    import copy
+# What a result may take from its source: the Patient, General Study, Patient Study and Clinical Trial
+# Subject/Study modules (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2, C.7.1.3, C.7.2.3), the references, the character set.
+# Nothing else reaches highdicom: given the source's Manufacturer it would copy the General Equipment
+# module (InstitutionName, StationName, …) into ContributingEquipmentSequence.
+_PATIENT_STUDY = """
+PatientName PatientID IssuerOfPatientID IssuerOfPatientIDQualifiersSequence TypeOfPatientID PatientBirthDate
+PatientBirthTime PatientBirthDateInAlternativeCalendar PatientDeathDateInAlternativeCalendar PatientAlternativeCalendar
+PatientSex ReferencedPatientPhotoSequence QualityControlSubject ReferencedPatientSequence OtherPatientIDsSequence
+OtherPatientNames EthnicGroup EthnicGroupCodeSequence PatientComments PatientSpeciesDescription PatientSpeciesCodeSequence
+PatientBreedDescription PatientBreedCodeSequence BreedRegistrationSequence StrainDescription StrainNomenclature
+StrainCodeSequence StrainAdditionalInformation StrainStockSequence GeneticModificationsSequence ResponsiblePerson
+ResponsiblePersonRole ResponsibleOrganization PatientIdentityRemoved DeidentificationMethod
+DeidentificationMethodCodeSequence SourcePatientGroupIdentificationSequence GroupOfPatientsIdentificationSequence
+StudyInstanceUID StudyDate StudyTime ReferringPhysicianName ReferringPhysicianIdentificationSequence
+ConsultingPhysicianName ConsultingPhysicianIdentificationSequence StudyID AccessionNumber
+IssuerOfAccessionNumberSequence StudyDescription PhysiciansOfRecord PhysiciansOfRecordIdentificationSequence
+NameOfPhysiciansReadingStudy PhysiciansReadingStudyIdentificationSequence RequestingServiceCodeSequence
+ReferencedStudySequence ProcedureCodeSequence ReasonForPerformedProcedureCodeSequence
+AdmittingDiagnosesDescription AdmittingDiagnosesCodeSequence PatientAge PatientSize PatientWeight
+PatientBodyMassIndex MeasuredAPDimension MeasuredLateralDimension PatientSizeCodeSequence MedicalAlerts Allergies
+SmokingStatus PregnancyStatus LastMenstrualDate PatientState Occupation AdditionalPatientHistory AdmissionID
+IssuerOfAdmissionIDSequence ServiceEpisodeID IssuerOfServiceEpisodeIDSequence ServiceEpisodeDescription
+PatientSexNeutered ReasonForVisit ReasonForVisitCodeSequence
+ClinicalTrialSponsorName ClinicalTrialProtocolID ClinicalTrialProtocolName ClinicalTrialSiteID ClinicalTrialSiteName
+ClinicalTrialSubjectID ClinicalTrialSubjectReadingID ClinicalTrialProtocolEthicsCommitteeName
+ClinicalTrialProtocolEthicsCommitteeApprovalNumber ClinicalTrialTimePointID ClinicalTrialTimePointDescription
+ConsentForClinicalTrialUseSequence
+"""
+KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality")
 
-    ds = copy.copy(ds)
+
+def _with_type2(ds):
+    """A new dataset with only the source's patient and study modules and its references
+    (:data:`KEPT_FROM_SOURCE`), the type 2 patient/study attributes it lacks present and empty."""
+    from pydicom.dataset import Dataset
+
+    kept = Dataset()
+    for keyword in KEPT_FROM_SOURCE:
+        if keyword in ds:
+            kept.add(ds.data_element(keyword))
     for keyword in TYPE2_PATIENT_STUDY:
-        if keyword not in ds or ds[keyword].value is None:
-            setattr(ds, keyword, "")
-    return ds
+        if keyword not in kept or kept[keyword].value is None:
+            setattr(kept, keyword, "")
+    return kept
 
 
 def _codes():
@@ -326,13 +361,13 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
 
     comments = list(notes) + skipped_notes(result)
     sr = build_sr(result, evidence, evidence if key_datasets else [], algorithm, comments=comments, **uids("sr"))
-    written.sr = _save(sr, folder / FILE_NAMES["sr"])
+    written.sr = _save(sr, folder / FILE_NAMES["sr"], reference)
     if picture is not None and Path(picture).exists():
-        written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"])
+        written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"], reference)
     else:
         written.notes.append("no report picture (no decoded slice): no secondary capture")
     if key_datasets:
-        written.ko = _save(build_ko(evidence, algorithm, **uids("ko")), folder / FILE_NAMES["ko"])
+        written.ko = _save(build_ko(evidence, algorithm, **uids("ko")), folder / FILE_NAMES["ko"], reference)
     else:
         written.notes.append("no key slice: no key object selection")
     return written
@@ -353,7 +388,17 @@ def result_from_report(path: Path) -> StudyResult:
     return StudyResult(**{k: v for k, v in record.items() if k in names})
 
 
-def _save(dataset, path: Path) -> Path:
+def _copy_patient_study(target, reference) -> None:
+    """The patient and study attributes of ``reference`` that ``target`` lacks (highdicom's SC and KOS
+    take only the main ones), so that every result carries the same modules as the SR."""
+    for keyword in _PATIENT_STUDY.split():
+        if keyword in reference and keyword not in target:
+            target.add(reference.data_element(keyword))
+
+
+def _save(dataset, path: Path, reference=None) -> Path:
+    if reference is not None:
+        _copy_patient_study(dataset, reference)
     with atomic_path(path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)
     return path
