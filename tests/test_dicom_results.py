@@ -126,6 +126,9 @@ def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(p
     sr = pydicom.dcmread(root / "dicom" / study / "sr.dcm")
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    ko = pydicom.dcmread(root / "dicom" / study / "ko.dcm")
+    images = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in ko.ContentSequence if item.ValueType == "IMAGE"]
+    assert images == read_sr_values(root / "dicom" / study / "sr.dcm")["key_sops"]  # the key slices, as images
     sc = pydicom.dcmread(root / "dicom" / study / "sc.dcm")
     assert sc.SamplesPerPixel == 3 and sc.pixel_array.shape[2] == 3 and sc.pixel_array.std() > 0
 

@@ -157,7 +157,10 @@ ClinicalTrialSubjectID ClinicalTrialSubjectReadingID ClinicalTrialProtocolEthics
 ClinicalTrialProtocolEthicsCommitteeApprovalNumber ClinicalTrialTimePointID ClinicalTrialTimePointDescription
 ConsentForClinicalTrialUseSequence
 """
-KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality")
+KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality",
+    "Rows", "Columns",  # an image: the KOS references it as IMAGE, not COMPOSITE
+)
 
 
 def _with_type2(ds):
