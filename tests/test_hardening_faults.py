@@ -395,8 +395,6 @@ def test_predict_on_a_full_disk_keeps_no_partial_file_and_the_rerun_finishes(dis
     no_partial_report_file(disk.folder / "report")
 
 
-@pytest.mark.xfail(strict=True, reason="src/pedetect/infer/command.py does not catch a full disk yet: a traceback ends the run "
-                   "(needs: except OSError as error: if pedetect.io.is_disk_full(error): raise fail('no room to write …', code=1))")
 def test_predict_on_a_full_disk_says_so_without_a_traceback(disk_fault, bigger_dicom, random_bundle):
     disk = disk_fault(200 * 1024 if FAULT_IS_TMPFS(disk_fault) else 4 * 1024)
     first = disk.run(*predict_args(bigger_dicom, random_bundle, disk.folder))

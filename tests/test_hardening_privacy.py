@@ -180,13 +180,6 @@ def test_dicom_results_copy_the_patient_and_study_modules_whole(chain):
             assert str(ds.data_element(keyword).value) == CANARIES[keyword], (path, keyword)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pedetect.hospital.results: highdicom's SR and SC constructors add ContributingEquipment.for_image_acquisition("
-    "source) to ContributingEquipmentSequence, copying the source's InstitutionName (General Equipment module, not "
-    "Patient/Study): the evidence datasets need InstitutionName (and InstitutionAddress, InstitutionalDepartmentName, "
-    "StationName, DeviceSerialNumber) removed before highdicom sees them",
-)
 def test_dicom_results_carry_nothing_else_of_the_source(chain):
     found = {str(p.relative_to(chain.work)): hits for p in chain.results if (hits := result_leaks(p))}
     assert found == {}, found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,16 @@ def predict_command(
             summary = predict(input_path, list(model), out, **options)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
+    except OSError as error:
+        from pedetect.io import is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        raise fail(
+            f"no room to write {error.filename or out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
+            "no file was left half-written and no submission was written: free space and run the same command again",
+            code=1,
+        ) from None
     typer.echo(summary.text(), err=True)
     if report is not None:
         typer.echo(f"report: {report / 'index.html'}", err=True)
