@@ -311,7 +311,7 @@ def test_dicom_files_are_valid_and_round_trip_the_rendered_hu(dataset):
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             assert ds.StudyInstanceUID == study_uid and ds.SeriesInstanceUID == frame.iloc[0]["SeriesInstanceUID"]
             assert re.fullmatch(r"SYNTHETIC\^PHANTOM-\d{4}", str(ds.PatientName))
-            assert re.fullmatch(r"SYNTH-\d{4}", ds.PatientID) and "PatientBirthDate" not in ds
+            assert re.fullmatch(r"SYNTH-\d{4}", ds.PatientID) and ds.PatientBirthDate == "" and ds.PatientSex == ""  # type 2: present, empty
             assert ds.RescaleType == "HU" and "WindowCenter" in ds and "SliceThickness" in ds
             np.testing.assert_array_equal(hu_of(ds), study.hu[k])
             np.testing.assert_array_equal(ds.pixel_array, study.stored[k])

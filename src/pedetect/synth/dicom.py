@@ -63,8 +63,8 @@ def _template(plan: StudyPlan) -> Dataset:
     ds.PatientName = f"SYNTHETIC^PHANTOM-{plan.patient}"
     ds.PatientID = f"SYNTH-{plan.patient}"
     # Type 2 attributes are present, empty where unknown, as real CT has them: DICOM results
-    # (pedetect.hospital) copy the patient and study modules. PatientBirthDate, also type 2, is left
-    # out for now (tests/test_synth.py asserts its absence); the results write it empty when missing.
+    # (pedetect.hospital) copy the patient and study modules. A phantom has no birth date or sex.
+    ds.PatientBirthDate = ""
     ds.PatientSex = ""
     ds.BodyPartExamined = "CHEST"
     ds.SliceThickness = ds_str(sc.thickness)
