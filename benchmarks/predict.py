@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--full-config", type=Path, default=ROOT / "configs" / "rsna_4th_rexnet200.yaml")
     parser.add_argument("--full-folds", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--skip-demo", action="store_true", help="Only the full-size recipe (no demo bundle, no memory runs).")
     parser.add_argument("--demo-dir", type=Path, help="A finished pedetect demo --out DIR: also each runtime's score on its test set.")
     parser.add_argument("--threads", type=int, help="predict --threads (default: every core).")
     args = parser.parse_args()
@@ -155,7 +156,7 @@ def main() -> None:
         store = prepare_store(study, tmp / "store")
         print(f"synthetic studies ({args.slices} and {args.memory_slices} slices, 512x512) in {time.perf_counter() - started:.0f} s; "
               f"torch threads {torch.get_num_threads()}", flush=True)
-        bundles = [("demo (3 folds, pedetect_small_cnn 128 px)", make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None))]
+        bundles = [] if args.skip_demo else [("demo (3 folds, pedetect_small_cnn 128 px)", make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None))]
         if not args.skip_full:
             name = f"{args.full_config.stem} ({args.full_folds} fold, random weights)"
             bundles.append((name, make_bundle(args.full_config, tmp / "full", args.full_folds)))
@@ -166,7 +167,7 @@ def main() -> None:
             for runtime in RUNTIMES:
                 rows.append((name, runtime, run_predict(study, bundle, tmp / "a.csv", ["--runtime", runtime, *threads])))
                 print(rows[-1], flush=True)
-        for runtime in RUNTIMES:
+        for runtime in RUNTIMES if not args.skip_demo else ():
             memory.append((runtime, run_predict(big, bundles[0][1], tmp / "b.csv", ["--runtime", runtime, *threads])))
             print(f"{args.memory_slices}-slice study, demo bundle, {runtime}: {memory[-1][1]}", flush=True)
         accuracy = demo_accuracy(args.demo_dir, tmp) if args.demo_dir else []
@@ -181,8 +182,9 @@ def main() -> None:
         speedup = baseline[name] / model if model > 0 else float("nan")
         print(f"| {name} | {runtime} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {model:.1f} | {speedup:.2f} | {_gb(r['peak_gb'])} | {r['parts']} |")
     print("\nexport (fp32 and int8, checked on the study): " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports))
-    print(f"peak memory, {args.memory_slices}-slice 512x512 study, demo bundle: "
-          + ", ".join(f"{runtime} {_gb(r['peak_gb'])} GB ({r['predict_s']:.1f} s)" for runtime, r in memory))
+    if memory:
+        print(f"peak memory, {args.memory_slices}-slice 512x512 study, demo bundle: "
+              + ", ".join(f"{runtime} {_gb(r['peak_gb'])} GB ({r['predict_s']:.1f} s)" for runtime, r in memory))
     if accuracy:
         print(f"\n{args.demo_dir} test set: " + ", ".join(f"{runtime} score {a['score']:.4f}, slice AUC {a['slice_auc']:.4f}" for runtime, a in accuracy))
 
