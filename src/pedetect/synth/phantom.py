@@ -178,7 +178,10 @@ class Anatomy:
     dome_left: float
     heart_centre: tuple[float, float]
     heart_angle: float
-    w_lv: float  # ventricle short-axis diameters (drawn; their ratio gives the rv_lv label)
+    # Blood-pool short-axis diameters of the ventricles where they are widest. Both ventricles scale
+    # together along z, so every axial slice through them shows this ratio (the radiologist's
+    # measurement); the exam's RV/LV label is w_rv / w_lv >= 1.
+    w_lv: float
     w_rv: float
     l_lv: float
     l_rv: float
@@ -710,8 +713,10 @@ def _draw_labels(rng: np.random.Generator, positive_fraction: float, indetermina
     n_emboli = max(len(wanted), 1 + int(rng.poisson(1.3)), 2 if chronicity == "both" else 1)
     n_emboli = min(n_emboli, 7)
     gte = rng.random() < RV_LV_GTE_1_FRACTION
-    ratio_positive = rng.uniform(1.03, 1.5) if gte else rng.uniform(0.62, 0.95)
-    ratio_other = rng.uniform(1.03, 1.2) if rng.random() < 0.08 else rng.uniform(0.6, 0.95)
+    # The RV/LV diameter ratio is continuous across 1 (no margin around the threshold): an exam at
+    # 0.99 and one at 1.01 differ by half a millimetre of right ventricle, as in real scans.
+    ratio_positive = rng.uniform(1.0, 1.5) if gte else rng.uniform(0.6, 1.0)
+    ratio_other = rng.uniform(1.0, 1.2) if rng.random() < 0.08 else rng.uniform(0.6, 1.0)
     if kind == "indeterminate":
         qa_contrast = rng.random() < 0.7
         qa_motion = rng.random() < (0.5 if qa_contrast else 0.9)

@@ -1,0 +1,216 @@
+"""Where the heart is in a series, from its Hounsfield units alone (no hand-drawn labels).
+
+A CTPA shows the heart as the largest pool of contrast-enhanced blood inside the thoracic cavity:
+the ventricles and atria together are several times the cross-section of any vessel, and the
+solid organs below the diaphragm (liver, spleen) are not enhanced to blood's level. So, slice by
+slice, on the windowed images of the store (or of ``predict``'s reader):
+
+1. the Hounsfield units are recovered from the three window channels (:func:`estimate_hu`);
+2. the lungs are the air-filled pixels inside the body; the cavity between and around them is each
+   image row from the first lung pixel to the last;
+3. blood is ``BLOOD_HU`` ≤ HU < ``BONE_HU`` inside the cavity and outside the lungs; an opening
+   by a disk of ``OPENING`` keeps what is thicker than about 2 cm, the chambers (and the aortic
+   root), and drops the vessels and the hilar branches; on each slice the chambers are the thick
+   regions of at least ``CHAMBER_SHARE`` of its largest;
+4. the heart's slices are the run of slices around the largest chamber area where it keeps at
+   least ``SLICE_SHARE`` of it; the box is the union of the chambers' bounding boxes there,
+   widened by ``MARGIN`` (the myocardium and pericardium around the blood) and made square.
+
+Distances are fractions of the image side, not millimetres: the reader's images carry no pixel
+spacing, and a CT field of view is about 350 mm whatever the matrix (so 0.03 of the side is about
+10 mm). Where no blood region is found (an unenhanced scan) the box is the cavity's central
+anterior part and ``found`` is False: the heart model still gets an input, and the caller can count
+such series.
+
+The crop (:func:`heart_crop`) resamples the box to a fixed ``depth × size²`` block in a given window
+(the 2nd place's mediastinal L50/W350 by default), the input of :mod:`pedetect.models.heart`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+BLOOD_HU = 100.0  # contrast-enhanced blood is above it; myocardium, liver and muscle (40-75 HU) below
+BONE_HU = 600.0  # cortical bone is above it
+AIR_HU = -500.0  # lung parenchyma and air are below it
+BODY_HU = -300.0  # soft tissue, fat and the table are above it
+OPENING = 0.025  # of the side: about 9 mm; an opening by it keeps the chambers and drops the vessels
+CHAMBER_SHARE = 0.2  # a thick blood region this share of the slice's largest is a chamber too
+SLICE_SHARE = 0.3  # a heart slice keeps this share of the largest region's area
+MARGIN = 0.04  # of the side, around the blood pools' box: the myocardium and the opening's loss
+WORK_SIDE = 128  # images are reduced to this side for the search (the box is scaled back)
+
+
+@dataclass(frozen=True)
+class HeartBox:
+    """Slices ``z0 ≤ k < z1``, rows ``y0 ≤ r < y1`` and columns ``x0 ≤ c < x1`` of the series as read."""
+
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    found: bool  # a blood region was found (else the box is the cavity's central anterior part)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
+    """Hounsfield units of ``volume`` (N, H, W, C) uint8, channel c windowed by ``windows[c]`` (level,
+    width), as float32 (N, H, W). Each pixel takes the narrowest window in which it is not clipped
+    (the most precise); clipped everywhere, the widest window's bound."""
+    windows = [(float(level), float(width)) for level, width in windows]
+    if volume.ndim != 4 or volume.shape[-1] != len(windows):
+        raise ValueError(f"expected (N, H, W, {len(windows)}) images, got shape {volume.shape}")
+    order = sorted(range(len(windows)), key=lambda c: -windows[c][1])  # widest first, narrowest last wins
+    hu = None
+    for c in order:
+        level, width = windows[c]
+        channel = volume[..., c]
+        values = (level - width / 2.0) + channel.astype(np.float32) * (width / 255.0)
+        if hu is None:
+            hu = values
+        else:
+            inside = (channel > 0) & (channel < 255)
+            hu = np.where(inside, values, hu)
+    return hu.astype(np.float32)
+
+
+def _reduce(hu: np.ndarray, step: int) -> np.ndarray:
+    """Means of ``step`` × ``step`` blocks, then a light blur: the search works on the anatomy, not
+    the noise (a left ventricle at 120 HU under 25 HU of noise breaks up when thresholded raw)."""
+    from scipy import ndimage
+
+    n, h, w = hu.shape
+    h2, w2 = h // step * step, w // step * step
+    small = hu[:, :h2, :w2].reshape(n, h2 // step, step, w2 // step, step).mean(axis=(2, 4))
+    return ndimage.gaussian_filter(small, sigma=(0, 1.0, 1.0)).astype(np.float32)
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = max(int(radius), 1)
+    y, x = np.ogrid[-r : r + 1, -r : r + 1]
+    return (x * x + y * y) <= r * r
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def _chambers(thick: np.ndarray) -> np.ndarray:
+    """The thick blood regions that are a sizeable part of the slice's largest (the chambers, not a
+    vessel that survived the opening)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(thick)
+    if n == 0:
+        return thick
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= CHAMBER_SHARE * sizes.max()) + 1
+    return np.isin(labels, keep)
+
+
+def _cavity(lung: np.ndarray) -> np.ndarray:
+    """Each row from its first lung pixel to its last (the space the lungs wrap: mediastinum, heart)."""
+    cols = np.arange(lung.shape[1])
+    has = lung.any(axis=1)
+    first = np.where(has, np.argmax(lung, axis=1), lung.shape[1])
+    last = np.where(has, lung.shape[1] - 1 - np.argmax(lung[:, ::-1], axis=1), -1)
+    return (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
+
+
+def locate_heart(hu: np.ndarray) -> HeartBox:
+    """The heart's box in a series' Hounsfield units ``hu`` (N, H, W), slices in position order."""
+    from scipy import ndimage
+
+    n, h, w = hu.shape
+    step = max(1, int(round(max(h, w) / WORK_SIDE)))
+    small = _reduce(hu, step)
+    side = max(small.shape[1:])
+    opening = _disk(int(round(OPENING * side)))
+    areas = np.zeros(n)
+    boxes: list[tuple[int, int, int, int] | None] = [None] * n
+    cavities = np.zeros(small.shape, dtype=bool)
+    for k in range(n):
+        body = ndimage.binary_fill_holes(_largest_component(small[k] > BODY_HU))
+        lung = body & (small[k] < AIR_HU)
+        cavity = _cavity(lung) & body
+        cavities[k] = cavity
+        blood = cavity & ~lung & (small[k] >= BLOOD_HU) & (small[k] < BONE_HU)
+        if not blood.any():
+            continue
+        region = _chambers(ndimage.binary_opening(blood, structure=opening))
+        if not region.any():
+            continue
+        rows, cols = np.nonzero(region)
+        areas[k] = len(rows)
+        boxes[k] = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    margin = MARGIN * side
+    if areas.max() > 0:
+        peak = int(np.argmax(areas))
+        keep = areas >= SLICE_SHARE * areas[peak]
+        z0 = peak
+        while z0 > 0 and keep[z0 - 1]:
+            z0 -= 1
+        z1 = peak + 1
+        while z1 < n and keep[z1]:
+            z1 += 1
+        chosen = [boxes[k] for k in range(z0, z1) if boxes[k] is not None]
+        y0, y1 = min(b[0] for b in chosen), max(b[1] for b in chosen)
+        x0, x1 = min(b[2] for b in chosen), max(b[3] for b in chosen)
+        z0, z1 = max(0, z0 - 1), min(n, z1 + 1)  # the slices just beyond still hold myocardium
+        found = True
+    else:  # no enhanced blood: the central anterior part of the cavity over the middle slices
+        rows, cols = np.nonzero(cavities.any(axis=0))
+        if len(rows) == 0:
+            rows, cols = np.array([0, small.shape[1] - 1]), np.array([0, small.shape[2] - 1])
+        cy, cx = (rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0
+        half = 0.2 * side
+        y0, y1, x0, x1 = int(cy - 2 * half), int(cy), int(cx - half), int(cx + half)
+        z0, z1 = n // 4, max(n // 4 + 1, (3 * n) // 4)
+        found = False
+    # Back to the series' pixels, widened by the margin, made square about its centre, clipped.
+    y0, y1, x0, x1 = y0 - margin, y1 + margin, x0 - margin, x1 + margin
+    half = max(y1 - y0, x1 - x0) / 2.0
+    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
+    y0, y1, x0, x1 = (cy - half) * step, (cy + half) * step, (cx - half) * step, (cx + half) * step
+    return HeartBox(
+        z0=int(z0), z1=int(z1),
+        y0=int(max(0, np.floor(y0))), y1=int(min(h, np.ceil(y1))),
+        x0=int(max(0, np.floor(x0))), x1=int(min(w, np.ceil(x1))),
+        found=bool(found),
+    )
+
+
+def heart_crop(hu: np.ndarray, box: HeartBox, *, depth: int, size: int, window: Sequence[float]) -> np.ndarray:
+    """The box of ``hu`` (N, H, W) in ``window`` (level, width), resampled (linear) to (depth, size, size) uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    block = hu[box.z0 : box.z1, box.y0 : box.y1, box.x0 : box.x1]
+    if block.size == 0:
+        raise ValueError(f"empty heart box {box} for a series of shape {hu.shape}")
+    level, width = float(window[0]), float(window[1])
+    scaled = np.clip((block - (level - width / 2.0)) / width, 0.0, 1.0).astype(np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(scaled))[None, None]
+    resized = F.interpolate(tensor, size=(int(depth), int(size), int(size)), mode="trilinear", align_corners=False)
+    return np.round(resized[0, 0].numpy() * 255.0).astype(np.uint8)
+
+
+def series_heart_crop(volume: np.ndarray, windows: Sequence[Sequence[float]], *, depth: int, size: int,
+                      window: Sequence[float]) -> tuple[np.ndarray, HeartBox]:
+    """The heart crop of a windowed series ``volume`` (N, H, W, 3) uint8 and the box it came from."""
+    hu = estimate_hu(volume, windows)
+    box = locate_heart(hu)
+    return heart_crop(hu, box, depth=depth, size=size, window=window), box
