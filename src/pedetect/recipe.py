@@ -17,6 +17,7 @@ Layout (top-level sections)::
     seq:      stage 2, the sequence head over each series' slice embeddings (encoder, inputs,
               optimiser, schedule, epochs); :class:`OptimizerConfig`, :class:`SchedulerConfig`
               are shared with ``cnn``
+    heart:    optional, the RV/LV heart model (crop, 3D CNN, training) stacked on stage 2
 
 Single values can be overridden from the command line: ``--set cnn.optimizer.lr=3e-4``
 (:func:`apply_overrides`); the value is read as YAML.
@@ -307,6 +308,27 @@ class SeqConfig(Section):
         return self
 
 
+class HeartConfig(Section):
+    """The heart model (RV/LV): a small 3D CNN on each series' heart, found from its Hounsfield units
+    (:mod:`pedetect.data.heart_box`), trained on the RV/LV label of positive exams, its logit stacked
+    with the sequence head's RV/LV output by a logistic regression fitted out of fold."""
+
+    depth: int = Field(16, ge=2, description="Slices of the heart crop (the heart's slices resampled to this many).")
+    size: int = Field(64, ge=16, description="Side of the square heart crop, in pixels.")
+    window: tuple[float, float] = Field((50.0, 350.0), description="Level and width of the crop's window (mediastinal).")
+    widths: list[int] = Field(default_factory=lambda: [8, 16, 32, 64], min_length=1, description="Channels of each 3D conv stage.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output.")
+    shift: float = Field(0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side.")
+    intensity: float = Field(0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i].")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: each class of the RV/LV label weighs the same in the loss (weighted BCE)."
+    )
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=1e-2))
+    scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(name="cosine"))
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +342,7 @@ class ExperimentConfig(Section):
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     seq: SeqConfig = Field(default_factory=SeqConfig)
+    heart: Optional[HeartConfig] = Field(None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone).")
 
     @model_validator(mode="after")
     def _seq_has_inputs(self) -> "ExperimentConfig":

@@ -26,8 +26,9 @@ def write_random_bundle(
     prior: dict[str, float] | None = None,
     store_settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a bundle of ``folds`` folds of ``config``'s CNN and sequence head with random weights
-    (seeded), readable by :func:`pedetect.models.bundle.read_bundle` and ``predict``."""
+    """Write a bundle of ``folds`` folds of ``config``'s CNN and sequence head (and heart model, with
+    a stacker that weighs it, when the config has a heart section) with random weights (seeded),
+    readable by :func:`pedetect.models.bundle.read_bundle` and ``predict``."""
     import pandas as pd
     import torch
 
@@ -56,7 +57,20 @@ def write_random_bundle(
         write_complete(cnn_dir(out, k), {})
         save_sequence_head(build_sequence_head(config.seq, width, input_columns=config.seq_input_columns), seq_dir(out, k) / WEIGHTS_FILE)
         write_complete(seq_dir(out, k), {})
-    write_bundle_info(out, folds=list(range(folds)), embedding_dim=width, cv_score=None)
+        if config.heart is not None:
+            from pedetect.models.heart import build_heart_model, save_heart_model
+            from pedetect.models.layout import heart_dir
+
+            save_heart_model(build_heart_model(config.heart), heart_dir(out, k) / WEIGHTS_FILE)
+            write_complete(heart_dir(out, k), {})
+    stages = ["cnn", "embed", "seq"]
+    if config.heart is not None:
+        from pedetect.models.heart import HeartStack
+        from pedetect.models.layout import HEART_STACK_FILE, stage_root
+
+        HeartStack(a=1.0, b=2.0, c=0.0).save(stage_root(out, "heart") / HEART_STACK_FILE)
+        stages.append("heart")
+    write_bundle_info(out, folds=list(range(folds)), embedding_dim=width, cv_score=None, stages=stages)
     if store_settings is not None:
         write_preprocessing(out, store_settings)
     return out

@@ -8,7 +8,8 @@ slice, on the windowed images of the store (or of ``predict``'s reader):
 1. the Hounsfield units are recovered from the three window channels (:func:`estimate_hu`);
 2. the lungs are the air-filled pixels inside the body; the cavity between and around them is each
    image row from the first lung pixel to the last;
-3. blood is ``BLOOD_HU`` ≤ HU < ``BONE_HU`` inside the cavity and outside the lungs; an opening
+3. blood is HU ≥ ``BLOOD_HU`` inside the cavity, outside the lungs and in front of the spine
+   (the posterior ``SPINE_SHARE`` of the chest, where bone marrow is as bright as blood); an opening
    by a disk of ``OPENING`` keeps what is thicker than about 2 cm, the chambers (and the aortic
    root), and drops the vessels and the hilar branches; on each slice the chambers are the thick
    regions of at least ``CHAMBER_SHARE`` of its largest;
@@ -16,7 +17,8 @@ slice, on the windowed images of the store (or of ``predict``'s reader):
    least ``SLICE_SHARE`` of it; the box is the union of the chambers' bounding boxes there,
    widened by ``MARGIN`` (the myocardium and pericardium around the blood) and made square.
 
-Distances are fractions of the image side, not millimetres: the reader's images carry no pixel
+Image rows are taken to run from the front of the patient to the back (the standard axial
+orientation of supine CT). Distances are fractions of the image side, not millimetres: the reader's images carry no pixel
 spacing, and a CT field of view is about 350 mm whatever the matrix (so 0.03 of the side is about
 10 mm). Where no blood region is found (an unenhanced scan) the box is the cavity's central
 anterior part and ``found`` is False: the heart model still gets an input, and the caller can count
@@ -34,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 BLOOD_HU = 100.0  # contrast-enhanced blood is above it; myocardium, liver and muscle (40-75 HU) below
-BONE_HU = 600.0  # cortical bone is above it
+SPINE_SHARE = 0.25  # the posterior part of the chest, front to back, that holds the spine
 AIR_HU = -500.0  # lung parenchyma and air are below it
 BODY_HU = -300.0  # soft tissue, fat and the table are above it
 OPENING = 0.025  # of the side: about 9 mm; an opening by it keeps the chambers and drops the vessels
@@ -63,21 +65,23 @@ class HeartBox:
 def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
     """Hounsfield units of ``volume`` (N, H, W, C) uint8, channel c windowed by ``windows[c]`` (level,
     width), as float32 (N, H, W). Each pixel takes the narrowest window in which it is not clipped
-    (the most precise); clipped everywhere, the widest window's bound."""
+    (the most precise); clipped in every window, the farthest bound it is clipped at (with the
+    store's windows, anything above 450 HU reads 450: bone and the densest contrast look alike)."""
     windows = [(float(level), float(width)) for level, width in windows]
     if volume.ndim != 4 or volume.shape[-1] != len(windows):
         raise ValueError(f"expected (N, H, W, {len(windows)}) images, got shape {volume.shape}")
-    order = sorted(range(len(windows)), key=lambda c: -windows[c][1])  # widest first, narrowest last wins
-    hu = None
-    for c in order:
+    high = np.full(volume.shape[:3], -np.inf, dtype=np.float32)
+    low = np.full(volume.shape[:3], np.inf, dtype=np.float32)
+    for c, (level, width) in enumerate(windows):
+        channel = volume[..., c]
+        high = np.where(channel == 255, np.maximum(high, level + width / 2.0), high)
+        low = np.where(channel == 0, np.minimum(low, level - width / 2.0), low)
+    hu = np.where(np.isfinite(high), high, low)  # clipped in every window (overwritten below where not)
+    for c in sorted(range(len(windows)), key=lambda c: -windows[c][1]):  # widest first: the narrowest wins
         level, width = windows[c]
         channel = volume[..., c]
-        values = (level - width / 2.0) + channel.astype(np.float32) * (width / 255.0)
-        if hu is None:
-            hu = values
-        else:
-            inside = (channel > 0) & (channel < 255)
-            hu = np.where(inside, values, hu)
+        inside = (channel > 0) & (channel < 255)
+        hu = np.where(inside, (level - width / 2.0) + channel.astype(np.float32) * (width / 255.0), hu)
     return hu.astype(np.float32)
 
 
@@ -106,6 +110,18 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     return labels == (1 + int(np.argmax(sizes)))
+
+
+def _in_front_of_the_spine(lung: np.ndarray) -> np.ndarray:
+    """Rows in front of the posterior ``SPINE_SHARE`` of the lungs' front-to-back extent: the vertebral
+    body (its marrow as bright as blood, its cortex clipped like dense contrast) and the descending
+    aorta lie there, the heart in front of them."""
+    rows = np.flatnonzero(lung.any(axis=1))
+    keep = np.zeros(lung.shape, dtype=bool)
+    if len(rows):
+        front, back = rows.min(), rows.max()
+        keep[: int(back - SPINE_SHARE * (back - front)) + 1] = True
+    return keep
 
 
 def _chambers(thick: np.ndarray) -> np.ndarray:
@@ -147,7 +163,7 @@ def locate_heart(hu: np.ndarray) -> HeartBox:
         lung = body & (small[k] < AIR_HU)
         cavity = _cavity(lung) & body
         cavities[k] = cavity
-        blood = cavity & ~lung & (small[k] >= BLOOD_HU) & (small[k] < BONE_HU)
+        blood = cavity & ~lung & (small[k] >= BLOOD_HU) & _in_front_of_the_spine(lung)
         if not blood.any():
             continue
         region = _chambers(ndimage.binary_opening(blood, structure=opening))

@@ -11,6 +11,10 @@ Runtime (fp32, or an int8 CNN); ``auto`` takes per bundle the fastest one its ex
 enough (:func:`pedetect.models.onnx.choose_runtime`). Every runtime answers the same two calls
 (``embed`` a batch of slices, ``predict_series`` one series), so batching and pairing do not change.
 
+Bundles with a heart model (a ``heart:`` section): each fold's heart model reads the series' heart
+crop (found from its Hounsfield units, :mod:`pedetect.data.heart_box`), and the bundle's stacker
+re-splits that fold's P(positive) between the two RV/LV labels (:class:`pedetect.models.heart.HeartStack`).
+
 Where the model looks: with ``embed.location_grid`` G, each CNN's embedding ends with its slice
 logit on each cell of a G × G grid over its (cropped) input. The report's viewer draws those cells'
 probabilities, averaged over the folds (and flip views) of the first bundle that has a grid.
@@ -47,6 +51,7 @@ class _Member:
     read: tuple  # preprocessing key
     runtime: str
     location: tuple[int, float]  # (embed.location_grid, cnn.input.crop): the grid over the CNN's crop of the slice
+    heart: Any = None  # (HeartCNN, HeartConfig, HeartStack) of a bundle with a heart model
 
 
 class LocationView(NamedTuple):
@@ -80,6 +85,8 @@ class Ensemble:
         threads: int | None = None,
     ):
         from pedetect.models.bundle import read_bundle, read_preprocessing
+        from pedetect.models.heart import HeartStack, load_heart_model
+        from pedetect.models.layout import HEART_STACK_FILE, WEIGHTS_FILE, heart_dir
         from pedetect.models.onnx import choose_runtime, load_runtime_fold
         from pedetect.models.sequence import load_sequence_head
         from pedetect.models.slice_classifier import load_slice_classifier
@@ -96,6 +103,7 @@ class Ensemble:
         self.members: list[_Member] = []
         for b, bundle in enumerate(self.bundles):
             chosen = self.runtimes[b][0]
+            stack = HeartStack.load(bundle.path / "heart" / HEART_STACK_FILE) if bundle.config.heart is not None else None
             for k in bundle.folds:
                 if chosen == "torch":
                     cnn = load_slice_classifier(bundle.path, k, config=bundle.config, device=device)
@@ -103,8 +111,12 @@ class Ensemble:
                 else:
                     cnn, head = load_runtime_fold(bundle.path, k, chosen, threads=threads)
                 location = (int(bundle.config.embed.location_grid), float(bundle.config.cnn.input.crop))
+                heart = None
+                if stack is not None:  # small: PyTorch whatever the runtime of the CNN
+                    model = load_heart_model(heart_dir(bundle.path, k) / WEIGHTS_FILE, bundle.config.heart, device=device)
+                    heart = (model, bundle.config.heart, stack)
                 self.members.append(
-                    _Member(b, k, cnn, head, bundle.config.cnn.input, preprocessing_key(self.preprocessing[b]), chosen, location)
+                    _Member(b, k, cnn, head, bundle.config.cnn.input, preprocessing_key(self.preprocessing[b]), chosen, location, heart)
                 )
         # One grid for the viewer: members drawing on other grids or crops cannot be averaged cell by cell.
         first = next((m for m in self.members if m.location[0] > 0), None)
@@ -131,15 +143,20 @@ class Ensemble:
         per_bundle: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         cells: list[np.ndarray] = []
         view_of_grid = self.location_view
+        crops: dict[tuple, np.ndarray] = {}
         for member in self.members:
             volume = volumes[member.read]
+            heart_logit = self._heart_logit(member, volume, crops) if member.heart is not None else None
             views = [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]  # flip: a view, copied batch by batch
             for view, flipped in views:
                 embeddings, logits = embed_volume(member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device)
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
                 if flipped:  # a mirrored series is a mirrored patient: its left is the original's right
                     exam_logits = exam_logits[SIDE_SWAP]
-                per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), sigmoid(exam_logits)))
+                exams = sigmoid(exam_logits)
+                if heart_logit is not None:  # RV/LV re-split by the stacker (the heart read unflipped: its sides matter)
+                    exams = member.heart[2].apply(exams, heart_logit).astype(exams.dtype)
+                per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), exams))
                 if view_of_grid is not None and member.location == (view_of_grid.grid, view_of_grid.crop) and member.read == view_of_grid.read:
                     g = view_of_grid.grid
                     # The embedding's last G² columns, row-major over the crop (SliceClassifier.embed).
@@ -150,3 +167,14 @@ class Ensemble:
         # Probabilities, not logits, are averaged: the folds' CNNs end on different logit scales.
         location = np.mean(cells, axis=0).astype(np.float32) if cells else None
         return SeriesPrediction(slices, exams, location)
+
+    def _heart_logit(self, member: _Member, volume: np.ndarray, crops: dict[tuple, np.ndarray]) -> float:
+        """Fold ``member``'s heart model on the series' heart crop (made once per reading and crop setting)."""
+        from pedetect.data.heart_box import series_heart_crop
+
+        model, heart, _ = member.heart
+        key = (member.read, heart.depth, heart.size, tuple(heart.window))
+        if key not in crops:
+            windows = member.read[0]  # the three windows the series was read with (preprocessing_key)
+            crops[key], _ = series_heart_crop(volume, windows, depth=heart.depth, size=heart.size, window=heart.window)
+        return float(model.predict(crops[key][None], device=self.device)[0])

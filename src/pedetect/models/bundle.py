@@ -70,7 +70,7 @@ def paired_folds(model_dir: str | Path) -> list[int]:
 # What a bundle from someone else may hold: bundle.json's keys, and caps on the small files read whole.
 BUNDLE_KEYS = ("format", "folds", "stages", "embedding_dim", "cv_score", "starting_weights")
 MAX_SMALL_FILE = 16 << 20  # config.yaml, prior.json, folds.csv, bundle.json, preprocessing.json, COMPLETE
-WEIGHT_KINDS = {"cnn": "pedetect.slice_classifier", "seq": "pedetect.sequence_head"}
+WEIGHT_KINDS = {"cnn": "pedetect.slice_classifier", "seq": "pedetect.sequence_head", "heart": "pedetect.heart_model"}
 
 
 def _inside(root: Path, path: Path) -> Path:
@@ -178,8 +178,17 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
     with torch.device("meta"):
         head = build_sequence_head(config.seq, width, input_columns=config.seq_input_columns)
     head_shapes = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+    checks = [("cnn", cnn_dir, cnn_shapes, "CNN"), ("seq", seq_dir, head_shapes, "sequence head")]
+    if config.heart is not None:
+        from pedetect.models.heart import build_heart_model
+        from pedetect.models.layout import heart_dir
+
+        with torch.device("meta"):
+            heart = build_heart_model(config.heart)
+        checks.append(("heart", heart_dir, {name: tuple(t.shape) for name, t in heart.state_dict().items()}, "heart model"))
     for k in folds:
-        for stage, directory, expected, what in (("cnn", cnn_dir(model_dir, k), cnn_shapes, "CNN"), ("seq", seq_dir(model_dir, k), head_shapes, "sequence head")):
+        for stage, directory_of, expected, what in checks:
+            directory = directory_of(model_dir, k)
             path = directory / WEIGHTS_FILE
             if not path.is_file():
                 raise BundleError(f"{path} is missing: fold {k}'s {what} has no weights")
@@ -285,8 +294,25 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
     embedding_dim = _check_info(model_dir / BUNDLE_FILE, info, expected)
     read_preprocessing(model_dir)
     check_weights(model_dir, config, usable, embedding_dim)
+    if config.heart is not None:
+        _check_stack(root, model_dir)
     _check_onnx(model_dir, usable)
     return Bundle(model_dir, config, usable, {label: float(prior[label]) for label in prior}, embedding_dim)
+
+
+def _check_stack(root: Path, model_dir: Path) -> None:
+    """heart/stack.json: the stacker's three finite numbers."""
+    from pedetect.models.heart import HeartStack
+    from pedetect.models.layout import HEART_STACK_FILE
+
+    path = model_dir / "heart" / HEART_STACK_FILE
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: the recipe has a heart model but no stacker (run pedetect train --stage heart)")
+    _small_file(root, path)
+    try:
+        HeartStack.load(path)
+    except ValueError as error:
+        raise BundleError(str(error)) from None
 
 
 def _check_info(path: Path, info: Any, folds: list[int]) -> int | None:
@@ -310,14 +336,15 @@ def _check_info(path: Path, info: Any, folds: list[int]) -> int | None:
 
 
 def write_bundle_info(
-    model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None, starting_weights: dict[str, str] | None = None
+    model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None, starting_weights: dict[str, str] | None = None,
+    stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """``MODEL_DIR/bundle.json``, written when a full training run finishes; ``starting_weights``:
     where the CNN's training started (:func:`pedetect.models.backbone.weights_provenance`)."""
     from pedetect.io import write_json_atomic
     from pedetect.models.layout import STAGES
 
-    info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": list(STAGES), "embedding_dim": embedding_dim, "cv_score": cv_score}
+    info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": list(stages or STAGES[:3]), "embedding_dim": embedding_dim, "cv_score": cv_score}
     if starting_weights is not None:
         info["starting_weights"] = starting_weights
     write_json_atomic(Path(model_dir) / BUNDLE_FILE, info)

@@ -16,6 +16,10 @@
     MODEL_DIR/seq/fold<k>/model.safetensors    stage 2: fold k's sequence head
     MODEL_DIR/seq/fold<k>/oof_predictions.csv  fold k's studies, out of fold
     MODEL_DIR/seq/oof_predictions.csv, cv.json the cross-validation of stage 2
+    MODEL_DIR/heart/crops.npz                  the heart crop of every training series (and its box)
+    MODEL_DIR/heart/fold<k>/model.safetensors  fold k's heart model (recipes with a heart section)
+    MODEL_DIR/heart/stack.json                 the stacker of the heart and stage 2's RV/LV outputs
+    MODEL_DIR/heart/oof_predictions.csv, cv.json  the cross-validation with the heart model
     MODEL_DIR/onnx/fold<k>/cnn.onnx, seq.onnx  pedetect export: fold k's CNN and head for ONNX Runtime
     MODEL_DIR/onnx/fold<k>/cnn_int8.onnx       pedetect export --int8: the CNN quantized to int8
     MODEL_DIR/onnx/export.json                 what was exported from which weights, and how exact it is
@@ -51,16 +55,20 @@ EMBEDDING_SOURCE_FILE = "SOURCE.json"
 OOF_FILE = "oof_predictions.csv"
 CV_FILE = "cv.json"
 ONNX_DIR = "onnx"
+HEART_CROPS_FILE = "crops.npz"
+HEART_STACK_FILE = "stack.json"
+HEART_OOF_LOGITS_FILE = "oof_logits.csv"
 EXPORT_FILE = "export.json"
 
-STAGES = ("cnn", "embed", "seq")
+STAGES = ("cnn", "embed", "seq", "heart")  # heart: only for recipes with a heart section
 
 # What a change of each kind invalidates: a new stage-1 model (seed, data, cnn) makes every later
 # output stale, new embeddings make stage 2 stale, a new stage 2 only itself.
 OUTPUTS_AFTER = {
-    "cnn": ("cnn", "embed", "seq", PRIOR_FILE, BUNDLE_FILE, ONNX_DIR),
-    "embed": ("embed", "seq", BUNDLE_FILE, ONNX_DIR),
-    "seq": ("seq", BUNDLE_FILE, ONNX_DIR),
+    "cnn": ("cnn", "embed", "seq", "heart", PRIOR_FILE, BUNDLE_FILE, ONNX_DIR),
+    "embed": ("embed", "seq", "heart", BUNDLE_FILE, ONNX_DIR),
+    "seq": ("seq", "heart", BUNDLE_FILE, ONNX_DIR),  # the heart's stacker is fitted on stage 2's predictions
+    "heart": ("heart", BUNDLE_FILE),
 }
 
 
@@ -86,6 +94,10 @@ def embed_dir(model_dir: str | Path, fold: int) -> Path:
 
 def seq_dir(model_dir: str | Path, fold: int) -> Path:
     return fold_dir(model_dir, "seq", fold)
+
+
+def heart_dir(model_dir: str | Path, fold: int) -> Path:
+    return fold_dir(model_dir, "heart", fold)
 
 
 def onnx_dir(model_dir: str | Path, fold: int) -> Path:

@@ -40,7 +40,7 @@ def train_command(
     store: Path = typer.Option(..., "--store", help="Slice store made by pedetect prepare."),
     labels: Path = typer.Option(..., "--labels", help="Labels in the RSNA train.csv columns."),
     out: Path = typer.Option(..., "--out", help="Model folder (created; a re-run resumes and skips finished folds)."),
-    stage: str = typer.Option("all", "--stage", help="cnn (stage 1), embed, seq, or all."),
+    stage: str = typer.Option("all", "--stage", help="cnn (stage 1), embed, seq, heart (recipes with a heart section), or all."),
     fold: Optional[int] = typer.Option(None, "--fold", help="Train this fold only (0 … K−1); default: every fold."),
     folds: Optional[Path] = typer.Option(
         None, "--folds", help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed."
@@ -67,7 +67,12 @@ def train_command(
     score with its baselines (MODEL_DIR/seq/cv.json) and the out-of-fold predictions
     (MODEL_DIR/seq/oof_predictions.csv).
 
-    Finished parts are skipped; --force redoes them. A changed seq section redoes stage 2 only.
+    --stage heart (recipes with a heart: section): each series' heart is cropped from its
+    Hounsfield units, a small 3D CNN per fold learns RV/LV >= 1 on positive exams, and its logit is
+    stacked with stage 2's RV/LV output, fitted out of fold (MODEL_DIR/heart/, heart/cv.json).
+
+    Finished parts are skipped; --force redoes them. A changed seq section redoes stage 2 (and the
+    heart's stacking) only; a changed heart section the heart stage only.
     """
     from pedetect.models.layout import STAGES
 
@@ -80,6 +85,7 @@ def train_command(
     from pedetect.models.backbone import BackboneError
     from pedetect.recipe import ConfigError
     from pedetect.runtime import is_global_zero
+    from pedetect.train.heart import HeartTrainError
     from pedetect.train.pipeline import train
     from pedetect.train.setup import TrainError, model_dir_lock, read_config_for_training
 
@@ -87,7 +93,7 @@ def train_command(
         experiment = read_config_for_training(config, overrides)
         with model_dir_lock(out):  # one writer per model folder
             result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
-    except (ConfigError, FoldsError, StoreError, BackboneError, TrainError, FolderLocked) as error:
+    except (ConfigError, FoldsError, StoreError, BackboneError, TrainError, HeartTrainError, FolderLocked) as error:
         raise fail(str(error)) from None
     if not is_global_zero():
         return
@@ -110,5 +116,17 @@ def train_command(
         )
     elif "seq" in result:
         typer.echo("stage 2: not every fold is trained yet; no cross-validated score", err=True)
+    heart = result.get("heart")
+    if heart is not None:
+        auc = heart["rv_lv_auc_given_positive"]
+        typer.echo(
+            f"with the heart model: cross-validated score {heart['score']:.4f} ({heart['score_consistent']:.4f} after consistency "
+            f"fixing; stage 2 alone {heart['without_heart']['score']:.4f}); RV/LV >= 1 AUC on positive exams: "
+            f"stage 2 {_number(auc['sequence_head'])}, heart model {_number(auc['heart_model'])}, stacked {_number(auc['stacked'])}"
+        )
     timing = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["seconds"].items())
     typer.echo(f"time: {timing}" + (f"; bundle complete: {out}" if result.get("bundle") else ""), err=True)
+
+
+def _number(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

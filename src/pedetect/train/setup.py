@@ -81,6 +81,10 @@ def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo:
         if seq_changed and is_global_zero():
             echo(f"stage-2 config changed ({', '.join(seq_changed[:8])}): removing the previous sequence heads")
             remove_outputs(out, OUTPUTS_AFTER["seq"])
+        heart_changed = config_differences(previous, config, ("heart",))
+        if heart_changed and is_global_zero():
+            echo(f"heart config changed ({', '.join(heart_changed[:8])}): removing the previous heart models")
+            remove_outputs(out, OUTPUTS_AFTER["heart"])
     if is_global_zero():
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, path)
