@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_header
+from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_headers
 from pedetect.dicom.order import SeriesPlan, plan_series
 from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
@@ -36,11 +36,12 @@ Windows = Optional[Sequence[Sequence[float]]]
 
 
 def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failure]]:
-    """Headers of files (paths or :class:`~pedetect.dicom.source.ZipMember`); unusable files as failures."""
+    """Headers of files (paths or :class:`~pedetect.dicom.source.ZipMember`), one per slice (an
+    Enhanced CT file gives one per frame); unusable files as failures."""
     headers, failures = [], []
     for source in sources:
         try:
-            headers.append(read_header(source))
+            headers.extend(read_headers(source))
         except DicomError as error:
             failures.append(Failure(source_label(source), error.reason))
         except BaseException as error:  # anything else about one file stays with that file
@@ -58,6 +59,10 @@ def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optiona
     else is parsed and decoded by pydicom. Raises :class:`DicomError` for a truncated file or one
     that changed since the scan, and any decoder error as it comes."""
     windows = as_windows(windows)
+    if "frame" in header.extra:  # one frame of a multi-frame file: its bytes only
+        from pedetect.dicom.frames import read_frame
+
+        return read_frame(header, windows, image_size, bgr=bgr)
     data = read_bytes(header.source)
     native = header.extra.get("native")
     if native is not None and len(data) == header.size:

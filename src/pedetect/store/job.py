@@ -48,7 +48,9 @@ from pedetect.store.format import (
     series_name,
 )
 
-SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "height", "width", "file", "offset", "length", "source")
+# SOPInstanceUID is the slice's key: the UID of a single-frame file, ``<SOPInstanceUID>#<frame>`` for a
+# frame of an Enhanced CT file, whose frame number (from 1) is also in ``frame`` (null otherwise).
+SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "frame", "height", "width", "file", "offset", "length", "source")
 
 
 class StoreSettingsError(ValueError):
@@ -160,6 +162,7 @@ def _prepare_series(task: SeriesTask) -> dict:
         "slices": {
             SOP: [h.sop for h in kept],
             "instance_number": [h.instance_number for h in kept],
+            "frame": [h.extra["frame"]["number"] if "frame" in h.extra else None for h in kept],
             "offset": offsets,
             "length": lengths,
             "source": [h.label for h in kept],
@@ -430,6 +433,7 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
                     "slice_index": np.arange(n, dtype=np.int32),
                     "z": np.asarray(meta["z"], dtype=np.float64),
                     "instance_number": pd.array(table["instance_number"], dtype="Int64"),
+                    "frame": pd.array(table.get("frame", [None] * n), dtype="Int64"),
                     "height": np.full(n, meta["height"], dtype=np.int32),
                     "width": np.full(n, meta["width"], dtype=np.int32),
                     "file": [marker["file"]] * n,
@@ -442,7 +446,7 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
     if slice_frames:
         slices = pd.concat(slice_frames, ignore_index=True)
     else:
-        slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
+        slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else "Int64" if c == "frame" else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
     series = pd.DataFrame(series_rows) if series_rows else pd.DataFrame(columns=[STUDY, SERIES, "n_slices", "height", "width", "file"])
     failure_frame = pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)) if failures else pd.DataFrame({c: pd.Series(dtype="object") for c in FAILURE_COLUMNS})
     write_parquet_atomic(store / SERIES_FILE, series)
