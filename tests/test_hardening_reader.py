@@ -79,19 +79,23 @@ def _ct_dataset(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
 
 
-@pytest.mark.parametrize(
-    ("sop_class", "name"),
-    [("1.2.840.10008.5.1.4.1.1.2.1", "Enhanced CT Image Storage"), ("1.2.840.10008.5.1.4.1.1.2.2", "Legacy Converted Enhanced CT Image Storage")],
-)
-def test_enhanced_ct_is_a_ct_class_that_fails_clearly(tmp_path, sop_class, name):
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"])
+def test_enhanced_ct_without_functional_groups_is_read_in_frame_order_and_says_so(tmp_path, sop_class):
+    """Enhanced and Legacy Converted Enhanced CT are CT: their frames are slices. Without functional
+    groups no frame has a position, so the frames keep the file's order, and the series says so."""
     ds = _ct_dataset(tmp_path / "slice")
+    first = ds.pixel_array
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.NumberOfFrames = 2
-    ds.PixelData = ds.PixelData * 2
+    ds.PixelData = ds.PixelData + (first[::-1].astype(first.dtype).tobytes())
     ds.save_as(tmp_path / "enhanced")
     series, failures = read_files([str(tmp_path / "enhanced")])
-    assert series == []
-    assert [f.reason for f in failures] == [f"{name} ({sop_class}) is not read yet (2 frame(s); frame positions are in functional groups)"]
+    assert failures == [] and len(series) == 1 and len(series[0]) == 2
+    s = series[0]
+    assert s.sop_uids == [f"{ds.SOPInstanceUID}#1", f"{ds.SOPInstanceUID}#2"]
+    assert s.meta["order_by"] == "instance_number"
+    assert "no usable ImagePositionPatient/ImageOrientationPatient on 2 of 2 slices: ordered by InstanceNumber" in s.meta["irregularities"]
+    np.testing.assert_array_equal(s.images[1], s.images[0][::-1])  # frame 2 is frame 1 upside down
 
 
 def test_a_colour_image_of_the_ct_class_is_refused(tmp_path):

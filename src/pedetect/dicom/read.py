@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -96,16 +96,18 @@ def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
 
 
 def decode_series(
-    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False
+    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False, reader: Optional[Callable[..., np.ndarray]] = None
 ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[Failure]]]:
     """Each slice of a planned series in position order: ``(i, image, None)`` for ``plan.slices[i]``
     decoded and windowed (see :func:`read_slice`), or ``(i, None, failure)``. A slice that cannot be
-    decoded, or decodes to another size than the series', fails alone."""
+    decoded, or decodes to another size than the series', fails alone. ``reader``: what decodes a
+    slice, :func:`read_slice`'s signature (prepare passes :meth:`pedetect.dicom.guard.DecodeGuard.read`)."""
     windows = as_windows(windows)
     height, width = series_size(plan, image_size)
+    read = reader or read_slice
     for i, header in enumerate(plan.slices):
         try:
-            image = read_slice(header, windows, image_size, bgr=bgr)
+            image = read(header, windows, image_size, bgr=bgr)
             if image.shape[:2] != (height, width):
                 raise ValueError(f"decoded size {image.shape[1]}x{image.shape[0]} is not the series' {width}x{height}")
         except BaseException as error:  # a decoder error of any kind is this slice's failure
