@@ -147,3 +147,25 @@ def test_no_sop_class_is_taken_as_ct_only_by_modality_and_recorded(tmp_path):
     prepare(tmp_path, tmp_path.parent / "store_no_class", progress=False, echo=lambda m: None)
     stored = SliceStore(tmp_path.parent / "store_no_class").series
     assert "3 slice(s) without a SOP class UID, taken as CT by their Modality" in list(stored["irregularities"].iloc[0])
+
+
+def test_an_rle_slice_whose_bytes_hold_the_jpeg2000_markers_is_read(tmp_path):
+    """Found by tests/test_enhanced_ct.py on a synthetic RLE slice: the size check before decoding
+    looked for a JPEG 2000 header (SOC, SIZ: FF 4F FF 51) in any compressed frame, found those
+    bytes by chance in RLE data, and failed the slice with a nonsense size. The header looked for now
+    depends on the transfer syntax."""
+    from pydicom.uid import RLELossless
+
+    from pedetect.dicom.pixels import window_dataset
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 1200, size=(32, 32)).astype(np.int16)
+    pixels[0, :4] = [0x00FF, 0x004F, 0x00FF, 0x0051]  # the low-byte segment starts FF 4F FF 51
+    path = make_ct(tmp_path / "rle", pixels, study="1.2.826.0.1.3680043.8.498.8", series="1.2.826.0.1.3680043.8.498.8.1")
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+    ds.save_as(path)
+    assert b"\xff\x4f\xff\x51" in ds.PixelData[:4096]
+    series, failures = read_files([str(path)])
+    assert failures == [] and len(series) == 1 and series[0].failures == []
+    np.testing.assert_array_equal(series[0].images[0], window_dataset(pydicom.dcmread(path)))
