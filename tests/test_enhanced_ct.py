@@ -174,15 +174,28 @@ def test_fewer_per_frame_groups_than_frames_and_a_huge_frame_are_failures(tmp_pa
     ]
 
 
-def test_a_truncated_enhanced_file_fails_its_frames_and_keeps_the_rest(tmp_path):
-    """Cut inside frame 6 of 8 (RLE: the item headers of the last frames are gone): a file-level failure
-    naming the damage; cut inside the native data of frame 6: the same, before any frame is read."""
-    rle = _enhanced_file(tmp_path, "rle")
-    data = rle.read_bytes()
-    rle.write_bytes(data[: len(data) - 200])
-    series, failures = read_files([str(rle)])
-    assert series == [] and len(failures) == 1
-    assert failures[0].reason.startswith("multi-frame image unreadable (")
+def test_a_truncated_enhanced_file_is_a_failure_naming_the_damage(tmp_path):
+    """Cut 200 bytes short: RLE (the last frame's item runs past the end of the file) and native data
+    (the frames need more bytes than the file holds) both fail the file before any frame is read."""
+    rle, native = _enhanced_file(tmp_path, "rle"), _enhanced_file(tmp_path, "explicit")
+    for path in (rle, native):
+        path.write_bytes(path.read_bytes()[:-200])
+    series, failures = read_files([str(rle), str(native)])
+    assert series == []
+    assert [f.reason for f in failures] == [
+        "multi-frame image unreadable (encapsulated pixel data damaged or truncated (an item of "
+        f"{_last_item_length(rle)} bytes past the end of the file))",
+        f"multi-frame image unreadable (pixel data holds {SLICES * SIZE * SIZE * 2 - 200} bytes, {SLICES} frame(s) of "
+        f"{SIZE * SIZE * 2} bytes need {SLICES * SIZE * SIZE * 2}: the file cannot hold its frames)",
+    ]
+
+
+def _last_item_length(path: Path) -> int:
+    import struct
+
+    data = path.read_bytes()
+    at = data.rfind(b"\xfe\xff\x00\xe0")
+    return struct.unpack("<I", data[at + 4 : at + 8])[0]
 
 
 @pytest.fixture(scope="module")
