@@ -14,46 +14,16 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from train_fixtures import ROOT, pedetect_command, tiny_config
+from test_hardening_faults import run, start, wait_for_lock
+from train_fixtures import tiny_config
 
 from pedetect.io import LOCK_FILE
 
 SIZE, SLICES = 48, 8
-
-
-def start(*args, log: Path) -> subprocess.Popen:
-    handle = open(log, "w")
-    process = subprocess.Popen(pedetect_command(*args), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    handle.close()
-    return process
-
-
-def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 180) -> dict:
-    """The lock record in ``path`` once ``process`` holds it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the first run ended (exit {process.returncode}) before it was seen holding {path}:\n{log.read_text()[-3000:]}")
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = None
-        if record and record.get("pid") == process.pid:
-            return record
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"{path} was not taken by pid {process.pid} within {timeout} s")
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -87,7 +57,7 @@ def test_a_second_predict_into_the_same_submission_or_report_refuses_and_the_fir
     assert run(*predict_args(inputs, alone / "sub.csv", alone / "report")).returncode == 0
     out, report, log = tmp_path / "sub.csv", tmp_path / "report", tmp_path / "first.log"
     first = start(*predict_args(inputs, out, report), log=log)
-    record = wait_for(report / LOCK_FILE, first, log)  # taken after the submission's lock: both are held
+    record = wait_for_lock(report, first, log, timeout=180)  # taken after the submission's lock: both are held
     assert record["command"] == "pedetect predict"
     os.kill(first.pid, signal.SIGSTOP)
     try:
@@ -120,7 +90,7 @@ def test_a_second_export_into_the_same_model_folder_or_copy_refuses_and_the_firs
     shutil.copytree(inputs["bundle"], model)
     log = tmp_path / "first.log"
     first = start(*export_args(inputs, model), log=log)
-    record = wait_for(model / LOCK_FILE, first, log)
+    record = wait_for_lock(model, first, log, timeout=180)
     assert record["command"] == "pedetect export"
     os.kill(first.pid, signal.SIGSTOP)
     try:
@@ -141,7 +111,7 @@ def test_a_second_export_into_the_same_model_folder_or_copy_refuses_and_the_firs
     copy, log = tmp_path / "copy", tmp_path / "first_copy.log"
     first = start(*export_args(inputs, model, "--out", copy), log=log)
     lock = tmp_path / f".copy.{LOCK_FILE}"
-    wait_for(lock, first, log)
+    wait_for_lock(tmp_path, first, log, timeout=180, name=lock.name)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         second = run(*export_args(inputs, model, "--out", copy))

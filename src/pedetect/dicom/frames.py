@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pedetect.dicom.header import numbers
 from pedetect.dicom.source import Source, SourceError, ZipMember, open_path, read_bytes
 
 FRAME_SEPARATOR = "#"
@@ -81,20 +82,6 @@ def _group_value(frame_item: Any, shared_item: Any, sequence: str, keyword: str)
     return None
 
 
-def _numbers(value: Any, n: int) -> Optional[tuple[float, ...]]:
-    import math
-
-    if value is None:
-        return None
-    try:
-        values = [float(v) for v in (value if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else [value])]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if len(values) != n or not all(math.isfinite(v) for v in values):
-        return None
-    return tuple(values)
-
-
 def frame_geometry(ds: Any, frames: int) -> list[dict]:
     """Per frame (file order): ``position``, ``orientation``, ``pixel_spacing``, ``slice_thickness``,
     ``slope`` and ``intercept`` from the functional groups (None where absent)."""
@@ -103,17 +90,17 @@ def frame_geometry(ds: Any, frames: int) -> list[dict]:
     n_items = len(per_frame) if per_frame is not None else 0
     if per_frame is not None and n_items < frames:
         raise FrameError(f"NumberOfFrames is {frames} but PerFrameFunctionalGroupsSequence holds {n_items} item(s)")
-    top_slope, top_intercept = _numbers(ds.get("RescaleSlope"), 1), _numbers(ds.get("RescaleIntercept"), 1)
+    top_slope, top_intercept = numbers(ds.get("RescaleSlope"), 1), numbers(ds.get("RescaleIntercept"), 1)
     out = []
     for k in range(frames):
         item = per_frame[k] if per_frame is not None else None
-        slope = _numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1) or top_slope
-        intercept = _numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 1) or top_intercept
-        thickness = _numbers(_group_value(item, shared, "PixelMeasuresSequence", "SliceThickness"), 1)
+        slope = numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1) or top_slope
+        intercept = numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 1) or top_intercept
+        thickness = numbers(_group_value(item, shared, "PixelMeasuresSequence", "SliceThickness"), 1)
         out.append({
-            "position": _numbers(_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            "orientation": _numbers(_group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            "pixel_spacing": _numbers(_group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+            "position": numbers(_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            "orientation": numbers(_group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            "pixel_spacing": numbers(_group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
             "slice_thickness": thickness[0] if thickness else None,
             "slope": slope[0] if slope else 1.0,
             "intercept": intercept[0] if intercept else 0.0,

@@ -133,9 +133,9 @@ def _text(ds: Any, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+def numbers(value: Any, n: int) -> Optional[tuple[float, ...]]:
+    """``n`` finite floats from a DICOM value (one number or several), else None."""
     try:
-        value = ds.get(keyword)
         if value is None:
             return None
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -146,6 +146,14 @@ def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
     if len(values) != n or not all(math.isfinite(v) for v in values):
         return None
     return tuple(values)
+
+
+def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+    try:
+        value = ds.get(keyword)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return numbers(value, n)
 
 
 def _float(ds: Any, keyword: str) -> Optional[float]:
