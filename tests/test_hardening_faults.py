@@ -40,9 +40,9 @@ def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def wait_for_lock(folder: Path, process: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
-    """The lock record of ``process`` once it holds ``FOLDER/pedetect.lock``."""
-    path = folder / LOCK_FILE
+def wait_for_lock(folder: Path, process: subprocess.Popen, log: Path, timeout: float = 120, name: str = LOCK_FILE) -> dict:
+    """The lock record of ``process`` once it holds ``FOLDER/pedetect.lock`` (or ``FOLDER/NAME``)."""
+    path = folder / name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

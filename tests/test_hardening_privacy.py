@@ -1,7 +1,7 @@
 """No patient data leaks (issue #22): synthetic studies whose PatientName, PatientID,
 PatientBirthDate, AccessionNumber and InstitutionName hold canary strings go through the real chain
 as processes — prepare → train (every stage, a recipe of seconds) → predict with ``--report`` and
-``--dicom-out`` — and every byte of every file written (archives and Parquet tables opened, PNG
+``--dicom-out``, and ``pedetect serve`` fed the test studies by C-STORE on a loopback port — and every byte of every file written (archives and Parquet tables opened, PNG
 text read), every line the commands print, and every temporary file they leave must be free of
 every canary. The DICOM results are the one exception the standard makes: they copy the Patient and
 General Study modules from the source, and nothing else of the source's identity may travel in them
@@ -182,4 +182,68 @@ def test_dicom_results_copy_the_patient_and_study_modules_whole(chain):
 
 def test_dicom_results_carry_nothing_else_of_the_source(chain):
     found = {str(p.relative_to(chain.work)): hits for p in chain.results if (hits := result_leaks(p))}
+    assert found == {}, found
+
+
+# ------------------------------------------------------------------------------------------ serve
+def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain):
+    """``pedetect serve`` (the chain's model) receives the canary test studies by C-STORE, answers
+    them, and is stopped. Its spool keeps the received instances as they came (incoming/: the
+    input, kept so that a restarted node can answer them; checked to be exactly the instances sent);
+    every other byte it writes (results in outbox/, answered records in done/, its working folder,
+    temporary files) and every line it logs is scanned: the results may hold only the Patient and
+    General Study attributes they must copy, everything else no canary at all."""
+    import signal
+
+    import pydicom
+
+    from pedetect.hospital.serve import answered
+    from test_serve import c_store, echo_ok, free_port, wait_for
+
+    # Its own folder beside the chain's (whose scan must not meet the received instances).
+    work = chain.work.parent / "serve"
+    for name in ("cwd", "tmp"):
+        (work / name).mkdir(parents=True)
+    spool, log_path = work / "spool", work / "serve.log"
+    studies = sorted(p for p in (chain.inputs / "test" / "test").iterdir() if p.is_dir())
+    assert len(studies) == 2
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work / "tmp"), "PYTHONUNBUFFERED": "1"}
+    args = [*pedetect_command("serve", "--model", chain.work / "model", "--ae-title", "PEDETECT", "--host", "127.0.0.1", "--port", port,
+                              "--spool", spool, "--settle", "0.5", "--device", "cpu", "--min-slices", "8")]
+    with open(log_path, "w") as handle:
+        node = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=work / "cwd", env=env)
+    try:
+        wait_for(lambda: echo_ok(port), 90, "pedetect serve to answer C-ECHO", node, log_path)
+        sent = {}
+        for study in studies:
+            files = sorted(study.rglob("*.dcm"))
+            assert c_store(port, files) == [0] * len(files)
+            sent.update({str(pydicom.dcmread(f).SOPInstanceUID): f for f in files})
+        for study in studies:
+            record = wait_for(lambda: answered(spool, study.name), 180, f"study {study.name} to be answered", node, log_path)
+            assert record["slices"] == 8 and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+    received = sorted((spool / "incoming").rglob("*.dcm"))
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in received} == set(sent)
+    for path in received:  # kept as they came: the same dataset as the file sent
+        got, want = pydicom.dcmread(path), pydicom.dcmread(sent[str(pydicom.dcmread(path).SOPInstanceUID)])
+        assert got == want, path
+    results = sorted((spool / "outbox").rglob("*.dcm"))
+    assert len(results) == 2 * 3  # no destination: the results wait in the outbox
+    found = {str(p.relative_to(work)): hits for p in results if (hits := result_leaks(p))}
+    others = [p for p in work.rglob("*") if p.is_file() and p not in received and p not in results and p != log_path]
+    assert any(p.parent.name == "done" for p in others)  # the answered records are scanned too
+    found.update({str(p.relative_to(work)): hits for p in others if (hits := leaks(p.read_bytes()))})
+    found.update({f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))})
+    log = log_path.read_text()
+    assert "answered" in log and "Traceback" not in log
+    found.update({"the serve log": hits for hits in [leaks(log.encode())] if hits})
     assert found == {}, found

@@ -152,8 +152,12 @@ def _read_lock_record(fd: int) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], *, command: str, echo: Any = None) -> Iterator[Path]:
+def folder_lock(
+    folder: str | os.PathLike[str], *, command: str, echo: Any = None, name: str = LOCK_FILE, what: str | os.PathLike[str] | None = None
+) -> Iterator[Path]:
     """Hold ``FOLDER/pedetect.lock`` for the block: one writer per store or model folder.
+    (``name``: another lock file in FOLDER, and ``what`` the output it guards, as messages name it;
+    :func:`output_lock` locks one output this way.)
 
     The lock is ``fcntl.flock`` on the file (taken without waiting, released by the kernel when the
     process ends, however it ends), and the file records the holder: pid, host, command, start time.
@@ -170,7 +174,7 @@ def folder_lock(folder: str | os.PathLike[str], *, command: str, echo: Any = Non
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
+    path = folder / name
     host = socket.gethostname()
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -180,7 +184,7 @@ def folder_lock(folder: str | os.PathLike[str], *, command: str, echo: Any = Non
             record = _read_lock_record(fd) or {}
             os.close(fd)
             raise FolderLocked(
-                f"{folder} is in use by another pedetect run: {_describe_holder(record)} holds {path}; "
+                f"{what or folder} is in use by another pedetect run: {_describe_holder(record)} holds {path}; "
                 "wait for it to finish (two runs writing one folder would corrupt it)"
             ) from None
         try:
@@ -226,3 +230,11 @@ def folder_lock(folder: str | os.PathLike[str], *, command: str, echo: Any = Non
         if created:  # a run that stopped before writing anything leaves no empty folder behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def output_lock(target: str | os.PathLike[str], *, command: str, echo: Any = None) -> contextlib.AbstractContextManager[Path]:
+    """Hold a lock for one output, a file or a folder that must stay as its writer leaves it (a
+    submission CSV, an export's ``--out`` copy, which must be empty when the copy starts): the lock
+    file is ``.<name>.pedetect.lock`` beside it, so nothing is added inside the output itself."""
+    target = Path(target)
+    return folder_lock(target.parent, command=command, echo=echo, name=f".{target.name}.{LOCK_FILE}", what=target)

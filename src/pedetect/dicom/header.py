@@ -32,7 +32,7 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 # Only CT images enter the store (an MR or a secondary capture windowed as if it held HU is noise the
 # model was never trained on). The SOP classes of CT (PS3.4 B.5): CT Image Storage, and Enhanced and
-# Legacy Converted Enhanced CT, whose frames and geometry live in functional groups not read yet.
+# Legacy Converted Enhanced CT, whose frames are slices (pedetect.dicom.frames).
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 CT_SOP_CLASSES = (CT_IMAGE_STORAGE, *ENHANCED_CT_CLASSES)
@@ -118,12 +118,6 @@ def _check_ct_image(ds: Any, sop_class: str) -> bool:
     path can use. A file without any SOP class UID (old or hand-edited exports) is taken as CT when
     its Modality says CT, and the caller records that; without either it is a failure. Returns True
     when taken by Modality."""
-    if sop_class in ENHANCED_CT_CLASSES:
-        frames = _int(ds, "NumberOfFrames")
-        raise DicomError(
-            f"{sop_class_name(sop_class)} is not read yet ({frames if frames is not None else 'unknown'} frame(s); "
-            "frame positions are in functional groups)"
-        )
     if not sop_class:
         modality = _text(ds, "Modality")
         if modality.upper() != "CT":
@@ -139,9 +133,9 @@ def _text(ds: Any, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+def numbers(value: Any, n: int) -> Optional[tuple[float, ...]]:
+    """``n`` finite floats from a DICOM value (one number or several), else None."""
     try:
-        value = ds.get(keyword)
         if value is None:
             return None
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -152,6 +146,14 @@ def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
     if len(values) != n or not all(math.isfinite(v) for v in values):
         return None
     return tuple(values)
+
+
+def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+    try:
+        value = ds.get(keyword)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return numbers(value, n)
 
 
 def _float(ds: Any, keyword: str) -> Optional[float]:
@@ -237,16 +239,30 @@ def _pixel_element(fp: Any, ds: Any) -> Optional[dict]:
     return {"keyword": keyword, "offset": start + 12, "length": length}
 
 
-def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> SliceHeader:
-    """The :class:`SliceHeader` of a parsed dataset; raises :class:`DicomError` when it is unusable."""
+def headers_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> list[SliceHeader]:
+    """The :class:`SliceHeader` of each slice of a parsed dataset (one; one per frame of an Enhanced
+    CT file); raises :class:`DicomError` when the file is unusable."""
+    from pedetect.dicom.frames import FrameError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _header(ds, source, size, mtime_ns)
+            return _headers(ds, source, size, mtime_ns)
     except DicomError:
         raise
+    except FrameError as error:
+        raise DicomError(f"multi-frame image unreadable ({error})") from None
     except Exception as error:  # malformed values deep in the header
         raise DicomError(f"DICOM header unreadable ({describe_error(error)})") from None
+
+
+def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> SliceHeader:
+    """The :class:`SliceHeader` of a single-slice dataset; raises :class:`DicomError` when it is
+    unusable, or holds several slices (:func:`headers_from_dataset` takes those)."""
+    headers = headers_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)
+    if len(headers) != 1:
+        raise DicomError(f"a multi-frame image of {len(headers)} frames where one slice was expected")
+    return headers[0]
 
 
 # The header fields read per file, with their tags and VRs: decoded straight from the raw bytes
@@ -327,7 +343,7 @@ class _RawView:
         return self.ds.get(keyword, default)
 
 
-def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
+def _headers(ds: Any, source: Source, size: int, mtime_ns: int) -> list[SliceHeader]:
     pixel_element = getattr(ds, "_pedetect_pixels", None)
     sop_class = _sop_class(ds)
     if sop_class and sop_class not in CT_SOP_CLASSES:
@@ -351,24 +367,31 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols or rows < 1 or cols < 1:
         raise DicomError("DICOM without Rows/Columns")
+    multi_frame = sop_class in ENHANCED_CT_CLASSES
     try:
-        check_declared_size(rows, cols, max(frames, 1), max(samples, 1))
+        # A multi-frame file is read a frame at a time: the cap is per frame, and its frame count is
+        # checked against the bytes the file holds (pedetect.dicom.frames) before any frame is read.
+        check_declared_size(rows, cols, 1 if multi_frame else max(frames, 1), max(samples, 1))
     except ValueError as error:
         raise DicomError(f"image too large: {error}") from None
-    if frames > 1:
+    if frames > 1 and not multi_frame:
         raise DicomError(f"multi-frame image ({frames} frames) is not supported")
+    if frames < 1:
+        raise DicomError(f"NumberOfFrames is {frames}")
     if samples != 1:
         raise DicomError(f"not a grayscale image (SamplesPerPixel={samples})")
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if multi_frame:
+        return _frame_headers(ds, source, size, mtime_ns, pixel_element, syntax, rows, cols, frames, series, sop)
     position = _floats(ds, "ImagePositionPatient", 3)
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     extra: dict = {"taken_as_ct_by_modality": True} if taken_by_modality else {}
     native = _native_pixels(ds, pixel_element, syntax, rows, cols)
     if native is not None:
         extra["native"] = native
-    return SliceHeader(
+    return [SliceHeader(
         source=source,
         study=_text(ds, "StudyInstanceUID"),
         series=series,
@@ -386,7 +409,70 @@ def _header(ds: Any, source: Source, size: int, mtime_ns: int) -> SliceHeader:
         size=size,
         mtime_ns=mtime_ns,
         extra=extra,
-    )
+    )]
+
+
+# The pixel module of a multi-frame file, copied into each frame's one-frame dataset.
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                 "PixelRepresentation", "PixelPaddingValue", "PixelPaddingRangeLimit")
+
+
+def _frame_headers(
+    ds: Any, source: Source, size: int, mtime_ns: int, element: Optional[dict], syntax: str,
+    rows: int, cols: int, frames: int, series: str, sop: str,
+) -> list[SliceHeader]:
+    """One :class:`SliceHeader` per frame of an Enhanced CT file (:mod:`pedetect.dicom.frames`)."""
+    from pedetect.dicom.frames import DEFLATED, encapsulated_frame_ranges, frame_geometry, frame_key, native_frame_ranges
+
+    if element is None:
+        raise DicomError("DICOM without pixel data (multi-frame image: truncated before the pixels?)")
+    if element["keyword"] != "PixelData":
+        raise DicomError(f"multi-frame image with {element['keyword']} is not supported")
+    if syntax == DEFLATED:
+        raise DicomError("multi-frame image in Deflated Explicit VR Little Endian is not supported: its frames cannot be read one at a time")
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    if not little:
+        raise DicomError("multi-frame image in big endian is not supported")
+    if element["length"] == 0xFFFFFFFF:
+        fp: Any = io.BytesIO(read_bytes(source)) if isinstance(source, ZipMember) else open_path(source)
+        try:
+            ranges = encapsulated_frame_ranges(fp, element["offset"], size, frames, little, ds.get("ExtendedOffsetTable"))
+        finally:
+            fp.close()
+    else:
+        allocated = _int(ds, "BitsAllocated") or 16
+        if allocated not in (8, 16, 32):
+            raise DicomError(f"multi-frame image with BitsAllocated {allocated} is not supported")
+        ranges = native_frame_ranges(element["offset"], element["length"], size - element["offset"], frames, rows * cols * allocated // 8)
+    geometry = frame_geometry(ds, frames)
+    pixel_module = {}
+    for keyword in _PIXEL_MODULE:
+        value = ds.get(keyword)
+        pixel_module[keyword] = value if not isinstance(value, list) else value[0]
+    study, modality = _text(ds, "StudyInstanceUID"), _text(ds, "Modality")
+    return [
+        SliceHeader(
+            source=source,
+            study=study,
+            series=series,
+            sop=frame_key(sop, k + 1),
+            rows=rows,
+            cols=cols,
+            position=g["position"],
+            orientation=g["orientation"],
+            instance_number=k + 1,
+            slice_location=None,
+            pixel_spacing=g["pixel_spacing"],
+            slice_thickness=g["slice_thickness"],
+            modality=modality,
+            transfer_syntax=syntax,
+            size=size,
+            mtime_ns=mtime_ns,
+            extra={"frame": {"sop": sop, "number": k + 1, "of": frames, "ranges": ranges[k], "slope": g["slope"],
+                             "intercept": g["intercept"], "pixel_module": pixel_module}},
+        )
+        for k, g in enumerate(geometry)
+    ]
 
 
 def _native_pixels(ds: Any, element: Optional[dict], syntax: str, rows: int, cols: int) -> Optional[dict]:
@@ -418,7 +504,17 @@ def _native_pixels(ds: Any, element: Optional[dict], syntax: str, rows: int, col
 
 
 def read_header(source: Source) -> SliceHeader:
-    """Read the header of one file (pixel data not decoded); raises :class:`DicomError`."""
+    """Read the header of one single-slice file (pixel data not decoded); raises :class:`DicomError`
+    (for a multi-frame file too: :func:`read_headers` reads those)."""
+    headers = read_headers(source)
+    if len(headers) != 1:
+        raise DicomError(f"a multi-frame image of {len(headers)} frames where one slice was expected")
+    return headers[0]
+
+
+def read_headers(source: Source) -> list[SliceHeader]:
+    """The headers of one file's slices: one, or one per frame of an Enhanced CT file (pixel data
+    not decoded); raises :class:`DicomError`."""
     from pedetect.dicom.source import source_stat
 
     try:
@@ -432,4 +528,4 @@ def read_header(source: Source) -> SliceHeader:
         raise DicomError(error.reason) from None
     except (OSError, KeyError) as error:
         raise DicomError(f"unreadable ({describe_error(error)})") from None
-    return header_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)
+    return headers_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)

@@ -111,17 +111,26 @@ DECODING_PLUGIN = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg",
 }
 
+# JPEG 2000 and High-Throughput JPEG 2000; the JPEG and JPEG-LS syntaxes are 1.2.840.10008.1.2.4.50 to .81.
+JPEG2000_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
+                     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+JPEG_SYNTAX_ROOT = "1.2.840.10008.1.2.4."
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, JPEG-LS
 
 
-def codestream_size(frame: bytes) -> Optional[tuple[int, int]]:
+def codestream_size(frame: bytes, syntax: str = "") -> Optional[tuple[int, int]]:
     """``(rows, columns)`` a compressed frame declares in its own header (JPEG, JPEG-LS, JPEG 2000),
-    or None when it declares none we read (RLE: its decoder allocates from Rows and Columns)."""
-    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC, then SIZ (raw or inside a JP2 box)
+    or None when it declares none we read (RLE: its decoder allocates from Rows and Columns).
+    ``syntax``: the transfer syntax, which says which header to look for; the JPEG 2000 markers can
+    occur by chance in other data (an RLE slice whose bytes held them failed before this was checked)."""
+    jpeg2000 = syntax in JPEG2000_SYNTAXES
+    if syntax and not jpeg2000 and not syntax.startswith(JPEG_SYNTAX_ROOT):
+        return None
+    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096) if jpeg2000 or not syntax else -1  # SOC, then SIZ (raw or in a JP2 box)
     if siz >= 0 and len(frame) >= siz + 24:
         x, y, x0, y0 = np.frombuffer(frame, dtype=">u4", count=4, offset=siz + 8)
         return int(y) - int(y0), int(x) - int(x0)
-    if frame[:2] != b"\xff\xd8":
+    if jpeg2000 or frame[:2] != b"\xff\xd8":
         return None
     at = 2
     while at + 4 <= len(frame) and frame[at] == 0xFF:
@@ -151,7 +160,7 @@ def _check_before_decoding(ds: Any, rows: int, cols: int) -> None:
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if getattr(ds, "file_meta", None) is not None else None
     if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
         return
-    size = codestream_size(get_frame(ds.PixelData, 0, number_of_frames=frames))
+    size = codestream_size(get_frame(ds.PixelData, 0, number_of_frames=frames), str(syntax))
     if size is not None and size != (rows, cols):
         raise ValueError(f"the compressed frame is {size[1]}x{size[0]}, the header says {cols}x{rows}")
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_header
+from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_headers
 from pedetect.dicom.order import SeriesPlan, plan_series
 from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
@@ -36,11 +36,12 @@ Windows = Optional[Sequence[Sequence[float]]]
 
 
 def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failure]]:
-    """Headers of files (paths or :class:`~pedetect.dicom.source.ZipMember`); unusable files as failures."""
+    """Headers of files (paths or :class:`~pedetect.dicom.source.ZipMember`), one per slice (an
+    Enhanced CT file gives one per frame); unusable files as failures."""
     headers, failures = [], []
     for source in sources:
         try:
-            headers.append(read_header(source))
+            headers.extend(read_headers(source))
         except DicomError as error:
             failures.append(Failure(source_label(source), error.reason))
         except BaseException as error:  # anything else about one file stays with that file
@@ -58,6 +59,10 @@ def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optiona
     else is parsed and decoded by pydicom. Raises :class:`DicomError` for a truncated file or one
     that changed since the scan, and any decoder error as it comes."""
     windows = as_windows(windows)
+    if "frame" in header.extra:  # one frame of a multi-frame file: its bytes only
+        from pedetect.dicom.frames import read_frame
+
+        return read_frame(header, windows, image_size, bgr=bgr)
     data = read_bytes(header.source)
     native = header.extra.get("native")
     if native is not None and len(data) == header.size:
@@ -91,16 +96,18 @@ def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
 
 
 def decode_series(
-    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False
+    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False, reader: Optional[Callable[..., np.ndarray]] = None
 ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[Failure]]]:
     """Each slice of a planned series in position order: ``(i, image, None)`` for ``plan.slices[i]``
     decoded and windowed (see :func:`read_slice`), or ``(i, None, failure)``. A slice that cannot be
-    decoded, or decodes to another size than the series', fails alone."""
+    decoded, or decodes to another size than the series', fails alone. ``reader``: what decodes a
+    slice, :func:`read_slice`'s signature (prepare passes :meth:`pedetect.dicom.guard.DecodeGuard.read`)."""
     windows = as_windows(windows)
     height, width = series_size(plan, image_size)
+    read = reader or read_slice
     for i, header in enumerate(plan.slices):
         try:
-            image = read_slice(header, windows, image_size, bgr=bgr)
+            image = read(header, windows, image_size, bgr=bgr)
             if image.shape[:2] != (height, width):
                 raise ValueError(f"decoded size {image.shape[1]}x{image.shape[0]} is not the series' {width}x{height}")
         except BaseException as error:  # a decoder error of any kind is this slice's failure

@@ -43,12 +43,16 @@ def export_command(
     from pedetect.metric.submission import InputError
     from pedetect.models.bundle import BundleError
 
+    from pedetect.io import FolderLocked, folder_lock, output_lock
+
     try:
-        record = export_bundle(
-            model, store, labels=labels, out=out, int8=int8, calibration_slices=calibration_slices,
-            check_series=check_series, threads=threads,
-        )
-    except (ExportError, BundleError, StoreError, FoldsError, InputError, FileNotFoundError, ValueError) as error:
+        # One writer per output: MODEL_DIR (its onnx/ is replaced; train holds the same lock), or the --out copy.
+        with folder_lock(model, command="pedetect export") if out is None else output_lock(out, command="pedetect export"):
+            record = export_bundle(
+                model, store, labels=labels, out=out, int8=int8, calibration_slices=calibration_slices,
+                check_series=check_series, threads=threads,
+            )
+    except (ExportError, BundleError, StoreError, FoldsError, InputError, FileNotFoundError, ValueError, FolderLocked) as error:
         raise fail(str(error)) from None
     where = out or model
     for name, check in record["check"].items():

@@ -63,6 +63,19 @@ def predict_command(
         raise fail("--study, --qido and --destination go with --dicomweb")
     options = dict(report_dir=report, device=device, tta=tta, sample=sample, batch_size=batch_size, runtime=runtime,
                    threads=threads, progress=progress, dicom_out=dicom_out)
+    from contextlib import ExitStack
+
+    from pedetect.io import FolderLocked, folder_lock, output_lock
+
+    locks = ExitStack()  # one writer per output: the submission, the report and the DICOM results folders
+    try:
+        locks.enter_context(output_lock(out, command="pedetect predict"))
+        for folder in (report, dicom_out):
+            if folder is not None:
+                locks.enter_context(folder_lock(folder, command="pedetect predict"))
+    except FolderLocked as error:
+        locks.close()
+        raise fail(str(error)) from None
     try:
         if dicomweb is not None:
             from pedetect.hospital.dicomweb import parse_filters, predict_dicomweb
@@ -83,6 +96,8 @@ def predict_command(
             "no file was left half-written and no submission was written: free space and run the same command again",
             code=1,
         ) from None
+    finally:
+        locks.close()
     typer.echo(summary.text(), err=True)
     if report is not None:
         typer.echo(f"report: {report / 'index.html'}", err=True)

@@ -45,6 +45,11 @@ def prepare_command(
         "INPUT and --out must be visible to every worker at the same paths.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (rate and ETA) on stderr."),
+    decode_timeout: float = typer.Option(
+        60.0, "--decode-timeout", min=0.0, metavar="SECONDS",
+        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is a failure "
+        "(the batch goes on). 0: no limit (decode in the worker itself).",
+    ),
 ) -> None:
     """Read DICOM CT series into a slice store: slices ordered by position, three windows as uint8 channels.
 
@@ -64,7 +69,8 @@ def prepare_command(
     except ConfigError as error:
         raise fail(str(error)) from None
     try:
-        summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress)
+        summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress,
+                          decode_timeout=decode_timeout)
     except (StoreSettingsError, FolderLocked) as error:
         raise fail(str(error)) from None
     except OSError as error:

@@ -16,6 +16,7 @@ without a valid marker.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import sys
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S, DecodeGuard
 from pedetect.dicom.header import SliceHeader, describe_error
 from pedetect.dicom.order import plan_series
 from pedetect.dicom.read import SCAN_CHUNK, decode_series, scan_files, series_size, slice_failure
@@ -48,7 +50,9 @@ from pedetect.store.format import (
     series_name,
 )
 
-SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "height", "width", "file", "offset", "length", "source")
+# SOPInstanceUID is the slice's key: the UID of a single-frame file, ``<SOPInstanceUID>#<frame>`` for a
+# frame of an Enhanced CT file, whose frame number (from 1) is also in ``frame`` (null otherwise).
+SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "frame", "height", "width", "file", "offset", "length", "source")
 
 
 class StoreSettingsError(ValueError):
@@ -102,6 +106,31 @@ class SeriesTask:
     headers: list[SliceHeader]
     settings: dict
     fingerprint: str
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S  # seconds per slice; 0: decode in this process, no limit
+
+
+# One decoding child per process that runs series tasks (pedetect.dicom.guard), kept between tasks.
+_GUARDS: dict[tuple[int, float], DecodeGuard] = {}
+
+
+def _decoder(limit: float) -> Optional[Callable[..., Any]]:
+    """What decodes this task's slices: the process's :class:`DecodeGuard` for ``limit`` seconds, or
+    None (in process) when there is no limit."""
+    if not limit or limit <= 0:
+        return None
+    key = (os.getpid(), float(limit))  # a forked worker must not share its parent's child
+    guard = _GUARDS.get(key)
+    if guard is None:
+        if not _GUARDS:
+            atexit.register(_close_guards)
+        guard = _GUARDS[key] = DecodeGuard(limit)
+    return guard.read
+
+
+def _close_guards() -> None:
+    for (pid, _), guard in list(_GUARDS.items()):
+        if pid == os.getpid():
+            guard.close()
 
 
 def prepare_series(task: SeriesTask) -> dict:
@@ -133,7 +162,7 @@ def _prepare_series(task: SeriesTask) -> dict:
     lengths: list[int] = []
     with atomic_path(final, fsync=True) as tmp, open(tmp, "wb") as f:
         position = 0
-        for i, image, failure in decode_series(plan, windows, image_size, bgr=True):  # B,G,R for the JPEG encoder
+        for i, image, failure in decode_series(plan, windows, image_size, bgr=True, reader=_decoder(task.decode_timeout)):  # B,G,R for the JPEG encoder
             header = plan.slices[i]
             if failure is None:
                 try:
@@ -160,6 +189,7 @@ def _prepare_series(task: SeriesTask) -> dict:
         "slices": {
             SOP: [h.sop for h in kept],
             "instance_number": [h.instance_number for h in kept],
+            "frame": [h.extra["frame"]["number"] if "frame" in h.extra else None for h in kept],
             "offset": offsets,
             "length": lengths,
             "source": [h.label for h in kept],
@@ -315,8 +345,12 @@ def prepare(
     scheduler: Optional[str] = None,
     progress: bool = True,
     echo: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
 ) -> PrepareSummary:
-    """Prepare (or finish preparing) the slice store ``out`` from the DICOM files in ``input_path``."""
+    """Prepare (or finish preparing) the slice store ``out`` from the DICOM files in ``input_path``.
+
+    ``decode_timeout``: seconds one slice may take to decode before its decoder process is killed
+    and the slice is a failure (:mod:`pedetect.dicom.guard`); 0 decodes in the worker, without a limit."""
     started = time.perf_counter()
     config = (config or PrepareConfig()).model_copy()
     if image_size is not None:
@@ -326,7 +360,8 @@ def prepare(
     store.mkdir(parents=True, exist_ok=True)
     # One writer per store: a second run would delete the first's temporary files and rewrite its tables.
     with folder_lock(store, command="pedetect prepare", echo=echo):
-        return _prepare_locked(input_path, store, config, settings, workers=workers, scheduler=scheduler, progress=progress, echo=echo, started=started)
+        return _prepare_locked(input_path, store, config, settings, workers=workers, scheduler=scheduler, progress=progress, echo=echo,
+                               started=started, decode_timeout=decode_timeout)
 
 
 def _prepare_locked(
@@ -340,6 +375,7 @@ def _prepare_locked(
     progress: bool,
     echo: Callable[[str], None],
     started: float,
+    decode_timeout: float,
 ) -> PrepareSummary:
     _check_settings(store, settings)
     (store / SERIES_DIR).mkdir(exist_ok=True)
@@ -372,7 +408,7 @@ def _prepare_locked(
             if _valid_marker(store, name, fp, settings) is not None:
                 summary.series_done_before += 1
                 continue
-            tasks.append(SeriesTask(os.fspath(store), name, group, settings, fp))
+            tasks.append(SeriesTask(os.fspath(store), name, group, settings, fp, decode_timeout))
         tasks.sort(key=lambda t: -len(t.headers))  # longest first: better balance at the end
         if tasks:  # the tables are rewritten below; until then the store is not readable (a full disk stops it in between)
             (store / SLICES_FILE).unlink(missing_ok=True)
@@ -430,6 +466,7 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
                     "slice_index": np.arange(n, dtype=np.int32),
                     "z": np.asarray(meta["z"], dtype=np.float64),
                     "instance_number": pd.array(table["instance_number"], dtype="Int64"),
+                    "frame": pd.array(table.get("frame", [None] * n), dtype="Int64"),
                     "height": np.full(n, meta["height"], dtype=np.int32),
                     "width": np.full(n, meta["width"], dtype=np.int32),
                     "file": [marker["file"]] * n,
@@ -442,7 +479,7 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
     if slice_frames:
         slices = pd.concat(slice_frames, ignore_index=True)
     else:
-        slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
+        slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else "Int64" if c == "frame" else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
     series = pd.DataFrame(series_rows) if series_rows else pd.DataFrame(columns=[STUDY, SERIES, "n_slices", "height", "width", "file"])
     failure_frame = pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)) if failures else pd.DataFrame({c: pd.Series(dtype="object") for c in FAILURE_COLUMNS})
     write_parquet_atomic(store / SERIES_FILE, series)

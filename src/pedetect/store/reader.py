@@ -31,7 +31,8 @@ class SliceStore:
     """A slice store made by ``pedetect prepare``.
 
     - ``slices``: the ``slices.parquet`` DataFrame (StudyInstanceUID, SeriesInstanceUID,
-      SOPInstanceUID, slice_index, z, instance_number, height, width, file, offset, length, source);
+      SOPInstanceUID, slice_index, z, instance_number, frame, height, width, file, offset, length, source;
+      a frame of an Enhanced CT file has SOPInstanceUID ``<UID>#<frame>`` and its frame number in ``frame``);
     - ``failures``: ``failures.parquet`` (path, reason, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID);
     - ``series``: ``series.parquet``, one row per series (geometry, spacing, z, irregularities);
       :meth:`series_info` gives one series as a dict;

@@ -46,6 +46,10 @@ def synth_command(
     transfer_syntax: Syntax = typer.Option(
         Syntax.explicit, "--transfer-syntax", help="explicit VR little endian, RLE Lossless or JPEG 2000 Lossless."
     ),
+    enhanced: bool = typer.Option(
+        False, "--enhanced", help="Write each study as one multi-frame Enhanced CT file (frames in InstanceNumber order; "
+        "slices named SOPInstanceUID#frame in the labels)."
+    ),
     positive_fraction: float = typer.Option(
         _POSITIVE_FRACTION, "--positive-fraction", min=0.0, max=1.0, help="Expected fraction of PE-positive exams."
     ),
@@ -81,7 +85,7 @@ def synth_command(
 
         labels = write_dataset(out, studies, slices=slices, size=size, seed=seed, split=split.value,
                                transfer_syntax=transfer_syntax.value, min_embolus_pixels=min_embolus_pixels,
-                               progress=progress, **fractions)
+                               progress=progress, enhanced=enhanced, **fractions)
         n_studies = labels["StudyInstanceUID"].nunique() if len(labels) else 0
         n_pos = int(labels.groupby("StudyInstanceUID")["pe_present_on_image"].max().sum()) if len(labels) else 0
         typer.echo(f"wrote {n_studies} studies ({n_pos} positive), {len(labels)} slices to {out / split.value}")

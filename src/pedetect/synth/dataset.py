@@ -9,7 +9,7 @@ import pandas as pd
 
 from pedetect.io import write_csv_atomic
 from pedetect.labels import EXAM_LABELS, SOP, STUDY, SUBMISSION_COLUMNS, TRAIN_COLUMNS, UID_COLUMNS, exam_id
-from pedetect.synth.dicom import TRANSFER_SYNTAXES, write_series
+from pedetect.synth.dicom import TRANSFER_SYNTAXES, enhanced_slice_ids, write_enhanced_series, write_series
 from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, SPLITS, plan_study
 from pedetect.synth.render import render_plan
 
@@ -24,7 +24,7 @@ def sample_submission(labels: pd.DataFrame, value: float = 0.5) -> pd.DataFrame:
 def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size: int = 256, seed: int = 0,
                   split: str = "train", transfer_syntax: str = "explicit",
                   positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-                  min_embolus_pixels: int = 0, progress: bool = True) -> pd.DataFrame:
+                  min_embolus_pixels: int = 0, progress: bool = True, enhanced: bool = False) -> pd.DataFrame:
     """Write ``n_studies`` synthetic CTPA studies under ``out/<split>/<Study>/<Series>/<SOP>.dcm``.
 
     train: ``out/train.csv``. test: ``out/test.csv`` (UIDs only), ``out/test_labels.csv`` (the truth,
@@ -32,6 +32,8 @@ def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size:
     row per slice, studies in index order, slices in position order). Study k is the same whatever
     ``n_studies`` (it depends on seed, split, k and the options only). ``min_embolus_pixels``: every
     embolus shows at least that many pixels on each slice it marks (:func:`plan_study`).
+    ``enhanced``: each study is one Enhanced CT file ``<Study>/<Series>/<SOP>.dcm`` instead, and the
+    labels name its slices as the reader does, ``<SOPInstanceUID>#<frame>``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -56,8 +58,13 @@ def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size:
         plan = plan_study(i, seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
                           indeterminate_fraction=indeterminate_fraction, min_embolus_pixels=min_embolus_pixels)
         rendered = render_plan(plan)
-        write_series(plan, rendered.stored, root, transfer_syntax)
-        frames.append(plan.labels_frame())
+        study_labels = plan.labels_frame()
+        if enhanced:
+            write_enhanced_series(plan, rendered.stored, root, transfer_syntax)
+            study_labels[SOP] = enhanced_slice_ids(plan)
+        else:
+            write_series(plan, rendered.stored, root, transfer_syntax)
+        frames.append(study_labels)
     labels = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TRAIN_COLUMNS))
     if split == "train":
         write_csv_atomic(labels, out / "train.csv")

@@ -1,10 +1,15 @@
-"""Writing a rendered series as DICOM CT Image Storage files, fast.
+"""Writing a rendered series as DICOM CT Image Storage files, fast (or as one Enhanced CT file).
 
 pydicom builds and encodes a per-series template once (every element that is the same on all slices);
 each slice then only encodes its five own elements (SOP Instance UID, Instance Number, Image
 Position, Slice Location, Pixel Data) in explicit VR little endian and joins the bytes. Compressed
 transfer syntaxes encode each frame with pydicom's pylibjpeg encoders (RLE Lossless, JPEG 2000
 Lossless) and encapsulate it. Every file is a complete Part 10 file that pydicom and GDCM read.
+
+:func:`write_enhanced_series` writes the same series as one Enhanced CT Image Storage file instead
+(``pedetect synth --enhanced``): the same pixels as frames, in InstanceNumber order (so the file's
+frame order is the single-frame series' instance order, which may be shuffled), with position,
+orientation, spacing and rescale in functional groups.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pedetect import __version__
 from pedetect.synth.phantom import StudyPlan, uid
@@ -184,3 +190,115 @@ def write_series(plan: StudyPlan, stored: np.ndarray, root: Path, transfer_synta
     """All slices of a study under ``root/<Study>/<Series>/<SOP>.dcm``; returns the paths (position order)."""
     writer = SeriesWriter(plan, Path(root) / plan.study_uid / plan.series_uid, transfer_syntax)
     return [writer.write(k, stored[k]) for k in range(plan.n_slices)]
+
+
+# ------------------------------------------------------------------------------------ Enhanced CT
+# Top-level elements of the single-frame template that Enhanced CT keeps in functional groups (or drops).
+_PER_FRAME_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
+                       "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth", "SpacingBetweenSlices")
+
+
+def enhanced_sop_uid(plan: StudyPlan) -> str:
+    """The SOPInstanceUID of a study's Enhanced CT file."""
+    return uid("enhanced", plan.series_uid)
+
+
+def enhanced_frame_numbers(plan: StudyPlan) -> np.ndarray:
+    """Frame number (from 1) of each slice, in position order: frames are written in InstanceNumber order."""
+    order = np.argsort(np.asarray(plan.instance_numbers), kind="stable")
+    numbers = np.empty(len(order), dtype=np.int64)
+    numbers[order] = np.arange(1, len(order) + 1)
+    return numbers
+
+
+def enhanced_slice_ids(plan: StudyPlan) -> list[str]:
+    """The slice keys the reader gives the frames (``SOPInstanceUID#frame``), in position order."""
+    from pedetect.dicom.frames import frame_key
+
+    sop = enhanced_sop_uid(plan)
+    return [frame_key(sop, n) for n in enhanced_frame_numbers(plan)]
+
+
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str = "explicit") -> Dataset:
+    """The series as one Enhanced CT Image Storage dataset (file meta included)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer syntax must be one of {sorted(TRANSFER_SYNTAXES)}")
+    sc = plan.scanner
+    ds = _template(plan)
+    for keyword in _PER_FRAME_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    sop = enhanced_sop_uid(plan)
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = sop
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    numbers = enhanced_frame_numbers(plan)
+    order = np.argsort(numbers)  # position index of frame 1, 2, …
+    z = sc.z()
+    ds.NumberOfFrames = len(order)
+    rescale = _item(RescaleIntercept=ds_str(sc.intercept), RescaleSlope=ds_str(sc.slope), RescaleType="HU")
+    shared = _item(
+        PixelMeasuresSequence=Sequence([_item(PixelSpacing=[ds_str(sc.pixel_spacing)] * 2, SliceThickness=ds_str(sc.thickness))]),
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])]),
+    )
+    # Rescale in the shared group for even studies, in each frame's own group for odd ones: the reader takes both.
+    per_frame_rescale = plan.index % 2 == 1
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for number, k in enumerate(order, start=1):
+        group = _item(
+            FrameContentSequence=Sequence([_item(StackID="1", InStackPositionNumber=int(number), DimensionIndexValues=[1, int(number)])]),
+            PlanePositionSequence=Sequence([_item(ImagePositionPatient=[ds_str(sc.x0), ds_str(sc.y0), ds_str(float(z[k]))])]),
+        )
+        if per_frame_rescale:
+            group.PixelValueTransformationSequence = Sequence([_item(RescaleIntercept=ds_str(sc.intercept), RescaleSlope=ds_str(sc.slope), RescaleType="HU")])
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    dtype = "<i2" if sc.signed else "<u2"
+    volume = np.ascontiguousarray(stored[order]).astype(dtype, copy=False)
+    ts = TRANSFER_SYNTAXES[transfer_syntax]
+    if transfer_syntax == "explicit":
+        ds.PixelData = volume.tobytes()
+        ds["PixelData"].VR = "OW"
+    else:
+        from pydicom.pixels import get_encoder
+
+        encoder = get_encoder(ts)
+        options = dict(rows=sc.size, columns=sc.size, samples_per_pixel=1, bits_allocated=16, bits_stored=sc.bits_stored,
+                       pixel_representation=int(sc.signed), photometric_interpretation="MONOCHROME2", number_of_frames=1)
+        encoded = [encoder.encode(volume[i], encoding_plugin="pylibjpeg", **options) for i in range(len(volume))]
+        ds.PixelData = encapsulate(encoded, has_bot=True)
+        ds["PixelData"].VR = "OB"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.file_meta = meta
+    return ds
+
+
+def write_enhanced_series(plan: StudyPlan, stored: np.ndarray, root: Path, transfer_syntax: str = "explicit") -> Path:
+    """A study as one Enhanced CT file ``root/<Study>/<Series>/<SOP>.dcm``; returns its path."""
+    ds = enhanced_dataset(plan, stored, transfer_syntax)
+    folder = Path(root) / plan.study_uid / plan.series_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
