@@ -363,30 +363,17 @@ def metric_loss(*args) -> torch.Tensor:
     return metric_loss_parts(*args).score
 
 
+# The seq settings that build a head, each the SequenceHead argument of the same name.
+HEAD_SETTINGS = (
+    "encoder", "hidden", "layers", "dropout", "heads", "neighbour_diffs", "use_cnn_logit", "fixed_length", "input_dropout",
+    "exam_structure", "exam_pooling", "feedforward", "position", "exam_pool", "attention", "head_hidden", "resize",
+)
+
+
 def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: int | None = None) -> SequenceHead:
     """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide, reading
     their last ``input_columns`` columns (``ExperimentConfig.seq_input_columns``; None: all)."""
-    return SequenceHead(
-        embedding_dim,
-        encoder=seq.encoder,
-        hidden=seq.hidden,
-        layers=seq.layers,
-        dropout=seq.dropout,
-        heads=seq.heads,
-        neighbour_diffs=seq.neighbour_diffs,
-        use_cnn_logit=seq.use_cnn_logit,
-        fixed_length=seq.fixed_length,
-        input_dropout=seq.input_dropout,
-        exam_structure=seq.exam_structure,
-        exam_pooling=seq.exam_pooling,
-        input_columns=input_columns,
-        feedforward=seq.feedforward,
-        position=seq.position,
-        exam_pool=seq.exam_pool,
-        attention=seq.attention,
-        head_hidden=seq.head_hidden,
-        resize=seq.resize,
-    )
+    return SequenceHead(embedding_dim, input_columns=input_columns, **{name: getattr(seq, name) for name in HEAD_SETTINGS})
 
 
 def save_sequence_head(head: SequenceHead, path: str | Path) -> None:
