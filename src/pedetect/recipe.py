@@ -128,13 +128,6 @@ class LungCropConfig(Section):
     air_hu: float = Field(-400.0, description="Below, inside the body: lung and airway.")
     min_region: float = Field(0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas).")
 
-    def settings(self):
-        from pedetect.data.lung_box import LungBoxSettings
-
-        return LungBoxSettings(
-            tissue_hu=self.tissue_hu, air_hu=self.air_hu, min_region=self.min_region, margin=self.margin, min_side=self.min_side
-        )
-
 
 class InputConfig(Section):
     mode: Literal["windows", "pe", "adjacent", "both"] = Field(

@@ -272,4 +272,12 @@ def series_lung_box(volume: np.ndarray, input_config, windows=None):
 
         windows = DEFAULT_WINDOWS
     level, width = (float(v) for v in windows[0])
-    return lung_box_of_windows(volume, (level, width), settings.settings(), channel=0)
+    return lung_box_of_windows(volume, (level, width), lung_box_settings(settings), channel=0)
+
+
+def lung_box_settings(crop_config):
+    """The :class:`~pedetect.data.lung_box.LungBoxSettings` of a ``cnn.input.lung_crop`` section."""
+    from pedetect.data.lung_box import LungBoxSettings
+
+    names = ("tissue_hu", "air_hu", "min_region", "margin", "min_side")
+    return LungBoxSettings(**{name: getattr(crop_config, name) for name in names})

@@ -23,7 +23,7 @@ LUNG_BOXES_FILE = "lung_boxes.json"
 def training_lung_boxes(config, source: Any, series: list[str], out: Path, *, echo: Callable[[str], None] = console_echo) -> dict | None:
     """``{series: Box}`` for ``series`` (None without ``cnn.input.lung_crop``), from ``out/lung_boxes.json``
     when it was made alike, else computed from the store ``source`` and written there."""
-    from pedetect.data.dataset import series_lung_box
+    from pedetect.data.dataset import lung_box_settings, series_lung_box
     from pedetect.data.lung_box import Box
     from pedetect.train.embed import store_windows
 
@@ -36,7 +36,7 @@ def training_lung_boxes(config, source: Any, series: list[str], out: Path, *, ec
 
         windows = DEFAULT_WINDOWS
     windows = [[float(v) for v in w] for w in windows]
-    settings = crop.settings().as_dict()
+    settings = lung_box_settings(crop).as_dict()
     path = Path(out) / LUNG_BOXES_FILE
     recorded: dict[str, list[float]] = {}
     if path.is_file():
