@@ -111,3 +111,23 @@ def test_new_heads_give_a_series_alone_what_they_give_it_in_a_batch(settings):
         for b, n in enumerate((20, 8, 15)):
             alone_slices, alone_exams = head(x[b : b + 1, :n], None, cnn[b : b + 1, :n])
             assert torch.allclose(slices[b, :n], alone_slices[0], atol=1e-5) and torch.allclose(exams[b], alone_exams[0], atol=1e-5)
+
+
+def test_double_lstm_exports_exactly_and_resize_longer_is_refused(tmp_path):
+    """predict's ONNX runtime (pedetect export): the 4th place's head exports exactly; the 1st place's
+    resize-only-long-series is a branch on the length that a traced graph cannot keep."""
+    import onnxruntime
+
+    from pedetect.models.onnx import export_sequence_head
+
+    torch.manual_seed(0)
+    head = SequenceHead(10, encoder="double_lstm", hidden=8, layers=2, exam_pool="attention", head_hidden=8).eval()
+    export_sequence_head(head, tmp_path / "head.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "head.onnx"))
+    embeddings, logits = np.random.default_rng(0).normal(size=(1, 30, 10)).astype(np.float32), np.zeros((1, 30), np.float32)
+    got = session.run(None, {"embeddings": embeddings, "cnn_logits": logits})
+    with torch.no_grad():
+        want = head(torch.from_numpy(embeddings), None, torch.from_numpy(logits))
+    assert all(np.abs(g - w.numpy()).max() < 1e-5 for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="not exportable"):
+        export_sequence_head(SequenceHead(10, encoder="gru", hidden=8, layers=1, fixed_length=12, resize="longer"), tmp_path / "x.onnx")

@@ -185,6 +185,9 @@ def export_bundle(
         torch.set_num_threads(int(threads))
 
     config = bundle.config
+    if config.seq.fixed_length is not None and config.seq.resize == "longer":
+        raise ExportError("this bundle's sequence head resizes only series longer than seq.fixed_length (seq.resize: longer): "
+                          "a branch on the length that ONNX export cannot keep; predict it with --runtime torch")
     store_series = sorted(source.slices[SERIES].unique().tolist())
     checks = {"onnx": _Check(), "onnx-int8": _Check()} if int8 else {"onnx": _Check()}
     reference = _Check()
