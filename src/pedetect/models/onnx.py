@@ -107,14 +107,14 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
         if head.encoder_kind == "transformer":
             length = torch.export.Dim("length", min=1, max=4096)
             program = torch.onnx.export(
-                _OneSeries(head), example, dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
+                _OneSeries(head).eval(), example, dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
                 opset_version=CNN_OPSET, dynamo=True, external_data=False, verbose=False, **names,
             )
             program.save(str(tmp))
             return
         _register_sinh()
         torch.onnx.export(
-            _OneSeries(head), example, str(tmp), opset_version=SEQ_OPSET, dynamo=False,
+            _OneSeries(head).eval(), example, str(tmp), opset_version=SEQ_OPSET, dynamo=False,
             dynamic_axes={"embeddings": {1: "length"}, "cnn_logits": {1: "length"}, "slice_logits": {1: "length"}}, **names,
         )
 
