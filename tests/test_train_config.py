@@ -41,13 +41,18 @@ def test_recipes_say_what_the_issue_asks():
     assert load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").data.folds == 3
     fifth = load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml").cnn
     assert fifth.backbone.name.startswith("tf_efficientnet_b5") and fifth.input.image_size == 512
-    assert fifth.targets.exam_labels and fifth.sampling.mode == "balanced" and fifth.sampling.positive_share == 0.25
+    assert fifth.targets.exam_labels and fifth.sampling.mode == "per_study" and fifth.sampling.positive_share == 0.25
+    assert (fifth.sampling.study_slices, fifth.sampling.study_positives, fifth.batch_size) == (2, 8, 40)
+    assert (fifth.backbone.drop_path_rate, fifth.backbone.drop_rate, fifth.loss.slice_weight) == (0.4, 0.0, 2.5)
+    assert (fifth.targets.exam_label_weights, fifth.scheduler.step_steps, fifth.scheduler.gamma) == ("metric", 500, 0.99)
+    assert (fourth.head.pool, fourth.head.hidden, fourth.loss.focal_alpha, fourth.augment.dropout_one_of) == ("gem", 256, None, True)
     assert (fifth.augment.vflip, fifth.augment.hflip) == (0.5, 0.0)  # the published flip keeps left and right
     assert (fifth.optimizer.name, fifth.optimizer.lr, fifth.scheduler.name) == ("adam", 5e-4, "step")
     first = load_experiment(CONFIGS / "rsna_1st_seresnext50.yaml").cnn
     assert (first.backbone.name, first.input.mode, first.input.image_size, first.loss.kind, first.epochs) == (
         "legacy_seresnext50_32x4d.in1k", "adjacent", 576, "bce", 1
     )
+    assert first.input.lung_crop is not None and first.batch_size * first.accumulate_grad_batches == 128 and first.export == "last"
 
 
 def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):

@@ -98,6 +98,10 @@ class SchedulerConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak.")
     step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
+    step_steps: Optional[int] = Field(
+        None, ge=1, description="step: multiply the LR by gamma every this many optimiser steps instead of every step_epochs "
+        "(5th place: 0.99 every 500 steps)."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +120,16 @@ class BackboneConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
 
 
+class LungCropConfig(Section):
+    """Crop each series to its lungs (computed from Hounsfield units, pedetect.data.lung_box) before the resize."""
+
+    margin: float = Field(0.05, ge=0, le=0.5, description="Added on each side of the lungs' box, as a fraction of the slice side.")
+    min_side: float = Field(0.3, gt=0, le=1, description="The box is at least this fraction of the slice wide and high.")
+    tissue_hu: float = Field(-500.0, description="Above: the body.")
+    air_hu: float = Field(-400.0, description="Below, inside the body: lung and airway.")
+    min_region: float = Field(0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas).")
+
+
 class InputConfig(Section):
     mode: Literal["windows", "pe", "adjacent", "both"] = Field(
         "windows",
@@ -129,6 +143,12 @@ class InputConfig(Section):
         description="Central square crop before the resize, as a fraction of the shorter side (1: the whole slice). "
         "A fixed stand-in for the 1st place's lung crop: it spends the pixels on the chest, where the pulmonary arteries are.",
     )
+    lung_crop: Optional[LungCropConfig] = Field(
+        None,
+        description="Crop every slice to its series' lung box (air inside the body, union over the series' slices, a margin), "
+        "then resize (1st place; they regressed the box with a CNN). The boxes of the training series are recorded in "
+        "MODEL_DIR/lung_boxes.csv; predict computes each series' box the same way. None: off.",
+    )
     image_size: int = Field(512, ge=16, description="Square side the (cropped) slice is resized to.")
     mean: float = Field(0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values).")
     std: float = Field(0.224, gt=0)
@@ -136,6 +156,12 @@ class InputConfig(Section):
     @property
     def channels(self) -> int:
         return {"windows": 3, "pe": 1, "adjacent": 3, "both": 9}[self.mode]
+
+    @model_validator(mode="after")
+    def _one_crop(self) -> "InputConfig":
+        if self.lung_crop is not None and self.crop < 1:
+            raise ValueError("crop and lung_crop both crop the slice: set crop to 1 with lung_crop")
+        return self
 
 
 class ShiftScaleRotateConfig(Section):
@@ -156,6 +182,20 @@ class CutoutConfig(Section):
     p: float = Field(0.0, ge=0, le=1)
     holes: int = Field(1, ge=1, description="Number of rectangles set to 0.")
     size: float = Field(0.2, gt=0, le=1, description="Max side of each rectangle, as a fraction of the image side.")
+    fixed_size: bool = Field(False, description="Every rectangle exactly size × size (albumentations' Cutout); false: sides drawn up to size.")
+
+
+class GridDropoutConfig(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    ratio: float = Field(0.5, gt=0, lt=1, description="Side of each dropped square as a fraction of its grid unit.")
+    unit_min: float = Field(0.125, gt=0, le=1, description="Smallest grid unit, as a fraction of the image side.")
+    unit_max: float = Field(0.25, gt=0, le=1, description="Largest grid unit, as a fraction of the image side.")
+
+    @model_validator(mode="after")
+    def _units(self) -> "GridDropoutConfig":
+        if self.unit_min > self.unit_max:
+            raise ValueError(f"unit_min ({self.unit_min}) is larger than unit_max ({self.unit_max})")
+        return self
 
 
 class AugmentConfig(Section):
@@ -165,6 +205,18 @@ class AugmentConfig(Section):
     shift_scale_rotate: ShiftScaleRotateConfig = Field(default_factory=ShiftScaleRotateConfig)
     brightness_contrast: BrightnessContrastConfig = Field(default_factory=BrightnessContrastConfig)
     cutout: CutoutConfig = Field(default_factory=CutoutConfig)
+    grid_dropout: GridDropoutConfig = Field(default_factory=GridDropoutConfig)
+    dropout_one_of: bool = Field(
+        False,
+        description="cutout and grid_dropout as alternatives (albumentations OneOf): a sample gets cutout with probability "
+        "cutout.p, else grid dropout with probability grid_dropout.p, never both (the two p must sum to at most 1).",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "AugmentConfig":
+        if self.dropout_one_of and self.cutout.p + self.grid_dropout.p > 1:
+            raise ValueError(f"dropout_one_of: cutout.p + grid_dropout.p is {self.cutout.p + self.grid_dropout.p}, more than 1")
+        return self
 
 
 class TargetsConfig(Section):
@@ -178,6 +230,11 @@ class TargetsConfig(Section):
         "from the emboli, such as the RV/LV ratio at the heart (stage 2 pools them over the series).",
     )
     exam_weight: float = Field(1.0, ge=0, description="Weight of the exam-label loss relative to the slice loss.")
+    exam_label_weights: Literal["mean", "metric"] = Field(
+        "mean",
+        description="mean: the exam loss is the mean over every trained (slice, label) entry; metric: each label's loss times "
+        "its weight in the competition metric, summed over labels and averaged over the slices that train them (5th place).",
+    )
 
     @field_validator("exam_labels", "whole_exam_labels")
     @classmethod
@@ -206,16 +263,34 @@ class LossConfig(Section):
     kind: Literal["bce", "focal"] = "bce"
     focal_alpha: Optional[float] = Field(0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting).")
     focal_gamma: float = Field(2.0, ge=0, description="focal: focusing exponent.")
+    slice_weight: float = Field(1.0, gt=0, description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels).")
 
 
 class SamplingConfig(Section):
-    mode: Literal["all", "balanced"] = Field("all", description="all: every training slice once per epoch, shuffled.")
+    mode: Literal["all", "balanced", "per_study"] = Field(
+        "all",
+        description="all: every training slice once per epoch, shuffled; balanced: samples_per_epoch slices, positive_share "
+        "of them positive; per_study (5th place): study_slices random slices of every study, plus positive slices (at most "
+        "study_positives per study) up to positive_share × the negatives among those.",
+    )
+    study_slices: int = Field(2, ge=1, description="per_study: slices drawn from every training study per epoch.")
+    study_positives: int = Field(8, ge=0, description="per_study: most positive slices added from one study per epoch.")
     positive_share: float = Field(0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch.")
     samples_per_epoch: Optional[int] = Field(None, ge=1, description="balanced: slices per epoch; default: the training set size.")
 
 
+class HeadConfig(Section):
+    pool: Literal["backbone", "gem"] = Field(
+        "backbone", description="backbone: the backbone's own global pooling; gem: generalised mean pooling, p = 3 (4th place)."
+    )
+    hidden: int = Field(
+        0, ge=0, description="0: one linear layer on the pooled features; n: dropout, n units, BatchNorm, ReLU, then the output layer (4th place: 256)."
+    )
+
+
 class CnnConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
@@ -258,10 +333,23 @@ class EmbedConfig(Section):
 
 
 class SeqConfig(Section):
-    encoder: Literal["gru", "lstm", "transformer"] = Field("gru", description="Bidirectional GRU or LSTM, or a small transformer encoder.")
+    encoder: Literal["gru", "lstm", "transformer", "double_lstm"] = Field(
+        "gru",
+        description="Bidirectional GRU or LSTM, a small transformer encoder, or double_lstm (4th place): two stacked "
+        "bidirectional LSTMs of `layers` layers each, their outputs summed for the slices and pooled each by its own attention for the exam.",
+    )
     hidden: int = Field(128, ge=1, description="Hidden size per direction (GRU/LSTM) or model width (transformer).")
     layers: int = Field(2, ge=1, description="Stacked recurrent or transformer layers.")
     heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden).")
+    feedforward: Optional[int] = Field(None, ge=1, description="transformer: feed-forward width; default 4 × hidden.")
+    position: Literal["sinusoidal", "none"] = Field("sinusoidal", description="transformer: position encoding added to the inputs (5th place: none).")
+    exam_pool: Literal["attention_max", "attention", "mean_max"] = Field(
+        "attention_max",
+        description="How the exam head pools the slices: attention (a learnt weighted mean) and max, attention alone (4th "
+        "place), or mean and max (5th place).",
+    )
+    attention: Literal["linear", "tanh"] = Field("linear", description="Attention score per slice: linear, or tanh of a linear map (1st place).")
+    head_hidden: int = Field(0, ge=0, description="0: linear slice and exam outputs; n: a hidden layer of n units, ReLU and dropout before each (4th place: 256).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between layers and before the output heads.")
     input_dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the slice embeddings (not the CNN logit) as they enter the head."
@@ -284,6 +372,9 @@ class SeqConfig(Section):
     fixed_length: Optional[int] = Field(
         None, ge=2, description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask."
     )
+    resize: Literal["all", "longer"] = Field(
+        "all", description="fixed_length: resize every series (all), or only those longer than fixed_length, padding the shorter (1st place)."
+    )
     exam_structure: Literal["independent", "conditional"] = Field(
         "independent",
         description="independent: nine exam logits from the pooled features; conditional: p(positive), p(indeterminate | "
@@ -305,6 +396,8 @@ class SeqConfig(Section):
     def _heads_divide_width(self) -> "SeqConfig":
         if self.encoder == "transformer" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for the transformer encoder")
+        if self.encoder == "double_lstm" and self.exam_pooling != "shared":
+            raise ValueError("double_lstm pools each LSTM by its own attention: exam_pooling must be shared")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Augmentations of slice tensors: flips, shift-scale-rotate, brightness/contrast, cutout.
+"""Augmentations of slice tensors: flips, shift-scale-rotate, brightness/contrast, cutout, grid dropout.
 
 They take and return ``(C, H, W)`` tensors of any channel count (3 windows, 3 adjacent slices, or
 9). Flips, shift, scale, rotation and the resize to the training size are one affine map, so each
@@ -8,7 +8,7 @@ this matters); any other tensor (float, or on a GPU) goes through ``affine_grid`
 with the same geometry.
 
 Order, as the 4th-place recipe (albumentations): flips, shift-scale-rotate, brightness/contrast,
-cutout. Each sample draws its parameters from a ``numpy.random.Generator``.
+cutout or grid dropout. Each sample draws its parameters from a ``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -156,6 +156,24 @@ def cutout(image: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> torch
     return image
 
 
+def grid_boxes(size: int, unit: int, hole: int, offset: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """GridDropout's squares: one ``hole`` × ``hole`` square at the top-left of every ``unit`` × ``unit``
+    cell of a grid shifted by ``offset`` (albumentations' GridDropout with random_offset)."""
+    boxes = []
+    for y in range(offset[0] - unit, size, unit):
+        for x in range(offset[1] - unit, size, unit):
+            y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + hole, size), min(x + hole, size)
+            if y1 > y0 and x1 > x0:
+                boxes.append((y0, x0, y1, x1))
+    return boxes
+
+
+def box_crop(image: torch.Tensor, box) -> torch.Tensor:
+    """The ``box`` (:class:`pedetect.data.lung_box.Box`, fractions of the slice) of a (C, H, W) tensor (a view)."""
+    r0, c0, r1, c1 = box.pixels(*image.shape[-2:])
+    return image[..., r0:r1, c0:c1]
+
+
 def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
     """The central square of side ``fraction`` × the shorter side (a view, no copy)."""
     if fraction >= 1.0:
@@ -197,12 +215,13 @@ class SliceAugment:
             )
         return Geometry(hflip, vflip, angle=quarter)
 
-    def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
-        return self.transform(image, rng)[0]
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None) -> torch.Tensor:
+        return self.transform(image, rng, box)[0]
 
-    def transform(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, Geometry]:
-        """The slice and the geometry drawn for it (targets that name a side follow the geometry)."""
-        image = centre_crop(image, self.crop)
+    def transform(self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None) -> tuple[torch.Tensor, Geometry]:
+        """The slice and the geometry drawn for it (targets that name a side follow the geometry).
+        ``box``: the series' lung box (``cnn.input.lung_crop``), cropped before the resize."""
+        image = box_crop(image, box) if box is not None else centre_crop(image, self.crop)
         if self.config is None or rng is None:
             return resize(image, self.size), Geometry()
         c = self.config
@@ -219,13 +238,25 @@ class SliceAugment:
             gain = float(rng.uniform(1 - bc.contrast, 1 + bc.contrast))
             offset = float(rng.uniform(-bc.brightness, bc.brightness))
             image = brightness_contrast(image, gain, offset)
-        co = c.cutout
-        if co.p > 0 and rng.random() < co.p:
+        co, gd = c.cutout, c.grid_dropout
+        if c.dropout_one_of:  # one draw picks cutout, grid dropout or neither (albumentations OneOf)
+            u = rng.random() if co.p or gd.p else 1.0
+            do_cutout, do_grid = u < co.p, co.p <= u < co.p + gd.p
+        else:
+            do_cutout = co.p > 0 and rng.random() < co.p
+            do_grid = gd.p > 0 and rng.random() < gd.p
+        if do_cutout:
             boxes = []
             largest = max(1, int(round(co.size * self.size)))
             for _ in range(co.holes):
-                hh, ww = (int(v) for v in rng.integers(1, largest + 1, size=2))
+                hh, ww = (largest, largest) if co.fixed_size else (int(v) for v in rng.integers(1, largest + 1, size=2))
                 y0, x0 = (int(v) for v in rng.integers(0, self.size - np.array([hh, ww]) + 1))
                 boxes.append((y0, x0, y0 + hh, x0 + ww))
             image = cutout(image, boxes)
+        if do_grid:
+            lo, hi = (max(2, int(round(f * self.size))) for f in (gd.unit_min, gd.unit_max))
+            unit = int(rng.integers(lo, hi + 1))
+            hole = max(1, int(round(unit * gd.ratio)))
+            offset = (int(rng.integers(0, unit)), int(rng.integers(0, unit)))
+            image = cutout(image, grid_boxes(self.size, unit, hole, offset))
         return image, geometry

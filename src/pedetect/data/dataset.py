@@ -138,6 +138,7 @@ class SliceDataset(Dataset):
         augment: AugmentConfig | None = None,
         exam_labels: tuple[str, ...] = (),
         whole_exam_labels: tuple[str, ...] = (),
+        boxes: dict | None = None,
     ):
         if mode not in ("windows", "pe", "adjacent", "both"):
             raise ValueError(f"unknown input mode {mode!r}")
@@ -152,6 +153,8 @@ class SliceDataset(Dataset):
         self.side_columns = side_target_columns((*exam_labels, *whole_exam_labels), augment)
         self.transform = SliceAugment(image_size, augment, crop)
         self.train = augment is not None
+        # cnn.input.lung_crop: each series' lung box (pedetect.data.lung_box.Box), cropped before the resize.
+        self.boxes = boxes
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
 
@@ -197,7 +200,8 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
-        image, geometry = self.transform.transform(image, self.rng() if self.train else None)
+        box = self.boxes[self.series[i]] if self.boxes is not None else None
+        image, geometry = self.transform.transform(image, self.rng() if self.train else None, box)
         target = self.targets[i]
         if self.side_columns and geometry.swaps_sides:  # the embolus on the image's other side: the label follows it
             left, right = self.side_columns
@@ -232,18 +236,48 @@ def stack_input(volume: np.ndarray, index: int, mode: str) -> np.ndarray:
     raise ValueError(f"unknown input mode {mode!r}")
 
 
-def series_inputs(volume: np.ndarray, input_config) -> torch.Tensor:
+def series_inputs(volume: np.ndarray, input_config, box=None) -> torch.Tensor:
     """CNN inputs for every slice of one series, in position order: ``(N, C, S, S)`` uint8.
 
-    ``volume`` is ``SliceStore.read_series`` (N, H, W, 3); ``input_config`` the resolved ``cnn.input``.
+    ``volume`` is ``SliceStore.read_series`` (N, H, W, 3); ``input_config`` the resolved ``cnn.input``;
+    ``box`` the series' lung box when ``input_config.lung_crop`` is set (:func:`series_lung_box` of
+    the whole series: a part of it would give another box).
     The same crop, resize and channel stacking as training (no augmentation): what stage 2 embeds
     and ``predict`` runs, batch by batch, through ``SliceClassifier.embed``.
     """
+    if getattr(input_config, "lung_crop", None) is not None and box is None:
+        raise ValueError("cnn.input.lung_crop is set: pass the series' lung box (series_lung_box of the whole series)")
     transform = SliceAugment(input_config.image_size, None, input_config.crop)
     out = [
-        transform(torch.from_numpy(np.ascontiguousarray(stack_input(volume, i, input_config.mode))).permute(2, 0, 1))
+        transform(torch.from_numpy(np.ascontiguousarray(stack_input(volume, i, input_config.mode))).permute(2, 0, 1), None, box)
         for i in range(len(volume))
     ]
     if not out:
         return torch.zeros((0, input_config.channels, input_config.image_size, input_config.image_size), dtype=torch.uint8)
     return torch.stack(out)
+
+
+def series_lung_box(volume: np.ndarray, input_config, windows=None):
+    """The lung box of a whole series (``(N, H, W, 3)`` uint8, the store's channels) for a
+    ``cnn.input`` with ``lung_crop``, or None without it. ``windows``: the three [level, width]
+    windows the slices were made with (the store's ``prepare.json``, a bundle's
+    ``preprocessing.json``); default pedetect's own. The lung window (channel 0) is inverted to HU."""
+    settings = getattr(input_config, "lung_crop", None)
+    if settings is None:
+        return None
+    from pedetect.data.lung_box import lung_box_of_windows
+
+    if windows is None:
+        from pedetect.dicom.pixels import DEFAULT_WINDOWS
+
+        windows = DEFAULT_WINDOWS
+    level, width = (float(v) for v in windows[0])
+    return lung_box_of_windows(volume, (level, width), lung_box_settings(settings), channel=0)
+
+
+def lung_box_settings(crop_config):
+    """The :class:`~pedetect.data.lung_box.LungBoxSettings` of a ``cnn.input.lung_crop`` section."""
+    from pedetect.data.lung_box import LungBoxSettings
+
+    names = ("tissue_hu", "air_hu", "min_region", "margin", "min_side")
+    return LungBoxSettings(**{name: getattr(crop_config, name) for name in names})

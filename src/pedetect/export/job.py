@@ -121,7 +121,8 @@ def _choose(series: list[str], n: int | None, seed: int) -> list[str]:
 
 def _calibration_batches(source, series: list[str], input_config, *, slices: int, batch_size: int, seed: int):
     """``slices`` slices of the given series, as the CNN takes them, ``batch_size`` at a time."""
-    from pedetect.data.dataset import series_inputs
+    from pedetect.data.dataset import series_inputs, series_lung_box
+    from pedetect.train.embed import store_windows
 
     rng = np.random.default_rng(seed)
     order = [series[i] for i in rng.permutation(len(series))]
@@ -130,7 +131,9 @@ def _calibration_batches(source, series: list[str], input_config, *, slices: int
     for uid in order:
         if given >= slices:
             break
-        inputs = series_inputs(source.read_series(uid), input_config).numpy()
+        volume = source.read_series(uid)
+        box = series_lung_box(volume, input_config, store_windows(source))  # None without cnn.input.lung_crop
+        inputs = series_inputs(volume, input_config, box).numpy()
         take = rng.choice(len(inputs), size=min(per_series, len(inputs), slices - given), replace=False)
         pending.append(inputs[np.sort(take)])
         given += len(take)
@@ -182,6 +185,9 @@ def export_bundle(
         torch.set_num_threads(int(threads))
 
     config = bundle.config
+    if config.seq.fixed_length is not None and config.seq.resize == "longer":
+        raise ExportError("this bundle's sequence head resizes only series longer than seq.fixed_length (seq.resize: longer): "
+                          "a branch on the length that ONNX export cannot keep; predict it with --runtime torch")
     store_series = sorted(source.slices[SERIES].unique().tolist())
     checks = {"onnx": _Check(), "onnx-int8": _Check()} if int8 else {"onnx": _Check()}
     reference = _Check()

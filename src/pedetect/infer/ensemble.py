@@ -110,7 +110,9 @@ class Ensemble:
                     head = load_sequence_head(bundle.path, k, config=bundle.config, device=device)
                 else:
                     cnn, head = load_runtime_fold(bundle.path, k, chosen, threads=threads)
-                location = (int(bundle.config.embed.location_grid), float(bundle.config.cnn.input.crop))
+                # A lung-cropped CNN's grid lies over each series' own box, not a central crop: not drawn.
+                grid = 0 if bundle.config.cnn.input.lung_crop is not None else int(bundle.config.embed.location_grid)
+                location = (grid, float(bundle.config.cnn.input.crop))
                 heart = None
                 if stack is not None:  # small: PyTorch whatever the runtime of the CNN
                     model = load_heart_model(heart_dir(bundle.path, k) / WEIGHTS_FILE, bundle.config.heart, device=device)
@@ -149,7 +151,9 @@ class Ensemble:
             heart_logit = self._heart_logit(member, volume, crops) if member.heart is not None else None
             views = [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]  # flip: a view, copied batch by batch
             for view, flipped in views:
-                embeddings, logits = embed_volume(member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device)
+                embeddings, logits = embed_volume(
+                    member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device, windows=member.read[0]
+                )
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
                 if flipped:  # a mirrored series is a mirrored patient: its left is the original's right
                     exam_logits = exam_logits[SIDE_SWAP]

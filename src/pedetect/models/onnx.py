@@ -96,6 +96,10 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
     from pedetect.io import atomic_path
 
     head = head.eval().cpu()
+    if head.fixed_length is not None and getattr(head, "resize", "all") == "longer":
+        # Resizing only series longer than fixed_length is a branch on the length, which a traced
+        # graph would fix at the example's: the exported head would be wrong for the other side.
+        raise ValueError("seq.resize: longer (resize only long series) is not exportable to ONNX; predict with --runtime torch")
     example = (torch.randn(1, 8, head.embedding_dim), torch.randn(1, 8))
     names = {"input_names": ["embeddings", "cnn_logits"], "output_names": ["slice_logits", "exam_logits"]}
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
@@ -103,14 +107,14 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
         if head.encoder_kind == "transformer":
             length = torch.export.Dim("length", min=1, max=4096)
             program = torch.onnx.export(
-                _OneSeries(head), example, dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
+                _OneSeries(head).eval(), example, dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
                 opset_version=CNN_OPSET, dynamo=True, external_data=False, verbose=False, **names,
             )
             program.save(str(tmp))
             return
         _register_sinh()
         torch.onnx.export(
-            _OneSeries(head), example, str(tmp), opset_version=SEQ_OPSET, dynamo=False,
+            _OneSeries(head).eval(), example, str(tmp), opset_version=SEQ_OPSET, dynamo=False,
             dynamic_axes={"embeddings": {1: "length"}, "cnn_logits": {1: "length"}, "slice_logits": {1: "length"}}, **names,
         )
 

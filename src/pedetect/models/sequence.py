@@ -32,7 +32,7 @@ from pedetect.models.layout import WEIGHTS_FILE, read_model_config, seq_dir
 if TYPE_CHECKING:
     from pedetect.recipe import ExperimentConfig, SeqConfig
 
-Encoder = Literal["gru", "lstm", "transformer"]
+Encoder = Literal["gru", "lstm", "transformer", "double_lstm"]
 ExamStructure = Literal["independent", "conditional"]
 ExamPooling = Literal["shared", "per_output"]
 
@@ -135,8 +135,23 @@ class SequenceHead(nn.Module):
         exam_structure: ExamStructure = "independent",
         exam_pooling: ExamPooling = "shared",
         input_columns: int | None = None,
+        feedforward: int | None = None,
+        position: str = "sinusoidal",
+        exam_pool: str = "attention_max",
+        attention: str = "linear",
+        head_hidden: int = 0,
+        resize: str = "all",
     ):
         super().__init__()
+        if exam_pool not in ("attention_max", "attention", "mean_max"):
+            raise ValueError(f"unknown exam_pool {exam_pool!r}; choose attention_max, attention or mean_max")
+        if exam_pooling == "per_output" and (exam_pool != "attention_max" or head_hidden or encoder == "double_lstm"):
+            raise ValueError("exam_pooling per_output needs exam_pool attention_max, head_hidden 0 and a single encoder")
+        if attention not in ("linear", "tanh") or position not in ("sinusoidal", "none") or resize not in ("all", "longer"):
+            raise ValueError(f"attention {attention!r}, position {position!r} or resize {resize!r} unknown")
+        self.exam_pool = exam_pool
+        self.attention_kind = attention
+        self.resize = resize
         if input_columns is not None and not 0 <= input_columns <= embedding_dim:
             raise ValueError(f"input_columns must be None or 0 … {embedding_dim}, got {input_columns}")
         if input_columns == 0 and not use_cnn_logit:
@@ -156,28 +171,35 @@ class SequenceHead(nn.Module):
         self.input_columns = embedding_dim if input_columns is None else int(input_columns)
         in_dim = self.input_columns * (3 if neighbour_diffs else 1) + (1 if use_cnn_logit else 0)
         self.encoder_kind = encoder
-        if encoder in ("gru", "lstm"):
+        if encoder in ("gru", "lstm", "double_lstm"):
             rnn = nn.GRU if encoder == "gru" else nn.LSTM
             self.encoder = rnn(
                 in_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True,
                 dropout=dropout if layers > 1 else 0.0,
             )
+            if encoder == "double_lstm":  # the 4th place's second LSTM, on the first one's outputs
+                self.encoder2 = nn.LSTM(
+                    2 * hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0
+                )
             out_dim = 2 * hidden
         elif encoder == "transformer":
             self.project = nn.Linear(in_dim, hidden)
-            self.position = SinusoidalPosition(hidden)
-            layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, batch_first=True)
+            self.position = SinusoidalPosition(hidden) if position == "sinusoidal" else nn.Identity()
+            layer = nn.TransformerEncoderLayer(hidden, heads, feedforward or 4 * hidden, dropout, batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             out_dim = hidden
         else:
             raise ValueError(f"unknown sequence encoder {encoder!r}; choose gru, lstm or transformer")
         self.dropout = nn.Dropout(dropout)
-        self.slice_head = nn.Linear(out_dim, 1)
+        self.slice_head = _output(out_dim, 1, head_hidden, dropout)
         n_exam = len(EXAM_LABELS) if exam_structure == "independent" else len(CONDITIONAL_OUTPUTS)
         # shared: one attention over the slices for every exam output; per_output: each output attends
         # to its own slices (the RV/LV outputs to the heart's, positive/negative to the emboli's).
         self.attention = nn.Linear(out_dim, 1 if exam_pooling == "shared" else n_exam)
-        self.exam_head = nn.Linear(2 * out_dim, n_exam)
+        if encoder == "double_lstm":  # an attention per LSTM, their pooled vectors summed (4th place)
+            self.attention2 = nn.Linear(out_dim, 1)
+        pooled_dim = out_dim if exam_pool == "attention" else 2 * out_dim
+        self.exam_head = _output(pooled_dim, n_exam, head_hidden, dropout)
 
     def predict_series(self, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series.
@@ -201,15 +223,21 @@ class SequenceHead(nn.Module):
         self.train(was_training)
         return slice_logits[0].float().cpu().numpy(), exam_logits[0].float().cpu().numpy()
 
-    def _encode(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> list[torch.Tensor]:
+        """The encoder's outputs ``(B, T, D)``: one stream, or each LSTM's for double_lstm."""
         if self.encoder_kind == "transformer":
-            return self.encoder(self.position(self.project(x)), src_key_padding_mask=~mask if padded else None)
-        if not padded:  # every position a real slice: nothing to pack (and exportable to ONNX)
-            return self.encoder(x)[0]
-        packed = pack_padded_sequence(x, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.encoder(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out
+            return [self.encoder(self.position(self.project(x)), src_key_padding_mask=~mask if padded else None)]
+        first = _run_rnn(self.encoder, x, mask, padded)
+        if self.encoder_kind == "double_lstm":
+            return [first, _run_rnn(self.encoder2, first, mask, padded)]
+        return [first]
+
+    def _attend(self, layer: nn.Linear, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention weights over the real slices, ``(B, T, k)``: softmax of a linear (or tanh) score."""
+        scores = layer(hidden)
+        if self.attention_kind == "tanh":
+            scores = torch.tanh(scores)
+        return torch.softmax(scores.masked_fill(~mask.unsqueeze(-1), float("-inf")), dim=1)
 
     def forward(
         self, embeddings: torch.Tensor, mask: torch.Tensor | None = None, cnn_logits: torch.Tensor | None = None
@@ -232,21 +260,51 @@ class SequenceHead(nn.Module):
             x = x * mask.unsqueeze(-1)  # padding carries no values, whatever the caller left there
         if self.fixed_length is None:
             return self._heads(x, mask, padded=padded)
+        if self.resize == "longer":
+            return self._heads_longer_resized(x, mask, padded=padded)
         return self._heads_resized(x, mask, padded=padded)
 
     def _heads(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.dropout(self._encode(x, mask, padded=padded))
+        streams = [self.dropout(h) for h in self._encode(x, mask, padded=padded)]
+        hidden = streams[0] if len(streams) == 1 else streams[0] + streams[1]  # double_lstm: the two LSTMs summed
         slice_logits = self.slice_head(hidden).squeeze(-1).masked_fill(~mask, 0.0)
-        scores = self.attention(hidden).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, T, 1 or n_exam)
-        attended = torch.einsum("btk,btd->bkd", torch.softmax(scores, dim=1), hidden)
+        weights = self._attend(self.attention, hidden if len(streams) == 1 else streams[0], mask)  # (B, T, 1 or n_exam)
+        attended = torch.einsum("btk,btd->bkd", weights, hidden if len(streams) == 1 else streams[0])
+        if len(streams) == 2:
+            attended = attended + torch.einsum("btk,btd->bkd", self._attend(self.attention2, streams[1], mask), streams[1])
         maxed = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
-        if self.exam_pooling == "shared":
+        if self.exam_pool == "attention":
+            exam_logits = self.exam_head(attended[:, 0])
+        elif self.exam_pool == "mean_max":
+            real = mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * real).sum(1) / real.sum(1).clamp(min=1)
+            exam_logits = self.exam_head(torch.cat([mean, maxed], dim=-1))
+        elif self.exam_pooling == "shared":
             exam_logits = self.exam_head(torch.cat([attended[:, 0], maxed], dim=-1))
         else:  # output k reads its own attended vector: row k of the head's weights on [attended_k, maxed]
             pooled = torch.cat([attended, maxed.unsqueeze(1).expand_as(attended)], dim=-1)
             exam_logits = (pooled * self.exam_head.weight).sum(-1) + self.exam_head.bias
         if self.exam_structure == "conditional":
             exam_logits = conditional_exam_logits(exam_logits)
+        return slice_logits, exam_logits
+
+    def _heads_longer_resized(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """1st place: series longer than fixed_length resized to it, shorter ones padded and masked;
+        the slice logits of resized series resized back."""
+        length = self.fixed_length
+        lengths = mask.sum(1).tolist() if padded else [x.shape[1]] * x.shape[0]
+        if max(lengths) <= length:
+            return self._heads(x, mask, padded=padded)
+        kept = [min(n, length) for n in lengths]
+        batch = x.new_zeros((x.shape[0], max(kept), x.shape[2]))
+        for b, n in enumerate(lengths):
+            batch[b, : kept[b]] = resize_sequence(x[b, :n], length) if n > length else x[b, :n]
+        new_mask = torch.arange(batch.shape[1], device=x.device).unsqueeze(0) < torch.tensor(kept, device=x.device).unsqueeze(1)
+        slice_short, exam_logits = self._heads(batch, new_mask, padded=not all(k == batch.shape[1] for k in kept))
+        slice_logits = torch.zeros(mask.shape, dtype=slice_short.dtype, device=x.device)
+        for b, n in enumerate(lengths):
+            row = slice_short[b, : kept[b]]
+            slice_logits[b, :n] = resize_sequence(row.unsqueeze(-1), n).squeeze(-1) if n > length else row
         return slice_logits, exam_logits
 
     def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +320,22 @@ class SequenceHead(nn.Module):
         for b, n in enumerate(lengths):
             slice_logits[b, :n] = resize_sequence(slice_resized[b].unsqueeze(-1), n).squeeze(-1)
         return slice_logits, exam_logits
+
+
+def _output(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Module:
+    """A linear output layer, or (``hidden`` > 0, 4th place) a hidden layer, ReLU and dropout before it."""
+    if not hidden:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def _run_rnn(rnn: nn.Module, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
+    if not padded:  # every position a real slice: nothing to pack (and exportable to ONNX)
+        return rnn(x)[0]
+    packed = pack_padded_sequence(x, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = rnn(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    return out
 
 
 def metric_loss_parts(
@@ -289,24 +363,17 @@ def metric_loss(*args) -> torch.Tensor:
     return metric_loss_parts(*args).score
 
 
+# The seq settings that build a head, each the SequenceHead argument of the same name.
+HEAD_SETTINGS = (
+    "encoder", "hidden", "layers", "dropout", "heads", "neighbour_diffs", "use_cnn_logit", "fixed_length", "input_dropout",
+    "exam_structure", "exam_pooling", "feedforward", "position", "exam_pool", "attention", "head_hidden", "resize",
+)
+
+
 def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: int | None = None) -> SequenceHead:
     """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide, reading
     their last ``input_columns`` columns (``ExperimentConfig.seq_input_columns``; None: all)."""
-    return SequenceHead(
-        embedding_dim,
-        encoder=seq.encoder,
-        hidden=seq.hidden,
-        layers=seq.layers,
-        dropout=seq.dropout,
-        heads=seq.heads,
-        neighbour_diffs=seq.neighbour_diffs,
-        use_cnn_logit=seq.use_cnn_logit,
-        fixed_length=seq.fixed_length,
-        input_dropout=seq.input_dropout,
-        exam_structure=seq.exam_structure,
-        exam_pooling=seq.exam_pooling,
-        input_columns=input_columns,
-    )
+    return SequenceHead(embedding_dim, input_columns=input_columns, **{name: getattr(seq, name) for name in HEAD_SETTINGS})
 
 
 def save_sequence_head(head: SequenceHead, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Stage 1: the slice classifier (a timm backbone and a linear head).
+"""Stage 1: the slice classifier (a timm backbone and a linear head, or the 4th place's GeM pooling
+and hidden layer: ``cnn.head``).
 
 Input: a ``(B, C, H, W)`` batch of uint8 (0–255) or float pixels in the 0–255 scale; the model
 normalises it itself, so data loaders ship compact uint8 tensors and every caller (training, the
@@ -25,6 +26,20 @@ from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, read_model_config
 if TYPE_CHECKING:
     from pedetect.recipe import CnnConfig, ExperimentConfig
 
+class GeM(nn.Module):
+    """Generalised mean pooling to 1 × 1, ``(mean x^p)^(1/p)`` with a learnt p (from 3): between average
+    (p = 1) and max pooling (p → ∞); the 4th place's pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.to(x.dtype)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / p)
+
+
 class SliceClassifier(nn.Module):
     def __init__(
         self,
@@ -35,8 +50,12 @@ class SliceClassifier(nn.Module):
         std: float = 0.224,
         head_dropout: float = 0.0,
         location_grid: int = 0,
+        pool: str = "backbone",
+        hidden: int = 0,
     ):
         super().__init__()
+        if pool not in ("backbone", "gem"):
+            raise ValueError(f"unknown pooling {pool!r}; choose backbone or gem")
         if location_grid < 0:
             raise ValueError(f"location_grid must be 0 (off) or a grid side, got {location_grid}")
         self.backbone = backbone
@@ -47,7 +66,11 @@ class SliceClassifier(nn.Module):
         # What stage 2 reads per slice: the pooled features, then one slice logit per cell of the grid.
         self.embedding_dim = self.feature_dim + self.location_grid**2
         self.dropout = nn.Dropout(head_dropout) if head_dropout else nn.Identity()
-        self.head = nn.Linear(self.feature_dim, 1 + len(self.exam_labels))
+        # pool gem: the backbone was built without pooling (global_pool=""); GeM pools its map here.
+        self.gem = GeM() if pool == "gem" else None
+        # hidden n (4th place): n units, BatchNorm, ReLU between the pooled features and the outputs.
+        self.hidden = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.head = nn.Linear(hidden or self.feature_dim, 1 + len(self.exam_labels))
         self.register_buffer("mean", torch.tensor(float(mean) * 255.0), persistent=False)
         self.register_buffer("std", torch.tensor(float(std) * 255.0), persistent=False)
         # Channels-last layout: oneDNN convolutions on CPU and tensor-core convolutions under mixed
@@ -59,13 +82,23 @@ class SliceClassifier(nn.Module):
         dtype = self.head.weight.dtype if not torch.is_autocast_enabled() else torch.float32
         return ((x.to(dtype) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
+    def _head_of_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The backbone's own head (pre-logits) on a pooled ``(B, C, 1, 1)`` map: ``(B, feature_dim)``."""
+        return self.backbone.forward_head(pooled, pre_logits=True).flatten(1)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, ``(B, embedding_dim)``."""
+        """Pooled backbone features, ``(B, feature_dim)``."""
+        if self.gem is not None:
+            return self._head_of_pooled(self.gem(self.backbone.forward_features(self.normalise(x))))
         return self.backbone(self.normalise(x))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The outputs on pooled features (the hidden layer, when there is one, then the output layer)."""
+        return self.head(self.hidden(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, 1 + len(exam_labels))``; column 0 is the slice label."""
-        return self.head(self.dropout(self.features(x)))
+        return self.logits(self.dropout(self.features(x)))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume.
@@ -77,15 +110,21 @@ class SliceClassifier(nn.Module):
         """
         if not self.location_grid:
             features = self.features(x)
-            return features, self.head(features)[:, 0]
+            return features, self.logits(features)[:, 0]
         feature_map = self.backbone.forward_features(self.normalise(x))
-        features = self.backbone.forward_head(feature_map, pre_logits=True)
-        cells = _pool_cells(self.backbone, feature_map, self.location_grid)  # (B * G * G, C, 1, 1)
-        cell_logits = self.head(self.backbone.forward_head(cells, pre_logits=True))[:, 0].reshape(-1, self.location_grid**2)
-        return torch.cat([features, cell_logits.to(features.dtype)], dim=1), self.head(features)[:, 0]
+        if self.gem is not None:
+            features = self._head_of_pooled(self.gem(feature_map))
+            cells = _pool_cells(self.backbone, feature_map, self.location_grid, gem=self.gem)
+            cell_features = self._head_of_pooled(cells)
+        else:
+            features = self.backbone.forward_head(feature_map, pre_logits=True)
+            cells = _pool_cells(self.backbone, feature_map, self.location_grid)  # (B * G * G, C, 1, 1)
+            cell_features = self.backbone.forward_head(cells, pre_logits=True)
+        cell_logits = self.logits(cell_features)[:, 0].reshape(-1, self.location_grid**2)
+        return torch.cat([features, cell_logits.to(features.dtype)], dim=1), self.logits(features)[:, 0]
 
 
-def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int, gem: GeM | None = None) -> torch.Tensor:
     """A ``(B, C, H, W)`` feature map pooled to ``grid`` × ``grid`` cells the way the backbone pools
     globally (max or average), as ``(B · grid², C, 1, 1)`` one-pixel maps for its own head."""
     pool = getattr(backbone, "global_pool", None)
@@ -98,6 +137,8 @@ def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int) -> to
     rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
     cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
     reduce = (lambda cell: cell.amax(dim=(2, 3))) if kind == "max" else (lambda cell: cell.mean(dim=(2, 3)))
+    if gem is not None:
+        reduce = lambda cell: gem(cell)[:, :, 0, 0]  # noqa: E731
     cells = [reduce(feature_map[:, :, r0:r1, c0:c1]) for r0, r1 in rows for c0, c1 in cols]  # G² × (B, C), row-major
     return torch.stack(cells, dim=1).reshape(-1, c, 1, 1)  # -1, not b · G²: a batch size an export keeps dynamic
 
@@ -107,12 +148,15 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, loca
     weights file (when trained weights are about to be loaded anyway); ``location_grid``: the
     ``embed.location_grid`` its embeddings carry (no weights of its own)."""
     b = cnn.backbone
+    kwargs = dict(b.kwargs)
+    if cnn.head.pool == "gem":
+        kwargs["global_pool"] = ""  # the map unpooled: SliceClassifier pools it by GeM
     backbone = create_backbone(
         b.name,
         in_chans=cnn.input.channels,
         weights=b.weights if load_pretrained else None,
         drop_path_rate=b.drop_path_rate,
-        **b.kwargs,
+        **kwargs,
     )
     return SliceClassifier(
         backbone,
@@ -121,6 +165,8 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, loca
         std=cnn.input.std,
         head_dropout=b.drop_rate,
         location_grid=location_grid,
+        pool=cnn.head.pool,
+        hidden=cnn.head.hidden,
     )
 
 
@@ -170,6 +216,7 @@ def embed_volume(
     *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    windows=None,
 ):
     """Embeddings and slice logits of one series: ``(float16 (N, D), float32 (N,))`` numpy arrays.
 
@@ -177,23 +224,25 @@ def embed_volume(
     order; ``input_config``: the resolved ``cnn.input``. Slices go through exactly the training
     preprocessing (:func:`pedetect.data.dataset.series_inputs`) ``batch_size`` at a time, so memory is
     one volume plus one batch; autocast on CUDA, ``torch.inference_mode``. The stage-2 embedding pass
-    and ``predict`` both call this.
+    and ``predict`` both call this. With ``cnn.input.lung_crop`` the series' lung box is computed
+    here from the whole volume (``windows``: the [level, width] windows it was made with).
     """
     import numpy as np
 
-    from pedetect.data.dataset import series_inputs
+    from pedetect.data.dataset import series_inputs, series_lung_box
 
     device = torch.device(device)
     n = len(volume)
     embeddings = np.zeros((n, model.embedding_dim), dtype=np.float16)
     logits = np.zeros(n, dtype=np.float32)
     dtype = autocast_dtype(device)
+    box = series_lung_box(volume, input_config, windows)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             # One slice of context each side, so adjacent-slice inputs see their true neighbours.
             lo, hi = max(start - 1, 0), min(stop + 1, n)
-            inputs = series_inputs(volume[lo:hi], input_config)[start - lo : stop - lo]
+            inputs = series_inputs(volume[lo:hi], input_config, box)[start - lo : stop - lo]
             embedding, logit = model.embed(inputs.to(device, non_blocking=True))
             embeddings[start:stop] = embedding.float().cpu().numpy()
             logits[start:stop] = logit.float().cpu().numpy()

@@ -29,7 +29,7 @@ import pandas as pd
 from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
 from pedetect.io import read_json, write_json_atomic
-from pedetect.labels import IMAGE_LABEL, STUDY
+from pedetect.labels import IMAGE_LABEL, SERIES, STUDY
 from pedetect.models.layout import (
     CHECKPOINTS_DIR,
     COMPLETE,
@@ -48,7 +48,7 @@ from pedetect.train.setup import TrainError, TrainingInputs, resolve_paths
 from pedetect.train.trainer import build_loggers, load_checkpoint_state, quiet_lightning, resolve_precision, safe_checkpoint_io, uses_gpu
 
 
-def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFrame, val_items: pd.DataFrame, seed: int):
+def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFrame, val_items: pd.DataFrame, seed: int, boxes: dict | None = None):
     from torch.utils.data import DataLoader
 
     from pedetect.data.dataset import SliceDataset, single_threaded_opencv
@@ -61,6 +61,7 @@ def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFram
         crop=cnn.input.crop,
         exam_labels=tuple(cnn.targets.exam_labels),
         whole_exam_labels=tuple(cnn.targets.whole_exam_labels),
+        boxes=boxes,
     )
     train_set = SliceDataset(store, train_items, augment=cnn.augment, **common)
     val_set = SliceDataset(store, val_items, augment=None, **common)
@@ -70,6 +71,9 @@ def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFram
         positive_share=cnn.sampling.positive_share,
         samples_per_epoch=cnn.sampling.samples_per_epoch,
         seed=seed,
+        studies=train_items[STUDY].to_numpy() if cnn.sampling.mode == "per_study" else None,
+        study_slices=cnn.sampling.study_slices,
+        study_positives=cnn.sampling.study_positives,
     )
     workers = config.data.num_workers
     loader_args = dict(num_workers=workers, pin_memory=uses_gpu(config), persistent_workers=workers > 0)
@@ -223,7 +227,14 @@ def train_fold(
     seed = config.seed + fold
     L.seed_everything(seed, workers=True, verbose=False)
     train_items, val_items = split_fold(items, fold)
-    train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed)
+    boxes = None
+    if config.cnn.input.lung_crop is not None:
+        from pedetect.data.dataset import open_store
+        from pedetect.train.boxes import training_lung_boxes
+
+        source = open_store(store) if isinstance(store, (str, Path)) else store
+        boxes = training_lung_boxes(config, source, sorted(items[SERIES].unique()), out, echo=echo)
+    train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed, boxes)
     # Every fold starts from the same weights, as it would from one pretrained file: the folds'
     # embedding spaces stay comparable, which stage 2 needs (it trains on out-of-fold embeddings made
     # by the other folds' CNNs). The data order still differs per fold (seeded above).

@@ -93,6 +93,12 @@ class _SeriesReader:
         return state
 
 
+def store_windows(source: Any):
+    """The [level, width] windows a store was made with (its prepare.json), or None (pedetect's own)."""
+    settings = getattr(source, "settings", None)
+    return settings.get("windows") if isinstance(settings, dict) else None
+
+
 def fold_series(items: pd.DataFrame, fold: int) -> list[str]:
     """Series of fold k's studies (its validation studies), in a stable order."""
     return sorted(items.loc[items[FOLD] == fold, SERIES].unique())
@@ -148,7 +154,9 @@ def embed_fold(
         sop = np.asarray(sops[series_uid])
         if len(sop) != len(volume):
             raise TrainError(f"series {series_uid}: the store lists {len(sop)} slices but read {len(volume)}")
-        embedding, logit = embed_volume(model, volume, config.cnn.input, batch_size=config.embed.batch_size, device=device)
+        embedding, logit = embed_volume(
+            model, volume, config.cnn.input, batch_size=config.embed.batch_size, device=device, windows=store_windows(inputs.source)
+        )
         write_series_embedding(embedding_path(out, fold, series_uid), SeriesEmbedding(embedding, logit, sop))
         n_slices += len(volume)
     seconds = time.perf_counter() - started

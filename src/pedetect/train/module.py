@@ -35,15 +35,23 @@ def elementwise_loss(config: LossConfig, logits: torch.Tensor, targets: torch.Te
 
 
 def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Slice-label loss, plus (weighted) exam-label loss where the target is not NaN: positive slices
-    for ``exam_labels`` (5th place), every slice of a positive exam for ``whole_exam_labels``."""
-    loss = elementwise_loss(config.loss, logits[:, 0], targets[:, 0]).mean()
+    """Slice-label loss (× ``loss.slice_weight``), plus (weighted) exam-label loss where the target is
+    not NaN: positive slices for ``exam_labels`` (5th place), every slice of a positive exam for
+    ``whole_exam_labels``. ``targets.exam_label_weights`` metric: each label's loss times its metric
+    weight, summed over labels, averaged over the slices with a trained label (the 5th place's sum)."""
+    loss = config.loss.slice_weight * elementwise_loss(config.loss, logits[:, 0], targets[:, 0]).mean()
     if logits.shape[1] > 1:
         trained = ~torch.isnan(targets[:, 1:])
         exam = elementwise_loss(config.loss, logits[:, 1:], torch.nan_to_num(targets[:, 1:]))
         # Mean over the trained entries; a batch without any adds 0 (and keeps the graph the same on
         # every process).
-        exam_term = (exam * trained).sum() / trained.sum().clamp(min=1)
+        if config.targets.exam_label_weights == "metric":
+            from pedetect.labels import EXAM_WEIGHTS
+
+            weights = torch.tensor([EXAM_WEIGHTS[label] for label in config.targets.head_labels], dtype=exam.dtype, device=exam.device)
+            exam_term = (exam * trained * weights).sum() / trained.any(dim=1).sum().clamp(min=1)
+        else:
+            exam_term = (exam * trained).sum() / trained.sum().clamp(min=1)
         loss = loss + config.targets.exam_weight * exam_term
     return loss
 
@@ -59,7 +67,7 @@ class LrSchedule:
         self.total = max(int(total_steps), 1)
         self.warmup = int(round(config.warmup_epochs * steps_per_epoch))
         self.min_ratio = config.min_lr_ratio
-        self.step_every = max(config.step_epochs * steps_per_epoch, 1.0)
+        self.step_every = float(config.step_steps) if config.step_steps else max(config.step_epochs * steps_per_epoch, 1.0)
         self.gamma = config.gamma
 
     def __call__(self, step: int) -> float:
