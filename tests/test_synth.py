@@ -462,3 +462,14 @@ def test_cli_preview_and_errors(tmp_path, cli):
     for option in ("--studies", "--slices", "--size", "--seed", "--split", "--transfer-syntax", "--preview",
                    "--positive-fraction", "--indeterminate-fraction"):
         assert option in helped.output
+
+
+def test_rv_lv_ratio_spreads_over_both_sides_of_1_but_for_a_3_percent_band():
+    """The ratio is drawn evenly over 0.6-1.5 (docs/design.md): exams close to the threshold on both
+    sides, none within ±3 % of it (less than a pixel of difference), and the label is ratio >= 1."""
+    plans = [plan_study(i, seed=123, slices=40, size=128, kind="positive") for i in range(150)]
+    ratios = np.array([p.anatomy.rv_lv_ratio for p in plans])
+    assert not ((ratios > 0.97) & (ratios < 1.03)).any()
+    assert ((ratios >= 1.03) & (ratios < 1.1)).sum() >= 5 and ((ratios > 0.9) & (ratios <= 0.97)).sum() >= 5
+    assert 0.6 <= ratios.min() and ratios.max() <= 1.5
+    assert [p.exam["rv_lv_ratio_gte_1"] for p in plans] == [int(r >= 1.0) for r in ratios]
