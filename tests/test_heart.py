@@ -229,3 +229,37 @@ def test_predict_with_a_heart_bundle_re_splits_rv_lv_only(tmp_path):
     frame = read_submission(out)
     assert find_violations(align(frame, read_studies(tmp_path / "data" / "test.csv"), out)) == []
     assert len(frame) == len(labels) + 9 * labels[STUDY].nunique()
+
+
+def test_both_kinds_of_heart_model_give_one_logit_per_crop():
+    import torch
+
+    from pedetect.models.heart import HeartCNN
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 8, 32, 32), dtype=np.uint8)
+    for kind, first in (("2.5d", (4, 8, 3, 3)), ("3d", (4, 1, 3, 3, 3))):
+        model = HeartCNN(8, widths=(4, 8), kind=kind)
+        assert tuple(model.stages[0][0][0].weight.shape) == first
+        logits = model.predict(crops)
+        assert logits.shape == (3,) and np.isfinite(logits).all()
+        model.train()
+        model(torch.from_numpy(crops).float()[:, None] / 255).sum().backward()  # trainable end to end
+    with pytest.raises(ValueError, match="2.5d"):
+        HeartCNN(8, kind="4d")
+
+
+def test_a_changed_heart_section_removes_only_the_heart_stage(tmp_path):
+    from pedetect.recipe import ExperimentConfig, apply_overrides
+    from pedetect.train.setup import prepare_model_dir
+
+    base = apply_overrides(ExperimentConfig(), ["heart={depth: 8}"])
+    prepare_model_dir(base, tmp_path, force=False, echo=lambda m: None)
+    for name in ("cnn/fold0", "embed/fold0", "seq/fold0", "heart/fold0"):
+        (tmp_path / name).mkdir(parents=True)
+    said: list[str] = []
+    prepare_model_dir(apply_overrides(base, ["heart.epochs=3"]), tmp_path, force=False, echo=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cnn", "embed", "seq"]
+    assert "heart config changed (heart.epochs)" in said[0]
+    (tmp_path / "heart/fold0").mkdir(parents=True)
+    prepare_model_dir(apply_overrides(base, ["heart.epochs=3", "seq.hidden=8"]), tmp_path, force=False, echo=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cnn", "embed"]  # the stacker stacks on stage 2

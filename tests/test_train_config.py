@@ -17,7 +17,7 @@ from pedetect.recipe import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = ["demo.yaml", "rsna_4th_rexnet200.yaml", "rsna_5th_effnetb5.yaml", "rsna_1st_seresnext50.yaml"]
+RECIPES = ["demo.yaml", "rsna_4th_rexnet200.yaml", "rsna_5th_effnetb5.yaml", "rsna_1st_seresnext50.yaml", "rsna_2nd_heart.yaml"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -102,6 +102,31 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_experiment(tmp_path / "config.yaml") == config
     text = config_to_yaml(config)
     assert "warmup_epochs" in text and "focal_gamma" in text  # every default written out
+
+
+def test_the_2nd_place_heart_recipe_is_the_4th_place_with_its_heart_model():
+    second, fourth = (load_experiment(CONFIGS / name) for name in ("rsna_2nd_heart.yaml", "rsna_4th_rexnet200.yaml"))
+    heart = second.heart
+    assert (heart.depth, heart.size, tuple(heart.window), heart.epochs, heart.class_weight) == (32, 224, (50.0, 350.0), 5, "balanced")
+    assert (heart.optimizer.name, heart.optimizer.lr) == ("adamw", 1e-4)
+    assert second.cnn == fourth.cnn and second.seq == fourth.seq and second.data == fourth.data and fourth.heart is None
+
+
+def test_a_recipe_extends_its_base_section_by_section(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nsource: x\ncnn:\n  epochs: 7\n  batch_size: 4\nseq:\n  hidden: 12\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ncnn:\n  epochs: 2\n")
+    config = load_experiment(tmp_path / "b.yaml")
+    assert (config.name, config.source, config.cnn.epochs, config.cnn.batch_size, config.seq.hidden) == ("b", "x", 2, 4, 12)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    with pytest.raises(ConfigError, match="in a loop"):
+        load_experiment(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_experiment(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: a.yaml\ncnn:\n  epoch: 2\n")  # a misspelt key is still named
+    (tmp_path / "a.yaml").write_text("name: a\n")
+    with pytest.raises(ConfigError, match="unknown key 'cnn.epoch'"):
+        load_experiment(tmp_path / "d.yaml")
 
 
 def test_a_changed_config_removes_exactly_the_stages_it_invalidates(tmp_path):

@@ -82,8 +82,8 @@ def validate_config(data: Any, model: type[M], *, source: str = "config") -> M:
         raise ConfigError(format_validation_error(error, model, source)) from None
 
 
-def load_config(path: str | Path, model: type[M]) -> M:
-    """Read the YAML file at ``path`` and validate it as ``model``."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at ``path``, parsed safely (plain data only); errors as :class:`ConfigError`."""
     import yaml
 
     path = Path(path)
@@ -92,7 +92,11 @@ def load_config(path: str | Path, model: type[M]) -> M:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return validate_config(data, model, source=str(path))
+
+
+def load_config(path: str | Path, model: type[M]) -> M:
+    """Read the YAML file at ``path`` and validate it as ``model``."""
+    return validate_config(read_yaml(path), model, source=str(path))

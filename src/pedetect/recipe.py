@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from pedetect.config import ConfigError, StrictModel, allowed_keys, load_config, validate_config
+from pedetect.config import ConfigError, StrictModel, allowed_keys, read_yaml, validate_config
 from pedetect.labels import EXAM_LABELS
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_experiment", "apply_overrides", "save_config"]
@@ -402,14 +402,15 @@ class SeqConfig(Section):
 
 
 class HeartConfig(Section):
-    """The heart model (RV/LV): a small 3D CNN on each series' heart, found from its Hounsfield units
+    """The heart model (RV/LV): a small 2.5D or 3D CNN on each series' heart, found from its Hounsfield units
     (:mod:`pedetect.data.heart_box`), trained on the RV/LV label of positive exams, its logit stacked
     with the sequence head's RV/LV output by a logistic regression fitted out of fold."""
 
     depth: int = Field(16, ge=2, description="Slices of the heart crop (the heart's slices resampled to this many).")
     size: int = Field(64, ge=16, description="Side of the square heart crop, in pixels.")
     window: tuple[float, float] = Field((50.0, 350.0), description="Level and width of the crop's window (mediastinal).")
-    widths: list[int] = Field(default_factory=lambda: [8, 16, 32, 64], min_length=1, description="Channels of each 3D conv stage.")
+    model: Literal["2.5d", "3d"] = Field("2.5d", description="2.5d: the crop's slices are the channels of a 2D CNN; 3d: 3D convolutions.")
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, description="Channels of each conv stage.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output.")
     shift: float = Field(0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side.")
     intensity: float = Field(0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i].")
@@ -458,12 +459,48 @@ def validate_experiment(data: Any, source: str = "config") -> ExperimentConfig:
     return validate_config(data, ExperimentConfig, source=source)
 
 
+BASE_KEY = "base"
+
+
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read a YAML recipe into an :class:`ExperimentConfig` (with the shared loader, ``pedetect.config``)."""
+    """Read a YAML recipe into an :class:`ExperimentConfig` (with the shared loader, ``pedetect.config``).
+
+    A recipe may start from another: ``base: other.yaml`` (a path relative to the recipe's folder)
+    reads that one first and the recipe's own keys replace or extend it, section by section (a
+    mapping merges into the base's mapping, anything else replaces it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    return load_config(path, ExperimentConfig)
+    data = _recipe_mapping(path, ())
+    return validate_config(data, ExperimentConfig, source=str(path))
+
+
+def _recipe_mapping(path: Path, seen: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"{path}: recipes name each other as base in a loop ({chain})")
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must name another recipe file (e.g. base: rsna_4th_rexnet200.yaml), got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base recipe {base_path} not found")
+    return _merged(_recipe_mapping(base_path, (*seen, resolved)), data)
+
+
+def _merged(base: dict, own: dict) -> dict:
+    out = dict(base)
+    for key, value in own.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
