@@ -140,7 +140,7 @@ def run_demo(
         result = train(experiment, store=store, labels=data / "train.csv", out=model, echo=echo)
     except Exception as error:
         raise DemoError(f"train failed: {error}") from error
-    cv = result.get("seq") or {}
+    cv = result.get("heart") or result.get("seq") or {}  # with a heart model, its stacked RV/LV
     if cv:
         echo(f"demo: cross-validated score {cv['score']:.4f} (prior {cv['baselines']['prior']['score']:.4f})")
     step("train")
