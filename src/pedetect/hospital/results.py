@@ -509,9 +509,9 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
 
 def _slice_name(reference) -> str:
     """The slice name of an SR image reference (highdicom content item): ``sop`` or ``sop#frame``."""
-    item = reference.ReferencedSOPSequence[0]
     from pydicom.multival import MultiValue
 
+    item = reference.ReferencedSOPSequence[0]
     frames = item.get("ReferencedFrameNumber")
     if frames is None or frames == "":
         return str(item.ReferencedSOPInstanceUID)
