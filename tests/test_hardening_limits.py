@@ -36,12 +36,12 @@ def pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def slow_slice(path: Path) -> Path:
-    """A real, valid CT slice that takes about a second to decode."""
+def slow_slice(path: Path, **where) -> Path:
+    """A real, valid CT slice that takes about a second to decode (``where``: make_ct's UIDs and position)."""
     from pydicom.uid import JPEG2000Lossless
 
     noise = np.random.default_rng(0).integers(0, 4000, size=(2048, 2048)).astype(np.int16)
-    make_ct(path, noise, study="1.2.826.0.1.3680043.8.498.99", series=SLOW_SERIES)
+    make_ct(path, noise, **{"study": "1.2.826.0.1.3680043.8.498.99", "series": SLOW_SERIES, **where})
     ds = pydicom.dcmread(path)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     ds.save_as(path)
@@ -99,3 +99,59 @@ def test_the_guard_stops_the_decoder_rather_than_waiting_for_it_and_starts_a_new
         np.testing.assert_array_equal(guard.read(quick), read_slice(quick))  # a fresh child
         assert guard._child is not first_child
     assert guarded < unguarded / 2, (guarded, unguarded)
+
+
+
+SLOW_STUDY = "1.2.826.0.1.3680043.8.498.98"
+
+
+@pytest.fixture(scope="module")
+def predict_input(dicom, tmp_path_factory) -> Path:
+    """The synthetic studies, and a study of three 2048 x 2048 slices whose middle one is the slow
+    slice (its neighbours uncompressed: they decode at once), so the lost slice has a place and a row."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("limits_predict") / "input"
+    shutil.copytree(dicom, root, ignore=shutil.ignore_patterns("slow.dcm"))
+    series = SLOW_SERIES + ".2"
+    quick = np.random.default_rng(1).integers(0, 2000, size=(2048, 2048)).astype(np.int16)
+    for k, z in ((1, 0.0), (3, 5.0)):
+        make_ct(root / SLOW_STUDY / f"{k}.dcm", quick, study=SLOW_STUDY, series=series, position=(0.0, 0.0, z), instance=k)
+    slow_slice(root / SLOW_STUDY / "2.dcm", study=SLOW_STUDY, series=series, position=(0.0, 0.0, 2.5), instance=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from pedetect.testing import write_random_bundle
+    from train_fixtures import tiny_config
+
+    return write_random_bundle(tiny_config(), tmp_path_factory.mktemp("limits_model") / "model", folds=2)
+
+
+def test_predict_loses_a_slice_that_decodes_past_the_limit_and_answers_every_study(predict_input, model, tmp_path):
+    """predict decodes through the same guard: the slow slice is lost with the limit's reason, still
+    gets its row (placed between its decoded neighbours), and every study is predicted."""
+    started = time.monotonic()
+    result = pedetect("predict", predict_input, "--model", model, "--out", tmp_path / "sub.csv", "--decode-timeout", LIMIT,
+                      "--device", "cpu", "--no-progress")
+    seconds = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr  # 1: something was lost
+    assert "Traceback" not in result.stderr
+    reason = f"decoding took longer than {LIMIT:g} s (the per-file time limit, --decode-timeout): stopped"
+    slow = predict_input / SLOW_STUDY / "2.dcm"
+    assert result.stderr.splitlines()[-1] == f"  {slow}: {reason} (study {SLOW_STUDY})", result.stderr
+    assert f"predicted {STUDIES + 1} studies, {STUDIES * SLICES + 2} slices read" in result.stderr
+    rows = pd.read_csv(tmp_path / "sub.csv")
+    sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in predict_input.rglob("*.dcm")}
+    assert len(sops) == STUDIES * SLICES + 3
+    assert sops <= set(rows["id"]) and len(rows) == len(sops) + 9 * (STUDIES + 1)  # every slice, the lost one too, and nine exam rows a study
+    assert seconds < 120
+
+
+def test_predict_without_a_limit_reads_the_slow_slice(predict_input, model, tmp_path):
+    """--decode-timeout 0 decodes in the process itself, as long as it takes: nothing is lost."""
+    result = pedetect("predict", predict_input, "--model", model, "--out", tmp_path / "sub.csv", "--decode-timeout", 0,
+                      "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{STUDIES * SLICES + 3} slices read" in result.stderr and "lost: nothing" in result.stderr

@@ -162,15 +162,16 @@ class SeriesRead:
         return series_metadata(self.plan, self.slices, self.z, height=height, width=width, n_failed=self.n_planned - len(self))
 
 
-def read_series(headers: Sequence[SliceHeader], windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False) -> SeriesRead:
+def read_series(headers: Sequence[SliceHeader], windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False,
+                reader: Optional[Callable[..., np.ndarray]] = None) -> SeriesRead:
     """Order, decode and window the slices of one series (headers from :func:`scan_files`) into one
-    preallocated array; slices that cannot be used are in ``lost``."""
+    preallocated array; slices that cannot be used are in ``lost``. ``reader``: as :func:`decode_series`."""
     plan = plan_series(headers)
     height, width = series_size(plan, image_size)
     images = np.empty((len(plan.slices), height, width, 3), dtype=np.uint8)
     lost: list[tuple[Failure, float]] = [(Failure.of(h, reason), math.nan) for h, reason in plan.rejected]
     kept: list[int] = []
-    for i, image, failure in decode_series(plan, windows, image_size, bgr=bgr):
+    for i, image, failure in decode_series(plan, windows, image_size, bgr=bgr, reader=reader):
         if failure is not None:
             lost.append((failure, float(i)))
             continue

@@ -23,6 +23,11 @@ def serve_command(
     ),
     min_slices: int = typer.Option(20, "--min-slices", min=1, help="A usable series has at least this many slices (series selection: docs/dicom_results.md)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    decode_timeout: float = typer.Option(
+        60.0, "--decode-timeout", min=0.0, metavar="SECONDS",
+        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
+        "(logged, the study still answered). 0: no limit.",
+    ),
     retry_max: float = typer.Option(60.0, "--retry-max", min=0.1, help="Longest wait between delivery retries, seconds (back-off doubles from 1 s)."),
 ) -> None:
     """A DICOM node (C-STORE and C-ECHO) that predicts each CT study it receives and sends back DICOM
@@ -49,7 +54,8 @@ def serve_command(
         raise fail(str(error)) from None
     configure_logging()
     config = ServeConfig(model_dirs=list(model), spool=spool, ae_title=ae_title, host=host, port=port, settle=settle,
-                         destination=destination, device=device, retry_max=retry_max, min_slices=min_slices)
+                         destination=destination, device=device, retry_max=retry_max, min_slices=min_slices,
+                         decode_timeout=decode_timeout)
     try:
         with folder_lock(spool, command="pedetect serve"):
             server = Server(config)

@@ -9,6 +9,10 @@ patient is ever logged: the functions here name studies by UID.
 The objects' UIDs are derived from the study, the bundle and the predicted instances, so a result
 written twice for the same study and model (a restart, a re-delivery) is the same instance, not a
 second answer.
+
+A key slice of an Enhanced (multi-frame) CT file is named ``<SOPInstanceUID>#<frame>`` in the
+predictions (:func:`pedetect.dicom.frames.frame_key`); that name is no UID, so every reference here
+is the instance's own SOPInstanceUID with ReferencedFrameNumber (:class:`KeyRef`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pedetect import __version__
+from pedetect.dicom.frames import frame_key, split_frame_key
 from pedetect.dicom.source import Source, read_bytes
 from pedetect.infer.report import StudyResult, safe_name
 from pedetect.io import atomic_path, file_sha256
@@ -82,6 +87,21 @@ def algorithm_of(bundles: Sequence[Any]) -> Algorithm:
         digest = file_sha256(manifest)[:16] if manifest.exists() else "unrecorded"
         ids.append(f"{Path(bundle.path).name} {bundle.config.name} folds={','.join(map(str, bundle.folds))} sha256:{digest}")
     return Algorithm(bundles=tuple(ids))
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """One key slice as DICOM references it: its instance's header and, for a frame of a multi-frame
+    instance, the frame number (from 1; None for a single-frame instance)."""
+
+    dataset: Any  # the instance's header (pydicom Dataset): SOPClassUID, SOPInstanceUID, …
+    frame: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        """The slice's name in the predictions (``sop`` or ``sop#frame``)."""
+        sop = str(self.dataset.SOPInstanceUID)
+        return sop if self.frame is None else frame_key(sop, self.frame)
 
 
 @dataclass
@@ -203,10 +223,12 @@ def _observer(algorithm: Algorithm):
     )
 
 
-def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str,
+def build_sr(result: StudyResult, evidence: list, key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: str, sop_uid: str,
              comments: Sequence[str] = ()):
-    """The Comprehensive SR (TID 1500 Measurement Report) of one study; ``comments``: TEXT items
-    (DCM 121106 "Comment") in the report's Qualitative Evaluations container (what was not used and why)."""
+    """The Comprehensive SR (TID 1500 Measurement Report) of one study; ``key_refs``: the PE finding's
+    source images, one IMAGE item per key slice (a frame: its instance and ReferencedFrameNumber);
+    ``comments``: TEXT items (DCM 121106 "Comment") in the report's Qualitative Evaluations container
+    (what was not used and why)."""
     from highdicom.sr import (
         AlgorithmIdentification, CodedConcept, ComprehensiveSR, MeasurementReport, Measurement, MeasurementsAndQualitativeEvaluations,
         ObservationContext, QualitativeEvaluation, SourceImageForMeasurementGroup, TrackingIdentifier,
@@ -226,7 +248,9 @@ def build_sr(result: StudyResult, evidence: list, key_datasets: list, algorithm:
             source_images=sources,
         )
 
-    sources = [SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID) for ds in key_datasets] or None
+    sources = [SourceImageForMeasurementGroup(ref.dataset.SOPClassUID, ref.dataset.SOPInstanceUID,
+                                              referenced_frame_numbers=None if ref.frame is None else [ref.frame])
+               for ref in key_refs] or None
     groups = [group(PE_TRACKING, pe, result.pe_probability, result.pe_positive, sources)]
     for label in EXAM_LABELS:
         model = result.model_exam_probabilities.get(label, float("nan"))
@@ -297,17 +321,32 @@ def build_sc(reference, picture: np.ndarray, *, series_uid: str, sop_uid: str):
     return sc
 
 
-def build_ko(key_datasets: list, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
-    """The Key Object Selection ("Of Interest", DCM 113000) of the key slices."""
+def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: str, sop_uid: str):
+    """The Key Object Selection ("Of Interest", DCM 113000) of the key slices: one IMAGE item per
+    instance, in the order of its first key slice; a multi-frame instance's item lists its key frames
+    in ReferencedFrameNumber (PS3.3 C.10.2.1: required when the reference is not to every frame)."""
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from pydicom.sr.codedict import codes
 
+    instances: dict[str, tuple[Any, list[int]]] = {}
+    for ref in key_refs:
+        _, frames = instances.setdefault(str(ref.dataset.SOPInstanceUID), (ref.dataset, []))
+        if ref.frame is not None:
+            frames.append(ref.frame)
     content = KeyObjectSelection(
-        document_title=codes.DCM.OfInterest, referenced_objects=key_datasets, observer_device_context=_observer(algorithm),
+        document_title=codes.DCM.OfInterest, referenced_objects=[ds for ds, _ in instances.values()],
+        observer_device_context=_observer(algorithm),
         description=f"pedetect: most suspicious slices and slices above {THRESHOLD} ({NOT_DIAGNOSTIC})",
     )
+    # highdicom's KeyObjectSelection references whole instances; the frames are added to its IMAGE items.
+    for item in content[0].ContentSequence:
+        if item.ValueType == "IMAGE":
+            reference = item.ReferencedSOPSequence[0]
+            frames = instances[str(reference.ReferencedSOPInstanceUID)][1]
+            if frames:
+                reference.ReferencedFrameNumber = frames if len(frames) > 1 else frames[0]
     ko = KeyObjectSelectionDocument(
-        evidence=key_datasets, content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["ko"],
+        evidence=[ds for ds, _ in instances.values()], content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["ko"],
         sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect",
     )
     ko.SeriesDescription = SERIES_DESCRIPTIONS["ko"]
@@ -328,25 +367,18 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
                         out_dir: Path, notes: Sequence[str] = ()) -> StudyDicom:
     """Write ``out_dir/<study>/{sr,sc,ko}.dcm`` for one predicted study.
 
-    ``sources``: SOPInstanceUID -> the file it came from (the key slices' headers are read for the
-    references; the first readable one gives the patient and study modules). ``picture``: the report
+    ``sources``: slice name or SOPInstanceUID -> the file it came from (a frame ``sop#n`` is looked up
+    under its name, then its instance's UID; the key slices' headers are read for the references,
+    once per instance; the first readable one gives the patient and study modules). ``picture``: the report
     PNG (no SC without it). Raises :class:`ResultError` when no source header is readable (nothing
     to copy the patient from); parts that cannot be made are skipped with a note. ``notes`` (and
     every file the prediction could not use, from ``result.skipped_files``) become the SR's comments.
     """
     written = StudyDicom(result.study_uid)
     folder = Path(out_dir) / safe_name(result.study_uid)
-    key = key_slices(result)
-    key_datasets = []
-    for i in key:
-        sop = result.sop_uids[i]
-        if sop in sources:
-            try:
-                key_datasets.append(_header(sources[sop]))
-            except ResultError as error:
-                written.notes.append(str(error))
-    written.key_sops = [str(ds.SOPInstanceUID) for ds in key_datasets]
-    reference = key_datasets[0] if key_datasets else None
+    key_refs = _key_refs(result, sources, written.notes)
+    written.key_sops = [ref.name for ref in key_refs]
+    reference = key_refs[0].dataset if key_refs else None
     for source in sources.values() if reference is None else ():
         try:
             reference = _header(source)
@@ -356,24 +388,60 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
     if reference is None:
         raise ResultError(f"study {result.study_uid}: no readable source instance to copy the patient and study from")
     reference = _with_type2(reference)
-    evidence = [_with_type2(ds) for ds in key_datasets] or [reference]
+    kept: dict[str, Any] = {}  # one reduced header per instance (the frames of one file share theirs)
+    for ref in key_refs:
+        sop = str(ref.dataset.SOPInstanceUID)
+        if sop not in kept:
+            kept[sop] = _with_type2(ref.dataset)
+    key_refs = [KeyRef(kept[str(ref.dataset.SOPInstanceUID)], ref.frame) for ref in key_refs]
+    evidence = list(kept.values()) or [reference]
     seed = (result.study_uid, algorithm.identity, hashlib.sha256("|".join(result.sop_uids).encode()).hexdigest())
 
     def uids(kind: str) -> dict[str, str]:
         return {"series_uid": _uid(*seed, kind, "series"), "sop_uid": _uid(*seed, kind, "instance")}
 
     comments = list(notes) + skipped_notes(result)
-    sr = build_sr(result, evidence, evidence if key_datasets else [], algorithm, comments=comments, **uids("sr"))
+    sr = build_sr(result, evidence, key_refs, algorithm, comments=comments, **uids("sr"))
     written.sr = _save(sr, folder / FILE_NAMES["sr"], reference)
     if picture is not None and Path(picture).exists():
         written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"], reference)
     else:
         written.notes.append("no report picture (no decoded slice): no secondary capture")
-    if key_datasets:
-        written.ko = _save(build_ko(evidence, algorithm, **uids("ko")), folder / FILE_NAMES["ko"], reference)
+    if key_refs:
+        written.ko = _save(build_ko(key_refs, algorithm, **uids("ko")), folder / FILE_NAMES["ko"], reference)
     else:
         written.notes.append("no key slice: no key object selection")
     return written
+
+
+def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str]) -> list[KeyRef]:
+    """The key slices (:func:`key_slices`, position order) whose source header is readable; each
+    instance's header read once. A frame number its file does not hold (the file changed since the
+    prediction) or an unreadable header is a note, and that slice is not referenced."""
+    headers: dict[str, Any] = {}
+    refs = []
+    for i in key_slices(result):
+        name = result.sop_uids[i]
+        sop, frame = split_frame_key(name)
+        source = sources.get(name, sources.get(sop))
+        if source is None:
+            continue
+        if sop not in headers:
+            try:
+                headers[sop] = _header(source)
+            except ResultError as error:
+                headers[sop] = None
+                notes.append(str(error))
+        ds = headers[sop]
+        if ds is None:
+            continue
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if frame is not None and not (1 <= frame <= frames and str(ds.get("SOPInstanceUID", "")) == sop):
+            notes.append(f"{source}: key slice {name} not referenced (the file holds {frames} frame(s) of instance "
+                         f"{ds.get('SOPInstanceUID', '(none)')})")
+            continue
+        refs.append(KeyRef(ds, frame))
+    return refs
 
 
 def skipped_notes(result: StudyResult) -> list[str]:
@@ -409,7 +477,8 @@ def _save(dataset, path: Path, reference=None) -> Path:
 
 def read_sr_values(path: str | Path) -> dict[str, Any]:
     """The values of a pedetect SR read back with highdicom: per tracking identifier the finding's
-    code, the model probability and the decision (True: present); and the referenced key slices."""
+    code, the model probability and the decision (True: present); and the referenced key slices, by
+    their names in the predictions (``sop#frame`` for a frame of a multi-frame instance)."""
     import highdicom as hd
 
     sr = hd.sr.srread(str(path))
@@ -426,7 +495,7 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
             "present": evaluation.value.value == "52101004",
         }
         if tracking == PE_TRACKING:
-            values["key_sops"] = [ref.referenced_sop_instance_uid for ref in group.source_images]
+            values["key_sops"] = [_slice_name(ref) for ref in group.source_images]
         if values["algorithm"] is None:
             texts = [(item.ConceptNameCodeSequence[0].CodeValue, item.TextValue) for item in group[0].ContentSequence
                      if item.ValueType == "TEXT"]
@@ -436,6 +505,17 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
                 "parameters": [t for code, t in texts if code == "111002"],
             }
     return values
+
+
+def _slice_name(reference) -> str:
+    """The slice name of an SR image reference (highdicom content item): ``sop`` or ``sop#frame``."""
+    from pydicom.multival import MultiValue
+
+    item = reference.ReferencedSOPSequence[0]
+    frames = item.get("ReferencedFrameNumber")
+    if frames is None or frames == "":
+        return str(item.ReferencedSOPInstanceUID)
+    return frame_key(str(item.ReferencedSOPInstanceUID), int(frames[0] if isinstance(frames, MultiValue) else frames))
 
 
 def describe(written: StudyDicom) -> str:

@@ -6,7 +6,8 @@ other object), not a localizer (ImageType), axial (the slice normal within 30° 
 head-foot axis), with at least ``min_slices`` slices. Of the usable ones the chosen series is the
 first by: contrast known present (ContrastBolusAgent not empty) before unknown, soft-tissue kernel
 before a lung or sharp kernel (ConvolutionKernel), thinnest SliceThickness, most slices, then
-SeriesInstanceUID. Files whose header cannot be read go with the chosen series: the read path names
+SeriesInstanceUID. A multi-frame (Enhanced CT) file counts its frames as slices, its orientation
+and thickness from its functional groups. Files whose header cannot be read go with the chosen series: the read path names
 them as lost (the study is still answered). Every other series is recorded with the reason.
 """
 
@@ -28,6 +29,7 @@ _SHARP = re.compile(r"LUNG|BONE|EDGE|SHARP|DETAIL|^[BI]r?[5-9]\d|^FC[5-8]\d|^Y[A
 class SeriesInfo:
     uid: str
     files: list[Path] = field(default_factory=list)
+    slices: int = 0  # the files' frames (one per single-frame file)
     description: str = ""
     image_type: tuple[str, ...] = ()
     normal_z: Optional[float] = None  # |z component| of the slice normal (1: axial)
@@ -37,7 +39,7 @@ class SeriesInfo:
     reason: Optional[str] = None  # why not usable
 
     def summary(self) -> str:
-        parts = [f"{len(self.files)} slices"]
+        parts = [f"{self.slices} slices"]
         parts += [f"{self.thickness:g} mm"] if self.thickness else []
         parts += [f"kernel {self.kernel}"] if self.kernel else []
         parts += ["contrast"] if self.contrast else []
@@ -73,20 +75,43 @@ def _float(value) -> Optional[float]:
 
 def _info(ds, path: Path, series: dict[str, SeriesInfo]) -> None:
     uid = str(ds.get("SeriesInstanceUID", "")) or "(no SeriesInstanceUID)"
+    frames = _frames(ds)
+    # An Enhanced CT file keeps its geometry in functional groups, not at the top level.
+    geometry = _first_frame_geometry(ds) if "ImageOrientationPatient" not in ds else {}
     info = series.get(uid)
     if info is None:
         info = series[uid] = SeriesInfo(uid)
         info.image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
         info.kernel = " ".join(str(v) for v in ds.get("ConvolutionKernel") or ()) if not isinstance(ds.get("ConvolutionKernel"), str) else str(ds.ConvolutionKernel)
-        info.thickness = _float(ds.get("SliceThickness"))
+        info.thickness = _float(ds.get("SliceThickness")) or _float(geometry.get("slice_thickness"))
         info.contrast = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
-        orientation = [_float(v) for v in (ds.get("ImageOrientationPatient") or ())]
+        orientation = [_float(v) for v in (ds.get("ImageOrientationPatient") or geometry.get("orientation") or ())]
         if len(orientation) == 6 and None not in orientation:
             r, c = orientation[:3], orientation[3:]
             n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
             norm = math.sqrt(sum(v * v for v in n)) or 1.0
             info.normal_z = abs(n[2]) / norm
     info.files.append(path)
+    info.slices += frames
+
+
+def _frames(ds) -> int:
+    """NumberOfFrames (1 when absent or not a positive number)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _first_frame_geometry(ds) -> dict:
+    """The first frame's orientation and thickness from the functional groups ({} when unreadable:
+    the series is then judged as one without them)."""
+    from pedetect.dicom.frames import frame_geometry
+
+    try:
+        return frame_geometry(ds, 1)[0]
+    except Exception:  # a damaged header is the read path's to report, with its reason
+        return {}
 
 
 def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
@@ -98,7 +123,8 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
     for path in sorted(files):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-                "SeriesInstanceUID", "ImageType", "ConvolutionKernel", "SliceThickness", "ContrastBolusAgent", "ImageOrientationPatient"])
+                "SeriesInstanceUID", "ImageType", "ConvolutionKernel", "SliceThickness", "ContrastBolusAgent", "ImageOrientationPatient",
+                "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
         except Exception:
             unreadable.append(path)
             continue
@@ -111,10 +137,10 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
             info.reason = "no usable ImageOrientationPatient"
         elif info.normal_z < AXIAL_COS:
             info.reason = "not axial (MPR or oblique reconstruction)"
-        elif len(info.files) < min_slices:
-            info.reason = f"{len(info.files)} slices, fewer than {min_slices}"
+        elif info.slices < min_slices:
+            info.reason = f"{info.slices} slices, fewer than {min_slices}"
         (rejected if info.reason else usable).append(info)
-    usable.sort(key=lambda s: (not s.contrast, bool(_SHARP.search(s.kernel)), s.thickness if s.thickness else math.inf, -len(s.files), s.uid))
+    usable.sort(key=lambda s: (not s.contrast, bool(_SHARP.search(s.kernel)), s.thickness if s.thickness else math.inf, -s.slices, s.uid))
     chosen = usable[0] if usable else None
     for other in usable[1:]:
         other.reason = f"another series preferred ({other.summary()} against {chosen.summary()})"

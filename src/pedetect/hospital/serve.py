@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.hospital.selection import MIN_SLICES
 from pedetect.infer.report import safe_name
@@ -49,6 +50,7 @@ class ServeConfig:
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
     retry_max: float = 60.0
     poll: float = 0.2
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
 
 
 @dataclass
@@ -173,7 +175,8 @@ class Server:
             except OSError:
                 shutil.copyfile(path, chosen / path.name)
         summary = predict(chosen, list(self.config.model_dirs), work / "submission.csv", report_dir=work / "report",
-                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m))
+                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m),
+                          decode_timeout=self.config.decode_timeout)
         lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in summary.lost + summary.unplaced]
         for line in lost:
             LOG.warning("study %s: file not used: %s", study_dir.name, line)

@@ -41,6 +41,11 @@ def predict_command(
     study: list[str] = typer.Option([], "--study", help="With --dicomweb: a StudyInstanceUID to predict; repeat for more."),
     qido: list[str] = typer.Option([], "--qido", help="With --dicomweb: a QIDO-RS filter KEY=VALUE selecting studies (e.g. StudyDate=20200101-20201231); repeatable."),
     min_slices: int = typer.Option(20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."),
+    decode_timeout: float = typer.Option(
+        60.0, "--decode-timeout", min=0.0, metavar="SECONDS",
+        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
+        "(its row interpolated, as for any slice that cannot be read). 0: no limit (decode in this process).",
+    ),
     destination: Optional[str] = typer.Option(
         None, "--destination", help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",
     ),
@@ -62,7 +67,7 @@ def predict_command(
     if dicomweb is None and (study or qido or destination):
         raise fail("--study, --qido and --destination go with --dicomweb")
     options = dict(report_dir=report, device=device, tta=tta, sample=sample, batch_size=batch_size, runtime=runtime,
-                   threads=threads, progress=progress, dicom_out=dicom_out)
+                   threads=threads, progress=progress, dicom_out=dicom_out, decode_timeout=decode_timeout)
     from contextlib import ExitStack
 
     from pedetect.io import FolderLocked, folder_lock, output_lock

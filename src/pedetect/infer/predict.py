@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pedetect.console import echo as console_echo
+from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.series import Failure
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, exam_id, split_exam_id
 from pedetect.metric.consistency import LOWERED
@@ -108,7 +109,7 @@ class _StudyRead:
     seconds: float
 
 
-def _read_study(plan, reads: list[tuple]) -> _StudyRead:
+def _read_study(plan, reads: list[tuple], decode=None) -> _StudyRead:
     from pedetect.dicom.header import describe_error
     from pedetect.infer.reader import read_series_planned
 
@@ -116,7 +117,7 @@ def _read_study(plan, reads: list[tuple]) -> _StudyRead:
     series, failures = [], []
     for headers in plan.series.values():
         try:
-            series.append({key: read_series_planned(headers, key[0], key[1]) for key in reads})
+            series.append({key: read_series_planned(headers, key[0], key[1], decode) for key in reads})
         except Exception as error:  # a whole series unusable: its slices are lost, the batch goes on
             failures.extend(Failure.of(h, f"series unreadable ({describe_error(error)})") for h in headers)
     return _StudyRead(plan, series, failures, time.perf_counter() - started)
@@ -161,15 +162,17 @@ def predict(
     progress: bool = True,
     echo: Callable[[str], None] = console_echo,
     dicom_out: str | Path | None = None,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
     ``FileNotFoundError`` or ``ValueError`` before any work when an argument is unusable; problems
-    with single files or studies are in the returned summary instead."""
+    with single files or studies are in the returned summary instead. ``decode_timeout``: seconds one
+    slice may take to decode, past that it is lost (:func:`pedetect.infer.reader.slice_decoder`; 0: no limit)."""
     from tqdm.auto import tqdm
 
     from pedetect.infer.ensemble import Ensemble
-    from pedetect.infer.reader import scan_input
+    from pedetect.infer.reader import scan_input, slice_decoder
     from pedetect.infer.report import write_index
     from pedetect.io import write_csv_atomic
     from pedetect.metric.submission import read_submission
@@ -184,6 +187,8 @@ def predict(
     sample_ids = read_submission(sample)["id"].tolist() if sample else None
     if not Path(input_path).exists():
         raise FileNotFoundError(f"input not found: {input_path}")
+    if decode_timeout < 0:
+        raise ValueError(f"--decode-timeout must be 0 (no limit) or positive, got {decode_timeout:g}")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")
@@ -212,10 +217,11 @@ def predict(
     results = []
     # The report is written in a background thread; "report" in the timings is what prediction waited for it.
     reports = _report_writer(summary.report, ensemble) if summary.report is not None else contextlib.nullcontext()
-    with reports as writer:
+    with reports as writer, slice_decoder(decode_timeout) as decode:
         # The viewer's slice JPEGs are encoded as soon as a study is read, while the models work on it.
         on_read = (lambda read: writer.prepare(read.plan.study, _study_pictures(read, ensemble.reads[0]))) if writer else None
-        for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress, on_read=on_read):
+        for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress, on_read=on_read,
+                                        decode=decode):
             outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
             if writer is not None:
                 timings["report"] += writer.submit(outcome.result, outcome.pictures, outcome.location)
@@ -269,20 +275,20 @@ class _ScratchReport:
 
 
 def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool,
-                     on_read: Optional[Callable[[_StudyRead], None]] = None):
+                     on_read: Optional[Callable[[_StudyRead], None]] = None, decode=None):
     """Each study's :class:`StudyOutcome`, in order, the next study read in a background thread
     while the models work on this one (memory: two studies at most); ``on_read`` sees each study
-    as soon as it is read, before the models."""
+    as soon as it is read, before the models; ``decode``: what decodes a slice (None: in this thread)."""
     from tqdm.auto import tqdm
 
     reads = ensemble.reads
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool, tqdm(
         total=len(studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
     ) as bar:
-        pending = pool.submit(_read_study, studies[0], reads) if studies else None
+        pending = pool.submit(_read_study, studies[0], reads, decode) if studies else None
         for i in range(len(studies)):
             read = pending.result()
-            pending = pool.submit(_read_study, studies[i + 1], reads) if i + 1 < len(studies) else None
+            pending = pool.submit(_read_study, studies[i + 1], reads, decode) if i + 1 < len(studies) else None
             if on_read is not None:
                 on_read(read)
             outcome = _predict_study(ensemble, read, prior_slice, prior_exam)

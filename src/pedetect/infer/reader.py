@@ -16,10 +16,14 @@ so it still gets a row (:func:`guess_uids`). Files that are not DICOM and do not
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
+
+from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S, DecodeGuard
 from pedetect.dicom.header import SliceHeader
 from pedetect.dicom.read import SCAN_CHUNK, SeriesRead, read_series, scan_files
 from pedetect.dicom.series import Failure, group_headers
@@ -103,6 +107,24 @@ def scan_input(input_path, *, progress: Callable[[int], None] = lambda n: None) 
     return InputScan(ordered, unplaced, ignored, len(sources))
 
 
-def read_series_planned(headers: Sequence[SliceHeader], windows, image_size: Optional[int]) -> SeriesRead:
-    """Order, decode and window one series (prepare's read path) into a preallocated array, R,G,B."""
-    return read_series(headers, windows, image_size)
+def read_series_planned(headers: Sequence[SliceHeader], windows, image_size: Optional[int],
+                        decode: Optional[Callable[..., np.ndarray]] = None) -> SeriesRead:
+    """Order, decode and window one series (prepare's read path) into a preallocated array, R,G,B;
+    ``decode``: what decodes a slice (:func:`slice_decoder`'s), None: in this process."""
+    return read_series(headers, windows, image_size, reader=decode)
+
+
+@contextmanager
+def slice_decoder(limit_s: float = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Optional[Callable[..., np.ndarray]]]:
+    """What decodes predict's slices: a :class:`~pedetect.dicom.guard.DecodeGuard`'s ``read`` with a
+    limit of ``limit_s`` seconds per slice (its decoding process ended on exit), or None (decode in
+    this process, no limit) when ``limit_s`` is 0. A slice past the limit fails with the guard's
+    reason, so predict counts it lost and interpolates its row like any slice that cannot be read.
+    The guard serves one caller at a time: predict decodes in a single reading thread."""
+    if limit_s < 0:
+        raise ValueError(f"--decode-timeout must be 0 (no limit) or positive, got {limit_s:g}")
+    if not limit_s:
+        yield None
+        return
+    with DecodeGuard(limit_s) as guard:
+        yield guard.read
