@@ -6,8 +6,9 @@ solid organs below the diaphragm (liver, spleen) are not enhanced to blood's lev
 slice, on the windowed images of the store (or of ``predict``'s reader):
 
 1. the Hounsfield units are recovered from the three window channels (:func:`estimate_hu`);
-2. the lungs are the air-filled pixels inside the body; the cavity between and around them is each
-   image row from the first lung pixel to the last;
+2. the body and the lungs are :mod:`pedetect.data.lung_box`'s masks (air inside the body, in
+   regions of lung size); the cavity between and around the lungs is each image row from the first
+   lung pixel to the last;
 3. blood is HU ≥ ``BLOOD_HU`` inside the cavity, outside the lungs and in front of the spine
    (the posterior ``SPINE_SHARE`` of the chest, where bone marrow is as bright as blood); an opening
    by a disk of ``OPENING`` keeps what is thicker than about 2 cm, the chambers (and the aortic
@@ -35,10 +36,10 @@ from typing import Sequence
 
 import numpy as np
 
+from pedetect.data.lung_box import body_mask, hu_from_window, lung_mask
+
 BLOOD_HU = 100.0  # contrast-enhanced blood is above it; myocardium, liver and muscle (40-75 HU) below
 SPINE_SHARE = 0.25  # the posterior part of the chest, front to back, that holds the spine
-AIR_HU = -500.0  # lung parenchyma and air are below it
-BODY_HU = -300.0  # soft tissue, fat and the table are above it
 OPENING = 0.025  # of the side: about 9 mm; an opening by it keeps the chambers and drops the vessels
 CHAMBER_SHARE = 0.2  # a thick blood region this share of the slice's largest is a chamber too
 SLICE_SHARE = 0.3  # a heart slice keeps this share of the largest region's area
@@ -81,7 +82,7 @@ def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.nd
         level, width = windows[c]
         channel = volume[..., c]
         inside = (channel > 0) & (channel < 255)
-        hu = np.where(inside, (level - width / 2.0) + channel.astype(np.float32) * (width / 255.0), hu)
+        hu = np.where(inside, hu_from_window(channel, level, width), hu)
     return hu.astype(np.float32)
 
 
@@ -100,16 +101,6 @@ def _disk(radius: int) -> np.ndarray:
     r = max(int(radius), 1)
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return (x * x + y * y) <= r * r
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
 
 
 def _in_front_of_the_spine(lung: np.ndarray) -> np.ndarray:
@@ -158,9 +149,10 @@ def locate_heart(hu: np.ndarray) -> HeartBox:
     areas = np.zeros(n)
     boxes: list[tuple[int, int, int, int] | None] = [None] * n
     cavities = np.zeros(small.shape, dtype=bool)
+    bodies = body_mask(small)  # the lung box's masks: one definition of the body and the lungs
+    lungs = lung_mask(small, body=bodies)
     for k in range(n):
-        body = ndimage.binary_fill_holes(_largest_component(small[k] > BODY_HU))
-        lung = body & (small[k] < AIR_HU)
+        body, lung = bodies[k], lungs[k]
         cavity = _cavity(lung) & body
         cavities[k] = cavity
         blood = cavity & ~lung & (small[k] >= BLOOD_HU) & _in_front_of_the_spine(lung)
