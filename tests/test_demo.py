@@ -1,6 +1,6 @@
 """``pedetect demo`` end to end, the one run of the whole pipeline in the suite: synthetic training
-set (seed 1) → prepare → the whole ``pedetect train configs/demo.yaml`` (cnn → embed → seq, every
-fold) → ``pedetect predict`` on a test set of another seed stored as RLE lossless DICOM → evaluate.
+set (seed 1) → prepare → the whole ``pedetect train configs/demo.yaml`` (cnn → embed → seq → heart,
+every fold) → ``pedetect predict`` on a test set of another seed stored as RLE lossless DICOM → evaluate.
 
 Training: the cross-validated score beats the prior baseline and stage 1 alone, ``pedetect evaluate``
 reproduces it from the out-of-fold predictions, the bundle is complete and records the preprocessing,
@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 # three folds' CNNs and heads averaged. A change to the demo recipe must re-measure both.
 MAX_CV_TO_PRIOR = 0.6
 MAX_TEST_TO_PRIOR = 0.6
+# RV/LV >= 1 AUC on positive exams, cross-validated: the heart model's own and stacked with stage 2.
+MIN_RV_LV_AUC = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +42,23 @@ def demo(tmp_path_factory):
 
 def test_demo_training_beats_both_baselines_and_resumes(demo):
     model, store, labels = demo.out / "model", demo.out / "store", demo.out / "data" / "train.csv"
-    cv = json.loads((model / "seq" / "cv.json").read_text())
+    cv = json.loads((model / "heart" / "cv.json").read_text())  # stage 2 with the heart model's RV/LV
     prior, stage1 = cv["baselines"]["prior"]["score"], cv["baselines"]["stage1_alone"]["score"]
     aucs = [json.loads((model / "cnn" / f"fold{k}" / "metrics.json").read_text())["val_auc"] for k in range(3)]
-    print(f"demo training: CV score {cv['score']:.4f} (consistent {cv['score_consistent']:.4f}), prior {prior:.4f}, "
-          f"stage 1 alone {stage1:.4f}; fold slice AUC {[round(a, 3) for a in aucs]}")
+    rv_lv = cv["rv_lv_auc_given_positive"]
+    print(f"demo training: CV score {cv['score']:.4f} (consistent {cv['score_consistent']:.4f}; stage 2 alone "
+          f"{cv['without_heart']['score']:.4f}), prior {prior:.4f}, stage 1 alone {stage1:.4f}; fold slice AUC "
+          f"{[round(a, 3) for a in aucs]}; RV/LV >= 1 AUC on positive exams {rv_lv}")
     assert cv["score"] <= MAX_CV_TO_PRIOR * prior
     assert cv["score"] < stage1
     assert cv["n_studies"] == demo.n_train
     # pedetect evaluate reproduces the score from the out-of-fold predictions.
-    assert evaluate_files(labels, model / "seq" / "oof_predictions.csv")["score"] == pytest.approx(cv["score"], abs=1e-9)
+    assert evaluate_files(labels, model / "heart" / "oof_predictions.csv")["score"] == pytest.approx(cv["score"], abs=1e-9)
+    assert cv["score"] < cv["without_heart"]["score"]
+    assert rv_lv["stacked"] >= MIN_RV_LV_AUC and rv_lv["heart_model"] >= MIN_RV_LV_AUC
     bundle = read_bundle(model)
     assert bundle.folds == [0, 1, 2]
-    assert json.loads((model / "bundle.json").read_text())["stages"] == ["cnn", "embed", "seq"]
+    assert json.loads((model / "bundle.json").read_text())["stages"] == ["cnn", "embed", "seq", "heart"]
     # The bundle records how prepare read the DICOM, so predict needs no store and no flags.
     preprocessing = read_preprocessing(model)
     assert preprocessing["recorded"] is True
@@ -62,7 +68,7 @@ def test_demo_training_beats_both_baselines_and_resumes(demo):
     stamps = {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.is_file() and p.parent.name.startswith("fold")}
     again = run_pedetect("train", default_config(), "--store", store, "--labels", labels, "--out", model,
                          "--set", "logging.progress_bar=false", timeout=300)
-    assert again.stderr.count("already complete") == 9  # 3 folds × (cnn, embed, seq)
+    assert again.stderr.count("already complete") == 12  # 3 folds × (cnn, embed, seq, heart)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 

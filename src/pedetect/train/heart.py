@@ -248,10 +248,8 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
     """Cross-fitted stacking of the out-of-fold predictions, ``heart/cv.json`` and the final stacker."""
     from sklearn.metrics import roc_auc_score
 
-    from pedetect.metric.consistency import fix_submission
-    from pedetect.metric.evaluate import evaluate_frames
-    from pedetect.metric.submission import align
     from pedetect.models.heart import HeartStack
+    from pedetect.train.seq import oof_scores
 
     out = inputs.out
     logits = pd.concat([pd.read_csv(heart_dir(out, k) / OOF_LOGITS_FILE) for k in range(inputs.n_folds)], ignore_index=True)
@@ -283,23 +281,12 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
     final.save(stage_root(out, "heart") / STACK_FILE, positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc)
 
     oof = with_exams(seq_oof, studies, stacked)
-    oof["label_text"] = oof["label"].map(repr)
     truth = inputs.labels[inputs.labels[STUDY].isin(set(studies))]
-    report = evaluate_frames(truth, oof, "out-of-fold predictions with the heart model")
-    fixed, fixes = fix_submission(oof, align(oof, truth))
-    fixed_report = evaluate_frames(truth, fixed, "fixed out-of-fold predictions with the heart model")
     seq_cv = read_json(stage_root(out, "seq") / CV_FILE)
     folds_metrics = {str(k): {key: read_json(heart_dir(out, k) / METRICS_FILE)[key] for key in ("val_auc", "val_loss", "val_exams", "seconds")}
                      for k in range(inputs.n_folds)}
     cv = {
-        "score": report["score"],
-        "score_consistent": fixed_report["score"],
-        "image_part": report["image_part"],
-        "exam_part": report["exam_part"],
-        "slice_auc": report["slice_auc"],
-        "exams_fixed": len(fixes),
-        "n_studies": report["n_studies"],
-        "labels": {label: {"auc": row["auc"], "log_loss": row["log_loss"], "positives": row["positives"]} for label, row in report["labels"].items()},
+        **oof_scores(truth, oof, "out-of-fold predictions with the heart model"),
         "rv_lv_auc_given_positive": rv_lv_auc,
         "stack": {"a": final.a, "b": final.b, "c": final.c},
         "without_heart": {"score": seq_cv["score"], "score_consistent": seq_cv["score_consistent"]},

@@ -329,20 +329,38 @@ def write_prior(inputs: TrainingInputs) -> dict[str, float]:
     return prior
 
 
-def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) -> dict[str, Any]:
-    """``seq/oof_predictions.csv`` and ``seq/cv.json`` from every fold's out-of-fold predictions."""
-    from pedetect.metric.baselines import exam_from_slices, label_prior, positive_exam_prior, prior_submission
+def oof_scores(truth: pd.DataFrame, oof: pd.DataFrame, what: str) -> dict[str, Any]:
+    """The metric of out-of-fold predictions ``oof`` (id, label) against ``truth``, before and after
+    the consistency fix: the fields every cv.json starts with."""
     from pedetect.metric.consistency import fix_submission
     from pedetect.metric.evaluate import evaluate_frames
     from pedetect.metric.submission import align
 
+    oof = oof.assign(label_text=oof["label"].map(repr))  # the fix works on the values as written
+    report = evaluate_frames(truth, oof, what)
+    fixed, fixes = fix_submission(oof, align(oof, truth))
+    fixed_report = evaluate_frames(truth, fixed, "fixed " + what)
+    return {
+        "score": report["score"],
+        "score_consistent": fixed_report["score"],
+        "image_part": report["image_part"],
+        "exam_part": report["exam_part"],
+        "slice_auc": report["slice_auc"],
+        "exams_fixed": len(fixes),
+        "n_studies": report["n_studies"],
+        "n_slices": report["n_slices"],
+        "labels": {label: {"auc": row["auc"], "log_loss": row["log_loss"], "positives": row["positives"]} for label, row in report["labels"].items()},
+    }
+
+
+def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) -> dict[str, Any]:
+    """``seq/oof_predictions.csv`` and ``seq/cv.json`` from every fold's out-of-fold predictions."""
+    from pedetect.metric.baselines import exam_from_slices, label_prior, positive_exam_prior, prior_submission
+    from pedetect.metric.evaluate import evaluate_frames
+
     out = inputs.out
     oof = pd.concat([pd.read_csv(seq_dir(out, k) / OOF_FILE) for k in range(inputs.n_folds)], ignore_index=True)
-    oof["label_text"] = oof["label"].map(repr)
     truth = inputs.labels[inputs.labels[STUDY].isin({r.study for r in records})]
-    report = evaluate_frames(truth, oof, "out-of-fold predictions")
-    fixed, fixes = fix_submission(oof, align(oof, truth))
-    fixed_report = evaluate_frames(truth, fixed, "fixed out-of-fold predictions")
 
     prior = label_prior(inputs.labels)
     prior_report = evaluate_frames(truth, prior_submission(prior, truth[list(UID_COLUMNS)]))
@@ -361,15 +379,7 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
         m = read_json(seq_dir(out, k) / METRICS_FILE)
         folds[str(k)] = {key: m[key] for key in ("val_score", "exported_epoch", "val_series", "seconds")}
     cv = {
-        "score": report["score"],
-        "score_consistent": fixed_report["score"],
-        "image_part": report["image_part"],
-        "exam_part": report["exam_part"],
-        "slice_auc": report["slice_auc"],
-        "exams_fixed": len(fixes),
-        "n_studies": report["n_studies"],
-        "n_slices": report["n_slices"],
-        "labels": {label: {"auc": row["auc"], "log_loss": row["log_loss"], "positives": row["positives"]} for label, row in report["labels"].items()},
+        **oof_scores(truth, oof, "out-of-fold predictions"),
         "baselines": {"prior": brief(prior_report), "stage1_alone": brief(stage1_report)},
         "folds": folds,
     }
