@@ -25,13 +25,14 @@ from train_fixtures import run_pedetect
 # Its own group: the other xdist worker runs it while the "train" group runs the stage tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
-# Score / prior-baseline score, cross-validated (issue #5) and on the test set (issue #6); both issues
-# ask for 0.6. Measured (docs/stage2_notes.md; training is deterministic on these 2-core machines):
-# CV 0.586 — each fold's model is judged on studies no CNN of that fold saw — and test 0.46 with the
-# three folds' CNNs and heads averaged. A change to the demo recipe must re-measure both.
-MAX_CV_TO_PRIOR = 0.6
-MAX_TEST_TO_PRIOR = 0.6
-# RV/LV >= 1 AUC on positive exams, cross-validated: the heart model's own and stacked with stage 2.
+# Score / prior-baseline score, cross-validated and on the test set, and the RV/LV >= 1 AUC on positive
+# exams (cross-validated: the heart model's own and stacked with stage 2). Measured with the heart
+# model (docs/stage2_notes.md, ninth session; training is deterministic on one machine): seed 1 (this
+# test) CV 0.36, test 0.17, RV/LV AUC 0.981 / 0.975; seeds 3, 5, 7 CV 0.31-0.45, test 0.22-0.35, RV/LV
+# AUC 0.95-0.99. The bars leave the spread between seeds as margin (another CPU or thread count
+# trains to other numbers within about that spread). A change to the demo recipe must re-measure.
+MAX_CV_TO_PRIOR = 0.5
+MAX_TEST_TO_PRIOR = 0.45
 MIN_RV_LV_AUC = 0.9
 
 

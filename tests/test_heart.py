@@ -263,3 +263,23 @@ def test_a_changed_heart_section_removes_only_the_heart_stage(tmp_path):
     (tmp_path / "heart/fold0").mkdir(parents=True)
     prepare_model_dir(apply_overrides(base, ["heart.epochs=3", "seq.hidden=8"]), tmp_path, force=False, echo=said.append)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cnn", "embed"]  # the stacker stacks on stage 2
+
+
+def test_heart_crops_in_worker_processes_equal_the_serial_ones(tmp_path):
+    """The heart stage finds the hearts of a real slice store in spawned processes (the embedding
+    pass's reader processes plus one): the same crops and boxes, in the same order, as in this process."""
+    from pedetect.store import prepare
+    from pedetect.store.reader import SliceStore
+    from pedetect.synth import write_dataset
+    from pedetect.train.heart import _crops_of
+
+    write_dataset(tmp_path / "data", 5, slices=24, size=128, seed=13, positive_fraction=0.5, progress=False)
+    prepare(tmp_path / "data" / "train", tmp_path / "store", workers=1, progress=False, echo=lambda m: None)
+    store = SliceStore(tmp_path / "store")
+    settings = {"depth": 8, "size": 32, "window": [50.0, 350.0], "store_windows": store.settings["windows"]}
+    serial = list(_crops_of(store, store.series_uids, settings, 0))
+    spawned = list(_crops_of(store, store.series_uids, settings, 2))
+    assert len(serial) == len(spawned) == 5
+    for (crop_a, box_a), (crop_b, box_b) in zip(serial, spawned):
+        np.testing.assert_array_equal(crop_a, crop_b)
+        assert box_a == box_b and box_a.found

@@ -30,6 +30,7 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,24 +94,26 @@ def series_table(inputs) -> pd.DataFrame:
 def heart_crops(inputs, table: pd.DataFrame, *, echo: Callable[[str], None]) -> np.ndarray:
     """The crop of every series of ``table`` (row order), from ``heart/crops.npz`` when it holds them
     with the same settings, else made from the store (and saved)."""
-    from pedetect.data.heart_box import series_heart_crop
-
     settings = crop_settings(inputs)
     path = stage_root(inputs.out, "heart") / CROPS_FILE
     wanted = table["series"].tolist()
     if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            if json.loads(str(saved["settings"])) == settings:
-                index = {uid: i for i, uid in enumerate(saved["series"].tolist())}
-                if all(uid in index for uid in wanted):
-                    return saved["crops"][[index[uid] for uid in wanted]]
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                if json.loads(str(saved["settings"])) == settings:
+                    index = {uid: i for i, uid in enumerate(saved["series"].tolist())}
+                    if all(uid in index for uid in wanted):
+                        return saved["crops"][[index[uid] for uid in wanted]]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # unreadable: made again below
+            echo(f"heart crops: {path} cannot be read ({type(error).__name__}); making the crops again")
     heart = inputs.config.heart
     crops = np.zeros((len(wanted), heart.depth, heart.size, heart.size), dtype=np.uint8)
     boxes = np.zeros((len(wanted), 7), dtype=np.int32)
     started = time.perf_counter()
-    for i, uid in enumerate(wanted):
-        volume = inputs.source.read_series(uid)
-        crops[i], box = series_heart_crop(volume, settings["store_windows"], depth=heart.depth, size=heart.size, window=heart.window)
+    # The embedding pass's reader processes, plus this one: finding the heart is CPU work per series.
+    processes = inputs.config.embed.num_workers + 1 if inputs.config.embed.num_workers else 0
+    for i, (crop, box) in enumerate(_crops_of(inputs.source, wanted, settings, processes)):
+        crops[i] = crop
         boxes[i] = (box.z0, box.z1, box.y0, box.y1, box.x0, box.x1, int(box.found))
         if (i + 1) % 100 == 0 or i + 1 == len(wanted):
             echo(f"heart crops: {i + 1}/{len(wanted)} series ({time.perf_counter() - started:.0f} s)")
@@ -122,6 +125,39 @@ def heart_crops(inputs, table: pd.DataFrame, *, echo: Callable[[str], None]) -> 
         with open(tmp, "wb") as handle:
             np.savez(handle, crops=crops, series=np.array(wanted), boxes=boxes, settings=np.array(json.dumps(settings)))
     return crops
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_crop_worker(source, settings: dict[str, Any], single_thread: bool = True) -> None:
+    if single_thread:  # a worker process: one series at a time, threads would only contend
+        import torch
+
+        torch.set_num_threads(1)
+    _WORKER.update(source=source, settings=settings)
+
+
+def _crop_one(series_uid: str):
+    from pedetect.data.heart_box import series_heart_crop
+
+    settings = _WORKER["settings"]
+    volume = _WORKER["source"].read_series(series_uid)
+    return series_heart_crop(volume, settings["store_windows"], depth=settings["depth"], size=settings["size"], window=settings["window"])
+
+
+def _crops_of(source, series_uids: list[str], settings: dict[str, Any], processes: int):
+    """(crop, box) of each series, in order; in ``processes`` spawned processes (0: this one)."""
+    if processes < 2 or len(series_uids) < 2 * processes:
+        _start_crop_worker(source, settings, single_thread=False)
+        yield from map(_crop_one, series_uids)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_crop_worker, initargs=(source, settings)) as pool:
+        yield from pool.map(_crop_one, series_uids, chunksize=8)
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, *, shift: float, intensity: float) -> np.ndarray:
