@@ -19,9 +19,9 @@ slice, on the windowed images of the store (or of ``predict``'s reader):
    widened by ``MARGIN`` (the myocardium and pericardium around the blood) and made square.
 
 Image rows are taken to run from the front of the patient to the back (the standard axial
-orientation of supine CT). Distances are fractions of the image side, not millimetres: the reader's images carry no pixel
-spacing, and a CT field of view is about 350 mm whatever the matrix (so 0.03 of the side is about
-10 mm). Where no blood region is found (an unenhanced scan) the box is the cavity's central
+orientation of supine CT). Distances are fractions of the image side, not millimetres: the reader's
+images carry no pixel spacing, and a CT field of view is about 350 mm whatever the matrix (so 0.03
+of the side is about 10 mm). Where no blood region is found (an unenhanced scan) the box is the cavity's central
 anterior part and ``found`` is False: the heart model still gets an input, and the caller can count
 such series.
 
@@ -31,7 +31,7 @@ The crop (:func:`heart_crop`) resamples the box to a fixed ``depth × size²`` b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -58,9 +58,6 @@ class HeartBox:
     x0: int
     x1: int
     found: bool  # a blood region was found (else the box is the cavity's central anterior part)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
