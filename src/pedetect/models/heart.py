@@ -90,6 +90,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def rv_lv_given_positive(exam: np.ndarray) -> np.ndarray:
+    """P(RV/LV ≥ 1 | positive) of exam probabilities ``exam`` (..., 9): how they split P(positive)."""
+    exam = np.asarray(exam, dtype=np.float64)
+    return exam[..., GTE] / np.maximum(exam[..., GTE] + exam[..., LT], EPS)
+
+
 @dataclass
 class HeartStack:
     """q = σ(a · logit(p_gte | positive, stage 2) + b · heart logit + c)."""
@@ -100,10 +106,7 @@ class HeartStack:
 
     def conditional(self, exam: np.ndarray, heart_logit: np.ndarray | float) -> np.ndarray:
         """The stacked P(RV/LV ≥ 1 | positive) of exam probabilities ``exam`` (..., 9)."""
-        exam = np.asarray(exam, dtype=np.float64)
-        positive = exam[..., GTE] + exam[..., LT]
-        given = exam[..., GTE] / np.maximum(positive, EPS)
-        z = self.a * _logit(given) + self.b * np.asarray(heart_logit, dtype=np.float64) + self.c
+        z = self.a * _logit(rv_lv_given_positive(exam)) + self.b * np.asarray(heart_logit, dtype=np.float64) + self.c
         return 1.0 / (1.0 + np.exp(-z))
 
     def apply(self, exam: np.ndarray, heart_logit: np.ndarray | float) -> np.ndarray:
@@ -120,9 +123,7 @@ class HeartStack:
         probabilities, ``heart_logit`` (N,), ``target`` (N,) the RV/LV ≥ 1 label."""
         from scipy.optimize import minimize
 
-        exam = np.asarray(exam, dtype=np.float64)
-        positive = exam[:, GTE] + exam[:, LT]
-        x = np.stack([_logit(exam[:, GTE] / np.maximum(positive, EPS)), np.asarray(heart_logit, dtype=np.float64), np.ones(len(exam))], axis=1)
+        x = np.stack([_logit(rv_lv_given_positive(exam)), np.asarray(heart_logit, dtype=np.float64), np.ones(len(exam))], axis=1)
         y = np.asarray(target, dtype=np.float64)
         if len(y) == 0 or y.min() == y.max():
             return cls()  # nothing to learn the split from: stage 2's own

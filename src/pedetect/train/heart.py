@@ -284,7 +284,7 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
     """Cross-fitted stacking of the out-of-fold predictions, ``heart/cv.json`` and the final stacker."""
     from sklearn.metrics import roc_auc_score
 
-    from pedetect.models.heart import HeartStack
+    from pedetect.models.heart import HeartStack, rv_lv_given_positive
     from pedetect.train.seq import oof_scores
 
     out = inputs.out
@@ -311,9 +311,8 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
         y = target[positive]
         return float(roc_auc_score(y, values[positive])) if len(np.unique(y)) == 2 else None
 
-    seq_given = exams[:, EXAM_LABELS.index(GTE)] / np.maximum(exams[:, EXAM_LABELS.index(GTE)] + exams[:, EXAM_LABELS.index(RV_LV_LABELS[1])], 1e-6)
-    stacked_given = stacked[:, EXAM_LABELS.index(GTE)] / np.maximum(stacked[:, EXAM_LABELS.index(GTE)] + stacked[:, EXAM_LABELS.index(RV_LV_LABELS[1])], 1e-6)
-    rv_lv_auc = {"sequence_head": auc(seq_given), "heart_model": auc(heart_logit), "stacked": auc(stacked_given)}
+    rv_lv_auc = {"sequence_head": auc(rv_lv_given_positive(exams)), "heart_model": auc(heart_logit),
+                 "stacked": auc(rv_lv_given_positive(stacked))}
     final.save(stage_root(out, "heart") / STACK_FILE, positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc)
 
     oof = with_exams(seq_oof, studies, stacked)
