@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from pedetect.models.backbone import BackboneError, check_backbone_name, create_backbone, read_state_dict
 from pedetect.models.layout import cnn_dir
-from pedetect.models.slice_classifier import SliceClassifier, build_slice_classifier, load_slice_classifier, save_weights
+from pedetect.models.slice_classifier import (
+    SliceClassifier,
+    build_slice_classifier,
+    fold_batchnorm,
+    load_slice_classifier,
+    save_weights,
+)
 from pedetect.recipe import ExperimentConfig, apply_overrides, save_config
 
 TINY = "resnet10t"
@@ -93,6 +101,31 @@ def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="fold 0"):
         load_slice_classifier(tmp_path, 0)
+
+
+def test_folding_batchnorm_keeps_the_outputs_and_removes_the_normalisation():
+    """Inference (validation, the embedding pass, predict) runs the CNN with each BatchNorm folded
+    into the convolution before it: the same embeddings and logits, and no BatchNorm left to run."""
+    config = apply_overrides(ExperimentConfig(), ["cnn.backbone.name=pedetect_small_cnn", "cnn.input.mode=pe",
+                                                  "cnn.backbone.kwargs={widths: [4, 8]}", "embed.location_grid=3"])
+    torch.manual_seed(0)
+    model = build_slice_classifier(config.cnn, location_grid=3)
+    with torch.no_grad():  # statistics far from the initial (0, 1), so a wrong fold would show
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-2, 2), norm.running_var.uniform_(0.2, 3)
+            norm.weight.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    model.eval()
+    x = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8)
+    with torch.inference_mode():
+        embedding, logit = model.embed(x)
+        folded = fold_batchnorm(copy.deepcopy(model))
+        folded_embedding, folded_logit = folded.embed(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 4  # the original is untouched
+    assert torch.allclose(folded_embedding, embedding, atol=1e-4) and torch.allclose(folded_logit, logit, atol=1e-4)
+    assert (embedding - embedding.mean(0)).abs().max() > 1e-2  # outputs that differ between slices
 
 
 def test_small_cnn_is_a_timm_backbone_that_sees_a_single_small_defect(tmp_path):

@@ -134,6 +134,26 @@ def test_a_changed_seq_section_redoes_stage_2_only(trained_model, trained_copy):
         train(apply_overrides(config, ["cnn.epochs=2"]), stage="seq", store=store, labels=labels, out=copy)
 
 
+def test_folds_trained_in_parallel_processes_match_one_after_another(trained_model, trained_copy):
+    """runtime.parallel_folds: each fold's head in its own process (seeded by its fold alone) gives
+    the heads and the cross-validation of the folds trained in turn; a fold that fails is named."""
+    config, labels, store, out, result = trained_model
+    copy = trained_copy
+    shutil.rmtree(copy / "seq")
+    parallel = train(apply_overrides(config, ["runtime.parallel_folds=3"]), stage="seq", store=store, labels=labels, out=copy)["seq"]
+    assert parallel["score"] == pytest.approx(result["seq"]["score"], rel=1e-4)
+    for k in range(3):
+        ours, theirs = load_sequence_head(copy, k).state_dict(), load_sequence_head(out, k).state_dict()
+        assert all(torch.allclose(ours[name], theirs[name], atol=1e-4) for name in theirs), k
+    # Folds 0 and 1 to train again, fold 1's folder a file: its process fails, the stage says which,
+    # and fold 0, trained beside it, is kept.
+    shutil.rmtree(seq_dir(copy, 0)), shutil.rmtree(seq_dir(copy, 1))
+    seq_dir(copy, 1).write_text("in the way")
+    with pytest.raises(TrainError, match="seq fold 1 failed in its process"):
+        train(apply_overrides(config, ["runtime.parallel_folds=2"]), stage="seq", store=store, labels=labels, out=copy)
+    assert (seq_dir(copy, 0) / COMPLETE).is_file()
+
+
 def test_stage_2_needs_every_folds_embeddings(trained_model, trained_copy):
     config, labels, store, _, _ = trained_model
     copy = trained_copy

@@ -137,6 +137,37 @@ def test_the_weight_average_is_validated_and_exported(data, tmp_path):
     assert not all(torch.equal(trained[k], average[k]) for k in stats)
 
 
+class CountValidations(L.Callback):
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def on_validation_epoch_end(self, trainer, module):
+        self.epochs.append(int(trainer.current_epoch))
+
+
+def test_validating_only_the_last_epoch_still_checkpoints_every_epoch(data, tmp_path):
+    labels, store = data
+    cfg = tiny_config("cnn.epochs=3", "cnn.validation=last_epoch", "cnn.keep_checkpoints=true")
+    first = CountValidations()
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0, callbacks=[Crash(2), first])
+    fold = tmp_path / "cnn" / "fold0"
+    assert first.epochs == []  # two epochs trained, none validated
+    saved = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 1 and [h["epoch"] for h in saved["pedetect_history"]] == [0, 1]
+
+    second = CountValidations()
+    train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=0, callbacks=[second])
+    assert second.epochs == [2]
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["resumed_after_epoch"] == 1 and metrics["exported_epoch"] == 2
+    epochs = metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert [e["val_auc"] is None for e in epochs] == [True, True, False]  # NaN is written as null
+    assert all(e["train_loss"] > 0 and e["train_seconds"] > 0 for e in epochs)
+    assert metrics["val_auc"] == pytest.approx(fold_slice_auc(tmp_path, 0, store, labels), abs=0.006)
+
+
 def test_resume_after_a_kill_and_skip_when_complete(data, tmp_path):
     labels, store = data
     cfg = tiny_config("cnn.epochs=3", "cnn.ema_decay=0.9")  # the weight average is part of what resumes

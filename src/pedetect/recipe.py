@@ -62,6 +62,11 @@ class RuntimeConfig(Section):
         "auto", description="'auto': bf16-mixed on GPUs that support it, else 16-mixed on GPU, 32-true on CPU."
     )
     deterministic: bool = Field(False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
+    parallel_folds: int = Field(
+        1, ge=1, description="Stage 2 on a CPU: train this many folds' sequence heads at once, each in its own process "
+        "with an equal share of the cores (a small recurrent head steps through the slices one at a time and keeps "
+        "one core busy at most); 1: one fold after another in this process.",
+    )
 
 
 class WandbConfig(Section):
@@ -308,6 +313,11 @@ class CnnConfig(Section):
     )
     monitor: Literal["val_auc", "val_loss"] = Field("val_auc", description="Metric that picks the best epoch (exported weights).")
     export: Literal["best", "last"] = Field("best", description="Which epoch's weights become model.safetensors.")
+    validation: Literal["every_epoch", "last_epoch"] = Field(
+        "every_epoch", description="every_epoch: validate after each epoch (the learning curve; best picks among them); "
+        "last_epoch: only after the last (the exported weights are the last epoch's; saves a pass over the "
+        "validation slices per epoch). Checkpoints for resume are written after every epoch either way.",
+    )
     keep_checkpoints: bool = Field(
         False, description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them."
     )

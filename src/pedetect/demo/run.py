@@ -127,9 +127,9 @@ def run_demo(
 
     echo(f"demo: synthetic studies into {data}")
     write_dataset(data, train_studies, slices=SLICES, size=SIZE, seed=seed, split="train",
-                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
+                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress, workers=workers)
     write_dataset(data, test_studies, slices=SLICES, size=SIZE, seed=seed_of_test_set(seed), split="test", transfer_syntax=TEST_SYNTAX,
-                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress)
+                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress, workers=workers)
     step("synth")
     summary = prepare(data / "train", store, workers=workers, progress=progress, echo=echo)
     if not summary.ok:

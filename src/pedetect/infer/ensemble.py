@@ -89,7 +89,7 @@ class Ensemble:
         from pedetect.models.layout import HEART_STACK_FILE, WEIGHTS_FILE, heart_dir
         from pedetect.models.onnx import choose_runtime, load_runtime_fold
         from pedetect.models.sequence import load_sequence_head
-        from pedetect.models.slice_classifier import load_slice_classifier
+        from pedetect.models.slice_classifier import fold_batchnorm, load_slice_classifier
 
         if not model_dirs:
             raise ValueError("no model: give at least one --model MODEL_DIR")
@@ -106,7 +106,7 @@ class Ensemble:
             stack = HeartStack.load(bundle.path / "heart" / HEART_STACK_FILE) if bundle.config.heart is not None else None
             for k in bundle.folds:
                 if chosen == "torch":
-                    cnn = load_slice_classifier(bundle.path, k, config=bundle.config, device=device)
+                    cnn = fold_batchnorm(load_slice_classifier(bundle.path, k, config=bundle.config, device=device))
                     head = load_sequence_head(bundle.path, k, config=bundle.config, device=device)
                 else:
                     cnn, head = load_runtime_fold(bundle.path, k, chosen, threads=threads)

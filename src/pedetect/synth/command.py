@@ -66,6 +66,9 @@ def synth_command(
     preview: Optional[Path] = typer.Option(
         None, "--preview", help="Write a PNG montage of one positive study here (PE window, emboli outlined)."
     ),
+    workers: int = typer.Option(
+        1, "--workers", "-w", min=1, help="Processes rendering studies at once (the files are the same whatever the number)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Write synthetic CT pulmonary angiography studies with ground-truth PE labels.
@@ -85,7 +88,7 @@ def synth_command(
 
         labels = write_dataset(out, studies, slices=slices, size=size, seed=seed, split=split.value,
                                transfer_syntax=transfer_syntax.value, min_embolus_pixels=min_embolus_pixels,
-                               progress=progress, enhanced=enhanced, **fractions)
+                               progress=progress, enhanced=enhanced, workers=workers, **fractions)
         n_studies = labels["StudyInstanceUID"].nunique() if len(labels) else 0
         n_pos = int(labels.groupby("StudyInstanceUID")["pe_present_on_image"].max().sum()) if len(labels) else 0
         typer.echo(f"wrote {n_studies} studies ({n_pos} positive), {len(labels)} slices to {out / split.value}")

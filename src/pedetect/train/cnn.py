@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pedetect.models.layout import (
 )
 from pedetect.recipe import ExperimentConfig
 from pedetect.runtime import is_global_zero
+from pedetect.train.parallel import processes_for, run_folds_in_processes, shipped_inputs
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs, resolve_paths
 from pedetect.train.trainer import build_loggers, load_checkpoint_state, quiet_lightning, resolve_precision, safe_checkpoint_io, uses_gpu
@@ -142,6 +144,13 @@ def checkpoint_callback(config: ExperimentConfig, directory: Path):
     """Keeps ``checkpoints/last.ckpt`` (resume) and ``best.ckpt`` (the monitored metric's best epoch)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    if config.cnn.validation == "last_epoch":
+        # Only the last epoch is validated, so it is the exported one: one checkpoint, written after
+        # every training epoch (Lightning would otherwise save only after a validation), for resume.
+        return ModelCheckpoint(
+            dirpath=str(directory / CHECKPOINTS_DIR), filename="last", monitor=None, save_top_k=1,
+            save_on_train_epoch_end=True, enable_version_counter=False,
+        )
     return ModelCheckpoint(
         dirpath=str(directory / CHECKPOINTS_DIR),
         filename="best",
@@ -166,6 +175,7 @@ def build_trainer(config: ExperimentConfig, directory: Path, out: Path, fold: in
         precision=resolve_precision(config),
         deterministic=runtime.deterministic,
         max_epochs=config.cnn.epochs,
+        check_val_every_n_epoch=config.cnn.epochs if config.cnn.validation == "last_epoch" else 1,
         accumulate_grad_batches=config.cnn.accumulate_grad_batches,
         gradient_clip_val=config.cnn.gradient_clip_norm,
         gradient_clip_algorithm="norm" if config.cnn.gradient_clip_norm else None,
@@ -314,10 +324,35 @@ def run_cnn(
         # Before any training starts, so processes of a distributed run all see the same folders.
         for k in inputs.todo:
             shutil.rmtree(cnn_dir(out, k), ignore_errors=True)
+    pending = []
     for k in inputs.todo:
         directory = cnn_dir(out, k)
         if is_complete(directory):
             echo(f"fold {k}: already complete ({directory / COMPLETE}); --force retrains it")
             continue
+        pending.append(k)
+    # Callbacks (tests, integrations) live in this process: with them the folds train here.
+    processes = 1 if callbacks else processes_for(inputs, pending, device="cuda" if uses_gpu(inputs.config) else "cpu")
+    if processes > 1:
+        shipped = shipped_inputs(inputs)
+        work = partial(_train_fold_in_process, shipped.config, shipped.items, store=shipped.store, out=out)
+        run_folds_in_processes(work, pending, processes, stage="cnn", echo=echo)
+    for k in pending if processes == 1 else ():
         train_fold(inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo)
     return write_summary(out, inputs.n_folds)
+
+
+def _train_fold_in_process(config: ExperimentConfig, items: pd.DataFrame, fold: int, *, store: Path, out: Path) -> dict[str, Any] | None:
+    """One fold's CNN in a process of its own (``runtime.parallel_folds``); a line per epoch stands in
+    for the progress bar."""
+    import lightning as L
+
+    class EpochLines(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            record = module.history[-1] if module.history else {}
+            auc = record.get("val_auc")
+            shown = f", validation AUC {auc:.4f}" if auc is not None and np.isfinite(auc) else ""
+            console_echo(f"fold {fold}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, "
+                         f"train loss {record.get('train_loss', float('nan')):.4f}{shown}")
+
+    return train_fold(config, items, fold, store=store, out=out, callbacks=[EpochLines()])

@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from pedetect.models.layout import (
     write_complete,
 )
 from pedetect.runtime import is_global_zero, resolve_device
+from pedetect.train.parallel import processes_for, reopened, run_folds_in_processes, shipped_inputs
 from pedetect.train.setup import TrainError, TrainingInputs
 
 
@@ -122,7 +124,7 @@ def embed_fold(
     its COMPLETE marker holds."""
     import torch
 
-    from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
+    from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 
     config, out = inputs.config, inputs.out
     weights = cnn_dir(out, fold) / WEIGHTS_FILE
@@ -140,7 +142,7 @@ def embed_fold(
     series = series_to_embed(inputs.items, fold, scope)
     todo = [s for s in series if not embedding_path(out, fold, s).is_file()]
     device = device or resolve_device(config.runtime.accelerator)
-    model = load_slice_classifier(out, fold, config=config, device=device)
+    model = fold_batchnorm(load_slice_classifier(out, fold, config=config, device=device))
     sops = inputs.source.slices.sort_values("slice_index").groupby(SERIES, sort=False)[SOP].agg(list)
     echo(f"embed fold {fold}: {len(todo)} of {len(series)} series to embed with fold {fold}'s CNN on {device}")
     started = time.perf_counter()
@@ -183,6 +185,11 @@ def is_embedded(out: Path, fold: int, scope: str = "own_fold") -> bool:
     return covers and marker.get("cnn_sha256") == file_sha256(weights)
 
 
+def _embed_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any]:
+    """One fold's embedding pass in a process of its own (``runtime.parallel_folds``)."""
+    return embed_fold(reopened(inputs), fold, device="cpu")
+
+
 def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any]:
     """The embedding pass on the folds of ``inputs``; finished folds are skipped unless ``force``.
 
@@ -191,12 +198,18 @@ def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[st
     if not is_global_zero():
         return {}
     out = inputs.out
+    pending = []
     for k in inputs.todo:
         if force:
             shutil.rmtree(embed_dir(out, k), ignore_errors=True)
         if is_embedded(out, k, embedding_scope(inputs.config)):
             echo(f"embed fold {k}: already complete ({embed_dir(out, k) / COMPLETE}); --force redoes it")
             continue
+        pending.append(k)
+    processes = processes_for(inputs, pending, device=resolve_device(inputs.config.runtime.accelerator))
+    if processes > 1:
+        run_folds_in_processes(partial(_embed_fold_in_process, shipped_inputs(inputs)), pending, processes, stage="embed", echo=echo)
+    for k in pending if processes == 1 else ():
         embed_fold(inputs, k, echo=echo)
     folds = {k: read_complete(embed_dir(out, k)) for k in range(inputs.n_folds) if is_complete(embed_dir(out, k))}
     summary = {"folds_complete": sorted(folds), "folds": {str(k): v for k, v in folds.items()}}

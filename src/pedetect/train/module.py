@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pedetect.metric.evaluate import roc_auc
-from pedetect.models.slice_classifier import SliceClassifier
+from pedetect.models.slice_classifier import SliceClassifier, fold_batchnorm
 from pedetect.recipe import CnnConfig, LossConfig, OptimizerConfig, SchedulerConfig
 
 
@@ -127,6 +128,7 @@ class SliceModule(L.LightningModule):
         self._train_samples = 0
         self._epoch_start = 0.0
         self._val_start = 0.0
+        self._validated: tuple[SliceClassifier, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -152,6 +154,28 @@ class SliceModule(L.LightningModule):
         self._train_samples += len(images)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        # Runs after the epoch's validation, if there was one (which recorded the epoch already):
+        # an epoch without validation (cnn.validation: last_epoch) is recorded with its training only.
+        if self.trainer.sanity_checking or any(h["epoch"] == int(self.current_epoch) for h in self.history):
+            return
+        seconds = time.perf_counter() - self._epoch_start if self._epoch_start else float("nan")
+        self.history.append({
+            **self._training_record(seconds),
+            "val_loss": float("nan"), "val_auc": float("nan"), "val_seconds": float("nan"), "val_slices": 0, "val_positive": 0,
+        })
+
+    def _training_record(self, train_seconds: float) -> dict[str, Any]:
+        return {
+            "epoch": int(self.current_epoch),
+            "train_loss": self._train_loss_sum / max(self._train_loss_n, 1),
+            "lr": float(self.optimizers().param_groups[0]["lr"]) if self.trainer.optimizers else float("nan"),
+            "train_seconds": train_seconds,
+            "train_slices_per_second": self._train_samples * self.trainer.world_size / train_seconds
+            if train_seconds and train_seconds > 0
+            else float("nan"),
+        }
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after an optimiser step
             self.ema.update_parameters(self.model)
@@ -167,10 +191,14 @@ class SliceModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
         self._val_start = time.perf_counter()
+        # Validated with BatchNorm folded into the convolutions, as the embedding pass and predict run
+        # it (the same outputs, faster); a copy, so training goes on with its own. Held in a tuple, not
+        # as an attribute module, so it is no part of the checkpoint.
+        self._validated = (fold_batchnorm(copy.deepcopy(self.evaluated_model).eval()),)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets, index = batch
-        logits = self.evaluated_model(images)
+        logits = self._validated[0](images)
         loss = slice_loss(self.config, logits, targets)
         self.log("val_batch_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)
         probability = torch.sigmoid(logits[:, 0].float())
@@ -204,7 +232,7 @@ class SliceModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         target, prob = self._gather_validation()
-        self._val_outputs = []
+        self._val_outputs, self._validated = [], ()
         if self.trainer.sanity_checking:
             return
         auc = roc_auc(target, prob)
@@ -214,16 +242,10 @@ class SliceModule(L.LightningModule):
         now = time.perf_counter()
         train_seconds = (self._val_start - self._epoch_start) if self._epoch_start else float("nan")
         record = {
-            "epoch": int(self.current_epoch),
-            "train_loss": self._train_loss_sum / max(self._train_loss_n, 1),
+            **self._training_record(train_seconds),
             "val_loss": loss,
             "val_auc": auc,
-            "lr": float(self.optimizers().param_groups[0]["lr"]) if self.trainer.optimizers else float("nan"),
-            "train_seconds": train_seconds,
             "val_seconds": now - self._val_start,
-            "train_slices_per_second": self._train_samples * self.trainer.world_size / train_seconds
-            if train_seconds and train_seconds > 0
-            else float("nan"),
             "val_slices": int(len(target)),
             "val_positive": int((target > 0.5).sum()),
         }

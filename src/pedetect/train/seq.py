@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from pedetect.models.layout import (
 )
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.embed import read_series_embedding
+from pedetect.train.parallel import processes_for, run_folds_in_processes, shipped_inputs
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs
 
@@ -388,6 +390,11 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
     return cv
 
 
+def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any]:
+    """One fold's head in a process of its own (``runtime.parallel_folds``)."""
+    return train_seq_fold(inputs, load_records(inputs), fold, device="cpu")
+
+
 def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any] | None:
     """Stage 2 on the folds of ``inputs``; finished folds are skipped unless ``force``. Once every fold
     is complete, writes and returns the cross-validation (``seq/cv.json``); else returns None."""
@@ -398,6 +405,7 @@ def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str]
     records = load_records(inputs)
     write_prior(inputs)
     device = resolve_device(inputs.config.runtime.accelerator)
+    pending = []
     for k in inputs.todo:
         if force:
             shutil.rmtree(seq_dir(out, k), ignore_errors=True)
@@ -405,6 +413,12 @@ def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str]
             echo(f"seq fold {k}: already complete ({seq_dir(out, k) / COMPLETE}); --force retrains it")
             continue
         shutil.rmtree(seq_dir(out, k), ignore_errors=True)  # stale: learnt from other embeddings
+        pending.append(k)
+    processes = processes_for(inputs, pending, device=device, needs_store=False)
+    if processes > 1:
+        shipped = shipped_inputs(inputs, needs_store=False)
+        run_folds_in_processes(partial(_train_fold_in_process, shipped), pending, processes, stage="seq", echo=echo)
+    for k in pending if processes == 1 else ():
         train_seq_fold(inputs, records, k, device=device, echo=echo)
     if not all(is_trained(out, k, inputs.n_folds) for k in range(inputs.n_folds)):
         return None
