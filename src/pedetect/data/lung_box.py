@@ -79,21 +79,23 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask, structure=_IN_PLANE)
     if n == 0:
         return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)
     sizes[0] = 0
-    # Each label lies in one slice: the slice of its first voxel.
+    # Each label lies in one slice (in-plane connectivity): any of its voxels names it. Then per
+    # slice its largest label, the lowest-numbered of equal ones (whole arrays: a noisy slice has
+    # thousands of specks, too many for a loop over labels).
     slice_of = np.zeros(n + 1, dtype=np.int64)
-    for label, where in enumerate(ndimage.find_objects(labels), start=1):
-        if where is not None:
-            slice_of[label] = where[0].start
-    best = np.zeros(mask.shape[0], dtype=np.int64)
+    slice_of[flat] = np.repeat(np.arange(mask.shape[0]), mask.shape[1] * mask.shape[2])
+    label_ids = np.arange(1, n + 1)
     best_size = np.zeros(mask.shape[0], dtype=np.int64)
-    for label in range(1, n + 1):
-        s = slice_of[label]
-        if sizes[label] > best_size[s]:
-            best_size[s], best[s] = sizes[label], label
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[best[best_size > 0]] = True
+    np.maximum.at(best_size, slice_of[1:], sizes[1:])
+    largest = label_ids[sizes[1:] == best_size[slice_of[1:]]]
+    best = np.full(mask.shape[0], n + 1, dtype=np.int64)
+    np.minimum.at(best, slice_of[largest], largest)
+    keep = np.zeros(n + 2, dtype=bool)
+    keep[best] = True
+    keep[n + 1] = False
     return keep[labels]
 
 

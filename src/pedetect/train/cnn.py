@@ -349,10 +349,11 @@ def _train_fold_in_process(config: ExperimentConfig, items: pd.DataFrame, fold: 
 
     class EpochLines(L.Callback):
         def on_train_epoch_end(self, trainer, module) -> None:
-            record = module.history[-1] if module.history else {}
+            # Runs before the module records the epoch, after its validation (if any) recorded it.
+            record = next((h for h in module.history if h["epoch"] == trainer.current_epoch), {})
             auc = record.get("val_auc")
             shown = f", validation AUC {auc:.4f}" if auc is not None and np.isfinite(auc) else ""
             console_echo(f"fold {fold}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, "
-                         f"train loss {record.get('train_loss', float('nan')):.4f}{shown}")
+                         f"train loss {module.epoch_train_loss:.4f}{shown}")
 
     return train_fold(config, items, fold, store=store, out=out, callbacks=[EpochLines()])

@@ -165,10 +165,15 @@ class SliceModule(L.LightningModule):
             "val_loss": float("nan"), "val_auc": float("nan"), "val_seconds": float("nan"), "val_slices": 0, "val_positive": 0,
         })
 
+    @property
+    def epoch_train_loss(self) -> float:
+        """The mean training loss of the epoch so far."""
+        return self._train_loss_sum / max(self._train_loss_n, 1)
+
     def _training_record(self, train_seconds: float) -> dict[str, Any]:
         return {
             "epoch": int(self.current_epoch),
-            "train_loss": self._train_loss_sum / max(self._train_loss_n, 1),
+            "train_loss": self.epoch_train_loss,
             "lr": float(self.optimizers().param_groups[0]["lr"]) if self.trainer.optimizers else float("nan"),
             "train_seconds": train_seconds,
             "train_slices_per_second": self._train_samples * self.trainer.world_size / train_seconds
