@@ -60,6 +60,33 @@ def reopened(inputs: TrainingInputs) -> TrainingInputs:
     return dataclasses.replace(inputs, source=open_store(inputs.store))
 
 
+# The processes of the last parallel stage, kept for the next (stage 1, the embedding pass and stage 2
+# of one `pedetect train` reuse them: each spawn imports torch and Lightning again, 10-15 s of the
+# demo's two cores per stage). pedetect.train.pipeline shuts them down when training ends.
+_pool: tuple[int, Any] | None = None
+
+
+def _executor(processes: int):
+    global _pool
+    if _pool is not None and _pool[0] != processes:
+        shutdown_fold_processes()
+    if _pool is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+        _pool = (processes, ProcessPoolExecutor(processes, mp_context=context))
+    return _pool[1]
+
+
+def shutdown_fold_processes() -> None:
+    """End the folds' processes kept between stages (if any)."""
+    global _pool
+    if _pool is not None:
+        _pool[1].shutdown(wait=True, cancel_futures=True)
+        _pool = None
+
+
 def _run_fold(work: Callable[[int], Any], fold: int, threads: int) -> Any:
     import torch
 
@@ -77,17 +104,14 @@ def run_folds_in_processes(
 ) -> list[Any]:
     """``work(fold)`` for every fold, ``processes`` at a time in spawned processes; the results in
     fold order. ``work`` must be picklable (a module-level function or a partial of one)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     threads = threads_per_process(processes)
     echo(f"{stage}: folds {list(folds)} in {processes} processes at a time, {threads} thread(s) each")
-    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        futures = [pool.submit(_run_fold, work, k, threads) for k in folds]
-        errors = [f.exception() for f in futures]  # waits for every fold
+    pool = _executor(processes)
+    futures = [pool.submit(_run_fold, work, k, threads) for k in folds]
+    errors = [f.exception() for f in futures]  # waits for every fold
     failed = [(k, e) for k, e in zip(folds, errors) if e is not None]
     if failed:
+        shutdown_fold_processes()  # a process that died takes the pool with it: start afresh next time
         fold, error = failed[0]
         others = f" (and folds {[k for k, _ in failed[1:]]})" if len(failed) > 1 else ""
         raise TrainError(f"{stage} fold {fold} failed in its process{others}: {error}") from error

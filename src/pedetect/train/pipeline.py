@@ -19,6 +19,7 @@ from pedetect.models.layout import STAGES
 from pedetect.recipe import ExperimentConfig
 from pedetect.runtime import is_global_zero
 from pedetect.train.cnn import check_cnn_config, run_cnn
+from pedetect.train.parallel import shutdown_fold_processes
 from pedetect.train.setup import training_inputs
 
 
@@ -62,10 +63,13 @@ def train(
         "heart": lambda: run_heart(inputs, force=force, echo=echo),
     }
     result: dict[str, Any] = {"seconds": {}, "bundle": None}
-    for name in stages:
-        started = time.perf_counter()
-        result[name] = runners[name]()
-        result["seconds"][name] = round(time.perf_counter() - started, 3)
+    try:
+        for name in stages:
+            started = time.perf_counter()
+            result[name] = runners[name]()
+            result["seconds"][name] = round(time.perf_counter() - started, 3)
+    finally:
+        shutdown_fold_processes()  # runtime.parallel_folds: the folds' processes, kept between stages
     finished = stage == "all" and result["seq"] is not None and (config.heart is None or result["heart"] is not None)
     if is_global_zero() and finished:
         dims = {m["embedding_dim"] for m in result["embed"]["folds"].values()}
