@@ -12,7 +12,7 @@ import torch
 from pedetect.data.dataset import series_inputs
 from pedetect.data.folds import read_folds
 from pedetect.labels import SERIES, SOP, STUDY
-from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
+from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, embedding_path
 from pedetect.train.embed import read_series_embedding, run_embed
 from pedetect.train.setup import TrainError, training_inputs
@@ -28,7 +28,7 @@ pytestmark = [
 def test_each_study_is_embedded_by_its_own_folds_cnn_only(trained_model):
     config, labels, store, out, _ = trained_model
     folds = read_folds(out / "folds.csv").set_index(STUDY)["fold"]
-    cnns = [load_slice_classifier(out, k) for k in range(3)]
+    cnns = [fold_batchnorm(load_slice_classifier(out, k)) for k in range(3)]  # as the pass runs them
     files = {k: sorted(p.stem for p in embed_dir(out, k).glob("*.npz")) for k in range(3)}
     series_of = labels.drop_duplicates(SERIES).set_index(SERIES)[STUDY]
     # Every labelled series exactly once, under the fold of its study.
