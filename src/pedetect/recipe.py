@@ -63,9 +63,9 @@ class RuntimeConfig(Section):
     )
     deterministic: bool = Field(False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
     parallel_folds: int = Field(
-        1, ge=1, description="Stage 2 on a CPU: train this many folds' sequence heads at once, each in its own process "
-        "with an equal share of the cores (a small recurrent head steps through the slices one at a time and keeps "
-        "one core busy at most); 1: one fold after another in this process.",
+        1, ge=1, description="On a CPU: stage 1, the embedding pass and stage 2 run this many folds at once, each in its "
+        "own process with an equal share of the cores that reads its own data (small networks use a second core "
+        "poorly); 1: one fold after another in this process. GPUs and several devices always take folds in turn.",
     )
 
 

@@ -69,7 +69,7 @@ def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.nd
     if volume.ndim != 4 or volume.shape[-1] != len(windows):
         raise ValueError(f"expected (N, H, W, {len(windows)}) images, got shape {volume.shape}")
     shape = volume.shape[:3]
-    planes = np.ascontiguousarray(np.moveaxis(volume, -1, 0))  # each window's image contiguous: 3x faster below
+    planes = np.ascontiguousarray(np.moveaxis(volume, -1, 0))  # each window's image contiguous for the masked updates
     high = np.full(shape, -np.inf, dtype=np.float32)
     low = np.full(shape, np.inf, dtype=np.float32)
     for c, (level, width) in enumerate(windows):  # in place, masked: no temporary volumes
