@@ -91,11 +91,10 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     best_size = np.zeros(mask.shape[0], dtype=np.int64)
     np.maximum.at(best_size, slice_of[1:], sizes[1:])
     largest = label_ids[sizes[1:] == best_size[slice_of[1:]]]
-    best = np.full(mask.shape[0], n + 1, dtype=np.int64)
+    best = np.full(mask.shape[0], n + 1, dtype=np.int64)  # n + 1: a slice without any piece
     np.minimum.at(best, slice_of[largest], largest)
-    keep = np.zeros(n + 2, dtype=bool)
-    keep[best] = True
-    keep[n + 1] = False
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[best[best <= n]] = True
     return keep[labels]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from pedetect.models.layout import (
 )
 from pedetect.recipe import ExperimentConfig
 from pedetect.runtime import is_global_zero
-from pedetect.train.parallel import processes_for, run_folds_in_processes, shipped_inputs
+from pedetect.train.parallel import processes_for, run_folds
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs, resolve_paths
 from pedetect.train.trainer import build_loggers, load_checkpoint_state, quiet_lightning, resolve_precision, safe_checkpoint_io, uses_gpu
@@ -333,16 +332,14 @@ def run_cnn(
         pending.append(k)
     # Callbacks (tests, integrations) live in this process: with them the folds train here.
     processes = 1 if callbacks else processes_for(inputs, pending, device="cuda" if uses_gpu(inputs.config) else "cpu")
-    if processes > 1:
-        shipped = shipped_inputs(inputs)
-        work = partial(_train_fold_in_process, shipped.config, shipped.items, store=shipped.store, out=out)
-        run_folds_in_processes(work, pending, processes, stage="cnn", echo=echo)
-    for k in pending if processes == 1 else ():
-        train_fold(inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo)
+    run_folds(
+        inputs, pending, processes, in_process=_train_fold_in_process, stage="cnn", echo=echo,
+        in_turn=lambda k: train_fold(inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo),
+    )
     return write_summary(out, inputs.n_folds)
 
 
-def _train_fold_in_process(config: ExperimentConfig, items: pd.DataFrame, fold: int, *, store: Path, out: Path) -> dict[str, Any] | None:
+def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any] | None:
     """One fold's CNN in a process of its own (``runtime.parallel_folds``); a line per epoch stands in
     for the progress bar."""
     import lightning as L
@@ -356,4 +353,4 @@ def _train_fold_in_process(config: ExperimentConfig, items: pd.DataFrame, fold: 
             console_echo(f"fold {fold}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, "
                          f"train loss {module.epoch_train_loss:.4f}{shown}")
 
-    return train_fold(config, items, fold, store=store, out=out, callbacks=[EpochLines()])
+    return train_fold(inputs.config, inputs.items, fold, store=inputs.store, out=inputs.out, callbacks=[EpochLines()])

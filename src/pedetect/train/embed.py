@@ -22,7 +22,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from pedetect.models.layout import (
     write_complete,
 )
 from pedetect.runtime import is_global_zero, resolve_device
-from pedetect.train.parallel import processes_for, reopened, run_folds_in_processes, shipped_inputs
+from pedetect.train.parallel import processes_for, reopened, run_folds
 from pedetect.train.setup import TrainError, TrainingInputs
 
 
@@ -207,10 +206,8 @@ def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[st
             continue
         pending.append(k)
     processes = processes_for(inputs, pending, device=resolve_device(inputs.config.runtime.accelerator))
-    if processes > 1:
-        run_folds_in_processes(partial(_embed_fold_in_process, shipped_inputs(inputs)), pending, processes, stage="embed", echo=echo)
-    for k in pending if processes == 1 else ():
-        embed_fold(inputs, k, echo=echo)
+    run_folds(inputs, pending, processes, in_process=_embed_fold_in_process, in_turn=lambda k: embed_fold(inputs, k, echo=echo),
+              stage="embed", echo=echo)
     folds = {k: read_complete(embed_dir(out, k)) for k in range(inputs.n_folds) if is_complete(embed_dir(out, k))}
     summary = {"folds_complete": sorted(folds), "folds": {str(k): v for k, v in folds.items()}}
     write_json_atomic(stage_root(out, "embed") / SUMMARY_FILE, summary)

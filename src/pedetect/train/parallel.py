@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,25 @@ def run_folds_in_processes(
         others = f" (and folds {[k for k, _ in failed[1:]]})" if len(failed) > 1 else ""
         raise TrainError(f"{stage} fold {fold} failed in its process{others}: {error}") from error
     return [f.result() for f in futures]
+
+
+def run_folds(
+    inputs: TrainingInputs,
+    pending: Sequence[int],
+    processes: int,
+    *,
+    in_process: Callable[[TrainingInputs, int], Any],
+    in_turn: Callable[[int], Any],
+    stage: str,
+    needs_store: bool = True,
+    echo: Callable[[str], None] = console_echo,
+) -> None:
+    """A stage's pending folds: ``in_process(shipped inputs, fold)`` in ``processes`` spawned processes
+    when that is more than one (``in_process`` a module-level function), else ``in_turn(fold)`` for
+    one fold after another in this process."""
+    if processes > 1:
+        shipped = shipped_inputs(inputs, needs_store=needs_store)
+        run_folds_in_processes(partial(in_process, shipped), pending, processes, stage=stage, echo=echo)
+        return
+    for k in pending:
+        in_turn(k)

@@ -29,7 +29,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ from pedetect.models.layout import (
 )
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.embed import read_series_embedding
-from pedetect.train.parallel import processes_for, run_folds_in_processes, shipped_inputs
+from pedetect.train.parallel import processes_for, run_folds
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs
 
@@ -415,11 +414,8 @@ def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str]
         shutil.rmtree(seq_dir(out, k), ignore_errors=True)  # stale: learnt from other embeddings
         pending.append(k)
     processes = processes_for(inputs, pending, device=device, needs_store=False)
-    if processes > 1:
-        shipped = shipped_inputs(inputs, needs_store=False)
-        run_folds_in_processes(partial(_train_fold_in_process, shipped), pending, processes, stage="seq", echo=echo)
-    for k in pending if processes == 1 else ():
-        train_seq_fold(inputs, records, k, device=device, echo=echo)
+    run_folds(inputs, pending, processes, in_process=_train_fold_in_process, needs_store=False, stage="seq", echo=echo,
+              in_turn=lambda k: train_seq_fold(inputs, records, k, device=device, echo=echo))
     if not all(is_trained(out, k, inputs.n_folds) for k in range(inputs.n_folds)):
         return None
     return cross_validation(inputs, records)
