@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench fuzz clean
+.PHONY: install test test-fast lint format demo bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# The inner loop: the suite without the end-to-end runs (tests marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
+
+# The code's one formatting (ruff format, settings in pyproject.toml); .ci/run fails on a difference.
+lint: $(STAMP)
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
 
 # The whole pipeline on synthetic data (pedetect demo: synth, prepare, train, predict, evaluate).
 DEMO := demo_output
