@@ -84,6 +84,7 @@ def loader_rate(dataset, sampler, workers: int, batches: int, batch_size: int) -
         prefetch_factor=4 if workers else None,
         drop_last=True,
     )
+
     def cycle():
         epoch = 0
         while True:  # a small store gives few batches per epoch: go round
@@ -169,7 +170,9 @@ def main() -> None:
             rate = loader_rate(dataset, sampler, workers, args.batches, args.batch_size)
             rates[workers] = {"slices_per_s": rate, "per_worker": rate / max(workers, 1)}
         results["modes"][mode] = {"stages_ms": stages, "loader": rates}
-        line = ", ".join(f"{w} workers {r['slices_per_s']:.0f}/s ({r['per_worker']:.0f}/worker)" for w, r in rates.items())
+        line = ", ".join(
+            f"{w} workers {r['slices_per_s']:.0f}/s ({r['per_worker']:.0f}/worker)" for w, r in rates.items()
+        )
         print(
             f"{mode:9s} read+decode {stages['read_decode_ms']:.2f} ms, augment {stages['augment_ms']:.2f} ms, "
             f"collate {stages['collate_ms']:.2f} ms per slice; {line}",

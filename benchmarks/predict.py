@@ -65,8 +65,26 @@ def run_predict(study: Path, model: Path, out: Path, extra: list[str] = ()) -> d
     """One ``pedetect predict`` process: wall seconds, its own summary numbers, peak RSS (GB)."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "pedetect", "predict", str(study), "--model", str(model), "--out", str(out),
-                                    "--device", "cpu", "--no-progress", *extra], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pedetect",
+                "predict",
+                str(study),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
         # The child's own high-water mark (VmHWM of its address space after exec), polled until it
         # exits. Not ru_maxrss: Linux carries the forking parent's resident size (here: the synthetic
         # studies just rendered) into the child's ru_maxrss across exec.
@@ -96,16 +114,23 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 def prepare_store(study: Path, out: Path) -> Path:
     """The study as a slice store: what pedetect export checks and calibrates on."""
-    subprocess.run([sys.executable, "-m", "pedetect", "prepare", str(study), "--out", str(out), "--no-progress"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pedetect", "prepare", str(study), "--out", str(out), "--no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return out
 
 
 def export(model: Path, store: Path, *extra: str) -> float:
     """``pedetect export MODEL --int8`` (fp32 and int8); its wall seconds."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pedetect", "export", str(model), "--store", str(store), "--int8", *extra],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pedetect", "export", str(model), "--store", str(store), "--int8", *extra],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"pedetect export failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -117,12 +142,32 @@ def demo_accuracy(demo_dir: Path, tmp: Path) -> list[tuple[str, dict]]:
     from pedetect.metric.evaluate import evaluate_files
 
     model = tmp / "demo-trained"
-    subprocess.run([sys.executable, "-m", "pedetect", "export", str(demo_dir / "model"), "--store", str(demo_dir / "store"),
-                    "--labels", str(demo_dir / "data" / "train.csv"), "--out", str(model), "--int8"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pedetect",
+            "export",
+            str(demo_dir / "model"),
+            "--store",
+            str(demo_dir / "store"),
+            "--labels",
+            str(demo_dir / "data" / "train.csv"),
+            "--out",
+            str(model),
+            "--int8",
+        ],
+        check=True,
+    )
     rows = []
     for runtime in RUNTIMES:
         out = tmp / f"demo-{runtime}.csv"
-        run_predict(demo_dir / "data" / "test", model, out, ["--runtime", runtime, "--sample", str(demo_dir / "data" / "sample_submission.csv")])
+        run_predict(
+            demo_dir / "data" / "test",
+            model,
+            out,
+            ["--runtime", runtime, "--sample", str(demo_dir / "data" / "sample_submission.csv")],
+        )
         report = evaluate_files(demo_dir / "data" / "test_labels.csv", out)
         rows.append((runtime, {"score": report["score"], "slice_auc": report["slice_auc"]}))
     return rows
@@ -141,8 +186,12 @@ def main() -> None:
     parser.add_argument("--full-config", type=Path, default=ROOT / "configs" / "rsna_4th_rexnet200.yaml")
     parser.add_argument("--full-folds", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
-    parser.add_argument("--skip-demo", action="store_true", help="Only the full-size recipe (no demo bundle, no memory runs).")
-    parser.add_argument("--demo-dir", type=Path, help="A finished pedetect demo --out DIR: also each runtime's score on its test set.")
+    parser.add_argument(
+        "--skip-demo", action="store_true", help="Only the full-size recipe (no demo bundle, no memory runs)."
+    )
+    parser.add_argument(
+        "--demo-dir", type=Path, help="A finished pedetect demo --out DIR: also each runtime's score on its test set."
+    )
     parser.add_argument("--threads", type=int, help="predict --threads (default: every core).")
     args = parser.parse_args()
     import torch
@@ -154,9 +203,21 @@ def main() -> None:
         study = make_study(tmp / "study", args.slices)
         big = make_study(tmp / "big", args.memory_slices, seed=12)
         store = prepare_store(study, tmp / "store")
-        print(f"synthetic studies ({args.slices} and {args.memory_slices} slices, 512x512) in {time.perf_counter() - started:.0f} s; "
-              f"torch threads {torch.get_num_threads()}", flush=True)
-        bundles = [] if args.skip_demo else [("demo (3 folds, pedetect_small_cnn 128 px)", make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None))]
+        print(
+            f"synthetic studies ({args.slices} and {args.memory_slices} slices, 512x512) in {time.perf_counter() - started:.0f} s; "
+            f"torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
+        bundles = (
+            []
+            if args.skip_demo
+            else [
+                (
+                    "demo (3 folds, pedetect_small_cnn 128 px)",
+                    make_bundle(ROOT / "configs" / "demo.yaml", tmp / "demo", None),
+                )
+            ]
+        )
         if not args.skip_full:
             name = f"{args.full_config.stem} ({args.full_folds} fold, random weights)"
             bundles.append((name, make_bundle(args.full_config, tmp / "full", args.full_folds)))
@@ -165,7 +226,9 @@ def main() -> None:
             exports.append((name, export(bundle, store, *threads)))
             print(f"{name}: exported in {exports[-1][1]:.0f} s", flush=True)
             for runtime in RUNTIMES:
-                rows.append((name, runtime, run_predict(study, bundle, tmp / "a.csv", ["--runtime", runtime, *threads])))
+                rows.append(
+                    (name, runtime, run_predict(study, bundle, tmp / "a.csv", ["--runtime", runtime, *threads]))
+                )
                 print(rows[-1], flush=True)
         for runtime in RUNTIMES if not args.skip_demo else ():
             memory.append((runtime, run_predict(big, bundles[0][1], tmp / "b.csv", ["--runtime", runtime, *threads])))
@@ -174,19 +237,31 @@ def main() -> None:
     print()
     # The speed-up is on the models' own time (CNN and head, summed over the study): the process
     # time also holds Python's start and the imports (torch and timm's cost seconds on a busy machine).
-    print(f"| bundle | runtime | s per {args.slices}-slice study (process) | predict s | model s | model × PyTorch | peak GB | parts |")
+    print(
+        f"| bundle | runtime | s per {args.slices}-slice study (process) | predict s | model s | model × PyTorch | peak GB | parts |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     baseline = {name: model_seconds(r) for name, runtime, r in rows if runtime == "torch"}
     for name, runtime, r in rows:
         model = model_seconds(r)
         speedup = baseline[name] / model if model > 0 else float("nan")
-        print(f"| {name} | {runtime} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {model:.1f} | {speedup:.2f} | {_gb(r['peak_gb'])} | {r['parts']} |")
-    print("\nexport (fp32 and int8, checked on the study): " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports))
+        print(
+            f"| {name} | {runtime} | {r['wall_s']:.1f} | {r['predict_s']:.1f} | {model:.1f} | {speedup:.2f} | {_gb(r['peak_gb'])} | {r['parts']} |"
+        )
+    print(
+        "\nexport (fp32 and int8, checked on the study): "
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in exports)
+    )
     if memory:
-        print(f"peak memory, {args.memory_slices}-slice 512x512 study, demo bundle: "
-              + ", ".join(f"{runtime} {_gb(r['peak_gb'])} GB ({r['predict_s']:.1f} s)" for runtime, r in memory))
+        print(
+            f"peak memory, {args.memory_slices}-slice 512x512 study, demo bundle: "
+            + ", ".join(f"{runtime} {_gb(r['peak_gb'])} GB ({r['predict_s']:.1f} s)" for runtime, r in memory)
+        )
     if accuracy:
-        print(f"\n{args.demo_dir} test set: " + ", ".join(f"{runtime} score {a['score']:.4f}, slice AUC {a['slice_auc']:.4f}" for runtime, a in accuracy))
+        print(
+            f"\n{args.demo_dir} test set: "
+            + ", ".join(f"{runtime} score {a['score']:.4f}, slice AUC {a['slice_auc']:.4f}" for runtime, a in accuracy)
+        )
 
 
 if __name__ == "__main__":

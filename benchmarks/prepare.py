@@ -54,7 +54,12 @@ def baseline(files: list[Path], out: Path) -> dict:
         name = target / f"{ds.SOPInstanceUID}.jpg"
         cv2.imwrite(str(name), image)
         total += name.stat().st_size
-    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "bytes": total, "slices": len(files)}
+    return {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "bytes": total,
+        "slices": len(files),
+    }
 
 
 def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
@@ -63,7 +68,11 @@ def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = time.perf_counter(), time.process_time()
     summary = prepare(input_dir, out, workers=workers, progress=False, echo=lambda m: None)
-    result = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "slices": summary.slices_prepared}
+    result = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "slices": summary.slices_prepared,
+    }
     store = SliceStore(out)
     result["bytes"] = int(store.slices["length"].sum())
     result["failures"] = len(store.failures)
@@ -76,16 +85,25 @@ def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
 
 def _jpeg(quality: int, sampling: int):
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling]
-    return (lambda img: cv2.imencode(".jpg", img[:, :, ::-1].copy(), params)[1].tobytes(), lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB))
+    return (
+        lambda img: cv2.imencode(".jpg", img[:, :, ::-1].copy(), params)[1].tobytes(),
+        lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB),
+    )
 
 
 def _png():
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    return (lambda img: cv2.imencode(".png", img[:, :, ::-1].copy(), params)[1].tobytes(), lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB))
+    return (
+        lambda img: cv2.imencode(".png", img[:, :, ::-1].copy(), params)[1].tobytes(),
+        lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR_RGB),
+    )
 
 
 def _zlib(shape):
-    return (lambda img: zlib.compress(img.tobytes(), 1), lambda b: np.frombuffer(zlib.decompress(b), np.uint8).reshape(shape))
+    return (
+        lambda img: zlib.compress(img.tobytes(), 1),
+        lambda b: np.frombuffer(zlib.decompress(b), np.uint8).reshape(shape),
+    )
 
 
 def _raw(shape):
@@ -96,10 +114,26 @@ def formats(images: list[np.ndarray], work: Path, reads: int = 400) -> list[dict
     """Each candidate: bytes/slice, encode ms, random single-slice read+decode ms, error vs exact."""
     shape = images[0].shape
     candidates = [
-        ("JPEG per slice file, q95 4:2:0 (challenge repos, cv2 default)", _jpeg(95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420), "files"),
-        ("per-series container of JPEG frames, q90 4:4:4 (pedetect)", _jpeg(90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444), "container"),
-        ("per-series container of JPEG frames, q95 4:4:4", _jpeg(95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444), "container"),
-        ("per-series container of JPEG frames, q90 4:2:0", _jpeg(90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420), "container"),
+        (
+            "JPEG per slice file, q95 4:2:0 (challenge repos, cv2 default)",
+            _jpeg(95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420),
+            "files",
+        ),
+        (
+            "per-series container of JPEG frames, q90 4:4:4 (pedetect)",
+            _jpeg(90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+            "container",
+        ),
+        (
+            "per-series container of JPEG frames, q95 4:4:4",
+            _jpeg(95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+            "container",
+        ),
+        (
+            "per-series container of JPEG frames, q90 4:2:0",
+            _jpeg(90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420),
+            "container",
+        ),
         ("PNG per slice (lossless, level 1)", _png(), "files"),
         ("per-series container of zlib-1 arrays (lossless)", _zlib(shape), "container"),
         ("per-series raw uint8 (lossless, uncompressed)", _raw(shape), "container"),
@@ -130,12 +164,18 @@ def formats(images: list[np.ndarray], work: Path, reads: int = 400) -> list[dict
 
             def read(i: int, fd=fd, offsets=offsets) -> np.ndarray:
                 return decode(os.pread(fd, int(offsets[i + 1] - offsets[i]), int(offsets[i])))
+
         read(0)
         start = time.perf_counter()
         for i in order:
             read(i)
         read_ms = (time.perf_counter() - start) / len(order) * 1e3
-        errors = np.concatenate([np.abs(read(i).astype(np.int16) - images[i]).reshape(-1, 3) for i in range(0, len(images), max(1, len(images) // 32))])
+        errors = np.concatenate(
+            [
+                np.abs(read(i).astype(np.int16) - images[i]).reshape(-1, 3)
+                for i in range(0, len(images), max(1, len(images) // 32))
+            ]
+        )
         rows.append(
             {
                 "format": name,
@@ -160,7 +200,9 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=4)
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one, removed after).")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="Scratch folder (default: a temporary one, removed after)."
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--repeat", type=int, default=2, help="Runs of each throughput measurement (best kept).")
     args = parser.parse_args()
@@ -188,7 +230,11 @@ def main() -> None:
         results[f"pedetect_{cores}"] = run_prepare(data, work / "storeN", cores)
 
     def rates(r: dict) -> dict:
-        return {"slices_per_s_wall": r["slices"] / r["wall_s"], "slices_per_s_cpu": r["slices"] / r["cpu_s"] if r["cpu_s"] else None, "bytes_per_slice": r["bytes"] / r["slices"]}
+        return {
+            "slices_per_s_wall": r["slices"] / r["wall_s"],
+            "slices_per_s_cpu": r["slices"] / r["cpu_s"] if r["cpu_s"] else None,
+            "bytes_per_slice": r["bytes"] / r["slices"],
+        }
 
     base, ours = rates(results["baseline"]), rates(results["pedetect_1"])
     results["speedup_wall"] = ours["slices_per_s_wall"] / base["slices_per_s_wall"]
@@ -211,24 +257,35 @@ def main() -> None:
     results["formats"] = formats(images, work / "formats")
 
     print()
-    print(f"{len(files)} synthetic slices of {args.size}×{args.size}, one worker each ({cores} cores on this machine)\n")
+    print(
+        f"{len(files)} synthetic slices of {args.size}×{args.size}, one worker each ({cores} cores on this machine)\n"
+    )
     print("| contender | slices/s (wall) | slices/s (CPU) | bytes/slice |")
     print("| --- | ---: | ---: | ---: |")
-    for key, label in (("baseline", "naive baseline (dcmread, float windows, cv2.imwrite JPEG q95 4:2:0)"), ("pedetect_1", "pedetect prepare --workers 1")):
+    for key, label in (
+        ("baseline", "naive baseline (dcmread, float windows, cv2.imwrite JPEG q95 4:2:0)"),
+        ("pedetect_1", "pedetect prepare --workers 1"),
+    ):
         r = rates(results[key])
         print(f"| {label} | {r['slices_per_s_wall']:.1f} | {r['slices_per_s_cpu']:.1f} | {r['bytes_per_slice']:,.0f} |")
     if cores > 1:
         r = rates(results[f"pedetect_{cores}"])
-        print(f"| pedetect prepare --workers {cores} | {r['slices_per_s_wall']:.1f} | – | {r['bytes_per_slice']:,.0f} |")
+        print(
+            f"| pedetect prepare --workers {cores} | {r['slices_per_s_wall']:.1f} | – | {r['bytes_per_slice']:,.0f} |"
+        )
     print(f"\nspeed-up per core: {results['speedup_wall']:.2f}× (wall), {results['speedup_cpu']:.2f}× (CPU)")
     if cores > 1:
-        print(f"parallel efficiency with {cores} workers on this machine: {results['parallel_efficiency']:.2f} (1.0 = linear; low when the cores are shared)")
+        print(
+            f"parallel efficiency with {cores} workers on this machine: {results['parallel_efficiency']:.2f} (1.0 = linear; low when the cores are shared)"
+        )
     print(
         f"RSNA training set (1.79 M slices) on 16 cores, CPU-bound: {results['projection_rsna_16_cores_min']:.1f} min "
         f"(baseline {results['projection_baseline_16_cores_min']:.1f} min); that pace reads "
         f"{results['projection_read_gb_per_s_needed']:.1f} GB/s of DICOM ({dicom_bytes / 1e3:.0f} kB a slice): slower storage makes it I/O-bound\n"
     )
-    print("| format | bytes/slice | encode ms | random read+decode ms | MAE (lung, PE, med) | 99.9th pct error | max error |")
+    print(
+        "| format | bytes/slice | encode ms | random read+decode ms | MAE (lung, PE, med) | 99.9th pct error | max error |"
+    )
     print("| --- | ---: | ---: | ---: | --- | --- | --- |")
     for row in results["formats"]:
         print(

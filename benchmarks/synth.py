@@ -35,7 +35,9 @@ def measure(size: int, syntax: str, studies: int, slices: int | None, seed: int 
     folder = Path(tempfile.mkdtemp(prefix="synth-bench-"))
     try:
         start = time.perf_counter()
-        labels = write_dataset(folder, studies, slices=slices, size=size, seed=seed, transfer_syntax=syntax, progress=False)
+        labels = write_dataset(
+            folder, studies, slices=slices, size=size, seed=seed, transfer_syntax=syntax, progress=False
+        )
         elapsed = time.perf_counter() - start
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -101,10 +101,31 @@ def predict_seconds(config, device: str, slices: int, size: int, work: Path) -> 
     write_dataset(work / "warmup", 1, slices=slices, size=size, seed=31, split="test", progress=False)
     write_dataset(work / "study", 1, slices=slices, size=size, seed=32, split="test", progress=False)
     quiet = lambda message: None  # noqa: E731
-    predict(work / "warmup" / "test", [bundle], work / "warmup.csv", device=device, runtime="torch", progress=False, echo=quiet)
+    predict(
+        work / "warmup" / "test",
+        [bundle],
+        work / "warmup.csv",
+        device=device,
+        runtime="torch",
+        progress=False,
+        echo=quiet,
+    )
     started = time.perf_counter()
-    predict(work / "study" / "test", [bundle], work / "study.csv", device=device, runtime="torch", progress=False, echo=quiet)
-    return {"seconds_per_study": time.perf_counter() - started, "slices": slices, "size": size, "folds": config.data.folds}
+    predict(
+        work / "study" / "test",
+        [bundle],
+        work / "study.csv",
+        device=device,
+        runtime="torch",
+        progress=False,
+        echo=quiet,
+    )
+    return {
+        "seconds_per_study": time.perf_counter() - started,
+        "slices": slices,
+        "size": size,
+        "folds": config.data.folds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--slices", type=int, default=250, help="slices of the predicted study")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: 64 px inputs, batch 4, a 16-slice 64 px study, 2 steps")
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke run: 64 px inputs, batch 4, a 16-slice 64 px study, 2 steps"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     import torch
@@ -128,16 +151,35 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.recipes:
         config = recipe_config(path, args.tiny)
         train = stage1_throughput(config, args.device, steps, warmup)
-        print(f"{config.name}: stage 1 {train['slices_per_second']:.1f} slices/s (batch {train['batch_size']}, "
-              f"{train['image_size']} px, {train['precision']})", flush=True)
+        print(
+            f"{config.name}: stage 1 {train['slices_per_second']:.1f} slices/s (batch {train['batch_size']}, "
+            f"{train['image_size']} px, {train['precision']})",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory(prefix="pedetect-bench-") as work:
             timed = predict_seconds(config, args.device, slices, size, Path(work))
-        print(f"{config.name}: predict {timed['seconds_per_study']:.2f} s per {slices}-slice study ({timed['folds']} folds)", flush=True)
-        results.append({"recipe": path.name, "name": config.name, "device": gpu, "tiny": args.tiny, "stage1": train, "predict": timed})
-    print("\n| recipe | stage 1 slices/s | batch | px | predict s/study | folds |\n| --- | --- | --- | --- | --- | --- |")
+        print(
+            f"{config.name}: predict {timed['seconds_per_study']:.2f} s per {slices}-slice study ({timed['folds']} folds)",
+            flush=True,
+        )
+        results.append(
+            {
+                "recipe": path.name,
+                "name": config.name,
+                "device": gpu,
+                "tiny": args.tiny,
+                "stage1": train,
+                "predict": timed,
+            }
+        )
+    print(
+        "\n| recipe | stage 1 slices/s | batch | px | predict s/study | folds |\n| --- | --- | --- | --- | --- | --- |"
+    )
     for r in results:
-        print(f"| {r['recipe']} | {r['stage1']['slices_per_second']:.1f} | {r['stage1']['batch_size']} | {r['stage1']['image_size']} "
-              f"| {r['predict']['seconds_per_study']:.2f} | {r['predict']['folds']} |")
+        print(
+            f"| {r['recipe']} | {r['stage1']['slices_per_second']:.1f} | {r['stage1']['batch_size']} | {r['stage1']['image_size']} "
+            f"| {r['predict']['seconds_per_study']:.2f} | {r['predict']['folds']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -113,7 +113,9 @@ def make_ct(
     return path
 
 
-def phantom(rows: int = 32, cols: int = 32, seed: int = 0, signed: bool = True, intercept: float = -1024.0, slope: float = 1.0) -> np.ndarray:
+def phantom(
+    rows: int = 32, cols: int = 32, seed: int = 0, signed: bool = True, intercept: float = -1024.0, slope: float = 1.0
+) -> np.ndarray:
     """Stored values of a small body-like slice: air outside, soft tissue and a bright vessel inside."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:rows, :cols]
@@ -126,7 +128,18 @@ def phantom(rows: int = 32, cols: int = 32, seed: int = 0, signed: bool = True, 
     return np.clip(stored, 0, 65535).astype(np.uint16)
 
 
-def ct_series(folder: Path, n: int = 5, *, rows: int = 32, cols: int = 32, study: Optional[str] = None, series: Optional[str] = None, step: float = 2.5, reverse_instances: bool = True, **kwargs) -> list[Path]:
+def ct_series(
+    folder: Path,
+    n: int = 5,
+    *,
+    rows: int = 32,
+    cols: int = 32,
+    study: Optional[str] = None,
+    series: Optional[str] = None,
+    step: float = 2.5,
+    reverse_instances: bool = True,
+    **kwargs,
+) -> list[Path]:
     """A small series whose InstanceNumber runs against position (file names in neither order)."""
     study = study or generate_uid()
     series = series or generate_uid()
@@ -134,7 +147,15 @@ def ct_series(folder: Path, n: int = 5, *, rows: int = 32, cols: int = 32, study
     for k in range(n):
         z = 100.0 - step * k if reverse_instances else 100.0 + step * k
         paths.append(
-            make_ct(folder / f"img_{(k * 7) % n:03d}", phantom(rows, cols, seed=k), study=study, series=series, position=(-50.0, -60.0, z), instance=k + 1, **kwargs)
+            make_ct(
+                folder / f"img_{(k * 7) % n:03d}",
+                phantom(rows, cols, seed=k),
+                study=study,
+                series=series,
+                position=(-50.0, -60.0, z),
+                instance=k + 1,
+                **kwargs,
+            )
         )
     return paths
 
@@ -171,5 +192,7 @@ def reference_window(hu: np.ndarray) -> np.ndarray:
     """The default windows written out by hand: lung L-600/W1500, PE L100/W700, mediastinal L40/W400."""
     out = []
     for level, width in [(-600, 1500), (100, 700), (40, 400)]:
-        out.append(np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8))
+        out.append(
+            np.round(np.clip((hu.astype(np.float64) - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8)
+        )
     return np.stack(out, -1)

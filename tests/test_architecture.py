@@ -34,7 +34,9 @@ def layer_of(unit: str) -> int:
     for index, units in enumerate(LAYERS):
         if unit in units:
             return index
-    raise KeyError(f"pedetect.{unit} is in no layer of tests/test_architecture.py: add it to LAYERS (and docs/design.md)")
+    raise KeyError(
+        f"pedetect.{unit} is in no layer of tests/test_architecture.py: add it to LAYERS (and docs/design.md)"
+    )
 
 
 def unit_of(module: str) -> str:
@@ -57,7 +59,12 @@ def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name, []) for alias in node.names if alias.name.split(".")[0] == "pedetect"]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "pedetect":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "pedetect"
+        ):
             found.append((node.lineno, node.module, [alias.name for alias in node.names]))
     return found
 
@@ -72,7 +79,9 @@ def layering_violations(root: Path) -> list[str]:
         for line, target, names in imports_of(path):
             where = f"{path.relative_to(root.parent)}:{line}"
             if layer_of(unit_of(target)) > layer_of(own_unit):
-                problems.append(f"{where}: {source} (layer {layer_of(own_unit)}) imports {target} (layer {layer_of(unit_of(target))})")
+                problems.append(
+                    f"{where}: {source} (layer {layer_of(own_unit)}) imports {target} (layer {layer_of(unit_of(target))})"
+                )
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             if private and target != source:
                 problems.append(f"{where}: {source} imports private {', '.join(private)} from {target}")
@@ -84,7 +93,11 @@ def test_every_import_goes_downward_and_no_private_name_crosses_a_module():
 
 
 def test_every_unit_of_the_package_has_a_layer():
-    units = {p.stem if p.is_file() else p.name for p in PACKAGE_ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE_ROOT.iterdir()
+        if p.suffix == ".py" or (p / "__init__.py").is_file()
+    }
     assert units - set().union(*LAYERS) == set()
 
 
@@ -107,11 +120,17 @@ def test_the_check_finds_an_upward_import_planted_on_purpose(tmp_path):
     # The case issue 15 removed: data importing the training recipe from train, hidden in a function.
     _plant(root, "data/dataset.py", "def f():\n    from pedetect.train.setup import TrainError\n")
     # And one under TYPE_CHECKING, and a private helper reached across modules.
-    _plant(root, "data/augment.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pedetect.train.setup\n")
+    _plant(
+        root,
+        "data/augment.py",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pedetect.train.setup\n",
+    )
     _plant(root, "train/cnn.py", "from pedetect.data.folds import _helper\n")
     problems = layering_violations(root)
     assert len(problems) == 3, problems
-    assert "pedetect/data/dataset.py:2: pedetect.data.dataset (layer 3) imports pedetect.train.setup (layer 5)" in problems
+    assert (
+        "pedetect/data/dataset.py:2: pedetect.data.dataset (layer 3) imports pedetect.train.setup (layer 5)" in problems
+    )
     assert any(p.startswith("pedetect/data/augment.py:3:") for p in problems)
     assert "pedetect/train/cnn.py:1: pedetect.train.cnn imports private _helper from pedetect.data.folds" in problems
 

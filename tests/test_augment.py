@@ -112,6 +112,8 @@ def test_full_augmentation_is_deterministic_for_a_seed_and_varies_otherwise():
 
 
 def test_augment_works_on_float_tensors():
-    config = AugmentConfig.model_validate({"hflip": 1.0, "shift_scale_rotate": {"p": 1.0}, "brightness_contrast": {"p": 1.0}})
+    config = AugmentConfig.model_validate(
+        {"hflip": 1.0, "shift_scale_rotate": {"p": 1.0}, "brightness_contrast": {"p": 1.0}}
+    )
     out = SliceAugment(32, config)(image(3).float(), np.random.default_rng(0))
     assert out.dtype == torch.float32 and out.shape == (3, 32, 32)

@@ -47,14 +47,18 @@ def test_demo_training_beats_both_baselines_and_resumes(demo):
     prior, stage1 = cv["baselines"]["prior"]["score"], cv["baselines"]["stage1_alone"]["score"]
     aucs = [json.loads((model / "cnn" / f"fold{k}" / "metrics.json").read_text())["val_auc"] for k in range(3)]
     rv_lv = cv["rv_lv_auc_given_positive"]
-    print(f"demo training: CV score {cv['score']:.4f} (consistent {cv['score_consistent']:.4f}; stage 2 alone "
-          f"{cv['without_heart']['score']:.4f}), prior {prior:.4f}, stage 1 alone {stage1:.4f}; fold slice AUC "
-          f"{[round(a, 3) for a in aucs]}; RV/LV >= 1 AUC on positive exams {rv_lv}")
+    print(
+        f"demo training: CV score {cv['score']:.4f} (consistent {cv['score_consistent']:.4f}; stage 2 alone "
+        f"{cv['without_heart']['score']:.4f}), prior {prior:.4f}, stage 1 alone {stage1:.4f}; fold slice AUC "
+        f"{[round(a, 3) for a in aucs]}; RV/LV >= 1 AUC on positive exams {rv_lv}"
+    )
     assert cv["score"] <= MAX_CV_TO_PRIOR * prior
     assert cv["score"] < stage1
     assert cv["n_studies"] == demo.n_train
     # pedetect evaluate reproduces the score from the out-of-fold predictions.
-    assert evaluate_files(labels, model / "heart" / "oof_predictions.csv")["score"] == pytest.approx(cv["score"], abs=1e-9)
+    assert evaluate_files(labels, model / "heart" / "oof_predictions.csv")["score"] == pytest.approx(
+        cv["score"], abs=1e-9
+    )
     assert cv["score"] < cv["without_heart"]["score"]
     assert rv_lv["stacked"] >= MIN_RV_LV_AUC and rv_lv["heart_model"] >= MIN_RV_LV_AUC
     bundle = read_bundle(model)
@@ -67,8 +71,19 @@ def test_demo_training_beats_both_baselines_and_resumes(demo):
 
     # The same training through the CLI finds every part finished and redoes nothing.
     stamps = {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.is_file() and p.parent.name.startswith("fold")}
-    again = run_pedetect("train", default_config(), "--store", store, "--labels", labels, "--out", model,
-                         "--set", "logging.progress_bar=false", timeout=300)
+    again = run_pedetect(
+        "train",
+        default_config(),
+        "--store",
+        store,
+        "--labels",
+        labels,
+        "--out",
+        model,
+        "--set",
+        "logging.progress_bar=false",
+        timeout=300,
+    )
     assert again.stderr.count("already complete") == 12  # 3 folds × (cnn, embed, seq, heart)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -85,8 +100,10 @@ def test_demo_predicts_a_compressed_test_set_of_another_seed(demo, cli):
     assert check.exit_code == 0, check.output
 
     score, prior = demo.evaluation["score"], demo.prior_evaluation["score"]
-    print(f"demo: test score {score:.4f}, prior {prior:.4f}, ratio {score / prior:.3f}, "
-          f"slice AUC {demo.evaluation['slice_auc']:.3f}; {demo.seconds}")
+    print(
+        f"demo: test score {score:.4f}, prior {prior:.4f}, ratio {score / prior:.3f}, "
+        f"slice AUC {demo.evaluation['slice_auc']:.3f}; {demo.seconds}"
+    )
     assert score <= MAX_TEST_TO_PRIOR * prior
     assert demo.evaluation["n_studies"] == demo.n_test and demo.predict_summary.ok
 

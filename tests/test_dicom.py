@@ -14,7 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.pixels import apply_modality_lut
 
-from dicom_fixtures import CT2, CT5N, bad_files, ct_series, make_ct, phantom, raw_pixels_explicit_le, real_file, reference_window, series_files
+from dicom_fixtures import (
+    CT2,
+    CT5N,
+    bad_files,
+    ct_series,
+    make_ct,
+    phantom,
+    raw_pixels_explicit_le,
+    real_file,
+    reference_window,
+    series_files,
+)
 from pedetect.dicom import (
     AIR_HU,
     DEFAULT_WINDOWS,
@@ -77,7 +88,7 @@ def test_jpeg2000_hounsfield_against_pydicom_and_codec(name):
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     codec = decode(frame).astype(np.int64)
     bits = int(ds.BitsStored)
-    signed = (codec & ((1 << bits) - 1))
+    signed = codec & ((1 << bits) - 1)
     signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
     assert np.array_equal(codec, ds.pixel_array) or np.array_equal(signed, ds.pixel_array)
     # plausible CT: air around -1000, nothing wrapped to +30000 by a sign error
@@ -113,7 +124,9 @@ def test_ct5n_position_order_beats_instance_number():
     assert volume.meta["spacing"] == pytest.approx(2.5)
     assert volume.meta["irregularities"] == []
     assert volume.images.shape == (5, 16, 16, 3) and volume.images.dtype == np.uint8
-    for path, image in zip([files[[pydicom.dcmread(f).SOPInstanceUID for f in files].index(s)] for s in volume.sop_uids], volume.images):
+    for path, image in zip(
+        [files[[pydicom.dcmread(f).SOPInstanceUID for f in files].index(s)] for s in volume.sop_uids], volume.images
+    ):
         ds = pydicom.dcmread(path)
         np.testing.assert_array_equal(image, reference_window(hu_from_dataset(ds)))
         raw = raw_pixels_explicit_le(path, 16, 16)
@@ -173,7 +186,16 @@ def _mem_ct(stored, signed, bits, slope, intercept, padding):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_ct(Path(tmp) / "x.dcm", stored.astype(np.int16 if signed else np.uint16), study="1.2.3", series="1.2.3.4", slope=slope, intercept=intercept, padding=padding, bits_stored=bits)
+        path = make_ct(
+            Path(tmp) / "x.dcm",
+            stored.astype(np.int16 if signed else np.uint16),
+            study="1.2.3",
+            series="1.2.3.4",
+            slope=slope,
+            intercept=intercept,
+            padding=padding,
+            bits_stored=bits,
+        )
         return io.BytesIO(path.read_bytes())
 
 
@@ -208,7 +230,14 @@ def test_resize_keeps_aspect_and_pads_with_air():
 def test_signed_and_unsigned_storage_give_the_same_slice(tmp_path):
     hu = phantom(signed=True, intercept=0.0).astype(np.float64)  # HU values
     a = make_ct(tmp_path / "a", hu.astype(np.int16), study="1.2", series="1.2.1", intercept=0.0)
-    b = make_ct(tmp_path / "b", np.rint((hu + 2048) / 0.5).astype(np.uint16), study="1.2", series="1.2.2", slope=0.5, intercept=-2048.0)
+    b = make_ct(
+        tmp_path / "b",
+        np.rint((hu + 2048) / 0.5).astype(np.uint16),
+        study="1.2",
+        series="1.2.2",
+        slope=0.5,
+        intercept=-2048.0,
+    )
     np.testing.assert_array_equal(window_dataset(pydicom.dcmread(a)), window_dataset(pydicom.dcmread(b)))
 
 
@@ -231,8 +260,28 @@ def test_series_order_rescale_per_slice_and_sizes(tmp_path):
         hu = np.full((16, 16), 30.0 + 10 * k)
         stored = np.rint((hu - intercept) / slope)
         dtype = np.int16 if intercept == 0.0 else np.uint16
-        files.append(make_ct(tmp_path / f"f{k}", stored.astype(dtype), study=study, series=series, position=(0, 0, -5.0 * k), instance=k + 1, slope=slope, intercept=intercept))
-    files.append(make_ct(tmp_path / "scout", np.zeros((20, 16), np.uint16), study=study, series=series, position=(0, 0, 50), instance=9))
+        files.append(
+            make_ct(
+                tmp_path / f"f{k}",
+                stored.astype(dtype),
+                study=study,
+                series=series,
+                position=(0, 0, -5.0 * k),
+                instance=k + 1,
+                slope=slope,
+                intercept=intercept,
+            )
+        )
+    files.append(
+        make_ct(
+            tmp_path / "scout",
+            np.zeros((20, 16), np.uint16),
+            study=study,
+            series=series,
+            position=(0, 0, 50),
+            instance=9,
+        )
+    )
     volume = read_files_of_one_series([str(f) for f in files])
     assert len(volume) == 4
     np.testing.assert_allclose(volume.z, [-15, -10, -5, 0])
@@ -245,7 +294,10 @@ def test_series_order_rescale_per_slice_and_sizes(tmp_path):
 
 
 def test_instance_number_fallback_is_recorded(tmp_path):
-    files = [make_ct(tmp_path / f"f{k}", phantom(8, 8, seed=k), study="1.2", series="1.2.1", position=None, instance=3 - k) for k in range(3)]
+    files = [
+        make_ct(tmp_path / f"f{k}", phantom(8, 8, seed=k), study="1.2", series="1.2.1", position=None, instance=3 - k)
+        for k in range(3)
+    ]
     volume = read_files_of_one_series([str(f) for f in files])
     assert volume.instance_numbers == [1, 2, 3]
     assert volume.meta["order_by"] == "instance_number"
@@ -253,7 +305,17 @@ def test_instance_number_fallback_is_recorded(tmp_path):
 
 
 def test_duplicate_positions_recorded(tmp_path):
-    files = [make_ct(tmp_path / f"f{k}", phantom(8, 8, seed=k), study="1.2", series="1.2.1", position=(0, 0, [0, 1, 1, 2][k]), instance=k) for k in range(4)]
+    files = [
+        make_ct(
+            tmp_path / f"f{k}",
+            phantom(8, 8, seed=k),
+            study="1.2",
+            series="1.2.1",
+            position=(0, 0, [0, 1, 1, 2][k]),
+            instance=k,
+        )
+        for k in range(4)
+    ]
     volume = read_files_of_one_series([str(f) for f in files])
     assert volume.meta["n_duplicates"] == 1
     assert len(volume) == 4
@@ -374,7 +436,20 @@ def test_plan_orders_reversed_normal():
     from pedetect.dicom.header import SliceHeader
 
     # feet-first style orientation: the normal points down, so z along it is -IPP_z
-    headers = [SliceHeader(f"f{k}", "1", "1.1", f"1.1.{k}", 4, 4, position=(0, 0, float(k)), orientation=(1, 0, 0, 0, -1, 0), instance_number=k) for k in range(3)]
+    headers = [
+        SliceHeader(
+            f"f{k}",
+            "1",
+            "1.1",
+            f"1.1.{k}",
+            4,
+            4,
+            position=(0, 0, float(k)),
+            orientation=(1, 0, 0, 0, -1, 0),
+            instance_number=k,
+        )
+        for k in range(3)
+    ]
     plan = plan_series(headers)
     assert [h.sop for h in plan.slices] == ["1.1.2", "1.1.1", "1.1.0"]
     np.testing.assert_allclose(plan.z, [-2, -1, 0])

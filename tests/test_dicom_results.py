@@ -18,7 +18,14 @@ import pydicom
 import pytest
 
 from pedetect.hospital.results import (
-    LABEL_CODES, NOT_DIAGNOSTIC, PE_TRACKING, PRIVATE_SCHEME, TYPE2_PATIENT_STUDY, algorithm_of, key_slices, read_sr_values,
+    LABEL_CODES,
+    NOT_DIAGNOSTIC,
+    PE_TRACKING,
+    PRIVATE_SCHEME,
+    TYPE2_PATIENT_STUDY,
+    algorithm_of,
+    key_slices,
+    read_sr_values,
     write_study_results,
 )
 from pedetect.infer.report import StudyResult
@@ -41,7 +48,9 @@ def validator_errors(path: Path) -> list[str]:
     errors = [f"dciodvfy: {line}" for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
     if pydicom.dcmread(path, stop_before_pixels=True).Modality in ("SR", "KO"):
         run = subprocess.run(["dsrdump", "-Ee", str(path)], capture_output=True, text=True, timeout=60)
-        errors += [f"dsrdump: {line}" for line in (run.stdout + run.stderr).splitlines() if line.startswith(("E:", "F:"))]
+        errors += [
+            f"dsrdump: {line}" for line in (run.stdout + run.stderr).splitlines() if line.startswith(("E:", "F:"))
+        ]
         errors += [f"dsrdump exit {run.returncode}"] if run.returncode else []
     return errors
 
@@ -57,8 +66,21 @@ def predicted(tmp_path_factory, cli_module):
     root = tmp_path_factory.mktemp("dicom_results")
     labels = write_dataset(root / "data", N_STUDIES, slices=SLICES, size=SIZE, seed=5, split="test", progress=False)
     model = write_random_bundle(tiny_config(), root / "model", folds=2)
-    result = cli_module("predict", root / "data" / "test", "--model", model, "--out", root / "sub.csv", "--report", root / "report",
-                        "--dicom-out", root / "dicom", "--device", "cpu", "--no-progress")
+    result = cli_module(
+        "predict",
+        root / "data" / "test",
+        "--model",
+        model,
+        "--out",
+        root / "sub.csv",
+        "--report",
+        root / "report",
+        "--dicom-out",
+        root / "dicom",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     return root, labels, model
 
@@ -127,7 +149,11 @@ def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(p
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
     ko = pydicom.dcmread(root / "dicom" / study / "ko.dcm")
-    images = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in ko.ContentSequence if item.ValueType == "IMAGE"]
+    images = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in ko.ContentSequence
+        if item.ValueType == "IMAGE"
+    ]
     assert images == read_sr_values(root / "dicom" / study / "sr.dcm")["key_sops"]  # the key slices, as images
     sc = pydicom.dcmread(root / "dicom" / study / "sc.dcm")
     assert sc.SamplesPerPixel == 3 and sc.pixel_array.shape[2] == 3 and sc.pixel_array.std() > 0
@@ -145,19 +171,35 @@ def test_a_source_missing_type2_attributes_still_gets_a_valid_result_with_the_sa
         ds.save_as(tmp_path / path.name)
         sources[ds.SOPInstanceUID] = str(tmp_path / path.name)
     result = report_result(root / "report", study)
-    written = write_study_results(result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out")
+    written = write_study_results(
+        result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out"
+    )
     for path in written.files:
         assert validator_errors(path) == [], path
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert all(keyword in ds and not ds[keyword].value for keyword in TYPE2_PATIENT_STUDY)
         # The same study, model and slices give the same instance: a re-sent result replaces, never doubles.
-        assert ds.SOPInstanceUID == pydicom.dcmread(root / "dicom" / study / path.name, stop_before_pixels=True).SOPInstanceUID
+        assert (
+            ds.SOPInstanceUID
+            == pydicom.dcmread(root / "dicom" / study / path.name, stop_before_pixels=True).SOPInstanceUID
+        )
 
 
 def test_dicom_out_without_report_writes_no_report(predicted, tmp_path, cli_module):
     root, labels, model = predicted
-    result = cli_module("predict", root / "data" / "test", "--model", model, "--out", tmp_path / "sub.csv",
-                        "--dicom-out", tmp_path / "dicom", "--device", "cpu", "--no-progress")
+    result = cli_module(
+        "predict",
+        root / "data" / "test",
+        "--model",
+        model,
+        "--out",
+        tmp_path / "sub.csv",
+        "--dicom-out",
+        tmp_path / "dicom",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dicom", "sub.csv"]
     assert {p.name for p in (tmp_path / "dicom").iterdir()} == set(studies(labels))
@@ -168,9 +210,17 @@ def test_nothing_but_the_patient_and_study_modules_comes_from_the_source(predict
     not copied: highdicom would put the equipment into ContributingEquipmentSequence."""
     root, labels, model = predicted
     study = studies(labels)[0]
-    canaries = {"InstitutionName": "QXCANARY INSTITUTE", "InstitutionAddress": "QXCANARY STREET", "StationName": "QXCANARYST",
-                "InstitutionalDepartmentName": "QXCANARY DEPT", "DeviceSerialNumber": "QXCANARY42", "OperatorsName": "QXCANARY^OP",
-                "PerformingPhysicianName": "QXCANARY^DR", "Manufacturer": "QXCANARY SCANNERS", "PatientComments": "kept: patient module"}
+    canaries = {
+        "InstitutionName": "QXCANARY INSTITUTE",
+        "InstitutionAddress": "QXCANARY STREET",
+        "StationName": "QXCANARYST",
+        "InstitutionalDepartmentName": "QXCANARY DEPT",
+        "DeviceSerialNumber": "QXCANARY42",
+        "OperatorsName": "QXCANARY^OP",
+        "PerformingPhysicianName": "QXCANARY^DR",
+        "Manufacturer": "QXCANARY SCANNERS",
+        "PatientComments": "kept: patient module",
+    }
     sources = {}
     for path in (root / "data" / "test" / study).rglob("*.dcm"):
         ds = pydicom.dcmread(path)
@@ -179,7 +229,9 @@ def test_nothing_but_the_patient_and_study_modules_comes_from_the_source(predict
         ds.save_as(tmp_path / path.name)
         sources[ds.SOPInstanceUID] = str(tmp_path / path.name)
     result = report_result(root / "report", study)
-    written = write_study_results(result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out")
+    written = write_study_results(
+        result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out"
+    )
     assert len(written.files) == 3
     for path in written.files:
         assert b"QXCANARY" not in path.read_bytes(), path

@@ -35,15 +35,37 @@ ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        pedetect_command(*args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def synth(out: Path, syntax: str, *extra: str, split: str = "train", seed: int = SEED, studies: int = STUDIES) -> Path:
-    pedetect("synth", out, "-n", studies, "--slices", SLICES, "--size", SIZE, "--seed", seed, "--split", split,
-             "--transfer-syntax", syntax, "--no-progress", *extra)
+    pedetect(
+        "synth",
+        out,
+        "-n",
+        studies,
+        "--slices",
+        SLICES,
+        "--size",
+        SIZE,
+        "--seed",
+        seed,
+        "--split",
+        split,
+        "--transfer-syntax",
+        syntax,
+        "--no-progress",
+        *extra,
+    )
     return out
 
 
@@ -88,9 +110,13 @@ def test_an_enhanced_study_prepares_to_the_same_slices_as_its_single_frame_files
     b = prepare(single / "train", tmp_path / "store_single")
     same_slices(a, b, keys)
     # The frame order of the file is the instance order: shuffled for study 0, so sorting by z is real work.
-    first = a.slices[a.slices["StudyInstanceUID"] == labels_enhanced["StudyInstanceUID"].iloc[0]].sort_values("slice_index")
+    first = a.slices[a.slices["StudyInstanceUID"] == labels_enhanced["StudyInstanceUID"].iloc[0]].sort_values(
+        "slice_index"
+    )
     assert sorted(first["frame"]) == list(range(1, SLICES + 1)) and first["frame"].tolist() not in (
-        list(range(1, SLICES + 1)), list(range(SLICES, 0, -1)))
+        list(range(1, SLICES + 1)),
+        list(range(SLICES, 0, -1)),
+    )
     # The labels synth writes name the slices as the store does: train.csv joins the store.
     assert set(labels_enhanced["SOPInstanceUID"]) == set(a.slices["SOPInstanceUID"])
 
@@ -103,8 +129,11 @@ def test_a_legacy_converted_enhanced_ct_from_highdicom_reads_as_its_single_frame
     files = sorted((single / "train").rglob("*.dcm"))
     legacy = [pydicom.dcmread(p) for p in files]
     converted = LegacyConvertedEnhancedCTImage(
-        legacy_datasets=legacy, series_instance_uid=legacy[0].SeriesInstanceUID, series_number=1,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        legacy_datasets=legacy,
+        series_instance_uid=legacy[0].SeriesInstanceUID,
+        series_number=1,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     out = tmp_path / "legacy"
     out.mkdir()
@@ -153,9 +182,15 @@ def test_a_frame_count_the_file_cannot_hold_is_a_failure_not_an_allocation(tmp_p
     assert series == [] and len(failures) == 1
     reason = failures[0].reason
     if syntax == "explicit":
-        assert reason == f"multi-frame image unreadable (pixel data holds {SLICES * SIZE * SIZE * 2} bytes, 2000000000 frame(s) of {SIZE * SIZE * 2} bytes need {2_000_000_000 * SIZE * SIZE * 2}: the file cannot hold its frames)"
+        assert (
+            reason
+            == f"multi-frame image unreadable (pixel data holds {SLICES * SIZE * SIZE * 2} bytes, 2000000000 frame(s) of {SIZE * SIZE * 2} bytes need {2_000_000_000 * SIZE * SIZE * 2}: the file cannot hold its frames)"
+        )
     else:
-        assert reason == f"multi-frame image unreadable (NumberOfFrames is 2000000000 but the encapsulated pixel data holds {SLICES} fragment(s): the file cannot hold its frames)"
+        assert (
+            reason
+            == f"multi-frame image unreadable (NumberOfFrames is 2000000000 but the encapsulated pixel data holds {SLICES} fragment(s): the file cannot hold its frames)"
+        )
 
 
 def test_fewer_per_frame_groups_than_frames_and_a_huge_frame_are_failures(tmp_path):
@@ -203,7 +238,12 @@ def random_bundle(tmp_path_factory) -> Path:
     from pedetect.testing import write_random_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    return write_random_bundle(tiny_config(), out, folds=1, store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": SIZE})
+    return write_random_bundle(
+        tiny_config(),
+        out,
+        folds=1,
+        store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": SIZE},
+    )
 
 
 def test_predict_on_an_enhanced_study_names_each_frame_and_agrees_with_single_frame_files(tmp_path, random_bundle):
@@ -212,14 +252,32 @@ def test_predict_on_an_enhanced_study_names_each_frame_and_agrees_with_single_fr
     single = synth(tmp_path / "single", "rle", split="test", seed=0, studies=2)
     enhanced = synth(tmp_path / "enhanced", "rle", "--enhanced", split="test", seed=0, studies=2)
     for root in (single, enhanced):
-        result = pedetect("predict", root / "test", "--model", random_bundle, "--out", root / "sub.csv", "--sample",
-                          root / "sample_submission.csv", "--report", root / "report", "--device", "cpu", "--no-progress")
+        result = pedetect(
+            "predict",
+            root / "test",
+            "--model",
+            random_bundle,
+            "--out",
+            root / "sub.csv",
+            "--sample",
+            root / "sample_submission.csv",
+            "--report",
+            root / "report",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
         assert "Traceback" not in result.stderr
     got = pd.read_csv(enhanced / "sub.csv", dtype={"id": str})
     want = pd.read_csv(single / "sub.csv", dtype={"id": str})
     sample = pd.read_csv(enhanced / "sample_submission.csv", dtype={"id": str})
     assert got["id"].tolist() == sample["id"].tolist()
-    keys = dict(zip(pd.read_csv(single / "test.csv", dtype=str)["SOPInstanceUID"], pd.read_csv(enhanced / "test.csv", dtype=str)["SOPInstanceUID"]))
+    keys = dict(
+        zip(
+            pd.read_csv(single / "test.csv", dtype=str)["SOPInstanceUID"],
+            pd.read_csv(enhanced / "test.csv", dtype=str)["SOPInstanceUID"],
+        )
+    )
     assert all("#" in keys[s] for s in keys)
     by_id = dict(zip(got["id"], got["label"]))
     for row_id, value in zip(want["id"], want["label"]):

@@ -36,17 +36,42 @@ def enhanced(tmp_path_factory):
     from pedetect.cli import app
 
     root = tmp_path_factory.mktemp("enhanced_results")
-    labels = write_dataset(root / "data", 1, slices=SLICES, size=SIZE, seed=SEED, split="test", progress=False, enhanced=True,
-                           positive_fraction=0.9, indeterminate_fraction=0.1)
+    labels = write_dataset(
+        root / "data",
+        1,
+        slices=SLICES,
+        size=SIZE,
+        seed=SEED,
+        split="test",
+        progress=False,
+        enhanced=True,
+        positive_fraction=0.9,
+        indeterminate_fraction=0.1,
+    )
     assert labels["pe_present_on_image"].sum() > 0  # a positive study
     (source,) = sorted((root / "data" / "test").rglob("*.dcm"))
     header = pydicom.dcmread(source, stop_before_pixels=True)
     assert int(header.NumberOfFrames) == SLICES
-    z = [float(item.PlanePositionSequence[0].ImagePositionPatient[2]) for item in header.PerFrameFunctionalGroupsSequence]
+    z = [
+        float(item.PlanePositionSequence[0].ImagePositionPatient[2]) for item in header.PerFrameFunctionalGroupsSequence
+    ]
     assert z != sorted(z) and z != sorted(z, reverse=True)  # frames out of position order
     model = write_random_bundle(tiny_config(), root / "model", folds=2)
-    args = ["predict", root / "data" / "test", "--model", model, "--out", root / "sub.csv", "--report", root / "report",
-            "--dicom-out", root / "dicom", "--device", "cpu", "--no-progress"]
+    args = [
+        "predict",
+        root / "data" / "test",
+        "--model",
+        model,
+        "--out",
+        root / "sub.csv",
+        "--report",
+        root / "report",
+        "--dicom-out",
+        root / "dicom",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     run = CliRunner().invoke(app, [str(a) for a in args])
     assert run.exit_code == 0, run.output
     study = str(header.StudyInstanceUID)
@@ -70,7 +95,11 @@ def image_references(items) -> list[tuple[str, str, list[int]]]:
         if item.ValueType == "IMAGE":
             ref = item.ReferencedSOPSequence[0]
             frames = ref.get("ReferencedFrameNumber")
-            frames = [] if frames is None else [int(f) for f in (frames if ref["ReferencedFrameNumber"].VM > 1 else [frames])]
+            frames = (
+                []
+                if frames is None
+                else [int(f) for f in (frames if ref["ReferencedFrameNumber"].VM > 1 else [frames])]
+            )
             found.append((str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), frames))
         found += image_references(item.get("ContentSequence", []))
     return found
@@ -102,8 +131,10 @@ def test_the_frames_referenced_are_the_key_slices_at_their_positions(enhanced):
     """Frame n of the file is the slice the prediction named ``sop#n``: the same z (the frames are
     stored out of position order, so a mix-up of frame number and position would show)."""
     folder, header, result, _, _ = enhanced
-    z_of_frame = {n + 1: float(item.PlanePositionSequence[0].ImagePositionPatient[2])
-                  for n, item in enumerate(header.PerFrameFunctionalGroupsSequence)}
+    z_of_frame = {
+        n + 1: float(item.PlanePositionSequence[0].ImagePositionPatient[2])
+        for n, item in enumerate(header.PerFrameFunctionalGroupsSequence)
+    }
     sr = pydicom.dcmread(folder / "sr.dcm")
     frames = [f for _, _, (f,) in image_references(sr.ContentSequence)]
     assert [z_of_frame[f] for f in frames] == pytest.approx([result.z[i] for i in key_slices(result)])
@@ -134,7 +165,9 @@ def test_serve_answers_an_enhanced_study_with_frame_references(enhanced, tmp_pat
     node = Serve(Path(model), spool, None, settle=0.3)
     try:
         assert c_store(node.port, [source]) == [0]
-        record = wait_for(lambda: answered(spool, header.StudyInstanceUID), 120, "the study to be answered", node.process, node.log)
+        record = wait_for(
+            lambda: answered(spool, header.StudyInstanceUID), 120, "the study to be answered", node.process, node.log
+        )
     finally:
         node.stop()
     assert record["slices"] == SLICES and record["lost"] == [], record
@@ -143,4 +176,6 @@ def test_serve_answers_an_enhanced_study_with_frame_references(enhanced, tmp_pat
     (sr_path,) = [p for p in (spool / "outbox").rglob("sr.dcm")]
     sr = pydicom.dcmread(sr_path)
     refs = image_references(sr.ContentSequence)
-    assert refs and all(sop == header.SOPInstanceUID and len(frames) == 1 and 1 <= frames[0] <= SLICES for _, sop, frames in refs)
+    assert refs and all(
+        sop == header.SOPInstanceUID and len(frames) == 1 and 1 <= frames[0] <= SLICES for _, sop, frames in refs
+    )

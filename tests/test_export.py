@@ -24,7 +24,14 @@ from torch import nn
 from pedetect.labels import EXAM_LABELS
 from pedetect.metric.submission import read_submission
 from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, onnx_dir
-from pedetect.models.onnx import CNN_FILE, CNN_INT8_FILE, SEQ_FILE, OnnxSequenceHead, choose_runtime, export_sequence_head
+from pedetect.models.onnx import (
+    CNN_FILE,
+    CNN_INT8_FILE,
+    SEQ_FILE,
+    OnnxSequenceHead,
+    choose_runtime,
+    export_sequence_head,
+)
 from pedetect.models.sequence import SequenceHead, _log1mexp
 from pedetect.models.slice_classifier import _pool_cells
 from pedetect.synth import write_dataset
@@ -59,7 +66,9 @@ HEADS = {
     "gru, neighbour differences": dict(encoder="gru", neighbour_diffs=True),
     "transformer": dict(encoder="transformer", layers=1),
     "gru, logits only": dict(encoder="gru", input_columns=4, exam_structure="conditional"),
-    "gru, fixed length, neighbour differences": dict(encoder="gru", fixed_length=16, neighbour_diffs=True),  # the 1st place's
+    "gru, fixed length, neighbour differences": dict(
+        encoder="gru", fixed_length=16, neighbour_diffs=True
+    ),  # the 1st place's
 }
 
 
@@ -102,8 +111,17 @@ def test_export_of_a_trained_bundle_is_checked_on_its_validation_studies(trained
     from pedetect.export.job import INT8_AUC_TOLERANCE, INT8_SCORE_TOLERANCE, export_bundle
 
     out = tmp_path / "exported"
-    record = export_bundle(trained_model.out, trained_model.store, labels=trained_model.labels, out=out, int8=True,
-                           calibration_slices=40, check_series=None, threads=1, echo=lambda _: None)
+    record = export_bundle(
+        trained_model.out,
+        trained_model.store,
+        labels=trained_model.labels,
+        out=out,
+        int8=True,
+        calibration_slices=40,
+        check_series=None,
+        threads=1,
+        echo=lambda _: None,
+    )
     assert not (trained_model.out / "onnx").exists()  # the original bundle is left as it was
     assert not list(out.rglob("*.ckpt")) and not (out / "embed").exists()
     on_disk = json.loads((out / "onnx" / "export.json").read_text())
@@ -147,16 +165,51 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     write_dataset(root / "data", N_STUDIES, slices=SLICES, size=SIZE, seed=9, split="test", progress=False)
     runner = CliRunner()
-    result = runner.invoke(app, ["prepare", str(root / "data" / "test"), "--out", str(root / "store"), "--image-size", str(SIZE), "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(root / "data" / "test"),
+            "--out",
+            str(root / "store"),
+            "--image-size",
+            str(SIZE),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = write_random_bundle(tiny_config(), root / "model", folds=2)
-    result = runner.invoke(app, ["export", str(model), "--store", str(root / "store"), "--int8", "--calibration-slices", "24", "--threads", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(model),
+            "--store",
+            str(root / "store"),
+            "--int8",
+            "--calibration-slices",
+            "24",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root, model, result.output
 
 
 def _predict(cli, root: Path, model: Path, out: Path, *extra: str):
-    return cli("predict", str(root / "data" / "test"), "--model", str(model), "--out", str(out), "--no-progress", "--threads", "1", *extra)
+    return cli(
+        "predict",
+        str(root / "data" / "test"),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    )
 
 
 def test_export_command_reports_every_runtime(exported):
@@ -171,11 +224,22 @@ def test_predict_in_every_runtime(exported, cli, tmp_path):
     root, model, _ = exported
     runs = {}
     for runtime in ("torch", "onnx", "onnx-int8", "auto"):
-        result = _predict(cli, root, model, tmp_path / f"{runtime}.csv", "--runtime", runtime, "--report", str(tmp_path / f"report-{runtime}"))
+        result = _predict(
+            cli,
+            root,
+            model,
+            tmp_path / f"{runtime}.csv",
+            "--runtime",
+            runtime,
+            "--report",
+            str(tmp_path / f"report-{runtime}"),
+        )
         assert result.exit_code == 0, result.output
         runs[runtime] = read_submission(tmp_path / f"{runtime}.csv").set_index("id")["label"]
         # int8 was not checked with labels: auto takes the faster of ONNX fp32 and PyTorch
-        chosen = runtime if runtime != "auto" else fastest_exact(json.loads((model / "onnx" / "export.json").read_text()))
+        chosen = (
+            runtime if runtime != "auto" else fastest_exact(json.loads((model / "onnx" / "export.json").read_text()))
+        )
         assert f"runtime {chosen})" in result.output
         assert f"runtime {chosen})" in (tmp_path / f"report-{runtime}" / "index.html").read_text()
     assert len(runs["torch"]) == N_STUDIES * (SLICES + len(EXAM_LABELS))

@@ -24,7 +24,9 @@ from pedetect.testing import write_random_bundle
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("made") / "bundle"
-    write_random_bundle(tiny_config(), out, folds=2, store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": 48})
+    write_random_bundle(
+        tiny_config(), out, folds=2, store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": 48}
+    )
     read_bundle(out)  # the unedited bundle is good
     return out
 
@@ -57,7 +59,9 @@ def edit_yaml(path: Path, edit) -> None:
 def save_tensors(path: Path, tensors: dict, kind: str, **metadata: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", "kind": kind, **metadata})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", "kind": kind, **metadata}
+    )
 
 
 def load_tensors(path: Path) -> dict:
@@ -141,7 +145,13 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(bundle):
     rows, cols = tensors[name].shape
     tensors[name] = torch.zeros(rows, cols + 3)
     save_tensors(weights, tensors, "pedetect.sequence_head", embedding_dim="128")
-    refused(bundle, str(weights), f"tensor {name!r} has shape [{rows}, {cols + 3}]", f"needs [{rows}, {cols}]", "fold 1 sequence head")
+    refused(
+        bundle,
+        str(weights),
+        f"tensor {name!r} has shape [{rows}, {cols + 3}]",
+        f"needs [{rows}, {cols}]",
+        "fold 1 sequence head",
+    )
 
 
 def test_a_missing_or_an_extra_tensor_is_named(bundle):
@@ -156,7 +166,11 @@ def test_a_missing_or_an_extra_tensor_is_named(bundle):
 
 def test_weights_of_the_wrong_model_kind_are_refused(bundle):
     shutil.copy(seq_dir(bundle, 0) / WEIGHTS_FILE, cnn_dir(bundle, 0) / WEIGHTS_FILE)
-    refused(bundle, str(cnn_dir(bundle, 0) / WEIGHTS_FILE), "holds a pedetect.sequence_head, not a pedetect.slice_classifier")
+    refused(
+        bundle,
+        str(cnn_dir(bundle, 0) / WEIGHTS_FILE),
+        "holds a pedetect.sequence_head, not a pedetect.slice_classifier",
+    )
 
 
 def test_truncated_weights_are_refused(bundle):
@@ -182,7 +196,9 @@ def test_yaml_that_would_run_code_is_refused_and_runs_nothing(bundle, tmp_path):
 
 
 def test_a_yaml_alias_bomb_is_refused_before_it_expands(bundle):
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)
+    ]
     (bundle / "config.yaml").write_text("\n".join(lines) + "\n" + (bundle / "config.yaml").read_text())
     refused(bundle, f"{bundle / 'config.yaml'} uses YAML aliases (*a0)")
 
@@ -199,10 +215,22 @@ def test_unknown_config_keys_and_huge_files_are_refused(bundle):
     "name, content, fragment",
     [
         ("prior.json", lambda p: {**p, "central_pe": float("nan")}, "central_pe is nan, not a probability"),
-        ("prior.json", lambda p: {**p, "pe_present_on_image": "0.1"}, "pe_present_on_image is '0.1', not a probability"),
+        (
+            "prior.json",
+            lambda p: {**p, "pe_present_on_image": "0.1"},
+            "pe_present_on_image is '0.1', not a probability",
+        ),
         ("prior.json", lambda p: [1, 2], "is not a JSON object of label: probability"),
-        ("preprocessing.json", lambda p: {**p, "windows": [[100, 700], [40, 0], [1, 2]]}, "'windows' must list three [level, width] pairs"),
-        ("preprocessing.json", lambda p: {**p, "image_size": 10**9}, "image_size 1000000000 is not a whole number of pixels"),
+        (
+            "preprocessing.json",
+            lambda p: {**p, "windows": [[100, 700], [40, 0], [1, 2]]},
+            "'windows' must list three [level, width] pairs",
+        ),
+        (
+            "preprocessing.json",
+            lambda p: {**p, "image_size": 10**9},
+            "image_size 1000000000 is not a whole number of pixels",
+        ),
     ],
 )
 def test_bad_prior_or_preprocessing_values_are_named(bundle, name, content, fragment):
@@ -226,9 +254,13 @@ def test_an_onnx_model_with_external_data_is_refused(bundle):
     weight.data_location = TensorProto.EXTERNAL
     for key, value in (("location", "../../../../etc/passwd"), ("offset", "0"), ("length", "16")):
         weight.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], initializer=[weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        initializer=[weight],
+    )
     path = bundle / "onnx" / "fold0" / "cnn.onnx"
     path.parent.mkdir(parents=True)
     onnx.save_model(helper.make_model(graph), str(path))
@@ -247,9 +279,24 @@ def study(tmp_path_factory) -> Path:
 
 def predict(study: Path, bundle: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        pedetect_command("predict", study, "--model", bundle, "--out", tmp_path / "sub.csv", "--report", tmp_path / "report",
-                         "--no-progress", "--device", "cpu"),
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        pedetect_command(
+            "predict",
+            study,
+            "--model",
+            bundle,
+            "--out",
+            tmp_path / "sub.csv",
+            "--report",
+            tmp_path / "report",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 

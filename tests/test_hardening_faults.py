@@ -29,24 +29,39 @@ SIZE, SLICES = 48, 8
 def start(*args, log: Path) -> subprocess.Popen:
     """``pedetect ARGS…`` as a background process, its output in ``log``."""
     handle = open(log, "w")
-    process = subprocess.Popen(pedetect_command(*args), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        pedetect_command(*args),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     handle.close()
     return process
 
 
 def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        pedetect_command(*args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
-def wait_for_lock(folder: Path, process: subprocess.Popen, log: Path, timeout: float = 120, name: str = LOCK_FILE) -> dict:
+def wait_for_lock(
+    folder: Path, process: subprocess.Popen, log: Path, timeout: float = 120, name: str = LOCK_FILE
+) -> dict:
     """The lock record of ``process`` once it holds ``FOLDER/pedetect.lock`` (or ``FOLDER/NAME``)."""
     path = folder / name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the first run ended (exit {process.returncode}) before it was seen holding the lock:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the first run ended (exit {process.returncode}) before it was seen holding the lock:\n{log.read_text()[-3000:]}"
+            )
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -78,7 +93,9 @@ def same_store(store: Path, reference: Path) -> None:
     got, want = store_bytes(store), store_bytes(reference)
     assert sorted(got) == sorted(want)
     for name in want:
-        if name.endswith(".json"):  # markers: same slices, offsets and failures (the fingerprint holds mtimes: same input)
+        if name.endswith(
+            ".json"
+        ):  # markers: same slices, offsets and failures (the fingerprint holds mtimes: same input)
             assert json.loads(got[name]) == json.loads(want[name]), name
         else:
             assert got[name] == want[name], name
@@ -146,7 +163,10 @@ def test_a_lock_left_by_a_killed_prepare_is_taken_over_and_said_so(dicom, refere
     assert (store / LOCK_FILE).exists()
     rerun = run("prepare", dicom, "--out", store, "--no-progress")
     assert rerun.returncode == 0, rerun.stderr
-    assert f"took over the stale lock {store / LOCK_FILE} of pid {first.pid} on host {socket.gethostname()}" in rerun.stderr
+    assert (
+        f"took over the stale lock {store / LOCK_FILE} of pid {first.pid} on host {socket.gethostname()}"
+        in rerun.stderr
+    )
     assert "no longer running" in rerun.stderr
     same_store(store, reference_store)
 
@@ -154,7 +174,16 @@ def test_a_lock_left_by_a_killed_prepare_is_taken_over_and_said_so(dicom, refere
 def test_a_lock_left_by_another_host_is_refused_with_the_file_to_delete(dicom, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    (store / LOCK_FILE).write_text(json.dumps({"pid": 4242, "host": "scanner-node-7", "command": "pedetect prepare", "started": "2026-01-01T00:00:00+0000"}))
+    (store / LOCK_FILE).write_text(
+        json.dumps(
+            {
+                "pid": 4242,
+                "host": "scanner-node-7",
+                "command": "pedetect prepare",
+                "started": "2026-01-01T00:00:00+0000",
+            }
+        )
+    )
     result = run("prepare", dicom, "--out", store, "--no-progress")
     assert result.returncode == 2
     assert f"{store / LOCK_FILE} was left by pid 4242 on host scanner-node-7" in result.stderr
@@ -176,14 +205,38 @@ def training_inputs(dicom, reference_store, tmp_path_factory) -> dict[str, Path]
     labels = pd.read_csv(dicom.parent / "train.csv")
     labels.to_csv(root / "labels.csv", index=False)
     studies = labels["StudyInstanceUID"].drop_duplicates().tolist()
-    pd.DataFrame({"StudyInstanceUID": studies, "fold": [k % 2 for k in range(len(studies))]}).to_csv(root / "folds.csv", index=False)
-    save_config(tiny_config("cnn.backbone.name=pedetect_small_cnn", "cnn.backbone.kwargs={}", "cnn.batch_size=8"), root / "tiny.yaml")
-    return {"config": root / "tiny.yaml", "labels": root / "labels.csv", "folds": root / "folds.csv", "store": reference_store}
+    pd.DataFrame({"StudyInstanceUID": studies, "fold": [k % 2 for k in range(len(studies))]}).to_csv(
+        root / "folds.csv", index=False
+    )
+    save_config(
+        tiny_config("cnn.backbone.name=pedetect_small_cnn", "cnn.backbone.kwargs={}", "cnn.batch_size=8"),
+        root / "tiny.yaml",
+    )
+    return {
+        "config": root / "tiny.yaml",
+        "labels": root / "labels.csv",
+        "folds": root / "folds.csv",
+        "store": reference_store,
+    }
 
 
 def train_args(inputs: dict[str, Path], out: Path) -> list:
-    return ["train", inputs["config"], "--store", inputs["store"], "--labels", inputs["labels"], "--folds", inputs["folds"],
-            "--out", out, "--stage", "cnn", "--fold", "0"]
+    return [
+        "train",
+        inputs["config"],
+        "--store",
+        inputs["store"],
+        "--labels",
+        inputs["labels"],
+        "--folds",
+        inputs["folds"],
+        "--out",
+        out,
+        "--stage",
+        "cnn",
+        "--fold",
+        "0",
+    ]
 
 
 def test_a_second_train_into_the_same_model_folder_refuses_and_the_first_finishes_intact(training_inputs, tmp_path):
@@ -202,7 +255,10 @@ def test_a_second_train_into_the_same_model_folder_refuses_and_the_first_finishe
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stdout + second.stderr
-    assert f"{out} is in use by another pedetect run: pid {first.pid} on host {socket.gethostname()} (pedetect train)" in second.stderr
+    assert (
+        f"{out} is in use by another pedetect run: pid {first.pid} on host {socket.gethostname()} (pedetect train)"
+        in second.stderr
+    )
     assert "Traceback" not in second.stderr
     assert after == before  # the second run changed nothing (not even with --force)
     finish(first, log)
@@ -219,7 +275,9 @@ FAULTS = ("tmpfs", "fsize")
 
 def _mount(folder: Path, size: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True, capture_output=True
+    )
 
 
 def _umount(folder: Path) -> None:
@@ -257,9 +315,15 @@ class Disk:
         def cap() -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, self.size))
 
-        return subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              preexec_fn=cap if limited and self.fault == "fsize" else None)
+        return subprocess.run(
+            pedetect_command(*args),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=cap if limited and self.fault == "fsize" else None,
+        )
 
     def grow(self) -> None:
         if self.fault == "tmpfs":
@@ -314,7 +378,9 @@ def bigger_reference(bigger_dicom, tmp_path_factory) -> Path:
     return prepared_alone(bigger_dicom, tmp_path_factory.mktemp("bigger_reference") / "store")
 
 
-def test_prepare_on_a_full_disk_says_so_keeps_no_partial_file_and_the_rerun_finishes(disk_fault, bigger_dicom, bigger_reference):
+def test_prepare_on_a_full_disk_says_so_keeps_no_partial_file_and_the_rerun_finishes(
+    disk_fault, bigger_dicom, bigger_reference
+):
     # tmpfs of 140 kB: two of the four series fit; RLIMIT_FSIZE of 40 kB: every series' data file
     # (52-62 kB) is over the cap, its marker and the tables are not.
     disk = disk_fault(140 * 1024 if FAULT_IS_TMPFS(disk_fault) else 40 * 1024)
@@ -346,11 +412,25 @@ def random_bundle(tmp_path_factory) -> Path:
     from pedetect.testing import write_random_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    return write_random_bundle(tiny_config(), out, folds=2, store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": 48})
+    return write_random_bundle(
+        tiny_config(), out, folds=2, store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": 48}
+    )
 
 
 def predict_args(dicom: Path, bundle: Path, folder: Path) -> list:
-    return ["predict", dicom, "--model", bundle, "--out", folder / "sub.csv", "--report", folder / "report", "--no-progress", "--device", "cpu"]
+    return [
+        "predict",
+        dicom,
+        "--model",
+        bundle,
+        "--out",
+        folder / "sub.csv",
+        "--report",
+        folder / "report",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +458,9 @@ def no_partial_report_file(folder: Path) -> None:
             pytest.fail(f"{path} was written although the run failed")
 
 
-def test_predict_on_a_full_disk_keeps_no_partial_file_and_the_rerun_finishes(disk_fault, bigger_dicom, random_bundle, reference_submission):
+def test_predict_on_a_full_disk_keeps_no_partial_file_and_the_rerun_finishes(
+    disk_fault, bigger_dicom, random_bundle, reference_submission
+):
     # tmpfs of 200 kB: the report of one or two studies fits; RLIMIT_FSIZE of 4 kB: the report's slice
     # JPEGs fit, its pages and pictures do not.
     disk = disk_fault(200 * 1024 if FAULT_IS_TMPFS(disk_fault) else 4 * 1024)

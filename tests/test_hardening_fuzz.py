@@ -24,16 +24,30 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 def test_a_bounded_seeded_fuzz_pass_finds_nothing():
     """3,000 inputs (the 21 seeds, then mutations) in a process of its own (capped address space,
     a 5 s limit per input): each ends as a slice or a failure with a reason."""
-    run = subprocess.run([sys.executable, str(HARNESS), "--runs", "3000", "--seed", "0"], capture_output=True, text=True, timeout=300, env=ENV)
+    run = subprocess.run(
+        [sys.executable, str(HARNESS), "--runs", "3000", "--seed", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     summary = run.stdout.strip().splitlines()[-1]
     assert run.returncode == 0, run.stdout[-3000:]
-    inputs, slices, failures, findings = map(int, re.fullmatch(r"(\d+) inputs in [\d.]+ s: (\d+) slices, (\d+) failures, (\d+) findings", summary).groups())
+    inputs, slices, failures, findings = map(
+        int, re.fullmatch(r"(\d+) inputs in [\d.]+ s: (\d+) slices, (\d+) failures, (\d+) findings", summary).groups()
+    )
     assert (inputs, findings) == (3000, 0) and slices + failures == 3000
     assert slices >= 21  # every seed reads as a slice, and some mutations still do
 
 
 def test_every_earlier_finding_is_now_a_failure_with_its_reason():
-    run = subprocess.run([sys.executable, str(HARNESS), "--replay", str(REGRESSIONS)], capture_output=True, text=True, timeout=120, env=ENV)
+    run = subprocess.run(
+        [sys.executable, str(HARNESS), "--replay", str(REGRESSIONS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert run.returncode == 0, run.stdout
     outcomes = dict(line.split(": ", 1) for line in run.stdout.strip().splitlines())
     assert outcomes == {
@@ -50,7 +64,9 @@ def test_every_earlier_finding_is_now_a_failure_with_its_reason():
 
 
 def test_a_header_declaring_65535x65535x1000_frames_in_2kb_is_a_failure(tmp_path):
-    path = make_ct(tmp_path / "liar", phantom(16, 16), study="1.2.826.0.1.3680043.8.498.3", series="1.2.826.0.1.3680043.8.498.3.1")
+    path = make_ct(
+        tmp_path / "liar", phantom(16, 16), study="1.2.826.0.1.3680043.8.498.3", series="1.2.826.0.1.3680043.8.498.3.1"
+    )
     ds = pydicom.dcmread(path)
     ds.Rows = ds.Columns = 65535
     ds.NumberOfFrames = 1000
@@ -64,7 +80,9 @@ def test_a_header_declaring_65535x65535x1000_frames_in_2kb_is_a_failure(tmp_path
 
 def test_declared_pixels_longer_than_the_file_fail_before_decoding(tmp_path):
     """Native (uncompressed) data shorter than Rows x Columns: the slice fails, read or decoded."""
-    path = make_ct(tmp_path / "short", phantom(64, 64), study="1.2.826.0.1.3680043.8.498.4", series="1.2.826.0.1.3680043.8.498.4.1")
+    path = make_ct(
+        tmp_path / "short", phantom(64, 64), study="1.2.826.0.1.3680043.8.498.4", series="1.2.826.0.1.3680043.8.498.4.1"
+    )
     ds = pydicom.dcmread(path)
     ds.Rows = ds.Columns = 4000  # 32 MB declared, 8 kB present
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -98,7 +98,9 @@ def test_hostile_zip_members_are_refused_and_nothing_is_extracted(tmp_path, good
         archive.writestr(link, "/etc/passwd")
         archive.writestr("study/encrypted.dcm", _another_slice(good_series[0], 53.0))
         archive.write(nested, "study/nested.zip")
-        archive.writestr("study/shrunk.dcm", _another_slice(good_series[0], 54.0))  # declares fewer bytes than it inflates to
+        archive.writestr(
+            "study/shrunk.dcm", _another_slice(good_series[0], 54.0)
+        )  # declares fewer bytes than it inflates to
         archive.writestr("study/swollen.dcm", _another_slice(good_series[0], 55.0))  # declares more
         archive.writestr("study/bomb.dcm", bomb)
     data = bytearray(zip_path.read_bytes())
@@ -127,7 +129,11 @@ def test_hostile_zip_members_are_refused_and_nothing_is_extracted(tmp_path, good
     assert reasons[f"{archive}::study/bomb.dcm"].endswith("(more than 200 times: a zip bomb?)")
     new = _files_under(tmp_path) - before
     assert new and all(path.startswith(str(tmp_path / "work" / "store") + os.sep) for path in new), new
-    assert not Path("/tmp/absolute.dcm").exists() and not (tmp_path / "escape.dcm").exists() and not (tmp_path / "work" / "up.dcm").exists()
+    assert (
+        not Path("/tmp/absolute.dcm").exists()
+        and not (tmp_path / "escape.dcm").exists()
+        and not (tmp_path / "work" / "up.dcm").exists()
+    )
 
 
 def test_an_archive_past_its_total_size_cap_refuses_the_members_beyond(tmp_path, good_series, monkeypatch):
@@ -139,7 +145,9 @@ def test_an_archive_past_its_total_size_cap_refuses_the_members_beyond(tmp_path,
             archive.write(path, f"{k}.dcm")
     sops, reasons = _prepare(zip_path, tmp_path / "store")
     assert len(sops) == 2
-    assert reasons == {f"{zip_path.resolve()}::2.dcm": f"zip member refused: the archive's members exceed {sizes[0] + sizes[1]} bytes together"}
+    assert reasons == {
+        f"{zip_path.resolve()}::2.dcm": f"zip member refused: the archive's members exceed {sizes[0] + sizes[1]} bytes together"
+    }
 
 
 def _run_with_deadline(fn, seconds: float):
@@ -205,7 +213,10 @@ def test_very_deep_trees(tmp_path, good_series):
         os.close(chain[0])
     assert [len(s) for s in series] == [1]
     assert len(failures) == 1
-    assert failures[0].reason == f"path too long to open ({len(failures[0].path)} characters)" and len(failures[0].path) >= 4096
+    assert (
+        failures[0].reason == f"path too long to open ({len(failures[0].path)} characters)"
+        and len(failures[0].path) >= 4096
+    )
 
 
 def _read_as_nobody(folder: Path) -> tuple[list[int], dict[str, str]]:

@@ -35,8 +35,14 @@ SLOW_SERIES = "1.2.826.0.1.3680043.8.498.99.1"
 
 
 def pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(pedetect_command(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        pedetect_command(*args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def slow_slice(path: Path, **where) -> Path:
@@ -54,7 +60,9 @@ def slow_slice(path: Path, **where) -> Path:
 @pytest.fixture(scope="module")
 def dicom(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("limits")
-    result = pedetect("synth", root / "synth", "-n", STUDIES, "--slices", SLICES, "--size", SIZE, "--no-progress", "--seed", 4)
+    result = pedetect(
+        "synth", root / "synth", "-n", STUDIES, "--slices", SLICES, "--size", SIZE, "--no-progress", "--seed", 4
+    )
     assert result.returncode == 0, result.stderr
     slow_slice(root / "synth" / "train" / "slow.dcm")
     return root / "synth" / "train"
@@ -63,12 +71,16 @@ def dicom(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_slice_that_decodes_past_the_limit_is_a_failure_and_the_batch_goes_on(dicom, tmp_path, workers):
     started = time.monotonic()
-    result = pedetect("prepare", dicom, "--out", tmp_path / "store", "--decode-timeout", LIMIT, "--workers", workers, "--no-progress")
+    result = pedetect(
+        "prepare", dicom, "--out", tmp_path / "store", "--decode-timeout", LIMIT, "--workers", workers, "--no-progress"
+    )
     assert result.returncode == 1, result.stdout + result.stderr  # 1: something was lost
     assert "Traceback" not in result.stderr
     failures = pd.read_parquet(tmp_path / "store" / "failures.parquet")
     assert failures["path"].tolist() == [str(dicom / "slow.dcm")]
-    assert failures["reason"].tolist() == [f"decoding took longer than {LIMIT:g} s (the per-file time limit, --decode-timeout): stopped"]
+    assert failures["reason"].tolist() == [
+        f"decoding took longer than {LIMIT:g} s (the per-file time limit, --decode-timeout): stopped"
+    ]
     slices = pd.read_parquet(tmp_path / "store" / "slices.parquet")
     assert len(slices) == STUDIES * SLICES and SLOW_SERIES not in set(slices["SeriesInstanceUID"])
     assert "1 × decoding took longer than" in result.stdout
@@ -104,7 +116,6 @@ def test_the_guard_stops_the_decoder_rather_than_waiting_for_it_and_starts_a_new
     assert guarded < unguarded / 2, (guarded, unguarded)
 
 
-
 SLOW_STUDY = "1.2.826.0.1.3680043.8.498.98"
 
 
@@ -119,7 +130,9 @@ def predict_input(dicom, tmp_path_factory) -> Path:
     series = SLOW_SERIES + ".2"
     quick = np.random.default_rng(1).integers(0, 2000, size=(2048, 2048)).astype(np.int16)
     for k, z in ((1, 0.0), (3, 5.0)):
-        make_ct(root / SLOW_STUDY / f"{k}.dcm", quick, study=SLOW_STUDY, series=series, position=(0.0, 0.0, z), instance=k)
+        make_ct(
+            root / SLOW_STUDY / f"{k}.dcm", quick, study=SLOW_STUDY, series=series, position=(0.0, 0.0, z), instance=k
+        )
     slow_slice(root / SLOW_STUDY / "2.dcm", study=SLOW_STUDY, series=series, position=(0.0, 0.0, 2.5), instance=2)
     return root
 
@@ -136,8 +149,19 @@ def test_predict_loses_a_slice_that_decodes_past_the_limit_and_answers_every_stu
     """predict decodes through the same guard: the slow slice is lost with the limit's reason, still
     gets its row (placed between its decoded neighbours), and every study is predicted."""
     started = time.monotonic()
-    result = pedetect("predict", predict_input, "--model", model, "--out", tmp_path / "sub.csv", "--decode-timeout", PREDICT_LIMIT,
-                      "--device", "cpu", "--no-progress")
+    result = pedetect(
+        "predict",
+        predict_input,
+        "--model",
+        model,
+        "--out",
+        tmp_path / "sub.csv",
+        "--decode-timeout",
+        PREDICT_LIMIT,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     seconds = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr  # 1: something was lost
     assert "Traceback" not in result.stderr
@@ -148,13 +172,26 @@ def test_predict_loses_a_slice_that_decodes_past_the_limit_and_answers_every_stu
     rows = pd.read_csv(tmp_path / "sub.csv")
     sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in predict_input.rglob("*.dcm")}
     assert len(sops) == STUDIES * SLICES + 3
-    assert sops <= set(rows["id"]) and len(rows) == len(sops) + 9 * (STUDIES + 1)  # every slice, the lost one too, and nine exam rows a study
+    assert sops <= set(rows["id"]) and len(rows) == len(sops) + 9 * (
+        STUDIES + 1
+    )  # every slice, the lost one too, and nine exam rows a study
     assert seconds < 120
 
 
 def test_predict_without_a_limit_reads_the_slow_slice(predict_input, model, tmp_path):
     """--decode-timeout 0 decodes in the process itself, as long as it takes: nothing is lost."""
-    result = pedetect("predict", predict_input, "--model", model, "--out", tmp_path / "sub.csv", "--decode-timeout", 0,
-                      "--device", "cpu", "--no-progress")
+    result = pedetect(
+        "predict",
+        predict_input,
+        "--model",
+        model,
+        "--out",
+        tmp_path / "sub.csv",
+        "--decode-timeout",
+        0,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{STUDIES * SLICES + 3} slices read" in result.stderr and "lost: nothing" in result.stderr

@@ -32,7 +32,10 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def refused(result: subprocess.CompletedProcess, what: Path, lock: Path, pid: int, command: str) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{what} is in use by another pedetect run: pid {pid} on host {socket.gethostname()} ({command})" in result.stderr
+    assert (
+        f"{what} is in use by another pedetect run: pid {pid} on host {socket.gethostname()} ({command})"
+        in result.stderr
+    )
     assert f"holds {lock}" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -41,15 +44,36 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     from pedetect.testing import write_random_bundle
 
     root = tmp_path_factory.mktemp("locks")
-    assert run("synth", root / "synth", "-n", 2, "--slices", SLICES, "--size", SIZE, "--seed", 6, "--no-progress").returncode == 0
+    assert (
+        run(
+            "synth", root / "synth", "-n", 2, "--slices", SLICES, "--size", SIZE, "--seed", 6, "--no-progress"
+        ).returncode
+        == 0
+    )
     assert run("prepare", root / "synth" / "train", "--out", root / "store", "--no-progress").returncode == 0
-    bundle = write_random_bundle(tiny_config(), root / "bundle", folds=1,
-                                 store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": SIZE})
+    bundle = write_random_bundle(
+        tiny_config(),
+        root / "bundle",
+        folds=1,
+        store_settings={"windows": [[-600, 1500], [100, 700], [40, 400]], "image_size": SIZE},
+    )
     return {"dicom": root / "synth" / "train", "store": root / "store", "bundle": bundle}
 
 
 def predict_args(inputs: dict[str, Path], out: Path, report: Path) -> list:
-    return ["predict", inputs["dicom"], "--model", inputs["bundle"], "--out", out, "--report", report, "--no-progress", "--device", "cpu"]
+    return [
+        "predict",
+        inputs["dicom"],
+        "--model",
+        inputs["bundle"],
+        "--out",
+        out,
+        "--report",
+        report,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_a_second_predict_into_the_same_submission_or_report_refuses_and_the_first_finishes_intact(inputs, tmp_path):

@@ -71,7 +71,9 @@ def test_any_permutation_gives_the_same_position_order(headers, rnd):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.one_of(series_headers(degenerate=True), series_headers(drop_position=True)), st.randoms(use_true_random=False))
+@given(
+    st.one_of(series_headers(degenerate=True), series_headers(drop_position=True)), st.randoms(use_true_random=False)
+)
 def test_degenerate_orientation_or_a_missing_position_falls_back_to_instance_number(headers, rnd):
     order, plan = _order(headers)
     assert plan.order_by == "instance_number" and plan.normal is None
@@ -87,7 +89,10 @@ def test_degenerate_orientation_or_a_missing_position_falls_back_to_instance_num
 def test_without_geometry_or_instance_numbers_the_order_is_by_uid_and_says_so(headers, rnd):
     order, plan = _order(headers)
     assert plan.order_by == "file" and order == sorted(h.sop for h in headers)
-    assert "neither position nor InstanceNumber on every slice: slice order unknown (sorted by SOPInstanceUID)" in plan.irregularities
+    assert (
+        "neither position nor InstanceNumber on every slice: slice order unknown (sorted by SOPInstanceUID)"
+        in plan.irregularities
+    )
     shuffled = list(headers)
     rnd.shuffle(shuffled)
     assert _order(shuffled)[0] == order

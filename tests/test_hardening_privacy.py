@@ -80,7 +80,11 @@ def leaks(data: bytes, fields=CANARIES) -> list[str]:
         lowered = blob.lower()
         for field in fields:
             for needle in NEEDLES[field]:
-                forms = [needle.lower().encode(), needle.lower().encode("utf-16-le"), needle.lower().encode("utf-16-be")]
+                forms = [
+                    needle.lower().encode(),
+                    needle.lower().encode("utf-16-le"),
+                    needle.lower().encode("utf-16-be"),
+                ]
                 if any(form in lowered for form in forms):
                     found.append(f"{field} ({needle})")
     return sorted(set(found))
@@ -132,21 +136,70 @@ def chain(tmp_path_factory) -> Chain:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work / "tmp")}
     labels = pd.read_csv(inputs / "train" / "train.csv")
     studies = labels["StudyInstanceUID"].drop_duplicates().tolist()
-    pd.DataFrame({"StudyInstanceUID": studies, "fold": [k % 2 for k in range(len(studies))]}).to_csv(work / "folds.csv", index=False)
-    save_config(tiny_config("cnn.backbone.name=pedetect_small_cnn", "cnn.backbone.kwargs={}", "cnn.batch_size=8",
-                            "embed.location_grid=2"), work / "recipe.yaml")
+    pd.DataFrame({"StudyInstanceUID": studies, "fold": [k % 2 for k in range(len(studies))]}).to_csv(
+        work / "folds.csv", index=False
+    )
+    save_config(
+        tiny_config(
+            "cnn.backbone.name=pedetect_small_cnn",
+            "cnn.backbone.kwargs={}",
+            "cnn.batch_size=8",
+            "embed.location_grid=2",
+        ),
+        work / "recipe.yaml",
+    )
     log: list[str] = []
-    run("prepare", inputs / "train" / "train", "--out", work / "store", "--no-progress", cwd=work / "cwd", env=env, log=log)
-    run("train", work / "recipe.yaml", "--store", work / "store", "--labels", inputs / "train" / "train.csv", "--folds", work / "folds.csv",
-        "--out", work / "model", cwd=work / "cwd", env=env, log=log)
-    run("predict", inputs / "test" / "test", "--model", work / "model", "--out", work / "submission.csv", "--report", work / "report",
-        "--dicom-out", work / "dicom_results", "--device", "cpu", "--no-progress", cwd=work / "cwd", env=env, log=log)
+    run(
+        "prepare",
+        inputs / "train" / "train",
+        "--out",
+        work / "store",
+        "--no-progress",
+        cwd=work / "cwd",
+        env=env,
+        log=log,
+    )
+    run(
+        "train",
+        work / "recipe.yaml",
+        "--store",
+        work / "store",
+        "--labels",
+        inputs / "train" / "train.csv",
+        "--folds",
+        work / "folds.csv",
+        "--out",
+        work / "model",
+        cwd=work / "cwd",
+        env=env,
+        log=log,
+    )
+    run(
+        "predict",
+        inputs / "test" / "test",
+        "--model",
+        work / "model",
+        "--out",
+        work / "submission.csv",
+        "--report",
+        work / "report",
+        "--dicom-out",
+        work / "dicom_results",
+        "--device",
+        "cpu",
+        "--no-progress",
+        cwd=work / "cwd",
+        env=env,
+        log=log,
+    )
     return Chain(inputs, work, log)
 
 
 def test_the_scan_finds_every_canary_where_it_is(chain):
     sample = next((chain.inputs / "test").rglob("*.dcm"))
-    every = sorted(f"{f} ({n})" for f, needles in NEEDLES.items() for n in needles if n != "1901-02-03")  # DICOM dates have no dashes
+    every = sorted(
+        f"{f} ({n})" for f, needles in NEEDLES.items() for n in needles if n != "1901-02-03"
+    )  # DICOM dates have no dashes
     assert leaks(sample.read_bytes()) == every
     # and inside what it opens: a compressed npz member, a Parquet table
     import numpy as np
@@ -166,7 +219,9 @@ def test_no_canary_reaches_any_output_log_or_temporary_file(chain):
     assert len(written) > 50  # the store, every stage's folders, the report and its slices
     found = {str(p.relative_to(work)): hits for p in written if (hits := leaks(p.read_bytes()))}
     found.update({"the commands' output": hits for hits in [leaks("\n".join(chain.log).encode())] if hits})
-    found.update({f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))})
+    found.update(
+        {f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))}
+    )
     assert found == {}, found
 
 
@@ -209,8 +264,27 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
     assert len(studies) == 2
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work / "tmp"), "PYTHONUNBUFFERED": "1"}
-    args = [*pedetect_command("serve", "--model", chain.work / "model", "--ae-title", "PEDETECT", "--host", "127.0.0.1", "--port", port,
-                              "--spool", spool, "--settle", "0.5", "--device", "cpu", "--min-slices", "8")]
+    args = [
+        *pedetect_command(
+            "serve",
+            "--model",
+            chain.work / "model",
+            "--ae-title",
+            "PEDETECT",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--spool",
+            spool,
+            "--settle",
+            "0.5",
+            "--device",
+            "cpu",
+            "--min-slices",
+            "8",
+        )
+    ]
     with open(log_path, "w") as handle:
         node = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=work / "cwd", env=env)
     try:
@@ -221,7 +295,9 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
             assert c_store(port, files) == [0] * len(files)
             sent.update({str(pydicom.dcmread(f).SOPInstanceUID): f for f in files})
         for study in studies:
-            record = wait_for(lambda: answered(spool, study.name), 180, f"study {study.name} to be answered", node, log_path)
+            record = wait_for(
+                lambda: answered(spool, study.name), 180, f"study {study.name} to be answered", node, log_path
+            )
             assert record["slices"] == 8 and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
     finally:
         if node.poll() is None:
@@ -242,7 +318,9 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
     others = [p for p in work.rglob("*") if p.is_file() and p not in received and p not in results and p != log_path]
     assert any(p.parent.name == "done" for p in others)  # the answered records are scanned too
     found.update({str(p.relative_to(work)): hits for p in others if (hits := leaks(p.read_bytes()))})
-    found.update({f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))})
+    found.update(
+        {f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))}
+    )
     log = log_path.read_text()
     assert "answered" in log and "Traceback" not in log
     found.update({"the serve log": hits for hits in [leaks(log.encode())] if hits})

@@ -94,7 +94,10 @@ def test_enhanced_ct_without_functional_groups_is_read_in_frame_order_and_says_s
     s = series[0]
     assert s.sop_uids == [f"{ds.SOPInstanceUID}#1", f"{ds.SOPInstanceUID}#2"]
     assert s.meta["order_by"] == "instance_number"
-    assert "no usable ImagePositionPatient/ImageOrientationPatient on 2 of 2 slices: ordered by InstanceNumber" in s.meta["irregularities"]
+    assert (
+        "no usable ImagePositionPatient/ImageOrientationPatient on 2 of 2 slices: ordered by InstanceNumber"
+        in s.meta["irregularities"]
+    )
     np.testing.assert_array_equal(s.images[1], s.images[0][::-1])  # frame 2 is frame 1 upside down
 
 
@@ -140,7 +143,9 @@ def test_no_sop_class_is_taken_as_ct_only_by_modality_and_recorded(tmp_path):
     _without_sop_class(tmp_path / "slice", tmp_path / "mr", "MR", 99.0)
     (tmp_path / "slice").unlink()
     series, failures = read_files(discover(tmp_path))
-    assert [(Path(f.path).name, f.reason) for f in failures] == [("mr", "not known to be a CT image: no SOP class UID, Modality MR")]
+    assert [(Path(f.path).name, f.reason) for f in failures] == [
+        ("mr", "not known to be a CT image: no SOP class UID, Modality MR")
+    ]
     assert len(series) == 1 and len(series[0]) == 3 and series[0].plan.order_by == "position"
     assert "3 slice(s) without a SOP class UID, taken as CT by their Modality" in series[0].meta["irregularities"]
     # and the store records it the same way
@@ -161,7 +166,9 @@ def test_an_rle_slice_whose_bytes_hold_the_jpeg2000_markers_is_read(tmp_path):
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 1200, size=(32, 32)).astype(np.int16)
     pixels[0, :4] = [0x00FF, 0x004F, 0x00FF, 0x0051]  # the low-byte segment starts FF 4F FF 51
-    path = make_ct(tmp_path / "rle", pixels, study="1.2.826.0.1.3680043.8.498.8", series="1.2.826.0.1.3680043.8.498.8.1")
+    path = make_ct(
+        tmp_path / "rle", pixels, study="1.2.826.0.1.3680043.8.498.8", series="1.2.826.0.1.3680043.8.498.8.1"
+    )
     ds = pydicom.dcmread(path)
     ds.compress(RLELossless, encoding_plugin="pylibjpeg")
     ds.save_as(path)

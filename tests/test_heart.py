@@ -49,7 +49,13 @@ def test_heart_box_holds_both_ventricles_where_they_are_largest(index):
     assert box.z0 <= k < box.z1
     for pool in pools:
         rows, cols = np.nonzero(pool)
-        assert box.y0 <= rows.min() and rows.max() < box.y1 and box.x0 <= cols.min() and cols.max() < box.x1, (box, rows.min(), rows.max(), cols.min(), cols.max())
+        assert box.y0 <= rows.min() and rows.max() < box.y1 and box.x0 <= cols.min() and cols.max() < box.x1, (
+            box,
+            rows.min(),
+            rows.max(),
+            cols.min(),
+            cols.max(),
+        )
     # A box around the heart, not around the chest: under 60 % of the side (the heart is ~130 mm of a ~350 mm field).
     assert box.y1 - box.y0 < 0.6 * 256 and box.z1 - box.z0 < 0.6 * 40
 
@@ -155,9 +161,13 @@ def test_heart_stage_trains_stacks_and_scores(trained_model, trained_copy):
     gte = set(positive_studies[::2])  # both RV/LV classes among the positives
     labels[RV_LV_LABELS[0]] = labels[STUDY].isin(gte).astype(int) * (labels.negative_exam_for_pe == 0)
     labels[RV_LV_LABELS[1]] = (labels.negative_exam_for_pe == 0).astype(int) - labels[RV_LV_LABELS[0]]
-    config = apply_overrides(trained_model.config, ["heart={depth: 4, size: 16, widths: [4, 8], epochs: 2, batch_size: 2}"])
+    config = apply_overrides(
+        trained_model.config, ["heart={depth: 4, size: 16, widths: [4, 8], epochs: 2, batch_size: 2}"]
+    )
     messages: list[str] = []
-    result = train(config, stage="heart", store=trained_model.store, labels=labels, out=trained_copy, echo=messages.append)
+    result = train(
+        config, stage="heart", store=trained_model.store, labels=labels, out=trained_copy, echo=messages.append
+    )
     cv = result["heart"]
     assert cv is not None and np.isfinite(cv["score"])
     assert set(cv["folds"]) == {"0", "1", "2"}
@@ -176,7 +186,9 @@ def test_heart_stage_trains_stacks_and_scores(trained_model, trained_copy):
     assert sum("already complete" in m for m in messages) == 3
     from pedetect.models.bundle import write_bundle_info
 
-    write_bundle_info(trained_copy, folds=[0, 1, 2], embedding_dim=None, cv_score=cv["score"], stages=["cnn", "embed", "seq", "heart"])
+    write_bundle_info(
+        trained_copy, folds=[0, 1, 2], embedding_dim=None, cv_score=cv["score"], stages=["cnn", "embed", "seq", "heart"]
+    )
     bundle = read_bundle(trained_copy)
     assert bundle.config.heart is not None
     (heart_dir(trained_copy, 1) / "model.safetensors").unlink()
@@ -191,7 +203,13 @@ def test_heart_stage_without_a_heart_section_is_refused(trained_model, trained_c
     from pedetect.train.pipeline import train
 
     with pytest.raises(HeartTrainError, match="no heart section"):
-        train(trained_model.config, stage="heart", store=trained_model.store, labels=trained_model.labels, out=trained_copy)
+        train(
+            trained_model.config,
+            stage="heart",
+            store=trained_model.store,
+            labels=trained_model.labels,
+            out=trained_copy,
+        )
 
 
 def test_predict_with_a_heart_bundle_re_splits_rv_lv_only(tmp_path):
@@ -209,18 +227,25 @@ def test_predict_with_a_heart_bundle_re_splits_rv_lv_only(tmp_path):
 
     plain = tiny_config("seq.exam_structure=conditional")
     with_heart = apply_overrides(plain, ["heart={depth: 8, size: 32, widths: [4, 8]}"])
-    bundles = {name: write_random_bundle(config, tmp_path / name, folds=2) for name, config in (("plain", plain), ("heart", with_heart))}
+    bundles = {
+        name: write_random_bundle(config, tmp_path / name, folds=2)
+        for name, config in (("plain", plain), ("heart", with_heart))
+    }
     exams = {}
     for name, bundle in bundles.items():
         ensemble = Ensemble([bundle])
         outputs = []
         for index in range(3):
             study = render_study(index, seed=9, slices=24, size=128, kind="positive")
-            outputs.append(ensemble.predict_series({ensemble.reads[0]: window_hu(study.hu, ensemble.reads[0][0])}).exams)
+            outputs.append(
+                ensemble.predict_series({ensemble.reads[0]: window_hu(study.hu, ensemble.reads[0][0])}).exams
+            )
         exams[name] = np.array(outputs)
     other = [i for i in range(len(EXAM_LABELS)) if i not in (GTE, LT)]
     np.testing.assert_allclose(exams["heart"][:, other], exams["plain"][:, other], rtol=1e-6)
-    np.testing.assert_allclose(exams["heart"][:, GTE] + exams["heart"][:, LT], exams["plain"][:, GTE] + exams["plain"][:, LT], rtol=1e-5)
+    np.testing.assert_allclose(
+        exams["heart"][:, GTE] + exams["heart"][:, LT], exams["plain"][:, GTE] + exams["plain"][:, LT], rtol=1e-5
+    )
     assert np.abs(exams["heart"][:, GTE] - exams["plain"][:, GTE]).max() > 1e-3
 
     labels = write_dataset(tmp_path / "data", 2, slices=24, size=128, seed=9, split="test", progress=False)
@@ -261,7 +286,9 @@ def test_a_changed_heart_section_removes_only_the_heart_stage(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cnn", "embed", "seq"]
     assert "heart config changed (heart.epochs)" in said[0]
     (tmp_path / "heart/fold0").mkdir(parents=True)
-    prepare_model_dir(apply_overrides(base, ["heart.epochs=3", "seq.hidden=8"]), tmp_path, force=False, echo=said.append)
+    prepare_model_dir(
+        apply_overrides(base, ["heart.epochs=3", "seq.hidden=8"]), tmp_path, force=False, echo=said.append
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cnn", "embed"]  # the stacker stacks on stage 2
 
 

@@ -13,7 +13,15 @@ import pandas as pd
 import pytest
 
 from pedetect.data.dataset import series_inputs, series_lung_box
-from pedetect.data.lung_box import WHOLE, LungBoxSettings, body_mask, hu_from_window, lung_box, lung_box_of_windows, lung_mask
+from pedetect.data.lung_box import (
+    WHOLE,
+    LungBoxSettings,
+    body_mask,
+    hu_from_window,
+    lung_box,
+    lung_box_of_windows,
+    lung_mask,
+)
 from pedetect.labels import SERIES, STUDY
 from pedetect.recipe import InputConfig, LungCropConfig
 from pedetect.store import SliceStore
@@ -27,8 +35,21 @@ N, SLICES, SIZE, SEED = 8, 24, 128, 5
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("lungbox")
-    run_pedetect("synth", root / "synth", "--studies", N, "--slices", SLICES, "--size", SIZE, "--seed", SEED,
-                 "--positive-fraction", "0.75", "--no-progress")
+    run_pedetect(
+        "synth",
+        root / "synth",
+        "--studies",
+        N,
+        "--slices",
+        SLICES,
+        "--size",
+        SIZE,
+        "--seed",
+        SEED,
+        "--positive-fraction",
+        "0.75",
+        "--no-progress",
+    )
     run_pedetect("prepare", root / "synth" / "train", "--out", root / "store", "--workers", 1)
     return SliceStore(root / "store")
 

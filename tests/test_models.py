@@ -77,7 +77,8 @@ def test_pickled_objects_are_refused(tmp_path):
 @pytest.mark.parametrize("mode,channels", [("windows", 3), ("pe", 1), ("adjacent", 3), ("both", 9)])
 def test_slice_classifier_outputs(mode, channels):
     config = apply_overrides(
-        ExperimentConfig(), [f"cnn.backbone.name={TINY}", f"cnn.input.mode={mode}", "cnn.targets.exam_labels=[central_pe, rightsided_pe]"]
+        ExperimentConfig(),
+        [f"cnn.backbone.name={TINY}", f"cnn.input.mode={mode}", "cnn.targets.exam_labels=[central_pe, rightsided_pe]"],
     )
     model = build_slice_classifier(config.cnn).eval()
     x = torch.randint(0, 256, (4, channels, 32, 32), dtype=torch.uint8)
@@ -106,8 +107,15 @@ def test_saved_weights_rebuild_from_the_model_folder(tmp_path):
 def test_folding_batchnorm_keeps_the_outputs_and_removes_the_normalisation():
     """Inference (validation, the embedding pass, predict) runs the CNN with each BatchNorm folded
     into the convolution before it: the same embeddings and logits, and no BatchNorm left to run."""
-    config = apply_overrides(ExperimentConfig(), ["cnn.backbone.name=pedetect_small_cnn", "cnn.input.mode=pe",
-                                                  "cnn.backbone.kwargs={widths: [4, 8]}", "embed.location_grid=3"])
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "cnn.backbone.name=pedetect_small_cnn",
+            "cnn.input.mode=pe",
+            "cnn.backbone.kwargs={widths: [4, 8]}",
+            "embed.location_grid=3",
+        ],
+    )
     torch.manual_seed(0)
     model = build_slice_classifier(config.cnn, location_grid=3)
     with torch.no_grad():  # statistics far from the initial (0, 1), so a wrong fold would show
@@ -142,7 +150,9 @@ def test_small_cnn_is_a_timm_backbone_that_sees_a_single_small_defect(tmp_path):
     assert features.shape == (2, 32)
     assert (features[1] - features[0]).abs().max() > 1e-3
     save_file(model.state_dict(), tmp_path / "small.safetensors")
-    again = create_backbone("pedetect_small_cnn", in_chans=9, widths=[8, 16, 32], weights=tmp_path / "small.safetensors")
+    again = create_backbone(
+        "pedetect_small_cnn", in_chans=9, widths=[8, 16, 32], weights=tmp_path / "small.safetensors"
+    )
     again.eval()
     with torch.no_grad():
         assert torch.equal(again(x), features)
@@ -171,7 +181,9 @@ def test_location_grid_appends_the_slice_logit_of_each_cell(tmp_path, backbone):
     """embed.location_grid G: the embedding is the pooled features, then the slice head on each of
     G × G cells; with G = 1 that cell is the whole slice (its logit is the slice logit), and with G = 3
     a defect in one corner moves that corner's logit and leaves the opposite corner's alone."""
-    config = apply_overrides(ExperimentConfig(), [f"cnn.backbone.name={backbone}", "cnn.input.mode=pe", "embed.location_grid=3"])
+    config = apply_overrides(
+        ExperimentConfig(), [f"cnn.backbone.name={backbone}", "cnn.input.mode=pe", "embed.location_grid=3"]
+    )
     save_config(config, tmp_path / "config.yaml")
     torch.manual_seed(0)
     plain = build_slice_classifier(config.cnn).eval()
@@ -201,7 +213,10 @@ def test_a_local_file_takes_timms_pretrained_path_and_every_tensor_matches(tmp_p
     torch.manual_seed(0)
     source = create_backbone(TINY)
     path = tmp_path / "w.safetensors"
-    save_file({**source.state_dict(), "fc.weight": torch.zeros(1000, source.num_features), "fc.bias": torch.zeros(1000)}, str(path))
+    save_file(
+        {**source.state_dict(), "fc.weight": torch.zeros(1000, source.num_features), "fc.bias": torch.zeros(1000)},
+        str(path),
+    )
     torch.manual_seed(1)
     loaded = create_backbone(TINY, weights=path)
     assert loaded.pretrained_cfg.get("file") == str(path)  # loaded by timm's mechanism, from this file
@@ -244,8 +259,12 @@ def test_starting_weights_are_recorded(tmp_path):
 
     assert weights_provenance(None, TINY) == {"weights": "random"}
     hub = weights_provenance("pretrained", "rexnet_200.nav_in1k")
-    assert hub == {"weights": "pretrained", "tag": "rexnet_200.nav_in1k", "hf_hub_id": "timm/rexnet_200.nav_in1k",
-                   "file": "model.safetensors (or pytorch_model.bin)"}
+    assert hub == {
+        "weights": "pretrained",
+        "tag": "rexnet_200.nav_in1k",
+        "hf_hub_id": "timm/rexnet_200.nav_in1k",
+        "file": "model.safetensors (or pytorch_model.bin)",
+    }
     legacy = weights_provenance("pretrained", "legacy_seresnext50_32x4d")  # no hub copy: timm's URL
     assert legacy["tag"] == "legacy_seresnext50_32x4d.in1k" and legacy["url"].endswith(".pth")
     path = tmp_path / "w.safetensors"

@@ -40,15 +40,24 @@ class Orthanc:
 
     def __init__(self, folder: Path, pedetect_port: int, *, route: bool = False):
         if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
-            pytest.fail("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb; .ci/run installs them)")
+            pytest.fail(
+                "Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb; .ci/run installs them)"
+            )
         self.folder, self.http, self.dicom = folder, free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "Name": "pedetect-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+            "Name": "pedetect-test",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"pedetect": ["PEDETECT", "127.0.0.1", pedetect_port]},
         }
@@ -59,7 +68,9 @@ class Orthanc:
 
     def start(self) -> None:
         self.log = open(self.folder / "orthanc.log", "a")
-        self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [ORTHANC, str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_for(lambda: self._up(), 30, "Orthanc to start", self.process, self.folder / "orthanc.log")
 
     def _up(self) -> bool:
@@ -85,7 +96,9 @@ class Orthanc:
             return json.loads(response.read() or b"null")
 
     def post(self, path: str, data: bytes, content_type: str = "application/octet-stream"):
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": content_type}, method="POST")
+        request = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read() or b"null")
 
@@ -138,11 +151,21 @@ def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(stud
     stored_at = time.time()
     record = answered(spool, uid)
     latency = stored_at - record["last_received"]
-    print(f"\nlast instance received → SR, SC and KOS in Orthanc's DICOMweb: {latency:.2f} s (settle 1.0 s, "
-          f"prediction {record['seconds']:.2f} s, {len(files)} slices)")
+    print(
+        f"\nlast instance received → SR, SC and KOS in Orthanc's DICOMweb: {latency:.2f} s (settle 1.0 s, "
+        f"prediction {record['seconds']:.2f} s, {len(files)} slices)"
+    )
 
     # The same values as pedetect predict --dicom-out on the same study.
-    predict(files[0].parent, [model], tmp_path / "sub.csv", dicom_out=tmp_path / "dicom", device="cpu", progress=False, echo=lambda m: None)
+    predict(
+        files[0].parent,
+        [model],
+        tmp_path / "sub.csv",
+        dicom_out=tmp_path / "dicom",
+        device="cpu",
+        progress=False,
+        echo=lambda m: None,
+    )
     expected = read_sr_values(tmp_path / "dicom" / uid / "sr.dcm")
     (sr,) = pacs.retrieve(uid, series["SR"][0])
     sr.save_as(tmp_path / "from_orthanc_sr.dcm", enforce_file_format=True)
@@ -152,7 +175,11 @@ def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(stud
         assert got["findings"][tracking]["present"] == finding["present"]
         assert got["findings"][tracking]["probability"] == pytest.approx(finding["probability"], abs=1e-5)
     (ko,) = pacs.retrieve(uid, series["KO"][0])
-    referenced = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in ko.ContentSequence if item.ValueType == "IMAGE"]
+    referenced = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in ko.ContentSequence
+        if item.ValueType == "IMAGE"
+    ]
     assert referenced == expected["key_sops"]
     (sc,) = pacs.retrieve(uid, series["OT"][0])
     assert sc.SamplesPerPixel == 3 and sc.pixel_array.std() > 0
@@ -172,12 +199,16 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_by_c_store_when_it_retu
     wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
     assert len(list((spool / "outbox").rglob("*.dcm"))) == 3
     pacs.start()
-    series = wait_for(lambda: results_in(pacs, uid), 60, "the results in Orthanc after it returned", node.process, node.log)
+    series = wait_for(
+        lambda: results_in(pacs, uid), 60, "the results in Orthanc after it returned", node.process, node.log
+    )
     assert {kind: len(uids) for kind, uids in series.items()} == {"SR": 1, "OT": 1, "KO": 1}
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
 
 
-def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_the_results_back(study, orthancs, tmp_path, cli):
+def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_the_results_back(
+    study, orthancs, tmp_path, cli
+):
     uid, files, model = study
     pacs = orthancs(free_port())
     pacs.start()
@@ -189,9 +220,26 @@ def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_t
     for path in [*files, scout]:
         pacs.post("/instances", path.read_bytes(), "application/dicom")
     date = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyDate)
-    result = cli("predict", "--dicomweb", f"{pacs.url}/dicom-web", "--qido", f"StudyDate={date}-{date}", "--model", model,
-                 "--out", tmp_path / "sub.csv", "--dicom-out", tmp_path / "dicom", "--destination", f"dicomweb:{pacs.url}/dicom-web",
-                 "--min-slices", 8, "--device", "cpu", "--no-progress")
+    result = cli(
+        "predict",
+        "--dicomweb",
+        f"{pacs.url}/dicom-web",
+        "--qido",
+        f"StudyDate={date}-{date}",
+        "--model",
+        model,
+        "--out",
+        tmp_path / "sub.csv",
+        "--dicom-out",
+        tmp_path / "dicom",
+        "--destination",
+        f"dicomweb:{pacs.url}/dicom-web",
+        "--min-slices",
+        8,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "localizer (scout)" in result.output and "results stored" in result.output
     series = wait_for(lambda: results_in(pacs, uid), 10, "the results in Orthanc")
@@ -201,7 +249,17 @@ def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_t
     got, written = read_sr_values(tmp_path / "sr.dcm"), read_sr_values(tmp_path / "dicom" / uid / "sr.dcm")
     assert got == written and any("localizer (scout)" in line for line in got["comments"])
     # The same values as predict on the files themselves.
-    predict(files[0].parent, [model], tmp_path / "direct.csv", dicom_out=tmp_path / "direct", device="cpu", progress=False, echo=lambda m: None)
+    predict(
+        files[0].parent,
+        [model],
+        tmp_path / "direct.csv",
+        dicom_out=tmp_path / "direct",
+        device="cpu",
+        progress=False,
+        echo=lambda m: None,
+    )
     direct = read_sr_values(tmp_path / "direct" / uid / "sr.dcm")
     assert got["key_sops"] == direct["key_sops"]
-    assert {k: v["present"] for k, v in got["findings"].items()} == {k: v["present"] for k, v in direct["findings"].items()}
+    assert {k: v["present"] for k, v in got["findings"].items()} == {
+        k: v["present"] for k, v in direct["findings"].items()
+    }

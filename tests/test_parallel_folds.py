@@ -25,7 +25,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
-    write_dataset(root / "dicom", 9, slices=8, size=64, seed=3, positive_fraction=0.6, min_embolus_pixels=9, progress=False)
+    write_dataset(
+        root / "dicom", 9, slices=8, size=64, seed=3, positive_fraction=0.6, min_embolus_pixels=9, progress=False
+    )
     prepare(root / "dicom" / "train", root / "store", workers=1, progress=False, echo=lambda message: None)
     return root / "store", root / "dicom" / "train.csv"
 

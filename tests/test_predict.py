@@ -32,7 +32,16 @@ N_STUDIES, SLICES, SIZE = 5, 14, 64
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    labels = write_dataset(root / "data", N_STUDIES, slices=SLICES, size=SIZE, seed=7, split="test", transfer_syntax="jpeg2000", progress=False)
+    labels = write_dataset(
+        root / "data",
+        N_STUDIES,
+        slices=SLICES,
+        size=SIZE,
+        seed=7,
+        split="test",
+        transfer_syntax="jpeg2000",
+        progress=False,
+    )
     model = write_random_bundle(tiny_config(), root / "model", folds=2)
     return root, labels, model
 
@@ -47,8 +56,16 @@ def consistent_and_complete(submission: Path, studies_csv: Path) -> pd.DataFrame
 def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path, cli):
     root, labels, model = dataset
     data = root / "data"
-    summary = predict(data / "test", [model], tmp_path / "sub.csv", report_dir=tmp_path / "report",
-                      sample=data / "sample_submission.csv", device="cpu", progress=False, echo=lambda m: None)
+    summary = predict(
+        data / "test",
+        [model],
+        tmp_path / "sub.csv",
+        report_dir=tmp_path / "report",
+        sample=data / "sample_submission.csv",
+        device="cpu",
+        progress=False,
+        echo=lambda m: None,
+    )
     assert summary.ok and summary.n_studies == N_STUDIES and summary.n_slices_read == N_STUDIES * SLICES
     frame = consistent_and_complete(tmp_path / "sub.csv", data / "test.csv")
     assert frame["id"].tolist() == pd.read_csv(data / "sample_submission.csv")["id"].tolist()
@@ -63,8 +80,12 @@ def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path,
         assert report["sop_uids"] == rows[SOP].tolist()
         assert report["z"] == sorted(report["z"])
         assert report["slice_probabilities"] == pytest.approx([values[s] for s in rows[SOP]], abs=1e-6)
-        assert report["exam_probabilities"] == pytest.approx({label: values[exam_id(study, label)] for label in EXAM_LABELS}, abs=1e-6)
-        assert [s["SOPInstanceUID"] for s in report["slices_above_threshold"]] == [s for s in rows[SOP] if values[s] > 0.5]
+        assert report["exam_probabilities"] == pytest.approx(
+            {label: values[exam_id(study, label)] for label in EXAM_LABELS}, abs=1e-6
+        )
+        assert [s["SOPInstanceUID"] for s in report["slices_above_threshold"]] == [
+            s for s in rows[SOP] if values[s] > 0.5
+        ]
         assert set(report["timings"]) == {"read", "model", "fix"}  # seconds of this study
         assert (tmp_path / "report" / f"{study}.png").read_bytes()[:4] == b"\x89PNG"
     index = (tmp_path / "report" / "index.html").read_text()
@@ -84,14 +105,18 @@ def test_zip_input_and_two_bundles_give_the_same_rows(dataset, tmp_path):
     assert len(folder) == N_STUDIES * (SLICES + 9)
     pd.testing.assert_frame_equal(folder, zipped)
     # Without --sample: the nine exam rows of every study, then every slice in position order.
-    assert folder["id"].tolist()[: 9 * N_STUDIES] == [exam_id(s, label) for s in sorted(labels[STUDY].unique()) for label in EXAM_LABELS]
+    assert folder["id"].tolist()[: 9 * N_STUDIES] == [
+        exam_id(s, label) for s in sorted(labels[STUDY].unique()) for label in EXAM_LABELS
+    ]
 
 
 def test_flip_tta_averages_a_second_pass(dataset, tmp_path):
     root, _, model = dataset
     quiet = dict(device="cpu", progress=False, echo=lambda m: None)
     plain = predict(root / "data" / "test", [model], tmp_path / "plain.csv", report_dir=tmp_path / "r1", **quiet)
-    flipped = predict(root / "data" / "test", [model], tmp_path / "tta.csv", report_dir=tmp_path / "r2", tta=True, **quiet)
+    flipped = predict(
+        root / "data" / "test", [model], tmp_path / "tta.csv", report_dir=tmp_path / "r2", tta=True, **quiet
+    )
     assert plain.ok and flipped.ok
     a, b = pd.read_csv(tmp_path / "plain.csv"), pd.read_csv(tmp_path / "tta.csv")
     assert a["id"].tolist() == b["id"].tolist() and not np.allclose(a["label"], b["label"])
@@ -116,8 +141,21 @@ def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset,
         path.write_bytes(b"\0" * 64)
     (data / "test" / "notes.txt").write_text("not a slice: ignored")
 
-    result = cli("predict", data / "test", "--model", model, "--out", tmp_path / "sub.csv", "--report", tmp_path / "report",
-                 "--sample", data / "sample_submission.csv", "--device", "cpu", "--no-progress")
+    result = cli(
+        "predict",
+        data / "test",
+        "--model",
+        model,
+        "--out",
+        tmp_path / "sub.csv",
+        "--report",
+        tmp_path / "report",
+        "--sample",
+        data / "sample_submission.csv",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 1, result.output  # something was lost
     output = result.output
     assert f"study {dead}: no readable slice in {SLICES} file(s)" in output
@@ -128,7 +166,10 @@ def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset,
     values = dict(zip(frame["id"], frame["label"]))
     prior = json.loads((model / "prior.json").read_text())
     assert values[exam_id(dead, "negative_exam_for_pe")] == pytest.approx(prior["negative_exam_for_pe"], abs=1e-6)
-    assert all(values[s] == pytest.approx(prior["pe_present_on_image"], abs=1e-6) for s in labels.loc[labels[STUDY] == dead, SOP])
+    assert all(
+        values[s] == pytest.approx(prior["pe_present_on_image"], abs=1e-6)
+        for s in labels.loc[labels[STUDY] == dead, SOP]
+    )
 
     report = json.loads((tmp_path / "report" / f"{damaged}.json").read_text())
     skipped = {entry["SOPInstanceUID"]: entry for entry in report["skipped_files"]}
@@ -144,7 +185,9 @@ def test_corrupt_files_and_a_corrupt_study_are_named_and_still_get_rows(dataset,
     index = (tmp_path / "report" / "index.html").read_text()
     assert dead in index and garbage_sop in index and "no readable slice" in index
     # The other studies are predicted as without the damage.
-    clean = predict(root / "data" / "test", [model], tmp_path / "clean.csv", device="cpu", progress=False, echo=lambda m: None)
+    clean = predict(
+        root / "data" / "test", [model], tmp_path / "clean.csv", device="cpu", progress=False, echo=lambda m: None
+    )
     assert clean.ok
     reference = dict(pd.read_csv(tmp_path / "clean.csv", dtype={"label": float}).values)
     for study in studies[2:]:

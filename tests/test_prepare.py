@@ -37,11 +37,20 @@ def synth_input(tmp_path_factory):
     root = tmp_path_factory.mktemp("input")
     labels = []
     for syntax, seed in SYNTAXES.items():
-        labels.append(write_dataset(root / syntax, 1, slices=SLICES, size=SIZE, seed=seed, transfer_syntax=syntax, progress=False))
+        labels.append(
+            write_dataset(root / syntax, 1, slices=SLICES, size=SIZE, seed=seed, transfer_syntax=syntax, progress=False)
+        )
     for name, folder in (("ct5n", CT5N), ("ct2", CT2)):
         shutil.copytree(folder, root / "real" / name)
     good = ct_series(root / "hand", 3, rows=16, cols=16)
-    make_ct(root / "hand" / "scout", np.zeros((20, 16), np.uint16), study="1.2.826.0.1.3680043.8.498.1", series=str(_series_of(good[0])), position=(0, 0, 500), instance=99)
+    make_ct(
+        root / "hand" / "scout",
+        np.zeros((20, 16), np.uint16),
+        study="1.2.826.0.1.3680043.8.498.1",
+        series=str(_series_of(good[0])),
+        position=(0, 0, 500),
+        instance=99,
+    )
     bad = bad_files(root / "bad", good[0])
     return root, pd.concat(labels, ignore_index=True), bad
 
@@ -281,7 +290,10 @@ def _same_store(a: Path, b: Path) -> None:
     sa, sb = SliceStore(a), SliceStore(b)
     columns = [STUDY, SERIES, SOP, "slice_index", "z", "file", "offset", "length"]
     key = [SERIES, "slice_index"]
-    pd.testing.assert_frame_equal(sa.slices[columns].sort_values(key).reset_index(drop=True), sb.slices[columns].sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        sa.slices[columns].sort_values(key).reset_index(drop=True),
+        sb.slices[columns].sort_values(key).reset_index(drop=True),
+    )
     for uid in sa.series_uids:
         np.testing.assert_array_equal(sa.read_series(uid), sb.read_series(uid))
     assert sorted(sa.failures["path"]) == sorted(sb.failures["path"])
@@ -337,4 +349,6 @@ def test_a_truncated_compressed_file_is_named_as_truncated(tmp_path):
     # Its header reads, so like prepare the read path loses it as a slice of its series.
     series, unread = read_files(discover(tmp_path / "in" / "train"))
     assert unread == [] and len(series) == 1 and len(series[0]) == 3
-    assert [(f.path, f.reason, f.sop) for f in series[0].failures] == [(str(victim), failures["reason"].iloc[0], failures[SOP].iloc[0])]
+    assert [(f.path, f.reason, f.sop) for f in series[0].failures] == [
+        (str(victim), failures["reason"].iloc[0], failures[SOP].iloc[0])
+    ]

@@ -17,10 +17,19 @@ def make_result(uid: str, peak: float, n: int = 40) -> StudyResult:
     """A study whose model values obey the rules already (written = model's)."""
     x = np.arange(n)
     probabilities = (peak * np.exp(-0.5 * ((x - n / 2) / 3) ** 2)).tolist()
-    exam = dict.fromkeys(EXAM_LABELS, 0.1) | ({"central_pe": 0.8, "rv_lv_ratio_lt_1": 0.7} if peak > 0.5 else {"negative_exam_for_pe": 0.9})
-    return StudyResult(uid, exam, [f"{uid}.{i}" for i in range(n)], [1.25 * i for i in range(n)], probabilities,
-                       dict(exam), list(probabilities),
-                       skipped_files=[{"path": "x/bad.dcm", "reason": "truncated"}] if peak < 0.5 else [])
+    exam = dict.fromkeys(EXAM_LABELS, 0.1) | (
+        {"central_pe": 0.8, "rv_lv_ratio_lt_1": 0.7} if peak > 0.5 else {"negative_exam_for_pe": 0.9}
+    )
+    return StudyResult(
+        uid,
+        exam,
+        [f"{uid}.{i}" for i in range(n)],
+        [1.25 * i for i in range(n)],
+        probabilities,
+        dict(exam),
+        list(probabilities),
+        skipped_files=[{"path": "x/bad.dcm", "reason": "truncated"}] if peak < 0.5 else [],
+    )
 
 
 def repaired_to_negative(uid: str) -> StudyResult:
@@ -40,7 +49,10 @@ def test_study_report_and_index(tmp_path):
     write_study_report(tmp_path, negative, images)
     data = json.loads(files.json.read_text())
     above = [s["slice_index"] for s in data["slices_above_threshold"]]
-    assert above == [i for i, p in enumerate(positive.slice_probabilities) if p > 0.5] and 17 <= min(above) <= max(above) <= 23
+    assert (
+        above == [i for i, p in enumerate(positive.slice_probabilities) if p > 0.5]
+        and 17 <= min(above) <= max(above) <= 23
+    )
     assert data["pe_probability"] == max(positive.model_slice_probabilities) and data["pe_positive"] is True
     assert data["exam_probabilities"]["central_pe"] == 0.8 and data["model_exam_probabilities"]["central_pe"] == 0.8
     assert files.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -48,7 +60,9 @@ def test_study_report_and_index(tmp_path):
     viewer = data["viewer"]
     assert len(viewer["slices"]) == 40 and all((tmp_path / f).read_bytes()[:2] == b"\xff\xd8" for f in viewer["slices"])
     assert viewer["suspicious"] == [int(np.argmax(positive.model_slice_probabilities))]
-    assert [w["name"] for w in viewer["windows"]] == ["pe", "lung", "mediastinal"] and viewer["windows"][0]["channel"] == 1
+    assert [w["name"] for w in viewer["windows"]] == ["pe", "lung", "mediastinal"] and viewer["windows"][0][
+        "channel"
+    ] == 1
     assert viewer["location"] is None  # no grid given
     assert files.page.name == "1.2.840.1.html" and '"study_uid":"1.2.840.1"' in files.page.read_text()
 
@@ -72,7 +86,7 @@ def test_the_model_probability_is_shown_and_the_repair_named(tmp_path):
     assert data["pe_probability"] == pytest.approx(0.52)  # not the written 0.4999
     assert max(data["slice_probabilities"]) == LOWERED and max(data["model_slice_probabilities"]) == pytest.approx(0.52)
     index = write_index(tmp_path, [result]).read_text()
-    assert "<td class=\"number\">0.520</td>" in index and "negative</span>" in index and "changed by the repair" in index
+    assert '<td class="number">0.520</td>' in index and "negative</span>" in index and "changed by the repair" in index
 
 
 def test_location_grid_is_placed_on_the_crop(tmp_path):

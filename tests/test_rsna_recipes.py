@@ -52,16 +52,39 @@ def data(tmp_path_factory):
 def _train_and_predict(data, recipe: str, tmp_path, *extra: str):
     out = tmp_path / "model"
     overrides = [arg for item in (*SHRINK, *extra) for arg in ("--set", item)]
-    run_pedetect("train", ROOT / "configs" / recipe, "--store", data / "store", "--labels", data / "synth" / "train.csv",
-                 "--out", out, *overrides)
+    run_pedetect(
+        "train",
+        ROOT / "configs" / recipe,
+        "--store",
+        data / "store",
+        "--labels",
+        data / "synth" / "train.csv",
+        "--out",
+        out,
+        *overrides,
+    )
     submission = tmp_path / "submission.csv"
-    run_pedetect("predict", data / "test" / "test", "--model", out, "--out", submission,
-                 "--sample", data / "test" / "sample_submission.csv", "--device", "cpu")
+    run_pedetect(
+        "predict",
+        data / "test" / "test",
+        "--model",
+        out,
+        "--out",
+        submission,
+        "--sample",
+        data / "test" / "sample_submission.csv",
+        "--device",
+        "cpu",
+    )
     sample = pd.read_csv(data / "test" / "sample_submission.csv")
     rows = pd.read_csv(submission)
     assert list(rows["id"]) == list(sample["id"]) and rows["label"].between(0, 1).all()
-    check = subprocess.run(pedetect_command("check", submission, "--studies", data / "test" / "test.csv"),
-                           capture_output=True, text=True, cwd=ROOT)
+    check = subprocess.run(
+        pedetect_command("check", submission, "--studies", data / "test" / "test.csv"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert check.returncode == 0, check.stdout + check.stderr  # the label rules hold
     bundle = json.loads((out / "bundle.json").read_text())
     assert bundle["folds"] == [0, 1] and bundle["starting_weights"]["weights"] == "random"
@@ -82,7 +105,13 @@ def test_4th_place_recipe(data, tmp_path):
     assert (cnn.head.in_features, cnn.head.out_features) == (256, 1)
     # Two stacked 3-layer BiLSTM-128, the second on the first's outputs; attention per LSTM; 256-unit outputs.
     for lstm, width in ((head.encoder, 2560 + 1), (head.encoder2, 256)):
-        assert (type(lstm), lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bidirectional) == (nn.LSTM, width, 128, 3, True)
+        assert (type(lstm), lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bidirectional) == (
+            nn.LSTM,
+            width,
+            128,
+            3,
+            True,
+        )
     assert head.attention.out_features == head.attention2.out_features == 1 and head.exam_pool == "attention"
     assert head.slice_head[0].out_features == 256 and head.exam_head[0].in_features == 256
     assert head.exam_head[-1].out_features == len(EXAM_LABELS)
@@ -116,19 +145,41 @@ def test_5th_place_transformer_variant_on_the_same_cnns(data, fifth, tmp_path):
     out = fifth[0]
     copy = tmp_path / "tf1"
     shutil.copytree(out, copy)
-    transformer = ["seq.encoder=transformer", "seq.hidden=2048", "seq.layers=1", "seq.heads=8", "seq.feedforward=2048", "seq.position=none"]
+    transformer = [
+        "seq.encoder=transformer",
+        "seq.hidden=2048",
+        "seq.layers=1",
+        "seq.heads=8",
+        "seq.feedforward=2048",
+        "seq.position=none",
+    ]
     # The same stage-1 settings as the model copied (else train refuses the folder), then stage 2's.
     overrides = [arg for item in (*SHRINK, *FIFTH, *transformer) for arg in ("--set", item)]
-    result = run_pedetect("train", ROOT / "configs" / "rsna_5th_effnetb5.yaml", "--store", data / "store", "--labels",
-                          data / "synth" / "train.csv", "--out", copy, "--stage", "seq", *overrides)
+    result = run_pedetect(
+        "train",
+        ROOT / "configs" / "rsna_5th_effnetb5.yaml",
+        "--store",
+        data / "store",
+        "--labels",
+        data / "synth" / "train.csv",
+        "--out",
+        copy,
+        "--stage",
+        "seq",
+        *overrides,
+    )
     said = result.stdout + result.stderr
     assert "removing the previous sequence heads" in said and "embed fold" not in said  # stage 2 alone retrained
     head = load_sequence_head(copy, 0)
     layer = head.encoder.layers[0]
-    assert len(head.encoder.layers) == 1 and layer.linear1.out_features == 2048 and isinstance(head.position, nn.Identity)
+    assert (
+        len(head.encoder.layers) == 1 and layer.linear1.out_features == 2048 and isinstance(head.position, nn.Identity)
+    )
     assert layer.self_attn.num_heads == 8 and layer.self_attn.embed_dim == 2048
     submission = tmp_path / "ensemble.csv"
-    run_pedetect("predict", data / "test" / "test", "--model", out, "--model", copy, "--out", submission, "--device", "cpu")
+    run_pedetect(
+        "predict", data / "test" / "test", "--model", out, "--model", copy, "--out", submission, "--device", "cpu"
+    )
     assert len(pd.read_csv(submission)) == len(pd.read_csv(data / "test" / "sample_submission.csv"))
 
 
@@ -138,8 +189,18 @@ def test_1st_place_recipe(data, tmp_path):
     assert cnn.backbone.layer0.conv1.in_channels == 3  # slices z-1, z, z+1 in the PE window
     assert (cnn.head.in_features, cnn.head.out_features) == (2048, 1)
     # BiGRU-512 over [f, f - prev, f - next]; tanh attention; only series longer than 192 resized.
-    assert (type(head.encoder), head.encoder.input_size, head.encoder.hidden_size, head.encoder.num_layers) == (nn.GRU, 3 * 2048, 512, 1)
-    assert (head.attention_kind, head.fixed_length, head.resize, head.exam_pool) == ("tanh", 192, "longer", "attention_max")
+    assert (type(head.encoder), head.encoder.input_size, head.encoder.hidden_size, head.encoder.num_layers) == (
+        nn.GRU,
+        3 * 2048,
+        512,
+        1,
+    )
+    assert (head.attention_kind, head.fixed_length, head.resize, head.exam_pool) == (
+        "tanh",
+        192,
+        "longer",
+        "attention_max",
+    )
     # The lung boxes of every training series, recorded in the bundle, each a crop of the slice.
     boxes = json.loads((out / "lung_boxes.json").read_text())
     store_series = set(pd.read_parquet(data / "store" / "slices.parquet")[SERIES])

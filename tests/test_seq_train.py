@@ -45,14 +45,22 @@ def test_the_training_loss_is_the_score_evaluate_gives(trained_model):
     assert evaluate_frames(labels, submission)["score"] == pytest.approx(loss.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("extra", [(), ("seq.fixed_length=16", "seq.neighbour_diffs=true"), ("seq.encoder=transformer", "seq.heads=2")])
+@pytest.mark.parametrize(
+    "extra", [(), ("seq.fixed_length=16", "seq.neighbour_diffs=true"), ("seq.encoder=transformer", "seq.heads=2")]
+)
 def test_predict_series_is_the_batched_padded_forward(trained_model, extra):
     config, labels, store, out, _ = trained_model
     records = load_records(training_inputs(config, store=store, labels=labels, out=out))
     config = apply_overrides(config, list(extra))
     # Series of different lengths in one padded batch: cut two of them short.
     for r, n in zip(records[:2], (4, 7)):
-        r.embedding, r.logit, r.sop, r.slice_target, r.labelled = r.embedding[:n], r.logit[:n], r.sop[:n], r.slice_target[:n], r.labelled[:n]
+        r.embedding, r.logit, r.sop, r.slice_target, r.labelled = (
+            r.embedding[:n],
+            r.logit[:n],
+            r.sop[:n],
+            r.slice_target[:n],
+            r.labelled[:n],
+        )
     torch.manual_seed(0)
     head = build_sequence_head(config.seq, records[0].embedding.shape[1]).eval()
     slices, exams = predict_records(head, records[:5], batch_size=5, device="cpu")
@@ -93,7 +101,9 @@ def test_cross_validation_files_agree_with_evaluate(trained_model, tmp_path, cli
     # Stage 1 alone ranks the slices by the out-of-fold CNN logits of the embedding pass.
     stored = [read_series_embedding(p) for k in range(3) for p in embed_dir(out, k).glob("*.npz")]
     truth = labels.set_index(SOP)[IMAGE_LABEL]
-    stage1_auc = roc_auc_score(truth.loc[np.concatenate([e.sop for e in stored])], np.concatenate([e.logit for e in stored]))
+    stage1_auc = roc_auc_score(
+        truth.loc[np.concatenate([e.sop for e in stored])], np.concatenate([e.logit for e in stored])
+    )
     assert cv["baselines"]["stage1_alone"]["slice_auc"] == pytest.approx(stage1_auc, abs=1e-9)
 
 
@@ -140,7 +150,9 @@ def test_folds_trained_in_parallel_processes_match_one_after_another(trained_mod
     config, labels, store, out, result = trained_model
     copy = trained_copy
     shutil.rmtree(copy / "seq")
-    parallel = train(apply_overrides(config, ["runtime.parallel_folds=3"]), stage="seq", store=store, labels=labels, out=copy)["seq"]
+    parallel = train(
+        apply_overrides(config, ["runtime.parallel_folds=3"]), stage="seq", store=store, labels=labels, out=copy
+    )["seq"]
     assert parallel["score"] == pytest.approx(result["seq"]["score"], rel=1e-4)
     for k in range(3):
         ours, theirs = load_sequence_head(copy, k).state_dict(), load_sequence_head(out, k).state_dict()

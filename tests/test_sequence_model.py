@@ -8,7 +8,13 @@ import torch
 
 from pedetect.labels import EXAM_LABELS
 from pedetect.metric.loss import weighted_log_loss
-from pedetect.models.sequence import CONDITIONAL_OUTPUTS, SequenceHead, conditional_exam_logits, metric_loss, neighbour_differences
+from pedetect.models.sequence import (
+    CONDITIONAL_OUTPUTS,
+    SequenceHead,
+    conditional_exam_logits,
+    metric_loss,
+    neighbour_differences,
+)
 
 D = 8
 LENGTHS = [5, 9, 3]
@@ -126,13 +132,22 @@ def test_conditional_exam_logits_multiply_out_and_obey_the_rules():
     q = {name: torch.sigmoid(outputs[:, i].double()) for i, name in enumerate(CONDITIONAL_OUTPUTS)}
     column = {label: p[:, i] for i, label in enumerate(EXAM_LABELS)}
     positive = q["positive"]
-    torch.testing.assert_close(column["negative_exam_for_pe"], (1 - positive) * (1 - q["indeterminate_if_not_positive"]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(column["indeterminate"], (1 - positive) * q["indeterminate_if_not_positive"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        column["negative_exam_for_pe"], (1 - positive) * (1 - q["indeterminate_if_not_positive"]), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        column["indeterminate"], (1 - positive) * q["indeterminate_if_not_positive"], atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(column["central_pe"], positive * q["central_pe_if_positive"], atol=1e-6, rtol=0)
     torch.testing.assert_close(column["leftsided_pe"], positive * q["leftsided_pe_if_positive"], atol=1e-6, rtol=0)
     # Exactly one RV/LV label of a positive exam; negative + indeterminate + positive = 1.
     torch.testing.assert_close(column["rv_lv_ratio_gte_1"] + column["rv_lv_ratio_lt_1"], positive, atol=1e-6, rtol=0)
-    torch.testing.assert_close(column["negative_exam_for_pe"] + column["indeterminate"] + positive, torch.ones(200, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        column["negative_exam_for_pe"] + column["indeterminate"] + positive,
+        torch.ones(200, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     assert torch.isfinite(conditional_exam_logits(outputs)).all()
     # No positive-only label above its exam's P(positive): a confident negative exam is consistent.
     for label in ("rv_lv_ratio_gte_1", "central_pe", "rightsided_pe", "chronic_pe", "acute_and_chronic_pe"):

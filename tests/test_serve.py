@@ -82,11 +82,33 @@ def c_store(port: int, paths: list[Path], ae_title: str = "PEDETECT") -> list[in
 class Serve:
     """``pedetect serve`` in a subprocess (stopped, or killed, by its pid)."""
 
-    def __init__(self, model: Path, spool: Path, destination: str | None, *, settle: float = 0.5, port: int | None = None):
+    def __init__(
+        self, model: Path, spool: Path, destination: str | None, *, settle: float = 0.5, port: int | None = None
+    ):
         self.port = port or free_port()
         self.log = spool.parent / f"{spool.name}-serve.log"
-        args = [PEDETECT, "serve", "--model", str(model), "--ae-title", "PEDETECT", "--host", "127.0.0.1", "--port", str(self.port),
-                "--spool", str(spool), "--settle", str(settle), "--device", "cpu", "--retry-max", "1", "--min-slices", "8"]
+        args = [
+            PEDETECT,
+            "serve",
+            "--model",
+            str(model),
+            "--ae-title",
+            "PEDETECT",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--spool",
+            str(spool),
+            "--settle",
+            str(settle),
+            "--device",
+            "cpu",
+            "--retry-max",
+            "1",
+            "--min-slices",
+            "8",
+        ]
         args += ["--destination", destination] if destination else []
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.handle = open(self.log, "a")
@@ -208,12 +230,21 @@ def test_serve_answers_a_study_and_delivers_when_the_destination_comes_back(stud
     assert statuses == [0] * (len(files) + 2)
     assert len(list((spool / "incoming").rglob("*.dcm"))) == len(files)  # the non-CT one not kept, the twice-sent once
     record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
-    assert record["slices"] == len(files) and record["lost"] == [] and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+    assert (
+        record["slices"] == len(files)
+        and record["lost"] == []
+        and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+    )
     wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
     assert len(list((spool / "outbox").rglob("*.dcm"))) == 3  # kept on disk while the destination is down
     destination.start()
-    got = wait_for(lambda: (lambda f: f if len(f) == 3 else None)(destination.of_study(uid)), 60, "the results at the destination",
-                   node.process, node.log)
+    got = wait_for(
+        lambda: (lambda f: f if len(f) == 3 else None)(destination.of_study(uid)),
+        60,
+        "the results at the destination",
+        node.process,
+        node.log,
+    )
     assert sorted(got) == ["KO", "OT", "SR"]
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
     sr_path = destination.folder / f"{got['SR'][0].SOPInstanceUID}.dcm"
@@ -236,25 +267,50 @@ def test_serve_killed_during_a_prediction_answers_the_study_once_after_a_restart
     node.kill()
     assert answered(spool, uid) is None
     again = serves(model, spool, f"dimse:DEST@127.0.0.1:{destination.port}", settle=0.3, port=node.port)
-    wait_for(lambda: len(destination.of_study(uid)) == 3, 120, "the results after the restart", again.process, again.log)
+    wait_for(
+        lambda: len(destination.of_study(uid)) == 3, 120, "the results after the restart", again.process, again.log
+    )
     assert "resuming 1 received study" in again.text()
     time.sleep(1.0)
     received = destination.of_study(uid)
     # Answered once: one result per kind (the same UIDs, had the killed run already sent any).
-    assert {kind: len({ds.SOPInstanceUID for ds in items}) for kind, items in received.items()} == {"KO": 1, "OT": 1, "SR": 1}
+    assert {kind: len({ds.SOPInstanceUID for ds in items}) for kind, items in received.items()} == {
+        "KO": 1,
+        "OT": 1,
+        "SR": 1,
+    }
 
 
 def test_a_second_node_on_the_same_spool_is_refused(study, serves, tmp_path):
     _, _, model = study
     spool = tmp_path / "spool"
     serves(model, spool, None)
-    run = subprocess.run([PEDETECT, "serve", "--model", str(model), "--spool", str(spool), "--port", str(free_port()),
-                          "--host", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            PEDETECT,
+            "serve",
+            "--model",
+            str(model),
+            "--spool",
+            str(spool),
+            "--port",
+            str(free_port()),
+            "--host",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "in use by another pedetect run" in run.stderr
 
 
 def test_bad_destination_is_refused_naming_the_forms(study):
     _, _, model = study
-    run = subprocess.run([PEDETECT, "serve", "--model", str(model), "--destination", "pacs.example:104"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [PEDETECT, "serve", "--model", str(model), "--destination", "pacs.example:104"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "dimse:AE@host:port" in run.stderr

@@ -60,7 +60,9 @@ def test_selection_takes_the_axial_soft_tissue_thinnest_series_and_says_why_not_
     selection = select_series(everything, min_slices=8)
     assert selection.chosen is not None and sorted(selection.chosen.files) == sorted(files)
     reasons = {s.uid: s.reason for s in selection.rejected}
-    uid_of = {name: pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID for name, paths in variants.items()}
+    uid_of = {
+        name: pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID for name, paths in variants.items()
+    }
     assert reasons[uid_of["scout"]] == "localizer (scout)"
     assert reasons[uid_of["coronal"]].startswith("not axial")
     assert reasons[uid_of["short"]] == "4 slices, fewer than 8"
@@ -75,7 +77,9 @@ def test_only_a_scout_is_no_usable_series(variants):
     assert selection.chosen is None and selection.files == [] and selection.notes()[0] == "no usable CT series"
 
 
-def test_serve_answers_a_pacs_study_from_its_ctpa_series_naming_the_rest_and_the_corrupt_instance(study, variants, serves, tmp_path):
+def test_serve_answers_a_pacs_study_from_its_ctpa_series_naming_the_rest_and_the_corrupt_instance(
+    study, variants, serves, tmp_path
+):
     uid, files, model = study
     dest = StoreSCP(free_port(), tmp_path / "dest")
     dest.start()
@@ -85,7 +89,13 @@ def test_serve_answers_a_pacs_study_from_its_ctpa_series_naming_the_rest_and_the
         bad = corrupt(files[4], tmp_path / "corrupt")
         sent = [*files[:4], bad, *files[5:], *variants["scout"], *variants["lung"], *variants["coronal"]]
         assert c_store(node.port, sent) == [0] * len(sent)
-        got = wait_for(lambda: (lambda f: f if len(f) == 3 else None)(dest.of_study(uid)), 120, "the results", node.process, node.log)
+        got = wait_for(
+            lambda: (lambda f: f if len(f) == 3 else None)(dest.of_study(uid)),
+            120,
+            "the results",
+            node.process,
+            node.log,
+        )
         record = answered(spool, uid)
         assert record["series"]["used"] == pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
         assert len(record["series"]["not_used"]) == 3 and record["slices"] == len(files) - 1
@@ -95,7 +105,9 @@ def test_serve_answers_a_pacs_study_from_its_ctpa_series_naming_the_rest_and_the
         assert validator_errors(tmp_path / "sr.dcm") == []  # the comments keep the SR valid
         values = read_sr_values(tmp_path / "sr.dcm")
         comments = "\n".join(values["comments"])
-        assert f"instance {bad_sop} not used" in comments and "localizer (scout)" in comments and "not axial" in comments
+        assert (
+            f"instance {bad_sop} not used" in comments and "localizer (scout)" in comments and "not axial" in comments
+        )
         assert set(values["key_sops"]) <= {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
         assert f"file not used: {bad_sop}.dcm" in node.text()
     finally:

@@ -103,8 +103,10 @@ def test_split_command_writes_folds_and_prints_distribution(tmp_path, cli):
     assert result.exit_code == 0, result.output
     folds = read_folds(out)
     assert len(folds) == 30 and folds[FOLD].nunique() == 3
-    assert folds.sort_values(STUDY).reset_index(drop=True).equals(
-        make_folds(labels, 3, 5).sort_values(STUDY).reset_index(drop=True)
+    assert (
+        folds.sort_values(STUDY)
+        .reset_index(drop=True)
+        .equals(make_folds(labels, 3, 5).sort_values(STUDY).reset_index(drop=True))
     )
     for column in ("studies", "pos_slices", "central_pe", "all"):
         assert column in result.output

@@ -70,9 +70,7 @@ def test_a_head_with_no_input_at_all_is_refused():
 
 def test_own_cnn_heads_train_on_their_own_cnns_embeddings_and_validate_out_of_fold(trained_model, trained_copy):
     config, labels, store, out, _ = trained_model
-    before = {
-        k: {p.name: p.read_bytes() for p in embed_dir(out, k).glob("*.npz")} for k in range(3)
-    }
+    before = {k: {p.name: p.read_bytes() for p in embed_dir(out, k).glob("*.npz")} for k in range(3)}
     own = apply_overrides(config, ["seq.training_embeddings=own_cnn"])
     result = train(own, store=store, labels=labels, out=trained_copy)
     assert result["bundle"] is not None and result["seq"]["n_studies"] == 12
@@ -97,7 +95,9 @@ def test_own_cnn_heads_train_on_their_own_cnns_embeddings_and_validate_out_of_fo
         assert (seq_dir(trained_copy, k) / "oof_predictions.csv").is_file()
     # Out of fold, each series still comes from its own fold's CNN.
     for r in oof:
-        assert np.array_equal(r.embedding, read_series_embedding(embedding_path(trained_copy, r.fold, r.series)).embedding)
+        assert np.array_equal(
+            r.embedding, read_series_embedding(embedding_path(trained_copy, r.fold, r.series)).embedding
+        )
 
 
 def test_own_cnn_without_every_series_embedded_is_a_clear_error(trained_model):

@@ -57,7 +57,11 @@ def exam_of(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +157,14 @@ def test_exam_label_frequencies_match_the_rsna_training_set():
     assert frame.negative_exam_for_pe.mean() == pytest.approx(0.67, abs=0.025)
     assert frame.indeterminate.mean() == pytest.approx(0.02, abs=0.008)
     assert len(positive) / len(frame) == pytest.approx(0.31, abs=0.025)
-    targets = {"rightsided_pe": 0.80, "leftsided_pe": 0.66, "central_pe": 0.18, "rv_lv_ratio_gte_1": 0.42,
-               "chronic_pe": 0.13, "acute_and_chronic_pe": 0.06}
+    targets = {
+        "rightsided_pe": 0.80,
+        "leftsided_pe": 0.66,
+        "central_pe": 0.18,
+        "rv_lv_ratio_gte_1": 0.42,
+        "chronic_pe": 0.13,
+        "acute_and_chronic_pe": 0.06,
+    }
     for label, target in targets.items():
         assert positive[label].mean() == pytest.approx(target, abs=0.04), label
     assert (positive.rv_lv_ratio_gte_1 + positive.rv_lv_ratio_lt_1 == 1).all()
@@ -211,8 +221,13 @@ def test_emboli_are_filling_defects_inside_contrast_filled_arteries(clean_positi
 
 def test_chronic_emboli_are_wall_adherent_and_acute_central_ones_surrounded(clean_positives):
     """Chronic: the defect touches the artery wall; acute in a large artery: contrast all around it."""
-    not_lumen = [int(Tissue.PA_BLOOD), int(Tissue.EMBOLUS_ACUTE), int(Tissue.EMBOLUS_CHRONIC),
-                 int(Tissue.FLOW_OUTER), int(Tissue.FLOW_INNER)]
+    not_lumen = [
+        int(Tissue.PA_BLOOD),
+        int(Tissue.EMBOLUS_ACUTE),
+        int(Tissue.EMBOLUS_CHRONIC),
+        int(Tissue.FLOW_OUTER),
+        int(Tissue.FLOW_INNER),
+    ]
     seen = {"chronic": 0, "acute": 0}
     for study in clean_positives:
         wall = ~np.isin(study.tissue, not_lumen)
@@ -282,8 +297,9 @@ def test_indeterminate_and_mimic_studies_have_no_embolus():
 def dataset(request, tmp_path_factory):
     n = 8 if request.param == "explicit" else 3
     out = tmp_path_factory.mktemp(f"synth_{request.param}")
-    labels = write_dataset(out, n, slices=8, size=64, seed=11, transfer_syntax=request.param, progress=False,
-                           positive_fraction=0.5)
+    labels = write_dataset(
+        out, n, slices=8, size=64, seed=11, transfer_syntax=request.param, progress=False, positive_fraction=0.5
+    )
     return request.param, out, labels, n
 
 
@@ -311,7 +327,9 @@ def test_dicom_files_are_valid_and_round_trip_the_rendered_hu(dataset):
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             assert ds.StudyInstanceUID == study_uid and ds.SeriesInstanceUID == frame.iloc[0]["SeriesInstanceUID"]
             assert re.fullmatch(r"SYNTHETIC\^PHANTOM-\d{4}", str(ds.PatientName))
-            assert re.fullmatch(r"SYNTH-\d{4}", ds.PatientID) and ds.PatientBirthDate == "" and ds.PatientSex == ""  # type 2: present, empty
+            assert (
+                re.fullmatch(r"SYNTH-\d{4}", ds.PatientID) and ds.PatientBirthDate == "" and ds.PatientSex == ""
+            )  # type 2: present, empty
             assert ds.RescaleType == "HU" and "WindowCenter" in ds and "SliceThickness" in ds
             np.testing.assert_array_equal(hu_of(ds), study.hu[k])
             np.testing.assert_array_equal(ds.pixel_array, study.stored[k])
@@ -330,7 +348,13 @@ def test_scanner_variety_in_the_written_dataset(dataset):
         series = read_series(next((out / "train" / study_uid).iterdir()))
         signed.add(int(series[0].PixelRepresentation))
         numbers = [int(ds.InstanceNumber) for ds in series]
-        orders.add("increasing" if numbers == sorted(numbers) else "decreasing" if numbers == sorted(numbers)[::-1] else "shuffled")
+        orders.add(
+            "increasing"
+            if numbers == sorted(numbers)
+            else "decreasing"
+            if numbers == sorted(numbers)[::-1]
+            else "shuffled"
+        )
         padded |= "PixelPaddingValue" in series[0]
     if syntax == "explicit":  # 8 studies here, 3 for the compressed syntaxes
         assert signed == {0, 1}
@@ -423,15 +447,41 @@ def test_min_embolus_pixels_keeps_every_labelled_slice_visible():
 
 
 def test_cli_train_and_test_splits(tmp_path, cli):
-    result = cli("synth", tmp_path, "--studies", 2, "--slices", 5, "--size", 64, "--seed", 3, "--no-progress",
-                 "--positive-fraction", 0.5)
+    result = cli(
+        "synth",
+        tmp_path,
+        "--studies",
+        2,
+        "--slices",
+        5,
+        "--size",
+        64,
+        "--seed",
+        3,
+        "--no-progress",
+        "--positive-fraction",
+        0.5,
+    )
     assert result.exit_code == 0, result.output
     train = pd.read_csv(tmp_path / "train.csv")
     assert list(train.columns) == list(TRAIN_COLUMNS) and len(train) == 10
     assert len(list((tmp_path / "train").rglob("*.dcm"))) == 10
 
-    result = cli("synth", tmp_path, "--studies", 3, "--slices", 4, "--size", 64, "--split", "test",
-                 "--transfer-syntax", "rle", "--no-progress")
+    result = cli(
+        "synth",
+        tmp_path,
+        "--studies",
+        3,
+        "--slices",
+        4,
+        "--size",
+        64,
+        "--split",
+        "test",
+        "--transfer-syntax",
+        "rle",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     test = pd.read_csv(tmp_path / "test.csv")
     truth = pd.read_csv(tmp_path / "test_labels.csv")
@@ -459,8 +509,17 @@ def test_cli_preview_and_errors(tmp_path, cli):
     assert bad.exit_code == 2
     helped = cli("synth", "--help", env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     assert helped.exit_code == 0
-    for option in ("--studies", "--slices", "--size", "--seed", "--split", "--transfer-syntax", "--preview",
-                   "--positive-fraction", "--indeterminate-fraction"):
+    for option in (
+        "--studies",
+        "--slices",
+        "--size",
+        "--seed",
+        "--split",
+        "--transfer-syntax",
+        "--preview",
+        "--positive-fraction",
+        "--indeterminate-fraction",
+    ):
         assert option in helped.output
 
 

@@ -35,8 +35,24 @@ def chain(tmp_path_factory):
 
 def train_args(store, labels, folds, out, *overrides) -> list:
     """``pedetect train`` of the demo recipe's fold 0, stage 1 only, with ``--set`` overrides."""
-    args = ["train", default_config(), "--store", store, "--labels", labels, "--folds", folds, "--out", out,
-            "--stage", "cnn", "--fold", "0", "--set", "logging.progress_bar=false"]
+    args = [
+        "train",
+        default_config(),
+        "--store",
+        store,
+        "--labels",
+        labels,
+        "--folds",
+        folds,
+        "--out",
+        out,
+        "--stage",
+        "cnn",
+        "--fold",
+        "0",
+        "--set",
+        "logging.progress_bar=false",
+    ]
     for item in overrides:
         args += ["--set", item]
     return args
@@ -61,8 +77,14 @@ def test_demo_recipe_learns_on_synthetic_studies(chain, tmp_path):
 def test_ddp_with_two_cpu_processes(chain, tmp_path):
     store, labels, folds = chain
     out = tmp_path / "ddp"
-    ddp = ["runtime.accelerator=cpu", "runtime.devices=2", "runtime.strategy=ddp", "cnn.epochs=1",
-           "cnn.sampling.samples_per_epoch=256", "data.num_workers=0"]
+    ddp = [
+        "runtime.accelerator=cpu",
+        "runtime.devices=2",
+        "runtime.strategy=ddp",
+        "cnn.epochs=1",
+        "cnn.sampling.samples_per_epoch=256",
+        "data.num_workers=0",
+    ]
     run_pedetect(*train_args(store, labels, folds, out, *ddp))
     metrics = json.loads((out / "cnn" / "fold0" / "metrics.json").read_text())
     n_val = int((pd.read_csv(folds)["fold"] == 0).sum()) * 40
@@ -79,9 +101,13 @@ def test_ddp_with_two_cpu_processes(chain, tmp_path):
 def test_resume_after_sigkill(chain, tmp_path):
     store, labels, folds = chain
     out = tmp_path / "killed"
-    args = train_args(store, labels, folds, out, "cnn.epochs=3", "cnn.sampling.samples_per_epoch=320", "data.num_workers=0")
+    args = train_args(
+        store, labels, folds, out, "cnn.epochs=3", "cnn.sampling.samples_per_epoch=320", "data.num_workers=0"
+    )
     last = out / "cnn" / "fold0" / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(pedetect_command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        pedetect_command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not last.exists() and process.poll() is None and time.monotonic() < deadline:

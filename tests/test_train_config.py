@@ -17,7 +17,13 @@ from pedetect.recipe import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = ["demo.yaml", "rsna_4th_rexnet200.yaml", "rsna_5th_effnetb5.yaml", "rsna_1st_seresnext50.yaml", "rsna_2nd_heart.yaml"]
+RECIPES = [
+    "demo.yaml",
+    "rsna_4th_rexnet200.yaml",
+    "rsna_5th_effnetb5.yaml",
+    "rsna_1st_seresnext50.yaml",
+    "rsna_2nd_heart.yaml",
+]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -35,8 +41,18 @@ def test_recipes_validate_and_name_their_source(name):
 
 def test_recipes_say_what_the_issue_asks():
     fourth = load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").cnn
-    assert (fourth.backbone.name, fourth.input.image_size, fourth.epochs, fourth.batch_size) == ("rexnet_200.nav_in1k", 512, 3, 32)
-    assert (fourth.optimizer.name, fourth.optimizer.lr, fourth.optimizer.weight_decay, fourth.scheduler.name) == ("adamw", 1e-3, 1e-2, "cosine")
+    assert (fourth.backbone.name, fourth.input.image_size, fourth.epochs, fourth.batch_size) == (
+        "rexnet_200.nav_in1k",
+        512,
+        3,
+        32,
+    )
+    assert (fourth.optimizer.name, fourth.optimizer.lr, fourth.optimizer.weight_decay, fourth.scheduler.name) == (
+        "adamw",
+        1e-3,
+        1e-2,
+        "cosine",
+    )
     assert fourth.augment.hflip > 0 and fourth.augment.shift_scale_rotate.p > 0 and fourth.augment.cutout.p > 0
     assert load_experiment(CONFIGS / "rsna_4th_rexnet200.yaml").data.folds == 3
     fifth = load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml").cnn
@@ -44,15 +60,32 @@ def test_recipes_say_what_the_issue_asks():
     assert fifth.targets.exam_labels and fifth.sampling.mode == "per_study" and fifth.sampling.positive_share == 0.25
     assert (fifth.sampling.study_slices, fifth.sampling.study_positives, fifth.batch_size) == (2, 8, 40)
     assert (fifth.backbone.drop_path_rate, fifth.backbone.drop_rate, fifth.loss.slice_weight) == (0.4, 0.0, 2.5)
-    assert (fifth.targets.exam_label_weights, fifth.scheduler.step_steps, fifth.scheduler.gamma) == ("metric", 500, 0.99)
-    assert (fourth.head.pool, fourth.head.hidden, fourth.loss.focal_alpha, fourth.augment.dropout_one_of) == ("gem", 256, None, True)
+    assert (fifth.targets.exam_label_weights, fifth.scheduler.step_steps, fifth.scheduler.gamma) == (
+        "metric",
+        500,
+        0.99,
+    )
+    assert (fourth.head.pool, fourth.head.hidden, fourth.loss.focal_alpha, fourth.augment.dropout_one_of) == (
+        "gem",
+        256,
+        None,
+        True,
+    )
     assert (fifth.augment.vflip, fifth.augment.hflip) == (0.5, 0.0)  # the published flip keeps left and right
     assert (fifth.optimizer.name, fifth.optimizer.lr, fifth.scheduler.name) == ("adam", 5e-4, "step")
     first = load_experiment(CONFIGS / "rsna_1st_seresnext50.yaml").cnn
     assert (first.backbone.name, first.input.mode, first.input.image_size, first.loss.kind, first.epochs) == (
-        "legacy_seresnext50_32x4d.in1k", "adjacent", 576, "bce", 1
+        "legacy_seresnext50_32x4d.in1k",
+        "adjacent",
+        576,
+        "bce",
+        1,
     )
-    assert first.input.lung_crop is not None and first.batch_size * first.accumulate_grad_batches == 128 and first.export == "last"
+    assert (
+        first.input.lung_crop is not None
+        and first.batch_size * first.accumulate_grad_batches == 128
+        and first.export == "last"
+    )
 
 
 def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):
@@ -86,7 +119,9 @@ def test_missing_config_file(tmp_path):
 
 
 def test_overrides_set_single_values_and_check_keys():
-    config = apply_overrides(ExperimentConfig(), ["cnn.optimizer.lr=3e-4", "runtime.devices=2", "logging.wandb.project=x"])
+    config = apply_overrides(
+        ExperimentConfig(), ["cnn.optimizer.lr=3e-4", "runtime.devices=2", "logging.wandb.project=x"]
+    )
     assert config.cnn.optimizer.lr == 3e-4 and config.runtime.devices == 2 and config.logging.wandb.project == "x"
     with pytest.raises(ConfigError, match="unknown section 'cnn.optimzer'.*optimizer"):
         apply_overrides(config, ["cnn.optimzer.lr=1"])
@@ -107,7 +142,13 @@ def test_resolved_config_round_trips(tmp_path):
 def test_the_2nd_place_heart_recipe_is_the_4th_place_with_its_heart_model():
     second, fourth = (load_experiment(CONFIGS / name) for name in ("rsna_2nd_heart.yaml", "rsna_4th_rexnet200.yaml"))
     heart = second.heart
-    assert (heart.depth, heart.size, tuple(heart.window), heart.epochs, heart.class_weight) == (32, 224, (50.0, 350.0), 5, "balanced")
+    assert (heart.depth, heart.size, tuple(heart.window), heart.epochs, heart.class_weight) == (
+        32,
+        224,
+        (50.0, 350.0),
+        5,
+        "balanced",
+    )
     assert (heart.optimizer.name, heart.optimizer.lr) == ("adamw", 1e-4)
     assert second.cnn == fourth.cnn and second.seq == fourth.seq and second.data == fourth.data and fourth.heart is None
 
@@ -116,7 +157,13 @@ def test_a_recipe_extends_its_base_section_by_section(tmp_path):
     (tmp_path / "a.yaml").write_text("name: a\nsource: x\ncnn:\n  epochs: 7\n  batch_size: 4\nseq:\n  hidden: 12\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ncnn:\n  epochs: 2\n")
     config = load_experiment(tmp_path / "b.yaml")
-    assert (config.name, config.source, config.cnn.epochs, config.cnn.batch_size, config.seq.hidden) == ("b", "x", 2, 4, 12)
+    assert (config.name, config.source, config.cnn.epochs, config.cnn.batch_size, config.seq.hidden) == (
+        "b",
+        "x",
+        2,
+        4,
+        12,
+    )
     (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
     with pytest.raises(ConfigError, match="in a loop"):
         load_experiment(tmp_path / "b.yaml")
@@ -161,4 +208,6 @@ def test_a_recipe_whose_flips_would_mislabel_sides_is_refused_before_training():
     config = apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.augment.rotate90=0.5"])
     with pytest.raises(TrainError, match="rotate90 turns left and right"):
         check_cnn_config(config)
-    check_cnn_config(apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.augment.hflip=0.5"]))  # swapped: fine
+    check_cnn_config(
+        apply_overrides(load_experiment(CONFIGS / "rsna_5th_effnetb5.yaml"), ["cnn.augment.hflip=0.5"])
+    )  # swapped: fine

@@ -67,7 +67,9 @@ def test_crop_and_training_augmentation(labelled):
     labels, store = labelled
     items = slice_items(labels, store.slices)
     plain = SliceDataset(store, items, image_size=12, crop=0.5)
-    assert torch.equal(plain[0][0], torch.from_numpy(store.read_slice(items[SERIES].iloc[0], 0)[6:18, 6:18]).permute(2, 0, 1))
+    assert torch.equal(
+        plain[0][0], torch.from_numpy(store.read_slice(items[SERIES].iloc[0], 0)[6:18, 6:18]).permute(2, 0, 1)
+    )
     augment = AugmentConfig.model_validate({"hflip": 1.0})
     flipped = SliceDataset(store, items, image_size=12, crop=0.5, augment=augment)
     assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
@@ -152,7 +154,12 @@ def test_a_mirrored_slice_swaps_its_left_and_right_targets(labelled):
     positive = int(np.flatnonzero(items[IMAGE_LABEL].to_numpy() > 0.5)[0])
     sides = ("leftsided_pe", "central_pe", "rightsided_pe")
     order = {}
-    for name, augment in {"plain": None, "hflip": {"hflip": 1.0}, "vflip": {"vflip": 1.0}, "half turn": {"hflip": 1.0, "vflip": 1.0}}.items():
+    for name, augment in {
+        "plain": None,
+        "hflip": {"hflip": 1.0},
+        "vflip": {"vflip": 1.0},
+        "half turn": {"hflip": 1.0, "vflip": 1.0},
+    }.items():
         config = AugmentConfig.model_validate(augment) if augment else None
         target = SliceDataset(store, items, image_size=12, augment=config, exam_labels=sides)[positive][1].tolist()
         order[name] = target[1:]
@@ -160,7 +167,12 @@ def test_a_mirrored_slice_swaps_its_left_and_right_targets(labelled):
     assert order["hflip"] == [0.0, 1.0, 1.0]  # left and right swapped, central kept
     assert order["vflip"] == [1.0, 1.0, 0.0]
     assert order["half turn"] == [0.0, 1.0, 1.0]  # both flips: a rotation by 180 degrees, the sides swapped
-    assert SliceDataset(store, items, image_size=12, augment=AugmentConfig.model_validate({"vflip": 1.0}), exam_labels=sides).side_columns is None
+    assert (
+        SliceDataset(
+            store, items, image_size=12, augment=AugmentConfig.model_validate({"vflip": 1.0}), exam_labels=sides
+        ).side_columns
+        is None
+    )
 
 
 def test_augmentations_that_would_mislabel_sides_are_refused(labelled):
@@ -171,4 +183,9 @@ def test_augmentations_that_would_mislabel_sides_are_refused(labelled):
     with pytest.raises(ValueError, match="train both leftsided_pe and rightsided_pe"):
         SliceDataset(store, items, augment=AugmentConfig.model_validate({"hflip": 0.5}), exam_labels=("leftsided_pe",))
     with pytest.raises(ValueError, match="rotate90"):
-        SliceDataset(store, items, augment=AugmentConfig.model_validate({"rotate90": 0.5}), exam_labels=("leftsided_pe", "rightsided_pe"))
+        SliceDataset(
+            store,
+            items,
+            augment=AugmentConfig.model_validate({"rotate90": 0.5}),
+            exam_labels=("leftsided_pe", "rightsided_pe"),
+        )

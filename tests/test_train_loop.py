@@ -53,7 +53,9 @@ def test_focal_loss_matches_bce_without_focusing():
 
 
 def test_exam_labels_count_on_positive_slices_and_whole_exam_labels_on_positive_exams():
-    cnn = CnnConfig.model_validate({"targets": {"exam_labels": ["central_pe"], "whole_exam_labels": ["rv_lv_ratio_gte_1"]}})
+    cnn = CnnConfig.model_validate(
+        {"targets": {"exam_labels": ["central_pe"], "whole_exam_labels": ["rv_lv_ratio_gte_1"]}}
+    )
     assert cnn.targets.head_labels == ("central_pe", "rv_lv_ratio_gte_1")
     items = pd.DataFrame(
         {
@@ -65,7 +67,9 @@ def test_exam_labels_count_on_positive_slices_and_whole_exam_labels_on_positive_
         }
     )  # a positive slice and a negative slice of a positive exam, a slice of a negative exam
     targets = torch.from_numpy(training_targets(items, ("central_pe",), ("rv_lv_ratio_gte_1",)))
-    assert torch.equal(torch.isnan(targets), torch.tensor([[False, False, False], [False, True, False], [False, True, True]]))
+    assert torch.equal(
+        torch.isnan(targets), torch.tensor([[False, False, False], [False, True, False], [False, True, True]])
+    )
     logits = torch.tensor([[5.0, 5.0, 5.0], [-5.0, 5.0, -5.0], [-5.0, 5.0, 5.0]])
     # Untrained entries add nothing whatever their logits: the middle slice's rv_lv logit is wrong.
     bce = torch.nn.functional.softplus(torch.tensor(-5.0))
@@ -85,7 +89,9 @@ def test_exam_labels_count_on_positive_slices_and_whole_exam_labels_on_positive_
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "step", "constant"])
 def test_lr_schedule_warms_up_then_decays(name):
-    schedule = LrSchedule(SchedulerConfig(name=name, warmup_epochs=1, min_lr_ratio=0.1, step_epochs=1, gamma=0.5), 40, 10)
+    schedule = LrSchedule(
+        SchedulerConfig(name=name, warmup_epochs=1, min_lr_ratio=0.1, step_epochs=1, gamma=0.5), 40, 10
+    )
     factors = [schedule(step) for step in range(40)]
     assert factors[0] < factors[5] < factors[9] <= 1.0  # warm-up over the first epoch
     assert max(factors) <= 1.0
@@ -97,10 +103,23 @@ def test_lr_schedule_warms_up_then_decays(name):
 
 def test_train_writes_the_fold_bundle(data, tmp_path):
     labels, store = data
-    cfg = tiny_config("cnn.epochs=2", "cnn.keep_checkpoints=true", "cnn.targets.exam_labels=[rightsided_pe]", "cnn.sampling.mode=balanced")
+    cfg = tiny_config(
+        "cnn.epochs=2",
+        "cnn.keep_checkpoints=true",
+        "cnn.targets.exam_labels=[rightsided_pe]",
+        "cnn.sampling.mode=balanced",
+    )
     summary = train(cfg, stage="cnn", store=store, labels=labels, out=tmp_path, fold=1)["cnn"]
     fold = tmp_path / "cnn" / "fold1"
-    for name in ("model.safetensors", "metrics.json", "metrics.csv", "curves.png", COMPLETE, "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+    for name in (
+        "model.safetensors",
+        "metrics.json",
+        "metrics.csv",
+        "curves.png",
+        COMPLETE,
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
         assert (fold / name).is_file(), name
     assert load_experiment(tmp_path / "config.yaml") == cfg
     folds = pd.read_csv(tmp_path / "folds.csv")
@@ -198,7 +217,14 @@ def test_a_changed_config_needs_force(data, tmp_path):
     with pytest.raises(TrainError, match=r"another config \(differs in cnn.epochs\)"):
         train(tiny_config("cnn.epochs=2"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=2)
     # runtime and logging may change between runs (e.g. more devices on resume)
-    train(tiny_config("cnn.epochs=1", "logging.log_every_n_steps=5"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=2)
+    train(
+        tiny_config("cnn.epochs=1", "logging.log_every_n_steps=5"),
+        stage="cnn",
+        store=store,
+        labels=labels,
+        out=tmp_path,
+        fold=2,
+    )
 
 
 def test_errors_are_clear(data, tmp_path):
@@ -209,9 +235,23 @@ def test_errors_are_clear(data, tmp_path):
     with pytest.raises(StoreError, match="the store lacks 4 of 94 slices"):
         train(tiny_config(), stage="cnn", store=store, labels=pd.concat([labels, extra]), out=tmp_path / "b", fold=0)
     with pytest.raises(Exception, match="unknown timm backbone 'resnet10x'"):
-        train(tiny_config("cnn.backbone.name=resnet10x"), stage="cnn", store=store, labels=labels, out=tmp_path / "c", fold=0)
+        train(
+            tiny_config("cnn.backbone.name=resnet10x"),
+            stage="cnn",
+            store=store,
+            labels=labels,
+            out=tmp_path / "c",
+            fold=0,
+        )
     with pytest.raises(Exception, match="pretrained weights file not found"):
-        train(tiny_config("cnn.backbone.weights=nowhere/w.safetensors"), stage="cnn", store=store, labels=labels, out=tmp_path / "d", fold=0)
+        train(
+            tiny_config("cnn.backbone.weights=nowhere/w.safetensors"),
+            stage="cnn",
+            store=store,
+            labels=labels,
+            out=tmp_path / "d",
+            fold=0,
+        )
 
 
 def test_missing_logger_package_is_a_clear_error(data, tmp_path, monkeypatch):
@@ -220,7 +260,9 @@ def test_missing_logger_package_is_a_clear_error(data, tmp_path, monkeypatch):
     labels, store = data
     real_find_spec = importlib.util.find_spec
     # Runs whether or not mlflow is installed here: the package is hidden from the lookup.
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a)
+    )
     with pytest.raises(TrainError, match="logging.mlflow is configured but the 'mlflow' package is not installed"):
         train(tiny_config("logging.mlflow={}"), stage="cnn", store=store, labels=labels, out=tmp_path, fold=0)
 
@@ -230,7 +272,15 @@ def test_given_folds_file_is_recorded(data, tmp_path):
     studies = labels["StudyInstanceUID"].unique()
     given = pd.DataFrame({"StudyInstanceUID": studies, "fold": np.arange(len(studies)) % 2})
     given.to_csv(tmp_path / "given.csv", index=False)
-    summary = train(tiny_config("cnn.epochs=1"), stage="cnn", store=store, labels=labels, out=tmp_path / "m", folds=tmp_path / "given.csv", fold=1)["cnn"]
+    summary = train(
+        tiny_config("cnn.epochs=1"),
+        stage="cnn",
+        store=store,
+        labels=labels,
+        out=tmp_path / "m",
+        folds=tmp_path / "given.csv",
+        fold=1,
+    )["cnn"]
     recorded = pd.read_csv(tmp_path / "m" / "folds.csv").sort_values("StudyInstanceUID").reset_index(drop=True)
     assert recorded.equals(given.sort_values("StudyInstanceUID").reset_index(drop=True))
     assert summary["n_folds"] == 2

@@ -58,7 +58,10 @@ def test_suspicious_slices_are_one_per_run_most_probable_first():
 
 
 def test_the_page_carries_its_record_whatever_the_strings(tmp_path):
-    record = {"study_uid": "1.2.3", "skipped_files": [{"path": "a/</script><script>alert(1)</script>.dcm", "reason": "<!-- x"}]}
+    record = {
+        "study_uid": "1.2.3",
+        "skipped_files": [{"path": "a/</script><script>alert(1)</script>.dcm", "reason": "<!-- x"}],
+    }
     page = write_study_page(tmp_path, "1.2.3", record).read_text()
     embedded = re.search(r'<script id="study-data" type="application/json">(.*?)</script>', page, re.S).group(1)
     assert json.loads(embedded) == record and "<script>alert" not in page
@@ -77,9 +80,10 @@ def test_the_location_grid_is_the_fold_mean_with_flips_undone(tmp_path):
 
     from pedetect.models.slice_classifier import embed_volume
 
-    expected = np.mean([
-        sigmoid(embed_volume(m.cnn, volume, m.input_config)[0][:, -9:]).reshape(5, 3, 3) for m in plain.members
-    ], axis=0)
+    expected = np.mean(
+        [sigmoid(embed_volume(m.cnn, volume, m.input_config)[0][:, -9:]).reshape(5, 3, 3) for m in plain.members],
+        axis=0,
+    )
     assert np.allclose(prediction.location, expected, atol=1e-3)  # float16 embeddings
 
     flipped = plain.predict_series({key: np.ascontiguousarray(volume[:, :, ::-1])}).location

@@ -35,8 +35,12 @@ N_STUDIES, SLICES, SIZE = 3, 40, 160
 
 def browser_paths() -> tuple[str, str] | None:
     """(Chromium, chromedriver), or None when either is missing."""
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver = shutil.which("chromedriver") or next((p for p in ("/usr/lib/chromium/chromedriver",) if Path(p).is_file()), None)
+    browser = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/lib/chromium/chromedriver",) if Path(p).is_file()), None
+    )
     return (browser, driver) if browser and driver else None
 
 
@@ -49,8 +53,15 @@ def start_browser(size: tuple[int, int] = LAPTOP):
     browser, driver = browser_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={size[0]},{size[1]}", "--force-device-scale-factor=1", "--hide-scrollbars"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={size[0]},{size[1]}",
+        "--force-device-scale-factor=1",
+        "--hide-scrollbars",
+    ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=options)
@@ -72,8 +83,22 @@ def make_report(root: Path, model: Path | None = None, dicom: Path | None = None
     if model is None:
         repo = Path(__file__).resolve().parents[1]
         model = write_random_bundle(load_experiment(repo / "configs" / "demo.yaml"), root / "model", folds=2)
-    result = CliRunner().invoke(app, ["predict", str(dicom), "--model", str(model), "--out", str(root / "sub.csv"),
-                                      "--report", str(root / "report"), "--device", "cpu", "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(dicom),
+            "--model",
+            str(model),
+            "--out",
+            str(root / "sub.csv"),
+            "--report",
+            str(root / "report"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root / "report"
 
@@ -112,9 +137,14 @@ class StudyPage:
 
     def wait_image(self) -> None:
         """Until the shown slice's JPEG is decoded (the image a reader sees)."""
-        wait_for(lambda: self.driver.execute_script(
-            "const i = document.getElementById('slice'); return i.complete && i.naturalWidth > 0 && "
-            "i.src.endsWith(arguments[0]);", self.record["viewer"]["slices"][self.slice]), what="the slice image")
+        wait_for(
+            lambda: self.driver.execute_script(
+                "const i = document.getElementById('slice'); return i.complete && i.naturalWidth > 0 && "
+                "i.src.endsWith(arguments[0]);",
+                self.record["viewer"]["slices"][self.slice],
+            ),
+            what="the slice image",
+        )
 
     def key(self, key: str) -> None:
         from selenium.webdriver.common.action_chains import ActionChains
@@ -127,7 +157,9 @@ class StudyPage:
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 
-        ActionChains(self.driver).scroll_from_origin(ScrollOrigin.from_element(self.find("#stage")), 0, delta_y).perform()
+        ActionChains(self.driver).scroll_from_origin(
+            ScrollOrigin.from_element(self.find("#stage")), 0, delta_y
+        ).perform()
         self.wait_image()
 
     def stage_pixels(self) -> np.ndarray:
@@ -165,9 +197,13 @@ def driver():
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing("selenium is missing (it is in the test extra: pip install -e '.[test]'): the viewer's browser test cannot run")
+        missing(
+            "selenium is missing (it is in the test extra: pip install -e '.[test]'): the viewer's browser test cannot run"
+        )
     if browser_paths() is None:
-        missing("headless Chromium is missing (apt-get install -y chromium chromium-driver): the viewer's browser test cannot run")
+        missing(
+            "headless Chromium is missing (apt-get install -y chromium chromium-driver): the viewer's browser test cannot run"
+        )
     browser = start_browser()
     yield browser
     browser.quit()
@@ -251,7 +287,10 @@ def test_index_lists_the_most_suspicious_first_and_links_each_viewer(driver, rep
     shown = [float(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows]
     assert shown == sorted(shown, reverse=True)
     rows[0].find_element(By.LINK_TEXT, "viewer").click()
-    wait_for(lambda: driver.find_elements(By.ID, "study-uid") and driver.find_element(By.ID, "study-uid").text, what="the study page")
+    wait_for(
+        lambda: driver.find_elements(By.ID, "study-uid") and driver.find_element(By.ID, "study-uid").text,
+        what="the study page",
+    )
     assert driver.current_url.endswith(most_suspicious_study(report).name)
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
@@ -262,13 +301,17 @@ def test_a_study_with_no_readable_slice_opens_and_says_so(driver, report):
     from selenium.webdriver.common.by import By
 
     prior = dict.fromkeys(EXAM_LABELS, 0.1) | {"negative_exam_for_pe": 0.9}
-    lost = StudyResult("1.2.3.999", prior, [], [], [], dict(prior), [], error="no readable slice in 3 file(s): training prior written")
+    lost = StudyResult(
+        "1.2.3.999", prior, [], [], [], dict(prior), [], error="no readable slice in 3 file(s): training prior written"
+    )
     page = write_study_report(report, lost, None).page
     driver.get(page.as_uri())
     wait_for(lambda: driver.find_element(By.ID, "study-uid").text == "1.2.3.999", what="the study page")
     assert driver.find_element(By.ID, "no-slices").is_displayed()
     assert "no readable slice" in driver.find_element(By.ID, "study-notes").text
-    driver.find_element(By.TAG_NAME, "body").send_keys("\ue015n")  # keys on an empty series do nothing, and fail nothing
+    driver.find_element(By.TAG_NAME, "body").send_keys(
+        "\ue015n"
+    )  # keys on an empty series do nothing, and fail nothing
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

@@ -77,14 +77,29 @@ def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "
             exam["negative_exam_for_pe"] = 1
         for i in range(slices):
             row = {c: 0 for c in TRAIN_COLUMNS}
-            row.update({STUDY: f"{prefix}{seed}.{s}", SERIES: f"{prefix}{seed}.{s}.1", SOP: f"{prefix}{seed}.{s}.1.{i}", IMAGE_LABEL: int(image[i])})
+            row.update(
+                {
+                    STUDY: f"{prefix}{seed}.{s}",
+                    SERIES: f"{prefix}{seed}.{s}.1",
+                    SOP: f"{prefix}{seed}.{s}.1.{i}",
+                    IMAGE_LABEL: int(image[i]),
+                }
+            )
             row.update(exam)
             rows.append(row)
     return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
 
 
-def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: int | None = 40, workers: int = 2,
-                    min_embolus_pixels: int = 0):
+def synthetic_chain(
+    root,
+    *,
+    n_train: int,
+    n_val: int,
+    size: int = 128,
+    slices: int | None = 40,
+    workers: int = 2,
+    min_embolus_pixels: int = 0,
+):
     """The real chain's inputs: synthetic studies (training seed 1, validation seed 2) prepared into one
     slice store. Returns (store, labels.csv, folds.csv) with the validation studies as fold 0."""
     import shutil
@@ -96,8 +111,16 @@ def synthetic_chain(root, *, n_train: int, n_val: int, size: int = 128, slices: 
     dicom = root / "dicom"
     frames = []
     for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
-        frame = write_dataset(root / name, n, slices=slices, size=size, seed=seed, positive_fraction=demo.POSITIVE_FRACTION,
-                              min_embolus_pixels=min_embolus_pixels, progress=False)
+        frame = write_dataset(
+            root / name,
+            n,
+            slices=slices,
+            size=size,
+            seed=seed,
+            positive_fraction=demo.POSITIVE_FRACTION,
+            min_embolus_pixels=min_embolus_pixels,
+            progress=False,
+        )
         shutil.move(str(root / name / "train"), str(dicom / name))  # DICOM only under dicom/
         frame["fold"] = 0 if name == "val" else 1
         frames.append(frame)
@@ -126,6 +149,7 @@ TINY_TRAINING = [
     "seq.epochs=3",
     "seq.batch_size=4",
 ]
+
 
 def tiny_config(*extra: str):
     """The default experiment with :data:`TINY_TRAINING` and ``extra`` overrides."""

@@ -153,7 +153,12 @@ def _read_lock_record(fd: int) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def folder_lock(
-    folder: str | os.PathLike[str], *, command: str, echo: Any = None, name: str = LOCK_FILE, what: str | os.PathLike[str] | None = None
+    folder: str | os.PathLike[str],
+    *,
+    command: str,
+    echo: Any = None,
+    name: str = LOCK_FILE,
+    what: str | os.PathLike[str] | None = None,
 ) -> Iterator[Path]:
     """Hold ``FOLDER/pedetect.lock`` for the block: one writer per store or model folder.
     (``name``: another lock file in FOLDER, and ``what`` the output it guards, as messages name it;
@@ -206,7 +211,11 @@ def folder_lock(
                     f"from here: if that run is over, delete {path} and run again"
                 )
             pid = previous.get("pid")
-            state = "no longer running" if not (isinstance(pid, int) and _process_alive(pid)) else "its pid now belongs to another process"
+            state = (
+                "no longer running"
+                if not (isinstance(pid, int) and _process_alive(pid))
+                else "its pid now belongs to another process"
+            )
             if echo is not None:
                 echo(f"note: took over the stale lock {path} of {_describe_holder(previous)} ({state})")
         record = {
@@ -232,7 +241,9 @@ def folder_lock(
                 folder.rmdir()
 
 
-def output_lock(target: str | os.PathLike[str], *, command: str, echo: Any = None) -> contextlib.AbstractContextManager[Path]:
+def output_lock(
+    target: str | os.PathLike[str], *, command: str, echo: Any = None
+) -> contextlib.AbstractContextManager[Path]:
     """Hold a lock for one output, a file or a folder that must stay as its writer leaves it (a
     submission CSV, an export's ``--out`` copy, which must be empty when the copy starts): the lock
     file is ``.<name>.pedetect.lock`` beside it, so nothing is added inside the output itself."""

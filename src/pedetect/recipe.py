@@ -46,14 +46,20 @@ class Section(StrictModel):
 
 class DataConfig(Section):
     folds: int = Field(5, ge=2, description="Number of cross-validation folds when pedetect makes them itself.")
-    fold_seed: int = Field(42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels).")
+    fold_seed: int = Field(
+        42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels)."
+    )
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes per device.")
-    val_batch_size: Optional[int] = Field(None, ge=1, description="Validation batch size; default: 2 × the training batch size.")
+    val_batch_size: Optional[int] = Field(
+        None, ge=1, description="Validation batch size; default: 2 × the training batch size."
+    )
 
 
 class RuntimeConfig(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
-    devices: Union[int, Literal["auto"], list[int]] = Field("auto", description="Devices per node (an int, a list of ids, or 'auto').")
+    devices: Union[int, Literal["auto"], list[int]] = Field(
+        "auto", description="Devices per node (an int, a list of ids, or 'auto')."
+    )
     num_nodes: int = Field(1, ge=1, description="Number of nodes (DDP across nodes; launch with torchrun or SLURM).")
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
         "auto", description="'auto' uses DDP whenever more than one device is used."
@@ -63,7 +69,9 @@ class RuntimeConfig(Section):
     )
     deterministic: bool = Field(False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
     parallel_folds: int = Field(
-        1, ge=1, description="On a CPU: stage 1, the embedding pass and stage 2 run this many folds at once, each in its "
+        1,
+        ge=1,
+        description="On a CPU: stage 1, the embedding pass and stage 2 run this many folds at once, each in its "
         "own process with an equal share of the cores that reads its own data (small networks use a second core "
         "poorly); 1: one fold after another in this process. GPUs and several devices always take folds in turn.",
     )
@@ -71,7 +79,9 @@ class RuntimeConfig(Section):
 
 class WandbConfig(Section):
     project: str = "pedetect"
-    offline: bool = Field(True, description="Offline runs are written under MODEL_DIR and synced later with `wandb sync`.")
+    offline: bool = Field(
+        True, description="Offline runs are written under MODEL_DIR and synced later with `wandb sync`."
+    )
 
 
 class MlflowConfig(Section):
@@ -97,15 +107,18 @@ class OptimizerConfig(Section):
 
 class SchedulerConfig(Section):
     name: Literal["cosine", "linear", "step", "constant"] = Field(
-        "cosine", description="LR curve per optimiser step after warm-up: cosine or linear decay to min_lr_ratio, step decay, or constant."
+        "cosine",
+        description="LR curve per optimiser step after warm-up: cosine or linear decay to min_lr_ratio, step decay, or constant.",
     )
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from 0, in (fractional) epochs.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak.")
     step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
     step_steps: Optional[int] = Field(
-        None, ge=1, description="step: multiply the LR by gamma every this many optimiser steps instead of every step_epochs "
-        "(5th place: 0.99 every 500 steps)."
+        None,
+        ge=1,
+        description="step: multiply the LR by gamma every this many optimiser steps instead of every step_epochs "
+        "(5th place: 0.99 every 500 steps).",
     )
 
 
@@ -128,11 +141,17 @@ class BackboneConfig(Section):
 class LungCropConfig(Section):
     """Crop each series to its lungs (computed from Hounsfield units, pedetect.data.lung_box) before the resize."""
 
-    margin: float = Field(0.05, ge=0, le=0.5, description="Added on each side of the lungs' box, as a fraction of the slice side.")
-    min_side: float = Field(0.3, gt=0, le=1, description="The box is at least this fraction of the slice wide and high.")
+    margin: float = Field(
+        0.05, ge=0, le=0.5, description="Added on each side of the lungs' box, as a fraction of the slice side."
+    )
+    min_side: float = Field(
+        0.3, gt=0, le=1, description="The box is at least this fraction of the slice wide and high."
+    )
     tissue_hu: float = Field(-500.0, description="Above: the body.")
     air_hu: float = Field(-400.0, description="Below, inside the body: lung and airway.")
-    min_region: float = Field(0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas).")
+    min_region: float = Field(
+        0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas)."
+    )
 
 
 class InputConfig(Section):
@@ -155,7 +174,9 @@ class InputConfig(Section):
         "MODEL_DIR/lung_boxes.csv; predict computes each series' box the same way. None: off.",
     )
     image_size: int = Field(512, ge=16, description="Square side the (cropped) slice is resized to.")
-    mean: float = Field(0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values).")
+    mean: float = Field(
+        0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values)."
+    )
     std: float = Field(0.224, gt=0)
 
     @property
@@ -174,20 +195,27 @@ class ShiftScaleRotateConfig(Section):
     shift: float = Field(0.0625, ge=0, description="Max shift as a fraction of the side.")
     scale: float = Field(0.1, ge=0, lt=1, description="Scale drawn from [1-scale, 1+scale].")
     rotate: float = Field(15.0, ge=0, le=180, description="Max rotation in degrees.")
-    border: Literal["constant", "reflect"] = Field("constant", description="Outside the slice: 0, or the slice mirrored.")
+    border: Literal["constant", "reflect"] = Field(
+        "constant", description="Outside the slice: 0, or the slice mirrored."
+    )
 
 
 class BrightnessContrastConfig(Section):
     p: float = Field(0.0, ge=0, le=1)
     brightness: float = Field(0.2, ge=0, description="Added offset drawn from [-b, b] × 255.")
-    contrast: float = Field(0.2, ge=0, lt=1, description="Gain on pixel values drawn from [1-c, 1+c] (albumentations: brightness_by_max).")
+    contrast: float = Field(
+        0.2, ge=0, lt=1, description="Gain on pixel values drawn from [1-c, 1+c] (albumentations: brightness_by_max)."
+    )
 
 
 class CutoutConfig(Section):
     p: float = Field(0.0, ge=0, le=1)
     holes: int = Field(1, ge=1, description="Number of rectangles set to 0.")
     size: float = Field(0.2, gt=0, le=1, description="Max side of each rectangle, as a fraction of the image side.")
-    fixed_size: bool = Field(False, description="Every rectangle exactly size × size (albumentations' Cutout); false: sides drawn up to size.")
+    fixed_size: bool = Field(
+        False,
+        description="Every rectangle exactly size × size (albumentations' Cutout); false: sides drawn up to size.",
+    )
 
 
 class GridDropoutConfig(Section):
@@ -206,7 +234,9 @@ class GridDropoutConfig(Section):
 class AugmentConfig(Section):
     hflip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip.")
     vflip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
-    rotate90: float = Field(0.0, ge=0, le=1, description="Probability of a rotation by 90, 180 or 270 degrees (exact, no interpolation).")
+    rotate90: float = Field(
+        0.0, ge=0, le=1, description="Probability of a rotation by 90, 180 or 270 degrees (exact, no interpolation)."
+    )
     shift_scale_rotate: ShiftScaleRotateConfig = Field(default_factory=ShiftScaleRotateConfig)
     brightness_contrast: BrightnessContrastConfig = Field(default_factory=BrightnessContrastConfig)
     cutout: CutoutConfig = Field(default_factory=CutoutConfig)
@@ -220,7 +250,9 @@ class AugmentConfig(Section):
     @model_validator(mode="after")
     def _one_of(self) -> "AugmentConfig":
         if self.dropout_one_of and self.cutout.p + self.grid_dropout.p > 1:
-            raise ValueError(f"dropout_one_of: cutout.p + grid_dropout.p is {self.cutout.p + self.grid_dropout.p}, more than 1")
+            raise ValueError(
+                f"dropout_one_of: cutout.p + grid_dropout.p is {self.cutout.p + self.grid_dropout.p}, more than 1"
+            )
         return self
 
 
@@ -255,7 +287,9 @@ class TargetsConfig(Section):
     def _disjoint(self) -> "TargetsConfig":
         both = sorted(set(self.exam_labels) & set(self.whole_exam_labels))
         if both:
-            raise ValueError(f"{both} in both exam_labels and whole_exam_labels; a label is trained on one set of slices")
+            raise ValueError(
+                f"{both} in both exam_labels and whole_exam_labels; a label is trained on one set of slices"
+            )
         return self
 
     @property
@@ -266,9 +300,13 @@ class TargetsConfig(Section):
 
 class LossConfig(Section):
     kind: Literal["bce", "focal"] = "bce"
-    focal_alpha: Optional[float] = Field(0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting).")
+    focal_alpha: Optional[float] = Field(
+        0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting)."
+    )
     focal_gamma: float = Field(2.0, ge=0, description="focal: focusing exponent.")
-    slice_weight: float = Field(1.0, gt=0, description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels).")
+    slice_weight: float = Field(
+        1.0, gt=0, description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels)."
+    )
 
 
 class SamplingConfig(Section):
@@ -280,16 +318,23 @@ class SamplingConfig(Section):
     )
     study_slices: int = Field(2, ge=1, description="per_study: slices drawn from every training study per epoch.")
     study_positives: int = Field(8, ge=0, description="per_study: most positive slices added from one study per epoch.")
-    positive_share: float = Field(0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch.")
-    samples_per_epoch: Optional[int] = Field(None, ge=1, description="balanced: slices per epoch; default: the training set size.")
+    positive_share: float = Field(
+        0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch."
+    )
+    samples_per_epoch: Optional[int] = Field(
+        None, ge=1, description="balanced: slices per epoch; default: the training set size."
+    )
 
 
 class HeadConfig(Section):
     pool: Literal["backbone", "gem"] = Field(
-        "backbone", description="backbone: the backbone's own global pooling; gem: generalised mean pooling, p = 3 (4th place)."
+        "backbone",
+        description="backbone: the backbone's own global pooling; gem: generalised mean pooling, p = 3 (4th place).",
     )
     hidden: int = Field(
-        0, ge=0, description="0: one linear layer on the pooled features; n: dropout, n units, BatchNorm, ReLU, then the output layer (4th place: 256)."
+        0,
+        ge=0,
+        description="0: one linear layer on the pooled features; n: dropout, n units, BatchNorm, ReLU, then the output layer (4th place: 256).",
     )
 
 
@@ -305,23 +350,36 @@ class CnnConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1, description="Per device.")
-    accumulate_grad_batches: int = Field(1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes.")
-    gradient_clip_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm (none: no clipping).")
+    accumulate_grad_batches: int = Field(
+        1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes."
+    )
+    gradient_clip_norm: Optional[float] = Field(
+        None, gt=0, description="Clip the global gradient norm (none: no clipping)."
+    )
     ema_decay: Optional[float] = Field(
-        None, gt=0, lt=1, description="Validate and export an exponential moving average of the weights with this decay per "
+        None,
+        gt=0,
+        lt=1,
+        description="Validate and export an exponential moving average of the weights with this decay per "
         "optimiser step (0.99: about the last 100 steps); none: the weights as trained.",
     )
-    monitor: Literal["val_auc", "val_loss"] = Field("val_auc", description="Metric that picks the best epoch (exported weights).")
+    monitor: Literal["val_auc", "val_loss"] = Field(
+        "val_auc", description="Metric that picks the best epoch (exported weights)."
+    )
     export: Literal["best", "last"] = Field("best", description="Which epoch's weights become model.safetensors.")
     validation: Literal["every_epoch", "last_epoch"] = Field(
-        "every_epoch", description="every_epoch: validate after each epoch (the learning curve; best picks among them); "
+        "every_epoch",
+        description="every_epoch: validate after each epoch (the learning curve; best picks among them); "
         "last_epoch: only after the last (the exported weights are the last epoch's; saves a pass over the "
         "validation slices per epoch). Checkpoints for resume are written after every epoch either way.",
     )
     keep_checkpoints: bool = Field(
-        False, description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them."
+        False,
+        description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them.",
     )
-    limit_train_batches: Optional[Union[int, float]] = Field(None, description="Debugging: cap training batches per epoch.")
+    limit_train_batches: Optional[Union[int, float]] = Field(
+        None, description="Debugging: cap training batches per epoch."
+    )
     limit_val_batches: Optional[Union[int, float]] = Field(None, description="Debugging: cap validation batches.")
 
 
@@ -330,10 +388,17 @@ class CnnConfig(Section):
 
 
 class EmbedConfig(Section):
-    batch_size: int = Field(64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results).")
-    num_workers: int = Field(1, ge=0, description="Processes reading series from the store ahead of the CNN (0: in the main process).")
+    batch_size: int = Field(
+        64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results)."
+    )
+    num_workers: int = Field(
+        1, ge=0, description="Processes reading series from the store ahead of the CNN (0: in the main process)."
+    )
     location_grid: int = Field(
-        0, ge=0, le=8, description="Append to each slice's embedding the CNN's slice logit on every cell of a G x G grid "
+        0,
+        ge=0,
+        le=8,
+        description="Append to each slice's embedding the CNN's slice logit on every cell of a G x G grid "
         "over the slice (where the emboli are: left, right, central); 0: the pooled features alone.",
     )
 
@@ -352,19 +417,29 @@ class SeqConfig(Section):
     layers: int = Field(2, ge=1, description="Stacked recurrent or transformer layers.")
     heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden).")
     feedforward: Optional[int] = Field(None, ge=1, description="transformer: feed-forward width; default 4 × hidden.")
-    position: Literal["sinusoidal", "none"] = Field("sinusoidal", description="transformer: position encoding added to the inputs (5th place: none).")
+    position: Literal["sinusoidal", "none"] = Field(
+        "sinusoidal", description="transformer: position encoding added to the inputs (5th place: none)."
+    )
     exam_pool: Literal["attention_max", "attention", "mean_max"] = Field(
         "attention_max",
         description="How the exam head pools the slices: attention (a learnt weighted mean) and max, attention alone (4th "
         "place), or mean and max (5th place).",
     )
-    attention: Literal["linear", "tanh"] = Field("linear", description="Attention score per slice: linear, or tanh of a linear map (1st place).")
-    head_hidden: int = Field(0, ge=0, description="0: linear slice and exam outputs; n: a hidden layer of n units, ReLU and dropout before each (4th place: 256).")
+    attention: Literal["linear", "tanh"] = Field(
+        "linear", description="Attention score per slice: linear, or tanh of a linear map (1st place)."
+    )
+    head_hidden: int = Field(
+        0,
+        ge=0,
+        description="0: linear slice and exam outputs; n: a hidden layer of n units, ReLU and dropout before each (4th place: 256).",
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between layers and before the output heads.")
     input_dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the slice embeddings (not the CNN logit) as they enter the head."
     )
-    neighbour_diffs: bool = Field(False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f.")
+    neighbour_diffs: bool = Field(
+        False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f."
+    )
     use_cnn_logit: bool = Field(True, description="Also input the CNN's slice logit.")
     inputs: Literal["features", "logits"] = Field(
         "features",
@@ -380,10 +455,13 @@ class SeqConfig(Section):
         "CNN trained on). Either way head k is validated on, and predicts from, CNN k's embeddings of unseen series.",
     )
     fixed_length: Optional[int] = Field(
-        None, ge=2, description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask."
+        None,
+        ge=2,
+        description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask.",
     )
     resize: Literal["all", "longer"] = Field(
-        "all", description="fixed_length: resize every series (all), or only those longer than fixed_length, padding the shorter (1st place)."
+        "all",
+        description="fixed_length: resize every series (all), or only those longer than fixed_length, padding the shorter (1st place).",
     )
     exam_structure: Literal["independent", "conditional"] = Field(
         "independent",
@@ -399,13 +477,19 @@ class SeqConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1, description="Series per batch (padded to the longest).")
-    gradient_clip_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm (none: no clipping).")
-    export: Literal["best", "last"] = Field("best", description="best: the epoch with the lowest validation score (the metric); last: the last epoch.")
+    gradient_clip_norm: Optional[float] = Field(
+        1.0, gt=0, description="Clip the global gradient norm (none: no clipping)."
+    )
+    export: Literal["best", "last"] = Field(
+        "best", description="best: the epoch with the lowest validation score (the metric); last: the last epoch."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "SeqConfig":
         if self.encoder == "transformer" and self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for the transformer encoder")
+            raise ValueError(
+                f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for the transformer encoder"
+            )
         if self.encoder == "double_lstm" and self.exam_pooling != "shared":
             raise ValueError("double_lstm pools each LSTM by its own attention: exam_pooling must be shared")
         return self
@@ -418,12 +502,22 @@ class HeartConfig(Section):
 
     depth: int = Field(16, ge=2, description="Slices of the heart crop (the heart's slices resampled to this many).")
     size: int = Field(64, ge=16, description="Side of the square heart crop, in pixels.")
-    window: tuple[float, float] = Field((50.0, 350.0), description="Level and width of the crop's window (mediastinal).")
-    model: Literal["2.5d", "3d"] = Field("2.5d", description="2.5d: the crop's slices are the channels of a 2D CNN; 3d: 3D convolutions.")
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, description="Channels of each conv stage.")
+    window: tuple[float, float] = Field(
+        (50.0, 350.0), description="Level and width of the crop's window (mediastinal)."
+    )
+    model: Literal["2.5d", "3d"] = Field(
+        "2.5d", description="2.5d: the crop's slices are the channels of a 2D CNN; 3d: 3D convolutions."
+    )
+    widths: list[int] = Field(
+        default_factory=lambda: [16, 32, 64, 64], min_length=1, description="Channels of each conv stage."
+    )
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output.")
-    shift: float = Field(0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side.")
-    intensity: float = Field(0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i].")
+    shift: float = Field(
+        0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side."
+    )
+    intensity: float = Field(
+        0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i]."
+    )
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="balanced: each class of the RV/LV label weighs the same in the loss (weighted BCE)."
     )
@@ -446,12 +540,16 @@ class ExperimentConfig(Section):
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     seq: SeqConfig = Field(default_factory=SeqConfig)
-    heart: Optional[HeartConfig] = Field(None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone).")
+    heart: Optional[HeartConfig] = Field(
+        None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone)."
+    )
 
     @model_validator(mode="after")
     def _seq_has_inputs(self) -> "ExperimentConfig":
         if self.seq.inputs == "logits" and not self.embed.location_grid and not self.seq.use_cnn_logit:
-            raise ValueError("seq.inputs: logits needs embed.location_grid > 0 or seq.use_cnn_logit: the head would have no input")
+            raise ValueError(
+                "seq.inputs: logits needs embed.location_grid > 0 or seq.use_cnn_logit: the head would have no input"
+            )
         return self
 
     @property
@@ -499,7 +597,9 @@ def _recipe_mapping(path: Path, seen: tuple[Path, ...]) -> dict:
     if base is None:
         return data
     if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: base must name another recipe file (e.g. base: rsna_4th_rexnet200.yaml), got {base!r}")
+        raise ConfigError(
+            f"{path}: base must name another recipe file (e.g. base: rsna_4th_rexnet200.yaml), got {base!r}"
+        )
     base_path = path.parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path}: base recipe {base_path} not found")
@@ -551,4 +651,3 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
     from pedetect.io import write_text_atomic
 
     write_text_atomic(path, config_to_yaml(config))
-

@@ -12,9 +12,18 @@ from typing import Any
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
 
 # Roughly the RSNA training frequencies (slices for the image label, exams for the others).
-DEFAULT_PRIOR = {IMAGE_LABEL: 0.054, "negative_exam_for_pe": 0.68, "rv_lv_ratio_gte_1": 0.13, "rv_lv_ratio_lt_1": 0.17,
-                 "leftsided_pe": 0.21, "chronic_pe": 0.04, "rightsided_pe": 0.26, "acute_and_chronic_pe": 0.02,
-                 "central_pe": 0.05, "indeterminate": 0.02}
+DEFAULT_PRIOR = {
+    IMAGE_LABEL: 0.054,
+    "negative_exam_for_pe": 0.68,
+    "rv_lv_ratio_gte_1": 0.13,
+    "rv_lv_ratio_lt_1": 0.17,
+    "leftsided_pe": 0.21,
+    "chronic_pe": 0.04,
+    "rightsided_pe": 0.26,
+    "acute_and_chronic_pe": 0.02,
+    "central_pe": 0.05,
+    "indeterminate": 0.02,
+}
 
 
 def write_random_bundle(
@@ -34,7 +43,15 @@ def write_random_bundle(
 
     from pedetect.io import write_csv_atomic, write_json_atomic
     from pedetect.models.bundle import write_bundle_info, write_preprocessing
-    from pedetect.models.layout import CONFIG_FILE, FOLDS_FILE, PRIOR_FILE, WEIGHTS_FILE, cnn_dir, seq_dir, write_complete
+    from pedetect.models.layout import (
+        CONFIG_FILE,
+        FOLDS_FILE,
+        PRIOR_FILE,
+        WEIGHTS_FILE,
+        cnn_dir,
+        seq_dir,
+        write_complete,
+    )
     from pedetect.models.sequence import build_sequence_head, save_sequence_head
     from pedetect.models.slice_classifier import build_slice_classifier, save_weights
     from pedetect.recipe import save_config
@@ -46,7 +63,9 @@ def write_random_bundle(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
-    write_csv_atomic(pd.DataFrame({STUDY: [f"random.{k}" for k in range(folds)], "fold": list(range(folds))}), out / FOLDS_FILE)
+    write_csv_atomic(
+        pd.DataFrame({STUDY: [f"random.{k}" for k in range(folds)], "fold": list(range(folds))}), out / FOLDS_FILE
+    )
     write_json_atomic(out / PRIOR_FILE, prior)
     width = 0
     for k in range(folds):
@@ -55,7 +74,10 @@ def write_random_bundle(
         width = cnn.embedding_dim
         save_weights(cnn, cnn_dir(out, k) / WEIGHTS_FILE)
         write_complete(cnn_dir(out, k), {})
-        save_sequence_head(build_sequence_head(config.seq, width, input_columns=config.seq_input_columns), seq_dir(out, k) / WEIGHTS_FILE)
+        save_sequence_head(
+            build_sequence_head(config.seq, width, input_columns=config.seq_input_columns),
+            seq_dir(out, k) / WEIGHTS_FILE,
+        )
         write_complete(seq_dir(out, k), {})
         if config.heart is not None:
             from pedetect.models.heart import build_heart_model, save_heart_model

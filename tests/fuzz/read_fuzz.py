@@ -35,7 +35,11 @@ TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_MB = 512
 ADDRESS_SPACE_HEADROOM = 3 << 30  # above what the process maps after its imports
 
-MR_CLASS, SC_CLASS, CT_CLASS = b"1.2.840.10008.5.1.4.1.1.4\x00", b"1.2.840.10008.5.1.4.1.1.7\x00", b"1.2.840.10008.5.1.4.1.1.2\x00"
+MR_CLASS, SC_CLASS, CT_CLASS = (
+    b"1.2.840.10008.5.1.4.1.1.4\x00",
+    b"1.2.840.10008.5.1.4.1.1.7\x00",
+    b"1.2.840.10008.5.1.4.1.1.2\x00",
+)
 # pydicom's files, each reaching another decoder once labelled as CT (the three class UIDs have one length)
 RELABELLED = (
     "MR_small_bigendian.dcm",
@@ -144,13 +148,40 @@ class Target:
 
 # Tags whose values steer the decoder: sizes, formats, the transfer syntax, positions.
 STEERING_TAGS = [
-    (0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0008), (0x0028, 0x0100), (0x0028, 0x0101),
-    (0x0028, 0x0102), (0x0028, 0x0103), (0x0028, 0x0002), (0x0028, 0x0004), (0x0028, 0x1052),
-    (0x0028, 0x1053), (0x0028, 0x0120), (0x0020, 0x0032), (0x0020, 0x0037), (0x0002, 0x0010),
-    (0x7FE0, 0x0010), (0x0008, 0x0016), (0x0020, 0x000E),
+    (0x0028, 0x0010),
+    (0x0028, 0x0011),
+    (0x0028, 0x0008),
+    (0x0028, 0x0100),
+    (0x0028, 0x0101),
+    (0x0028, 0x0102),
+    (0x0028, 0x0103),
+    (0x0028, 0x0002),
+    (0x0028, 0x0004),
+    (0x0028, 0x1052),
+    (0x0028, 0x1053),
+    (0x0028, 0x0120),
+    (0x0020, 0x0032),
+    (0x0020, 0x0037),
+    (0x0002, 0x0010),
+    (0x7FE0, 0x0010),
+    (0x0008, 0x0016),
+    (0x0020, 0x000E),
 ]
 INTERESTING_16 = [0, 1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 64, 255, 256, 4096, 4097, 32767, 32768, 65535]
-INTERESTING_TEXT = [b"", b"0", b"-1", b"1e308", b"nan", b"inf", b"1\\0\\0\\0\\0\\0", b"0\\0\\0\\0\\0\\0", b"999999999999", b"\xff\xfe", b"RGB", b"MONOCHROME1"]
+INTERESTING_TEXT = [
+    b"",
+    b"0",
+    b"-1",
+    b"1e308",
+    b"nan",
+    b"inf",
+    b"1\\0\\0\\0\\0\\0",
+    b"0\\0\\0\\0\\0\\0",
+    b"999999999999",
+    b"\xff\xfe",
+    b"RGB",
+    b"MONOCHROME1",
+]
 
 
 def _tag_offsets(data: bytes, group: int, element: int) -> list[int]:
@@ -220,7 +251,9 @@ class RunReport:
     findings: list[tuple[str, bytes]] = field(default_factory=list)  # (what, input)
 
 
-def mutation_run(runs: int, seed: int, folder: Path, *, on_finding: Optional[Callable[[str, bytes], None]] = None) -> RunReport:
+def mutation_run(
+    runs: int, seed: int, folder: Path, *, on_finding: Optional[Callable[[str, bytes], None]] = None
+) -> RunReport:
     """``runs`` mutated inputs from the seed corpus (the seeds themselves first), reproducible by ``seed``."""
     rng = random.Random(seed)
     seeds = seed_files(folder / "seeds")
@@ -266,14 +299,26 @@ def _atheris_main(seconds: int, corpus: Path) -> None:
     def one_input(data: bytes) -> None:
         target.check_input(data)  # a Finding is atheris's crash: it saves the input and stops
 
-    atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-timeout=30", "-max_len=300000",
-                   f"-artifact_prefix={corpus.parent}/crash-", "-print_final_stats=1"], one_input)
+    atheris.Setup(
+        [
+            sys.argv[0],
+            str(corpus),
+            f"-max_total_time={seconds}",
+            "-timeout=30",
+            "-max_len=300000",
+            f"-artifact_prefix={corpus.parent}/crash-",
+            "-print_final_stats=1",
+        ],
+        one_input,
+    )
     atheris.Fuzz()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--atheris", type=int, metavar="SECONDS", help="coverage-guided fuzzing for SECONDS (make fuzz)")
+    parser.add_argument(
+        "--atheris", type=int, metavar="SECONDS", help="coverage-guided fuzzing for SECONDS (make fuzz)"
+    )
     parser.add_argument("--corpus", type=Path, default=Path("fuzz_output/corpus"), help="atheris's corpus folder")
     parser.add_argument("--runs", type=int, default=3000, help="inputs of the seeded mutation loop")
     parser.add_argument("--seed", type=int, default=0)
@@ -303,7 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="pedetect_fuzz_") as folder:
         report = mutation_run(args.runs, args.seed, Path(folder), on_finding=save)
-    print(f"{report.inputs} inputs in {report.seconds:.1f} s: {report.slices} slices, {report.failures} failures, {len(report.findings)} findings")
+    print(
+        f"{report.inputs} inputs in {report.seconds:.1f} s: {report.slices} slices, {report.failures} failures, {len(report.findings)} findings"
+    )
     return 1 if report.findings else 0
 
 

@@ -37,7 +37,13 @@ class Geometry:
 
     @property
     def is_identity(self) -> bool:  # the border does not matter without a warp
-        return not (self.hflip or self.vflip) and self.angle == 0 and self.scale == 1 and self.shift_x == 0 and self.shift_y == 0
+        return (
+            not (self.hflip or self.vflip)
+            and self.angle == 0
+            and self.scale == 1
+            and self.shift_x == 0
+            and self.shift_y == 0
+        )
 
     @property
     def swaps_sides(self) -> bool:
@@ -101,7 +107,9 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
         interpolation = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
         return _chw(_cv2_apply(lambda a: cv2.resize(a, (size, size), interpolation=interpolation), _hwc_view(image)))
     mode = "area" if size < min(h, w) else "bilinear"
-    out = F.interpolate(image[None].float(), size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
+    out = F.interpolate(
+        image[None].float(), size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False})
+    )[0]
     return out.round().clamp(0, 255).to(image.dtype) if image.dtype == torch.uint8 else out
 
 
@@ -112,7 +120,9 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: str = "
 
         m = matrix.astype(np.float64)
         mode = cv2.BORDER_REFLECT_101 if border == "reflect" else cv2.BORDER_CONSTANT
-        fn = lambda a: cv2.warpAffine(a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0)  # noqa: E731
+        fn = lambda a: cv2.warpAffine(
+            a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0
+        )  # noqa: E731
         return _chw(_cv2_apply(fn, _hwc_view(image)))
     return warp_torch(image, matrix, out_size, border)
 
@@ -218,7 +228,9 @@ class SliceAugment:
     def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None) -> torch.Tensor:
         return self.transform(image, rng, box)[0]
 
-    def transform(self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None) -> tuple[torch.Tensor, Geometry]:
+    def transform(
+        self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None
+    ) -> tuple[torch.Tensor, Geometry]:
         """The slice and the geometry drawn for it (targets that name a side follow the geometry).
         ``box``: the series' lung box (``cnn.input.lung_crop``), cropped before the resize."""
         image = box_crop(image, box) if box is not None else centre_crop(image, self.crop)

@@ -87,7 +87,9 @@ def slice_items(labels: pd.DataFrame, store_slices: pd.DataFrame, *, source: str
     return merged
 
 
-def training_targets(items: pd.DataFrame, exam_labels: tuple[str, ...] = (), whole_exam_labels: tuple[str, ...] = ()) -> np.ndarray:
+def training_targets(
+    items: pd.DataFrame, exam_labels: tuple[str, ...] = (), whole_exam_labels: tuple[str, ...] = ()
+) -> np.ndarray:
     """``(N, 1 + E + W)`` float32: the slice label, ``exam_labels``, then ``whole_exam_labels``.
 
     NaN marks a target the loss skips: ``exam_labels`` count on positive slices only (5th place: the
@@ -97,7 +99,9 @@ def training_targets(items: pd.DataFrame, exam_labels: tuple[str, ...] = (), who
     """
     if IMAGE_LABEL not in items:
         return np.zeros((len(items), 0), np.float32)
-    missing = [c for c in (*exam_labels, *whole_exam_labels, *(NEGATIVE_LABELS if whole_exam_labels else ())) if c not in items]
+    missing = [
+        c for c in (*exam_labels, *whole_exam_labels, *(NEGATIVE_LABELS if whole_exam_labels else ())) if c not in items
+    ]
     if missing:
         raise KeyError(f"the labels have no column(s) {missing}")
     targets = items[[IMAGE_LABEL, *exam_labels, *whole_exam_labels]].to_numpy(dtype=np.float32, copy=True)
@@ -118,9 +122,13 @@ def side_target_columns(labels: tuple[str, ...], augment: AugmentConfig | None) 
     if not sides or augment is None or not (augment.hflip or augment.rotate90):
         return None
     if augment.rotate90:
-        raise ValueError(f"cnn.augment.rotate90 turns left and right into top and bottom: it cannot train {', '.join(sides)}")
+        raise ValueError(
+            f"cnn.augment.rotate90 turns left and right into top and bottom: it cannot train {', '.join(sides)}"
+        )
     if len(sides) != 2:
-        raise ValueError(f"cnn.augment.hflip mirrors slices: train both {' and '.join(SIDE_LABELS)} or neither (given {sides[0]})")
+        raise ValueError(
+            f"cnn.augment.hflip mirrors slices: train both {' and '.join(SIDE_LABELS)} or neither (given {sides[0]})"
+        )
     return 1 + labels.index(SIDE_LABELS[0]), 1 + labels.index(SIDE_LABELS[1])
 
 
@@ -249,11 +257,17 @@ def series_inputs(volume: np.ndarray, input_config, box=None) -> torch.Tensor:
         raise ValueError("cnn.input.lung_crop is set: pass the series' lung box (series_lung_box of the whole series)")
     transform = SliceAugment(input_config.image_size, None, input_config.crop)
     out = [
-        transform(torch.from_numpy(np.ascontiguousarray(stack_input(volume, i, input_config.mode))).permute(2, 0, 1), None, box)
+        transform(
+            torch.from_numpy(np.ascontiguousarray(stack_input(volume, i, input_config.mode))).permute(2, 0, 1),
+            None,
+            box,
+        )
         for i in range(len(volume))
     ]
     if not out:
-        return torch.zeros((0, input_config.channels, input_config.image_size, input_config.image_size), dtype=torch.uint8)
+        return torch.zeros(
+            (0, input_config.channels, input_config.image_size, input_config.image_size), dtype=torch.uint8
+        )
     return torch.stack(out)
 
 

@@ -196,9 +196,12 @@ def locate_heart(hu: np.ndarray) -> HeartBox:
     cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
     y0, y1, x0, x1 = (cy - half) * step, (cy + half) * step, (cx - half) * step, (cx + half) * step
     return HeartBox(
-        z0=int(z0), z1=int(z1),
-        y0=int(max(0, np.floor(y0))), y1=int(min(h, np.ceil(y1))),
-        x0=int(max(0, np.floor(x0))), x1=int(min(w, np.ceil(x1))),
+        z0=int(z0),
+        z1=int(z1),
+        y0=int(max(0, np.floor(y0))),
+        y1=int(min(h, np.ceil(y1))),
+        x0=int(max(0, np.floor(x0))),
+        x1=int(min(w, np.ceil(x1))),
         found=bool(found),
     )
 
@@ -218,8 +221,9 @@ def heart_crop(hu: np.ndarray, box: HeartBox, *, depth: int, size: int, window: 
     return np.round(resized[0, 0].numpy() * 255.0).astype(np.uint8)
 
 
-def series_heart_crop(volume: np.ndarray, windows: Sequence[Sequence[float]], *, depth: int, size: int,
-                      window: Sequence[float]) -> tuple[np.ndarray, HeartBox]:
+def series_heart_crop(
+    volume: np.ndarray, windows: Sequence[Sequence[float]], *, depth: int, size: int, window: Sequence[float]
+) -> tuple[np.ndarray, HeartBox]:
     """The heart crop of a windowed series ``volume`` (N, H, W, 3) uint8 and the box it came from
     (in the series' pixels). The search reads every ``step``-th pixel (it works at ``WORK_SIDE``
     anyway) and the crop reads the box's pixels only: Hounsfield units of the whole series at full
@@ -228,9 +232,12 @@ def series_heart_crop(volume: np.ndarray, windows: Sequence[Sequence[float]], *,
     step = max(1, int(round(max(h, w) / WORK_SIDE)))
     found = locate_heart(estimate_hu(volume[:, ::step, ::step], windows))
     box = HeartBox(
-        z0=found.z0, z1=found.z1,
-        y0=min(h - 1, found.y0 * step), y1=min(h, found.y1 * step),
-        x0=min(w - 1, found.x0 * step), x1=min(w, found.x1 * step),
+        z0=found.z0,
+        z1=found.z1,
+        y0=min(h - 1, found.y0 * step),
+        y1=min(h, found.y1 * step),
+        x0=min(w - 1, found.x0 * step),
+        x1=min(w, found.x1 * step),
         found=found.found,
     )
     block = estimate_hu(volume[box.z0 : box.z1, box.y0 : box.y1, box.x0 : box.x1], windows)

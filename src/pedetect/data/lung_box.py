@@ -107,7 +107,9 @@ def body_mask(hu: np.ndarray, settings: LungBoxSettings = LungBoxSettings()) -> 
     return ndimage.binary_fill_holes(_largest_per_slice(tissue), structure=_IN_PLANE)
 
 
-def lung_mask(hu: np.ndarray, settings: LungBoxSettings = LungBoxSettings(), body: np.ndarray | None = None) -> np.ndarray:
+def lung_mask(
+    hu: np.ndarray, settings: LungBoxSettings = LungBoxSettings(), body: np.ndarray | None = None
+) -> np.ndarray:
     """(S, H, W) bool: air inside the body, its 3-D regions of at least ``min_region`` × the largest."""
     hu = np.asarray(hu)
     if hu.ndim == 2:
@@ -162,8 +164,12 @@ def lung_box(hu: np.ndarray, settings: LungBoxSettings = LungBoxSettings()) -> B
     return box_of_mask(lung_mask(_subsample(hu, settings.max_pixels), settings), settings)
 
 
-def lung_box_of_windows(volume: np.ndarray, lung_window: tuple[float, float], settings: LungBoxSettings = LungBoxSettings(),
-                        channel: int = 0) -> Box:
+def lung_box_of_windows(
+    volume: np.ndarray,
+    lung_window: tuple[float, float],
+    settings: LungBoxSettings = LungBoxSettings(),
+    channel: int = 0,
+) -> Box:
     """The lung box of a series of windowed uint8 slices ``(S, H, W, C)`` (the slice store's, or what
     ``predict`` reads), from the lung window's channel inverted to HU."""
     volume = np.asarray(volume)

@@ -14,10 +14,18 @@ from pedetect.demo.run import TEST_STUDIES, TRAIN_SEED, TRAIN_STUDIES
 def demo_command(
     out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for everything the demo makes."),
     train_studies: int = typer.Option(TRAIN_STUDIES, "--train-studies", min=6, help="Synthetic training studies."),
-    test_studies: int = typer.Option(TEST_STUDIES, "--test-studies", min=1, help="Synthetic test studies (RLE lossless)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."),
+    test_studies: int = typer.Option(
+        TEST_STUDIES, "--test-studies", min=1, help="Synthetic test studies (RLE lossless)."
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),
-    seed: int = typer.Option(TRAIN_SEED, "--seed", help="Seed of the synthetic training set; the test set uses the next seed. Another seed: the same recipe on other data."),
+    seed: int = typer.Option(
+        TRAIN_SEED,
+        "--seed",
+        help="Seed of the synthetic training set; the test set uses the next seed. Another seed: the same recipe on other data.",
+    ),
 ) -> None:
     """The whole pipeline on synthetic CTPA, on a CPU in minutes: synth (train and test sets of
     different seeds) → prepare → train (configs/demo.yaml) → predict with report → evaluate, and a
@@ -26,7 +34,14 @@ def demo_command(
     from pedetect.demo.run import DemoError, run_demo
 
     try:
-        result = run_demo(out, train_studies=train_studies, test_studies=test_studies, config=config, overrides=list(overrides), seed=seed)
+        result = run_demo(
+            out,
+            train_studies=train_studies,
+            test_studies=test_studies,
+            config=config,
+            overrides=list(overrides),
+            seed=seed,
+        )
     except DemoError as error:
         raise fail(str(error)) from None
     typer.echo(result.table())

@@ -126,17 +126,40 @@ def run_demo(
         started = time.perf_counter()
 
     echo(f"demo: synthetic studies into {data}")
-    write_dataset(data, train_studies, slices=SLICES, size=SIZE, seed=seed, split="train",
-                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress, workers=workers)
-    write_dataset(data, test_studies, slices=SLICES, size=SIZE, seed=seed_of_test_set(seed), split="test", transfer_syntax=TEST_SYNTAX,
-                  positive_fraction=POSITIVE_FRACTION, min_embolus_pixels=MIN_EMBOLUS_PIXELS, progress=progress, workers=workers)
+    write_dataset(
+        data,
+        train_studies,
+        slices=SLICES,
+        size=SIZE,
+        seed=seed,
+        split="train",
+        positive_fraction=POSITIVE_FRACTION,
+        min_embolus_pixels=MIN_EMBOLUS_PIXELS,
+        progress=progress,
+        workers=workers,
+    )
+    write_dataset(
+        data,
+        test_studies,
+        slices=SLICES,
+        size=SIZE,
+        seed=seed_of_test_set(seed),
+        split="test",
+        transfer_syntax=TEST_SYNTAX,
+        positive_fraction=POSITIVE_FRACTION,
+        min_embolus_pixels=MIN_EMBOLUS_PIXELS,
+        progress=progress,
+        workers=workers,
+    )
     step("synth")
     summary = prepare(data / "train", store, workers=workers, progress=progress, echo=echo)
     if not summary.ok:
         raise DemoError(f"prepare lost slices:\n{summary.text()}")
     step("prepare")
     try:
-        experiment = read_config_for_training(config, list(overrides or []) + ([] if progress else ["logging.progress_bar=false"]))
+        experiment = read_config_for_training(
+            config, list(overrides or []) + ([] if progress else ["logging.progress_bar=false"])
+        )
         result = train(experiment, store=store, labels=data / "train.csv", out=model, echo=echo)
     except Exception as error:
         raise DemoError(f"train failed: {error}") from error
@@ -145,8 +168,15 @@ def run_demo(
         echo(f"demo: cross-validated score {cv['score']:.4f} (prior {cv['baselines']['prior']['score']:.4f})")
     step("train")
     submission, report = out / "submission.csv", out / "report"
-    predicted = predict(data / "test", [model], submission, report_dir=report, sample=data / "sample_submission.csv",
-                        progress=progress, echo=echo)
+    predicted = predict(
+        data / "test",
+        [model],
+        submission,
+        report_dir=report,
+        sample=data / "sample_submission.csv",
+        progress=progress,
+        echo=echo,
+    )
     echo(predicted.text())
     if not predicted.ok:
         raise DemoError(f"predict lost data:\n{predicted.text()}")

@@ -95,16 +95,23 @@ def frame_geometry(ds: Any, frames: int) -> list[dict]:
     for k in range(frames):
         item = per_frame[k] if per_frame is not None else None
         slope = numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1) or top_slope
-        intercept = numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 1) or top_intercept
+        intercept = (
+            numbers(_group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 1)
+            or top_intercept
+        )
         thickness = numbers(_group_value(item, shared, "PixelMeasuresSequence", "SliceThickness"), 1)
-        out.append({
-            "position": numbers(_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            "orientation": numbers(_group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            "pixel_spacing": numbers(_group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
-            "slice_thickness": thickness[0] if thickness else None,
-            "slope": slope[0] if slope else 1.0,
-            "intercept": intercept[0] if intercept else 0.0,
-        })
+        out.append(
+            {
+                "position": numbers(_group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                "orientation": numbers(
+                    _group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+                ),
+                "pixel_spacing": numbers(_group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                "slice_thickness": thickness[0] if thickness else None,
+                "slope": slope[0] if slope else 1.0,
+                "intercept": intercept[0] if intercept else 0.0,
+            }
+        )
     return out
 
 
@@ -112,14 +119,18 @@ def frame_geometry(ds: Any, frames: int) -> list[dict]:
 # Where each frame's bytes are
 
 
-def native_frame_ranges(offset: int, declared: int, available: int, frames: int, frame_bytes: int) -> list[list[tuple[int, int]]]:
+def native_frame_ranges(
+    offset: int, declared: int, available: int, frames: int, frame_bytes: int
+) -> list[list[tuple[int, int]]]:
     """``[(offset, length)]`` of each frame of native (uncompressed) pixel data, or :class:`FrameError`
     when the element (``declared`` bytes) or the file (``available`` bytes after ``offset``) is
     shorter than the frames it declares."""
     need = frames * frame_bytes
     have = min(declared, available)
     if have < need:
-        raise FrameError(f"pixel data holds {have} bytes, {frames} frame(s) of {frame_bytes} bytes need {need}: the file cannot hold its frames")
+        raise FrameError(
+            f"pixel data holds {have} bytes, {frames} frame(s) of {frame_bytes} bytes need {need}: the file cannot hold its frames"
+        )
     return [[(offset + k * frame_bytes, frame_bytes)] for k in range(frames)]
 
 
@@ -139,9 +150,13 @@ def _items(fp: Any, offset: int, end: int, little: bool) -> list[tuple[int, int]
         if tag == 0xFFFEE0DD:
             break
         if tag != 0xFFFEE000:
-            raise FrameError(f"encapsulated pixel data damaged (tag ({group:04X},{element:04X}) where an item was expected)")
+            raise FrameError(
+                f"encapsulated pixel data damaged (tag ({group:04X},{element:04X}) where an item was expected)"
+            )
         if length == ENCAPSULATED_UNDEFINED or at + 8 + length > end:
-            raise FrameError(f"encapsulated pixel data damaged or truncated (an item of {length} bytes past the end of the file)")
+            raise FrameError(
+                f"encapsulated pixel data damaged or truncated (an item of {length} bytes past the end of the file)"
+            )
         items.append((at + 8, length))
         if len(items) > MAX_FRAGMENTS:
             raise FrameError(f"encapsulated pixel data of over {MAX_FRAGMENTS} fragments")
@@ -149,7 +164,9 @@ def _items(fp: Any, offset: int, end: int, little: bool) -> list[tuple[int, int]
     return items
 
 
-def encapsulated_frame_ranges(fp: Any, offset: int, end: int, frames: int, little: bool, extended: Optional[bytes] = None) -> list[list[tuple[int, int]]]:
+def encapsulated_frame_ranges(
+    fp: Any, offset: int, end: int, frames: int, little: bool, extended: Optional[bytes] = None
+) -> list[list[tuple[int, int]]]:
     """The fragments ``[(offset, length), …]`` of each frame of encapsulated pixel data: one fragment
     a frame when the counts agree, else grouped by the Extended or Basic Offset Table; a file whose
     fragments cannot be told apart into ``frames`` frames raises :class:`FrameError`."""
@@ -158,7 +175,9 @@ def encapsulated_frame_ranges(fp: Any, offset: int, end: int, frames: int, littl
         raise FrameError("encapsulated pixel data without a Basic Offset Table item")
     (bot_at, bot_length), fragments = items[0], items[1:]
     if len(fragments) < frames:
-        raise FrameError(f"NumberOfFrames is {frames} but the encapsulated pixel data holds {len(fragments)} fragment(s): the file cannot hold its frames")
+        raise FrameError(
+            f"NumberOfFrames is {frames} but the encapsulated pixel data holds {len(fragments)} fragment(s): the file cannot hold its frames"
+        )
     if len(fragments) == frames:
         return [[fragment] for fragment in fragments]
     if frames == 1:
@@ -171,7 +190,9 @@ def encapsulated_frame_ranges(fp: Any, offset: int, end: int, frames: int, littl
         table = fp.read(bot_length)
         starts = [int(v) for v in np.frombuffer(table[: len(table) // 4 * 4], dtype="<u4" if little else ">u4")]
     if not starts or len(starts) != frames:
-        raise FrameError(f"{len(fragments)} fragments for {frames} frames and no offset table of {frames} entries: the frames cannot be told apart")
+        raise FrameError(
+            f"{len(fragments)} fragments for {frames} frames and no offset table of {frames} entries: the frames cannot be told apart"
+        )
     # Offsets in the tables count from the first fragment's item tag.
     first = fragments[0][0] - 8
     out: list[list[tuple[int, int]]] = [[] for _ in range(frames)]

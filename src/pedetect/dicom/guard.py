@@ -84,7 +84,11 @@ class DecodeGuard:
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "pedetect.dicom.guard"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
             )
         except OSError as error:
             raise DecoderUnavailable(f"the decoding process could not be started ({describe_error(error)})") from None
@@ -124,11 +128,15 @@ class DecodeGuard:
         self.close()
 
     # -------------------------------------------------------------------------------- reading
-    def read(self, header: SliceHeader, windows: Any = None, image_size: Optional[int] = None, *, bgr: bool = False) -> np.ndarray:
+    def read(
+        self, header: SliceHeader, windows: Any = None, image_size: Optional[int] = None, *, bgr: bool = False
+    ) -> np.ndarray:
         """:func:`pedetect.dicom.read.read_slice` in the child, within the time limit; a failure raises
         :class:`~pedetect.dicom.header.DicomError` with the reason its failure row records."""
         if header.label in self._timed_out:
-            raise DicomError(f"not decoded: another frame of this file took longer than {self.limit_s:g} s to decode (the per-file time limit)")
+            raise DicomError(
+                f"not decoded: another frame of this file took longer than {self.limit_s:g} s to decode (the per-file time limit)"
+            )
         if self._child is None:
             self._child = self._start()
         child = self._child
@@ -173,7 +181,11 @@ class DecodeGuard:
         self._child = None
         self.restarts += 1
         code = child.returncode
-        how = f"signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0 and -code in signal.valid_signals() else f"exit status {code}"
+        how = (
+            f"signal {-code} ({signal.Signals(-code).name})"
+            if code is not None and code < 0 and -code in signal.valid_signals()
+            else f"exit status {code}"
+        )
         raise DicomError(f"pixel data unreadable (the decoder ended its process: {how})")
 
 

@@ -121,7 +121,9 @@ def _check_ct_image(ds: Any, sop_class: str) -> bool:
     if not sop_class:
         modality = _text(ds, "Modality")
         if modality.upper() != "CT":
-            raise DicomError(f"not known to be a CT image: no SOP class UID, Modality {printable(modality) or '(none)'}")
+            raise DicomError(
+                f"not known to be a CT image: no SOP class UID, Modality {printable(modality) or '(none)'}"
+            )
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric and photometric.upper() not in GRAYSCALE:
         raise DicomError(f"not a grayscale image (PhotometricInterpretation {printable(photometric)})")
@@ -210,7 +212,17 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
             return ds
     except InvalidDicomError as error:
         raise DicomError(f"not DICOM ({describe_error(error)})") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, NotImplementedError, struct.error) as error:
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        NotImplementedError,
+        struct.error,
+    ) as error:
         raise DicomError(f"DICOM header unreadable or truncated ({describe_error(error)})") from None
 
 
@@ -391,59 +403,90 @@ def _headers(ds: Any, source: Source, size: int, mtime_ns: int) -> list[SliceHea
     native = _native_pixels(ds, pixel_element, syntax, rows, cols)
     if native is not None:
         extra["native"] = native
-    return [SliceHeader(
-        source=source,
-        study=_text(ds, "StudyInstanceUID"),
-        series=series,
-        sop=sop,
-        rows=rows,
-        cols=cols,
-        position=position,  # type: ignore[arg-type]
-        orientation=orientation,
-        instance_number=_int(ds, "InstanceNumber"),
-        slice_location=_float(ds, "SliceLocation"),
-        pixel_spacing=spacing,  # type: ignore[arg-type]
-        slice_thickness=_float(ds, "SliceThickness"),
-        modality=_text(ds, "Modality"),
-        transfer_syntax=syntax,
-        size=size,
-        mtime_ns=mtime_ns,
-        extra=extra,
-    )]
+    return [
+        SliceHeader(
+            source=source,
+            study=_text(ds, "StudyInstanceUID"),
+            series=series,
+            sop=sop,
+            rows=rows,
+            cols=cols,
+            position=position,  # type: ignore[arg-type]
+            orientation=orientation,
+            instance_number=_int(ds, "InstanceNumber"),
+            slice_location=_float(ds, "SliceLocation"),
+            pixel_spacing=spacing,  # type: ignore[arg-type]
+            slice_thickness=_float(ds, "SliceThickness"),
+            modality=_text(ds, "Modality"),
+            transfer_syntax=syntax,
+            size=size,
+            mtime_ns=mtime_ns,
+            extra=extra,
+        )
+    ]
 
 
 # The pixel module of a multi-frame file, copied into each frame's one-frame dataset.
-_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-                 "PixelRepresentation", "PixelPaddingValue", "PixelPaddingRangeLimit")
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
 
 
 def _frame_headers(
-    ds: Any, source: Source, size: int, mtime_ns: int, element: Optional[dict], syntax: str,
-    rows: int, cols: int, frames: int, series: str, sop: str,
+    ds: Any,
+    source: Source,
+    size: int,
+    mtime_ns: int,
+    element: Optional[dict],
+    syntax: str,
+    rows: int,
+    cols: int,
+    frames: int,
+    series: str,
+    sop: str,
 ) -> list[SliceHeader]:
     """One :class:`SliceHeader` per frame of an Enhanced CT file (:mod:`pedetect.dicom.frames`)."""
-    from pedetect.dicom.frames import DEFLATED, encapsulated_frame_ranges, frame_geometry, frame_key, native_frame_ranges
+    from pedetect.dicom.frames import (
+        DEFLATED,
+        encapsulated_frame_ranges,
+        frame_geometry,
+        frame_key,
+        native_frame_ranges,
+    )
 
     if element is None:
         raise DicomError("DICOM without pixel data (multi-frame image: truncated before the pixels?)")
     if element["keyword"] != "PixelData":
         raise DicomError(f"multi-frame image with {element['keyword']} is not supported")
     if syntax == DEFLATED:
-        raise DicomError("multi-frame image in Deflated Explicit VR Little Endian is not supported: its frames cannot be read one at a time")
+        raise DicomError(
+            "multi-frame image in Deflated Explicit VR Little Endian is not supported: its frames cannot be read one at a time"
+        )
     little = getattr(ds, "original_encoding", (None, True))[1] is not False
     if not little:
         raise DicomError("multi-frame image in big endian is not supported")
     if element["length"] == 0xFFFFFFFF:
         fp: Any = io.BytesIO(read_bytes(source)) if isinstance(source, ZipMember) else open_path(source)
         try:
-            ranges = encapsulated_frame_ranges(fp, element["offset"], size, frames, little, ds.get("ExtendedOffsetTable"))
+            ranges = encapsulated_frame_ranges(
+                fp, element["offset"], size, frames, little, ds.get("ExtendedOffsetTable")
+            )
         finally:
             fp.close()
     else:
         allocated = _int(ds, "BitsAllocated") or 16
         if allocated not in (8, 16, 32):
             raise DicomError(f"multi-frame image with BitsAllocated {allocated} is not supported")
-        ranges = native_frame_ranges(element["offset"], element["length"], size - element["offset"], frames, rows * cols * allocated // 8)
+        ranges = native_frame_ranges(
+            element["offset"], element["length"], size - element["offset"], frames, rows * cols * allocated // 8
+        )
     geometry = frame_geometry(ds, frames)
     pixel_module = {}
     for keyword in _PIXEL_MODULE:
@@ -468,8 +511,17 @@ def _frame_headers(
             transfer_syntax=syntax,
             size=size,
             mtime_ns=mtime_ns,
-            extra={"frame": {"sop": sop, "number": k + 1, "of": frames, "ranges": ranges[k], "slope": g["slope"],
-                             "intercept": g["intercept"], "pixel_module": pixel_module}},
+            extra={
+                "frame": {
+                    "sop": sop,
+                    "number": k + 1,
+                    "of": frames,
+                    "ranges": ranges[k],
+                    "slope": g["slope"],
+                    "intercept": g["intercept"],
+                    "pixel_module": pixel_module,
+                }
+            },
         )
         for k, g in enumerate(geometry)
     ]

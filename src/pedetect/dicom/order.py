@@ -78,7 +78,9 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
             kept.append(h)
     if rejected:
         sizes = sorted({f"{h.rows}x{h.cols}" for h, _ in rejected})
-        irregular.append(f"mixed sizes: {len(rejected)} slice(s) of {', '.join(sizes)} set aside (series {rows}x{cols})")
+        irregular.append(
+            f"mixed sizes: {len(rejected)} slice(s) of {', '.join(sizes)} set aside (series {rows}x{cols})"
+        )
 
     normal: Optional[np.ndarray] = None
     have_geometry = all(h.position is not None and h.orientation is not None for h in kept)
@@ -94,7 +96,10 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
 
     if normal is not None:
         z = np.array([float(np.dot(h.position, normal)) for h in kept])  # type: ignore[arg-type]
-        keys = [(z[i], kept[i].instance_number if kept[i].instance_number is not None else math.inf, kept[i].sop) for i in range(len(kept))]
+        keys = [
+            (z[i], kept[i].instance_number if kept[i].instance_number is not None else math.inf, kept[i].sop)
+            for i in range(len(kept))
+        ]
         order = sorted(range(len(kept)), key=lambda i: keys[i])
         order_by = "position"
     else:
@@ -108,7 +113,9 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
         else:
             order = sorted(range(len(kept)), key=lambda i: (kept[i].sop,))
             order_by = "file"
-            irregular.append("neither position nor InstanceNumber on every slice: slice order unknown (sorted by SOPInstanceUID)")
+            irregular.append(
+                "neither position nor InstanceNumber on every slice: slice order unknown (sorted by SOPInstanceUID)"
+            )
         locations = [kept[i].slice_location for i in range(len(kept))]
         z = np.array([loc if loc is not None else math.nan for loc in locations], dtype=float)
 
@@ -135,7 +142,15 @@ def spacing_stats(z: Sequence[float]) -> dict:
     1.5 × median), ``largest_gap``, ``n_duplicates`` (steps < 0.001 mm) and ``irregularities`` (text).
     """
     z = np.asarray(z, dtype=float)
-    out: dict = {"spacing": None, "min_step": None, "max_step": None, "n_gaps": 0, "largest_gap": None, "n_duplicates": 0, "irregularities": []}
+    out: dict = {
+        "spacing": None,
+        "min_step": None,
+        "max_step": None,
+        "n_gaps": 0,
+        "largest_gap": None,
+        "n_duplicates": 0,
+        "irregularities": [],
+    }
     if len(z) < 2 or not np.all(np.isfinite(z)):
         return out
     steps = np.diff(z)
@@ -143,7 +158,9 @@ def spacing_stats(z: Sequence[float]) -> dict:
     positive = steps[np.abs(steps) >= DUPLICATE_MM]
     out["n_duplicates"] = duplicates
     if duplicates:
-        out["irregularities"].append(f"duplicate positions: {duplicates} slice(s) share a position with their neighbour")
+        out["irregularities"].append(
+            f"duplicate positions: {duplicates} slice(s) share a position with their neighbour"
+        )
     if len(positive) == 0:
         return out
     spacing = float(np.median(positive))
@@ -151,5 +168,7 @@ def spacing_stats(z: Sequence[float]) -> dict:
     gaps = positive[positive > GAP_FACTOR * spacing]
     if len(gaps):
         out.update(n_gaps=int(len(gaps)), largest_gap=float(gaps.max()))
-        out["irregularities"].append(f"gaps: {len(gaps)} step(s) over {GAP_FACTOR}× the median spacing {spacing:.3g} mm (largest {gaps.max():.3g} mm)")
+        out["irregularities"].append(
+            f"gaps: {len(gaps)} step(s) over {GAP_FACTOR}× the median spacing {spacing:.3g} mm (largest {gaps.max():.3g} mm)"
+        )
     return out

@@ -97,7 +97,9 @@ def check_declared_size(rows: int, cols: int, frames: int = 1, samples: int = 1)
     if rows < 1 or cols < 1 or frames < 1 or samples < 1:
         raise ValueError(f"declared size {rows}x{cols} ({frames} frame(s), {samples} sample(s)) is empty")
     if rows * cols * frames * samples > MAX_SLICE_PIXELS:
-        raise ValueError(f"declared size {rows}x{cols} ({frames} frame(s), {samples} sample(s)) is over {MAX_SLICE_PIXELS} values per slice")
+        raise ValueError(
+            f"declared size {rows}x{cols} ({frames} frame(s), {samples} sample(s)) is over {MAX_SLICE_PIXELS} values per slice"
+        )
 
 
 # The decoder each compressed transfer syntax must use when pydicom's default order is unsafe: gdcm
@@ -112,8 +114,15 @@ DECODING_PLUGIN = {
 }
 
 # JPEG 2000 and High-Throughput JPEG 2000; the JPEG and JPEG-LS syntaxes are 1.2.840.10008.1.2.4.50 to .81.
-JPEG2000_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
-                     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+JPEG2000_SYNTAXES = (
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+)
 JPEG_SYNTAX_ROOT = "1.2.840.10008.1.2.4."
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, JPEG-LS
 
@@ -126,7 +135,9 @@ def codestream_size(frame: bytes, syntax: str = "") -> Optional[tuple[int, int]]
     jpeg2000 = syntax in JPEG2000_SYNTAXES
     if syntax and not jpeg2000 and not syntax.startswith(JPEG_SYNTAX_ROOT):
         return None
-    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096) if jpeg2000 or not syntax else -1  # SOC, then SIZ (raw or in a JP2 box)
+    siz = (
+        frame.find(b"\xff\x4f\xff\x51", 0, 4096) if jpeg2000 or not syntax else -1
+    )  # SOC, then SIZ (raw or in a JP2 box)
     if siz >= 0 and len(frame) >= siz + 24:
         x, y, x0, y0 = np.frombuffer(frame, dtype=">u4", count=4, offset=siz + 8)
         return int(y) - int(y0), int(x) - int(x0)

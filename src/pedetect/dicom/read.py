@@ -23,7 +23,14 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pedetect.dicom.header import DicomError, SliceHeader, dcmread_source, describe_error, is_input_failure, read_headers
+from pedetect.dicom.header import (
+    DicomError,
+    SliceHeader,
+    dcmread_source,
+    describe_error,
+    is_input_failure,
+    read_headers,
+)
 from pedetect.dicom.order import SeriesPlan, plan_series
 from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
@@ -51,7 +58,9 @@ def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failu
     return headers, failures
 
 
-def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False) -> np.ndarray:
+def read_slice(
+    header: SliceHeader, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False
+) -> np.ndarray:
     """One slice as windowed uint8 ``(H, W, 3)``: channels in window order (R, G, B), reversed when
     ``bgr`` (for the JPEG encoder); resized with aspect kept to ``image_size`` when given.
 
@@ -69,10 +78,22 @@ def read_slice(header: SliceHeader, windows: Windows = None, image_size: Optiona
         count = header.rows * header.cols
         end = native["offset"] + 2 * count
         if end > len(data) or native["length"] < 2 * count:
-            raise DicomError(f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)")
+            raise DicomError(
+                f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)"
+            )
         array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
         padding = tuple(native["padding"]) if native["padding"] is not None else None
-        return window_stored(array, native["signed"], native["bits"], native["slope"], native["intercept"], padding, windows, image_size, bgr=bgr)
+        return window_stored(
+            array,
+            native["signed"],
+            native["bits"],
+            native["slope"],
+            native["intercept"],
+            padding,
+            windows,
+            image_size,
+            bgr=bgr,
+        )
     ds = dcmread_source(header.source, data=data)
     with warnings.catch_warnings():  # pydicom warns, with the value, about malformed UIDs
         warnings.simplefilter("ignore")
@@ -96,7 +117,12 @@ def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
 
 
 def decode_series(
-    plan: SeriesPlan, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False, reader: Optional[Callable[..., np.ndarray]] = None
+    plan: SeriesPlan,
+    windows: Windows = None,
+    image_size: Optional[int] = None,
+    *,
+    bgr: bool = False,
+    reader: Optional[Callable[..., np.ndarray]] = None,
 ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[Failure]]]:
     """Each slice of a planned series in position order: ``(i, image, None)`` for ``plan.slices[i]``
     decoded and windowed (see :func:`read_slice`), or ``(i, None, failure)``. A slice that cannot be
@@ -159,11 +185,19 @@ class SeriesRead:
     def meta(self) -> dict:
         """The series' metadata as prepare records it (:func:`~pedetect.dicom.series.series_metadata`)."""
         height, width = self.images.shape[1:3]
-        return series_metadata(self.plan, self.slices, self.z, height=height, width=width, n_failed=self.n_planned - len(self))
+        return series_metadata(
+            self.plan, self.slices, self.z, height=height, width=width, n_failed=self.n_planned - len(self)
+        )
 
 
-def read_series(headers: Sequence[SliceHeader], windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False,
-                reader: Optional[Callable[..., np.ndarray]] = None) -> SeriesRead:
+def read_series(
+    headers: Sequence[SliceHeader],
+    windows: Windows = None,
+    image_size: Optional[int] = None,
+    *,
+    bgr: bool = False,
+    reader: Optional[Callable[..., np.ndarray]] = None,
+) -> SeriesRead:
     """Order, decode and window the slices of one series (headers from :func:`scan_files`) into one
     preallocated array; slices that cannot be used are in ``lost``. ``reader``: as :func:`decode_series`."""
     plan = plan_series(headers)
@@ -188,7 +222,9 @@ def read_series(headers: Sequence[SliceHeader], windows: Windows = None, image_s
     )
 
 
-def read_files(sources: Iterable[Source], *, windows: Windows = None, image_size: Optional[int] = None, bgr: bool = False) -> tuple[list[SeriesRead], list[Failure]]:
+def read_files(
+    sources: Iterable[Source], *, windows: Windows = None, image_size: Optional[int] = None, bgr: bool = False
+) -> tuple[list[SeriesRead], list[Failure]]:
     """Every series of some files, each read by :func:`read_series` (first-seen order), and the failures
     of files that belong to no series (unreadable files, duplicates); each series carries its own."""
     headers, failures = scan_files(sources)

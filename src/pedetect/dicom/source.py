@@ -76,7 +76,9 @@ class _Archive:
                 continue
             total += info.file_size
             reason = _member_problem(info) or (
-                f"zip member refused: the archive's members exceed {MAX_ARCHIVE_BYTES} bytes together" if total > MAX_ARCHIVE_BYTES else None
+                f"zip member refused: the archive's members exceed {MAX_ARCHIVE_BYTES} bytes together"
+                if total > MAX_ARCHIVE_BYTES
+                else None
             )
             if reason:
                 self.refused[info.filename] = reason
@@ -129,7 +131,15 @@ def _not_a_file(path: str, mode: int) -> str:
         except OSError as error:
             return f"a folder that could not be listed ({type(error).__name__}: {error.strerror or error})"
         return "a folder, not a file"
-    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device file"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
     return f"{kind}: never opened"
 
 

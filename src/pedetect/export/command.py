@@ -13,18 +13,26 @@ from pedetect.console import fail
 def export_command(
     model: Path = typer.Argument(..., help="Model bundle made by pedetect train."),
     store: Path = typer.Option(
-        ..., "--store",
+        ...,
+        "--store",
         help="A slice store (pedetect prepare): the real slices every exported model is checked on, and the int8 CNN calibrated on. "
         "The bundle's own training store, with --labels, also measures the score.",
     ),
     labels: Optional[Path] = typer.Option(
-        None, "--labels",
+        None,
+        "--labels",
         help="Labels of the store's studies (train.csv columns): measure each runtime's score and slice AUC on each fold's "
         "validation studies. Without them int8 is exported but never the default.",
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Export into a copy of the bundle here (what predict needs; no checkpoints or embeddings)."),
-    int8: bool = typer.Option(False, "--int8", help="Also quantize each CNN to int8 (static, calibrated on the store's slices)."),
-    calibration_slices: int = typer.Option(512, "--calibration-slices", min=1, help="Slices per fold that calibrate the int8 ranges."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Export into a copy of the bundle here (what predict needs; no checkpoints or embeddings)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also quantize each CNN to int8 (static, calibrated on the store's slices)."
+    ),
+    calibration_slices: int = typer.Option(
+        512, "--calibration-slices", min=1, help="Slices per fold that calibrate the int8 ranges."
+    ),
     check_series: int = typer.Option(40, "--check-series", min=1, help="Series per fold the runtimes are compared on."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: every core)."),
 ) -> None:
@@ -47,18 +55,44 @@ def export_command(
 
     try:
         # One writer per output: MODEL_DIR (its onnx/ is replaced; train holds the same lock), or the --out copy.
-        with folder_lock(model, command="pedetect export") if out is None else output_lock(out, command="pedetect export"):
+        with (
+            folder_lock(model, command="pedetect export")
+            if out is None
+            else output_lock(out, command="pedetect export")
+        ):
             record = export_bundle(
-                model, store, labels=labels, out=out, int8=int8, calibration_slices=calibration_slices,
-                check_series=check_series, threads=threads,
+                model,
+                store,
+                labels=labels,
+                out=out,
+                int8=int8,
+                calibration_slices=calibration_slices,
+                check_series=check_series,
+                threads=threads,
             )
-    except (ExportError, BundleError, StoreError, FoldsError, InputError, FileNotFoundError, ValueError, FolderLocked) as error:
+    except (
+        ExportError,
+        BundleError,
+        StoreError,
+        FoldsError,
+        InputError,
+        FileNotFoundError,
+        ValueError,
+        FolderLocked,
+    ) as error:
         raise fail(str(error)) from None
     where = out or model
     for name, check in record["check"].items():
         if name == "torch":
             continue
-        quality = f", score {check['score']:.4f} ({check['score_change']:+.4f}), slice AUC {check['slice_auc']:.4f} ({check['slice_auc_change']:+.4f})" if "score" in check else ""
+        quality = (
+            f", score {check['score']:.4f} ({check['score_change']:+.4f}), slice AUC {check['slice_auc']:.4f} ({check['slice_auc_change']:+.4f})"
+            if "score" in check
+            else ""
+        )
         verdict = "default" if record["default_ok"].get(name) else "not the default"
-        typer.echo(f"{name}: largest probability change {check['max_abs_probability']:.2g}{quality}: {verdict} ({record['why'][name]})", err=True)
+        typer.echo(
+            f"{name}: largest probability change {check['max_abs_probability']:.2g}{quality}: {verdict} ({record['why'][name]})",
+            err=True,
+        )
     typer.echo(f"exported {len(record['folds'])} fold(s) to {where / 'onnx'} in {record['seconds']:.0f} s", err=True)

@@ -168,7 +168,14 @@ def export_bundle(
     from pedetect.io import file_sha256, write_json_atomic
     from pedetect.models.bundle import read_bundle, read_preprocessing
     from pedetect.models.layout import EXPORT_FILE, ONNX_DIR, WEIGHTS_FILE, cnn_dir, onnx_dir, seq_dir
-    from pedetect.models.onnx import CNN_FILE, CNN_INT8_FILE, SEQ_FILE, export_sequence_head, export_slice_classifier, quantize_slice_classifier
+    from pedetect.models.onnx import (
+        CNN_FILE,
+        CNN_INT8_FILE,
+        SEQ_FILE,
+        export_sequence_head,
+        export_slice_classifier,
+        quantize_slice_classifier,
+    )
 
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -186,8 +193,10 @@ def export_bundle(
 
     config = bundle.config
     if config.seq.fixed_length is not None and config.seq.resize == "longer":
-        raise ExportError("this bundle's sequence head resizes only series longer than seq.fixed_length (seq.resize: longer): "
-                          "a branch on the length that ONNX export cannot keep; predict it with --runtime torch")
+        raise ExportError(
+            "this bundle's sequence head resizes only series longer than seq.fixed_length (seq.resize: longer): "
+            "a branch on the length that ONNX export cannot keep; predict it with --runtime torch"
+        )
     store_series = sorted(source.slices[SERIES].unique().tolist())
     checks = {"onnx": _Check(), "onnx-int8": _Check()} if int8 else {"onnx": _Check()}
     reference = _Check()
@@ -197,7 +206,9 @@ def export_bundle(
         fold_started = time.perf_counter()
         folder = onnx_dir(model_dir, k)
         cnn, head = _load_fold(model_dir, k, config)
-        export_slice_classifier(cnn, folder / CNN_FILE, channels=config.cnn.input.channels, image_size=config.cnn.input.image_size)
+        export_slice_classifier(
+            cnn, folder / CNN_FILE, channels=config.cnn.input.channels, image_size=config.cnn.input.image_size
+        )
         export_sequence_head(head, folder / SEQ_FILE)
         if items is not None:
             own = items[items[FOLD] == k]
@@ -215,11 +226,15 @@ def export_bundle(
         if int8:
             # One slice per calibration batch: onnxruntime's calibrator keeps every activation of a batch
             # (rexnet_200 at 512 px: 1.7 GB a slice; 14 GB for batches of 8). Min-max ranges do not depend on it.
-            batches = _calibration_batches(source, training, config.cnn.input, slices=calibration_slices, batch_size=CALIBRATION_BATCH, seed=k)
+            batches = _calibration_batches(
+                source, training, config.cnn.input, slices=calibration_slices, batch_size=CALIBRATION_BATCH, seed=k
+            )
             quantize_slice_classifier(folder / CNN_FILE, folder / CNN_INT8_FILE, batches)
             record["files"].append(CNN_INT8_FILE)
             record["calibration_slices"] = calibration_slices
-        fold_reference, fold_checks = _check_fold(source, check, cnn, head, folder, config, int8=int8, threads=threads, batch_size=batch_size)
+        fold_reference, fold_checks = _check_fold(
+            source, check, cnn, head, folder, config, int8=int8, threads=threads, batch_size=batch_size
+        )
         for name, own_check in fold_checks.items():
             record[name] = own_check.record()
             _merge(checks[name], own_check)
@@ -242,7 +257,9 @@ def export_bundle(
             summary[name]["score_change"] = summary[name]["score"] - summary["torch"]["score"]
             summary[name]["slice_auc_change"] = summary[name]["slice_auc"] - summary["torch"]["slice_auc"]
     accepted = {"onnx": summary["onnx"]["max_abs_probability"] <= FP32_TOLERANCE}
-    reasons = {"onnx": f"largest probability change {summary['onnx']['max_abs_probability']:.2g} (tolerance {FP32_TOLERANCE:g})"}
+    reasons = {
+        "onnx": f"largest probability change {summary['onnx']['max_abs_probability']:.2g} (tolerance {FP32_TOLERANCE:g})"
+    }
     if int8:
         accepted["onnx-int8"], reasons["onnx-int8"] = _int8_verdict(summary)
     record = {
@@ -262,10 +279,15 @@ def export_bundle(
 
 def _check_preprocessing(preprocessing: dict, source, store, echo) -> None:
     settings = getattr(source, "settings", None) or {}
-    if preprocessing.get("recorded") and settings.get("windows") and [list(map(float, w)) for w in settings["windows"]] != [
-        list(map(float, w)) for w in preprocessing["windows"]
-    ]:
-        echo(f"note: {store} was prepared with other windows than the bundle's training store: the check compares runtimes, not the model's quality")
+    if (
+        preprocessing.get("recorded")
+        and settings.get("windows")
+        and [list(map(float, w)) for w in settings["windows"]]
+        != [list(map(float, w)) for w in preprocessing["windows"]]
+    ):
+        echo(
+            f"note: {store} was prepared with other windows than the bundle's training store: the check compares runtimes, not the model's quality"
+        )
 
 
 def _load_fold(model_dir: Path, fold: int, config):
@@ -286,7 +308,10 @@ def _check_fold(source, check: list[str], cnn, head, folder: Path, config, *, in
     runtimes = {"onnx": (OnnxSliceClassifier(folder / CNN_FILE, threads=threads, keep_memory=False), onnx_head)}
     if int8:
         # Only the CNN is quantized: the int8 runtime's head is the exact one.
-        runtimes["onnx-int8"] = (OnnxSliceClassifier(folder / CNN_INT8_FILE, threads=threads, keep_memory=False), onnx_head)
+        runtimes["onnx-int8"] = (
+            OnnxSliceClassifier(folder / CNN_INT8_FILE, threads=threads, keep_memory=False),
+            onnx_head,
+        )
     reference, results = _Check(), {name: _Check() for name in runtimes}
     for uid in check:
         volume = source.read_series(uid)
@@ -333,8 +358,19 @@ def _records(items: pd.DataFrame, source, check: list[str], fold: int) -> list[A
         labelled = np.array([s in target_of for s in sops])
         target = np.array([target_of.get(s, 0.0) for s in sops], dtype=np.float32)
         row = exam_of.loc[uid]
-        records.append(SeriesRecord(row[STUDY], uid, fold, np.zeros((len(sops), 0), np.float16), np.zeros(len(sops), np.float32),
-                                    sops, target, labelled, row[list(EXAM_LABELS)].to_numpy(dtype=np.float32)))
+        records.append(
+            SeriesRecord(
+                row[STUDY],
+                uid,
+                fold,
+                np.zeros((len(sops), 0), np.float16),
+                np.zeros(len(sops), np.float32),
+                sops,
+                target,
+                labelled,
+                row[list(EXAM_LABELS)].to_numpy(dtype=np.float32),
+            )
+        )
     return records
 
 

@@ -31,7 +31,9 @@ class Destination:
     calling_ae: str = "PEDETECT"
 
     def describe(self) -> str:
-        return f"C-STORE to {self.ae_title}@{self.host}:{self.port}" if self.kind == "dimse" else f"STOW-RS to {self.url}"
+        return (
+            f"C-STORE to {self.ae_title}@{self.host}:{self.port}" if self.kind == "dimse" else f"STOW-RS to {self.url}"
+        )
 
     def send(self, paths: list[Path]) -> None:
         """Send the files; :class:`DeliveryError` unless the destination accepted every one."""
@@ -48,7 +50,9 @@ class Destination:
 
         ae = AE(ae_title=self.calling_ae)
         for syntax in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
-            ae.add_requested_context(syntax, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets if str(ds.SOPClassUID) == syntax][:1])
+            ae.add_requested_context(
+                syntax, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets if str(ds.SOPClassUID) == syntax][:1]
+            )
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
         if not assoc.is_established:
@@ -58,7 +62,9 @@ class Destination:
                 status = assoc.send_c_store(ds)
                 code = getattr(status, "Status", None)
                 if code not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    raise DeliveryError(f"{self.describe()}: {ds.SOPInstanceUID} refused (status {code if code is None else hex(code)})")
+                    raise DeliveryError(
+                        f"{self.describe()}: {ds.SOPInstanceUID} refused (status {code if code is None else hex(code)})"
+                    )
         finally:
             assoc.release()
 
@@ -75,9 +81,11 @@ def parse_destination(text: str, calling_ae: str = "PEDETECT") -> Destination:
     """``dimse:AE@host:port`` or ``dicomweb:URL``; ValueError naming the accepted forms otherwise."""
     match = _DIMSE.match(text)
     if match:
-        return Destination("dimse", ae_title=match["ae"], host=match["host"], port=int(match["port"]), calling_ae=calling_ae)
-    if text.startswith("dicomweb:") and re.match(r"^https?://", text[len("dicomweb:"):]):
-        return Destination("dicomweb", url=text[len("dicomweb:"):].rstrip("/"))
+        return Destination(
+            "dimse", ae_title=match["ae"], host=match["host"], port=int(match["port"]), calling_ae=calling_ae
+        )
+    if text.startswith("dicomweb:") and re.match(r"^https?://", text[len("dicomweb:") :]):
+        return Destination("dicomweb", url=text[len("dicomweb:") :].rstrip("/"))
     raise ValueError(f"--destination {text!r}: expected dimse:AE@host:port or dicomweb:http(s)://host:port/path")
 
 
@@ -106,7 +114,9 @@ class Outbox:
         self._wake.set()
 
     def waiting(self) -> dict[str, list[Path]]:
-        return {d.name: sorted(d.glob("*.dcm")) for d in sorted(self.root.iterdir()) if d.is_dir() and any(d.glob("*.dcm"))}
+        return {
+            d.name: sorted(d.glob("*.dcm")) for d in sorted(self.root.iterdir()) if d.is_dir() and any(d.glob("*.dcm"))
+        }
 
     def deliver_due(self, now: Optional[float] = None) -> None:
         """One pass: send every study whose retry time has come."""
@@ -121,14 +131,21 @@ class Outbox:
                 self.destination.send(paths)
             except Exception as error:  # DeliveryError or the network's: kept, retried later
                 self._due[study] = (now + delay, min(delay * 2, self.most))
-                LOG.warning("delivery of study %s failed (%s); %d file(s) kept, retry in %.0f s", study,
-                            str(error)[:300], len(paths), delay)
+                LOG.warning(
+                    "delivery of study %s failed (%s); %d file(s) kept, retry in %.0f s",
+                    study,
+                    str(error)[:300],
+                    len(paths),
+                    delay,
+                )
                 continue
             for path in paths:
                 path.unlink()
             shutil.rmtree(self.root / study, ignore_errors=True)
             self._due.pop(study, None)
-            LOG.info("delivered study %s: %s (%s)", study, ", ".join(p.name for p in paths), self.destination.describe())
+            LOG.info(
+                "delivered study %s: %s (%s)", study, ", ".join(p.name for p in paths), self.destination.describe()
+            )
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         while not stop.is_set():

@@ -32,7 +32,11 @@ def find_studies(client, studies: Sequence[str], filters: dict[str, str]) -> lis
     """The given StudyInstanceUIDs, then those a QIDO-RS search with ``filters`` finds (no duplicates)."""
     found = list(studies)
     if filters:
-        found += [uid for uid in (_value(item, STUDY_UID_TAG) for item in client.search_for_studies(search_filters=filters)) if uid]
+        found += [
+            uid
+            for uid in (_value(item, STUDY_UID_TAG) for item in client.search_for_studies(search_filters=filters))
+            if uid
+        ]
     return list(dict.fromkeys(found))
 
 
@@ -63,9 +67,20 @@ def parse_filters(pairs: Sequence[str]) -> dict[str, str]:
     return filters
 
 
-def predict_dicomweb(url: str, studies: Sequence[str], filters: dict[str, str], model_dirs: list, out: Path, *,
-                     dicom_out: Optional[Path] = None, destination: Optional[str] = None, report_dir: Optional[Path] = None,
-                     min_slices: int = MIN_SLICES, echo: Callable[[str], None] = console_echo, **options):
+def predict_dicomweb(
+    url: str,
+    studies: Sequence[str],
+    filters: dict[str, str],
+    model_dirs: list,
+    out: Path,
+    *,
+    dicom_out: Optional[Path] = None,
+    destination: Optional[str] = None,
+    report_dir: Optional[Path] = None,
+    min_slices: int = MIN_SLICES,
+    echo: Callable[[str], None] = console_echo,
+    **options,
+):
     """Retrieve, select, predict, write DICOM results and (with ``destination``) store them; returns
     predict's summary with the studies that could not be retrieved, selected or delivered among its failures."""
     from dicomweb_client.api import DICOMwebClient
@@ -109,14 +124,22 @@ def predict_dicomweb(url: str, studies: Sequence[str], filters: dict[str, str], 
         for uid, selection in selections.items():
             json_path = report / f"{safe_name(uid)}.json"
             try:
-                written = write_study_results(result_from_report(json_path), {p.stem: p for p in selection.files},
-                                              json_path.with_suffix(".png"), algorithm, results_dir, notes=selection.notes())
+                written = write_study_results(
+                    result_from_report(json_path),
+                    {p.stem: p for p in selection.files},
+                    json_path.with_suffix(".png"),
+                    algorithm,
+                    results_dir,
+                    notes=selection.notes(),
+                )
                 echo(describe(written))
                 if target is not None:
                     target.send(written.files)
                     echo(f"study {uid}: results stored ({target.describe()})")
             except Exception as error:
-                failed.append((uid, f"DICOM results not written or not stored: {type(error).__name__}: {str(error)[:200]}"))
+                failed.append(
+                    (uid, f"DICOM results not written or not stored: {type(error).__name__}: {str(error)[:200]}")
+                )
         summary.studies_failed += failed
         summary.n_studies += sum(1 for uid, _ in failed if uid not in selections)
         if report_dir is None:

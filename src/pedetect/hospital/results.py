@@ -58,8 +58,17 @@ SERIES_DESCRIPTIONS = {
 }
 FILE_NAMES = {"sr": "sr.dcm", "sc": "sc.dcm", "ko": "ko.dcm"}
 # Type 2 attributes of the Patient and General Study modules: written empty when the source lacks them.
-TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 class ResultError(Exception):
@@ -85,7 +94,9 @@ def algorithm_of(bundles: Sequence[Any]) -> Algorithm:
     for bundle in bundles:
         manifest = Path(bundle.path) / "bundle.json"
         digest = file_sha256(manifest)[:16] if manifest.exists() else "unrecorded"
-        ids.append(f"{Path(bundle.path).name} {bundle.config.name} folds={','.join(map(str, bundle.folds))} sha256:{digest}")
+        ids.append(
+            f"{Path(bundle.path).name} {bundle.config.name} folds={','.join(map(str, bundle.folds))} sha256:{digest}"
+        )
     return Algorithm(bundles=tuple(ids))
 
 
@@ -178,8 +189,13 @@ ClinicalTrialProtocolEthicsCommitteeApprovalNumber ClinicalTrialTimePointID Clin
 ConsentForClinicalTrialUseSequence
 """
 KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + (
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality",
-    "Rows", "Columns",  # an image: the KOS references it as IMAGE, not COMPOSITE
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",  # an image: the KOS references it as IMAGE, not COMPOSITE
 )
 
 
@@ -217,26 +233,47 @@ def _observer(algorithm: Algorithm):
     return ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=_uid("pedetect-device", algorithm.identity), name=algorithm.name, manufacturer_name="pedetect",
-            model_name=f"{algorithm.name} {algorithm.version}"[:64], serial_number=algorithm.identity,
+            uid=_uid("pedetect-device", algorithm.identity),
+            name=algorithm.name,
+            manufacturer_name="pedetect",
+            model_name=f"{algorithm.name} {algorithm.version}"[:64],
+            serial_number=algorithm.identity,
         ),
     )
 
 
-def build_sr(result: StudyResult, evidence: list, key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: str, sop_uid: str,
-             comments: Sequence[str] = ()):
+def build_sr(
+    result: StudyResult,
+    evidence: list,
+    key_refs: Sequence[KeyRef],
+    algorithm: Algorithm,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    comments: Sequence[str] = (),
+):
     """The Comprehensive SR (TID 1500 Measurement Report) of one study; ``key_refs``: the PE finding's
     source images, one IMAGE item per key slice (a frame: its instance and ReferencedFrameNumber);
     ``comments``: TEXT items (DCM 121106 "Comment") in the report's Qualitative Evaluations container
     (what was not used and why)."""
     from highdicom.sr import (
-        AlgorithmIdentification, CodedConcept, ComprehensiveSR, MeasurementReport, Measurement, MeasurementsAndQualitativeEvaluations,
-        ObservationContext, QualitativeEvaluation, SourceImageForMeasurementGroup, TrackingIdentifier,
+        AlgorithmIdentification,
+        CodedConcept,
+        ComprehensiveSR,
+        MeasurementReport,
+        Measurement,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        TrackingIdentifier,
     )
     from pydicom.sr.codedict import codes
 
     present, absent, probability, unit, pe, label_codes = _codes()
-    algorithm_id = AlgorithmIdentification(name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None)
+    algorithm_id = AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None
+    )
 
     def group(tracking: str, finding, model_probability: float, decision: bool, sources=None):
         return MeasurementsAndQualitativeEvaluations(
@@ -248,9 +285,14 @@ def build_sr(result: StudyResult, evidence: list, key_refs: Sequence[KeyRef], al
             source_images=sources,
         )
 
-    sources = [SourceImageForMeasurementGroup(ref.dataset.SOPClassUID, ref.dataset.SOPInstanceUID,
-                                              referenced_frame_numbers=None if ref.frame is None else [ref.frame])
-               for ref in key_refs] or None
+    sources = [
+        SourceImageForMeasurementGroup(
+            ref.dataset.SOPClassUID,
+            ref.dataset.SOPInstanceUID,
+            referenced_frame_numbers=None if ref.frame is None else [ref.frame],
+        )
+        for ref in key_refs
+    ] or None
     groups = [group(PE_TRACKING, pe, result.pe_probability, result.pe_positive, sources)]
     for label in EXAM_LABELS:
         model = result.model_exam_probabilities.get(label, float("nan"))
@@ -265,8 +307,15 @@ def build_sr(result: StudyResult, evidence: list, key_refs: Sequence[KeyRef], al
     if comments:
         content.ContentSequence.append(_comments(comments))
     sr = ComprehensiveSR(
-        evidence=evidence, content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect", is_complete=True, is_final=False,
+        evidence=evidence,
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="pedetect",
+        is_complete=True,
+        is_final=False,
         is_verified=False,
     )
     sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
@@ -277,10 +326,16 @@ def build_sr(result: StudyResult, evidence: list, key_refs: Sequence[KeyRef], al
 def _comments(comments: Sequence[str]):
     from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
 
-    container = ContainerContentItem(name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
-                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    container = ContainerContentItem(
+        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
     container.ContentSequence = [
-        TextContentItem(name=CodedConcept("121106", "DCM", "Comment"), value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
+        TextContentItem(
+            name=CodedConcept("121106", "DCM", "Comment"),
+            value=text[:1024],
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
         for text in comments
     ]
     return container
@@ -310,9 +365,17 @@ def build_sc(reference, picture: np.ndarray, *, series_uid: str, sop_uid: str):
     from highdicom.sc import SCImage
 
     sc = SCImage.from_ref_dataset(
-        ref_dataset=reference, pixel_array=np.ascontiguousarray(picture, dtype=np.uint8), photometric_interpretation="RGB",
-        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect", patient_orientation=("L", "P"),
+        ref_dataset=reference,
+        pixel_array=np.ascontiguousarray(picture, dtype=np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["sc"],
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="pedetect",
+        patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     sc.SeriesDescription = SERIES_DESCRIPTIONS["sc"]
@@ -334,7 +397,8 @@ def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: st
         if ref.frame is not None:
             frames.append(ref.frame)
     content = KeyObjectSelection(
-        document_title=codes.DCM.OfInterest, referenced_objects=[ds for ds, _ in instances.values()],
+        document_title=codes.DCM.OfInterest,
+        referenced_objects=[ds for ds, _ in instances.values()],
         observer_device_context=_observer(algorithm),
         description=f"pedetect: most suspicious slices and slices above {THRESHOLD} ({NOT_DIAGNOSTIC})",
     )
@@ -346,8 +410,13 @@ def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: st
             if frames:
                 reference.ReferencedFrameNumber = frames if len(frames) > 1 else frames[0]
     ko = KeyObjectSelectionDocument(
-        evidence=[ds for ds, _ in instances.values()], content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["ko"],
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="pedetect",
+        evidence=[ds for ds, _ in instances.values()],
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["ko"],
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="pedetect",
     )
     ko.SeriesDescription = SERIES_DESCRIPTIONS["ko"]
     return ko
@@ -363,8 +432,14 @@ def read_picture(path: Path) -> np.ndarray:
     return image[..., ::-1].copy()
 
 
-def write_study_results(result: StudyResult, sources: dict[str, Source], picture: Optional[Path], algorithm: Algorithm,
-                        out_dir: Path, notes: Sequence[str] = ()) -> StudyDicom:
+def write_study_results(
+    result: StudyResult,
+    sources: dict[str, Source],
+    picture: Optional[Path],
+    algorithm: Algorithm,
+    out_dir: Path,
+    notes: Sequence[str] = (),
+) -> StudyDicom:
     """Write ``out_dir/<study>/{sr,sc,ko}.dcm`` for one predicted study.
 
     ``sources``: slice name or SOPInstanceUID -> the file it came from (a frame ``sop#n`` is looked up
@@ -404,7 +479,9 @@ def write_study_results(result: StudyResult, sources: dict[str, Source], picture
     sr = build_sr(result, evidence, key_refs, algorithm, comments=comments, **uids("sr"))
     written.sr = _save(sr, folder / FILE_NAMES["sr"], reference)
     if picture is not None and Path(picture).exists():
-        written.sc = _save(build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"], reference)
+        written.sc = _save(
+            build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"], reference
+        )
     else:
         written.notes.append("no report picture (no decoded slice): no secondary capture")
     if key_refs:
@@ -437,8 +514,10 @@ def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str])
             continue
         frames = int(ds.get("NumberOfFrames") or 1)
         if frame is not None and not (1 <= frame <= frames and str(ds.get("SOPInstanceUID", "")) == sop):
-            notes.append(f"{source}: key slice {name} not referenced (the file holds {frames} frame(s) of instance "
-                         f"{ds.get('SOPInstanceUID', '(none)')})")
+            notes.append(
+                f"{source}: key slice {name} not referenced (the file holds {frames} frame(s) of instance "
+                f"{ds.get('SOPInstanceUID', '(none)')})"
+            )
             continue
         refs.append(KeyRef(ds, frame))
     return refs
@@ -446,8 +525,10 @@ def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str])
 
 def skipped_notes(result: StudyResult) -> list[str]:
     """One line per file the prediction could not use: its SOPInstanceUID (else its file name) and why."""
-    return [f"instance {item.get('SOPInstanceUID') or Path(str(item.get('path', ''))).name} not used: {item.get('reason')}"
-            for item in result.skipped_files]
+    return [
+        f"instance {item.get('SOPInstanceUID') or Path(str(item.get('path', ''))).name} not used: {item.get('reason')}"
+        for item in result.skipped_files
+    ]
 
 
 def result_from_report(path: Path) -> StudyResult:
@@ -497,8 +578,11 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
         if tracking == PE_TRACKING:
             values["key_sops"] = [_slice_name(ref) for ref in group.source_images]
         if values["algorithm"] is None:
-            texts = [(item.ConceptNameCodeSequence[0].CodeValue, item.TextValue) for item in group[0].ContentSequence
-                     if item.ValueType == "TEXT"]
+            texts = [
+                (item.ConceptNameCodeSequence[0].CodeValue, item.TextValue)
+                for item in group[0].ContentSequence
+                if item.ValueType == "TEXT"
+            ]
             values["algorithm"] = {
                 "name": next((t for code, t in texts if code == "111001"), None),
                 "version": next((t for code, t in texts if code == "111003"), None),
@@ -525,8 +609,13 @@ def describe(written: StudyDicom) -> str:
     return f"DICOM results of study {written.study_uid}: {kinds}, {len(written.key_sops)} key slice(s){notes}"
 
 
-def write_results(results: Sequence[StudyResult], sources: dict[str, dict[str, Source]], report_dir: Path, bundles: Sequence[Any],
-                  out_dir: Path) -> list[tuple[str, Optional[StudyDicom], Optional[str]]]:
+def write_results(
+    results: Sequence[StudyResult],
+    sources: dict[str, dict[str, Source]],
+    report_dir: Path,
+    bundles: Sequence[Any],
+    out_dir: Path,
+) -> list[tuple[str, Optional[StudyDicom], Optional[str]]]:
     """``pedetect predict --dicom-out``: the DICOM results of every predicted study, from the report's
     pictures (``report_dir/<study>.png``). Returns per study (UID, what was written, the error)."""
     algorithm = algorithm_of(bundles)

@@ -57,13 +57,19 @@ class Selection:
         return (self.chosen.files if self.chosen else []) + self.unreadable
 
     def notes(self) -> list[str]:
-        lines = [f"series used: {self.chosen.uid} ({self.chosen.summary()})"] if self.chosen else ["no usable CT series"]
+        lines = (
+            [f"series used: {self.chosen.uid} ({self.chosen.summary()})"] if self.chosen else ["no usable CT series"]
+        )
         lines += [f"series not used: {s.uid} ({s.reason})" for s in self.rejected]
         return lines
 
     def record(self) -> dict:
-        return {"used": self.chosen.uid if self.chosen else None, "why": self.chosen.summary() if self.chosen else None,
-                "not_used": {s.uid: s.reason for s in self.rejected}, "unreadable_files": [p.name for p in self.unreadable]}
+        return {
+            "used": self.chosen.uid if self.chosen else None,
+            "why": self.chosen.summary() if self.chosen else None,
+            "not_used": {s.uid: s.reason for s in self.rejected},
+            "unreadable_files": [p.name for p in self.unreadable],
+        }
 
 
 def _float(value) -> Optional[float]:
@@ -82,7 +88,11 @@ def _info(ds, path: Path, series: dict[str, SeriesInfo]) -> None:
     if info is None:
         info = series[uid] = SeriesInfo(uid)
         info.image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
-        info.kernel = " ".join(str(v) for v in ds.get("ConvolutionKernel") or ()) if not isinstance(ds.get("ConvolutionKernel"), str) else str(ds.ConvolutionKernel)
+        info.kernel = (
+            " ".join(str(v) for v in ds.get("ConvolutionKernel") or ())
+            if not isinstance(ds.get("ConvolutionKernel"), str)
+            else str(ds.ConvolutionKernel)
+        )
         info.thickness = _float(ds.get("SliceThickness")) or _float(geometry.get("slice_thickness"))
         info.contrast = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
         orientation = [_float(v) for v in (ds.get("ImageOrientationPatient") or geometry.get("orientation") or ())]
@@ -122,9 +132,21 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
     unreadable: list[Path] = []
     for path in sorted(files):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-                "SeriesInstanceUID", "ImageType", "ConvolutionKernel", "SliceThickness", "ContrastBolusAgent", "ImageOrientationPatient",
-                "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "SeriesInstanceUID",
+                    "ImageType",
+                    "ConvolutionKernel",
+                    "SliceThickness",
+                    "ContrastBolusAgent",
+                    "ImageOrientationPatient",
+                    "NumberOfFrames",
+                    "SharedFunctionalGroupsSequence",
+                    "PerFrameFunctionalGroupsSequence",
+                ],
+            )
         except Exception:
             unreadable.append(path)
             continue
@@ -140,7 +162,15 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
         elif info.slices < min_slices:
             info.reason = f"{info.slices} slices, fewer than {min_slices}"
         (rejected if info.reason else usable).append(info)
-    usable.sort(key=lambda s: (not s.contrast, bool(_SHARP.search(s.kernel)), s.thickness if s.thickness else math.inf, -s.slices, s.uid))
+    usable.sort(
+        key=lambda s: (
+            not s.contrast,
+            bool(_SHARP.search(s.kernel)),
+            s.thickness if s.thickness else math.inf,
+            -s.slices,
+            s.uid,
+        )
+    )
     chosen = usable[0] if usable else None
     for other in usable[1:]:
         other.reason = f"another series preferred ({other.summary()} against {chosen.summary()})"

@@ -50,7 +50,9 @@ class ServeConfig:
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
     retry_max: float = 60.0
     poll: float = 0.2
-    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
+    decode_timeout: float = (
+        DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
+    )
 
 
 @dataclass
@@ -109,7 +111,9 @@ class Server:
         self.config = config
         self.spool = Spool(config.spool)
         self.destination = parse_destination(config.destination) if config.destination else None
-        self.outbox = Outbox(self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max)
+        self.outbox = Outbox(
+            self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max
+        )
         self.stop_event = threading.Event()
         self.ae = None
         self.server = None
@@ -128,8 +132,14 @@ class Server:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self.ae = ae
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
-        LOG.info("listening as %s on %s:%d; spool %s; destination %s", self.config.ae_title, self.config.host,
-                 self.config.port, self.spool.root, self.destination.describe() if self.destination else "none (results stay in the outbox)")
+        LOG.info(
+            "listening as %s on %s:%d; spool %s; destination %s",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            self.spool.root,
+            self.destination.describe() if self.destination else "none (results stay in the outbox)",
+        )
 
     def _on_store(self, event) -> int:
         try:
@@ -138,7 +148,12 @@ class Server:
             sop = str(ds.get("SOPInstanceUID", event.request.AffectedSOPInstanceUID))
             study = str(ds.get("StudyInstanceUID", ""))
             if sop_class not in CT_SOP_CLASSES:
-                LOG.info("instance %s of study %s not kept: %s is not a CT image", sop, study or "(none)", sop_class_name(sop_class))
+                LOG.info(
+                    "instance %s of study %s not kept: %s is not a CT image",
+                    sop,
+                    study or "(none)",
+                    sop_class_name(sop_class),
+                )
                 return 0x0000
             if not study:
                 LOG.warning("instance %s not kept: no StudyInstanceUID", sop)
@@ -174,19 +189,34 @@ class Server:
                 os.link(path, chosen / path.name)
             except OSError:
                 shutil.copyfile(path, chosen / path.name)
-        summary = predict(chosen, list(self.config.model_dirs), work / "submission.csv", report_dir=work / "report",
-                          device=self.config.device, progress=False, echo=lambda m: LOG.info("%s", m),
-                          decode_timeout=self.config.decode_timeout)
+        summary = predict(
+            chosen,
+            list(self.config.model_dirs),
+            work / "submission.csv",
+            report_dir=work / "report",
+            device=self.config.device,
+            progress=False,
+            echo=lambda m: LOG.info("%s", m),
+            decode_timeout=self.config.decode_timeout,
+        )
         lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in summary.lost + summary.unplaced]
         for line in lost:
             LOG.warning("study %s: file not used: %s", study_dir.name, line)
-        record.update({"slices": summary.n_slices_read, "lost": lost, "errors": [error for _, error in summary.studies_failed],
-                       "seconds": round(summary.seconds, 3)})
+        record.update(
+            {
+                "slices": summary.n_slices_read,
+                "lost": lost,
+                "errors": [error for _, error in summary.studies_failed],
+                "seconds": round(summary.seconds, 3),
+            }
+        )
         algorithm = algorithm_of([read_bundle(path) for path in self.config.model_dirs])
         sources = {path.stem: path for path in selection.files}
         for report in sorted((work / "report").glob("*.json")):
             result = result_from_report(report)
-            written = write_study_results(result, sources, report.with_suffix(".png"), algorithm, results, notes=selection.notes())
+            written = write_study_results(
+                result, sources, report.with_suffix(".png"), algorithm, results, notes=selection.notes()
+            )
             LOG.info("%s", describe(written))
         return record
 
@@ -196,7 +226,12 @@ class Server:
         work = self.spool.root / WORK / study
         shutil.rmtree(work, ignore_errors=True)
         started, last = time.time(), self.spool.last_received(study)
-        LOG.info("predicting study %s (%d instances, %.1f s after the last one)", study, len(list(study_dir.glob("*.dcm"))), started - last)
+        LOG.info(
+            "predicting study %s (%d instances, %.1f s after the last one)",
+            study,
+            len(list(study_dir.glob("*.dcm"))),
+            started - last,
+        )
         record = self._predict_with_pedetect(study_dir, work, work / "dicom")
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
@@ -212,17 +247,28 @@ class Server:
         if record.get("error"):
             LOG.warning("study %s answered without a result: %s", study, record["error"])
         else:
-            LOG.info("study %s answered in %.1f s: %s queued; lost %d file(s)", study, time.time() - started,
-                     ", ".join(queued) or "no result", len(record.get("lost", [])))
+            LOG.info(
+                "study %s answered in %.1f s: %s queued; lost %d file(s)",
+                study,
+                time.time() - started,
+                ", ".join(queued) or "no result",
+                len(record.get("lost", [])),
+            )
         self.outbox.wake()
 
     def run(self) -> None:
         """Serve until :meth:`stop`: the SCP, the delivery thread, and studies predicted in this thread."""
         if self.server is None:
             self.start()
-        delivery = threading.Thread(target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True)
+        delivery = threading.Thread(
+            target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True
+        )
         delivery.start()
-        resumed = [p.name for p in (self.spool.root / INCOMING).iterdir() if p.is_dir() and not self.spool.done_path(p.name).exists()]
+        resumed = [
+            p.name
+            for p in (self.spool.root / INCOMING).iterdir()
+            if p.is_dir() and not self.spool.done_path(p.name).exists()
+        ]
         if resumed:
             LOG.info("resuming %d received study(ies) not yet answered: %s", len(resumed), ", ".join(resumed))
         try:
@@ -234,7 +280,9 @@ class Server:
                         self.answer(study)
                     except Exception as error:  # the study stays unanswered; the node goes on
                         LOG.exception("study %s could not be answered: %s: %s", study, type(error).__name__, error)
-                        write_json_atomic(self.spool.done_path(study), {"study": study, "error": f"{type(error).__name__}: {error}"})
+                        write_json_atomic(
+                            self.spool.done_path(study), {"study": study, "error": f"{type(error).__name__}: {error}"}
+                        )
                 self.stop_event.wait(self.config.poll)
         finally:
             self.shutdown()

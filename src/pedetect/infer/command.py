@@ -12,42 +12,78 @@ from pedetect.console import fail
 
 
 def predict_command(
-    input_path: Optional[Path] = typer.Argument(None, help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb)."),
-    model: list[Path] = typer.Option(..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."),
-    out: Path = typer.Option(..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG."),
+    input_path: Optional[Path] = typer.Argument(
+        None,
+        help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb).",
+    ),
+    model: list[Path] = typer.Option(
+        ..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."
+    ),
+    report: Optional[Path] = typer.Option(
+        None,
+        "--report",
+        help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG.",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
-    tta: bool = typer.Option(False, "--tta", help="Also predict each series flipped left-right and average (the flipped view's left and right exchanged back)."),
+    tta: bool = typer.Option(
+        False,
+        "--tta",
+        help="Also predict each series flipped left-right and average (the flipped view's left and right exchanged back).",
+    ),
     sample: Optional[Path] = typer.Option(
-        None, "--sample", help="Sample submission: write its ids in its order (ids the input lacks get the training prior)."
+        None,
+        "--sample",
+        help="Sample submission: write its ids in its order (ids the input lacks get the training prior).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per CNN batch."),
     runtime: str = typer.Option(
-        "auto", "--runtime",
+        "auto",
+        "--runtime",
         help="auto, torch, onnx or onnx-int8. auto: PyTorch on a GPU; on a CPU the fastest runtime that pedetect export "
         "made and found exact enough (int8, then ONNX fp32), else PyTorch.",
     ),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the models (default: every core)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for the models (default: every core)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     dicom_out: Optional[Path] = typer.Option(
-        None, "--dicom-out",
+        None,
+        "--dicom-out",
         help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
         "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
     ),
     dicomweb: Optional[str] = typer.Option(
-        None, "--dicomweb", help="Instead of INPUT: a DICOMweb server (e.g. http://pacs:8042/dicom-web); studies from --study "
+        None,
+        "--dicomweb",
+        help="Instead of INPUT: a DICOMweb server (e.g. http://pacs:8042/dicom-web); studies from --study "
         "and --qido are retrieved with WADO-RS, their CTPA series chosen (docs/dicom_results.md) and answered with DICOM results.",
     ),
-    study: list[str] = typer.Option([], "--study", help="With --dicomweb: a StudyInstanceUID to predict; repeat for more."),
-    qido: list[str] = typer.Option([], "--qido", help="With --dicomweb: a QIDO-RS filter KEY=VALUE selecting studies (e.g. StudyDate=20200101-20201231); repeatable."),
-    min_slices: int = typer.Option(20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."),
+    study: list[str] = typer.Option(
+        [], "--study", help="With --dicomweb: a StudyInstanceUID to predict; repeat for more."
+    ),
+    qido: list[str] = typer.Option(
+        [],
+        "--qido",
+        help="With --dicomweb: a QIDO-RS filter KEY=VALUE selecting studies (e.g. StudyDate=20200101-20201231); repeatable.",
+    ),
+    min_slices: int = typer.Option(
+        20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."
+    ),
     decode_timeout: float = typer.Option(
-        60.0, "--decode-timeout", min=0.0, metavar="SECONDS",
+        60.0,
+        "--decode-timeout",
+        min=0.0,
+        metavar="SECONDS",
         help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
         "(its row interpolated, as for any slice that cannot be read). 0: no limit (decode in this process).",
     ),
     destination: Optional[str] = typer.Option(
-        None, "--destination", help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",
+        None,
+        "--destination",
+        help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",
     ),
 ) -> None:
     """Predict PE from raw DICOM: every fold's CNN and sequence head of every bundle, averaged, with
@@ -66,8 +102,18 @@ def predict_command(
         raise fail("give one of INPUT (a folder or a zip) and --dicomweb URL")
     if dicomweb is None and (study or qido or destination):
         raise fail("--study, --qido and --destination go with --dicomweb")
-    options = dict(report_dir=report, device=device, tta=tta, sample=sample, batch_size=batch_size, runtime=runtime,
-                   threads=threads, progress=progress, dicom_out=dicom_out, decode_timeout=decode_timeout)
+    options = dict(
+        report_dir=report,
+        device=device,
+        tta=tta,
+        sample=sample,
+        batch_size=batch_size,
+        runtime=runtime,
+        threads=threads,
+        progress=progress,
+        dicom_out=dicom_out,
+        decode_timeout=decode_timeout,
+    )
     from contextlib import ExitStack
 
     from pedetect.io import FolderLocked, folder_lock, output_lock
@@ -85,8 +131,16 @@ def predict_command(
         if dicomweb is not None:
             from pedetect.hospital.dicomweb import parse_filters, predict_dicomweb
 
-            summary = predict_dicomweb(dicomweb, study, parse_filters(qido), list(model), out, destination=destination,
-                                       min_slices=min_slices, **options)
+            summary = predict_dicomweb(
+                dicomweb,
+                study,
+                parse_filters(qido),
+                list(model),
+                out,
+                destination=destination,
+                min_slices=min_slices,
+                **options,
+            )
         else:
             summary = predict(input_path, list(model), out, **options)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:

@@ -33,7 +33,12 @@ from pedetect.metric.loss import sigmoid
 
 
 # EXAM_LABELS order with leftsided_pe and rightsided_pe exchanged: a flipped view's exam outputs back in place.
-SIDE_SWAP = np.array([EXAM_LABELS.index({SIDE_LABELS[0]: SIDE_LABELS[1], SIDE_LABELS[1]: SIDE_LABELS[0]}.get(label, label)) for label in EXAM_LABELS])
+SIDE_SWAP = np.array(
+    [
+        EXAM_LABELS.index({SIDE_LABELS[0]: SIDE_LABELS[1], SIDE_LABELS[1]: SIDE_LABELS[0]}.get(label, label))
+        for label in EXAM_LABELS
+    ]
+)
 
 
 def preprocessing_key(preprocessing: dict[str, Any]) -> tuple:
@@ -99,11 +104,15 @@ class Ensemble:
         self.bundles = [read_bundle(d) for d in model_dirs]
         self.preprocessing = [read_preprocessing(d) for d in model_dirs]
         self.reads = list(dict.fromkeys(preprocessing_key(p) for p in self.preprocessing))  # distinct, in order
-        self.runtimes = [choose_runtime(bundle.path, runtime, bundle.folds, device=device) for bundle in self.bundles]  # (name, why)
+        self.runtimes = [
+            choose_runtime(bundle.path, runtime, bundle.folds, device=device) for bundle in self.bundles
+        ]  # (name, why)
         self.members: list[_Member] = []
         for b, bundle in enumerate(self.bundles):
             chosen = self.runtimes[b][0]
-            stack = HeartStack.load(bundle.path / "heart" / HEART_STACK_FILE) if bundle.config.heart is not None else None
+            stack = (
+                HeartStack.load(bundle.path / "heart" / HEART_STACK_FILE) if bundle.config.heart is not None else None
+            )
             for k in bundle.folds:
                 if chosen == "torch":
                     cnn = fold_batchnorm(load_slice_classifier(bundle.path, k, config=bundle.config, device=device))
@@ -115,10 +124,22 @@ class Ensemble:
                 location = (grid, float(bundle.config.cnn.input.crop))
                 heart = None
                 if stack is not None:  # small: PyTorch whatever the runtime of the CNN
-                    model = load_heart_model(heart_dir(bundle.path, k) / WEIGHTS_FILE, bundle.config.heart, device=device)
+                    model = load_heart_model(
+                        heart_dir(bundle.path, k) / WEIGHTS_FILE, bundle.config.heart, device=device
+                    )
                     heart = (model, bundle.config.heart, stack)
                 self.members.append(
-                    _Member(b, k, cnn, head, bundle.config.cnn.input, preprocessing_key(self.preprocessing[b]), chosen, location, heart)
+                    _Member(
+                        b,
+                        k,
+                        cnn,
+                        head,
+                        bundle.config.cnn.input,
+                        preprocessing_key(self.preprocessing[b]),
+                        chosen,
+                        location,
+                        heart,
+                    )
                 )
         # One grid for the viewer: members drawing on other grids or crops cannot be averaged cell by cell.
         first = next((m for m in self.members if m.location[0] > 0), None)
@@ -149,19 +170,32 @@ class Ensemble:
         for member in self.members:
             volume = volumes[member.read]
             heart_logit = self._heart_logit(member, volume, crops) if member.heart is not None else None
-            views = [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]  # flip: a view, copied batch by batch
+            views = (
+                [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]
+            )  # flip: a view, copied batch by batch
             for view, flipped in views:
                 embeddings, logits = embed_volume(
-                    member.cnn, view, member.input_config, batch_size=self.batch_size, device=self.device, windows=member.read[0]
+                    member.cnn,
+                    view,
+                    member.input_config,
+                    batch_size=self.batch_size,
+                    device=self.device,
+                    windows=member.read[0],
                 )
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
                 if flipped:  # a mirrored series is a mirrored patient: its left is the original's right
                     exam_logits = exam_logits[SIDE_SWAP]
                 exams = sigmoid(exam_logits)
-                if heart_logit is not None:  # RV/LV re-split by the stacker (the heart read unflipped: its sides matter)
+                if (
+                    heart_logit is not None
+                ):  # RV/LV re-split by the stacker (the heart read unflipped: its sides matter)
                     exams = member.heart[2].apply(exams, heart_logit).astype(exams.dtype)
                 per_bundle.setdefault(member.bundle, []).append((sigmoid(slice_logits), exams))
-                if view_of_grid is not None and member.location == (view_of_grid.grid, view_of_grid.crop) and member.read == view_of_grid.read:
+                if (
+                    view_of_grid is not None
+                    and member.location == (view_of_grid.grid, view_of_grid.crop)
+                    and member.read == view_of_grid.read
+                ):
                     g = view_of_grid.grid
                     # The embedding's last G² columns, row-major over the crop (SliceClassifier.embed).
                     grid = sigmoid(embeddings[:, -g * g :]).reshape(-1, g, g)

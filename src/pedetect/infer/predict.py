@@ -60,7 +60,9 @@ class PredictSummary:
     n_rows: int = 0
     n_fixed: int = 0  # studies whose rows the consistency fix changed
     studies_failed: list[tuple[str, str]] = field(default_factory=list)  # (StudyInstanceUID, error)
-    lost: list[Failure] = field(default_factory=list)  # files or slices not used (each still has a row when its id is known)
+    lost: list[Failure] = field(
+        default_factory=list
+    )  # files or slices not used (each still has a row when its id is known)
     unplaced: list[Failure] = field(default_factory=list)  # unreadable files whose study is unknown
     ignored: int = 0  # files that are not DICOM and do not look like slices
     absent_from_input: int = 0  # ids of --sample that no file of the input gave (prior written)
@@ -84,7 +86,9 @@ class PredictSummary:
         if self.ignored:
             lines.append(f"ignored {self.ignored} file(s) that are not DICOM")
         if self.not_in_sample:
-            lines.append(f"warning: {self.not_in_sample} predicted id(s) are not in the sample submission (written at the end)")
+            lines.append(
+                f"warning: {self.not_in_sample} predicted id(s) are not in the sample submission (written at the end)"
+            )
         if self.ok:
             lines.append("lost: nothing")
             return "\n".join(lines)
@@ -97,7 +101,9 @@ class PredictSummary:
         for failure in self.unplaced:
             lines.append(f"  {failure.path}: {failure.reason} (study unknown: no row)")
         if self.absent_from_input:
-            lines.append(f"  {self.absent_from_input} id(s) of the sample submission are in no readable file: training prior written")
+            lines.append(
+                f"  {self.absent_from_input} id(s) of the sample submission are in no readable file: training prior written"
+            )
         return "\n".join(lines)
 
 
@@ -133,7 +139,9 @@ def consistent_prior(prior: dict[str, float]) -> tuple[float, np.ndarray]:
     return min(float(prior[IMAGE_LABEL]), LOWERED), np.array([exam[label] for label in EXAM_LABELS])
 
 
-def fix_study(study: str, slice_rows: list[tuple[str, str, float]], exam: np.ndarray) -> tuple[list[tuple[str, str]], bool]:
+def fix_study(
+    study: str, slice_rows: list[tuple[str, str, float]], exam: np.ndarray
+) -> tuple[list[tuple[str, str]], bool]:
     """The study's rows ``(id, text)`` (nine exam rows, then the slices) after ``check --fix``'s repair;
     ``slice_rows``: (series, sop, value). Returns the rows and whether the fix changed any."""
     from pedetect.metric.consistency import fix_submission
@@ -142,7 +150,9 @@ def fix_study(study: str, slice_rows: list[tuple[str, str, float]], exam: np.nda
     ids = [exam_id(study, label) for label in EXAM_LABELS] + [sop for _, sop, _ in slice_rows]
     texts = [value_text(v) for v in exam] + [value_text(v) for _, _, v in slice_rows]
     frame = pd.DataFrame({"id": ids, "label": [float(t) for t in texts], "label_text": texts})
-    studies = pd.DataFrame({STUDY: study, SERIES: [s for s, _, _ in slice_rows], SOP: [sop for _, sop, _ in slice_rows]})
+    studies = pd.DataFrame(
+        {STUDY: study, SERIES: [s for s, _, _ in slice_rows], SOP: [sop for _, sop, _ in slice_rows]}
+    )
     fixed, changes = fix_submission(frame, align(frame, studies, "prediction"))
     return list(zip(fixed["id"], fixed["label_text"])), bool(changes)
 
@@ -195,13 +205,17 @@ def predict(
         import torch
 
         torch.set_num_threads(threads)
-    ensemble = Ensemble(model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size, runtime=runtime, threads=threads)
+    ensemble = Ensemble(
+        model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size, runtime=runtime, threads=threads
+    )
     summary.models = ensemble.description
     for path, (name, why) in zip(model_dirs, ensemble.runtimes):
         echo(f"runtime of {path}: {name} ({why})")
     for path, preprocessing in zip(model_dirs, ensemble.preprocessing):
         if not preprocessing["recorded"]:
-            echo(f"note: {path} does not record its store's settings (preprocessing.json): reading with the prepare defaults")
+            echo(
+                f"note: {path} does not record its store's settings (preprocessing.json): reading with the prepare defaults"
+            )
     timings = {"scan": 0.0, "read": 0.0, "model": 0.0, "fix": 0.0, "report": 0.0}
 
     scan_started = time.perf_counter()
@@ -210,7 +224,9 @@ def predict(
     timings["scan"] = time.perf_counter() - scan_started
     summary.n_files, summary.ignored, summary.unplaced = scan.n_files, len(scan.ignored), list(scan.unplaced)
     summary.n_studies = len(scan.studies)
-    echo(f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}")
+    echo(
+        f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}"
+    )
 
     prior_slice, prior_exam = consistent_prior(ensemble.prior)
     rows: dict[str, str] = {}
@@ -219,9 +235,12 @@ def predict(
     reports = _report_writer(summary.report, ensemble) if summary.report is not None else contextlib.nullcontext()
     with reports as writer, slice_decoder(decode_timeout) as decode:
         # The viewer's slice JPEGs are encoded as soon as a study is read, while the models work on it.
-        on_read = (lambda read: writer.prepare(read.plan.study, _study_pictures(read, ensemble.reads[0]))) if writer else None
-        for outcome in _predict_studies(ensemble, scan.studies, prior_slice, prior_exam, progress=progress, on_read=on_read,
-                                        decode=decode):
+        on_read = (
+            (lambda read: writer.prepare(read.plan.study, _study_pictures(read, ensemble.reads[0]))) if writer else None
+        )
+        for outcome in _predict_studies(
+            ensemble, scan.studies, prior_slice, prior_exam, progress=progress, on_read=on_read, decode=decode
+        ):
             outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
             if writer is not None:
                 timings["report"] += writer.submit(outcome.result, outcome.pictures, outcome.location)
@@ -237,7 +256,10 @@ def predict(
     if sample_ids is not None:
         order, extra = _sample_order(sample_ids, rows, prior_slice, prior_exam, summary)
     else:  # every study's nine exam rows, then every slice
-        order, extra = [i for i in rows if split_exam_id(i) is not None] + [i for i in rows if split_exam_id(i) is None], []
+        order, extra = (
+            [i for i in rows if split_exam_id(i) is not None] + [i for i in rows if split_exam_id(i) is None],
+            [],
+        )
     submission = pd.DataFrame({"id": order + extra, "label": [rows[i] for i in order + extra]})
     write_csv_atomic(submission, out)
     summary.n_rows = len(submission)
@@ -274,17 +296,28 @@ class _ScratchReport:
             self._dir.cleanup()
 
 
-def _predict_studies(ensemble, studies: list, prior_slice: float, prior_exam: np.ndarray, *, progress: bool,
-                     on_read: Optional[Callable[[_StudyRead], None]] = None, decode=None):
+def _predict_studies(
+    ensemble,
+    studies: list,
+    prior_slice: float,
+    prior_exam: np.ndarray,
+    *,
+    progress: bool,
+    on_read: Optional[Callable[[_StudyRead], None]] = None,
+    decode=None,
+):
     """Each study's :class:`StudyOutcome`, in order, the next study read in a background thread
     while the models work on this one (memory: two studies at most); ``on_read`` sees each study
     as soon as it is read, before the models; ``decode``: what decodes a slice (None: in this thread)."""
     from tqdm.auto import tqdm
 
     reads = ensemble.reads
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool, tqdm(
-        total=len(studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    ) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool,
+        tqdm(
+            total=len(studies), desc="predict", unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True
+        ) as bar,
+    ):
         pending = pool.submit(_read_study, studies[0], reads, decode) if studies else None
         for i in range(len(studies)):
             read = pending.result()
@@ -312,7 +345,9 @@ def _report_writer(report_dir: Path, ensemble):
     )
 
 
-def _sample_order(sample_ids: list[str], rows: dict[str, str], prior_slice: float, prior_exam: np.ndarray, summary: PredictSummary):
+def _sample_order(
+    sample_ids: list[str], rows: dict[str, str], prior_slice: float, prior_exam: np.ndarray, summary: PredictSummary
+):
     """The sample's ids in its order (absent ones get the prior), then predicted ids it lacks."""
     position = {label: k for k, label in enumerate(EXAM_LABELS)}
     for row_id in sample_ids:
@@ -379,7 +414,9 @@ def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
         outputs.exams.append(prediction.exams)
         outputs.weights.append(len(first))
         outputs.locations.append(prediction.location)
-        outputs.decoded += [(first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)]
+        outputs.decoded += [
+            (first.series, sop, float(z), float(p)) for sop, z, p in zip(first.sop_uids, first.z, probabilities)
+        ]
         for series_uid, failure, place in lost:
             if math.isnan(place):
                 outputs.unplaced.append((series_uid, failure))
@@ -445,9 +482,15 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
         model_exam_probabilities={label: float(v) for label, v in zip(EXAM_LABELS, exam)},
         model_slice_probabilities=[p for *_, p in decoded],
         skipped_files=[
-            {"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": float(final[f.sop]) if f.sop in final else None}
+            {
+                "path": f.path,
+                "reason": f.reason,
+                "SOPInstanceUID": f.sop,
+                "written_probability": float(final[f.sop]) if f.sop in final else None,
+            }
             for _, f, _ in filled
-        ] + [{"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": None} for f in skipped],
+        ]
+        + [{"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": None} for f in skipped],
         timings=dict(seconds),
         error=error,
     )

@@ -107,8 +107,12 @@ def scan_input(input_path, *, progress: Callable[[int], None] = lambda n: None) 
     return InputScan(ordered, unplaced, ignored, len(sources))
 
 
-def read_series_planned(headers: Sequence[SliceHeader], windows, image_size: Optional[int],
-                        decode: Optional[Callable[..., np.ndarray]] = None) -> SeriesRead:
+def read_series_planned(
+    headers: Sequence[SliceHeader],
+    windows,
+    image_size: Optional[int],
+    decode: Optional[Callable[..., np.ndarray]] = None,
+) -> SeriesRead:
     """Order, decode and window one series (prepare's read path) into a preallocated array, R,G,B;
     ``decode``: what decodes a slice (:func:`slice_decoder`'s), None: in this process."""
     return read_series(headers, windows, image_size, reader=decode)

@@ -71,17 +71,34 @@ class StudyResult:
             model, written = self.model_exam_probabilities.get(label), self.exam_probabilities.get(label)
             decision = written is not None and written > THRESHOLD
             changed = model is not None and (model > THRESHOLD) != decision
-            labels.append({"label": label, "model_probability": model, "written_probability": written,
-                           "decision": decision, "changed_by_repair": changed})
+            labels.append(
+                {
+                    "label": label,
+                    "model_probability": model,
+                    "written_probability": written,
+                    "decision": decision,
+                    "changed_by_repair": changed,
+                }
+            )
         model_positive = self.pe_probability > THRESHOLD
-        slices_changed = sum((m > THRESHOLD) != (w > THRESHOLD) for m, w in zip(self.model_slice_probabilities, self.slice_probabilities))
+        slices_changed = sum(
+            (m > THRESHOLD) != (w > THRESHOLD) for m, w in zip(self.model_slice_probabilities, self.slice_probabilities)
+        )
         changed_labels = [row["label"] for row in labels if row["changed_by_repair"]]
-        parts = ([f"PE {'negative' if model_positive else 'positive'} → {'positive' if self.pe_positive else 'negative'}"]
-                 if model_positive != self.pe_positive else [])
+        parts = (
+            [f"PE {'negative' if model_positive else 'positive'} → {'positive' if self.pe_positive else 'negative'}"]
+            if model_positive != self.pe_positive
+            else []
+        )
         parts += [f"{len(changed_labels)} exam label(s): {', '.join(changed_labels)}"] if changed_labels else []
         parts += [f"{slices_changed} slice(s)"] if slices_changed else []
-        return {"labels": labels, "pe_positive_changed": model_positive != self.pe_positive, "slices_changed": slices_changed,
-                "changed": bool(parts), "summary": "; ".join(parts) or "nothing"}
+        return {
+            "labels": labels,
+            "pe_positive_changed": model_positive != self.pe_positive,
+            "slices_changed": slices_changed,
+            "changed": bool(parts),
+            "summary": "; ".join(parts) or "nothing",
+        }
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -190,8 +207,11 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
     curve.set_ylabel("probability")
     positives = [label for label in EXAM_LABELS if result.exam_probabilities.get(label, 0) > THRESHOLD]
     decision = "positive" if result.pe_positive else "negative"
-    curve.set_title(f"study {result.study_uid}\nPE probability {result.pe_probability:.3f} (model); after the label rules "
-                    f"{decision}, exam labels > 0.5: " + (", ".join(positives) or "none"), fontsize=10)
+    curve.set_title(
+        f"study {result.study_uid}\nPE probability {result.pe_probability:.3f} (model); after the label rules "
+        f"{decision}, exam labels > 0.5: " + (", ".join(positives) or "none"),
+        fontsize=10,
+    )
     curve.legend(loc="upper right", fontsize=8)
     for k, index in enumerate(top):
         axis = figure.add_subplot(grid[1, k])
@@ -267,15 +287,21 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
     for result in sorted(results, key=lambda r: (-r.pe_probability, r.study_uid)):
         name = html.escape(safe_name(result.study_uid))
         exam = result.exam_probabilities
-        status = html.escape(result.error) if result.error else (
-            f"{len(result.skipped_files)} file(s) skipped" if result.skipped_files else "ok"
+        status = (
+            html.escape(result.error)
+            if result.error
+            else (f"{len(result.skipped_files)} file(s) skipped" if result.skipped_files else "ok")
         )
         labels = ", ".join(html.escape(label) for label in EXAM_LABELS if exam.get(label, 0) > THRESHOLD)
         repair = result.repair()
-        decision = (f'<span class="{"positive" if result.pe_positive else "negative"}">'
-                    f'{"positive" if result.pe_positive else "negative"}</span>')
+        decision = (
+            f'<span class="{"positive" if result.pe_positive else "negative"}">'
+            f"{'positive' if result.pe_positive else 'negative'}</span>"
+        )
         if repair["changed"]:
-            decision += f' <span class="changed" title="{html.escape(repair["summary"])}">(changed by the repair)</span>'
+            decision += (
+                f' <span class="changed" title="{html.escape(repair["summary"])}">(changed by the repair)</span>'
+            )
         links = [f'<a href="{name}.html">viewer</a>']
         links += [f'<a href="{name}.png">picture</a>'] if (Path(out_dir) / f"{name}.png").exists() else []
         links += [f'<a href="{name}.json">json</a>']
@@ -283,7 +309,7 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
             f'<tr><td class="uid"><a href="{name}.html">{html.escape(result.study_uid)}</a></td>'
             f'<td class="number">{result.pe_probability:.3f}</td><td>{decision}</td>'
             f'<td class="number">{len(result.slice_probabilities)}</td><td>{labels}</td><td>{status}</td>'
-            f'<td>{" ".join(links)}</td></tr>'
+            f"<td>{' '.join(links)}</td></tr>"
         )
     page = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pedetect report</title>"
@@ -293,7 +319,9 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
         + f"<p>{len(results)} studies, most suspicious first: the model's PE probability (its highest slice), and the "
         "decision after the challenge's label rules (their repair moves values just across 0.5).</p>"
         "<table><tr><th>study</th><th>PE probability (model)</th><th>after the label rules</th><th>slices</th>"
-        "<th>exam labels &gt; 0.5 (after the rules)</th><th>status</th><th>files</th></tr>" + "".join(rows) + "</table></body></html>"
+        "<th>exam labels &gt; 0.5 (after the rules)</th><th>status</th><th>files</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
     )
     path = Path(out_dir) / "index.html"
     with atomic_path(path) as tmp:

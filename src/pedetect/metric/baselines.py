@@ -35,7 +35,9 @@ def positive_exam_prior(labels: pd.DataFrame) -> dict[str, float]:
     return {label: float(positive[label].astype(float).mean()) for label in EXAM_LABELS}
 
 
-def exam_from_slices(slice_probabilities: np.ndarray, prior: dict[str, float], positive_prior: dict[str, float]) -> dict[str, float]:
+def exam_from_slices(
+    slice_probabilities: np.ndarray, prior: dict[str, float], positive_prior: dict[str, float]
+) -> dict[str, float]:
     """Exam labels from slice probabilities alone (the "stage 1 alone" baseline).
 
     P(PE) is the highest slice probability. A PE-type label is P(PE) times its frequency among

@@ -11,9 +11,15 @@ from pedetect.console import fail
 
 
 def evaluate_command(
-    labels: Path = typer.Option(..., "--labels", help="Ground truth in the RSNA train.csv columns (one row per slice)."),
-    submission: Path = typer.Option(..., "--submission", help="Submission CSV: id,label; one row per slice and nine per study."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (key 'score' is the metric) instead of a table."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="Ground truth in the RSNA train.csv columns (one row per slice)."
+    ),
+    submission: Path = typer.Option(
+        ..., "--submission", help="Submission CSV: id,label; one row per slice and nine per study."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (key 'score' is the metric) instead of a table."
+    ),
 ) -> None:
     """Score a submission with the competition metric (weighted log loss; lower is better).
 
@@ -35,7 +41,9 @@ def evaluate_command(
 
 def check_command(
     submission: Path = typer.Argument(..., help="Submission CSV to check: id,label."),
-    studies: Path = typer.Option(..., "--studies", help="Any CSV with the three UID columns (e.g. test.csv) listing every slice."),
+    studies: Path = typer.Option(
+        ..., "--studies", help="Any CSV with the three UID columns (e.g. test.csv) listing every slice."
+    ),
     fix: Optional[Path] = typer.Option(
         None, "--fix", help="Write a consistent copy here, repairing each broken exam by its cheapest edit."
     ),

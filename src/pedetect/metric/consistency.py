@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pedetect.labels import CHRONICITY_LABELS, EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, LOCATION_LABELS, NEGATIVE_LABELS, RV_LV_LABELS
+from pedetect.labels import (
+    CHRONICITY_LABELS,
+    EXAM_LABELS,
+    EXAM_WEIGHTS,
+    IMAGE_WEIGHT,
+    LOCATION_LABELS,
+    NEGATIVE_LABELS,
+    RV_LV_LABELS,
+)
 from pedetect.metric.loss import binary_cross_entropy
 from pedetect.metric.rules import POSITIVE_ONLY_LABELS, THRESHOLD, exam_violations
 from pedetect.metric.submission import AlignedSubmission

@@ -29,7 +29,9 @@ def _reported_auc(target: np.ndarray, prediction: np.ndarray) -> float | None:
     return None if np.isnan(auc) else auc
 
 
-def evaluate_frames(labels: pd.DataFrame, submission: pd.DataFrame, submission_path: str | Path = "submission") -> dict[str, Any]:
+def evaluate_frames(
+    labels: pd.DataFrame, submission: pd.DataFrame, submission_path: str | Path = "submission"
+) -> dict[str, Any]:
     """The full report for parsed labels (:func:`read_labels`) and a submission (:func:`read_submission`)."""
     aligned = align(submission, labels, submission_path)
     truth_by_sop = labels.set_index(SOP)

@@ -41,9 +41,7 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
 def _require_columns(frame: pd.DataFrame, columns, path: Path, what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise InputError(
-            f"{what} file {path} lacks column(s) {', '.join(missing)}; it has: {', '.join(frame.columns)}"
-        )
+        raise InputError(f"{what} file {path} lacks column(s) {', '.join(missing)}; it has: {', '.join(frame.columns)}")
 
 
 def _parse_probabilities(text: pd.Series, path: Path, column: str, ids: pd.Series) -> np.ndarray:
@@ -130,7 +128,9 @@ def expected_ids(studies: pd.DataFrame) -> pd.Index:
     return pd.Index(exam_ids + studies[SOP].tolist())
 
 
-def align(submission: pd.DataFrame, studies: pd.DataFrame, submission_path: str | Path = "submission") -> AlignedSubmission:
+def align(
+    submission: pd.DataFrame, studies: pd.DataFrame, submission_path: str | Path = "submission"
+) -> AlignedSubmission:
     """Match every expected id to its submission row; missing or unknown ids are an error."""
     expected = expected_ids(studies)
     row_of = pd.Series(np.arange(len(submission)), index=pd.Index(submission["id"]))

@@ -126,7 +126,9 @@ def pretrained_source(name: str) -> dict[str, str]:
     model_name, tag = timm.models.split_model_name_tag(name)
     cfg = timm.models.get_pretrained_cfg(f"{model_name}.{tag}" if tag else model_name)
     if cfg is None:
-        raise BackboneError(f"timm has no pretrained weights for '{name}'; set cnn.backbone.weights to a local file or to null")
+        raise BackboneError(
+            f"timm has no pretrained weights for '{name}'; set cnn.backbone.weights to a local file or to null"
+        )
     record = {"tag": f"{model_name}.{cfg.tag}" if getattr(cfg, "tag", None) else model_name}
     if cfg.hf_hub_id:
         record["hf_hub_id"] = cfg.hf_hub_id
@@ -142,7 +144,9 @@ def _offline_help(name: str) -> str:
     except BackboneError as error:
         return str(error)
     where = (
-        f"https://huggingface.co/{source['hf_hub_id']} ({source['file']})" if "hf_hub_id" in source else source.get("url", "its URL in timm")
+        f"https://huggingface.co/{source['hf_hub_id']} ({source['file']})"
+        if "hf_hub_id" in source
+        else source.get("url", "its URL in timm")
     )
     return (
         f"download the weights of {source['tag']} from {where} on a machine that can reach it, "
@@ -160,9 +164,13 @@ def _create_pretrained(name: str, file: str | Path | None, **kwargs) -> nn.Modul
     except Exception as error:  # timm and the hub raise many kinds; each becomes one clear message
         reason = " ".join(str(error).split())[:600]
         if file is None:
-            raise BackboneError(f"cannot fetch timm's pretrained weights for '{name}' ({type(error).__name__}: {reason}); {_offline_help(name)}") from None
+            raise BackboneError(
+                f"cannot fetch timm's pretrained weights for '{name}' ({type(error).__name__}: {reason}); {_offline_help(name)}"
+            ) from None
         if "weights_only" in reason or "Unpickl" in type(error).__name__ or "pickle" in reason.lower():
-            raise BackboneError(f"cannot read {file} as a weights-only state dict (pickled objects are refused): {reason}") from None
+            raise BackboneError(
+                f"cannot read {file} as a weights-only state dict (pickled objects are refused): {reason}"
+            ) from None
         raise BackboneError(f"{file} does not fit '{name}': {reason}; are these weights for another model?") from None
 
 

@@ -56,7 +56,9 @@ def _fold_ids(root: Path, folds_csv: Path) -> list[int]:
     try:
         column = pd.read_csv(io.BytesIO(_small_file(root, folds_csv)))["fold"]
     except (KeyError, ValueError) as error:
-        raise BundleError(f"{folds_csv} is not a folds table with a 'fold' column ({type(error).__name__}: {error})") from None
+        raise BundleError(
+            f"{folds_csv} is not a folds table with a 'fold' column ({type(error).__name__}: {error})"
+        ) from None
     if column.isna().any() or not pd.api.types.is_integer_dtype(column) or (column < 0).any():
         raise BundleError(f"{folds_csv}: 'fold' must hold whole numbers from 0")
     return sorted(int(k) for k in column.unique())
@@ -137,17 +139,25 @@ def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[st
             metadata = handle.metadata() or {}
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as error:  # SafetensorError (a Rust panic is a BaseException: also a bad file)
-        raise BundleError(f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:200]})") from None
+        raise BundleError(
+            f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     return shapes, metadata
 
 
-def _compare_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str) -> None:
+def _compare_shapes(
+    path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str
+) -> None:
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     if missing:
-        raise BundleError(f"{path}: tensor {missing[0]!r} of the {what} is missing ({len(missing)} missing); the weights do not match config.yaml")
+        raise BundleError(
+            f"{path}: tensor {missing[0]!r} of the {what} is missing ({len(missing)} missing); the weights do not match config.yaml"
+        )
     if extra:
-        raise BundleError(f"{path}: tensor {extra[0]!r} is not part of the {what} config.yaml describes ({len(extra)} unexpected)")
+        raise BundleError(
+            f"{path}: tensor {extra[0]!r} is not part of the {what} config.yaml describes ({len(extra)} unexpected)"
+        )
     for name, shape in expected.items():
         if found[name] != shape:
             raise BundleError(
@@ -170,10 +180,14 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
         with torch.device("meta"):
             cnn = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)
     except Exception as error:
-        raise BundleError(f"{model_dir / CONFIG_FILE}: the CNN it describes cannot be built ({type(error).__name__}: {error})") from None
+        raise BundleError(
+            f"{model_dir / CONFIG_FILE}: the CNN it describes cannot be built ({type(error).__name__}: {error})"
+        ) from None
     width = int(cnn.embedding_dim)
     if embedding_dim is not None and embedding_dim != width:
-        raise BundleError(f"{model_dir / BUNDLE_FILE}: embedding_dim {embedding_dim}, but config.yaml's CNN embeds {width} values per slice")
+        raise BundleError(
+            f"{model_dir / BUNDLE_FILE}: embedding_dim {embedding_dim}, but config.yaml's CNN embeds {width} values per slice"
+        )
     cnn_shapes = {name: tuple(t.shape) for name, t in cnn.state_dict().items()}
     with torch.device("meta"):
         head = build_sequence_head(config.seq, width, input_columns=config.seq_input_columns)
@@ -185,7 +199,9 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
 
         with torch.device("meta"):
             heart = build_heart_model(config.heart)
-        checks.append(("heart", heart_dir, {name: tuple(t.shape) for name, t in heart.state_dict().items()}, "heart model"))
+        checks.append(
+            ("heart", heart_dir, {name: tuple(t.shape) for name, t in heart.state_dict().items()}, "heart model")
+        )
     for k in folds:
         for stage, directory_of, expected, what in checks:
             directory = directory_of(model_dir, k)
@@ -198,7 +214,9 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
             if kind is not None and kind != WEIGHT_KINDS[stage]:
                 raise BundleError(f"{path} holds a {kind}, not a {WEIGHT_KINDS[stage]}")
             if stage == "seq" and metadata.get("embedding_dim") not in (None, str(width)):
-                raise BundleError(f"{path}: made for embeddings {metadata['embedding_dim']} wide, the CNN gives {width}")
+                raise BundleError(
+                    f"{path}: made for embeddings {metadata['embedding_dim']} wide, the CNN gives {width}"
+                )
             _compare_shapes(path, found, expected, f"fold {k} {what}")
 
 
@@ -227,7 +245,9 @@ def _check_onnx(model_dir: Path, folds: list[int]) -> None:
         for tensor in model.graph.initializer:
             if uses_external_data(tensor):
                 location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "?")
-                raise BundleError(f"{path}: tensor {tensor.name!r} is stored in an external file ({location!r}); a bundle's ONNX models hold their weights")
+                raise BundleError(
+                    f"{path}: tensor {tensor.name!r} is stored in an external file ({location!r}); a bundle's ONNX models hold their weights"
+                )
 
 
 def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle:
@@ -253,7 +273,9 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
     root = model_dir.resolve()
     missing = [name for name in (CONFIG_FILE, PRIOR_FILE, FOLDS_FILE) if not (model_dir / name).is_file()]
     if missing:
-        raise BundleError(f"{model_dir} is not a complete model bundle: {', '.join(missing)} missing (train it with pedetect train CONFIG)")
+        raise BundleError(
+            f"{model_dir} is not a complete model bundle: {', '.join(missing)} missing (train it with pedetect train CONFIG)"
+        )
     _check_yaml(root, model_dir / CONFIG_FILE)
     try:
         config = read_model_config(model_dir)
@@ -307,7 +329,9 @@ def _check_stack(root: Path, model_dir: Path) -> None:
 
     path = model_dir / "heart" / HEART_STACK_FILE
     if not path.is_file():
-        raise BundleError(f"{path} is missing: the recipe has a heart model but no stacker (run pedetect train --stage heart)")
+        raise BundleError(
+            f"{path} is missing: the recipe has a heart model but no stacker (run pedetect train --stage heart)"
+        )
     _small_file(root, path)
     try:
         HeartStack.load(path)
@@ -336,7 +360,12 @@ def _check_info(path: Path, info: Any, folds: list[int]) -> int | None:
 
 
 def write_bundle_info(
-    model_dir: str | Path, *, folds: list[int], embedding_dim: int, cv_score: float | None, starting_weights: dict[str, str] | None = None,
+    model_dir: str | Path,
+    *,
+    folds: list[int],
+    embedding_dim: int,
+    cv_score: float | None,
+    starting_weights: dict[str, str] | None = None,
     stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """``MODEL_DIR/bundle.json``, written when a full training run finishes; ``starting_weights``:
@@ -344,7 +373,13 @@ def write_bundle_info(
     from pedetect.io import write_json_atomic
     from pedetect.models.layout import STAGES
 
-    info = {"format": BUNDLE_FORMAT, "folds": folds, "stages": list(stages or STAGES[:3]), "embedding_dim": embedding_dim, "cv_score": cv_score}
+    info = {
+        "format": BUNDLE_FORMAT,
+        "folds": folds,
+        "stages": list(stages or STAGES[:3]),
+        "embedding_dim": embedding_dim,
+        "cv_score": cv_score,
+    }
     if starting_weights is not None:
         info["starting_weights"] = starting_weights
     write_json_atomic(Path(model_dir) / BUNDLE_FILE, info)

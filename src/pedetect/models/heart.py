@@ -76,7 +76,12 @@ class HeartCNN(nn.Module):
         self.eval()
         out = []
         for start in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size])).to(device).float().div_(255.0)[:, None]
+            x = (
+                torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size]))
+                .to(device)
+                .float()
+                .div_(255.0)[:, None]
+            )
             out.append(self(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
@@ -123,7 +128,9 @@ class HeartStack:
         probabilities, ``heart_logit`` (N,), ``target`` (N,) the RV/LV ≥ 1 label."""
         from scipy.optimize import minimize
 
-        x = np.stack([_logit(rv_lv_given_positive(exam)), np.asarray(heart_logit, dtype=np.float64), np.ones(len(exam))], axis=1)
+        x = np.stack(
+            [_logit(rv_lv_given_positive(exam)), np.asarray(heart_logit, dtype=np.float64), np.ones(len(exam))], axis=1
+        )
         y = np.asarray(target, dtype=np.float64)
         if len(y) == 0 or y.min() == y.max():
             return cls()  # nothing to learn the split from: stage 2's own

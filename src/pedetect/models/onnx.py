@@ -75,8 +75,15 @@ def export_slice_classifier(model: SliceClassifier, path: str | Path, *, channel
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notes, not ours
         program = torch.onnx.export(
-            _EmbedOnly(model), (example,), dynamic_shapes={"pixels": {0: batch}}, input_names=["pixels"],
-            output_names=["embedding", "logit"], opset_version=CNN_OPSET, dynamo=True, external_data=False, verbose=False,
+            _EmbedOnly(model),
+            (example,),
+            dynamic_shapes={"pixels": {0: batch}},
+            input_names=["pixels"],
+            output_names=["embedding", "logit"],
+            opset_version=CNN_OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
         program.save(str(tmp))
 
@@ -99,7 +106,9 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
     if head.fixed_length is not None and getattr(head, "resize", "all") == "longer":
         # Resizing only series longer than fixed_length is a branch on the length, which a traced
         # graph would fix at the example's: the exported head would be wrong for the other side.
-        raise ValueError("seq.resize: longer (resize only long series) is not exportable to ONNX; predict with --runtime torch")
+        raise ValueError(
+            "seq.resize: longer (resize only long series) is not exportable to ONNX; predict with --runtime torch"
+        )
     example = (torch.randn(1, 8, head.embedding_dim), torch.randn(1, 8))
     names = {"input_names": ["embeddings", "cnn_logits"], "output_names": ["slice_logits", "exam_logits"]}
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
@@ -107,15 +116,26 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
         if head.encoder_kind == "transformer":
             length = torch.export.Dim("length", min=1, max=4096)
             program = torch.onnx.export(
-                _OneSeries(head).eval(), example, dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
-                opset_version=CNN_OPSET, dynamo=True, external_data=False, verbose=False, **names,
+                _OneSeries(head).eval(),
+                example,
+                dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
+                opset_version=CNN_OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                **names,
             )
             program.save(str(tmp))
             return
         _register_sinh()
         torch.onnx.export(
-            _OneSeries(head).eval(), example, str(tmp), opset_version=SEQ_OPSET, dynamo=False,
-            dynamic_axes={"embeddings": {1: "length"}, "cnn_logits": {1: "length"}, "slice_logits": {1: "length"}}, **names,
+            _OneSeries(head).eval(),
+            example,
+            str(tmp),
+            opset_version=SEQ_OPSET,
+            dynamo=False,
+            dynamic_axes={"embeddings": {1: "length"}, "cnn_logits": {1: "length"}, "slice_logits": {1: "length"}},
+            **names,
         )
 
 
@@ -152,11 +172,20 @@ class OnnxSliceClassifier:
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, S, S)`` uint8 → ``(embedding (B, D), slice logit (B,))`` float32 tensors, run
         :data:`RUN_BATCH` slices at a time whatever ``B``."""
-        array = pixels.cpu().numpy() if pixels.dtype == torch.uint8 else pixels.cpu().round().clamp(0, 255).to(torch.uint8).numpy()
-        runs = [self.session.run(None, {"pixels": np.ascontiguousarray(array[i : i + RUN_BATCH])}) for i in range(0, len(array), RUN_BATCH)]
+        array = (
+            pixels.cpu().numpy()
+            if pixels.dtype == torch.uint8
+            else pixels.cpu().round().clamp(0, 255).to(torch.uint8).numpy()
+        )
+        runs = [
+            self.session.run(None, {"pixels": np.ascontiguousarray(array[i : i + RUN_BATCH])})
+            for i in range(0, len(array), RUN_BATCH)
+        ]
         if not runs:
             return torch.zeros((0, self.embedding_dim)), torch.zeros(0)
-        return torch.from_numpy(np.concatenate([e for e, _ in runs])), torch.from_numpy(np.concatenate([l for _, l in runs]))
+        return torch.from_numpy(np.concatenate([e for e, _ in runs])), torch.from_numpy(
+            np.concatenate([l for _, l in runs])
+        )
 
 
 class OnnxSequenceHead:
@@ -214,8 +243,14 @@ def quantize_slice_classifier(fp32_path: str | Path, int8_path: str | Path, batc
             # Shape inference and graph clean-up first: what onnxruntime asks for before quantizing.
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(tmp), _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                str(prepared),
+                str(tmp),
+                _Batches(batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"CalibTensorRangeSymmetric": False},
             )
 
@@ -260,14 +295,24 @@ def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, d
     available = []
     if record is not None:
         exported = [set(record["folds"].get(str(k), {}).get("files", ())) for k in folds]
-        available = [name for name, file in _RUNTIME_CNN.items() if all(file in files and SEQ_FILE in files for files in exported)]
+        available = [
+            name
+            for name, file in _RUNTIME_CNN.items()
+            if all(file in files and SEQ_FILE in files for files in exported)
+        ]
     if requested != "auto":
         if device != "cpu":
             raise ValueError(f"runtime {requested} runs on the CPU; use --device cpu (or --runtime torch on {device})")
         if requested not in available:
-            state = "has no export" if record is None else "has no " + requested + " export of every fold made from its current weights"
+            state = (
+                "has no export"
+                if record is None
+                else "has no " + requested + " export of every fold made from its current weights"
+            )
             flag = " --int8" if requested == "onnx-int8" else ""
-            raise ValueError(f"{model_dir} {state}: run pedetect export {model_dir} --store STORE{flag} (or use --runtime torch)")
+            raise ValueError(
+                f"{model_dir} {state}: run pedetect export {model_dir} --store STORE{flag} (or use --runtime torch)"
+            )
         return requested, "asked for"
     if device != "cpu":
         return "torch", f"on {device}"
@@ -275,7 +320,9 @@ def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, d
         return "torch", "no ONNX export (pedetect export)"
     exact = [name for name in available if record["default_ok"].get(name)]
     if not exact:
-        return "torch", "no exported runtime passed its accuracy check (" + "; ".join(f"{k}: {v}" for k, v in record["why"].items()) + ")"
+        return "torch", "no exported runtime passed its accuracy check (" + "; ".join(
+            f"{k}: {v}" for k, v in record["why"].items()
+        ) + ")"
     speed = {name: record["check"].get(name, {}).get("seconds_per_100_slices") for name in (*exact, "torch")}
     timed = {name: value for name, value in speed.items() if value}
     fastest = min(timed, key=timed.get) if timed else exact[0]
@@ -285,7 +332,9 @@ def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, d
 
 
 def _speeds(timed: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.2g} s per 100 slices" for name, value in sorted(timed.items(), key=lambda item: item[1]))
+    return ", ".join(
+        f"{name} {value:.2g} s per 100 slices" for name, value in sorted(timed.items(), key=lambda item: item[1])
+    )
 
 
 def load_runtime_fold(model_dir: str | Path, fold: int, runtime: str, *, threads: int | None = None):
@@ -293,4 +342,6 @@ def load_runtime_fold(model_dir: str | Path, fold: int, runtime: str, *, threads
     from pedetect.models.layout import onnx_dir
 
     folder = onnx_dir(model_dir, fold)
-    return OnnxSliceClassifier(folder / _RUNTIME_CNN[runtime], threads=threads), OnnxSequenceHead(folder / SEQ_FILE, threads=threads)
+    return OnnxSliceClassifier(folder / _RUNTIME_CNN[runtime], threads=threads), OnnxSequenceHead(
+        folder / SEQ_FILE, threads=threads
+    )

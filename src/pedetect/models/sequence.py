@@ -146,8 +146,14 @@ class SequenceHead(nn.Module):
         if exam_pool not in ("attention_max", "attention", "mean_max"):
             raise ValueError(f"unknown exam_pool {exam_pool!r}; choose attention_max, attention or mean_max")
         if exam_pooling == "per_output" and (exam_pool != "attention_max" or head_hidden or encoder == "double_lstm"):
-            raise ValueError("exam_pooling per_output needs exam_pool attention_max, head_hidden 0 and a single encoder")
-        if attention not in ("linear", "tanh") or position not in ("sinusoidal", "none") or resize not in ("all", "longer"):
+            raise ValueError(
+                "exam_pooling per_output needs exam_pool attention_max, head_hidden 0 and a single encoder"
+            )
+        if (
+            attention not in ("linear", "tanh")
+            or position not in ("sinusoidal", "none")
+            or resize not in ("all", "longer")
+        ):
             raise ValueError(f"attention {attention!r}, position {position!r} or resize {resize!r} unknown")
         self.exam_pool = exam_pool
         self.attention_kind = attention
@@ -174,12 +180,21 @@ class SequenceHead(nn.Module):
         if encoder in ("gru", "lstm", "double_lstm"):
             rnn = nn.GRU if encoder == "gru" else nn.LSTM
             self.encoder = rnn(
-                in_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                in_dim,
+                hidden,
+                num_layers=layers,
+                batch_first=True,
+                bidirectional=True,
                 dropout=dropout if layers > 1 else 0.0,
             )
             if encoder == "double_lstm":  # the 4th place's second LSTM, on the first one's outputs
                 self.encoder2 = nn.LSTM(
-                    2 * hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0
+                    2 * hidden,
+                    hidden,
+                    num_layers=layers,
+                    batch_first=True,
+                    bidirectional=True,
+                    dropout=dropout if layers > 1 else 0.0,
                 )
             out_dim = 2 * hidden
         elif encoder == "transformer":
@@ -271,7 +286,9 @@ class SequenceHead(nn.Module):
         weights = self._attend(self.attention, hidden if len(streams) == 1 else streams[0], mask)  # (B, T, 1 or n_exam)
         attended = torch.einsum("btk,btd->bkd", weights, hidden if len(streams) == 1 else streams[0])
         if len(streams) == 2:
-            attended = attended + torch.einsum("btk,btd->bkd", self._attend(self.attention2, streams[1], mask), streams[1])
+            attended = attended + torch.einsum(
+                "btk,btd->bkd", self._attend(self.attention2, streams[1], mask), streams[1]
+            )
         maxed = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
         if self.exam_pool == "attention":
             exam_logits = self.exam_head(attended[:, 0])
@@ -288,7 +305,9 @@ class SequenceHead(nn.Module):
             exam_logits = conditional_exam_logits(exam_logits)
         return slice_logits, exam_logits
 
-    def _heads_longer_resized(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _heads_longer_resized(
+        self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """1st place: series longer than fixed_length resized to it, shorter ones padded and masked;
         the slice logits of resized series resized back."""
         length = self.fixed_length
@@ -299,7 +318,9 @@ class SequenceHead(nn.Module):
         batch = x.new_zeros((x.shape[0], max(kept), x.shape[2]))
         for b, n in enumerate(lengths):
             batch[b, : kept[b]] = resize_sequence(x[b, :n], length) if n > length else x[b, :n]
-        new_mask = torch.arange(batch.shape[1], device=x.device).unsqueeze(0) < torch.tensor(kept, device=x.device).unsqueeze(1)
+        new_mask = torch.arange(batch.shape[1], device=x.device).unsqueeze(0) < torch.tensor(
+            kept, device=x.device
+        ).unsqueeze(1)
         slice_short, exam_logits = self._heads(batch, new_mask, padded=not all(k == batch.shape[1] for k in kept))
         slice_logits = torch.zeros(mask.shape, dtype=slice_short.dtype, device=x.device)
         for b, n in enumerate(lengths):
@@ -365,15 +386,32 @@ def metric_loss(*args) -> torch.Tensor:
 
 # The seq settings that build a head, each the SequenceHead argument of the same name.
 HEAD_SETTINGS = (
-    "encoder", "hidden", "layers", "dropout", "heads", "neighbour_diffs", "use_cnn_logit", "fixed_length", "input_dropout",
-    "exam_structure", "exam_pooling", "feedforward", "position", "exam_pool", "attention", "head_hidden", "resize",
+    "encoder",
+    "hidden",
+    "layers",
+    "dropout",
+    "heads",
+    "neighbour_diffs",
+    "use_cnn_logit",
+    "fixed_length",
+    "input_dropout",
+    "exam_structure",
+    "exam_pooling",
+    "feedforward",
+    "position",
+    "exam_pool",
+    "attention",
+    "head_hidden",
+    "resize",
 )
 
 
 def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: int | None = None) -> SequenceHead:
     """The head of a resolved ``seq`` config section over embeddings ``embedding_dim`` wide, reading
     their last ``input_columns`` columns (``ExperimentConfig.seq_input_columns``; None: all)."""
-    return SequenceHead(embedding_dim, input_columns=input_columns, **{name: getattr(seq, name) for name in HEAD_SETTINGS})
+    return SequenceHead(
+        embedding_dim, input_columns=input_columns, **{name: getattr(seq, name) for name in HEAD_SETTINGS}
+    )
 
 
 def save_sequence_head(head: SequenceHead, path: str | Path) -> None:
@@ -399,7 +437,9 @@ def load_sequence_head(
         config = read_model_config(model_dir)
     path = seq_dir(model_dir, fold) / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no trained sequence head for fold {fold}: {path} is missing (run pedetect train --stage seq)")
+        raise FileNotFoundError(
+            f"no trained sequence head for fold {fold}: {path} is missing (run pedetect train --stage seq)"
+        )
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "embedding_dim" not in metadata:

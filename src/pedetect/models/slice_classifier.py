@@ -26,6 +26,7 @@ from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, read_model_config
 if TYPE_CHECKING:
     from pedetect.recipe import CnnConfig, ExperimentConfig
 
+
 class GeM(nn.Module):
     """Generalised mean pooling to 1 × 1, ``(mean x^p)^(1/p)`` with a learnt p (from 3): between average
     (p = 1) and max pooling (p → ∞); the 4th place's pooling."""
@@ -69,7 +70,11 @@ class SliceClassifier(nn.Module):
         # pool gem: the backbone was built without pooling (global_pool=""); GeM pools its map here.
         self.gem = GeM() if pool == "gem" else None
         # hidden n (4th place): n units, BatchNorm, ReLU between the pooled features and the outputs.
-        self.hidden = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.hidden = (
+            nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+            if hidden
+            else nn.Identity()
+        )
         self.head = nn.Linear(hidden or self.feature_dim, 1 + len(self.exam_labels))
         self.register_buffer("mean", torch.tensor(float(mean) * 255.0), persistent=False)
         self.register_buffer("std", torch.tensor(float(std) * 255.0), persistent=False)
@@ -170,7 +175,13 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, loca
     )
 
 
-def save_weights(model: nn.Module, path: str | Path, *, kind: str = "pedetect.slice_classifier", metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    kind: str = "pedetect.slice_classifier",
+    metadata: dict[str, str] | None = None,
+) -> None:
     """The model's tensors as safetensors (atomically), with ``kind`` and ``metadata`` in the header."""
     from safetensors.torch import save_file
 
@@ -213,7 +224,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode (training BatchNorm uses batch statistics)")
     channels_last = any(
-        isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+        isinstance(m, nn.Conv2d)
+        and m.weight.is_contiguous(memory_format=torch.channels_last)
+        and not m.weight.is_contiguous()
         for m in model.modules()
     )
     for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:

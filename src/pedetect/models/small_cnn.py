@@ -23,14 +23,23 @@ from torch import nn
 
 
 def _conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False), nn.BatchNorm2d(out_chans), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False), nn.BatchNorm2d(out_chans), nn.ReLU(inplace=True)
+    )
 
 
 class SmallSliceCNN(nn.Module):
     """Stages of two 3×3 conv-BN-ReLU, 2×2 max pooling between stages, global max (or average) pooling."""
 
-    def __init__(self, in_chans: int = 3, num_classes: int = 0, widths: Sequence[int] = (16, 32, 64, 128),
-                 global_pool: str = "max", drop_rate: float = 0.0, space_to_depth: int = 1):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        global_pool: str = "max",
+        drop_rate: float = 0.0,
+        space_to_depth: int = 1,
+    ):
         super().__init__()
         if int(space_to_depth) < 1:
             raise ValueError(f"pedetect_small_cnn: space_to_depth must be 1 or more, got {space_to_depth}")
@@ -79,7 +88,9 @@ def register() -> None:
 
     def pedetect_small_cnn(pretrained: bool = False, **kwargs) -> SmallSliceCNN:
         if pretrained:
-            raise ValueError("pedetect_small_cnn has no pretrained weights; give cnn.backbone.weights a local file instead")
+            raise ValueError(
+                "pedetect_small_cnn has no pretrained weights; give cnn.backbone.weights a local file instead"
+            )
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate"):
             kwargs.pop(key, None)  # timm passes these to every model; nothing here uses them
         return SmallSliceCNN(**kwargs)

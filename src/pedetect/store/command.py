@@ -24,7 +24,9 @@ def prepare_command(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Slice store folder to create, or to finish: a rerun skips the series already done."
     ),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes on this machine (one per core is a good start)."),
+    workers: int = typer.Option(
+        1, "--workers", "-w", min=1, help="Worker processes on this machine (one per core is a good start)."
+    ),
     image_size: Optional[int] = typer.Option(
         None,
         "--image-size",
@@ -44,9 +46,14 @@ def prepare_command(
         help="Run on a Dask distributed cluster at this address (e.g. tcp://host:8786) instead of local processes; "
         "INPUT and --out must be visible to every worker at the same paths.",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (rate and ETA) on stderr."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show progress bars (rate and ETA) on stderr."
+    ),
     decode_timeout: float = typer.Option(
-        60.0, "--decode-timeout", min=0.0, metavar="SECONDS",
+        60.0,
+        "--decode-timeout",
+        min=0.0,
+        metavar="SECONDS",
         help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is a failure "
         "(the batch goes on). 0: no limit (decode in the worker itself).",
     ),
@@ -69,8 +76,16 @@ def prepare_command(
     except ConfigError as error:
         raise fail(str(error)) from None
     try:
-        summary = prepare(input_path, out, workers=workers, image_size=image_size, config=settings, scheduler=scheduler, progress=progress,
-                          decode_timeout=decode_timeout)
+        summary = prepare(
+            input_path,
+            out,
+            workers=workers,
+            image_size=image_size,
+            config=settings,
+            scheduler=scheduler,
+            progress=progress,
+            decode_timeout=decode_timeout,
+        )
     except (StoreSettingsError, FolderLocked) as error:
         raise fail(str(error)) from None
     except OSError as error:

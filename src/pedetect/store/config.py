@@ -26,13 +26,18 @@ class PrepareConfig(StrictModel):
     """What the slice store holds. Changing any of it needs a new store."""
 
     image_size: Optional[int] = Field(
-        None, ge=16, le=4096, description="Square side in pixels; other sizes are resized with aspect kept. None: keep each series' size."
+        None,
+        ge=16,
+        le=4096,
+        description="Square side in pixels; other sizes are resized with aspect kept. None: keep each series' size.",
     )
     windows: list[WindowSpec] = Field(
         default_factory=lambda: [WindowSpec(**w) for w in DEFAULT_WINDOW_SPECS],
         description="Exactly three windows, channels R, G, B (default: lung L-600/W1500, PE L100/W700, mediastinal L40/W400).",
     )
-    jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of the stored frames (chosen by measurement, docs/benchmarks.md).")
+    jpeg_quality: int = Field(
+        90, ge=50, le=100, description="JPEG quality of the stored frames (chosen by measurement, docs/benchmarks.md)."
+    )
     jpeg_sampling: Literal["444", "422", "420"] = Field(
         "444", description="Chroma sampling; 4:4:4 keeps every window at full resolution (docs/benchmarks.md)."
     )

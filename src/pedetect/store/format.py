@@ -51,7 +51,11 @@ def marker_path(store: Path, name: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 # The frame codec
 
-_SAMPLING = {"444": "IMWRITE_JPEG_SAMPLING_FACTOR_444", "422": "IMWRITE_JPEG_SAMPLING_FACTOR_422", "420": "IMWRITE_JPEG_SAMPLING_FACTOR_420"}
+_SAMPLING = {
+    "444": "IMWRITE_JPEG_SAMPLING_FACTOR_444",
+    "422": "IMWRITE_JPEG_SAMPLING_FACTOR_422",
+    "420": "IMWRITE_JPEG_SAMPLING_FACTOR_420",
+}
 
 
 def jpeg_params(quality: int, sampling: str) -> list[int]:

@@ -32,7 +32,15 @@ from pedetect.dicom.order import plan_series
 from pedetect.dicom.read import SCAN_CHUNK, decode_series, scan_files, series_size, slice_failure
 from pedetect.dicom.series import FAILURE_COLUMNS, Failure, group_headers, series_metadata
 from pedetect.dicom.source import discover
-from pedetect.io import TMP_MARK, atomic_path, folder_lock, is_disk_full, read_json, write_json_atomic, write_parquet_atomic
+from pedetect.io import (
+    TMP_MARK,
+    atomic_path,
+    folder_lock,
+    is_disk_full,
+    read_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pedetect.labels import SERIES, SOP, STUDY
 from pedetect.store.config import PrepareConfig
 from pedetect.store.format import (
@@ -52,7 +60,21 @@ from pedetect.store.format import (
 
 # SOPInstanceUID is the slice's key: the UID of a single-frame file, ``<SOPInstanceUID>#<frame>`` for a
 # frame of an Enhanced CT file, whose frame number (from 1) is also in ``frame`` (null otherwise).
-SLICE_COLUMNS = (STUDY, SERIES, SOP, "slice_index", "z", "instance_number", "frame", "height", "width", "file", "offset", "length", "source")
+SLICE_COLUMNS = (
+    STUDY,
+    SERIES,
+    SOP,
+    "slice_index",
+    "z",
+    "instance_number",
+    "frame",
+    "height",
+    "width",
+    "file",
+    "offset",
+    "length",
+    "source",
+)
 
 
 class StoreSettingsError(ValueError):
@@ -85,7 +107,10 @@ class PrepareSummary:
             f"{self.series_done_before} series already done)",
         ]
         if self.failures or self.series_failed:
-            lines.append(f"lost: {self.failures} file(s) or slice(s) in {FAILURES_FILE}" + (f", {self.series_failed} series crashed (rerun to retry)" if self.series_failed else ""))
+            lines.append(
+                f"lost: {self.failures} file(s) or slice(s) in {FAILURES_FILE}"
+                + (f", {self.series_failed} series crashed (rerun to retry)" if self.series_failed else "")
+            )
             for reason, count in self.failure_reasons.most_common(10):
                 lines.append(f"  {count:>7} × {reason}")
             if len(self.failure_reasons) > 10:
@@ -140,9 +165,23 @@ def prepare_series(task: SeriesTask) -> dict:
     except OSError as error:
         if is_disk_full(error):  # every later series would fail the same way: stop the job, say so
             raise
-        return {"series": task.headers[0].series, "name": task.name, "error": describe_error(error, 300), "n_slices": 0, "failures": [], "n_headers": len(task.headers)}
+        return {
+            "series": task.headers[0].series,
+            "name": task.name,
+            "error": describe_error(error, 300),
+            "n_slices": 0,
+            "failures": [],
+            "n_headers": len(task.headers),
+        }
     except Exception as error:  # the series stays unfinished (no marker) and is retried on the next run
-        return {"series": task.headers[0].series, "name": task.name, "error": describe_error(error, 300), "n_slices": 0, "failures": [], "n_headers": len(task.headers)}
+        return {
+            "series": task.headers[0].series,
+            "name": task.name,
+            "error": describe_error(error, 300),
+            "n_slices": 0,
+            "failures": [],
+            "n_headers": len(task.headers),
+        }
 
 
 def _prepare_series(task: SeriesTask) -> dict:
@@ -162,7 +201,9 @@ def _prepare_series(task: SeriesTask) -> dict:
     lengths: list[int] = []
     with atomic_path(final, fsync=True) as tmp, open(tmp, "wb") as f:
         position = 0
-        for i, image, failure in decode_series(plan, windows, image_size, bgr=True, reader=_decoder(task.decode_timeout)):  # B,G,R for the JPEG encoder
+        for i, image, failure in decode_series(
+            plan, windows, image_size, bgr=True, reader=_decoder(task.decode_timeout)
+        ):  # B,G,R for the JPEG encoder
             header = plan.slices[i]
             if failure is None:
                 try:
@@ -197,7 +238,13 @@ def _prepare_series(task: SeriesTask) -> dict:
         "failures": [failure.as_record() for failure in failures],
     }
     write_json_atomic(marker_path(store, task.name), marker, indent=None)
-    return {"series": meta[SERIES], "name": task.name, "n_slices": len(kept), "failures": marker["failures"], "n_headers": len(task.headers)}
+    return {
+        "series": meta[SERIES],
+        "name": task.name,
+        "n_slices": len(kept),
+        "failures": marker["failures"],
+        "n_headers": len(task.headers),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,13 +315,18 @@ class Runner:
 
 
 def settings_key(settings: dict) -> dict:
-    return {"format": FORMAT_VERSION, **{k: settings[k] for k in ("image_size", "windows", "jpeg_quality", "jpeg_sampling")}}
+    return {
+        "format": FORMAT_VERSION,
+        **{k: settings[k] for k in ("image_size", "windows", "jpeg_quality", "jpeg_sampling")},
+    }
 
 
 def fingerprint(headers: Iterable[SliceHeader]) -> str:
     digest = hashlib.sha1()
     for header in sorted(headers, key=lambda h: h.label):
-        digest.update(f"{header.label}\0{header.size}\0{header.mtime_ns}\0{header.sop}\n".encode("utf-8", "surrogateescape"))
+        digest.update(
+            f"{header.label}\0{header.size}\0{header.mtime_ns}\0{header.sop}\n".encode("utf-8", "surrogateescape")
+        )
     return digest.hexdigest()
 
 
@@ -300,7 +352,15 @@ def _check_settings(store: Path, settings: dict) -> None:
                 "prepare into a new --out folder, or delete this one"
             )
         return
-    write_json_atomic(path, {**settings, "format": FORMAT_VERSION, "channels": "R,G,B = windows in order", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json_atomic(
+        path,
+        {
+            **settings,
+            "format": FORMAT_VERSION,
+            "channels": "R,G,B = windows in order",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 def _clean_tmp(store: Path) -> None:
@@ -317,7 +377,9 @@ def _clean_tmp(store: Path) -> None:
 def _progress(total: int, unit: str, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+    return tqdm(
+        total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.05
+    )
 
 
 def _valid_marker(store: Path, name: str, fp: str, settings: dict) -> Optional[dict]:
@@ -360,8 +422,18 @@ def prepare(
     store.mkdir(parents=True, exist_ok=True)
     # One writer per store: a second run would delete the first's temporary files and rewrite its tables.
     with folder_lock(store, command="pedetect prepare", echo=echo):
-        return _prepare_locked(input_path, store, config, settings, workers=workers, scheduler=scheduler, progress=progress, echo=echo,
-                               started=started, decode_timeout=decode_timeout)
+        return _prepare_locked(
+            input_path,
+            store,
+            config,
+            settings,
+            workers=workers,
+            scheduler=scheduler,
+            progress=progress,
+            echo=echo,
+            started=started,
+            decode_timeout=decode_timeout,
+        )
 
 
 def _prepare_locked(
@@ -410,7 +482,9 @@ def _prepare_locked(
                 continue
             tasks.append(SeriesTask(os.fspath(store), name, group, settings, fp, decode_timeout))
         tasks.sort(key=lambda t: -len(t.headers))  # longest first: better balance at the end
-        if tasks:  # the tables are rewritten below; until then the store is not readable (a full disk stops it in between)
+        if (
+            tasks
+        ):  # the tables are rewritten below; until then the store is not readable (a full disk stops it in between)
             (store / SLICES_FILE).unlink(missing_ok=True)
         summary.series_total = len(groups)
         todo = sum(len(t.headers) for t in tasks)
@@ -429,7 +503,10 @@ def _prepare_locked(
 
     for result in crashed:
         group = groups[result["series"]]
-        scan_failures.append(Failure.of(group[0], f"series not prepared ({result['error']}); rerun to retry").as_record() | {"path": os.path.dirname(group[0].label) or group[0].label})
+        scan_failures.append(
+            Failure.of(group[0], f"series not prepared ({result['error']}); rerun to retry").as_record()
+            | {"path": os.path.dirname(group[0].label) or group[0].label}
+        )
     _assemble(store, names, scan_failures, summary)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -479,9 +556,28 @@ def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary
     if slice_frames:
         slices = pd.concat(slice_frames, ignore_index=True)
     else:
-        slices = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("slice_index", "offset", "length", "height", "width") else "Int64" if c == "frame" else ("float64" if c == "z" else "object")) for c in SLICE_COLUMNS})
-    series = pd.DataFrame(series_rows) if series_rows else pd.DataFrame(columns=[STUDY, SERIES, "n_slices", "height", "width", "file"])
-    failure_frame = pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)) if failures else pd.DataFrame({c: pd.Series(dtype="object") for c in FAILURE_COLUMNS})
+        slices = pd.DataFrame(
+            {
+                c: pd.Series(
+                    dtype="int64"
+                    if c in ("slice_index", "offset", "length", "height", "width")
+                    else "Int64"
+                    if c == "frame"
+                    else ("float64" if c == "z" else "object")
+                )
+                for c in SLICE_COLUMNS
+            }
+        )
+    series = (
+        pd.DataFrame(series_rows)
+        if series_rows
+        else pd.DataFrame(columns=[STUDY, SERIES, "n_slices", "height", "width", "file"])
+    )
+    failure_frame = (
+        pd.DataFrame(failures, columns=list(FAILURE_COLUMNS))
+        if failures
+        else pd.DataFrame({c: pd.Series(dtype="object") for c in FAILURE_COLUMNS})
+    )
     write_parquet_atomic(store / SERIES_FILE, series)
     write_parquet_atomic(store / FAILURES_FILE, failure_frame)
     write_parquet_atomic(store / SLICES_FILE, slices)  # last: its presence means the store is readable

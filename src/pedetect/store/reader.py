@@ -43,7 +43,9 @@ class SliceStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / SLICES_FILE).exists():
-            raise FileNotFoundError(f"not a slice store (no {SLICES_FILE}): {self.path} — make one with pedetect prepare")
+            raise FileNotFoundError(
+                f"not a slice store (no {SLICES_FILE}): {self.path} — make one with pedetect prepare"
+            )
         self._slices: Any = None
         self._failures: Any = None
         self._series: Any = None
@@ -69,7 +71,9 @@ class SliceStore:
             import pandas as pd
 
             path = self.path / FAILURES_FILE
-            self._failures = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["path", "reason", STUDY, SERIES, SOP])
+            self._failures = (
+                pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["path", "reason", STUDY, SERIES, SOP])
+            )
         return self._failures
 
     @property
@@ -111,7 +115,9 @@ class SliceStore:
 
     def _lookup(self) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
         if self._index is None:
-            table = self.slices[[SERIES, "slice_index", "file", "offset", "length"]].sort_values([SERIES, "slice_index"], kind="stable")
+            table = self.slices[[SERIES, "slice_index", "file", "offset", "length"]].sort_values(
+                [SERIES, "slice_index"], kind="stable"
+            )
             series = table[SERIES].to_numpy(dtype=object)
             offsets = table["offset"].to_numpy(dtype=np.int64)
             lengths = table["length"].to_numpy(dtype=np.int64)

@@ -29,7 +29,6 @@ class Syntax(str, Enum):
     jpeg2000 = "jpeg2000"
 
 
-
 def synth_command(
     out: Optional[Path] = typer.Argument(
         None, help="Output folder: OUT/<split>/<Study>/<Series>/<SOP>.dcm plus the CSVs. Optional with --preview."
@@ -41,24 +40,33 @@ def synth_command(
     size: int = typer.Option(256, "--size", min=32, help="Rows and columns of each slice, in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical pixels and labels."),
     split: Split = typer.Option(
-        Split.train, "--split", help="train: OUT/train.csv. test: OUT/test.csv, OUT/test_labels.csv, OUT/sample_submission.csv."
+        Split.train,
+        "--split",
+        help="train: OUT/train.csv. test: OUT/test.csv, OUT/test_labels.csv, OUT/sample_submission.csv.",
     ),
     transfer_syntax: Syntax = typer.Option(
         Syntax.explicit, "--transfer-syntax", help="explicit VR little endian, RLE Lossless or JPEG 2000 Lossless."
     ),
     enhanced: bool = typer.Option(
-        False, "--enhanced", help="Write each study as one multi-frame Enhanced CT file (frames in InstanceNumber order; "
-        "slices named SOPInstanceUID#frame in the labels)."
+        False,
+        "--enhanced",
+        help="Write each study as one multi-frame Enhanced CT file (frames in InstanceNumber order; "
+        "slices named SOPInstanceUID#frame in the labels).",
     ),
     positive_fraction: float = typer.Option(
         _POSITIVE_FRACTION, "--positive-fraction", min=0.0, max=1.0, help="Expected fraction of PE-positive exams."
     ),
     indeterminate_fraction: float = typer.Option(
-        _INDETERMINATE_FRACTION, "--indeterminate-fraction", min=0.0, max=1.0,
+        _INDETERMINATE_FRACTION,
+        "--indeterminate-fraction",
+        min=0.0,
+        max=1.0,
         help="Expected fraction of indeterminate exams (poor contrast or motion, no PE).",
     ),
     min_embolus_pixels: int = typer.Option(
-        0, "--min-embolus-pixels", min=0,
+        0,
+        "--min-embolus-pixels",
+        min=0,
         help="Conspicuous emboli: each shows at least this many pixels on every slice labelled with it "
         "(0: as drawn, down to slivers of a pixel at the clot's ends and in small arteries). "
         "pedetect demo uses 25 at 256 px, so a small CPU model trained for minutes can see them.",
@@ -67,7 +75,11 @@ def synth_command(
         None, "--preview", help="Write a PNG montage of one positive study here (PE window, emboli outlined)."
     ),
     workers: int = typer.Option(
-        1, "--workers", "-w", min=1, help="Processes rendering studies at once (the files are the same whatever the number)."
+        1,
+        "--workers",
+        "-w",
+        min=1,
+        help="Processes rendering studies at once (the files are the same whatever the number).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
@@ -86,9 +98,20 @@ def synth_command(
     if out is not None:
         from pedetect.synth.dataset import write_dataset
 
-        labels = write_dataset(out, studies, slices=slices, size=size, seed=seed, split=split.value,
-                               transfer_syntax=transfer_syntax.value, min_embolus_pixels=min_embolus_pixels,
-                               progress=progress, enhanced=enhanced, workers=workers, **fractions)
+        labels = write_dataset(
+            out,
+            studies,
+            slices=slices,
+            size=size,
+            seed=seed,
+            split=split.value,
+            transfer_syntax=transfer_syntax.value,
+            min_embolus_pixels=min_embolus_pixels,
+            progress=progress,
+            enhanced=enhanced,
+            workers=workers,
+            **fractions,
+        )
         n_studies = labels["StudyInstanceUID"].nunique() if len(labels) else 0
         n_pos = int(labels.groupby("StudyInstanceUID")["pe_present_on_image"].max().sum()) if len(labels) else 0
         typer.echo(f"wrote {n_studies} studies ({n_pos} positive), {len(labels)} slices to {out / split.value}")

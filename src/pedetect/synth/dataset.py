@@ -23,12 +23,31 @@ def sample_submission(labels: pd.DataFrame, value: float = 0.5) -> pd.DataFrame:
     return pd.DataFrame({SUBMISSION_COLUMNS[0]: ids, SUBMISSION_COLUMNS[1]: value})
 
 
-def _write_study(index: int, *, root: Path, seed: int, split: str, slices: int | None, size: int,
-                 positive_fraction: float, indeterminate_fraction: float, min_embolus_pixels: int,
-                 transfer_syntax: str, enhanced: bool) -> pd.DataFrame:
+def _write_study(
+    index: int,
+    *,
+    root: Path,
+    seed: int,
+    split: str,
+    slices: int | None,
+    size: int,
+    positive_fraction: float,
+    indeterminate_fraction: float,
+    min_embolus_pixels: int,
+    transfer_syntax: str,
+    enhanced: bool,
+) -> pd.DataFrame:
     """Render and write study ``index``; its labels (train.csv columns)."""
-    plan = plan_study(index, seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
-                      indeterminate_fraction=indeterminate_fraction, min_embolus_pixels=min_embolus_pixels)
+    plan = plan_study(
+        index,
+        seed=seed,
+        split=split,
+        slices=slices,
+        size=size,
+        positive_fraction=positive_fraction,
+        indeterminate_fraction=indeterminate_fraction,
+        min_embolus_pixels=min_embolus_pixels,
+    )
     rendered = render_plan(plan)
     study_labels = plan.labels_frame()
     if enhanced:
@@ -39,11 +58,22 @@ def _write_study(index: int, *, root: Path, seed: int, split: str, slices: int |
     return study_labels
 
 
-def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size: int = 256, seed: int = 0,
-                  split: str = "train", transfer_syntax: str = "explicit",
-                  positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-                  min_embolus_pixels: int = 0, progress: bool = True, enhanced: bool = False,
-                  workers: int = 1) -> pd.DataFrame:
+def write_dataset(
+    out: Path,
+    n_studies: int,
+    *,
+    slices: int | None = None,
+    size: int = 256,
+    seed: int = 0,
+    split: str = "train",
+    transfer_syntax: str = "explicit",
+    positive_fraction: float = POSITIVE_FRACTION,
+    indeterminate_fraction: float = INDETERMINATE_FRACTION,
+    min_embolus_pixels: int = 0,
+    progress: bool = True,
+    enhanced: bool = False,
+    workers: int = 1,
+) -> pd.DataFrame:
     """Write ``n_studies`` synthetic CTPA studies under ``out/<split>/<Study>/<Series>/<SOP>.dcm``.
 
     train: ``out/train.csv``. test: ``out/test.csv`` (UIDs only), ``out/test_labels.csv`` (the truth,
@@ -70,9 +100,19 @@ def write_dataset(out: Path, n_studies: int, *, slices: int | None = None, size:
     root.mkdir(parents=True, exist_ok=True)
     if workers < 1:
         raise ValueError("workers must be >= 1")
-    write = partial(_write_study, root=root, seed=seed, split=split, slices=slices, size=size,
-                    positive_fraction=positive_fraction, indeterminate_fraction=indeterminate_fraction,
-                    min_embolus_pixels=min_embolus_pixels, transfer_syntax=transfer_syntax, enhanced=enhanced)
+    write = partial(
+        _write_study,
+        root=root,
+        seed=seed,
+        split=split,
+        slices=slices,
+        size=size,
+        positive_fraction=positive_fraction,
+        indeterminate_fraction=indeterminate_fraction,
+        min_embolus_pixels=min_embolus_pixels,
+        transfer_syntax=transfer_syntax,
+        enhanced=enhanced,
+    )
     bar = None
     if progress:
         from tqdm.auto import tqdm

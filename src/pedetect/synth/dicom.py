@@ -143,14 +143,26 @@ class SeriesWriter:
 
             self._encoder = get_encoder(self.ts_uid)
             self._opts = dict(
-                rows=sc.size, columns=sc.size, samples_per_pixel=1, bits_allocated=16, bits_stored=sc.bits_stored,
-                pixel_representation=int(sc.signed), photometric_interpretation="MONOCHROME2", number_of_frames=1,
+                rows=sc.size,
+                columns=sc.size,
+                samples_per_pixel=1,
+                bits_allocated=16,
+                bits_stored=sc.bits_stored,
+                pixel_representation=int(sc.signed),
+                photometric_interpretation="MONOCHROME2",
+                number_of_frames=1,
             )
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _pixels(self, pixels: np.ndarray) -> bytes:
         if self._encoder is None:
-            return _element(_PIXELS, b"OW", np.ascontiguousarray(pixels).astype("<u2" if not self.plan.scanner.signed else "<i2", copy=False).tobytes())
+            return _element(
+                _PIXELS,
+                b"OW",
+                np.ascontiguousarray(pixels)
+                .astype("<u2" if not self.plan.scanner.signed else "<i2", copy=False)
+                .tobytes(),
+            )
         frame = self._encoder.encode(np.ascontiguousarray(pixels), encoding_plugin="pylibjpeg", **self._opts)
         if len(frame) % 2:
             frame += b"\0"
@@ -168,14 +180,24 @@ class SeriesWriter:
         meta = self.meta_head + _element(0x00020003, b"UI", sop) + self.meta_tail
         z = ds_str(float(self.z[k]))
         c = self.chunks
-        return b"".join((
-            b"\0" * 128, b"DICM", _element(0x00020000, b"UL", struct.pack("<I", len(meta))), meta,
-            c[0], _element(_SOP, b"UI", sop),
-            c[1], _element(_INSTANCE, b"IS", str(int(plan.instance_numbers[k])).encode()),
-            c[2], _element(_POSITION, b"DS", (self.xy + z).encode()),
-            c[3], _element(_LOCATION, b"DS", z.encode()),
-            c[4], self._pixels(pixels),
-        ))
+        return b"".join(
+            (
+                b"\0" * 128,
+                b"DICM",
+                _element(0x00020000, b"UL", struct.pack("<I", len(meta))),
+                meta,
+                c[0],
+                _element(_SOP, b"UI", sop),
+                c[1],
+                _element(_INSTANCE, b"IS", str(int(plan.instance_numbers[k])).encode()),
+                c[2],
+                _element(_POSITION, b"DS", (self.xy + z).encode()),
+                c[3],
+                _element(_LOCATION, b"DS", z.encode()),
+                c[4],
+                self._pixels(pixels),
+            )
+        )
 
     def path(self, k: int) -> Path:
         return self.folder / f"{self.plan.sop_uids[k]}.dcm"
@@ -194,8 +216,19 @@ def write_series(plan: StudyPlan, stored: np.ndarray, root: Path, transfer_synta
 
 # ------------------------------------------------------------------------------------ Enhanced CT
 # Top-level elements of the single-frame template that Enhanced CT keeps in functional groups (or drops).
-_PER_FRAME_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SliceLocation",
-                       "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth", "SpacingBetweenSlices")
+_PER_FRAME_KEYWORDS = (
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SliceLocation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "SpacingBetweenSlices",
+)
 
 
 def enhanced_sop_uid(plan: StudyPlan) -> str:
@@ -251,7 +284,9 @@ def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str =
     ds.NumberOfFrames = len(order)
     rescale = _item(RescaleIntercept=ds_str(sc.intercept), RescaleSlope=ds_str(sc.slope), RescaleType="HU")
     shared = _item(
-        PixelMeasuresSequence=Sequence([_item(PixelSpacing=[ds_str(sc.pixel_spacing)] * 2, SliceThickness=ds_str(sc.thickness))]),
+        PixelMeasuresSequence=Sequence(
+            [_item(PixelSpacing=[ds_str(sc.pixel_spacing)] * 2, SliceThickness=ds_str(sc.thickness))]
+        ),
         PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])]),
     )
     # Rescale in the shared group for even studies, in each frame's own group for odd ones: the reader takes both.
@@ -262,11 +297,17 @@ def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str =
     frames = []
     for number, k in enumerate(order, start=1):
         group = _item(
-            FrameContentSequence=Sequence([_item(StackID="1", InStackPositionNumber=int(number), DimensionIndexValues=[1, int(number)])]),
-            PlanePositionSequence=Sequence([_item(ImagePositionPatient=[ds_str(sc.x0), ds_str(sc.y0), ds_str(float(z[k]))])]),
+            FrameContentSequence=Sequence(
+                [_item(StackID="1", InStackPositionNumber=int(number), DimensionIndexValues=[1, int(number)])]
+            ),
+            PlanePositionSequence=Sequence(
+                [_item(ImagePositionPatient=[ds_str(sc.x0), ds_str(sc.y0), ds_str(float(z[k]))])]
+            ),
         )
         if per_frame_rescale:
-            group.PixelValueTransformationSequence = Sequence([_item(RescaleIntercept=ds_str(sc.intercept), RescaleSlope=ds_str(sc.slope), RescaleType="HU")])
+            group.PixelValueTransformationSequence = Sequence(
+                [_item(RescaleIntercept=ds_str(sc.intercept), RescaleSlope=ds_str(sc.slope), RescaleType="HU")]
+            )
         frames.append(group)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     dtype = "<i2" if sc.signed else "<u2"
@@ -279,8 +320,16 @@ def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str =
         from pydicom.pixels import get_encoder
 
         encoder = get_encoder(ts)
-        options = dict(rows=sc.size, columns=sc.size, samples_per_pixel=1, bits_allocated=16, bits_stored=sc.bits_stored,
-                       pixel_representation=int(sc.signed), photometric_interpretation="MONOCHROME2", number_of_frames=1)
+        options = dict(
+            rows=sc.size,
+            columns=sc.size,
+            samples_per_pixel=1,
+            bits_allocated=16,
+            bits_stored=sc.bits_stored,
+            pixel_representation=int(sc.signed),
+            photometric_interpretation="MONOCHROME2",
+            number_of_frames=1,
+        )
         encoded = [encoder.encode(volume[i], encoding_plugin="pylibjpeg", **options) for i in range(len(volume))]
         ds.PixelData = encapsulate(encoded, has_bot=True)
         ds["PixelData"].VR = "OB"

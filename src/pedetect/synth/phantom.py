@@ -300,8 +300,12 @@ def heart_scale(u: np.ndarray | float) -> np.ndarray:
 
 def dome_height(an: Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Height (fraction of ANATOMY_HEIGHT) of the diaphragm under (x, y): lung exists above it."""
-    right = an.dome_right - 0.22 * (((x + 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2)
-    left = an.dome_left - 0.22 * (((x - 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2)
+    right = an.dome_right - 0.22 * (
+        ((x + 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2
+    )
+    left = an.dome_left - 0.22 * (
+        ((x - 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2
+    )
     return np.where(x < 0, right, left)
 
 
@@ -318,18 +322,34 @@ def _sample_anatomy(rng: np.random.Generator, rv_lv_ratio: float) -> Anatomy:
     w_lv = rng.uniform(37.0, 44.0)
     vr = rng.uniform(15.0, 19.0)
     return Anatomy(
-        a=a, b_front=b_front, b_back=b_back, fat=fat, muscle=muscle, a_c=a_c, bc_front=bc_front,
-        bc_back=bc_back, rib=rib,
-        dome_right=rng.uniform(0.19, 0.23), dome_left=rng.uniform(0.15, 0.19),
+        a=a,
+        b_front=b_front,
+        b_back=b_back,
+        fat=fat,
+        muscle=muscle,
+        a_c=a_c,
+        bc_front=bc_front,
+        bc_back=bc_back,
+        rib=rib,
+        dome_right=rng.uniform(0.19, 0.23),
+        dome_left=rng.uniform(0.15, 0.19),
         heart_centre=(0.16 * a_c + rng.uniform(-5, 5), -0.38 * bc_front + rng.uniform(-4, 4)),
         heart_angle=np.deg2rad(rng.uniform(-50.0, -35.0)),
-        w_lv=w_lv, w_rv=w_lv * rv_lv_ratio, l_lv=rng.uniform(70.0, 85.0), l_rv=rng.uniform(55.0, 68.0),
+        w_lv=w_lv,
+        w_rv=w_lv * rv_lv_ratio,
+        l_lv=rng.uniform(70.0, 85.0),
+        l_rv=rng.uniform(55.0, 68.0),
         septum=rng.uniform(8.0, 11.0),
-        vertebra_y=bc_back - 0.35 * vr, vertebra_r=vr, canal_r=rng.uniform(6.5, 8.0),
-        trachea_r=rng.uniform(8.0, 10.5), trachea_y=bc_back - 0.35 * vr - vr - rng.uniform(20.0, 26.0),
-        band_x=rng.uniform(0.0, 6.0), band_w=rng.uniform(24.0, 32.0),
+        vertebra_y=bc_back - 0.35 * vr,
+        vertebra_r=vr,
+        canal_r=rng.uniform(6.5, 8.0),
+        trachea_r=rng.uniform(8.0, 10.5),
+        trachea_y=bc_back - 0.35 * vr - vr - rng.uniform(20.0, 26.0),
+        band_x=rng.uniform(0.0, 6.0),
+        band_w=rng.uniform(24.0, 32.0),
         lung_centre=rng.uniform(0.46, 0.52),
-        rib_phase=(rng.uniform(0, 1), rng.uniform(0, 1)), disc_phase=rng.uniform(0, 1),
+        rib_phase=(rng.uniform(0, 1), rng.uniform(0, 1)),
+        disc_phase=rng.uniform(0, 1),
     )
 
 
@@ -346,7 +366,9 @@ def lung_contains(an: Anatomy, p: np.ndarray, margin: float = 0.85) -> bool:
         return False
     sx = -1.0 if x < 0 else 1.0
     top = an.dome_right if x < 0 else an.dome_left
-    dome = top - 0.22 * (((x - sx * 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2)
+    dome = top - 0.22 * (
+        ((x - sx * 0.42 * an.a_c) / (0.55 * an.a_c)) ** 2 + ((y + 0.15 * an.bc_back) / (0.95 * an.bc_back)) ** 2
+    )
     if u <= dome + 0.02:
         return False
     bc = an.bc_back if y > 0 else an.bc_front
@@ -354,7 +376,9 @@ def lung_contains(an: Anatomy, p: np.ndarray, margin: float = 0.85) -> bool:
     if (x / an.a_c) ** 2 + (y / bc) ** 2 > m2:
         return False
     lx = an.lung_centre * an.a_c * sx
-    if ((x - lx) / (0.62 * an.a_c * s)) ** 2 + ((y - 0.05 * an.bc_back) / (1.02 * max(an.bc_front, an.bc_back) * s)) ** 2 > m2:
+    if ((x - lx) / (0.62 * an.a_c * s)) ** 2 + (
+        (y - 0.05 * an.bc_back) / (1.02 * max(an.bc_front, an.bc_back) * s)
+    ) ** 2 > m2:
         return False
     if abs(x - an.band_x) < an.band_w + 10.0:
         return False
@@ -385,8 +409,13 @@ def _lobe_points(rng: np.random.Generator, an: Anatomy, side: str, lobe: str, n:
     (u0, u1), rule = _LOBES[lobe]
     sx = -1.0 if side == "right" else 1.0
     m = 40 * n
-    cand = np.column_stack([sx * rng.uniform(0.0, an.a_c, m), rng.uniform(-an.bc_front, an.bc_back, m),
-                            rng.uniform(u0, u1, m) * ANATOMY_HEIGHT])
+    cand = np.column_stack(
+        [
+            sx * rng.uniform(0.0, an.a_c, m),
+            rng.uniform(-an.bc_front, an.bc_back, m),
+            rng.uniform(u0, u1, m) * ANATOMY_HEIGHT,
+        ]
+    )
     cut = -0.1 * an.bc_front
     u = cand[:, 2] / ANATOMY_HEIGHT
     ok = ~((rule == -1) & (cand[:, 1] > cut) | (rule == 1) & (u > 0.3) & (cand[:, 1] < cut))
@@ -399,8 +428,18 @@ def _lobe_points(rng: np.random.Generator, an: Anatomy, side: str, lobe: str, n:
     return np.array(picked, dtype=np.float64).reshape(-1, 3)
 
 
-def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: str, tissue: Tissue, side: str,
-               start: np.ndarray, targets: np.ndarray, radius: float, depth: int = 0) -> None:
+def _grow_tree(
+    rng: np.random.Generator,
+    an: Anatomy,
+    out: list[Vessel],
+    name: str,
+    tissue: Tissue,
+    side: str,
+    start: np.ndarray,
+    targets: np.ndarray,
+    radius: float,
+    depth: int = 0,
+) -> None:
     """A space-filling branching tree from ``start`` to every target point.
 
     Each branch heads for the centroid of its targets, then splits them in two (three near the
@@ -420,8 +459,17 @@ def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: s
         if depth > 0 and not lung_contains(an, end, margin=0.97):
             end = start + (centroid - start) * 0.25
     small = level in ("subsegmental", "small")
-    out.append(Vessel(name, tissue, np.array([start, end]), np.array([radius, radius * 0.93]), side=side,
-                      level=label, only_over=(int(Tissue.LUNG),) if small and radius < 2.6 else None))
+    out.append(
+        Vessel(
+            name,
+            tissue,
+            np.array([start, end]),
+            np.array([radius, radius * 0.93]),
+            side=side,
+            level=label,
+            only_over=(int(Tissue.LUNG),) if small and radius < 2.6 else None,
+        )
+    )
     if len(targets) == 1:
         # Twigs from each leaf towards the pleura fill the periphery with small vessels.
         out_dir = end - start
@@ -433,8 +481,17 @@ def _grow_tree(rng: np.random.Generator, an: Anatomy, out: list[Vessel], name: s
         twig_label = "small" if tissue == Tissue.PA_BLOOD else ""
         for c, tip in enumerate(tips):
             if lung_contains(an, tip, margin=0.99):
-                out.append(Vessel(f"{name}.t{c}", tissue, np.array([end, tip]), np.array([0.9 * radius, 0.7 * radius]),
-                                  side=side, level=twig_label, only_over=(int(Tissue.LUNG),)))
+                out.append(
+                    Vessel(
+                        f"{name}.t{c}",
+                        tissue,
+                        np.array([end, tip]),
+                        np.array([0.9 * radius, 0.7 * radius]),
+                        side=side,
+                        level=twig_label,
+                        only_over=(int(Tissue.LUNG),),
+                    )
+                )
         return
     axis = int(np.argmax(targets.max(axis=0) - targets.min(axis=0)))
     order = np.argsort(targets[:, axis], kind="stable")
@@ -452,28 +509,72 @@ def _build_vessels(rng: np.random.Generator, an: Anatomy) -> list[Vessel]:
     v: list[Vessel] = []
 
     def tube(name, tissue, pts, radii, side="", level="", only_over=None):
-        v.append(Vessel(name, tissue, np.array(pts, dtype=np.float64), np.array(radii, dtype=np.float64), side, level, only_over))
+        v.append(
+            Vessel(
+                name, tissue, np.array(pts, dtype=np.float64), np.array(radii, dtype=np.float64), side, level, only_over
+            )
+        )
 
     # Aorta: root above the LV, ascending right-anterior, arch over to the left of the spine, descending.
     dz = an.vertebra_y - an.vertebra_r - r_ao * 0.75 - 4.0
     dx = 0.2 * an.a_c
     asc = (-0.15 * an.a_c, -0.36 * an.bc_front)
-    tube("aorta", Tissue.SYS_BLOOD, [
-        (hx - 10.0, hy + 8.0, 0.36 * H), (asc[0] + 4.0, asc[1] + 6.0, 0.46 * H), (asc[0], asc[1], 0.62 * H),
-        (asc[0] + 10.0, asc[1] + 4.0, 0.71 * H), (0.05 * an.a_c, 0.0, 0.755 * H), (dx, dz - 8.0, 0.73 * H),
-        (dx + 2.0, dz, 0.66 * H), (dx - 4.0, dz - 4.0, 0.0 * H), (dx - 8.0, dz - 8.0, -0.05 * H),
-    ], [r_ao * 0.95, r_ao, r_ao, r_ao * 0.95, r_ao * 0.9, r_ao * 0.85, r_ao * 0.8, r_ao * 0.75, r_ao * 0.75])
+    tube(
+        "aorta",
+        Tissue.SYS_BLOOD,
+        [
+            (hx - 10.0, hy + 8.0, 0.36 * H),
+            (asc[0] + 4.0, asc[1] + 6.0, 0.46 * H),
+            (asc[0], asc[1], 0.62 * H),
+            (asc[0] + 10.0, asc[1] + 4.0, 0.71 * H),
+            (0.05 * an.a_c, 0.0, 0.755 * H),
+            (dx, dz - 8.0, 0.73 * H),
+            (dx + 2.0, dz, 0.66 * H),
+            (dx - 4.0, dz - 4.0, 0.0 * H),
+            (dx - 8.0, dz - 8.0, -0.05 * H),
+        ],
+        [r_ao * 0.95, r_ao, r_ao, r_ao * 0.95, r_ao * 0.9, r_ao * 0.85, r_ao * 0.8, r_ao * 0.75, r_ao * 0.75],
+    )
     # Arch branches up into the neck.
     for i, (fx, fy, r) in enumerate(((-0.1, -0.25, 6.5), (0.02, -0.12, 4.5), (0.14, -0.02, 5.0))):
         base = (fx * an.a_c, fy * an.bc_front, 0.73 * H)
-        tube(f"arch_branch{i}", Tissue.SYS_BLOOD, [base, (base[0] * 1.3 - 4.0 * (i == 0), base[1] + 4.0, 1.05 * H)], [r, r * 0.9])
+        tube(
+            f"arch_branch{i}",
+            Tissue.SYS_BLOOD,
+            [base, (base[0] * 1.3 - 4.0 * (i == 0), base[1] + 4.0, 1.05 * H)],
+            [r, r * 0.9],
+        )
     # Superior vena cava and brachiocephalic veins (dense contrast from the arm injection).
     svc = (-0.24 * an.a_c, -0.3 * an.bc_front)
-    tube("svc", Tissue.SVC_BLOOD, [(svc[0] - 6.0, svc[1] + 6.0, 0.40 * H), (svc[0], svc[1], 0.5 * H), (svc[0], svc[1], 0.8 * H)], [10.0, 9.5, 9.0])
-    tube("brachiocephalic_v_left", Tissue.SVC_BLOOD, [(svc[0], svc[1], 0.8 * H), (0.35 * an.a_c, -0.42 * an.bc_front, 0.86 * H), (0.45 * an.a_c, -0.4 * an.bc_front, 1.05 * H)], [8.0, 6.5, 6.0])
-    tube("brachiocephalic_v_right", Tissue.SVC_BLOOD, [(svc[0], svc[1], 0.8 * H), (svc[0] - 8.0, svc[1] - 4.0, 1.05 * H)], [8.5, 7.0])
+    tube(
+        "svc",
+        Tissue.SVC_BLOOD,
+        [(svc[0] - 6.0, svc[1] + 6.0, 0.40 * H), (svc[0], svc[1], 0.5 * H), (svc[0], svc[1], 0.8 * H)],
+        [10.0, 9.5, 9.0],
+    )
+    tube(
+        "brachiocephalic_v_left",
+        Tissue.SVC_BLOOD,
+        [
+            (svc[0], svc[1], 0.8 * H),
+            (0.35 * an.a_c, -0.42 * an.bc_front, 0.86 * H),
+            (0.45 * an.a_c, -0.4 * an.bc_front, 1.05 * H),
+        ],
+        [8.0, 6.5, 6.0],
+    )
+    tube(
+        "brachiocephalic_v_right",
+        Tissue.SVC_BLOOD,
+        [(svc[0], svc[1], 0.8 * H), (svc[0] - 8.0, svc[1] - 4.0, 1.05 * H)],
+        [8.5, 7.0],
+    )
     # Inferior vena cava (unopacified) from the abdomen into the right atrium.
-    tube("ivc", Tissue.IVC_BLOOD, [(-0.2 * an.a_c, 0.15 * an.bc_back, -0.05 * H), (-0.22 * an.a_c, 0.05 * an.bc_back, 0.2 * H)], [11.0, 11.0])
+    tube(
+        "ivc",
+        Tissue.IVC_BLOOD,
+        [(-0.2 * an.a_c, 0.15 * an.bc_back, -0.05 * H), (-0.22 * an.a_c, 0.05 * an.bc_back, 0.2 * H)],
+        [11.0, 11.0],
+    )
 
     # Pulmonary trunk from the right ventricular outflow tract, bifurcating into the main arteries.
     rvot = np.array([hx - 0.35 * an.w_rv + 8.0, hy - 0.5 * an.l_rv * 0.5, 0.36 * H])
@@ -483,8 +584,22 @@ def _build_vessels(rng: np.random.Generator, an: Anatomy) -> list[Vessel]:
     hil_r = _pa(an, -0.40, -0.02, 0.52) + np.array([0, 0, rng.uniform(-4, 4)])
     hil_l = _pa(an, 0.40, 0.08, 0.545) + np.array([0, 0, rng.uniform(-4, 4)])
     r_main = r_pa * 0.72
-    tube("rpa", Tissue.PA_BLOOD, [bif, _pa(an, -0.1, -0.02, 0.54), hil_r], [r_main, r_main, r_main * 0.9], "right", "main")
-    tube("lpa", Tissue.PA_BLOOD, [bif, _pa(an, 0.24, -0.1, 0.565), hil_l], [r_main * 0.97, r_main * 0.95, r_main * 0.85], "left", "main")
+    tube(
+        "rpa",
+        Tissue.PA_BLOOD,
+        [bif, _pa(an, -0.1, -0.02, 0.54), hil_r],
+        [r_main, r_main, r_main * 0.9],
+        "right",
+        "main",
+    )
+    tube(
+        "lpa",
+        Tissue.PA_BLOOD,
+        [bif, _pa(an, 0.24, -0.1, 0.565), hil_l],
+        [r_main * 0.97, r_main * 0.95, r_main * 0.85],
+        "left",
+        "main",
+    )
     lobes = {
         "right": [("upper", 40), ("middle", 20), ("lower", 48)],
         "left": [("upper", 38), ("lingula", 16), ("lower", 44)],
@@ -492,11 +607,16 @@ def _build_vessels(rng: np.random.Generator, an: Anatomy) -> list[Vessel]:
     for side, hil in (("right", hil_r), ("left", hil_l)):
         for lobe, n_pts in lobes[side]:
             pts = _lobe_points(rng, an, side, lobe, n_pts)
-            _grow_tree(rng, an, v, f"pa_{side}_{lobe}", Tissue.PA_BLOOD, side, hil, pts, r_main * rng.uniform(0.55, 0.62))
+            _grow_tree(
+                rng, an, v, f"pa_{side}_{lobe}", Tissue.PA_BLOOD, side, hil, pts, r_main * rng.uniform(0.55, 0.62)
+            )
     # Pulmonary veins: from the left atrium out into both lungs, between the arteries.
     la = np.array([0.04 * an.a_c, 0.12 * an.bc_back, 0.40 * H])
     for side, sx in (("right", -1.0), ("left", 1.0)):
-        for name, lobes_here in (("superior", ("upper", "lingula" if side == "left" else "middle")), ("inferior", ("lower",))):
+        for name, lobes_here in (
+            ("superior", ("upper", "lingula" if side == "left" else "middle")),
+            ("inferior", ("lower",)),
+        ):
             start = la + np.array([sx * 22.0, 0.0, (8.0 if name == "superior" else -6.0)])
             pts = np.concatenate([_lobe_points(rng, an, side, lobe, 22) for lobe in lobes_here])
             _grow_tree(rng, an, v, f"pv_{side}_{name}", Tissue.SYS_BLOOD, "", start, pts, rng.uniform(6.0, 7.5))
@@ -593,8 +713,8 @@ def _keep_visible(chunks: list, grid: Grid, min_pixels: int) -> tuple[list, np.n
 
 def _overlap(a: list, b: list) -> bool:
     """Whether two rasterised shapes (lists of (box, mask)) share a voxel."""
-    for (ba, ma) in a:
-        for (bb, mb) in b:
+    for ba, ma in a:
+        for bb, mb in b:
             lo = [max(x.start, y.start) for x, y in zip(ba, bb)]
             hi = [min(x.stop, y.stop) for x, y in zip(ba, bb)]
             if any(h <= l for l, h in zip(lo, hi)):
@@ -616,8 +736,9 @@ def _overlap(a: list, b: list) -> bool:
     return False
 
 
-def _place_emboli(rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str],
-                  min_pixels: int = 0) -> list[Embolus]:
+def _place_emboli(
+    rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str], min_pixels: int = 0
+) -> list[Embolus]:
     """Emboli realising the wanted location labels (each at a compatible artery) and kinds; with
     ``min_pixels``, only where at least that many pixels of clot show on each slice it marks."""
     sites = [v for v in vessels if v.level in EMBOLUS_LEVEL_WEIGHTS and v.locations() <= wanted]
@@ -678,10 +799,25 @@ def _sample_scanner(rng: np.random.Generator, an: Anatomy, size: int, slices: in
     lo = rng.uniform(-0.03, 0.05)
     hi = rng.uniform(0.96, 1.03)
     return Scanner(
-        n_slices=n, size=int(size), spacing=spacing, thickness=thickness, pixel_spacing=ps, x0=x0, y0=y0, z0=z0,
-        u_range=(lo, hi), intercept=intercept, slope=slope, signed=bool(signed), bits_stored=int(bits),
-        padding=padding, instance_order=order, noise_sd=rng.uniform(8.0, 26.0), blur_mm=rng.uniform(0.3, 0.9),
-        window=_WINDOWS[int(rng.integers(len(_WINDOWS)))], series_number=int(rng.integers(2, 9)),
+        n_slices=n,
+        size=int(size),
+        spacing=spacing,
+        thickness=thickness,
+        pixel_spacing=ps,
+        x0=x0,
+        y0=y0,
+        z0=z0,
+        u_range=(lo, hi),
+        intercept=intercept,
+        slope=slope,
+        signed=bool(signed),
+        bits_stored=int(bits),
+        padding=padding,
+        instance_order=order,
+        noise_sd=rng.uniform(8.0, 26.0),
+        blur_mm=rng.uniform(0.3, 0.9),
+        window=_WINDOWS[int(rng.integers(len(_WINDOWS)))],
+        series_number=int(rng.integers(2, 9)),
         kernel=("STANDARD", "B30f", "FC08", "SOFT")[int(rng.integers(4))],
     )
 
@@ -698,9 +834,17 @@ def make_grid(sc: Scanner) -> Grid:
 # ------------------------------------------------------------------------------------------- the plan
 
 
-def _draw_labels(rng: np.random.Generator, positive_fraction: float, indeterminate_fraction: float, kind: str | None) -> dict:
+def _draw_labels(
+    rng: np.random.Generator, positive_fraction: float, indeterminate_fraction: float, kind: str | None
+) -> dict:
     u = rng.random()
-    drawn = "positive" if u < positive_fraction else "indeterminate" if u < positive_fraction + indeterminate_fraction else "negative"
+    drawn = (
+        "positive"
+        if u < positive_fraction
+        else "indeterminate"
+        if u < positive_fraction + indeterminate_fraction
+        else "negative"
+    )
     kind = kind or drawn
     loc_draw = rng.random(3)
     wanted = {k for k, r in zip(LOCATION_BASE, loc_draw) if r < LOCATION_BASE[k]}
@@ -709,7 +853,9 @@ def _draw_labels(rng: np.random.Generator, positive_fraction: float, indetermina
             break
         wanted = {k for k in LOCATION_BASE if rng.random() < LOCATION_BASE[k]}
     c = rng.random()
-    chronicity = "chronic" if c < CHRONIC_FRACTION else "both" if c < CHRONIC_FRACTION + ACUTE_AND_CHRONIC_FRACTION else "acute"
+    chronicity = (
+        "chronic" if c < CHRONIC_FRACTION else "both" if c < CHRONIC_FRACTION + ACUTE_AND_CHRONIC_FRACTION else "acute"
+    )
     n_emboli = max(len(wanted), 1 + int(rng.poisson(1.3)), 2 if chronicity == "both" else 1)
     n_emboli = min(n_emboli, 7)
     gte = rng.random() < RV_LV_GTE_1_FRACTION
@@ -733,19 +879,42 @@ def _draw_labels(rng: np.random.Generator, positive_fraction: float, indetermina
         kinds = [chronicity if chronicity != "both" else "acute"] * n_emboli
     pa_hu = rng.uniform(120.0, 190.0) if qa_contrast else rng.uniform(250.0, 450.0)
     sys_hu = rng.uniform(200.0, 330.0) if qa_contrast else pa_hu * rng.uniform(0.45, 0.8)
-    return dict(kind=kind, wanted=wanted, kinds=kinds, ratio=ratio_positive if kind == "positive" else ratio_other,
-                qa_contrast=qa_contrast, qa_motion=qa_motion, flow=flow, mimic=mimic, pa_hu=pa_hu, sys_hu=sys_hu)
+    return dict(
+        kind=kind,
+        wanted=wanted,
+        kinds=kinds,
+        ratio=ratio_positive if kind == "positive" else ratio_other,
+        qa_contrast=qa_contrast,
+        qa_motion=qa_motion,
+        flow=flow,
+        mimic=mimic,
+        pa_hu=pa_hu,
+        sys_hu=sys_hu,
+    )
 
 
 def _tissue_hu(rng: np.random.Generator, pa_hu: float, sys_hu: float) -> dict[int, float]:
     T = Tissue
     hu = {
-        T.AIR: -1000.0, T.FAT: rng.uniform(-115.0, -85.0), T.MUSCLE: rng.uniform(40.0, 60.0), T.BONE: rng.uniform(650.0, 850.0),
-        T.LUNG: rng.uniform(-870.0, -820.0), T.SOFT: rng.uniform(55.0, 75.0), T.MYOCARDIUM: rng.uniform(45.0, 70.0),
-        T.PA_BLOOD: pa_hu, T.SYS_BLOOD: sys_hu, T.SVC_BLOOD: min(1100.0, pa_hu * rng.uniform(1.1, 1.9)),
-        T.IVC_BLOOD: rng.uniform(70.0, 130.0), T.CSF: rng.uniform(5.0, 25.0), T.DISC: rng.uniform(70.0, 100.0),
-        T.TABLE: rng.uniform(-250.0, -150.0), T.FLOW_OUTER: 0.0, T.FLOW_INNER: 0.0, T.MIMIC: rng.uniform(25.0, 60.0),
-        T.EMBOLUS_ACUTE: rng.uniform(25.0, 55.0), T.EMBOLUS_CHRONIC: rng.uniform(35.0, 65.0),
+        T.AIR: -1000.0,
+        T.FAT: rng.uniform(-115.0, -85.0),
+        T.MUSCLE: rng.uniform(40.0, 60.0),
+        T.BONE: rng.uniform(650.0, 850.0),
+        T.LUNG: rng.uniform(-870.0, -820.0),
+        T.SOFT: rng.uniform(55.0, 75.0),
+        T.MYOCARDIUM: rng.uniform(45.0, 70.0),
+        T.PA_BLOOD: pa_hu,
+        T.SYS_BLOOD: sys_hu,
+        T.SVC_BLOOD: min(1100.0, pa_hu * rng.uniform(1.1, 1.9)),
+        T.IVC_BLOOD: rng.uniform(70.0, 130.0),
+        T.CSF: rng.uniform(5.0, 25.0),
+        T.DISC: rng.uniform(70.0, 100.0),
+        T.TABLE: rng.uniform(-250.0, -150.0),
+        T.FLOW_OUTER: 0.0,
+        T.FLOW_INNER: 0.0,
+        T.MIMIC: rng.uniform(25.0, 60.0),
+        T.EMBOLUS_ACUTE: rng.uniform(25.0, 55.0),
+        T.EMBOLUS_CHRONIC: rng.uniform(35.0, 65.0),
     }
     hu[T.FLOW_OUTER] = 0.55 * pa_hu + 0.45 * 110.0
     hu[T.FLOW_INNER] = 0.25 * pa_hu + 0.75 * 110.0
@@ -759,9 +928,18 @@ def _streams(seed: int, split: str, index: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in ss.spawn(6)]
 
 
-def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
-               positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-               kind: str | None = None, min_embolus_pixels: int = 0) -> StudyPlan:
+def plan_study(
+    index: int = 0,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    slices: int | None = None,
+    size: int = 256,
+    positive_fraction: float = POSITIVE_FRACTION,
+    indeterminate_fraction: float = INDETERMINATE_FRACTION,
+    kind: str | None = None,
+    min_embolus_pixels: int = 0,
+) -> StudyPlan:
     """Plan study ``index`` of the dataset (seed, split): geometry, scanner, UIDs and labels, no pixels.
 
     Study k depends only on (seed, split, k) and the options, never on how many studies are made.
@@ -771,7 +949,9 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    if not (0.0 <= positive_fraction and 0.0 <= indeterminate_fraction and positive_fraction + indeterminate_fraction <= 1.0):
+    if not (
+        0.0 <= positive_fraction and 0.0 <= indeterminate_fraction and positive_fraction + indeterminate_fraction <= 1.0
+    ):
         raise ValueError("positive_fraction and indeterminate_fraction must be >= 0 and sum to <= 1")
     if min_embolus_pixels < 0:
         raise ValueError("min_embolus_pixels must be >= 0")
@@ -783,7 +963,11 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
     grid = make_grid(sc)
     hu = _tissue_hu(r_look, lab["pa_hu"], lab["sys_hu"])
 
-    emboli = _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"], min_embolus_pixels) if lab["kind"] == "positive" else []
+    emboli = (
+        _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"], min_embolus_pixels)
+        if lab["kind"] == "positive"
+        else []
+    )
     blobs: list[Blob] = []
     by_name = {v.name: v for v in vessels}
     if lab["flow"]:
@@ -795,7 +979,9 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
         names = ["svc"] + [v.name for v in vessels if v.name.startswith("pv_") and v.name.count(".") == 0]
         v = by_name[names[int(r_path.integers(len(names)))]]
         p, r, _ = _along(v.points, v.radii, _cumulative(v.points), r_path.uniform(0.3, 0.7) * v.length())
-        blobs.append(Blob(tuple(p), 0.55 * r, 0.55 * r, 1.2 * r, Tissue.MIMIC, (int(Tissue.SVC_BLOOD), int(Tissue.SYS_BLOOD))))
+        blobs.append(
+            Blob(tuple(p), 0.55 * r, 0.55 * r, 1.2 * r, Tissue.MIMIC, (int(Tissue.SVC_BLOOD), int(Tissue.SYS_BLOOD)))
+        )
 
     pe_slices = np.zeros(sc.n_slices, dtype=bool)
     for e in emboli:
@@ -831,11 +1017,27 @@ def plan_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: i
     else:
         inst = r_scan.permutation(n) + 1
     return StudyPlan(
-        index=index, seed=seed, split=split, kind=realised, anatomy=an, scanner=sc, grid=grid, vessels=vessels,
-        blobs=blobs, emboli=emboli, hu=hu, exam=exam, pe_slices=pe_slices,
-        study_uid=uid("study", *key), series_uid=uid("series", *key), frame_uid=uid("frame", *key),
-        sop_uids=[uid("sop", *key, k) for k in range(n)], instance_numbers=inst.astype(np.int64),
-        patient=f"{index:04d}", noise_seed=int(r_noise.integers(2**63)), motion=bool(lab["qa_motion"]),
+        index=index,
+        seed=seed,
+        split=split,
+        kind=realised,
+        anatomy=an,
+        scanner=sc,
+        grid=grid,
+        vessels=vessels,
+        blobs=blobs,
+        emboli=emboli,
+        hu=hu,
+        exam=exam,
+        pe_slices=pe_slices,
+        study_uid=uid("study", *key),
+        series_uid=uid("series", *key),
+        frame_uid=uid("frame", *key),
+        sop_uids=[uid("sop", *key, k) for k in range(n)],
+        instance_numbers=inst.astype(np.int64),
+        patient=f"{index:04d}",
+        noise_seed=int(r_noise.integers(2**63)),
+        motion=bool(lab["qa_motion"]),
         intended=_intended_exam(lab),
     )
 
@@ -858,11 +1060,19 @@ def _intended_exam(lab: dict) -> dict[str, int]:
     return exam
 
 
-def draw_labels(index: int = 0, *, seed: int = 0, split: str = "train", positive_fraction: float = POSITIVE_FRACTION,
-                indeterminate_fraction: float = INDETERMINATE_FRACTION) -> dict[str, int]:
+def draw_labels(
+    index: int = 0,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    positive_fraction: float = POSITIVE_FRACTION,
+    indeterminate_fraction: float = INDETERMINATE_FRACTION,
+) -> dict[str, int]:
     """The exam labels that study ``index`` is drawn with, without building its geometry (fast).
 
     :func:`plan_study` realises exactly these labels whenever its emboli can be placed on the
     slice grid (always at ordinary slice counts; ``StudyPlan.intended`` keeps them for checking).
     """
-    return _intended_exam(_draw_labels(_streams(seed, split, index)[0], positive_fraction, indeterminate_fraction, None))
+    return _intended_exam(
+        _draw_labels(_streams(seed, split, index)[0], positive_fraction, indeterminate_fraction, None)
+    )

@@ -14,16 +14,28 @@ PE_WINDOW = (100.0, 700.0)  # level, width
 COLOURS = {"acute": "#ff3b30", "chronic": "#ffd60a"}
 
 
-def first_positive(seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
-                   positive_fraction: float = POSITIVE_FRACTION, indeterminate_fraction: float = INDETERMINATE_FRACTION,
-                   limit: int = 200) -> RenderedStudy:
+def first_positive(
+    seed: int = 0,
+    split: str = "train",
+    slices: int | None = None,
+    size: int = 256,
+    positive_fraction: float = POSITIVE_FRACTION,
+    indeterminate_fraction: float = INDETERMINATE_FRACTION,
+    limit: int = 200,
+) -> RenderedStudy:
     """A positive study of the dataset (seed, split) that shows its emboli well, rendered.
 
     The first one with an embolus in the pulmonary trunk or a main artery, else the first with a
     lobar embolus, else the first positive one; study 0 forced positive if there is none.
     """
-    kw = dict(seed=seed, split=split, slices=slices, size=size, positive_fraction=positive_fraction,
-              indeterminate_fraction=indeterminate_fraction)
+    kw = dict(
+        seed=seed,
+        split=split,
+        slices=slices,
+        size=size,
+        positive_fraction=positive_fraction,
+        indeterminate_fraction=indeterminate_fraction,
+    )
     best, best_rank = None, 3
     for i in range(limit if positive_fraction > 0 else 0):
         plan = plan_study(i, **kw)
@@ -57,9 +69,11 @@ def _title(study: RenderedStudy) -> str:
     plan = study.plan
     on = [label for label in EXAM_LABELS + INFO_LABELS if plan.exam[label]]
     kinds = sorted({e.kind for e in plan.emboli})
-    return (f"pedetect synth — seed {plan.seed}, study {plan.index}: {plan.n_slices} slices, "
-            f"{int(plan.pe_slices.sum())} with PE; RV/LV {plan.anatomy.rv_lv_ratio:.2f}; "
-            f"emboli: {len(plan.emboli)} ({', '.join(kinds)})\nexam labels = 1: {', '.join(on)}")
+    return (
+        f"pedetect synth — seed {plan.seed}, study {plan.index}: {plan.n_slices} slices, "
+        f"{int(plan.pe_slices.sum())} with PE; RV/LV {plan.anatomy.rv_lv_ratio:.2f}; "
+        f"emboli: {len(plan.emboli)} ({', '.join(kinds)})\nexam labels = 1: {', '.join(on)}"
+    )
 
 
 def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
@@ -96,8 +110,14 @@ def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
         tag = "PE" if study.plan.pe_slices[k] else ""
         ax.set_title(f"z {z[k]:.1f} mm  {tag}", color="#ff6b60" if tag else "white", fontsize=8)
     fig.suptitle(_title(study), color="white", fontsize=8.5)
-    fig.text(0.5, 0.005, "PE window L100/W700 · outlines from phantom masks: red acute, yellow chronic",
-             color="#aaaaaa", ha="center", fontsize=7.5)
+    fig.text(
+        0.5,
+        0.005,
+        "PE window L100/W700 · outlines from phantom masks: red acute, yellow chronic",
+        color="#aaaaaa",
+        ha="center",
+        fontsize=7.5,
+    )
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +126,16 @@ def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
     return path
 
 
-def write_preview(path: Path, *, seed: int = 0, size: int = 256, slices: int | None = None, split: str = "train",
-                  positive_fraction: float = POSITIVE_FRACTION,
-                  indeterminate_fraction: float = INDETERMINATE_FRACTION) -> Path:
+def write_preview(
+    path: Path,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    slices: int | None = None,
+    split: str = "train",
+    positive_fraction: float = POSITIVE_FRACTION,
+    indeterminate_fraction: float = INDETERMINATE_FRACTION,
+) -> Path:
     """Montage of the first positive study of the dataset (seed, split) written to ``path``."""
     study = first_positive(seed, split, slices, size, positive_fraction, indeterminate_fraction)
     return save_montage(study, path)

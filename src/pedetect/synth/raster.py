@@ -112,8 +112,16 @@ def paint_segment(vol: np.ndarray, grid: Grid, seg: Segment, value: int, where: 
         paint(vol, box, m, value, where)
 
 
-def ellipse_rho2(grid: Grid, cx: float, cy: float, ax: float, ay: float, angle: float = 0.0,
-                 ay_back: float | None = None, reach: float = 1.0) -> tuple[slice, slice, np.ndarray]:
+def ellipse_rho2(
+    grid: Grid,
+    cx: float,
+    cy: float,
+    ax: float,
+    ay: float,
+    angle: float = 0.0,
+    ay_back: float | None = None,
+    reach: float = 1.0,
+) -> tuple[slice, slice, np.ndarray]:
     """Squared normalised radius of an (optionally rotated, two-half) ellipse over its bounding box.
 
     ``rho2 < s**2`` is the ellipse scaled by s about its centre. ``ay_back`` gives a different
@@ -136,8 +144,17 @@ def ellipse_rho2(grid: Grid, cx: float, cy: float, ax: float, ay: float, angle: 
     return rows, cols, u * u + v * v
 
 
-def paint_scaled(vol: np.ndarray, ks: slice, rows: slice, cols: slice, rho2: np.ndarray, scales: np.ndarray,
-                 value: int, where: tuple[int, ...] | None = None, inner: np.ndarray | None = None) -> None:
+def paint_scaled(
+    vol: np.ndarray,
+    ks: slice,
+    rows: slice,
+    cols: slice,
+    rho2: np.ndarray,
+    scales: np.ndarray,
+    value: int,
+    where: tuple[int, ...] | None = None,
+    inner: np.ndarray | None = None,
+) -> None:
     """Paint slices ks where rho2 < scales[k]**2 (and, with ``inner``, rho2 >= inner[k]**2: a ring)."""
     if ks.stop <= ks.start or rows.stop <= rows.start or cols.stop <= cols.start:
         return
@@ -148,8 +165,17 @@ def paint_scaled(vol: np.ndarray, ks: slice, rows: slice, cols: slice, rho2: np.
     paint(vol, (ks, rows, cols), mask, value, where)
 
 
-def paint_ellipsoid(vol: np.ndarray, grid: Grid, centre: tuple[float, float, float], ax: float, ay: float,
-                    hz: float, value: int, angle: float = 0.0, where: tuple[int, ...] | None = None) -> None:
+def paint_ellipsoid(
+    vol: np.ndarray,
+    grid: Grid,
+    centre: tuple[float, float, float],
+    ax: float,
+    ay: float,
+    hz: float,
+    value: int,
+    angle: float = 0.0,
+    where: tuple[int, ...] | None = None,
+) -> None:
     """An ellipsoid with in-plane semi-axes (ax, ay) rotated by ``angle`` and half-height hz."""
     cx, cy, cz = centre
     ks = grid.slices(cz - hz, cz + hz)

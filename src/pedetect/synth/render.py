@@ -74,7 +74,16 @@ def render_tissue(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
     an, g = plan.anatomy, plan.grid
     us = g.zs / ANATOMY_HEIGHT  # each slice's height as a fraction of the anatomy
     vol = np.full(g.shape, int(T.AIR), dtype=np.uint8)
-    parts = (_paint_table, _paint_body, _paint_cavity, _paint_mediastinum, _paint_spine, _paint_chest_wall_bones, _paint_airways, _paint_heart)
+    parts = (
+        _paint_table,
+        _paint_body,
+        _paint_cavity,
+        _paint_mediastinum,
+        _paint_spine,
+        _paint_chest_wall_bones,
+        _paint_airways,
+        _paint_heart,
+    )
     for paint_part in parts:
         paint_part(vol, an, g, us)
     emb = _paint_vessels_and_emboli(vol, plan)
@@ -95,7 +104,9 @@ def _paint_body(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
     body_scale = 1.0 + 0.03 * (us - 0.5)
     rows, cols, rho2 = ellipse_rho2(g, 0.0, 0.0, an.a, an.b_front, ay_back=an.b_back, reach=1.03)
     paint_scaled(vol, every, rows, cols, rho2, body_scale, int(T.FAT))
-    rows, cols, rho2 = ellipse_rho2(g, 0.0, 0.0, an.a - an.fat, an.b_front - an.fat, ay_back=an.b_back - an.fat, reach=1.03)
+    rows, cols, rho2 = ellipse_rho2(
+        g, 0.0, 0.0, an.a - an.fat, an.b_front - an.fat, ay_back=an.b_back - an.fat, reach=1.03
+    )
     paint_scaled(vol, every, rows, cols, rho2, body_scale, int(T.MUSCLE))
 
 
@@ -147,7 +158,7 @@ def _paint_spine(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
     ccy = vy + vr + cr + 1.5
     skin = an.b_back - an.fat - 3.0
     spin_len = float(np.clip(skin - (ccy + cr + 3.0), 4.0, 16.0))
-    for (cx, cy_, ax, ay, value) in (
+    for cx, cy_, ax, ay, value in (
         (0.0, ccy + 1.0, cr + 5.0, cr + 4.5, T.BONE),
         (-(cr + 11.0), ccy - 1.0, 10.0, 4.0, T.BONE),
         (cr + 11.0, ccy - 1.0, 10.0, 4.0, T.BONE),
@@ -192,8 +203,13 @@ def _paint_chest_wall_bones(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarra
         y = g.ys[rows][:, None] * np.ones((1, len(g.xs[cols])))
         ang = np.arctan2(np.abs(g.xs[cols])[None, :] / an.a_c, np.maximum(y, 0.0) / an.bc_back + 1e-9) / np.pi
         plate = (rho2 >= lo**2) & (rho2 < hi**2) & (y > 0) & (ang > 0.22) & (ang < 0.4)
-        paint(vol, (ks_sc, rows, cols), np.broadcast_to(plate, (ks_sc.stop - ks_sc.start,) + plate.shape),
-              int(T.BONE), where=(int(T.MUSCLE), int(T.FAT)))
+        paint(
+            vol,
+            (ks_sc, rows, cols),
+            np.broadcast_to(plate, (ks_sc.stop - ks_sc.start,) + plate.shape),
+            int(T.BONE),
+            where=(int(T.MUSCLE), int(T.FAT)),
+        )
 
 
 def _paint_airways(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
@@ -237,7 +253,9 @@ def _paint_heart(vol: np.ndarray, an: Anatomy, g: Grid, us: np.ndarray) -> None:
         (lv_c, an.l_lv / 2, an.w_lv / 2, T.SYS_BLOOD),
         (rv_c, an.l_rv / 2, an.w_rv / 2, T.PA_BLOOD),
     ]
-    soft = tuple(int(t) for t in (T.AIR, T.FAT, T.LUNG, T.SOFT, T.MYOCARDIUM, T.PA_BLOOD, T.SYS_BLOOD))  # never bone or chest wall
+    soft = tuple(
+        int(t) for t in (T.AIR, T.FAT, T.LUNG, T.SOFT, T.MYOCARDIUM, T.PA_BLOOD, T.SYS_BLOOD)
+    )  # never bone or chest wall
     for c, ax, ay, tissue in shapes:
         rows, cols, rho2 = ellipse_rho2(g, float(c[0]), float(c[1]), ax, ay, angle=th)
         paint_scaled(vol, ks, rows, cols, rho2, hs[ks], int(tissue), where=soft)
@@ -335,9 +353,18 @@ def render_plan(plan: StudyPlan) -> RenderedStudy:
     return RenderedStudy(plan=plan, hu=hu, stored=stored, emboli=emb, tissue=tissue)
 
 
-def render_study(index: int = 0, *, seed: int = 0, split: str = "train", slices: int | None = None, size: int = 256,
-                 positive_fraction: float | None = None, indeterminate_fraction: float | None = None,
-                 kind: str | None = None, min_embolus_pixels: int = 0) -> RenderedStudy:
+def render_study(
+    index: int = 0,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    slices: int | None = None,
+    size: int = 256,
+    positive_fraction: float | None = None,
+    indeterminate_fraction: float | None = None,
+    kind: str | None = None,
+    min_embolus_pixels: int = 0,
+) -> RenderedStudy:
     """Study ``index`` of the synthetic dataset (seed, split), rendered in memory, no DICOM written.
 
     Same arguments as :func:`pedetect.synth.write_dataset` give the same study as on disk.
@@ -348,6 +375,7 @@ def render_study(index: int = 0, *, seed: int = 0, split: str = "train", slices:
         kw["positive_fraction"] = positive_fraction
     if indeterminate_fraction is not None:
         kw["indeterminate_fraction"] = indeterminate_fraction
-    plan = plan_study(index, seed=seed, split=split, slices=slices, size=size, kind=kind,
-                      min_embolus_pixels=min_embolus_pixels, **kw)
+    plan = plan_study(
+        index, seed=seed, split=split, slices=slices, size=size, kind=kind, min_embolus_pixels=min_embolus_pixels, **kw
+    )
     return render_plan(plan)

@@ -20,7 +20,9 @@ from pedetect.io import read_json, write_json_atomic
 LUNG_BOXES_FILE = "lung_boxes.json"
 
 
-def training_lung_boxes(config, source: Any, series: list[str], out: Path, *, echo: Callable[[str], None] = console_echo) -> dict | None:
+def training_lung_boxes(
+    config, source: Any, series: list[str], out: Path, *, echo: Callable[[str], None] = console_echo
+) -> dict | None:
     """``{series: Box}`` for ``series`` (None without ``cnn.input.lung_crop``), from ``out/lung_boxes.json``
     when it was made alike, else computed from the store ``source`` and written there."""
     from pedetect.data.dataset import lung_box_settings, series_lung_box

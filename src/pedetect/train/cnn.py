@@ -46,10 +46,24 @@ from pedetect.runtime import is_global_zero
 from pedetect.train.parallel import processes_for, run_folds
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs, resolve_paths
-from pedetect.train.trainer import build_loggers, load_checkpoint_state, quiet_lightning, resolve_precision, safe_checkpoint_io, uses_gpu
+from pedetect.train.trainer import (
+    build_loggers,
+    load_checkpoint_state,
+    quiet_lightning,
+    resolve_precision,
+    safe_checkpoint_io,
+    uses_gpu,
+)
 
 
-def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFrame, val_items: pd.DataFrame, seed: int, boxes: dict | None = None):
+def make_loaders(
+    config: ExperimentConfig,
+    store: Path,
+    train_items: pd.DataFrame,
+    val_items: pd.DataFrame,
+    seed: int,
+    boxes: dict | None = None,
+):
     from torch.utils.data import DataLoader
 
     from pedetect.data.dataset import SliceDataset, single_threaded_opencv
@@ -89,7 +103,10 @@ def make_loaders(config: ExperimentConfig, store: Path, train_items: pd.DataFram
         **loader_args,
     )
     val_loader = DataLoader(
-        val_set, batch_size=config.data.val_batch_size or 2 * cnn.batch_size, sampler=ShardSampler(len(val_set)), **loader_args
+        val_set,
+        batch_size=config.data.val_batch_size or 2 * cnn.batch_size,
+        sampler=ShardSampler(len(val_set)),
+        **loader_args,
     )
     return train_loader, val_loader
 
@@ -109,7 +126,11 @@ def export_fold(
     history = module.history
     monitor = config.cnn.monitor
     chosen: dict[str, Any] | None = None
-    if config.cnn.export == "best" and checkpoint_callback.best_model_path and Path(checkpoint_callback.best_model_path).is_file():
+    if (
+        config.cnn.export == "best"
+        and checkpoint_callback.best_model_path
+        and Path(checkpoint_callback.best_model_path).is_file()
+    ):
         state = load_checkpoint_state(Path(checkpoint_callback.best_model_path))
         chosen_epoch = int(state["epoch"])
         prefix = next(name for name, m in module.named_modules() if m is module.evaluated_model) + "."
@@ -136,7 +157,9 @@ def export_fold(
         "embedding_dim": module.model.embedding_dim,
         **extra,
     }
-    return write_fold_report(directory, metrics, history, f"{config.name} — CNN fold {fold} ({config.cnn.backbone.name})")
+    return write_fold_report(
+        directory, metrics, history, f"{config.name} — CNN fold {fold} ({config.cnn.backbone.name})"
+    )
 
 
 def checkpoint_callback(config: ExperimentConfig, directory: Path):
@@ -147,8 +170,12 @@ def checkpoint_callback(config: ExperimentConfig, directory: Path):
         # Only the last epoch is validated, so it is the exported one: one checkpoint, written after
         # every training epoch (Lightning would otherwise save only after a validation), for resume.
         return ModelCheckpoint(
-            dirpath=str(directory / CHECKPOINTS_DIR), filename="last", monitor=None, save_top_k=1,
-            save_on_train_epoch_end=True, enable_version_counter=False,
+            dirpath=str(directory / CHECKPOINTS_DIR),
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
     return ModelCheckpoint(
         dirpath=str(directory / CHECKPOINTS_DIR),
@@ -161,7 +188,9 @@ def checkpoint_callback(config: ExperimentConfig, directory: Path):
     )
 
 
-def build_trainer(config: ExperimentConfig, directory: Path, out: Path, fold: int, callbacks: Sequence, steps_per_epoch: int):
+def build_trainer(
+    config: ExperimentConfig, directory: Path, out: Path, fold: int, callbacks: Sequence, steps_per_epoch: int
+):
     """The Lightning trainer of one fold, from the recipe's runtime, logging and cnn sections."""
     import lightning as L
 
@@ -266,14 +295,25 @@ def train_fold(
         raise TrainError(f"fold {fold} was interrupted; run again to resume from {last}")
     if not trainer.is_global_zero:
         return None
-    extra = {**counts, "resumed_after_epoch": resumed_from, "devices": int(trainer.world_size), "precision": str(trainer.precision)}
+    extra = {
+        **counts,
+        "resumed_after_epoch": resumed_from,
+        "devices": int(trainer.world_size),
+        "precision": str(trainer.precision),
+    }
     metrics = export_fold(config, module, directory, checkpoint, fold=fold, extra=extra)
     if not config.cnn.keep_checkpoints:
         shutil.rmtree(directory / CHECKPOINTS_DIR, ignore_errors=True)
     starting = weights_provenance(config.cnn.backbone.weights, config.cnn.backbone.name)
-    write_complete(directory, {"val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "starting_weights": starting})
+    write_complete(
+        directory, {"val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "starting_weights": starting}
+    )
     auc = metrics["val_auc"]
-    echo(f"fold {fold}: validation slice AUC {auc:.4f}, log loss {metrics['val_loss']:.4f}" if auc is not None else f"fold {fold} done")
+    echo(
+        f"fold {fold}: validation slice AUC {auc:.4f}, log loss {metrics['val_loss']:.4f}"
+        if auc is not None
+        else f"fold {fold} done"
+    )
     return metrics
 
 
@@ -283,7 +323,11 @@ def write_summary(out: Path, n_folds: int) -> dict[str, Any]:
         path = cnn_dir(out, k) / METRICS_FILE
         if is_complete(cnn_dir(out, k)) and path.is_file():
             m = read_json(path)
-            folds[k] = {"val_auc": m.get("val_auc"), "val_loss": m.get("val_loss"), "exported_epoch": m.get("exported_epoch")}
+            folds[k] = {
+                "val_auc": m.get("val_auc"),
+                "val_loss": m.get("val_loss"),
+                "exported_epoch": m.get("exported_epoch"),
+            }
     aucs = [f["val_auc"] for f in folds.values() if f["val_auc"] is not None]
     losses = [f["val_loss"] for f in folds.values() if f["val_loss"] is not None]
     summary = {
@@ -333,8 +377,15 @@ def run_cnn(
     # Callbacks (tests, integrations) live in this process: with them the folds train here.
     processes = 1 if callbacks else processes_for(inputs, pending, device="cuda" if uses_gpu(inputs.config) else "cpu")
     run_folds(
-        inputs, pending, processes, in_process=_train_fold_in_process, stage="cnn", echo=echo,
-        in_turn=lambda k: train_fold(inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo),
+        inputs,
+        pending,
+        processes,
+        in_process=_train_fold_in_process,
+        stage="cnn",
+        echo=echo,
+        in_turn=lambda k: train_fold(
+            inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo
+        ),
     )
     return write_summary(out, inputs.n_folds)
 
@@ -350,7 +401,9 @@ def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any] 
             record = next((h for h in module.history if h["epoch"] == trainer.current_epoch), {})
             auc = record.get("val_auc")
             shown = f", validation AUC {auc:.4f}" if auc is not None and np.isfinite(auc) else ""
-            console_echo(f"fold {fold}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, "
-                         f"train loss {module.epoch_train_loss:.4f}{shown}")
+            console_echo(
+                f"fold {fold}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, "
+                f"train loss {module.epoch_train_loss:.4f}{shown}"
+            )
 
     return train_fold(inputs.config, inputs.items, fold, store=inputs.store, out=inputs.out, callbacks=[EpochLines()])

@@ -40,15 +40,23 @@ def train_command(
     store: Path = typer.Option(..., "--store", help="Slice store made by pedetect prepare."),
     labels: Path = typer.Option(..., "--labels", help="Labels in the RSNA train.csv columns."),
     out: Path = typer.Option(..., "--out", help="Model folder (created; a re-run resumes and skips finished folds)."),
-    stage: str = typer.Option("all", "--stage", help="cnn (stage 1), embed, seq, heart (recipes with a heart section), or all."),
+    stage: str = typer.Option(
+        "all", "--stage", help="cnn (stage 1), embed, seq, heart (recipes with a heart section), or all."
+    ),
     fold: Optional[int] = typer.Option(None, "--fold", help="Train this fold only (0 … K−1); default: every fold."),
     folds: Optional[Path] = typer.Option(
-        None, "--folds", help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed."
+        None,
+        "--folds",
+        help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed.",
     ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Override one config value, e.g. --set cnn.epochs=2 --set runtime.devices=2 (value read as YAML)."
+        [],
+        "--set",
+        help="Override one config value, e.g. --set cnn.epochs=2 --set runtime.devices=2 (value read as YAML).",
     ),
-    force: bool = typer.Option(False, "--force", help="Retrain folds that are already complete (and accept a changed config)."),
+    force: bool = typer.Option(
+        False, "--force", help="Retrain folds that are already complete (and accept a changed config)."
+    ),
 ) -> None:
     """Train the model on cross-validation folds; resumable (a killed run continues where it stopped).
 
@@ -92,7 +100,9 @@ def train_command(
     try:
         experiment = read_config_for_training(config, overrides)
         with model_dir_lock(out):  # one writer per model folder
-            result = train(experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force)
+            result = train(
+                experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force
+            )
     except (ConfigError, FoldsError, StoreError, BackboneError, TrainError, HeartTrainError, FolderLocked) as error:
         raise fail(str(error)) from None
     if not is_global_zero():

@@ -59,7 +59,12 @@ class SeriesEmbedding:
 
 def write_series_embedding(path: Path, item: SeriesEmbedding) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, embedding=item.embedding.astype(np.float16), logit=item.logit.astype(np.float32), sop=item.sop.astype(str))
+        np.savez(
+            handle,
+            embedding=item.embedding.astype(np.float16),
+            logit=item.logit.astype(np.float32),
+            sop=item.sop.astype(str),
+        )
 
 
 def read_series_embedding(path: Path) -> SeriesEmbedding:
@@ -128,7 +133,9 @@ def embed_fold(
     config, out = inputs.config, inputs.out
     weights = cnn_dir(out, fold) / WEIGHTS_FILE
     if not is_complete(cnn_dir(out, fold)) or not weights.is_file():
-        raise TrainError(f"fold {fold} has no trained CNN ({cnn_dir(out, fold) / COMPLETE} is missing): run pedetect train --stage cnn first")
+        raise TrainError(
+            f"fold {fold} has no trained CNN ({cnn_dir(out, fold) / COMPLETE} is missing): run pedetect train --stage cnn first"
+        )
     directory = embed_dir(out, fold)
     cnn_hash = file_sha256(weights)
     source = directory / EMBEDDING_SOURCE_FILE
@@ -156,7 +163,12 @@ def embed_fold(
         if len(sop) != len(volume):
             raise TrainError(f"series {series_uid}: the store lists {len(sop)} slices but read {len(volume)}")
         embedding, logit = embed_volume(
-            model, volume, config.cnn.input, batch_size=config.embed.batch_size, device=device, windows=store_windows(inputs.source)
+            model,
+            volume,
+            config.cnn.input,
+            batch_size=config.embed.batch_size,
+            device=device,
+            windows=store_windows(inputs.source),
         )
         write_series_embedding(embedding_path(out, fold, series_uid), SeriesEmbedding(embedding, logit, sop))
         n_slices += len(volume)
@@ -189,7 +201,9 @@ def _embed_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any]:
     return embed_fold(reopened(inputs), fold, device="cpu")
 
 
-def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any]:
+def run_embed(
+    inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo
+) -> dict[str, Any]:
     """The embedding pass on the folds of ``inputs``; finished folds are skipped unless ``force``.
 
     Returns ``{"folds_complete": [...], "folds": {k: COMPLETE contents}}``, also ``embed/summary.json``.
@@ -206,8 +220,15 @@ def run_embed(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[st
             continue
         pending.append(k)
     processes = processes_for(inputs, pending, device=resolve_device(inputs.config.runtime.accelerator))
-    run_folds(inputs, pending, processes, in_process=_embed_fold_in_process, in_turn=lambda k: embed_fold(inputs, k, echo=echo),
-              stage="embed", echo=echo)
+    run_folds(
+        inputs,
+        pending,
+        processes,
+        in_process=_embed_fold_in_process,
+        in_turn=lambda k: embed_fold(inputs, k, echo=echo),
+        stage="embed",
+        echo=echo,
+    )
     folds = {k: read_complete(embed_dir(out, k)) for k in range(inputs.n_folds) if is_complete(embed_dir(out, k))}
     summary = {"folds_complete": sorted(folds), "folds": {str(k): v for k, v in folds.items()}}
     write_json_atomic(stage_root(out, "embed") / SUMMARY_FILE, summary)

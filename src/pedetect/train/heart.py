@@ -72,7 +72,12 @@ def crop_settings(inputs) -> dict[str, Any]:
     heart = inputs.config.heart
     settings = getattr(inputs.source, "settings", None) or {}
     windows = settings.get("windows") or default_windows()
-    return {"depth": heart.depth, "size": heart.size, "window": list(heart.window), "store_windows": [list(map(float, w)) for w in windows]}
+    return {
+        "depth": heart.depth,
+        "size": heart.size,
+        "window": list(heart.window),
+        "store_windows": [list(map(float, w)) for w in windows],
+    }
 
 
 def default_windows() -> list[list[float]]:
@@ -143,7 +148,9 @@ def _crop_one(series_uid: str):
 
     settings = _WORKER["settings"]
     volume = _WORKER["source"].read_series(series_uid)
-    return series_heart_crop(volume, settings["store_windows"], depth=settings["depth"], size=settings["size"], window=settings["window"])
+    return series_heart_crop(
+        volume, settings["store_windows"], depth=settings["depth"], size=settings["size"], window=settings["window"]
+    )
 
 
 def _crops_of(source, series_uids: list[str], settings: dict[str, Any], processes: int):
@@ -156,7 +163,9 @@ def _crops_of(source, series_uids: list[str], settings: dict[str, Any], processe
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_crop_worker, initargs=(source, settings)) as pool:
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_start_crop_worker, initargs=(source, settings)
+    ) as pool:
         yield from pool.map(_crop_one, series_uids, chunksize=8)
 
 
@@ -176,8 +185,16 @@ def augment(batch: np.ndarray, rng: np.random.Generator, *, shift: float, intens
     return out
 
 
-def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, *, device: str, fingerprint: str,
-                     echo: Callable[[str], None]) -> dict[str, Any]:
+def train_heart_fold(
+    inputs,
+    table: pd.DataFrame,
+    crops: np.ndarray,
+    fold: int,
+    *,
+    device: str,
+    fingerprint: str,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -189,7 +206,9 @@ def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, 
     val = np.flatnonzero((table["fold"] == fold).to_numpy() & table["positive"].to_numpy())
     targets = table["target"].to_numpy().astype(np.float32)
     if len(train) == 0 or len(np.unique(targets[train])) < 2:
-        raise HeartTrainError(f"heart fold {fold}: the other folds hold {len(train)} positive exams, not both RV/LV classes; nothing to learn")
+        raise HeartTrainError(
+            f"heart fold {fold}: the other folds hold {len(train)} positive exams, not both RV/LV classes; nothing to learn"
+        )
     started = time.perf_counter()
     seed = inputs.config.seed + fold
     torch.manual_seed(seed)
@@ -197,7 +216,9 @@ def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, 
     model = build_heart_model(heart).to(device)
     optimizer = build_optimizer(heart.optimizer, model.parameters())
     steps_per_epoch = -(-len(train) // heart.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(heart.scheduler, heart.epochs * steps_per_epoch, steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LrSchedule(heart.scheduler, heart.epochs * steps_per_epoch, steps_per_epoch)
+    )
     share = float(targets[train].mean())
     weights = {1.0: 0.5 / share, 0.0: 0.5 / (1.0 - share)} if heart.class_weight == "balanced" else {1.0: 1.0, 0.0: 1.0}
     history: list[dict[str, Any]] = []
@@ -207,7 +228,9 @@ def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, 
         total, seen = 0.0, 0
         for start in range(0, len(order), heart.batch_size):
             batch = order[start : start + heart.batch_size]
-            x = torch.from_numpy(augment(crops[batch], rng, shift=heart.shift, intensity=heart.intensity))[:, None].to(device)
+            x = torch.from_numpy(augment(crops[batch], rng, shift=heart.shift, intensity=heart.intensity))[:, None].to(
+                device
+            )
             y = torch.from_numpy(targets[batch]).to(device)
             w = torch.tensor([weights[float(t)] for t in targets[batch]], device=device)
             loss = (torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none") * w).mean()
@@ -217,11 +240,17 @@ def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, 
             schedule.step()
             total += float(loss.detach()) * len(batch)
             seen += len(batch)
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": total / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if len(val):
             p = 1.0 / (1.0 + np.exp(-model.predict(crops[val], batch_size=heart.batch_size, device=device)))
             row["val_loss"] = log_loss(targets[val], p)
-            row["val_auc"] = float(roc_auc_score(targets[val], p)) if len(np.unique(targets[val])) == 2 else float("nan")
+            row["val_auc"] = (
+                float(roc_auc_score(targets[val], p)) if len(np.unique(targets[val])) == 2 else float("nan")
+            )
         history.append(row)
     directory = heart_dir(inputs.out, fold)
     shutil.rmtree(directory, ignore_errors=True)
@@ -229,15 +258,24 @@ def train_heart_fold(inputs, table: pd.DataFrame, crops: np.ndarray, fold: int, 
     save_heart_model(model, directory / WEIGHTS_FILE)
     mine = np.flatnonzero((table["fold"] == fold).to_numpy())
     logits = model.predict(crops[mine], batch_size=heart.batch_size, device=device)
-    write_csv_atomic(pd.DataFrame({"series": table["series"].to_numpy()[mine], "logit": logits}), directory / OOF_LOGITS_FILE)
+    write_csv_atomic(
+        pd.DataFrame({"series": table["series"].to_numpy()[mine], "logit": logits}), directory / OOF_LOGITS_FILE
+    )
     chosen = history[-1]
     metrics = {
-        "fold": fold, "exported_epoch": chosen["epoch"], "val_auc": finite(chosen.get("val_auc")), "val_loss": finite(chosen.get("val_loss")),
-        "train_exams": int(len(train)), "val_exams": int(len(val)), "seconds": round(time.perf_counter() - started, 2),
+        "fold": fold,
+        "exported_epoch": chosen["epoch"],
+        "val_auc": finite(chosen.get("val_auc")),
+        "val_loss": finite(chosen.get("val_loss")),
+        "train_exams": int(len(train)),
+        "val_exams": int(len(val)),
+        "seconds": round(time.perf_counter() - started, 2),
     }
     metrics = write_fold_report(directory, metrics, history, f"heart fold {fold}")
     write_complete(directory, {"val_auc": metrics["val_auc"], "inputs": fingerprint})
-    echo(f"heart fold {fold}: validation RV/LV AUC {metrics['val_auc']} on {len(val)} positive exams, {metrics['seconds']:.1f} s")
+    echo(
+        f"heart fold {fold}: validation RV/LV AUC {metrics['val_auc']} on {len(val)} positive exams, {metrics['seconds']:.1f} s"
+    )
     return metrics
 
 
@@ -288,10 +326,17 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
     from pedetect.train.seq import oof_scores
 
     out = inputs.out
-    logits = pd.concat([pd.read_csv(heart_dir(out, k) / OOF_LOGITS_FILE) for k in range(inputs.n_folds)], ignore_index=True)
+    logits = pd.concat(
+        [pd.read_csv(heart_dir(out, k) / OOF_LOGITS_FILE) for k in range(inputs.n_folds)], ignore_index=True
+    )
     by_series = dict(zip(logits["series"], logits["logit"]))
-    studies_table = table.assign(logit=table["series"].map(by_series)).groupby("study", sort=True).agg(
-        fold=("fold", "first"), positive=("positive", "first"), target=("target", "first"), logit=("logit", "mean"))
+    studies_table = (
+        table.assign(logit=table["series"].map(by_series))
+        .groupby("study", sort=True)
+        .agg(
+            fold=("fold", "first"), positive=("positive", "first"), target=("target", "first"), logit=("logit", "mean")
+        )
+    )
     studies = studies_table.index.tolist()
     seq_oof = pd.read_csv(stage_root(out, "seq") / OOF_FILE)
     exams = exam_matrix(seq_oof, studies)
@@ -311,15 +356,25 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
         y = target[positive]
         return float(roc_auc_score(y, values[positive])) if len(np.unique(y)) == 2 else None
 
-    rv_lv_auc = {"sequence_head": auc(rv_lv_given_positive(exams)), "heart_model": auc(heart_logit),
-                 "stacked": auc(rv_lv_given_positive(stacked))}
-    final.save(stage_root(out, "heart") / STACK_FILE, positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc)
+    rv_lv_auc = {
+        "sequence_head": auc(rv_lv_given_positive(exams)),
+        "heart_model": auc(heart_logit),
+        "stacked": auc(rv_lv_given_positive(stacked)),
+    }
+    final.save(
+        stage_root(out, "heart") / STACK_FILE, positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc
+    )
 
     oof = with_exams(seq_oof, studies, stacked)
     truth = inputs.labels[inputs.labels[STUDY].isin(set(studies))]
     seq_cv = read_json(stage_root(out, "seq") / CV_FILE)
-    folds_metrics = {str(k): {key: read_json(heart_dir(out, k) / METRICS_FILE)[key] for key in ("val_auc", "val_loss", "val_exams", "seconds")}
-                     for k in range(inputs.n_folds)}
+    folds_metrics = {
+        str(k): {
+            key: read_json(heart_dir(out, k) / METRICS_FILE)[key]
+            for key in ("val_auc", "val_loss", "val_exams", "seconds")
+        }
+        for k in range(inputs.n_folds)
+    }
     cv = {
         **oof_scores(truth, oof, "out-of-fold predictions with the heart model"),
         "rv_lv_auc_given_positive": rv_lv_auc,
@@ -341,9 +396,13 @@ def run_heart(inputs, *, force: bool = False, echo: Callable[[str], None] = cons
     out = inputs.out
     missing = [k for k in range(inputs.n_folds) if not (seq_dir(out, k) / COMPLETE).is_file()]
     if missing:
-        raise HeartTrainError(f"the heart stage stacks on stage 2: fold(s) {missing} have no sequence head yet (run --stage seq first)")
+        raise HeartTrainError(
+            f"the heart stage stacks on stage 2: fold(s) {missing} have no sequence head yet (run --stage seq first)"
+        )
     if not (stage_root(out, "seq") / OOF_FILE).is_file():
-        raise HeartTrainError(f"{stage_root(out, 'seq') / OOF_FILE} is missing: run --stage seq to finish stage 2's cross-validation")
+        raise HeartTrainError(
+            f"{stage_root(out, 'seq') / OOF_FILE} is missing: run --stage seq to finish stage 2's cross-validation"
+        )
     table = series_table(inputs)
     fingerprint = inputs_fingerprint(out, inputs.n_folds, crop_settings(inputs))
     todo = [k for k in inputs.todo if force or not is_trained(out, k, fingerprint)]
@@ -358,7 +417,9 @@ def run_heart(inputs, *, force: bool = False, echo: Callable[[str], None] = cons
     if not all(is_trained(out, k, fingerprint) for k in range(inputs.n_folds)):
         return None
     cv = stack_and_score(inputs, table)
-    echo(f"heart: cross-validated score {cv['score']:.4f} (stage 2 alone {cv['without_heart']['score']:.4f}); "
-         f"RV/LV >= 1 AUC given positive: stage 2 {cv['rv_lv_auc_given_positive']['sequence_head']}, "
-         f"heart {cv['rv_lv_auc_given_positive']['heart_model']}, stacked {cv['rv_lv_auc_given_positive']['stacked']}")
+    echo(
+        f"heart: cross-validated score {cv['score']:.4f} (stage 2 alone {cv['without_heart']['score']:.4f}); "
+        f"RV/LV >= 1 AUC given positive: stage 2 {cv['rv_lv_auc_given_positive']['sequence_head']}, "
+        f"heart {cv['rv_lv_auc_given_positive']['heart_model']}, stacked {cv['rv_lv_auc_given_positive']['stacked']}"
+    )
     return cv

@@ -49,7 +49,9 @@ def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -
         if config.targets.exam_label_weights == "metric":
             from pedetect.labels import EXAM_WEIGHTS
 
-            weights = torch.tensor([EXAM_WEIGHTS[label] for label in config.targets.head_labels], dtype=exam.dtype, device=exam.device)
+            weights = torch.tensor(
+                [EXAM_WEIGHTS[label] for label in config.targets.head_labels], dtype=exam.dtype, device=exam.device
+            )
             exam_term = (exam * trained * weights).sum() / trained.any(dim=1).sum().clamp(min=1)
         else:
             exam_term = (exam * trained).sum() / trained.sum().clamp(min=1)
@@ -68,7 +70,9 @@ class LrSchedule:
         self.total = max(int(total_steps), 1)
         self.warmup = int(round(config.warmup_epochs * steps_per_epoch))
         self.min_ratio = config.min_lr_ratio
-        self.step_every = float(config.step_steps) if config.step_steps else max(config.step_epochs * steps_per_epoch, 1.0)
+        self.step_every = (
+            float(config.step_steps) if config.step_steps else max(config.step_epochs * steps_per_epoch, 1.0)
+        )
         self.gamma = config.gamma
 
     def __call__(self, step: int) -> float:
@@ -160,10 +164,16 @@ class SliceModule(L.LightningModule):
         if self.trainer.sanity_checking or any(h["epoch"] == int(self.current_epoch) for h in self.history):
             return
         seconds = time.perf_counter() - self._epoch_start if self._epoch_start else float("nan")
-        self.history.append({
-            **self._training_record(seconds),
-            "val_loss": float("nan"), "val_auc": float("nan"), "val_seconds": float("nan"), "val_slices": 0, "val_positive": 0,
-        })
+        self.history.append(
+            {
+                **self._training_record(seconds),
+                "val_loss": float("nan"),
+                "val_auc": float("nan"),
+                "val_seconds": float("nan"),
+                "val_slices": 0,
+                "val_positive": 0,
+            }
+        )
 
     @property
     def epoch_train_loss(self) -> float:
@@ -182,7 +192,9 @@ class SliceModule(L.LightningModule):
         }
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after an optimiser step
+        if (
+            self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        ):  # after an optimiser step
             self.ema.update_parameters(self.model)
 
     def configure_optimizers(self):

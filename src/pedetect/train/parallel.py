@@ -25,7 +25,9 @@ from pedetect.console import echo as console_echo
 from pedetect.train.setup import TrainError, TrainingInputs
 
 
-def processes_for(inputs: TrainingInputs, pending: Sequence[int], *, device: Any = "cpu", needs_store: bool = True) -> int:
+def processes_for(
+    inputs: TrainingInputs, pending: Sequence[int], *, device: Any = "cpu", needs_store: bool = True
+) -> int:
     """How many folds run at once: ``runtime.parallel_folds`` for work on a CPU (with its store on
     disk when it reads one), never more than the folds left; 1 otherwise (GPUs, several devices or
     nodes, an in-memory store)."""

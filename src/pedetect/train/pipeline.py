@@ -55,7 +55,9 @@ def train(
     stages = tuple(s for s in STAGES if s != "heart" or config.heart is not None) if stage == "all" else (stage,)
     if "cnn" in stages:
         check_cnn_config(config)
-    inputs = training_inputs(config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo)
+    inputs = training_inputs(
+        config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo
+    )
     runners = {
         "cnn": lambda: run_cnn(inputs, force=force, callbacks=callbacks, echo=echo),
         "embed": lambda: run_embed(inputs, force=force, echo=echo),
@@ -78,8 +80,11 @@ def train(
             write_preprocessing(inputs.out, settings)
         backbone = inputs.config.cnn.backbone
         result["bundle"] = write_bundle_info(
-            inputs.out, folds=list(range(inputs.n_folds)), embedding_dim=int(dims.pop()),
-            cv_score=(result.get("heart") or result["seq"])["score"], stages=list(stages),
+            inputs.out,
+            folds=list(range(inputs.n_folds)),
+            embedding_dim=int(dims.pop()),
+            cv_score=(result.get("heart") or result["seq"])["score"],
+            stages=list(stages),
             starting_weights=weights_provenance(backbone.weights, backbone.name),
         )
     return result

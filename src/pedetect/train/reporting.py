@@ -41,7 +41,9 @@ def finite(value: Any) -> Any:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
-def write_fold_report(directory: Path, metrics: dict[str, Any], history: list[dict[str, Any]], title: str) -> dict[str, Any]:
+def write_fold_report(
+    directory: Path, metrics: dict[str, Any], history: list[dict[str, Any]], title: str
+) -> dict[str, Any]:
     """``metrics`` plus the per-epoch ``history`` (non-finite values as null) as metrics.json, the
     history as metrics.csv, and its curves as curves.png; returns what metrics.json holds."""
     import pandas as pd

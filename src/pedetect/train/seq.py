@@ -101,13 +101,22 @@ def load_records(inputs: TrainingInputs, *, cnn: int | None = None) -> list[Seri
         )
     target_of = dict(zip(items[SOP], items[IMAGE_LABEL].astype(np.float32)))
     records = []
-    for (study, series, fold), exam in items.groupby([STUDY, SERIES, FOLD], sort=True)[list(EXAM_LABELS)].first().iterrows():
+    for (study, series, fold), exam in (
+        items.groupby([STUDY, SERIES, FOLD], sort=True)[list(EXAM_LABELS)].first().iterrows()
+    ):
         stored = read_series_embedding(embedding_path(inputs.out, int(fold) if cnn is None else cnn, series))
         labelled = np.array([s in target_of for s in stored.sop])
         target = np.array([target_of.get(s, 0.0) for s in stored.sop], dtype=np.float32)
         records.append(
             SeriesRecord(
-                study, series, int(fold), stored.embedding, stored.logit, stored.sop, target, labelled,
+                study,
+                series,
+                int(fold),
+                stored.embedding,
+                stored.logit,
+                stored.sop,
+                target,
+                labelled,
                 exam.to_numpy(dtype=np.float32),
             )
         )
@@ -147,7 +156,9 @@ def collate(records: Sequence[SeriesRecord], device) -> dict[str, Any]:
     }
 
 
-def predict_records(head, records: Sequence[SeriesRecord], *, batch_size: int, device) -> tuple[list[np.ndarray], np.ndarray]:
+def predict_records(
+    head, records: Sequence[SeriesRecord], *, batch_size: int, device
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Slice logits per series and exam logits ``(J, 9)`` of ``records``, in eval mode."""
     import torch
 
@@ -175,7 +186,9 @@ def score_records(records: Sequence[SeriesRecord], slice_logits: Sequence[np.nda
     return weighted_log_loss_parts(image_target, image_logit, exam_index, exam_target, exam_logits, from_logits=True)
 
 
-def oof_submission(records: Sequence[SeriesRecord], slice_probability: Sequence[np.ndarray], exam_probability: np.ndarray) -> pd.DataFrame:
+def oof_submission(
+    records: Sequence[SeriesRecord], slice_probability: Sequence[np.ndarray], exam_probability: np.ndarray
+) -> pd.DataFrame:
     """``id,label`` rows (nine exam rows per study, one per labelled slice) of probabilities."""
     ids: list[str] = []
     values: list[np.ndarray] = []
@@ -223,13 +236,24 @@ def validate(head, val: Sequence[SeriesRecord], *, batch_size: int, device) -> d
     slice_logits, exam_logits = predict_records(head, val, batch_size=batch_size, device=device)
     parts = score_records(val, slice_logits, exam_logits)
     auc = roc_auc(
-        np.concatenate([r.slice_target[r.labelled] for r in val]), np.concatenate([s[r.labelled] for r, s in zip(val, slice_logits)])
+        np.concatenate([r.slice_target[r.labelled] for r in val]),
+        np.concatenate([s[r.labelled] for r, s in zip(val, slice_logits)]),
     )
-    return {"val_loss": float(parts.score), "val_image_part": float(parts.image_score), "val_exam_part": float(parts.exam_score), "val_auc": auc}
+    return {
+        "val_loss": float(parts.score),
+        "val_image_part": float(parts.image_score),
+        "val_exam_part": float(parts.exam_score),
+        "val_auc": auc,
+    }
 
 
 def train_seq_fold(
-    inputs: TrainingInputs, records: Sequence[SeriesRecord], fold: int, *, device: str, echo: Callable[[str], None] = console_echo
+    inputs: TrainingInputs,
+    records: Sequence[SeriesRecord],
+    fold: int,
+    *,
+    device: str,
+    echo: Callable[[str], None] = console_echo,
 ) -> dict[str, Any]:
     """Train fold k's head on the other folds' series; export the best (or last) epoch."""
     import torch
@@ -250,11 +274,15 @@ def train_seq_fold(
     head = build_sequence_head(seq, train[0].embedding.shape[1], input_columns=config.seq_input_columns).to(device)
     optimizer = build_optimizer(seq.optimizer, head.parameters())
     steps_per_epoch = -(-len(train) // seq.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(seq.scheduler, seq.epochs * steps_per_epoch, steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LrSchedule(seq.scheduler, seq.epochs * steps_per_epoch, steps_per_epoch)
+    )
     history: list[dict[str, Any]] = []
     best_score, best_state, best_epoch = float("inf"), None, -1
     for epoch in range(seq.epochs):
-        train_loss = train_epoch(head, optimizer, schedule, train, generator.permutation(len(train)), seq=seq, device=device)
+        train_loss = train_epoch(
+            head, optimizer, schedule, train, generator.permutation(len(train)), seq=seq, device=device
+        )
         scores = validate(head, val, batch_size=seq.batch_size, device=device)
         history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": optimizer.param_groups[0]["lr"]})
         if scores["val_loss"] < best_score:
@@ -265,8 +293,20 @@ def train_seq_fold(
         chosen = history[best_epoch]
     else:
         chosen = history[-1]
-    metrics = export_seq_fold(inputs, head, train, val, fold, chosen=chosen, history=history, seconds=time.perf_counter() - started, device=device)
-    echo(f"seq fold {fold}: validation score {chosen['val_loss']:.4f} (epoch {chosen['epoch']}), {metrics['seconds']:.1f} s")
+    metrics = export_seq_fold(
+        inputs,
+        head,
+        train,
+        val,
+        fold,
+        chosen=chosen,
+        history=history,
+        seconds=time.perf_counter() - started,
+        device=device,
+    )
+    echo(
+        f"seq fold {fold}: validation score {chosen['val_loss']:.4f} (epoch {chosen['epoch']}), {metrics['seconds']:.1f} s"
+    )
     return metrics
 
 
@@ -291,7 +331,9 @@ def export_seq_fold(
     save_sequence_head(head.cpu(), directory / WEIGHTS_FILE)
     head.to(device)
     slice_logits, exam_logits = predict_records(head, val, batch_size=seq.batch_size, device=device)
-    write_csv_atomic(oof_submission(val, [sigmoid(s) for s in slice_logits], sigmoid(exam_logits)), directory / OOF_FILE)
+    write_csv_atomic(
+        oof_submission(val, [sigmoid(s) for s in slice_logits], sigmoid(exam_logits)), directory / OOF_FILE
+    )
     metrics = {
         "fold": fold,
         "val_score": finite(chosen["val_loss"]),
@@ -307,7 +349,9 @@ def export_seq_fold(
     }
     title = f"{config.name} — sequence head fold {fold} ({seq.encoder}); val loss = the metric"
     metrics = write_fold_report(directory, metrics, history, title)
-    write_complete(directory, {"val_score": metrics["val_score"], "embeddings": embeddings_fingerprint(out, inputs.n_folds)})
+    write_complete(
+        directory, {"val_score": metrics["val_score"], "embeddings": embeddings_fingerprint(out, inputs.n_folds)}
+    )
     return metrics
 
 
@@ -350,7 +394,10 @@ def oof_scores(truth: pd.DataFrame, oof: pd.DataFrame, what: str) -> dict[str, A
         "exams_fixed": len(fixes),
         "n_studies": report["n_studies"],
         "n_slices": report["n_slices"],
-        "labels": {label: {"auc": row["auc"], "log_loss": row["log_loss"], "positives": row["positives"]} for label, row in report["labels"].items()},
+        "labels": {
+            label: {"auc": row["auc"], "log_loss": row["log_loss"], "positives": row["positives"]}
+            for label, row in report["labels"].items()
+        },
     }
 
 
@@ -373,7 +420,12 @@ def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) ->
     stage1_report = evaluate_frames(truth, oof_submission(records, slice_probability, exam_probability))
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
-        return {"score": r["score"], "image_part": r["image_part"], "exam_part": r["exam_part"], "slice_auc": r["slice_auc"]}
+        return {
+            "score": r["score"],
+            "image_part": r["image_part"],
+            "exam_part": r["exam_part"],
+            "slice_auc": r["slice_auc"],
+        }
 
     folds = {}
     for k in range(inputs.n_folds):
@@ -394,7 +446,9 @@ def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any]:
     return train_seq_fold(inputs, load_records(inputs), fold, device="cpu")
 
 
-def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo) -> dict[str, Any] | None:
+def run_seq(
+    inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str], None] = console_echo
+) -> dict[str, Any] | None:
     """Stage 2 on the folds of ``inputs``; finished folds are skipped unless ``force``. Once every fold
     is complete, writes and returns the cross-validation (``seq/cv.json``); else returns None."""
 
@@ -414,8 +468,16 @@ def run_seq(inputs: TrainingInputs, *, force: bool = False, echo: Callable[[str]
         shutil.rmtree(seq_dir(out, k), ignore_errors=True)  # stale: learnt from other embeddings
         pending.append(k)
     processes = processes_for(inputs, pending, device=device, needs_store=False)
-    run_folds(inputs, pending, processes, in_process=_train_fold_in_process, needs_store=False, stage="seq", echo=echo,
-              in_turn=lambda k: train_seq_fold(inputs, records, k, device=device, echo=echo))
+    run_folds(
+        inputs,
+        pending,
+        processes,
+        in_process=_train_fold_in_process,
+        needs_store=False,
+        stage="seq",
+        echo=echo,
+        in_turn=lambda k: train_seq_fold(inputs, records, k, device=device, echo=echo),
+    )
     if not all(is_trained(out, k, inputs.n_folds) for k in range(inputs.n_folds)):
         return None
     return cross_validation(inputs, records)

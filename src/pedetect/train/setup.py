@@ -16,7 +16,16 @@ from typing import Any
 import pandas as pd
 
 from pedetect.console import echo as console_echo
-from pedetect.data.folds import FOLD, attach_folds, check_fold_index, fold_summary, make_folds, n_folds_of, read_folds, read_labels
+from pedetect.data.folds import (
+    FOLD,
+    attach_folds,
+    check_fold_index,
+    fold_summary,
+    make_folds,
+    n_folds_of,
+    read_folds,
+    read_labels,
+)
 from pedetect.io import write_csv_atomic
 from pedetect.models.layout import CONFIG_FILE, FOLDS_FILE, OUTPUTS_AFTER, remove_outputs
 from pedetect.recipe import ConfigError, ExperimentConfig, apply_overrides, load_experiment, save_config
@@ -75,7 +84,9 @@ def prepare_model_dir(config: ExperimentConfig, out: Path, *, force: bool, echo:
                 remove_outputs(out, OUTPUTS_AFTER["cnn"])
         embed_changed = [k for k in config_differences(previous, config, ("embed",)) if k in EMBEDDING_KEYS]
         if embed_changed and is_global_zero():
-            echo(f"embedding config changed ({', '.join(embed_changed)}): removing the previous embeddings and sequence heads")
+            echo(
+                f"embedding config changed ({', '.join(embed_changed)}): removing the previous embeddings and sequence heads"
+            )
             remove_outputs(out, OUTPUTS_AFTER["embed"])
         seq_changed = config_differences(previous, config, SEQ_SECTIONS)
         if seq_changed and is_global_zero():
@@ -108,11 +119,15 @@ def resolve_folds(
         folds = read_folds(folds_path)
         if recorded.is_file() and not force and Path(folds_path).resolve() != recorded.resolve():
             previous = read_folds(recorded)
-            same = previous.sort_values("StudyInstanceUID").reset_index(drop=True).equals(
-                folds.sort_values("StudyInstanceUID").reset_index(drop=True)
+            same = (
+                previous.sort_values("StudyInstanceUID")
+                .reset_index(drop=True)
+                .equals(folds.sort_values("StudyInstanceUID").reset_index(drop=True))
             )
             if not same:
-                raise TrainError(f"{folds_path} differs from the folds this model was trained on ({recorded}); use --force")
+                raise TrainError(
+                    f"{folds_path} differs from the folds this model was trained on ({recorded}); use --force"
+                )
         source = str(folds_path)
     elif recorded.is_file():
         folds = read_folds(recorded)
@@ -172,7 +187,9 @@ def training_inputs(
         store = Path(store)
     config = resolve_paths(config)
     label_frame = labels if isinstance(labels, pd.DataFrame) else read_labels(labels)
-    items = slice_items(label_frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels))
+    items = slice_items(
+        label_frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels)
+    )
     prepare_model_dir(config, out, force=force, echo=echo)
     fold_frame = resolve_folds(config, label_frame, out, Path(folds) if folds else None, force=force, echo=echo)
     n_folds = n_folds_of(fold_frame)
@@ -199,4 +216,3 @@ def model_dir_lock(out: str | Path, *, echo: Callable[[str], None] = console_ech
 def read_config_for_training(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """A recipe file with ``--set`` overrides applied."""
     return apply_overrides(load_experiment(path), list(overrides))
-

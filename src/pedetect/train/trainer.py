@@ -24,7 +24,9 @@ def _require(module: str, what: str) -> None:
 def build_loggers(config: ExperimentConfig, directory: Path, out: Path, fold: int) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list = [CSVLogger(save_dir=str(directory), name="logs")]  # logs/version_<n>: a resumed run keeps the old log
+    loggers: list = [
+        CSVLogger(save_dir=str(directory), name="logs")
+    ]  # logs/version_<n>: a resumed run keeps the old log
     log = config.logging
     if log.tensorboard:
         from importlib.util import find_spec
@@ -52,7 +54,11 @@ def build_loggers(config: ExperimentConfig, directory: Path, out: Path, fold: in
         from lightning.pytorch.loggers import MLFlowLogger
 
         uri = log.mlflow.tracking_uri or (out / "mlruns").resolve().as_uri()
-        loggers.append(MLFlowLogger(experiment_name=log.mlflow.experiment, run_name=f"{config.name}-cnn-fold{fold}", tracking_uri=uri))
+        loggers.append(
+            MLFlowLogger(
+                experiment_name=log.mlflow.experiment, run_name=f"{config.name}-cnn-fold{fold}", tracking_uri=uri
+            )
+        )
     return loggers
 
 

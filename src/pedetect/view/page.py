@@ -69,8 +69,13 @@ def window_presets(window_names: Sequence[str], windows: Sequence[Sequence[float
     """The page's window buttons: each stored window (a channel of the slice JPEG) with its name,
     label, level and width; PE, lung, mediastinal first, in that order."""
     presets = [
-        {"name": str(n).lower(), "label": PRESET_LABELS.get(str(n).lower(), str(n)), "channel": k,
-         "level": float(w[0]), "width": float(w[1])}
+        {
+            "name": str(n).lower(),
+            "label": PRESET_LABELS.get(str(n).lower(), str(n)),
+            "channel": k,
+            "level": float(w[0]),
+            "width": float(w[1]),
+        }
         for k, (n, w) in enumerate(zip(window_names, windows))
     ]
     rank = {name: i for i, name in enumerate(PRESET_ORDER)}
