@@ -233,6 +233,8 @@ def test_predict_in_every_runtime(exported, cli, tmp_path):
             runtime,
             "--report",
             str(tmp_path / f"report-{runtime}"),
+            "--clots",
+            str(tmp_path / f"clots-{runtime}.csv"),
         )
         assert result.exit_code == 0, result.output
         runs[runtime] = read_submission(tmp_path / f"{runtime}.csv").set_index("id")["label"]
@@ -251,6 +253,14 @@ def test_predict_in_every_runtime(exported, cli, tmp_path):
     moved = np.abs(runs["onnx-int8"].to_numpy() - runs["torch"].to_numpy())
     assert moved.max() > 0  # quantized: not the same numbers, ...
     assert moved.max() < 0.5  # ... but the same model
+    # Clot candidates from the activation maps: ONNX fp32 gives PyTorch's (same places, scores within 1e-4).
+    clots = {runtime: pd.read_csv(tmp_path / f"clots-{runtime}.csv") for runtime in runs}
+    assert len(clots["torch"]) > 0
+    keys = ["StudyInstanceUID", "candidate", "SOPInstanceUID", "slice_index", "side", "slice_first", "slice_last"]
+    pd.testing.assert_frame_equal(clots["onnx"][keys], clots["torch"][keys])
+    for column, tolerance in (("score", 1e-4), ("row", 0.05), ("col", 0.05)):
+        np.testing.assert_allclose(clots["onnx"][column], clots["torch"][column], rtol=0, atol=tolerance)
+    assert set(clots["onnx-int8"]["StudyInstanceUID"]) <= set(clots["torch"]["StudyInstanceUID"])
 
 
 def test_a_retrained_fold_makes_the_export_stale(exported, cli, tmp_path):

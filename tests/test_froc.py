@@ -332,3 +332,24 @@ class TestCommandErrors:
             tmp_path / "labels_ab.csv",
         )
         assert result.exit_code == 2 and "candidates.csv: 1 study(ies) are not among the 2 scans" in result.stderr
+
+
+def test_side_agreement_counts_the_strongest_hit_of_each_found_embolus():
+    """Three emboli found, each by its strongest hitting candidate: a right one named right, a left one
+    named central (wrong), a main-artery right one named central (right: the labels call it central too)."""
+    truth_rows = [
+        clot("A", 1, 5, (10, 12, 10, 12), side="right"),
+        clot("A", 2, 5, (40, 42, 40, 42), side="left"),
+        {**clot("A", 3, 8, (60, 62, 60, 62), side="right"), "level": "main"},
+    ]
+    sides = ["right", "central", "central", "left"]
+    candidate_rows = [
+        cand("A", 1, 0.9, 5, 11.0, 11.0),
+        cand("A", 2, 0.8, 5, 41.0, 41.0),
+        cand("A", 3, 0.7, 8, 61.0, 61.0),
+        cand("A", 4, 0.6, 5, 11.0, 11.0),  # a weaker second hit on embolus 1 with another side: not counted
+    ]
+    for row, side in zip(candidate_rows, sides):
+        row["side"] = side
+    result = froc(*frames(truth_rows, candidate_rows), studies=["A"])
+    assert result["side_agreement"]["2"] == {"found": 3, "side_right": 2, "fraction": pytest.approx(2 / 3)}

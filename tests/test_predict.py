@@ -86,7 +86,7 @@ def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path,
         assert [s["SOPInstanceUID"] for s in report["slices_above_threshold"]] == [
             s for s in rows[SOP] if values[s] > 0.5
         ]
-        assert set(report["timings"]) == {"read", "model", "fix"}  # seconds of this study
+        assert set(report["timings"]) == {"read", "model", "localise", "fix"}  # seconds of this study
         assert (tmp_path / "report" / f"{study}.png").read_bytes()[:4] == b"\x89PNG"
     index = (tmp_path / "report" / "index.html").read_text()
     assert all(study in index for study in labels[STUDY].unique()) and "lost: nothing" in index

@@ -178,20 +178,29 @@ def grid_boxes(size: int, unit: int, hole: int, offset: tuple[int, int]) -> list
     return boxes
 
 
+def crop_region(height: int, width: int, crop: float = 1.0, box=None) -> tuple[int, int, int, int]:
+    """``(row0, col0, row1, col1)``: the part of a ``height`` × ``width`` slice the CNN sees — the
+    series' lung ``box`` (:class:`pedetect.data.lung_box.Box`) when given, else the central square of
+    side ``crop`` × the shorter side (the whole slice for ``crop`` ≥ 1)."""
+    if box is not None:
+        return box.pixels(height, width)
+    if crop >= 1.0:
+        return 0, 0, height, width
+    side = max(1, int(round(min(height, width) * crop)))
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    return y0, x0, y0 + side, x0 + side
+
+
 def box_crop(image: torch.Tensor, box) -> torch.Tensor:
     """The ``box`` (:class:`pedetect.data.lung_box.Box`, fractions of the slice) of a (C, H, W) tensor (a view)."""
-    r0, c0, r1, c1 = box.pixels(*image.shape[-2:])
+    r0, c0, r1, c1 = crop_region(*image.shape[-2:], box=box)
     return image[..., r0:r1, c0:c1]
 
 
 def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
     """The central square of side ``fraction`` × the shorter side (a view, no copy)."""
-    if fraction >= 1.0:
-        return image
-    h, w = image.shape[-2:]
-    side = max(1, int(round(min(h, w) * fraction)))
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    return image[..., y0 : y0 + side, x0 : x0 + side]
+    r0, c0, r1, c1 = crop_region(*image.shape[-2:], fraction)
+    return image[..., r0:r1, c0:c1]
 
 
 class SliceAugment:

@@ -271,6 +271,14 @@ def series_inputs(volume: np.ndarray, input_config, box=None) -> torch.Tensor:
     return torch.stack(out)
 
 
+def input_region(height: int, width: int, input_config, box=None) -> tuple[int, int, int, int]:
+    """``(row0, col0, row1, col1)`` of a ``height`` × ``width`` slice that :func:`series_inputs` feeds
+    the CNN (resized to ``image_size``): the series' lung ``box`` or the central crop."""
+    from pedetect.data.augment import crop_region
+
+    return crop_region(height, width, float(input_config.crop), box)
+
+
 def series_lung_box(volume: np.ndarray, input_config, windows=None):
     """The lung box of a whole series (``(N, H, W, 3)`` uint8, the store's channels) for a
     ``cnn.input`` with ``lung_crop``, or None without it. ``windows``: the three [level, width]

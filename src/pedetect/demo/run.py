@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pedetect.console import echo as console_echo
-from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
 
 SLICES = 40
 SIZE = 256
@@ -57,6 +57,7 @@ class DemoResult:
     predict_summary: Any
     seconds: dict[str, float] = field(default_factory=dict)
     seed: int = TRAIN_SEED  # of the training set; the test set's is seed_of_test_set(seed)
+    localisation: Optional[dict[str, Any]] = None  # the clot candidates' FROC (pedetect.metric.froc.froc)
 
     @property
     def ratio(self) -> float:
@@ -81,6 +82,19 @@ class DemoResult:
             row = ev["labels"][label]
             loss = "n/a" if row["log_loss"] is None else f"{row['log_loss']:.4f}"
             lines.append(f"{label:<24} {auc(row['auc']):>8} {loss:>9} {row['positives']:>10}")
+        if self.localisation is not None:
+            froc = self.localisation
+            sens, side = froc["sensitivity"], froc.get("side_agreement") or {}
+
+            def share(value: Optional[float]) -> str:
+                return "n/a" if value is None else f"{100 * value:.0f} %"
+
+            lines += [
+                "",
+                f"clot candidates: {froc['candidates']} on {froc['scans']} scans, {froc['emboli']} emboli; "
+                f"found at 1 FP/scan {share(sens['1'])}, at 2 FP/scan {share(sens['2'])}; "
+                f"side right for {share((side.get('2') or {}).get('fraction'))} of those found at 2 FP/scan",
+            ]
         lines += [
             "",
             f"report: {self.report / 'index.html'}",
@@ -105,6 +119,8 @@ def run_demo(
     from pedetect.infer.predict import predict
     from pedetect.metric.baselines import prior_submission
     from pedetect.metric.evaluate import evaluate_files, evaluate_frames
+    from pedetect.metric.froc import froc, read_candidates, read_clots
+    from pedetect.synth.dataset import clots_path
     from pedetect.metric.submission import read_labels
     from pedetect.models.bundle import read_bundle
     from pedetect.store import prepare
@@ -167,7 +183,7 @@ def run_demo(
     if cv:
         echo(f"demo: cross-validated score {cv['score']:.4f} (prior {cv['baselines']['prior']['score']:.4f})")
     step("train")
-    submission, report = out / "submission.csv", out / "report"
+    submission, report, candidates = out / "submission.csv", out / "report", out / "clots.csv"
     predicted = predict(
         data / "test",
         [model],
@@ -176,6 +192,7 @@ def run_demo(
         sample=data / "sample_submission.csv",
         progress=progress,
         echo=echo,
+        clots=candidates,
     )
     echo(predicted.text())
     if not predicted.ok:
@@ -184,6 +201,19 @@ def run_demo(
     labels = read_labels(data / "test_labels.csv")
     evaluation = evaluate_files(data / "test_labels.csv", submission)
     prior = evaluate_frames(labels, prior_submission(read_bundle(model).prior, labels), "prior baseline")
+    truth = clots_path(data, "test")
+    localisation = froc(read_clots(truth), read_candidates(candidates), studies=labels[STUDY].unique())
     step("evaluate")
     seconds["total"] = sum(seconds.values())
-    return DemoResult(out, train_studies, test_studies, evaluation, prior, report, predicted, seconds, seed=seed)
+    return DemoResult(
+        out,
+        train_studies,
+        test_studies,
+        evaluation,
+        prior,
+        report,
+        predicted,
+        seconds,
+        seed=seed,
+        localisation=localisation,
+    )

@@ -55,6 +55,14 @@ def predict_command(
         help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
         "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
     ),
+    clots: Optional[Path] = typer.Option(
+        None,
+        "--clots",
+        help="CSV of clot candidates: one row per candidate (StudyInstanceUID, candidate, score, side, key slice "
+        "SOPInstanceUID and slice_index, row and col of its point in that image's pixel grid, slice range, patient mm, "
+        "outline); found where the slice CNN's activation maps peak (docs/localisation.md). Score it with "
+        "pedetect evaluate --clots TRUTH --candidates FILE.",
+    ),
     dicomweb: Optional[str] = typer.Option(
         None,
         "--dicomweb",
@@ -113,6 +121,7 @@ def predict_command(
         progress=progress,
         dicom_out=dicom_out,
         decode_timeout=decode_timeout,
+        clots=clots,
     )
     from contextlib import ExitStack
 
@@ -121,6 +130,8 @@ def predict_command(
     locks = ExitStack()  # one writer per output: the submission, the report and the DICOM results folders
     try:
         locks.enter_context(output_lock(out, command="pedetect predict"))
+        if clots is not None:
+            locks.enter_context(output_lock(clots, command="pedetect predict"))
         for folder in (report, dicom_out):
             if folder is not None:
                 locks.enter_context(folder_lock(folder, command="pedetect predict"))

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from pedetect.infer.localise import ActivationMaps
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SIDE_LABELS
 from pedetect.metric.loss import sigmoid
 
@@ -74,6 +75,7 @@ class SeriesPrediction(NamedTuple):
     slices: np.ndarray  # (N,) slice PE probabilities
     exams: np.ndarray  # (9,) exam probabilities, EXAM_LABELS order
     location: Optional[np.ndarray]  # (N, G, G) probability of each grid cell, None without a grid (see LocationView)
+    maps: Optional[ActivationMaps] = None  # where the CNNs find embolus, over the slices read with reads[0]
 
 
 class Ensemble:
@@ -88,6 +90,7 @@ class Ensemble:
         batch_size: int = 32,
         runtime: str = "auto",
         threads: int | None = None,
+        localise: bool = True,
     ):
         from pedetect.models.bundle import read_bundle, read_preprocessing
         from pedetect.models.heart import HeartStack, load_heart_model
@@ -100,6 +103,7 @@ class Ensemble:
             raise ValueError("no model: give at least one --model MODEL_DIR")
         self.device = device
         self.tta = tta
+        self.localise = localise  # activation maps for clot candidates (predict_series' maps)
         self.batch_size = batch_size
         self.bundles = [read_bundle(d) for d in model_dirs]
         self.preprocessing = [read_preprocessing(d) for d in model_dirs]
@@ -165,6 +169,7 @@ class Ensemble:
 
         per_bundle: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         cells: list[np.ndarray] = []
+        maps: list[tuple[tuple[int, int, int, int], np.ndarray]] = []  # (region, probabilities) per member and view
         view_of_grid = self.location_view
         crops: dict[tuple, np.ndarray] = {}
         for member in self.members:
@@ -173,15 +178,25 @@ class Ensemble:
             views = (
                 [(volume, False), (volume[:, :, ::-1], True)] if self.tta else [(volume, False)]
             )  # flip: a view, copied batch by batch
+            # Maps over the pixels the report keeps (the first reading), where the CNN can make them.
+            with_map = self.localise and member.read == self.reads[0] and getattr(member.cnn, "has_map", True)
             for view, flipped in views:
-                embeddings, logits = embed_volume(
+                outputs = embed_volume(
                     member.cnn,
                     view,
                     member.input_config,
                     batch_size=self.batch_size,
                     device=self.device,
                     windows=member.read[0],
+                    maps=with_map,
                 )
+                embeddings, logits = outputs[:2]
+                if with_map:
+                    activation, (r0, c0, r1, c1) = sigmoid(outputs[2]), outputs[3]
+                    if flipped:  # back in place: the flipped slice's region is the mirror of the original's
+                        width = volume.shape[2]
+                        activation, (c0, c1) = activation[:, :, ::-1], (width - c1, width - c0)
+                    maps.append(((r0, c0, r1, c1), activation))
                 slice_logits, exam_logits = member.head.predict_series(embeddings, logits)
                 if flipped:  # a mirrored series is a mirrored patient: its left is the original's right
                     exam_logits = exam_logits[SIDE_SWAP]
@@ -204,7 +219,7 @@ class Ensemble:
         exams = np.mean([np.mean([e for _, e in runs], axis=0) for runs in per_bundle.values()], axis=0)
         # Probabilities, not logits, are averaged: the folds' CNNs end on different logit scales.
         location = np.mean(cells, axis=0).astype(np.float32) if cells else None
-        return SeriesPrediction(slices, exams, location)
+        return SeriesPrediction(slices, exams, location, _average_maps(maps))
 
     def _heart_logit(self, member: _Member, volume: np.ndarray, crops: dict[tuple, np.ndarray]) -> float:
         """Fold ``member``'s heart model on the series' heart crop (made once per reading and crop setting)."""
@@ -216,3 +231,13 @@ class Ensemble:
             windows = member.read[0]  # the three windows the series was read with (preprocessing_key)
             crops[key], _ = series_heart_crop(volume, windows, depth=heart.depth, size=heart.size, window=heart.window)
         return float(model.predict(crops[key][None], device=self.device)[0])
+
+
+def _average_maps(maps: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> Optional[ActivationMaps]:
+    """The mean of the members' maps that lie over the first one's region (within a pixel: a flipped
+    view's centre crop can sit one pixel over) with its shape; other maps are left out."""
+    if not maps:
+        return None
+    region, first = maps[0]
+    same = [m for r, m in maps if m.shape == first.shape and all(abs(a - b) <= 1 for a, b in zip(r, region))]
+    return ActivationMaps(np.mean(same, axis=0).astype(np.float32), tuple(int(v) for v in region))

@@ -69,6 +69,8 @@ class PredictSummary:
     not_in_sample: int = 0  # ids the input gave that --sample lacks (appended at the end)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    clots: Optional[Path] = None  # the clot candidates' CSV, when asked for
+    n_candidates: int = 0
 
     @property
     def ok(self) -> bool:
@@ -81,6 +83,8 @@ class PredictSummary:
             f"predicted {self.n_studies} studies, {self.n_slices_read} slices read, {self.n_rows} rows written to {self.out} "
             f"in {self.seconds:.1f} s ({rate:.1f} slices/s); consistency fix changed {self.n_fixed} studies",
         ]
+        if self.clots is not None:
+            lines.append(f"{self.n_candidates} clot candidate(s) written to {self.clots}")
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         if self.ignored:
@@ -173,6 +177,8 @@ def predict(
     echo: Callable[[str], None] = console_echo,
     dicom_out: str | Path | None = None,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
+    clots: str | Path | None = None,
+    localise: bool = True,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
@@ -206,7 +212,13 @@ def predict(
 
         torch.set_num_threads(threads)
     ensemble = Ensemble(
-        model_dirs, device=resolve_device(device), tta=tta, batch_size=batch_size, runtime=runtime, threads=threads
+        model_dirs,
+        device=resolve_device(device),
+        tta=tta,
+        batch_size=batch_size,
+        runtime=runtime,
+        threads=threads,
+        localise=localise,
     )
     summary.models = ensemble.description
     for path, (name, why) in zip(model_dirs, ensemble.runtimes):
@@ -216,7 +228,7 @@ def predict(
             echo(
                 f"note: {path} does not record its store's settings (preprocessing.json): reading with the prepare defaults"
             )
-    timings = {"scan": 0.0, "read": 0.0, "model": 0.0, "fix": 0.0, "report": 0.0}
+    timings = {"scan": 0.0, "read": 0.0, "model": 0.0, "localise": 0.0, "fix": 0.0, "report": 0.0}
 
     scan_started = time.perf_counter()
     with tqdm(desc="scan", unit="file", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
@@ -263,6 +275,13 @@ def predict(
     submission = pd.DataFrame({"id": order + extra, "label": [rows[i] for i in order + extra]})
     write_csv_atomic(submission, out)
     summary.n_rows = len(submission)
+    if clots is not None:
+        from pedetect.infer.localise import CANDIDATE_COLUMNS, candidate_rows
+
+        found = [row for result in results for row in candidate_rows(result.study_uid, result.candidates)]
+        write_csv_atomic(pd.DataFrame(found, columns=list(CANDIDATE_COLUMNS)), Path(clots))
+        summary.clots = Path(clots)
+        summary.n_candidates = len(found)
     summary.seconds = time.perf_counter() - started
     summary.timings = {k: round(v, 2) for k, v in timings.items()}
     if summary.report is not None:
@@ -397,6 +416,8 @@ class _SeriesOutputs:
     exams: list[np.ndarray]  # each series' exam probabilities
     weights: list[int]  # each series' decoded slices
     locations: list[Optional[np.ndarray]]  # each series' location grid per slice (None: no grid)
+    candidates: list = field(default_factory=list)  # localise.Candidate of every series
+    localise_seconds: float = 0.0
 
 
 def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
@@ -410,6 +431,10 @@ def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
             outputs.unplaced += [(series_uid, failure) for series_uid, failure, _ in lost]
             continue
         prediction = ensemble.predict_series({key: s.images for key, s in series.items()})
+        if prediction.maps is not None:
+            started = time.perf_counter()
+            outputs.candidates += _series_candidates(ensemble, first, prediction, len(outputs.decoded))
+            outputs.localise_seconds += time.perf_counter() - started
         probabilities = prediction.slices
         outputs.exams.append(prediction.exams)
         outputs.weights.append(len(first))
@@ -423,6 +448,23 @@ def _run_series(ensemble, read: _StudyRead) -> _SeriesOutputs:
             else:
                 outputs.placed.append((series_uid, failure, float(np.interp(place, first.position, probabilities))))
     return outputs
+
+
+def _series_candidates(ensemble, first, prediction, picture_offset: int) -> list:
+    """Clot candidates of one series from its activation maps (:mod:`pedetect.infer.localise`)."""
+    from pedetect.infer.localise import SliceGeometry, find_candidates
+
+    return find_candidates(
+        prediction.maps,
+        prediction.slices,
+        first.images,
+        [SliceGeometry.of(h) for h in first.slices],
+        first.sop_uids,
+        first.position,
+        series=first.series,
+        windows=ensemble.reads[0][0],
+        picture_offset=picture_offset,
+    )
 
 
 def fill_lost(
@@ -447,6 +489,7 @@ def fill_lost(
 
 def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: np.ndarray) -> StudyOutcome:
     """One study's rows after the fix, its report record and its decoded images (for the picture)."""
+    from pedetect.infer.localise import number_candidates
     from pedetect.infer.report import StudyResult
 
     plan = read.plan
@@ -472,7 +515,12 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
     study_rows, changed = fix_study(plan.study, slice_rows, exam)
     fix_seconds = time.perf_counter() - started
     final = dict(study_rows)
-    seconds = {"read": read.seconds, "model": model_seconds, "fix": fix_seconds}
+    seconds = {
+        "read": read.seconds,
+        "model": model_seconds - outputs.localise_seconds,
+        "localise": outputs.localise_seconds,
+        "fix": fix_seconds,
+    }
     result = StudyResult(
         study_uid=plan.study,
         exam_probabilities={label: float(final[exam_id(plan.study, label)]) for label in EXAM_LABELS},
@@ -493,6 +541,7 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
         + [{"path": f.path, "reason": f.reason, "SOPInstanceUID": f.sop, "written_probability": None} for f in skipped],
         timings=dict(seconds),
         error=error,
+        candidates=[candidate.record() for candidate in number_candidates(outputs.candidates)],
     )
     pictures = _study_pictures(read, ensemble.reads[0])
     location = _concatenate(outputs.locations) if all(grid is not None for grid in outputs.locations) else None

@@ -51,6 +51,7 @@ class StudyResult:
     skipped_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason", ...}
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     error: str | None = None
+    candidates: list[dict] = field(default_factory=list)  # clot candidates, strongest first (localise.Candidate.record)
 
     @property
     def pe_probability(self) -> float:
@@ -213,13 +214,41 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
         fontsize=10,
     )
     curve.legend(loc="upper right", fontsize=8)
+    height, width = pe_window_slices.shape[1:3]
     for k, index in enumerate(top):
         axis = figure.add_subplot(grid[1, k])
         axis.imshow(pe_window_slices[index], cmap="gray", vmin=0, vmax=255)
+        _mark_candidates(axis, result.candidates, int(index), height, width)
         axis.set_title(f"slice {index} (z {result.z[index]:.1f} mm): p = {probabilities[index]:.3f}", fontsize=9)
         axis.axis("off")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
+
+
+def _mark_candidates(axis, candidates: list[dict], index: int, height: int, width: int) -> None:
+    """Clot candidates on picture ``index``: the outline on a candidate's key slice, a cross on the
+    other slices of its range, each labelled with its number and side."""
+    for c in candidates:
+        first = c["picture_index"] - (c["slice_index"] - c["slice_first"])
+        last = c["picture_index"] + (c["slice_last"] - c["slice_index"])
+        if not first <= index <= last:
+            continue
+        y, x = c["picture_point"][0] * height - 0.5, c["picture_point"][1] * width - 0.5
+        outline = c.get("picture_outline") or []
+        if index == c["picture_index"] and len(outline) > 2:
+            ys = [p[0] * height - 0.5 for p in outline] + [outline[0][0] * height - 0.5]
+            xs = [p[1] * width - 0.5 for p in outline] + [outline[0][1] * width - 0.5]
+            axis.plot(xs, ys, color="#00ffaa", lw=1.2)
+        else:
+            axis.plot([x], [y], marker="+", color="#00ffaa", markersize=9, mew=1.2)
+        axis.annotate(
+            f"#{c['candidate']} {c['side']}",
+            (x, y),
+            xytext=(6, -6),
+            textcoords="offset points",
+            color="#00ffaa",
+            fontsize=8,
+        )
 
 
 class ReportWriter:

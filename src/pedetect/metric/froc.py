@@ -117,6 +117,8 @@ def validate_clots(frame: pd.DataFrame) -> pd.DataFrame:
     for column in CLOT_INTEGERS:
         out[column] = _numbers(frame, column, source, integer=True, low=0 if column != "embolus" else 1)
     out["side"] = frame["side"].astype(str)
+    if "level" in frame.columns:  # optional: a main-artery embolus's side may be named central (side_right)
+        out["level"] = frame["level"].astype(str)
     for low, high in (("row_min", "row_max"), ("col_min", "col_max")):
         bad = out[low] > out[high]
         if bad.any():
@@ -143,6 +145,8 @@ def validate_candidates(frame: pd.DataFrame) -> pd.DataFrame:
     out["slice_index"] = _numbers(frame, "slice_index", source, integer=True, low=0)
     out["row"] = _numbers(frame, "row", source, integer=False)
     out["col"] = _numbers(frame, "col", source, integer=False)
+    if "side" in frame.columns:  # optional: scored by side_agreement when present
+        out["side"] = frame["side"].astype(str)
     out.attrs["source"] = source
     return out.reset_index(drop=True)
 
@@ -169,8 +173,13 @@ def read_scan_studies(path: str | Path) -> list[str]:
 
 def _emboli(truth: pd.DataFrame) -> pd.DataFrame:
     """One row per embolus (study, embolus): its series, side, largest slice's pixels and size bucket."""
+    extra = {"level": ("level", "first")} if "level" in truth.columns else {}
     emboli = truth.groupby([STUDY, "embolus"], sort=True).agg(
-        series=(SERIES, "first"), side=("side", "first"), pixels=("pixels", "max"), slices=("slice_index", "nunique")
+        series=(SERIES, "first"),
+        side=("side", "first"),
+        pixels=("pixels", "max"),
+        slices=("slice_index", "nunique"),
+        **extra,
     )
     emboli = emboli.reset_index()
     emboli["size"] = [size_bucket(int(p)) for p in emboli["pixels"]]
@@ -275,6 +284,11 @@ def _score_rule(truth, candidates, emboli, scans: list[str], rule: str) -> dict[
         return out
 
     sensitivity = {key: _sensitivity(int(found_at[points[r]]), n_emboli) for key, r in zip(keys, RATES)}
+    side_agreement = (
+        {key: _side_agreement(pairs, level, candidates, emboli, points[r]) for key, r in zip(keys, RATES)}
+        if "side" in candidates.columns
+        else None
+    )
     return {
         "rule": rule,
         "description": RULES[rule],
@@ -286,12 +300,35 @@ def _score_rule(truth, candidates, emboli, scans: list[str], rule: str) -> dict[
         "candidates_hitting": int(hitting.sum()),
         "by_side": group("side", SIDES),
         "by_size": group("size", SIZE_BUCKETS),
+        "side_agreement": side_agreement,
         "curve": {
             "threshold": [threshold_of(int(k)) for k in kept],
             "fp_per_scan": (fp_at[kept] / n_scans).tolist(),
             "sensitivity": _sensitivity(found_at[kept], n_emboli),
         },
     }
+
+
+def side_right(candidate_side: str, embolus_side: str, embolus_level: str = "") -> bool:
+    """Whether a candidate names an embolus's side: the same side, or central for an embolus in a main
+    pulmonary artery (the challenge labels such an embolus central and its side)."""
+    return candidate_side == embolus_side or (embolus_level == "main" and candidate_side == "central")
+
+
+def _side_agreement(pairs: pd.DataFrame, level: np.ndarray, candidates, emboli, point: int) -> dict[str, Any]:
+    """Of the emboli found at curve index ``point``, how many the strongest candidate hitting each puts
+    on the embolus's side (:func:`side_right`)."""
+    taken = pairs.assign(level=level[pairs["candidate_row"].to_numpy()])
+    taken = taken[taken["level"] <= point].sort_values(["embolus_row", "level", "candidate_row"])
+    first = taken.drop_duplicates("embolus_row")
+    sides = candidates["side"].astype(str).to_numpy()
+    levels = emboli["level"].astype(str).to_numpy() if "level" in emboli.columns else np.full(len(emboli), "")
+    right = sum(
+        side_right(sides[c], str(emboli["side"].iat[e]), levels[e])
+        for c, e in zip(first["candidate_row"], first["embolus_row"])
+    )
+    found = len(first)
+    return {"found": found, "side_right": int(right), "fraction": None if not found else right / found}
 
 
 def froc_report(
@@ -390,6 +427,12 @@ def format_froc(report: dict[str, Any]) -> str:
         f"{'emboli':>7} {'':>9} {'':>9} {'':>5} {'':>6} " + counts(main["by_side"]) + "; " + counts(main["by_size"])
     )
     lines.append(f"mean sensitivity (0.5, 1, 2, 4 FP/scan): {number(main['mean_sensitivity'])}")
+    if main.get("side_agreement"):
+        agreement = main["side_agreement"]
+        lines.append(
+            "side right (of the emboli found, by the strongest candidate on each): "
+            + ", ".join(f"{key} FP/scan {value['side_right']}/{value['found']}" for key, value in agreement.items())
+        )
     for name, other in list(rules.items())[1:]:
         values = " / ".join(number(v) for v in other["sensitivity"].values())
         lines.append(

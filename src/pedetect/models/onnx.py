@@ -2,8 +2,9 @@
 
 ``pedetect export`` writes ``MODEL_DIR/onnx/fold<k>/`` (:mod:`pedetect.models.layout`):
 
-- ``cnn.onnx``: the slice CNN's :meth:`~pedetect.models.slice_classifier.SliceClassifier.embed`,
-  uint8 pixels ``(B, C, S, S)`` → embedding ``(B, D)`` and slice logit ``(B,)``, any batch size.
+- ``cnn.onnx``: the slice CNN's :meth:`~pedetect.models.slice_classifier.SliceClassifier.embed_with_map`,
+  uint8 pixels ``(B, C, S, S)`` → embedding ``(B, D)``, slice logit ``(B,)`` and activation map
+  ``(B, h, w)`` (where the CNN finds embolus: clot candidates), any batch size.
   Exported with torch.export (``dynamo=True``), the exporter PyTorch maintains.
 - ``cnn_int8.onnx``: the same CNN with int8 weights and activations (static quantization in the QDQ
   format, per-channel weights, ranges calibrated on real slices). Only the CNN is quantized.
@@ -43,15 +44,15 @@ CNN_OPSET = 18
 RUN_BATCH = 8
 
 
-class _EmbedOnly(nn.Module):
-    """The CNN as stage 2 and ``predict`` call it: pixels → (embedding, slice logit)."""
+class _EmbedWithMap(nn.Module):
+    """The CNN as stage 2 and ``predict`` call it: pixels → (embedding, slice logit, activation map)."""
 
     def __init__(self, model: SliceClassifier):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.embed(pixels)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.embed_with_map(pixels)
 
 
 class _OneSeries(nn.Module):
@@ -75,11 +76,11 @@ def export_slice_classifier(model: SliceClassifier, path: str | Path, *, channel
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notes, not ours
         program = torch.onnx.export(
-            _EmbedOnly(model),
+            _EmbedWithMap(model),
             (example,),
             dynamic_shapes={"pixels": {0: batch}},
             input_names=["pixels"],
-            output_names=["embedding", "logit"],
+            output_names=["embedding", "logit", "activation"],
             opset_version=CNN_OPSET,
             dynamo=True,
             external_data=False,
@@ -156,22 +157,24 @@ def onnx_session(path: str | Path, *, threads: int | None = None, keep_memory: b
 
 
 class OnnxSliceClassifier:
-    """A fold's exported CNN (``cnn.onnx`` or ``cnn_int8.onnx``): ``embed`` as the torch model's."""
+    """A fold's exported CNN (``cnn.onnx`` or ``cnn_int8.onnx``): ``embed`` and ``embed_with_map`` as
+    the torch model's (an export made before the activation map has only ``embed``: ``has_map`` False)."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None, keep_memory: bool = True):
         self.path = Path(path)
         self.session = onnx_session(path, threads=threads, keep_memory=keep_memory)
-        shape = self.session.get_outputs()[0].shape
+        outputs = self.session.get_outputs()
+        shape = outputs[0].shape
         if not isinstance(shape[-1], int):
             raise ValueError(f"{path}: the embedding width is not fixed in the graph ({shape})")
         self.embedding_dim = int(shape[-1])
+        self.has_map = len(outputs) >= 3
 
     def eval(self) -> OnnxSliceClassifier:
         return self
 
-    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, S, S)`` uint8 → ``(embedding (B, D), slice logit (B,))`` float32 tensors, run
-        :data:`RUN_BATCH` slices at a time whatever ``B``."""
+    def _run(self, pixels: torch.Tensor) -> list[np.ndarray]:
+        """Every output of the graph for ``(B, C, S, S)`` pixels, :data:`RUN_BATCH` slices at a time."""
         array = (
             pixels.cpu().numpy()
             if pixels.dtype == torch.uint8
@@ -182,10 +185,26 @@ class OnnxSliceClassifier:
             for i in range(0, len(array), RUN_BATCH)
         ]
         if not runs:
-            return torch.zeros((0, self.embedding_dim)), torch.zeros(0)
-        return torch.from_numpy(np.concatenate([e for e, _ in runs])), torch.from_numpy(
-            np.concatenate([l for _, l in runs])
-        )
+            return [
+                np.zeros((0, self.embedding_dim), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros((0, 1, 1), np.float32),
+            ]
+        return [np.concatenate(parts) for parts in zip(*runs)]
+
+    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, S, S)`` uint8 → ``(embedding (B, D), slice logit (B,))`` float32 tensors."""
+        embedding, logit = self._run(pixels)[:2]
+        return torch.from_numpy(embedding), torch.from_numpy(logit)
+
+    def embed_with_map(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`embed` and the activation map ``(B, h, w)``."""
+        if not self.has_map:
+            raise ValueError(
+                f"{self.path} has no activation map (exported by an older pedetect): run pedetect export again"
+            )
+        embedding, logit, activation = self._run(pixels)[:3]
+        return torch.from_numpy(embedding), torch.from_numpy(logit), torch.from_numpy(activation)
 
 
 class OnnxSequenceHead:

@@ -116,17 +116,45 @@ class SliceClassifier(nn.Module):
         if not self.location_grid:
             features = self.features(x)
             return features, self.logits(features)[:, 0]
-        feature_map = self.backbone.forward_features(self.normalise(x))
+        embedding, logit, _ = self._embed_map(self.backbone.forward_features(self.normalise(x)), with_map=False)
+        return embedding, logit
+
+    def embed_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`embed` plus the activation map ``(B, h, w)``: the slice logit of every position of the
+        last feature map (the slice head on that position alone, as if the map were one pixel), from
+        the same backbone pass. With global max pooling the slice logit is the head on each channel's
+        maximum, so the map is highest where the CNN found what made it fire: a detector's map learnt
+        from slice labels alone (docs/localisation.md). The embedding and slice logit are those of
+        :meth:`embed`, to the bit."""
+        return self._embed_map(self.backbone.forward_features(self.normalise(x)), with_map=True)
+
+    def _embed_map(
+        self, feature_map: torch.Tensor, *, with_map: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.gem is not None:
             features = self._head_of_pooled(self.gem(feature_map))
-            cells = _pool_cells(self.backbone, feature_map, self.location_grid, gem=self.gem)
-            cell_features = self._head_of_pooled(cells)
         else:
             features = self.backbone.forward_head(feature_map, pre_logits=True)
-            cells = _pool_cells(self.backbone, feature_map, self.location_grid)  # (B * G * G, C, 1, 1)
-            cell_features = self.backbone.forward_head(cells, pre_logits=True)
-        cell_logits = self.logits(cell_features)[:, 0].reshape(-1, self.location_grid**2)
-        return torch.cat([features, cell_logits.to(features.dtype)], dim=1), self.logits(features)[:, 0]
+        logit = self.logits(features)[:, 0]
+        embedding = features
+        if self.location_grid:
+            cells = _pool_cells(self.backbone, feature_map, self.location_grid, gem=self.gem)  # (B * G * G, C, 1, 1)
+            cell_logits = self._cell_logits(cells, pooled=True).reshape(-1, self.location_grid**2)
+            embedding = torch.cat([features, cell_logits.to(features.dtype)], dim=1)
+        if not with_map:
+            return embedding, logit, None
+        batch, channels, height, width = feature_map.shape
+        # Every position a one-pixel map, pooled as the backbone pools (max, mean or GeM of one value is that value).
+        positions = feature_map.permute(0, 2, 3, 1).reshape(-1, channels, 1, 1)
+        activation = self._cell_logits(positions, pooled=False).reshape(-1, height, width)
+        return embedding, logit, activation.to(logit.dtype)
+
+    def _cell_logits(self, cells: torch.Tensor, *, pooled: bool) -> torch.Tensor:
+        """The slice logit of each one-pixel map ``(K, C, 1, 1)``: ``(K,)``. ``pooled``: the cells are
+        GeM-pooled already (the location grid's), else GeM pools them here."""
+        if self.gem is not None:
+            return self.logits(self._head_of_pooled(cells if pooled else self.gem(cells)))[:, 0]
+        return self.logits(self.backbone.forward_head(cells, pre_logits=True))[:, 0]
 
 
 def _pool_cells(backbone: nn.Module, feature_map: torch.Tensor, grid: int, gem: GeM | None = None) -> torch.Tensor:
@@ -254,8 +282,11 @@ def embed_volume(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     windows=None,
+    maps: bool = False,
 ):
-    """Embeddings and slice logits of one series: ``(float16 (N, D), float32 (N,))`` numpy arrays.
+    """Embeddings and slice logits of one series: ``(float16 (N, D), float32 (N,))`` numpy arrays;
+    with ``maps``, also the activation maps ``float32 (N, h, w)`` (:meth:`SliceClassifier.embed_with_map`)
+    and the region of each slice the CNN saw (``(row0, col0, row1, col1)`` pixels of ``volume``'s slices).
 
     ``volume``: the series as ``SliceStore.read_series`` gives it, ``(N, H, W, 3)`` uint8 in position
     order; ``input_config``: the resolved ``cnn.input``. Slices go through exactly the training
@@ -266,12 +297,13 @@ def embed_volume(
     """
     import numpy as np
 
-    from pedetect.data.dataset import series_inputs, series_lung_box
+    from pedetect.data.dataset import input_region, series_inputs, series_lung_box
 
     device = torch.device(device)
     n = len(volume)
     embeddings = np.zeros((n, model.embedding_dim), dtype=np.float16)
     logits = np.zeros(n, dtype=np.float32)
+    activations = None
     dtype = autocast_dtype(device)
     box = series_lung_box(volume, input_config, windows)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -280,7 +312,17 @@ def embed_volume(
             # One slice of context each side, so adjacent-slice inputs see their true neighbours.
             lo, hi = max(start - 1, 0), min(stop + 1, n)
             inputs = series_inputs(volume[lo:hi], input_config, box)[start - lo : stop - lo]
-            embedding, logit = model.embed(inputs.to(device, non_blocking=True))
+            if maps:
+                embedding, logit, activation = model.embed_with_map(inputs.to(device, non_blocking=True))
+                if activations is None:
+                    activations = np.zeros((n, *activation.shape[1:]), dtype=np.float32)
+                activations[start:stop] = activation.float().cpu().numpy()
+            else:
+                embedding, logit = model.embed(inputs.to(device, non_blocking=True))
             embeddings[start:stop] = embedding.float().cpu().numpy()
             logits[start:stop] = logit.float().cpu().numpy()
-    return embeddings, logits
+    if not maps:
+        return embeddings, logits
+    if activations is None:
+        activations = np.zeros((0, 1, 1), dtype=np.float32)
+    return embeddings, logits, activations, input_region(volume.shape[1], volume.shape[2], input_config, box)

@@ -3,7 +3,8 @@
  * The page carries its study as JSON (#study-data: the study's report record plus a "viewer"
  * section written by pedetect.infer.report); slices are JPEG files beside the page, one per slice,
  * the three windows in its colour channels (an SVG filter shows one). The state a test or a person
- * may want to read is mirrored on <body>: data-slice, data-window, data-overlay.
+ * may want to read is mirrored on <body>: data-slice, data-window, data-overlay, data-candidates
+ * (outlines on / off) and data-candidates-shown (the candidates drawn on the current slice).
  */
 (function () {
   "use strict";
@@ -17,16 +18,21 @@
   var threshold = data.threshold;
   var suspicious = viewer.suspicious; // slice indices, most suspicious first
   var location = viewer.location; // {grid, crop_box: [left, top, width, height] fractions, cells: N x G*G} or null
+  // Clot candidates, strongest first: picture_index (the key slice), picture_point and picture_outline
+  // in [row, column] fractions of the slice, slice_first / slice_index / slice_last (series positions).
+  var candidates = data.candidates || [];
 
   var body = document.body;
   var stage = document.getElementById("stage");
   var frame = document.getElementById("frame");
   var image = document.getElementById("slice");
   var overlay = document.getElementById("overlay");
+  var candidatesOverlay = document.getElementById("candidates-overlay");
   var curve = document.getElementById("curve");
   var overlayToggle = document.getElementById("overlay-toggle");
+  var candidatesToggle = document.getElementById("candidates-toggle");
 
-  var state = { index: 0, window: 0, overlay: true, suspicious: -1 };
+  var state = { index: 0, window: 0, overlay: true, suspicious: -1, candidates: true };
   var cache = {}; // index -> Image, kept near the current slice so scrolling shows decoded images
   var PRELOAD = 12;
 
@@ -89,6 +95,37 @@
     document.getElementById("windows").appendChild(button);
     return button;
   });
+
+  /* ---- the candidates' list: click to go to a candidate's key slice ---- */
+  var candidateList = document.getElementById("candidates");
+  candidates.forEach(function (c) {
+    var item = document.createElement("li");
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "candidate side-" + c.side;
+    button.dataset.candidate = String(c.candidate);
+    button.textContent = c.side + " · score " + fixed(c.score, 2) + " · slices " + c.slice_first + "–" + c.slice_last;
+    button.title = "Go to its key slice (" + c.picture_index + "); point at row " + fixed(c.row, 1) + ", column " +
+      fixed(c.col, 1) + " of the image" + (c.patient_mm ? "; patient (mm) " + c.patient_mm.map(function (v) { return fixed(v, 1); }).join(", ") : "");
+    button.addEventListener("click", function () { setCandidates(true); show(c.picture_index); });
+    item.appendChild(button);
+    candidateList.appendChild(item);
+  });
+  text("candidates-note", candidates.length
+    ? candidates.length + " candidate(s), strongest first: where the slice CNN's activation map peaks (docs/localisation.md). " +
+      "Outline on the key slice, a cross on the other slices it spans."
+    : "No clot candidate: the CNN's activation maps have no peak above the localisation's minimum score.");
+  if (!candidates.length) candidatesToggle.disabled = true;
+
+  // The candidates on a slice: [candidate, on its key slice] for each whose slice range covers it.
+  function candidatesOn(index) {
+    var found = [];
+    candidates.forEach(function (c) {
+      var first = c.picture_index - (c.slice_index - c.slice_first), last = c.picture_index + (c.slice_last - c.slice_index);
+      if (index >= first && index <= last) found.push([c, index === c.picture_index]);
+    });
+    return found;
+  }
 
   if (!count) {
     frame.hidden = true;
@@ -171,10 +208,47 @@
   }
 
   function drawOverlay() {
-    var ratio = window.devicePixelRatio || 1;
-    var ctx = fitCanvas(overlay, frame.getBoundingClientRect());
+    var rect = frame.getBoundingClientRect();
+    var ctx = fitCanvas(overlay, rect);
     overlay.style.visibility = state.overlay ? "visible" : "hidden";
     body.dataset.overlay = state.overlay ? "on" : "off";
+    drawGrid(ctx);
+    var marks = fitCanvas(candidatesOverlay, rect);
+    candidatesOverlay.style.visibility = state.candidates ? "visible" : "hidden";
+    body.dataset.candidates = state.candidates ? "on" : "off";
+    var shown = count ? candidatesOn(state.index) : [];
+    body.dataset.candidatesShown = state.candidates ? shown.map(function (s) { return s[0].candidate; }).join(" ") : "";
+    shown.forEach(function (s) { drawCandidate(marks, s[0], s[1]); });
+  }
+
+  // A candidate: its outline on its key slice, a cross at its point on the other slices of its range.
+  function drawCandidate(ctx, c, key) {
+    var ratio = window.devicePixelRatio || 1;
+    var w = candidatesOverlay.width, h = candidatesOverlay.height;
+    ctx.setLineDash([]);
+    ctx.lineWidth = 2 * ratio;
+    ctx.strokeStyle = key ? "rgba(0, 255, 170, 0.95)" : "rgba(0, 255, 170, 0.55)";
+    var py = c.picture_point[0] * h, px = c.picture_point[1] * w;
+    if (key && c.picture_outline.length > 2) {
+      ctx.beginPath();
+      c.picture_outline.forEach(function (p, k) {
+        if (k === 0) ctx.moveTo(p[1] * w, p[0] * h); else ctx.lineTo(p[1] * w, p[0] * h);
+      });
+      ctx.closePath();
+      ctx.stroke();
+    } else {
+      var r = 6 * ratio;
+      ctx.beginPath();
+      ctx.moveTo(px - r, py); ctx.lineTo(px + r, py); ctx.moveTo(px, py - r); ctx.lineTo(px, py + r);
+      ctx.stroke();
+    }
+    ctx.font = (11 * ratio) + "px system-ui, sans-serif";
+    ctx.fillStyle = ctx.strokeStyle;
+    ctx.fillText("#" + c.candidate + " " + c.side, px + 8 * ratio, py - 8 * ratio);
+  }
+
+  function drawGrid(ctx) {
+    var ratio = window.devicePixelRatio || 1;
     var note = document.getElementById("overlay-note");
     if (!location) {
       note.textContent = "This model has no location grid (embed.location_grid): no overlay.";
@@ -215,6 +289,12 @@
   function setOverlay(on) {
     state.overlay = on;
     overlayToggle.checked = on;
+    drawOverlay();
+  }
+
+  function setCandidates(on) {
+    state.candidates = on;
+    candidatesToggle.checked = on;
     drawOverlay();
   }
 
@@ -278,6 +358,7 @@
   document.getElementById("next-suspicious").addEventListener("click", function () { stepSuspicious(1); });
   document.getElementById("previous-suspicious").addEventListener("click", function () { stepSuspicious(-1); });
   overlayToggle.addEventListener("change", function () { setOverlay(overlayToggle.checked); });
+  candidatesToggle.addEventListener("change", function () { setCandidates(candidatesToggle.checked); });
 
   var KEYS = {
     ArrowDown: function () { show(state.index + 1); }, ArrowRight: function () { show(state.index + 1); },
@@ -286,6 +367,7 @@
     Home: function () { show(0); }, End: function () { show(count - 1); },
     n: function () { stepSuspicious(1); }, p: function () { stepSuspicious(-1); },
     o: function () { if (location) setOverlay(!state.overlay); },
+    c: function () { if (candidates.length) setCandidates(!state.candidates); },
     "1": function () { setWindow(0); }, "2": function () { setWindow(1); }, "3": function () { setWindow(2); }
   };
   document.addEventListener("keydown", function (event) {
