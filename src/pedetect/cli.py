@@ -13,7 +13,7 @@ from pedetect.demo.command import demo_command
 from pedetect.export.command import export_command
 from pedetect.infer.command import predict_command
 from pedetect.hospital.command import serve_command
-from pedetect.metric.command import check_command, evaluate_command
+from pedetect.metric.command import calibrate_command, check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command
 from pedetect.train.command import split_command, train_command
@@ -48,6 +48,7 @@ app.command("synth")(synth_command)
 app.command("prepare")(prepare_command)
 app.command("evaluate")(evaluate_command)
 app.command("check")(check_command)
+app.command("calibrate")(calibrate_command)
 app.command("split")(split_command)
 app.command("train")(train_command)
 app.command("predict")(predict_command)

@@ -33,6 +33,28 @@ def evaluate_command(
         "--json",
         help="Print one JSON object (key 'score' is the metric, key 'froc' the FROC) instead of tables.",
     ),
+    report_dir: Optional[Path] = typer.Option(
+        None,
+        "--report",
+        help="Write a validation report into this folder: report.json, index.html and PNG figures "
+        "(AUROC with bootstrap 95% CIs, operating points, calibration; docs/evaluation.md). Needs --labels and --submission.",
+    ),
+    dicom: Optional[Path] = typer.Option(
+        None,
+        "--dicom",
+        help="The studies' DICOM (a folder in any layout, or a zip): subgroups by manufacturer, model, slice "
+        "thickness, kernel, contrast timing and slice count in the report. Needs --report.",
+    ),
+    operating_points: Optional[Path] = typer.Option(
+        None,
+        "--operating-points",
+        help="Operating points from pedetect calibrate (a model folder or its operating_points.json): the "
+        "exam-level decision is reported at each, besides 0.5. Needs --report.",
+    ),
+    bootstrap: int = typer.Option(
+        2000, "--bootstrap", min=1, help="Bootstrap resamples of the studies for the report's 95% intervals."
+    ),
+    seed: int = typer.Option(2020, "--seed", min=0, help="Seed of the report's bootstrap."),
 ) -> None:
     """Score a submission with the competition metric (weighted log loss; lower is better), and/or
     embolus candidates with a per-embolus FROC.
@@ -44,6 +66,12 @@ def evaluate_command(
     With --clots and --candidates: prints the sensitivity per embolus at 0.5, 1, 2 and 4 false
     positives per scan, overall, per side and per size (docs/localisation.md). The scans are the
     studies of --labels when given, else those named in the two files (a warning says so).
+
+    With --report DIR: also a validation report in DIR (report.json, index.html, figures; opens from
+    file://): every AUROC with a 95% interval (bootstrap over studies), sensitivity, specificity, PPV
+    and NPV with Wilson intervals at 0.5 and at --operating-points, calibration, subgroups by the
+    studies' own headers (--dicom), and the FROC when --clots and --candidates are given
+    (docs/evaluation.md).
     """
     import json
 
@@ -59,13 +87,22 @@ def evaluate_command(
         raise fail("--submission needs --labels (the ground truth to score it against)")
     if not scoring_froc and (labels is None or submission is None):
         raise fail("give --labels and --submission (the competition metric), or --clots and --candidates (the FROC)")
+    if report_dir is not None and submission is None:
+        raise fail("--report needs --labels and --submission (the report is of a submission scored against labels)")
+    for given, name in ((dicom, "--dicom"), (operating_points, "--operating-points")):
+        if given is not None and report_dir is None:
+            raise fail(f"{name} adds to the validation report: give --report DIR with it")
 
     report: dict = {}
+    result = None
     try:
-        if submission is not None:
+        if submission is not None and report_dir is None:
             from pedetect.metric.evaluate import evaluate_files
 
             report = evaluate_files(labels, submission)
+        elif submission is not None:
+            result = _validation(labels, submission, dicom, operating_points, bootstrap, seed)
+            report = result.report
         if scoring_froc:
             from pedetect.metric.froc import froc_report, read_candidates, read_clots, read_scan_studies
 
@@ -73,6 +110,11 @@ def evaluate_command(
             report["froc"] = froc_report(read_clots(clots), read_candidates(candidates), studies)
     except InputError as error:
         raise fail(str(error)) from None
+    if result is not None:
+        from pedetect.metric.validation_page import write_report
+
+        written = write_report(result, report_dir)
+        typer.echo(f"wrote {written['index']} and {written['report']}", err=True)
 
     if scoring_froc and labels is None:
         typer.echo(
@@ -92,11 +134,108 @@ def evaluate_command(
         from pedetect.metric.evaluate import format_report
 
         parts.append(format_report(report))
+    if result is not None:
+        from pedetect.metric.validation import format_validation
+
+        parts.append(format_validation(report))
     if scoring_froc:
         from pedetect.metric.froc import format_froc
 
         parts.append(format_froc(report["froc"]))
     typer.echo("\n\n".join(parts))
+
+
+def _validation(
+    labels: Path, submission: Path, dicom: Optional[Path], points: Optional[Path], resamples: int, seed: int
+):
+    """The validation report's numbers (:func:`pedetect.metric.validation.validation_report`) for the
+    evaluate command; input problems raise :class:`~pedetect.metric.submission.InputError`."""
+    from pedetect.labels import SERIES, STUDY
+    from pedetect.metric.calibrate import OperatingPointsError, read_operating_points_file, resolve_operating_points
+    from pedetect.metric.submission import InputError, read_labels, read_submission
+    from pedetect.metric.validation import operating_points_from_record, validation_report
+
+    label_frame = read_labels(labels)
+    submission_frame = read_submission(submission)
+    record, source = None, ""
+    if points is not None:
+        from pedetect.io import file_sha256
+
+        path = resolve_operating_points(points)
+        try:
+            record = read_operating_points_file(path)
+        except OperatingPointsError as error:
+            raise InputError(str(error)) from None
+        source = str(path)
+        recorded = record.get("source")
+        same = isinstance(recorded, dict) and recorded.get("submission_sha256") == file_sha256(submission)
+        for point in record["points"]:
+            point["same_submission"] = same
+    attributes = info = None
+    if dicom is not None:
+        from pedetect.metric.subgroups import study_attributes
+
+        if not dicom.exists():
+            raise InputError(f"--dicom: not found: {dicom}")
+        series_of = label_frame.groupby(STUDY, sort=False)[SERIES].unique().to_dict()
+        attributes, info = study_attributes(label_frame[STUDY].unique(), dicom, series_of)
+    return validation_report(
+        label_frame,
+        submission_frame,
+        submission_path=submission,
+        labels_path=labels,
+        operating_points=operating_points_from_record(record, source),
+        attributes=attributes,
+        subgroup_info=info,
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def calibrate_command(
+    labels: Path = typer.Option(
+        ..., "--labels", help="Ground truth in the RSNA train.csv columns (one row per slice)."
+    ),
+    submission: Path = typer.Option(
+        ..., "--submission", help="The model's predictions for those studies (e.g. MODEL_DIR/seq/oof_predictions.csv)."
+    ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="The model folder: the points are recorded as MODEL_DIR/operating_points.json."
+    ),
+    target_sensitivity: float = typer.Option(
+        0.95, "--target-sensitivity", min=0.0, max=1.0, help="The sensitivity the first point must reach."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the points here instead of into --model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON instead of a table."),
+) -> None:
+    """Choose thresholds for the exam-level PE decision (an exam is positive when its highest slice
+    probability is above the threshold) on labelled studies, and record them in the model folder.
+
+    Two points: the highest threshold whose sensitivity is at least --target-sensitivity, and the
+    threshold of the largest Youden's J (sensitivity + specificity - 1); each with its sensitivity
+    and specificity and their Wilson 95% intervals on these studies. The thresholds are the studies'
+    own scores: choose them on studies the model did not train on (out-of-fold predictions), and
+    validate them on others (pedetect evaluate --report DIR --operating-points MODEL_DIR).
+    """
+    import json
+
+    from pedetect.metric.calibrate import calibrate_files, format_operating_points, operating_points_file
+    from pedetect.metric.calibrate import write_operating_points
+    from pedetect.metric.submission import InputError
+
+    if model is None and out is None:
+        raise fail("give --model MODEL_DIR (the points go into the bundle) or --out FILE")
+    if model is not None and not model.is_dir():
+        raise fail(f"--model: not a folder: {model}")
+    if target_sensitivity <= 0:
+        raise fail("--target-sensitivity must be above 0")
+    try:
+        record = calibrate_files(labels, submission, target_sensitivity)
+    except InputError as error:
+        raise fail(str(error)) from None
+    path = write_operating_points(record, out if out is not None else operating_points_file(model))
+    typer.echo(f"wrote {path}", err=True)
+    typer.echo(json.dumps(record, indent=2) if as_json else format_operating_points(record))
 
 
 def check_command(

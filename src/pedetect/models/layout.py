@@ -23,6 +23,7 @@
     MODEL_DIR/onnx/fold<k>/cnn.onnx, seq.onnx  pedetect export: fold k's CNN and head for ONNX Runtime
     MODEL_DIR/onnx/fold<k>/cnn_int8.onnx       pedetect export --int8: the CNN quantized to int8
     MODEL_DIR/onnx/export.json                 what was exported from which weights, and how exact it is
+    MODEL_DIR/operating_points.json            pedetect calibrate: thresholds of the exam-level PE decision
 
 Every stage's fold folder also holds ``metrics.json``, ``metrics.csv`` and ``curves.png``, and
 ``COMPLETE``, written last: a fold is finished exactly when its marker exists (the marker's JSON
@@ -34,6 +35,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pedetect.metric.calibrate import OPERATING_POINTS_FILE
 
 if TYPE_CHECKING:
     from pedetect.recipe import ExperimentConfig
@@ -108,6 +111,12 @@ def onnx_dir(model_dir: str | Path, fold: int) -> Path:
 def embedding_path(model_dir: str | Path, fold: int, series_uid: str) -> Path:
     """Fold k's embeddings of one series (fold k's own studies only)."""
     return embed_dir(model_dir, fold) / f"{series_uid}.npz"
+
+
+def operating_points_path(model_dir: str | Path) -> Path:
+    """``MODEL_DIR/operating_points.json``: the thresholds ``pedetect calibrate`` chose (read them with
+    :func:`pedetect.metric.calibrate.read_operating_points`)."""
+    return Path(model_dir) / OPERATING_POINTS_FILE
 
 
 def is_complete(directory: Path) -> bool:

@@ -62,7 +62,9 @@ def _template(plan: StudyPlan) -> Dataset:
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.AccessionNumber = f"SYN{plan.index:07d}"
     ds.Modality = "CT"
-    ds.Manufacturer = "pedetect synthetic phantom"
+    ds.Manufacturer = sc.manufacturer
+    if sc.model:
+        ds.ManufacturerModelName = sc.model
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT PULMONARY ANGIOGRAM (SYNTHETIC PHANTOM)"
     ds.SeriesDescription = "CTPA AXIAL (SYNTHETIC)"

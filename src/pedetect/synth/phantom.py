@@ -226,6 +226,10 @@ class Scanner:
     window: tuple[list[float], list[float]]
     series_number: int
     kernel: str
+    # General Equipment: drawn from their own random stream (:func:`sample_equipment`), so that adding
+    # them changed no other draw of any study.
+    manufacturer: str = "pedetect synthetic phantom"
+    model: str = ""
 
     def z(self) -> np.ndarray:
         """Patient z (mm) of each slice in position order (ascending)."""
@@ -781,7 +785,40 @@ _SPACINGS = (0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 _WINDOWS = (([40.0], [400.0]), ([100.0], [700.0]), ([40.0, -600.0], [400.0, 1500.0]), ([50.0], [350.0]))
 
 
-def _sample_scanner(rng: np.random.Generator, an: Anatomy, size: int, slices: int | None) -> Scanner:
+# Manufacturer-like settings of the synthetic studies: four vendors of two models each. The names say
+# "synthetic": a phantom under a real vendor's name would make a subgroup table look like a claim about
+# that vendor's scanners (and the kernels are drawn independently of the vendor: B30f is Siemens-style,
+# FC08 Canon-style, STANDARD GE-style, so a real name would pair one vendor with another's kernel).
+EQUIPMENT: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Synthetic Vendor A", ("Model A1", "Model A2")),
+    ("Synthetic Vendor B", ("Model B1", "Model B2")),
+    ("Synthetic Vendor C", ("Model C1", "Model C2")),
+    ("Synthetic Vendor D", ("Model D1", "Model D2")),
+)
+EQUIPMENT_STREAM = 7  # the extra entropy word of the equipment's random stream
+
+
+def sample_equipment(seed: int, split: str, index: int) -> tuple[str, str]:
+    """(Manufacturer, ManufacturerModelName) of study ``index`` of the dataset (seed, split).
+
+    Drawn from a stream of its own, ``default_rng([seed, split code, index, EQUIPMENT_STREAM])``, not
+    from the six streams of :func:`_streams`: every other draw of every study (anatomy, scanner,
+    emboli, noise, hence pixels, labels, UIDs and instance numbers) is what it was before the
+    equipment existed."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index), EQUIPMENT_STREAM])
+    vendor, models = EQUIPMENT[int(rng.integers(len(EQUIPMENT)))]
+    return vendor, models[int(rng.integers(len(models)))]
+
+
+def _sample_scanner(
+    rng: np.random.Generator,
+    an: Anatomy,
+    size: int,
+    slices: int | None,
+    equipment: tuple[str, str] = ("pedetect synthetic phantom", ""),
+) -> Scanner:
     n = int(rng.integers(60, 141))
     n = int(slices) if slices is not None else n
     spacing = float(rng.choice(_SPACINGS))
@@ -819,6 +856,8 @@ def _sample_scanner(rng: np.random.Generator, an: Anatomy, size: int, slices: in
         window=_WINDOWS[int(rng.integers(len(_WINDOWS)))],
         series_number=int(rng.integers(2, 9)),
         kernel=("STANDARD", "B30f", "FC08", "SOFT")[int(rng.integers(4))],
+        manufacturer=equipment[0],
+        model=equipment[1],
     )
 
 
@@ -959,7 +998,7 @@ def plan_study(
     lab = _draw_labels(r_labels, positive_fraction, indeterminate_fraction, kind)
     an = _sample_anatomy(r_anat, lab["ratio"])
     vessels = _build_vessels(r_anat, an)
-    sc = _sample_scanner(r_scan, an, size, slices)
+    sc = _sample_scanner(r_scan, an, size, slices, sample_equipment(seed, split, index))
     grid = make_grid(sc)
     hu = _tissue_hu(r_look, lab["pa_hu"], lab["sys_hu"])
 
