@@ -92,6 +92,48 @@ def test_predict_writes_every_id_in_sample_order_and_a_report(dataset, tmp_path,
     assert all(study in index for study in labels[STUDY].unique()) and "lost: nothing" in index
 
 
+def test_the_decision_at_the_bundles_operating_points_sits_beside_the_rules(dataset, tmp_path, cli):
+    """Operating points recorded in the bundle (as pedetect calibrate writes them): predict's report
+    gives each study's decision at each of them (highest slice probability above the threshold), and
+    the submission does not change."""
+    import shutil
+
+    import numpy as np
+
+    from pedetect.metric.calibrate import (
+        DECISION,
+        OPERATING_POINTS_VERSION,
+        choose_operating_points,
+        operating_points_file,
+        write_operating_points,
+    )
+
+    root, _, model = dataset
+    data = root / "data"
+    bundle = shutil.copytree(model, tmp_path / "model")
+    before = cli("predict", data / "test", "--model", bundle, "--out", tmp_path / "before.csv", "--no-progress")
+    assert before.exit_code in (0, 1), before.output
+    truth, score = np.array([0, 0, 1, 1, 0, 1]), np.array([0.1, 0.45, 0.5, 0.55, 0.52, 0.9])
+    points = choose_operating_points(truth, score, 0.95)
+    record = {"version": OPERATING_POINTS_VERSION, "created": "2026-12-06T00:00:00+00:00", "decision": DECISION}
+    record |= {"studies": 6, "positives": 3, "points": points, "source": {"labels": "l.csv", "submission": "s.csv"}}
+    write_operating_points(record, operating_points_file(bundle))
+    after = cli(
+        "predict", data / "test", "--model", bundle, "--out", tmp_path / "after.csv",
+        "--report", tmp_path / "report", "--no-progress",
+    )  # fmt: skip
+    assert after.exit_code in (0, 1), after.output
+    assert (tmp_path / "after.csv").read_bytes() == (tmp_path / "before.csv").read_bytes()
+    for path in (tmp_path / "report").glob("*.json"):
+        record = json.loads(path.read_text())
+        expected = [
+            {"name": p["name"], "threshold": p["threshold"], "decision": record["pe_probability"] > p["threshold"]}
+            for p in points
+        ]
+        assert record["operating_points"] == expected
+    assert "at the operating points" in (tmp_path / "report" / "index.html").read_text()
+
+
 def test_zip_input_and_two_bundles_give_the_same_rows(dataset, tmp_path):
     root, labels, model = dataset
     archive = tmp_path / "test.zip"

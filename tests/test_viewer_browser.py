@@ -278,6 +278,34 @@ def test_study_page_scrolls_jumps_and_shows_where_the_model_looks(driver, report
     assert page.console_errors() == []
 
 
+def test_clot_candidates_are_listed_drawn_and_jumped_to(driver, report):
+    """Each candidate a button (strongest first) that goes to its key slice, where its outline is drawn
+    (toggled by c and the checkbox)."""
+    records = {path: json.loads(path.read_text()) for path in report.glob("*.json")}
+    path = max(records, key=lambda p: len(records[p]["candidates"]))
+    candidates = records[path]["candidates"]
+    assert len(candidates) >= 2  # a random bundle's maps peak somewhere on every slice it doubts
+    page = StudyPage(driver, path.with_suffix(".html"))
+    buttons = page.driver.find_elements(page.by.CSS_SELECTOR, "#candidates button.candidate")
+    assert [int(b.get_attribute("data-candidate")) for b in buttons] == [c["candidate"] for c in candidates]
+    assert candidates[1]["side"] in buttons[1].text
+    buttons[1].click()
+    page.wait_image()
+    assert page.slice == candidates[1]["picture_index"]
+    assert str(candidates[1]["candidate"]) in page.body.get_attribute("data-candidates-shown").split()
+    page.find("#overlay-toggle").click()  # the location grid off: only the candidates over the slice
+    with_marks = page.stage_pixels()
+    page.key("c")
+    assert (
+        page.body.get_attribute("data-candidates") == "off" and page.body.get_attribute("data-candidates-shown") == ""
+    )
+    assert np.abs(page.stage_pixels() - with_marks).max() > 100  # the bright green outline is gone
+    page.find("#candidates-toggle").click()
+    assert page.body.get_attribute("data-candidates") == "on"
+    assert np.abs(page.stage_pixels() - with_marks).max() <= 2
+    assert page.console_errors() == []
+
+
 def test_index_lists_the_most_suspicious_first_and_links_each_viewer(driver, report):
     from selenium.webdriver.common.by import By
 

@@ -543,6 +543,11 @@ def _predict_study(ensemble, read: _StudyRead, prior_slice: float, prior_exam: n
         error=error,
         candidates=[candidate.record() for candidate in number_candidates(outputs.candidates)],
     )
+    if ensemble.operating_points is not None and decoded:
+        result.operating_points = [
+            {"name": p["name"], "threshold": p["threshold"], "decision": result.pe_probability > p["threshold"]}
+            for p in ensemble.operating_points["points"]
+        ]
     pictures = _study_pictures(read, ensemble.reads[0])
     location = _concatenate(outputs.locations) if all(grid is not None for grid in outputs.locations) else None
     return StudyOutcome(result, study_rows, changed, pictures, location, len(decoded), lost, no_row, error, seconds)

@@ -52,6 +52,8 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     error: str | None = None
     candidates: list[dict] = field(default_factory=list)  # clot candidates, strongest first (localise.Candidate.record)
+    # The bundle's operating points (pedetect calibrate): name, threshold and this study's decision at it.
+    operating_points: list[dict] = field(default_factory=list)
 
     @property
     def pe_probability(self) -> float:
@@ -322,6 +324,10 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
             else (f"{len(result.skipped_files)} file(s) skipped" if result.skipped_files else "ok")
         )
         labels = ", ".join(html.escape(label) for label in EXAM_LABELS if exam.get(label, 0) > THRESHOLD)
+        points = "; ".join(
+            f"{html.escape(p['name'])} (&gt; {p['threshold']:.3f}): {'positive' if p['decision'] else 'negative'}"
+            for p in result.operating_points
+        )
         repair = result.repair()
         decision = (
             f'<span class="{"positive" if result.pe_positive else "negative"}">'
@@ -337,6 +343,7 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
         rows.append(
             f'<tr><td class="uid"><a href="{name}.html">{html.escape(result.study_uid)}</a></td>'
             f'<td class="number">{result.pe_probability:.3f}</td><td>{decision}</td>'
+            f"<td>{points or 'none recorded'}</td>"
             f'<td class="number">{len(result.slice_probabilities)}</td><td>{labels}</td><td>{status}</td>'
             f"<td>{' '.join(links)}</td></tr>"
         )
@@ -347,7 +354,8 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
         + (f"<pre>{html.escape(chr(10).join(notes))}</pre>" if notes else "")
         + f"<p>{len(results)} studies, most suspicious first: the model's PE probability (its highest slice), and the "
         "decision after the challenge's label rules (their repair moves values just across 0.5).</p>"
-        "<table><tr><th>study</th><th>PE probability (model)</th><th>after the label rules</th><th>slices</th>"
+        "<table><tr><th>study</th><th>PE probability (model)</th><th>after the label rules</th>"
+        "<th>at the operating points (pedetect calibrate)</th><th>slices</th>"
         "<th>exam labels &gt; 0.5 (after the rules)</th><th>status</th><th>files</th></tr>"
         + "".join(rows)
         + "</table></body></html>"
