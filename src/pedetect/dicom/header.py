@@ -163,6 +163,39 @@ def _float(ds: Any, keyword: str) -> Optional[float]:
     return values[0] if values else None
 
 
+def _words(ds: Any, keyword: str) -> tuple[str, ...]:
+    """The values of a multi-valued text field (ImageType, ConvolutionKernel), printable; () when
+    absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # an odd value of a field that only series selection reads: as absent
+        return ()
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)):
+        items: list[Any] = str(value).split("\\")
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            items = [value]
+    return tuple(printable(str(v)).strip() for v in items if str(v).strip())
+
+
+def series_fields(ds: Any) -> dict[str, Any]:
+    """What choosing a study's CTPA series reads of a file besides its geometry (no patient field):
+    ImageType (upper case), ConvolutionKernel, and whether ContrastBolusAgent names an agent."""
+    try:
+        contrast = bool(_text(ds, "ContrastBolusAgent"))
+    except Exception:  # as for _words
+        contrast = False
+    return {
+        "image_type": tuple(word.upper() for word in _words(ds, "ImageType")),
+        "kernel": " ".join(_words(ds, "ConvolutionKernel")),
+        "contrast": contrast,
+    }
+
+
 def _int(ds: Any, keyword: str) -> Optional[int]:
     try:
         value = ds.get(keyword)
@@ -400,6 +433,7 @@ def _headers(ds: Any, source: Source, size: int, mtime_ns: int) -> list[SliceHea
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     extra: dict = {"taken_as_ct_by_modality": True} if taken_by_modality else {}
+    extra["series"] = series_fields(ds)
     native = _native_pixels(ds, pixel_element, syntax, rows, cols)
     if native is not None:
         extra["native"] = native
@@ -493,6 +527,7 @@ def _frame_headers(
         value = ds.get(keyword)
         pixel_module[keyword] = value if not isinstance(value, list) else value[0]
     study, modality = _text(ds, "StudyInstanceUID"), _text(ds, "Modality")
+    fields = series_fields(ds)
     return [
         SliceHeader(
             source=source,
@@ -512,6 +547,7 @@ def _frame_headers(
             size=size,
             mtime_ns=mtime_ns,
             extra={
+                "series": fields,
                 "frame": {
                     "sop": sop,
                     "number": k + 1,
@@ -520,7 +556,7 @@ def _frame_headers(
                     "slope": g["slope"],
                     "intercept": g["intercept"],
                     "pixel_module": pixel_module,
-                }
+                },
             },
         )
         for k, g in enumerate(geometry)

@@ -7,8 +7,13 @@ head-foot axis), with at least ``min_slices`` slices. Of the usable ones the cho
 first by: contrast known present (ContrastBolusAgent not empty) before unknown, soft-tissue kernel
 before a lung or sharp kernel (ConvolutionKernel), thinnest SliceThickness, most slices, then
 SeriesInstanceUID. A multi-frame (Enhanced CT) file counts its frames as slices, its orientation
-and thickness from its functional groups. Files whose header cannot be read go with the chosen series: the read path names
-them as lost (the study is still answered). Every other series is recorded with the reason.
+and thickness from its functional groups. Files whose header cannot be read go with the chosen
+series: the read path names them as lost (the study is still answered). Every other series is
+recorded with the reason.
+
+Headers are read once, by the hardened scan of :mod:`pedetect.dicom` (:func:`~pedetect.dicom.read.scan_files`,
+which also gives each file the fields selection needs): the chosen series' headers go straight to
+the :class:`~pedetect.infer.predictor.Predictor` (``Selection.headers``), nothing is scanned again.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ _SHARP = re.compile(r"LUNG|BONE|EDGE|SHARP|DETAIL|^[BI]r?[5-9]\d|^FC[5-8]\d|^Y[A
 class SeriesInfo:
     uid: str
     files: list[Path] = field(default_factory=list)
+    headers: list = field(default_factory=list)  # pedetect.dicom SliceHeader of each slice (a frame each)
     slices: int = 0  # the files' frames (one per single-frame file)
     description: str = ""
     image_type: tuple[str, ...] = ()
@@ -52,9 +58,16 @@ class Selection:
     rejected: list[SeriesInfo]  # each with its reason
     unreadable: list[Path]  # files whose header could not be read (passed on with the chosen series)
 
+    failures: list = field(default_factory=list)  # pedetect.dicom Failure of each unreadable file
+
     @property
     def files(self) -> list[Path]:
         return (self.chosen.files if self.chosen else []) + self.unreadable
+
+    @property
+    def headers(self) -> list:
+        """The chosen series' slice headers, as the scan read them (empty when none was chosen)."""
+        return list(self.chosen.headers) if self.chosen else []
 
     def notes(self) -> list[str]:
         lines = (
@@ -72,85 +85,37 @@ class Selection:
         }
 
 
-def _float(value) -> Optional[float]:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _info(ds, path: Path, series: dict[str, SeriesInfo]) -> None:
-    uid = str(ds.get("SeriesInstanceUID", "")) or "(no SeriesInstanceUID)"
-    frames = _frames(ds)
-    # An Enhanced CT file keeps its geometry in functional groups, not at the top level.
-    geometry = _first_frame_geometry(ds) if "ImageOrientationPatient" not in ds else {}
-    info = series.get(uid)
+def _info(header, series: dict[str, SeriesInfo]) -> None:
+    info = series.get(header.series)
     if info is None:
-        info = series[uid] = SeriesInfo(uid)
-        info.image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
-        info.kernel = (
-            " ".join(str(v) for v in ds.get("ConvolutionKernel") or ())
-            if not isinstance(ds.get("ConvolutionKernel"), str)
-            else str(ds.ConvolutionKernel)
-        )
-        info.thickness = _float(ds.get("SliceThickness")) or _float(geometry.get("slice_thickness"))
-        info.contrast = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
-        orientation = [_float(v) for v in (ds.get("ImageOrientationPatient") or geometry.get("orientation") or ())]
-        if len(orientation) == 6 and None not in orientation:
+        info = series[header.series] = SeriesInfo(header.series)
+        fields = header.extra.get("series", {})
+        info.image_type = tuple(fields.get("image_type", ()))
+        info.kernel = str(fields.get("kernel", ""))
+        info.contrast = bool(fields.get("contrast", False))
+        info.thickness = header.slice_thickness
+        orientation = header.orientation
+        if orientation is not None and len(orientation) == 6:
             r, c = orientation[:3], orientation[3:]
             n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
             norm = math.sqrt(sum(v * v for v in n)) or 1.0
             info.normal_z = abs(n[2]) / norm
-    info.files.append(path)
-    info.slices += frames
-
-
-def _frames(ds) -> int:
-    """NumberOfFrames (1 when absent or not a positive number)."""
-    try:
-        return max(1, int(ds.get("NumberOfFrames") or 1))
-    except (TypeError, ValueError):
-        return 1
-
-
-def _first_frame_geometry(ds) -> dict:
-    """The first frame's orientation and thickness from the functional groups ({} when unreadable:
-    the series is then judged as one without them)."""
-    from pedetect.dicom.frames import frame_geometry
-
-    try:
-        return frame_geometry(ds, 1)[0]
-    except Exception:  # a damaged header is the read path's to report, with its reason
-        return {}
+    path = Path(str(header.source))
+    if path not in info.files:
+        info.files.append(path)
+    info.headers.append(header)
+    info.slices += 1  # a frame of an Enhanced CT file is a slice of its own header
 
 
 def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
     """The CTPA series among ``files`` (one study's CT instances), by the rules above."""
-    import pydicom
+    from pedetect.dicom.read import scan_files
 
+    headers, failures = scan_files(sorted(files))
     series: dict[str, SeriesInfo] = {}
-    unreadable: list[Path] = []
-    for path in sorted(files):
-        try:
-            ds = pydicom.dcmread(
-                path,
-                stop_before_pixels=True,
-                specific_tags=[
-                    "SeriesInstanceUID",
-                    "ImageType",
-                    "ConvolutionKernel",
-                    "SliceThickness",
-                    "ContrastBolusAgent",
-                    "ImageOrientationPatient",
-                    "NumberOfFrames",
-                    "SharedFunctionalGroupsSequence",
-                    "PerFrameFunctionalGroupsSequence",
-                ],
-            )
-        except Exception:
-            unreadable.append(path)
-            continue
-        _info(ds, path, series)
+    for header in headers:
+        _info(header, series)
+    unreadable = [Path(failure.path) for failure in failures]
     usable, rejected = [], []
     for info in series.values():
         if "LOCALIZER" in info.image_type:
@@ -175,4 +140,4 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
     for other in usable[1:]:
         other.reason = f"another series preferred ({other.summary()} against {chosen.summary()})"
         rejected.append(other)
-    return Selection(chosen, rejected, unreadable)
+    return Selection(chosen, rejected, unreadable, failures)
