@@ -45,7 +45,7 @@ def main() -> None:
             size=args.size,
             seed=11,
             split="test",
-            positive_fraction=1.0,
+            positive_fraction=0.98,
             progress=False,
         )
         config = load_experiment(args.config)

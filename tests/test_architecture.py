@@ -23,7 +23,8 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"data"}),
     frozenset({"models"}),
     frozenset({"train"}),
-    frozenset({"infer", "export", "view", "hospital"}),
+    frozenset({"infer", "export", "view"}),
+    frozenset({"hospital"}),  # DICOM results, the node, DICOMweb: consumers of infer's predictions
     frozenset({"demo", "testing"}),
     frozenset({"cli", "__main__"}),
 )
@@ -133,6 +134,21 @@ def test_the_check_finds_an_upward_import_planted_on_purpose(tmp_path):
     )
     assert any(p.startswith("pedetect/data/augment.py:3:") for p in problems)
     assert "pedetect/train/cnn.py:1: pedetect.train.cnn imports private _helper from pedetect.data.folds" in problems
+
+
+def test_the_check_finds_infer_importing_hospital(tmp_path):
+    """hospital sits above infer: predict's DICOM results are hospital's consumers of its predictions,
+    so an import back from infer would be a cycle between the two."""
+    root = tmp_path / "pedetect"
+    _plant(root, "__init__.py", "")
+    _plant(root, "infer/__init__.py", "")
+    _plant(root, "hospital/__init__.py", "")
+    _plant(root, "hospital/answer.py", "from pedetect.infer.predictor import Predictor\n")  # downward: fine
+    assert layering_violations(root) == []
+    _plant(root, "infer/predict.py", "def f():\n    from pedetect.hospital.results import write_results\n")
+    assert layering_violations(root) == [
+        "pedetect/infer/predict.py:2: pedetect.infer.predict (layer 6) imports pedetect.hospital.results (layer 7)"
+    ]
 
 
 def test_a_unit_without_a_layer_is_named():

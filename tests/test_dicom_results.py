@@ -1,33 +1,45 @@
-"""``pedetect predict --dicom-out``: per study a Comprehensive SR (TID 1500), a secondary capture and a
-key object selection, valid by dcmtk's dsrdump and dicom3tools' dciodvfy, read back by highdicom to
-the values of the report (docs/dicom_results.md).
+"""``pedetect predict --dicom-out``: per study a Comprehensive SR (TID 1500), a secondary capture, a
+key object selection and, when the study has clot candidates, a segmentation; valid by dcmtk's
+dsrdump and dicom3tools' dciodvfy, read back to the values of the report, and read by OHIF 3.13.2's
+own SR reader (@cornerstonejs/adapters with dcmjs, in node) into one tool state per candidate at the
+candidate's coordinates (docs/dicom_results.md).
 
-The bundle has random weights (pedetect.testing): what is checked is the encoding of whatever the
-model said, not what it learnt.
+Two kinds of study: the bundle with random weights (pedetect.testing) through ``pedetect predict``,
+which checks the encoding of whatever the model said; and a synthetic positive study whose candidates
+are put by hand on its real emboli (the phantom's own masks: outline, point, side, slices), which
+checks the content tree against known candidates without training a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
+from pedetect.dicom.frames import frame_geometry, split_frame_key
 from pedetect.hospital.results import (
+    CS3D_TRACKING,
+    FINDING_SITES,
     LABEL_CODES,
     NOT_DIAGNOSTIC,
     PE_TRACKING,
     PRIVATE_SCHEME,
     TYPE2_PATIENT_STUDY,
+    Algorithm,
     algorithm_of,
+    candidate_scoord,
     key_slices,
     read_sr_values,
     write_study_results,
 )
+from pedetect.hospital.seg import candidate_mask
 from pedetect.infer.report import StudyResult
 from pedetect.labels import EXAM_LABELS
 from pedetect.models.bundle import read_bundle
@@ -37,22 +49,46 @@ from train_fixtures import tiny_config
 
 N_STUDIES, SLICES, SIZE = 2, 12, 64
 VALIDATORS = ("dciodvfy", "dsrdump")
+OHIF_DIR = Path(__file__).resolve().parent / "ohif"  # package.json, package-lock.json, check_sr.mjs
+# dicom3tools (Debian 1.00~20220618) warns on every private coding scheme designator, declared in
+# CodingSchemeIdentificationSequence or not: the nine challenge labels' (one warning per use and one for
+# the declaration) are the only warnings a result may have.
+PRIVATE_SCHEME_WARNING = (
+    f"Warning - Unrecognized defined term <{PRIVATE_SCHEME}> for value 1 of attribute <Coding Scheme Designator>"
+)
+# dsrdump's own limits, not the object's: DCMTK checks TID 1500 but not the KOS's TID 2010.
+DSRDUMP_NOTICES = ("W: Check for template constraints not yet supported",)
+PHANTOM_SLICES, PHANTOM_SIZE, PHANTOM_SEED = 40, 256, 3  # seed 3's first positive test study: five emboli
+ALGORITHM = Algorithm(bundles=("phantom-candidates demo folds=0 sha256:0123456789abcdef",))
 
 
-def validator_errors(path: Path) -> list[str]:
-    """Errors dciodvfy reports on any object, and dsrdump on SR and KOS documents (warnings allowed)."""
+def validator_report(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of dciodvfy on any object and of dsrdump on SR and KOS documents; the private
+    coding scheme's warnings (:data:`PRIVATE_SCHEME_WARNING`) are not counted."""
     missing = [tool for tool in VALIDATORS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed (Debian packages dicom3tools, dcmtk; .ci/run installs them)")
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    errors = [f"dciodvfy: {line}" for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [f"dciodvfy: {line}" for line in lines if line.startswith("Error")]
+    warnings = [f"dciodvfy: {line}" for line in lines if line.startswith("Warning") and line != PRIVATE_SCHEME_WARNING]
     if pydicom.dcmread(path, stop_before_pixels=True).Modality in ("SR", "KO"):
         run = subprocess.run(["dsrdump", "-Ee", str(path)], capture_output=True, text=True, timeout=60)
-        errors += [
-            f"dsrdump: {line}" for line in (run.stdout + run.stderr).splitlines() if line.startswith(("E:", "F:"))
-        ]
+        lines = (run.stdout + run.stderr).splitlines()
+        errors += [f"dsrdump: {line}" for line in lines if line.startswith(("E:", "F:"))]
+        warnings += [f"dsrdump: {line}" for line in lines if line.startswith("W:") and line not in DSRDUMP_NOTICES]
         errors += [f"dsrdump exit {run.returncode}"] if run.returncode else []
-    return errors
+    return errors, warnings
+
+
+def validator_errors(path: Path) -> list[str]:
+    """Errors dciodvfy reports on any object, and dsrdump on SR and KOS documents (warnings allowed)."""
+    return validator_report(path)[0]
+
+
+def private_scheme_warnings(path: Path) -> int:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return (run.stdout + run.stderr).splitlines().count(PRIVATE_SCHEME_WARNING)
 
 
 def report_result(report: Path, study: str) -> StudyResult:
@@ -103,9 +139,11 @@ def test_every_study_gets_an_sr_a_secondary_capture_and_key_images_that_validate
     root, labels, _ = predicted
     for study in studies(labels):
         folder = root / "dicom" / study
-        assert sorted(p.name for p in folder.iterdir()) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+        candidates = report_result(root / "report", study).candidates
+        expected = ["ko.dcm", "sc.dcm", "sr.dcm"] + (["seg.dcm"] if candidates else [])
+        assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
         for path in folder.iterdir():
-            assert validator_errors(path) == [], path
+            assert validator_report(path) == ([], []), path
 
 
 def test_the_sr_reads_back_to_the_reports_values(predicted):
@@ -129,6 +167,26 @@ def test_the_sr_reads_back_to_the_reports_values(predicted):
         assert above <= set(values["key_sops"]) and len(values["key_sops"]) >= min(3, len(result.sop_uids))
         assert values["algorithm"]["name"] == "pedetect"
         assert values["algorithm"]["parameters"] == list(algorithm_of([read_bundle(model)]).bundles)
+        # The model's clot candidates, one measurement group each, in the report's order.
+        assert [g["candidate"] for g in values["candidates"]] == [c["candidate"] for c in result.candidates]
+        assert [g["probability"] for g in values["candidates"]] == pytest.approx(
+            [c["score"] for c in result.candidates]
+        )
+
+
+def test_ohifs_sr_reader_reads_every_candidate_the_model_gave(predicted, tmp_path):
+    """The random bundle's candidates (its activation maps' peaks) through OHIF's SR reader in node."""
+    root, labels, _ = predicted
+    for study in studies(labels):
+        result = report_result(root / "report", study)
+        sr = root / "dicom" / study / "sr.dcm"
+        files = sorted((root / "data" / "test" / study).rglob("*.dcm"))
+        sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+        images, expected = adapter_inputs(result, sources, read_sr_values(sr))
+        work = tmp_path / study
+        work.mkdir()
+        report = run_adapter(sr, images, expected, work)
+        assert len(report["found"]) == len(result.candidates)
 
 
 def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(predicted):
@@ -136,7 +194,8 @@ def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(p
     study = studies(labels)[0]
     source = pydicom.dcmread(next((root / "data" / "test" / study).rglob("*.dcm")), stop_before_pixels=True)
     series = set()
-    for name in ("sr.dcm", "sc.dcm", "ko.dcm"):
+    names = sorted(p.name for p in (root / "dicom" / study).iterdir())
+    for name in names:
         ds = pydicom.dcmread(root / "dicom" / study / name)
         for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber", "StudyID"):
             assert ds.get(keyword) == source.get(keyword), (name, keyword)
@@ -144,7 +203,7 @@ def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(p
         assert NOT_DIAGNOSTIC in ds.SeriesDescription
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
         series.add(ds.SeriesInstanceUID)
-    assert len(series) == 3
+    assert len(series) == len(names)
     sr = pydicom.dcmread(root / "dicom" / study / "sr.dcm")
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
@@ -232,8 +291,394 @@ def test_nothing_but_the_patient_and_study_modules_comes_from_the_source(predict
     written = write_study_results(
         result, sources, root / "report" / f"{study}.png", algorithm_of([read_bundle(model)]), tmp_path / "out"
     )
-    assert len(written.files) == 3
+    assert len(written.files) == 3 + (written.seg is not None)
     for path in written.files:
         assert b"QXCANARY" not in path.read_bytes(), path
         assert pydicom.dcmread(path, stop_before_pixels=True).PatientComments == "kept: patient module"
         assert validator_errors(path) == [], path
+
+
+# ------------------------------------------------------------------ a phantom study with known candidates
+
+
+def phantom_study(root: Path, seed: int = PHANTOM_SEED, *, positive: bool = True, enhanced: bool = False):
+    """A synthetic test study (``root/data/test``) and a :class:`StudyResult` made by hand: positive,
+    one candidate per embolus on the slice where it shows most (its outline the mask's contour, its
+    point the mask's centroid, its side the phantom's), slices of the emboli at 0.9; negative, no
+    candidate and every slice at 0.05. Returns (result, sources: SOPInstanceUID -> file)."""
+    import cv2
+
+    from pedetect.synth import plan_study
+    from pedetect.synth.dataset import clot_side_and_level, embolus_masks
+
+    options = dict(
+        slices=PHANTOM_SLICES,
+        size=PHANTOM_SIZE,
+        seed=seed,
+        split="test",
+        positive_fraction=1.0 if positive else 0.0,
+        indeterminate_fraction=0.0,
+        min_embolus_pixels=25,
+    )
+    labels = write_dataset(root / "data", 1, progress=False, enhanced=enhanced, **options)
+    plan = plan_study(0, **options)
+    names = labels["SOPInstanceUID"].tolist()
+    slices = np.full(len(names), 0.05)
+    candidates = []
+    for i, ((k0, r0, c0), mask) in enumerate(embolus_masks(plan) if positive else []):
+        counts = mask.sum(axis=(1, 2))
+        dk = int(np.argmax(counts))
+        contours, _ = cv2.findContours(mask[dk].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contour = max(contours, key=cv2.contourArea)
+        rows, cols = np.nonzero(mask[dk])
+        on = np.flatnonzero(counts)
+        slices[k0 + on] = 0.9
+        candidates.append(
+            {
+                "candidate": i + 1,
+                "series": plan.series_uid,
+                "score": round(0.95 - 0.1 * i, 3),
+                "side": clot_side_and_level(plan, i)[0],
+                "sop": names[k0 + dk],
+                "slice_index": k0 + dk,
+                "row": float(rows.mean() + r0),
+                "col": float(cols.mean() + c0),
+                "slice_first": int(k0 + on[0]),
+                "slice_last": int(k0 + on[-1]),
+                "patient_mm": None,
+                "outline": [[float(p[0][1] + r0), float(p[0][0] + c0)] for p in contour],
+            }
+        )
+    exam = {label: 0.1 for label in EXAM_LABELS}
+    exam["negative_exam_for_pe"] = 0.1 if positive else 0.9
+    exam["rv_lv_ratio_lt_1"] = 0.8 if positive else 0.1
+    result = StudyResult(
+        study_uid=str(labels["StudyInstanceUID"].iloc[0]),
+        exam_probabilities=dict(exam),
+        sop_uids=names,
+        z=[float(i) for i in range(len(names))],
+        slice_probabilities=slices.tolist(),
+        model_exam_probabilities={label: round(p + 0.01, 3) for label, p in exam.items()},
+        model_slice_probabilities=slices.tolist(),
+        candidates=candidates,
+    )
+    files = sorted((root / "data" / "test").rglob("*.dcm"))
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    return result, sources
+
+
+def write_picture(path: Path) -> Path:
+    import cv2
+
+    picture = np.zeros((120, 200, 3), dtype=np.uint8)
+    cv2.putText(picture, "pedetect", (10, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+    cv2.imwrite(str(path), picture)
+    return path
+
+
+def slice_geometry(sources: dict, name: str) -> dict:
+    """Where slice ``name`` (``sop`` or ``sop#frame``) is: its instance's rows, columns, frame of
+    reference and its plane (position, orientation, spacing: the frame's for a multi-frame file)."""
+    sop, frame = split_frame_key(name)
+    ds = pydicom.dcmread(sources[sop], stop_before_pixels=True)
+    if frame is None:
+        plane = {
+            "position": [float(v) for v in ds.ImagePositionPatient],
+            "orientation": [float(v) for v in ds.ImageOrientationPatient],
+            "pixel_spacing": [float(v) for v in ds.PixelSpacing],
+        }
+    else:
+        plane = frame_geometry(ds, int(ds.NumberOfFrames))[frame - 1]
+    return {
+        "sop": sop,
+        "frame": frame or 1,
+        "rows": int(ds.Rows),
+        "columns": int(ds.Columns),
+        "frame_of_reference": str(ds.FrameOfReferenceUID),
+        "position": [float(v) for v in plane["position"]],
+        "orientation": [float(v) for v in plane["orientation"]],
+        "pixel_spacing": [float(v) for v in plane["pixel_spacing"]],
+    }
+
+
+def patient_mm(geometry: dict, row: float, col: float) -> list[float]:
+    """Patient coordinates of pixel (row, col), 0-based pixel-centre indices (PS3.3 C.7.6.2.1.1)."""
+    position, orientation = np.array(geometry["position"]), np.array(geometry["orientation"])
+    spacing = geometry["pixel_spacing"]  # (between rows, between columns)
+    return (position + orientation[:3] * spacing[1] * col + orientation[3:] * spacing[0] * row).tolist()
+
+
+def adapter_inputs(result: StudyResult, sources: dict, values: dict) -> tuple[dict, list]:
+    """What OHIF's metadata provider gives cornerstone for each candidate's key slice (imagePlaneModule,
+    keyed ``sop:frame``), and per candidate the tool state expected: the tool, the slice, and its
+    outline's vertices (or its point) in patient coordinates."""
+    images, expected = {}, []
+    uid_of = {c["candidate"]: c["tracking_uid"] for c in values["candidates"]}
+    for c in result.candidates:
+        g = slice_geometry(sources, c["sop"])
+        images[f"{g['sop']}:{g['frame']}"] = {
+            "frameOfReferenceUID": g["frame_of_reference"],
+            "sopInstanceUID": g["sop"],
+            "rows": g["rows"],
+            "columns": g["columns"],
+            "imagePositionPatient": g["position"],
+            "imageOrientationPatient": g["orientation"],
+            "rowCosines": g["orientation"][:3],
+            "columnCosines": g["orientation"][3:],
+            "pixelSpacing": g["pixel_spacing"],
+            "rowPixelSpacing": g["pixel_spacing"][0],
+            "columnPixelSpacing": g["pixel_spacing"][1],
+        }
+        polygon = len(c["outline"]) >= 3
+        points = c["outline"] if polygon else [[c["row"], c["col"]]]
+        expected.append(
+            {
+                "trackingUid": uid_of[c["candidate"]],
+                "toolName": "PlanarFreehandROI" if polygon else "Probe",
+                "sop": g["sop"],
+                "frame": g["frame"],
+                "closed": True if polygon else None,
+                "points": [patient_mm(g, r, col) for r, col in points],
+            }
+        )
+    return images, expected
+
+
+def run_adapter(sr: Path, images: dict, expected: list, work: Path) -> dict:
+    """tests/ohif/check_sr.mjs on ``sr``: OHIF 3.13.2's adapters turn its groups into tool state."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed (Debian: nodejs npm; .ci/run installs them)")
+        pytest.skip("node is not installed (CI installs it: .ci/run)")
+    if not (OHIF_DIR / "node_modules" / "@cornerstonejs" / "adapters").is_dir():
+        pytest.fail(f"run `npm ci` in {OHIF_DIR} (.ci/run does): @cornerstonejs/adapters is not installed")
+    (work / "images.json").write_text(json.dumps(images))
+    (work / "expected.json").write_text(json.dumps(expected))
+    run = subprocess.run(
+        [node, str(OHIF_DIR / "check_sr.mjs"), str(sr), str(work / "images.json"), str(work / "expected.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=OHIF_DIR,
+    )
+    assert run.stdout.strip(), run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert run.returncode == 0 and report["errors"] == [], report["errors"] or run.stderr[-3000:]
+    return report
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom_results")
+    result, sources = phantom_study(root)
+    assert len(result.candidates) >= 3, "seed 3's study has emboli"
+    written = write_study_results(
+        result, sources, write_picture(root / "picture.png"), ALGORITHM, root / "dicom", notes=["series used: test"]
+    )
+    return root, result, sources, written
+
+
+@pytest.fixture(scope="module")
+def phantom_negative(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom_negative")
+    result, sources = phantom_study(root, seed=PHANTOM_SEED + 1, positive=False)
+    written = write_study_results(result, sources, write_picture(root / "picture.png"), ALGORITHM, root / "dicom")
+    return root, result, sources, written
+
+
+def test_a_positive_study_gets_an_sr_and_a_segmentation_without_a_validator_error_or_warning(phantom):
+    _, result, _, written = phantom
+    assert [p.name for p in written.files] == ["sr.dcm", "sc.dcm", "ko.dcm", "seg.dcm"]
+    assert written.candidates == len(result.candidates)
+    for path in written.files:
+        assert validator_report(path) == ([], []), path
+    # The private scheme: the declaration and the nine labels' codes, nothing else.
+    assert private_scheme_warnings(written.sr) == 1 + len(EXAM_LABELS)
+    assert all(private_scheme_warnings(path) == 0 for path in written.files[1:])
+    import highdicom as hd
+
+    assert type(hd.sr.srread(written.sr).content).__name__ == "MeasurementReport"  # highdicom parses it as TID 1500
+
+
+def test_each_candidate_is_a_measurement_group_with_its_place_on_its_key_slice(phantom):
+    _, result, sources, written = phantom
+    values = read_sr_values(written.sr)
+    groups = values["candidates"]
+    assert [g["candidate"] for g in groups] == [c["candidate"] for c in result.candidates]
+    for group, c in zip(groups, result.candidates):
+        key = slice_geometry(sources, c["sop"])
+        graphic_type, data = candidate_scoord(c, key["rows"], key["columns"])
+        assert graphic_type == "POLYLINE" and len(c["outline"]) >= 3
+        # The outline, closed, each vertex (row, col) as (col + 0.5, row + 0.5): DICOM puts the top left
+        # pixel's centre at 0.5, 0.5.
+        outline = [[col + 0.5, row + 0.5] for row, col in c["outline"]]
+        assert np.allclose(data, outline + outline[:1])
+        for region in (group["region"], group["probability_region"]):  # the group's and the NUM's: the same
+            assert region["graphic_type"] == "POLYLINE" and region["sop"] == c["sop"]
+            assert np.allclose(region["graphic_data"], outline + outline[:1], atol=1e-4)
+        assert group["finding"] == ("59282003", "SCT", "Pulmonary embolism")
+        assert group["finding_site"] == FINDING_SITES[c["side"]]
+        assert group["probability"] == pytest.approx(c["score"])
+        # The outline's area (mm², the polygon through the vertices), OHIF's freehand tool shows it.
+        outline_px = np.array(c["outline"])
+        shoelace = 0.5 * abs(
+            np.dot(outline_px[:, 1], np.roll(outline_px[:, 0], -1))
+            - np.dot(outline_px[:, 0], np.roll(outline_px[:, 1], -1))
+        )
+        assert group["area"] == pytest.approx(shoelace * key["pixel_spacing"][0] * key["pixel_spacing"][1], abs=1e-3)
+        assert group["tracking_id"] == f"{CS3D_TRACKING}:PlanarFreehandROI:PE candidate {c['candidate']}"
+        assert (group["slice_first"], group["slice_last"], group["slice_index"]) == (
+            c["slice_first"],
+            c["slice_last"],
+            c["slice_index"],
+        )
+        assert group["algorithm"] == {
+            "name": "pedetect",
+            "version": ALGORITHM.version,
+            "parameters": list(ALGORITHM.bundles),
+        }
+    assert len({g["tracking_uid"] for g in groups}) == len(groups)
+    # The Image Library lists every slice referenced: the key slices and the candidates', in position order.
+    referenced = set(values["key_sops"]) | {c["sop"] for c in result.candidates}
+    assert values["library"] == [name for name in result.sop_uids if name in referenced]
+
+
+def test_a_candidate_without_an_outline_is_a_point(phantom, tmp_path):
+    _, result, sources, _ = phantom
+    record = dict(result.candidates[0], outline=[[1.0, 2.0], [3.0, 4.0]], candidate=1)
+    single = dataclasses.replace(result, candidates=[record])
+    written = write_study_results(single, sources, None, ALGORITHM, tmp_path)
+    (group,) = read_sr_values(written.sr)["candidates"]
+    assert group["region"]["graphic_type"] == "POINT"
+    assert np.allclose(group["region"]["graphic_data"], [[record["col"] + 0.5, record["row"] + 0.5]], atol=1e-4)
+    assert group["tracking_id"] == f"{CS3D_TRACKING}:Probe:PE candidate 1"
+    assert validator_report(written.sr) == ([], [])
+    mask = pydicom.dcmread(written.seg).pixel_array
+    assert mask.sum() == 9 and mask[int(round(record["row"])), int(round(record["col"]))]  # the point, 3 × 3
+
+
+def test_the_exam_outputs_are_qualitative_evaluations_with_all_nine_labels(phantom):
+    _, result, _, written = phantom
+    values = read_sr_values(written.sr)
+    assert list(values["findings"]) == [PE_TRACKING, *EXAM_LABELS]
+    assert values["findings"][PE_TRACKING] == {
+        "code": ("59282003", "SCT"),
+        "probability": pytest.approx(result.pe_probability),
+        "present": True,
+    }
+    for label in EXAM_LABELS:
+        assert values["findings"][label] == {
+            "code": (LABEL_CODES[label][0], PRIVATE_SCHEME),
+            "probability": pytest.approx(result.model_exam_probabilities[label]),
+            "present": result.exam_probabilities[label] > 0.5,
+        }
+    assert values["key_sops"] == [result.sop_uids[i] for i in key_slices(result)]
+    assert values["comments"] == ["series used: test"]
+    sr = pydicom.dcmread(written.sr)
+    # No exam label is a measurement group: every group has its geometry.
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in measurements.ContentSequence:
+        assert any(item.ValueType == "SCOORD" for item in group.ContentSequence)
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+
+
+def test_contributing_equipment_names_the_algorithm_as_air_asks(phantom):
+    _, _, _, written = phantom
+    for path in written.files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        item = ds.ContributingEquipmentSequence[-1]
+        purpose = item.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+            "Newcode1",
+            "99IHE",
+            "Processing Algorithm",
+        )
+        assert item.Manufacturer == "pedetect" and item.ManufacturerModelName == "pedetect"
+        assert list(item.SoftwareVersions) == [ALGORITHM.version, ALGORITHM.identity]
+        assert ds.DeviceUID == ALGORITHM.device_uid
+    other = Algorithm(bundles=("another-bundle demo folds=0 sha256:fedcba9876543210",))
+    assert other.device_uid != ALGORITHM.device_uid  # a new bundle is a new device
+
+
+def test_the_segmentation_has_a_segment_per_candidate_on_its_key_slice(phantom):
+    _, result, _, written = phantom
+    seg = pydicom.dcmread(written.seg)
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY" and NOT_DIAGNOSTIC in seg.SeriesDescription
+    sr_groups = {g["candidate"]: g for g in read_sr_values(written.sr)["candidates"]}
+    assert len(seg.SegmentSequence) == len(result.candidates)
+    for segment, c in zip(seg.SegmentSequence, result.candidates):
+        assert segment.SegmentLabel == f"PE candidate {c['candidate']}"
+        assert segment.TrackingUID == sr_groups[c["candidate"]]["tracking_uid"]  # the SR's group, the same UID
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "55584005"  # Embolus
+        site = segment.AnatomicRegionSequence[0]
+        assert (site.CodeValue, site.CodingSchemeDesignator, site.CodeMeaning) == FINDING_SITES[c["side"]]
+    frames = seg.pixel_array.reshape(-1, PHANTOM_SIZE, PHANTOM_SIZE)
+    seen = set()
+    for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, frames):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        c = result.candidates[number - 1]
+        assert source == c["sop"]  # the key slice, nothing else
+        assert np.array_equal(frame.astype(bool), candidate_mask(c, PHANTOM_SIZE, PHANTOM_SIZE))
+        assert frame[int(round(c["row"])), int(round(c["col"]))]  # the point is inside
+        rows, cols = np.nonzero(frame)
+        outline = np.array(c["outline"])
+        assert rows.min() >= outline[:, 0].min() - 1 and rows.max() <= outline[:, 0].max() + 1
+        assert cols.min() >= outline[:, 1].min() - 1 and cols.max() <= outline[:, 1].max() + 1
+        seen.add(number)
+    assert seen == set(range(1, len(result.candidates) + 1))
+
+
+def test_ohifs_sr_reader_turns_every_group_into_tool_state_at_the_candidates_coordinates(phantom, tmp_path):
+    """@cornerstonejs/adapters 5.6.8 and dcmjs 0.52.0 (OHIF 3.13.2's) in node: every measurement group
+    is rehydratable and becomes a PlanarFreehandROI whose contour is the candidate's outline, in
+    patient coordinates (cornerstone's image coordinates put the first pixel's centre at 0.5, as DICOM)."""
+    _, result, sources, written = phantom
+    values = read_sr_values(written.sr)
+    images, expected = adapter_inputs(result, sources, values)
+    report = run_adapter(written.sr, images, expected, tmp_path)
+    assert report["groups"] == len(result.candidates) == len(report["found"])
+    assert {r["adapter"] for r in report["rehydratable"]} == {"PlanarFreehandROI"}
+    for found, c in zip(sorted(report["found"], key=lambda f: f["label"]), result.candidates):
+        assert found["label"].startswith(f"PE candidate {c['candidate']}: ")  # the group's comment
+        assert found["finding"] == "Pulmonary embolism" and found["findingSites"] == [FINDING_SITES[c["side"]][2]]
+
+
+def test_ohifs_sr_reader_reads_a_point_as_a_probe(phantom, tmp_path):
+    _, result, sources, _ = phantom
+    record = dict(result.candidates[1], outline=[], candidate=1)
+    single = dataclasses.replace(result, candidates=[record])
+    written = write_study_results(single, sources, None, ALGORITHM, tmp_path / "dicom")
+    images, expected = adapter_inputs(single, sources, read_sr_values(written.sr))
+    report = run_adapter(written.sr, images, expected, tmp_path)
+    assert [f["toolName"] for f in report["found"]] == ["Probe"]
+
+
+def test_a_study_without_candidates_gets_an_sr_without_measurement_groups_and_no_segmentation(phantom_negative):
+    _, result, _, written = phantom_negative
+    assert result.candidates == [] and not result.pe_positive
+    assert written.seg is None and "no clot candidate: no segmentation" in written.notes
+    assert [p.name for p in written.files] == ["sr.dcm", "sc.dcm", "ko.dcm"]
+    for path in written.files:
+        assert validator_report(path) == ([], []), path
+    sr = pydicom.dcmread(written.sr)
+    concepts = [
+        item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+    ]
+    assert concepts == ["111028", "C0034375"]  # Image Library, Qualitative Evaluations: no Imaging Measurements
+    title = sr.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == (
+        "24627-2",
+        "LN",
+    )  # "CT Chest Report": OHIF shows it as text
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    values = read_sr_values(written.sr)
+    assert values["candidates"] == [] and list(values["findings"]) == [PE_TRACKING, *EXAM_LABELS]
+    assert values["findings"][PE_TRACKING]["present"] is False
+    assert values["findings"]["negative_exam_for_pe"]["present"] is True
+
+
+def test_the_secondary_capture_has_no_laterality(phantom):
+    _, _, _, written = phantom
+    assert "Laterality" not in pydicom.dcmread(written.sc, stop_before_pixels=True)

@@ -1,9 +1,9 @@
 """DICOM results of an Enhanced (multi-frame) CT study (issue #22): the predictions name a frame's
-slice ``<SOPInstanceUID>#<n>``; the SR, the KOS and the SC must instead reference the multi-frame
-instance by its own SOPInstanceUID and the frame by ReferencedFrameNumber.
+slice ``<SOPInstanceUID>#<n>``; the SR, the KOS, the SEG and the SC must instead reference the
+multi-frame instance by its own SOPInstanceUID and the frame by ReferencedFrameNumber.
 
-The study is made by ``pedetect synth --enhanced`` (seed 4 of the test split: a positive study whose
-frames are stored out of position order, so a frame number is not a slice's place in the series);
+The study is made by ``pedetect synth --enhanced`` (seed 4 of the test split: a study whose frames are
+stored out of position order, so a frame number is not a slice's place in the series);
 the bundle has random weights (pedetect.testing): what is checked is how the key slices are
 referenced, not which ones the model chose.
 """
@@ -21,7 +21,7 @@ from pedetect.hospital.results import key_slices, read_sr_values, result_from_re
 from pedetect.hospital.serve import answered
 from pedetect.synth import write_dataset
 from pedetect.testing import write_random_bundle
-from test_dicom_results import validator_errors
+from test_dicom_results import adapter_inputs, run_adapter, validator_report
 from test_serve import Serve, c_store, wait_for
 from train_fixtures import tiny_config
 
@@ -36,7 +36,7 @@ def enhanced(tmp_path_factory):
     from pedetect.cli import app
 
     root = tmp_path_factory.mktemp("enhanced_results")
-    labels = write_dataset(
+    write_dataset(
         root / "data",
         1,
         slices=SLICES,
@@ -48,7 +48,6 @@ def enhanced(tmp_path_factory):
         positive_fraction=0.9,
         indeterminate_fraction=0.1,
     )
-    assert labels["pe_present_on_image"].sum() > 0  # a positive study
     (source,) = sorted((root / "data" / "test").rglob("*.dcm"))
     header = pydicom.dcmread(source, stop_before_pixels=True)
     assert int(header.NumberOfFrames) == SLICES
@@ -105,6 +104,17 @@ def image_references(items) -> list[tuple[str, str, list[int]]]:
     return found
 
 
+def key_image_references(sr) -> list[tuple[str, str, list[int]]]:
+    """The IMAGE items the PE evaluation (Qualitative Evaluations) is inferred from: the key slices."""
+    (evaluations,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    (pe,) = [
+        i
+        for i in evaluations.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "59282003"
+    ]
+    return image_references([i for i in pe.ContentSequence if i.ValueType == "IMAGE"])
+
+
 def key_frames(result) -> list[int]:
     """The frame numbers of the study's key slices, in position order."""
     numbers = []
@@ -118,8 +128,11 @@ def test_the_sr_references_each_key_slice_as_its_instance_and_frame(enhanced):
     sr = pydicom.dcmread(folder / "sr.dcm")
     expected = key_frames(result)
     assert len(expected) >= 3 and all(1 <= f <= SLICES for f in expected)
-    refs = image_references(sr.ContentSequence)
+    refs = key_image_references(sr)
     assert refs == [(header.SOPClassUID, header.SOPInstanceUID, [f]) for f in expected]
+    # Every other reference (the Image Library, the candidates' regions) is the instance and one frame too.
+    for _, sop, frames in image_references(sr.ContentSequence):
+        assert sop == header.SOPInstanceUID and len(frames) == 1 and 1 <= frames[0] <= SLICES
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.SeriesInstanceUID == header.SeriesInstanceUID
     assert [item.ReferencedSOPInstanceUID for item in evidence.ReferencedSOPSequence] == [header.SOPInstanceUID]  # once
@@ -136,7 +149,7 @@ def test_the_frames_referenced_are_the_key_slices_at_their_positions(enhanced):
         for n, item in enumerate(header.PerFrameFunctionalGroupsSequence)
     }
     sr = pydicom.dcmread(folder / "sr.dcm")
-    frames = [f for _, _, (f,) in image_references(sr.ContentSequence)]
+    frames = [f for _, _, (f,) in key_image_references(sr)]
     assert [z_of_frame[f] for f in frames] == pytest.approx([result.z[i] for i in key_slices(result)])
     assert [p > 0.5 for p in result.slice_probabilities].count(True) <= len(frames)
 
@@ -149,13 +162,32 @@ def test_the_kos_references_the_instance_once_with_its_key_frames(enhanced):
 
 def test_every_uid_of_the_results_is_a_valid_uid_and_the_results_validate(enhanced):
     folder, header, _, _, _ = enhanced
-    for name in ("sr.dcm", "ko.dcm", "sc.dcm"):
+    for name in sorted(p.name for p in folder.iterdir()):
         ds = pydicom.dcmread(folder / name)
         values = uid_values(ds)
         assert header.SOPInstanceUID in values or name == "sc.dcm"  # the SC has no image references
         bad = [v for v in values if not (UID.match(v) and len(v) <= 64)]
         assert bad == [], (name, bad)
-        assert validator_errors(folder / name) == [], name
+        assert validator_report(folder / name) == ([], []), name
+
+
+def test_the_candidates_reference_their_frames_in_the_sr_the_segmentation_and_for_ohif(enhanced, tmp_path):
+    """Each candidate's region is on its key frame (the instance and ReferencedFrameNumber); the SEG's
+    frames derive from those frames of the instance; OHIF's SR reader finds each on its frame."""
+    folder, header, result, _, source = enhanced
+    assert result.candidates, "the random bundle's maps give candidates"
+    values = read_sr_values(folder / "sr.dcm")
+    assert [g["region"]["sop"] for g in values["candidates"]] == [c["sop"] for c in result.candidates]
+    seg = pydicom.dcmread(folder / "seg.dcm")
+    derived = set()
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == header.SOPInstanceUID
+        derived.add(int(ref.ReferencedFrameNumber))
+    assert derived == {split_frame_key(c["sop"])[1] for c in result.candidates}
+    images, expected = adapter_inputs(result, {header.SOPInstanceUID: source}, values)
+    report = run_adapter(folder / "sr.dcm", images, expected, tmp_path)
+    assert len(report["found"]) == len(result.candidates)
 
 
 def test_serve_answers_an_enhanced_study_with_frame_references(enhanced, tmp_path):
@@ -172,7 +204,7 @@ def test_serve_answers_an_enhanced_study_with_frame_references(enhanced, tmp_pat
         node.stop()
     assert record["slices"] == SLICES and record["lost"] == [], record
     assert record["series"]["used"] == header.SeriesInstanceUID
-    assert sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
+    assert sorted(record["results"]) == ["ko.dcm", "sc.dcm", "seg.dcm", "sr.dcm"]
     (sr_path,) = [p for p in (spool / "outbox").rglob("sr.dcm")]
     sr = pydicom.dcmread(sr_path)
     refs = image_references(sr.ContentSequence)

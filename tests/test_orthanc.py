@@ -20,6 +20,7 @@ import pytest
 
 from pedetect.hospital.results import read_sr_values
 from pedetect.hospital.serve import answered
+from pedetect.hospital.answer import DicomAnswer
 from pedetect.infer.predict import predict
 from test_serve import c_store, free_port, serves, study, wait_for  # noqa: F401  (fixtures)
 
@@ -133,9 +134,15 @@ def orthancs(tmp_path):
         server.stop()
 
 
-def results_in(pacs: Orthanc, study: str):
+def results_in(pacs: Orthanc, study: str, kinds=("SR", "OT", "KO")):
     series = pacs.series_of(study)
-    return series if all(kind in series for kind in ("SR", "OT", "KO")) else None
+    return series if all(kind in series for kind in kinds) else None
+
+
+def result_kinds(record: dict) -> dict[str, int]:
+    """One instance of each result an answered study's record lists: SR, SC (OT) and KOS, and a SEG
+    when the study has clot candidates."""
+    return {"SR": 1, "OT": 1, "KO": 1} | ({"SEG": 1} if "seg.dcm" in record["results"] else {})
 
 
 def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(study, serves, orthancs, tmp_path):
@@ -147,9 +154,12 @@ def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(stud
     node = serves(model, spool, f"dicomweb:{pacs.url}/dicom-web", settle=1.0, port=port)
     for path in files:  # the study stored in the PACS, which routes it (Lua, OnStableSeries) to pedetect
         pacs.post("/instances", path.read_bytes(), "application/dicom")
-    series = wait_for(lambda: results_in(pacs, uid), 120, "the SR, SC and KOS in Orthanc", node.process, node.log)
+    record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+    kinds = result_kinds(record)
+    series = wait_for(
+        lambda: results_in(pacs, uid, kinds), 120, "the SR, SC and KOS in Orthanc", node.process, node.log
+    )
     stored_at = time.time()
-    record = answered(spool, uid)
     latency = stored_at - record["last_received"]
     print(
         f"\nlast instance received → SR, SC and KOS in Orthanc's DICOMweb: {latency:.2f} s (settle 1.0 s, "
@@ -161,7 +171,7 @@ def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(stud
         files[0].parent,
         [model],
         tmp_path / "sub.csv",
-        dicom_out=tmp_path / "dicom",
+        on_prediction=DicomAnswer(tmp_path / "dicom", echo=lambda m: None),
         device="cpu",
         progress=False,
         echo=lambda m: None,
@@ -185,7 +195,7 @@ def test_orthanc_routes_a_study_to_serve_and_gets_sr_sc_and_key_images_back(stud
     assert sc.SamplesPerPixel == 3 and sc.pixel_array.std() > 0
     assert sc.PatientID == sr.PatientID == pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
     # One answer: three new series, one instance each.
-    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 1, "SR": 1, "OT": 1, "KO": 1}
+    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 1} | kinds
 
 
 def test_results_wait_for_a_pacs_that_is_down_and_arrive_by_c_store_when_it_returns(study, serves, orthancs, tmp_path):
@@ -195,14 +205,15 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_by_c_store_when_it_retu
     spool = tmp_path / "spool"
     node = serves(model, spool, f"dimse:ORTHANC@127.0.0.1:{pacs.dicom}", settle=0.3, port=port)
     assert c_store(node.port, files) == [0] * len(files)
-    wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+    record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+    kinds = result_kinds(record)
     wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
-    assert len(list((spool / "outbox").rglob("*.dcm"))) == 3
+    assert len(list((spool / "outbox").rglob("*.dcm"))) == len(record["results"])
     pacs.start()
     series = wait_for(
-        lambda: results_in(pacs, uid), 60, "the results in Orthanc after it returned", node.process, node.log
+        lambda: results_in(pacs, uid, kinds), 60, "the results in Orthanc after it returned", node.process, node.log
     )
-    assert {kind: len(uids) for kind, uids in series.items()} == {"SR": 1, "OT": 1, "KO": 1}
+    assert {kind: len(uids) for kind, uids in series.items()} == kinds
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
 
 
@@ -242,8 +253,10 @@ def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_t
     )
     assert result.exit_code == 0, result.output
     assert "localizer (scout)" in result.output and "results stored" in result.output
-    series = wait_for(lambda: results_in(pacs, uid), 10, "the results in Orthanc")
-    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 2, "SR": 1, "OT": 1, "KO": 1}
+    written_files = sorted(p.name for p in (tmp_path / "dicom" / uid).glob("*.dcm"))
+    kinds = result_kinds({"results": written_files})
+    series = wait_for(lambda: results_in(pacs, uid, kinds), 10, "the results in Orthanc")
+    assert {kind: len(uids) for kind, uids in series.items()} == {"CT": 2} | kinds
     (sr,) = pacs.retrieve(uid, series["SR"][0])
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     got, written = read_sr_values(tmp_path / "sr.dcm"), read_sr_values(tmp_path / "dicom" / uid / "sr.dcm")
@@ -253,7 +266,7 @@ def test_predict_dicomweb_retrieves_from_orthanc_chooses_the_series_and_stores_t
         files[0].parent,
         [model],
         tmp_path / "direct.csv",
-        dicom_out=tmp_path / "direct",
+        on_prediction=DicomAnswer(tmp_path / "direct", echo=lambda m: None),
         device="cpu",
         progress=False,
         echo=lambda m: None,

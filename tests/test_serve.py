@@ -230,22 +230,22 @@ def test_serve_answers_a_study_and_delivers_when_the_destination_comes_back(stud
     assert statuses == [0] * (len(files) + 2)
     assert len(list((spool / "incoming").rglob("*.dcm"))) == len(files)  # the non-CT one not kept, the twice-sent once
     record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
-    assert (
-        record["slices"] == len(files)
-        and record["lost"] == []
-        and sorted(record["results"]) == ["ko.dcm", "sc.dcm", "sr.dcm"]
-    )
+    # The SR, SC and KOS, and a SEG when the study has clot candidates.
+    results = sorted(record["results"])
+    assert record["slices"] == len(files) and record["lost"] == []
+    assert set(results) - {"seg.dcm"} == {"ko.dcm", "sc.dcm", "sr.dcm"}
+    kinds = ["KO", "OT", "SR"] + (["SEG"] if "seg.dcm" in results else [])
     wait_for(lambda: "delivery of study" in node.text(), 30, "a failed delivery", node.process, node.log)
-    assert len(list((spool / "outbox").rglob("*.dcm"))) == 3  # kept on disk while the destination is down
+    assert len(list((spool / "outbox").rglob("*.dcm"))) == len(results)  # kept on disk while the destination is down
     destination.start()
     got = wait_for(
-        lambda: (lambda f: f if len(f) == 3 else None)(destination.of_study(uid)),
+        lambda: (lambda f: f if len(f) == len(results) else None)(destination.of_study(uid)),
         60,
         "the results at the destination",
         node.process,
         node.log,
     )
-    assert sorted(got) == ["KO", "OT", "SR"]
+    assert sorted(got) == sorted(kinds)
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
     sr_path = destination.folder / f"{got['SR'][0].SOPInstanceUID}.dcm"
     values = read_sr_values(sr_path)
@@ -267,18 +267,21 @@ def test_serve_killed_during_a_prediction_answers_the_study_once_after_a_restart
     node.kill()
     assert answered(spool, uid) is None
     again = serves(model, spool, f"dimse:DEST@127.0.0.1:{destination.port}", settle=0.3, port=node.port)
+    record = wait_for(lambda: answered(spool, uid), 120, "the answer after the restart", again.process, again.log)
+    assert "results" in record, (record, again.text())
     wait_for(
-        lambda: len(destination.of_study(uid)) == 3, 120, "the results after the restart", again.process, again.log
+        lambda: len(destination.of_study(uid)) == len(record["results"]),
+        120,
+        "the results after the restart",
+        again.process,
+        again.log,
     )
     assert "resuming 1 received study" in again.text()
     time.sleep(1.0)
     received = destination.of_study(uid)
     # Answered once: one result per kind (the same UIDs, had the killed run already sent any).
-    assert {kind: len({ds.SOPInstanceUID for ds in items}) for kind, items in received.items()} == {
-        "KO": 1,
-        "OT": 1,
-        "SR": 1,
-    }
+    kinds = {"KO": 1, "OT": 1, "SR": 1} | ({"SEG": 1} if "seg.dcm" in record["results"] else {})
+    assert {kind: len({ds.SOPInstanceUID for ds in items}) for kind, items in received.items()} == kinds
 
 
 def test_a_second_node_on_the_same_spool_is_refused(study, serves, tmp_path):

@@ -89,14 +89,14 @@ def test_serve_answers_a_pacs_study_from_its_ctpa_series_naming_the_rest_and_the
         bad = corrupt(files[4], tmp_path / "corrupt")
         sent = [*files[:4], bad, *files[5:], *variants["scout"], *variants["lung"], *variants["coronal"]]
         assert c_store(node.port, sent) == [0] * len(sent)
+        record = wait_for(lambda: answered(spool, uid), 120, "the answer", node.process, node.log)
         got = wait_for(
-            lambda: (lambda f: f if len(f) == 3 else None)(dest.of_study(uid)),
-            120,
+            lambda: (lambda f: f if len(f) == len(record["results"]) else None)(dest.of_study(uid)),
+            60,
             "the results",
             node.process,
             node.log,
         )
-        record = answered(spool, uid)
         assert record["series"]["used"] == pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
         assert len(record["series"]["not_used"]) == 3 and record["slices"] == len(files) - 1
         bad_sop = pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID

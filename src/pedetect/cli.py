@@ -11,8 +11,7 @@ import typer
 from pedetect import __version__
 from pedetect.demo.command import demo_command
 from pedetect.export.command import export_command
-from pedetect.infer.command import predict_command
-from pedetect.hospital.command import serve_command
+from pedetect.hospital.command import predict_command, serve_command
 from pedetect.metric.command import calibrate_command, check_command, evaluate_command
 from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command

@@ -1,7 +1,13 @@
-"""``pedetect serve`` (Typer and pathlib only at import: ``--help`` stays fast)."""
+"""``pedetect predict`` and ``pedetect serve`` (Typer and pathlib only at import: ``--help`` stays fast).
+
+``predict`` lives here, above :mod:`pedetect.infer`, because its ``--dicom-out`` and ``--dicomweb``
+answer studies with DICOM results (:mod:`pedetect.hospital.answer`): nothing in ``infer`` imports
+``hospital``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -99,3 +105,170 @@ def serve_command(
                 server.stop()
     except FolderLocked as error:
         raise fail(str(error)) from None
+
+
+def predict_command(
+    input_path: Optional[Path] = typer.Argument(
+        None,
+        help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb).",
+    ),
+    model: list[Path] = typer.Option(
+        ..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."
+    ),
+    report: Optional[Path] = typer.Option(
+        None,
+        "--report",
+        help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG.",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    tta: bool = typer.Option(
+        False,
+        "--tta",
+        help="Also predict each series flipped left-right and average (the flipped view's left and right exchanged back).",
+    ),
+    sample: Optional[Path] = typer.Option(
+        None,
+        "--sample",
+        help="Sample submission: write its ids in its order (ids the input lacks get the training prior).",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per CNN batch."),
+    runtime: str = typer.Option(
+        "auto",
+        "--runtime",
+        help="auto, torch, onnx or onnx-int8. auto: PyTorch on a GPU; on a CPU the fastest runtime that pedetect export "
+        "made and found exact enough (int8, then ONNX fp32), else PyTorch.",
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for the models (default: every core)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    dicom_out: Optional[Path] = typer.Option(
+        None,
+        "--dicom-out",
+        help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
+        "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
+    ),
+    clots: Optional[Path] = typer.Option(
+        None,
+        "--clots",
+        help="CSV of clot candidates: one row per candidate (StudyInstanceUID, candidate, score, side, key slice "
+        "SOPInstanceUID and slice_index, row and col of its point in that image's pixel grid, slice range, patient mm, "
+        "outline); found where the slice CNN's activation maps peak (docs/localisation.md). Score it with "
+        "pedetect evaluate --clots TRUTH --candidates FILE.",
+    ),
+    dicomweb: Optional[str] = typer.Option(
+        None,
+        "--dicomweb",
+        help="Instead of INPUT: a DICOMweb server (e.g. http://pacs:8042/dicom-web); studies from --study "
+        "and --qido are retrieved with WADO-RS, their CTPA series chosen (docs/dicom_results.md) and answered with DICOM results.",
+    ),
+    study: list[str] = typer.Option(
+        [], "--study", help="With --dicomweb: a StudyInstanceUID to predict; repeat for more."
+    ),
+    qido: list[str] = typer.Option(
+        [],
+        "--qido",
+        help="With --dicomweb: a QIDO-RS filter KEY=VALUE selecting studies (e.g. StudyDate=20200101-20201231); repeatable.",
+    ),
+    min_slices: int = typer.Option(
+        20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."
+    ),
+    decode_timeout: float = typer.Option(
+        60.0,
+        "--decode-timeout",
+        min=0.0,
+        metavar="SECONDS",
+        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
+        "(its row interpolated, as for any slice that cannot be read). 0: no limit (decode in this process).",
+    ),
+    destination: Optional[str] = typer.Option(
+        None,
+        "--destination",
+        help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",
+    ),
+) -> None:
+    """Predict PE from raw DICOM: every fold's CNN and sequence head of every bundle, averaged, with
+    the label rules enforced (the repair of pedetect check --fix).
+
+    Studies are read one at a time with the settings of the slice store the model was trained on;
+    the next study is decoded while the models work. A slice that cannot be read still gets a row
+    (interpolated from its neighbours); a study with no readable slice gets the training prior. The
+    summary names everything lost; the exit status is 1 when anything was, 2 on unusable arguments.
+    """
+    from pedetect.infer.predict import predict
+    from pedetect.metric.submission import InputError
+    from pedetect.models.bundle import BundleError
+
+    if (input_path is None) == (dicomweb is None):
+        raise fail("give one of INPUT (a folder or a zip) and --dicomweb URL")
+    if dicomweb is None and (study or qido or destination):
+        raise fail("--study, --qido and --destination go with --dicomweb")
+    options = dict(
+        report_dir=report,
+        device=device,
+        tta=tta,
+        sample=sample,
+        batch_size=batch_size,
+        runtime=runtime,
+        threads=threads,
+        progress=progress,
+        decode_timeout=decode_timeout,
+        clots=clots,
+    )
+    from contextlib import ExitStack
+
+    from pedetect.io import FolderLocked, folder_lock, output_lock
+
+    locks = ExitStack()  # one writer per output: the submission, the report and the DICOM results folders
+    try:
+        locks.enter_context(output_lock(out, command="pedetect predict"))
+        if clots is not None:
+            locks.enter_context(output_lock(clots, command="pedetect predict"))
+        for folder in (report, dicom_out):
+            if folder is not None:
+                locks.enter_context(folder_lock(folder, command="pedetect predict"))
+    except FolderLocked as error:
+        locks.close()
+        raise fail(str(error)) from None
+    try:
+        if dicomweb is not None:
+            from pedetect.hospital.dicomweb import parse_filters, predict_dicomweb
+
+            summary = predict_dicomweb(
+                dicomweb,
+                study,
+                parse_filters(qido),
+                list(model),
+                out,
+                dicom_out=dicom_out,
+                destination=destination,
+                min_slices=min_slices,
+                **options,
+            )
+        else:
+            from pedetect.hospital.answer import DicomAnswer
+
+            answer = DicomAnswer(dicom_out) if dicom_out is not None else None
+            summary = predict(input_path, list(model), out, on_prediction=answer, **options)
+    except (BundleError, InputError, FileNotFoundError, ValueError) as error:
+        raise fail(str(error)) from None
+    except OSError as error:
+        from pedetect.io import is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        raise fail(
+            f"no room to write {error.filename or out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
+            "no file was left half-written and no submission was written: free space and run the same command again",
+            code=1,
+        ) from None
+    finally:
+        locks.close()
+    typer.echo(summary.text(), err=True)
+    if report is not None:
+        typer.echo(f"report: {report / 'index.html'}", err=True)
+    if not summary.ok:
+        raise typer.Exit(1)

@@ -3,22 +3,21 @@ predicted as ``pedetect predict`` does, answered with DICOM results (and sent ba
 ``--destination``).
 
 Each study's CT series are retrieved one instance at a time (``iter_series``) into a temporary
-folder; the CTPA series is chosen by :mod:`pedetect.hospital.selection`; the chosen series of all
-studies are predicted in one run of :func:`pedetect.infer.predict.predict` (one study in memory at
-a time), then each study's SR, SC and KOS are written to ``--dicom-out`` (a temporary folder when
-not given) and stored with ``--destination``.
+folder, and every retrieved study goes through one run of :func:`pedetect.infer.predict.predict`
+(one study in memory at a time) with :mod:`pedetect.hospital.answer`'s hooks: the CTPA series
+chosen on the headers predict scanned (:class:`~pedetect.hospital.answer.SeriesChoice`), and each
+study's SR, SC, KOS and SEG made from its prediction (:class:`~pedetect.hospital.answer.DicomAnswer`),
+written to ``--dicom-out`` (a temporary folder when not given) and stored with ``--destination``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from pedetect.console import echo as console_echo
-from pedetect.hospital.selection import MIN_SLICES, Selection, select_series
+from pedetect.hospital.selection import MIN_SLICES
 
 STUDY_UID_TAG, SERIES_UID_TAG, MODALITY_TAG = "0020000D", "0020000E", "00080060"
 
@@ -76,7 +75,6 @@ def predict_dicomweb(
     *,
     dicom_out: Optional[Path] = None,
     destination: Optional[str] = None,
-    report_dir: Optional[Path] = None,
     min_slices: int = MIN_SLICES,
     echo: Callable[[str], None] = console_echo,
     **options,
@@ -85,11 +83,9 @@ def predict_dicomweb(
     predict's summary with the studies that could not be retrieved, selected or delivered among its failures."""
     from dicomweb_client.api import DICOMwebClient
 
+    from pedetect.hospital.answer import DicomAnswer, SeriesChoice
     from pedetect.hospital.deliver import parse_destination
-    from pedetect.hospital.results import algorithm_of, describe, result_from_report, write_study_results
-    from pedetect.infer.report import safe_name
     from pedetect.infer.predict import predict
-    from pedetect.models.bundle import read_bundle
 
     target = parse_destination(destination) if destination else None
     client = DICOMwebClient(url=url.rstrip("/"))
@@ -97,52 +93,25 @@ def predict_dicomweb(
     if not uids:
         raise ValueError(f"no study to predict: give --study UID or a --qido filter that finds studies at {url}")
     with tempfile.TemporaryDirectory(prefix="pedetect-dicomweb-") as scratch:
-        scratch = Path(scratch)
-        selections: dict[str, Selection] = {}
+        retrieved = Path(scratch) / "retrieved"
+        retrieved.mkdir()
         failed: list[tuple[str, str]] = []
         for uid in uids:
             try:
-                files = retrieve_study(client, uid, scratch / "retrieved")
+                files = retrieve_study(client, uid, retrieved)
             except Exception as error:  # this study lost, the others go on
                 failed.append((uid, f"not retrieved from {url}: {type(error).__name__}: {str(error)[:200]}"))
                 continue
-            selection = select_series(files, min_slices)
-            echo(f"study {uid}: {len(files)} CT instance(s) retrieved; " + "; ".join(selection.notes()))
-            if selection.chosen is None:
-                failed.append((uid, "no usable CT series: " + "; ".join(selection.notes()[1:])))
-                continue
-            selections[uid] = selection
-            for path in selection.files:
-                link = scratch / "input" / safe_name(uid) / path.name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.link(path, link)
-        report = Path(report_dir) if report_dir else scratch / "report"
-        results_dir = Path(dicom_out) if dicom_out else scratch / "dicom"
-        (scratch / "input").mkdir(exist_ok=True)
-        summary = predict(scratch / "input", model_dirs, out, report_dir=report, echo=echo, **options)
-        algorithm = algorithm_of([read_bundle(path) for path in model_dirs])
-        for uid, selection in selections.items():
-            json_path = report / f"{safe_name(uid)}.json"
-            try:
-                written = write_study_results(
-                    result_from_report(json_path),
-                    {p.stem: p for p in selection.files},
-                    json_path.with_suffix(".png"),
-                    algorithm,
-                    results_dir,
-                    notes=selection.notes(),
-                )
-                echo(describe(written))
-                if target is not None:
-                    target.send(written.files)
-                    echo(f"study {uid}: results stored ({target.describe()})")
-            except Exception as error:
-                failed.append(
-                    (uid, f"DICOM results not written or not stored: {type(error).__name__}: {str(error)[:200]}")
-                )
+            echo(f"study {uid}: {len(files)} CT instance(s) retrieved")
+        choice = SeriesChoice(min_slices)
+        answer = DicomAnswer(
+            Path(dicom_out) if dicom_out else Path(scratch) / "dicom",
+            notes=choice.notes,
+            send=target.send if target is not None else None,
+            sent_to=target.describe() if target is not None else "",
+            echo=echo,
+        )
+        summary = predict(retrieved, model_dirs, out, echo=echo, choose_series=choice, on_prediction=answer, **options)
         summary.studies_failed += failed
-        summary.n_studies += sum(1 for uid, _ in failed if uid not in selections)
-        if report_dir is None:
-            summary.report = None
-        shutil.rmtree(scratch / "retrieved", ignore_errors=True)
+        summary.n_studies += len(failed)
     return summary

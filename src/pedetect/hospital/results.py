@@ -1,5 +1,6 @@
 """A study's prediction as DICOM objects: a Comprehensive SR (TID 1500), a Secondary Capture of the
-report picture and a Key Object Selection of the key slices (docs/dicom_results.md).
+report picture, a Key Object Selection of the key slices and a Segmentation of the clot candidates
+(docs/dicom_results.md).
 
 Every object is a new series of the source study. Only the patient and study modules are copied
 from the source (highdicom copies them from the first evidence instance); type 2 attributes the
@@ -13,12 +14,21 @@ second answer.
 A key slice of an Enhanced (multi-frame) CT file is named ``<SOPInstanceUID>#<frame>`` in the
 predictions (:func:`pedetect.dicom.frames.frame_key`); that name is no UID, so every reference here
 is the instance's own SOPInstanceUID with ReferencedFrameNumber (:class:`KeyRef`).
+
+The SR's content tree (docs/dicom_results.md): an Image Library (TID 1600) of every referenced slice;
+one Measurement Group (TID 1410, Planar ROI) per clot candidate of the study, with its outline (or
+point) on its key slice as the Image Region and again under the probability NUM, which is where
+OHIF's SR reader (@cornerstonejs/adapters) looks for it; and the exam-level outputs (PE and the
+challenge's nine labels: the model's probability and the decision after the label rules) as CODE
+items of the Qualitative Evaluations container, the PE decision inferred from the key slices.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -47,16 +57,31 @@ LABEL_CODES: dict[str, tuple[str, str]] = {  # exam label -> (code value, code m
     "rv_lv_ratio_gte_1": ("RVLV-GTE-1", "RV/LV diameter ratio >= 1"),
     "rv_lv_ratio_lt_1": ("RVLV-LT-1", "RV/LV diameter ratio < 1"),
 }
-PE_TRACKING = "pulmonary_embolism"  # the tracking identifier of the study-level PE finding
+PE_TRACKING = "pulmonary_embolism"  # the key of the study-level PE finding in read_sr_values' findings
 N_KEY_TOP = 3  # the most suspicious slices always referenced (as the report picture shows them)
-SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903}
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903, "seg": 9904}
 NOT_DIAGNOSTIC = "NOT FOR DIAGNOSTIC USE"
 SERIES_DESCRIPTIONS = {
     "sr": f"pedetect PE result ({NOT_DIAGNOSTIC})",
     "sc": f"pedetect PE picture ({NOT_DIAGNOSTIC})",
     "ko": f"pedetect PE key slices ({NOT_DIAGNOSTIC})",
+    "seg": f"pedetect PE candidates ({NOT_DIAGNOSTIC})",
 }
-FILE_NAMES = {"sr": "sr.dcm", "sc": "sc.dcm", "ko": "ko.dcm"}
+FILE_NAMES = {"sr": "sr.dcm", "sc": "sc.dcm", "ko": "ko.dcm", "seg": "seg.dcm"}
+# Where each candidate is (localise's side, from the patient's own lungs) as the SNOMED CT finding site.
+# "central" is between the lungs' medial edges: the pulmonary trunk and the start of both main arteries.
+FINDING_SITES: dict[str, tuple[str, str, str]] = {
+    "central": ("45341000", "SCT", "Pulmonary trunk"),
+    "right": ("78480002", "SCT", "Right pulmonary artery"),
+    "left": ("50408007", "SCT", "Left pulmonary artery"),
+}
+# cornerstone's tracking-identifier convention (@cornerstonejs/adapters, CORNERSTONE_3D_TAG): OHIF picks the
+# tool that can show and edit a measurement group by this prefix; without it a freehand outline is drawn
+# read-only and cannot be tracked. The text after the tool name is pedetect's own.
+CS3D_TRACKING = "Cornerstone3DTools@^0.1.0"
+CS3D_TOOLS = {"POLYLINE": "PlanarFreehandROI", "POINT": "Probe"}
+# IHE AI Results (AIR) Rev 1.1, 6.5.3.1: the Contributing Equipment item of the algorithm.
+AIR_PURPOSE = ("Newcode1", "99IHE", "Processing Algorithm")
 # Type 2 attributes of the Patient and General Study modules: written empty when the source lacks them.
 TYPE2_PATIENT_STUDY = (
     "PatientName",
@@ -87,6 +112,11 @@ class Algorithm:
     def identity(self) -> str:
         return hashlib.sha256("|".join(self.bundles).encode()).hexdigest()[:16]
 
+    @property
+    def device_uid(self) -> str:
+        """The algorithm's Device UID (AIR): a new one with every other bundle (or pedetect version)."""
+        return _uid("pedetect-device", self.identity)
+
 
 def algorithm_of(bundles: Sequence[Any]) -> Algorithm:
     """The algorithm identity of an ensemble's bundles (``pedetect.models.bundle.Bundle``)."""
@@ -115,6 +145,29 @@ class KeyRef:
         return sop if self.frame is None else frame_key(sop, self.frame)
 
 
+@dataclass(frozen=True)
+class CandidateRef:
+    """One clot candidate (a ``StudyResult.candidates`` record) with its key slice as DICOM references
+    it and its tracking identity (the same in the SR's measurement group and the SEG's segment)."""
+
+    record: dict
+    ref: KeyRef
+    tracking_uid: str
+    pixel_spacing: Optional[tuple[float, float]] = None  # the key slice's (between rows, between columns), mm
+
+    @property
+    def number(self) -> int:
+        return int(self.record["candidate"])
+
+    @property
+    def tracking_id(self) -> str:
+        return f"PE candidate {self.number}"
+
+    @property
+    def site(self) -> tuple[str, str, str]:
+        return FINDING_SITES.get(str(self.record.get("side")), FINDING_SITES["central"])
+
+
 @dataclass
 class StudyDicom:
     """The files written for one study (None: not made, with the reason in ``notes``)."""
@@ -123,12 +176,14 @@ class StudyDicom:
     sr: Optional[Path] = None
     sc: Optional[Path] = None
     ko: Optional[Path] = None
+    seg: Optional[Path] = None
     key_sops: list[str] = field(default_factory=list)
+    candidates: int = 0  # the candidates in the SR (and the SEG)
     notes: list[str] = field(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
-        return [p for p in (self.sr, self.sc, self.ko) if p is not None]
+        return [p for p in (self.sr, self.sc, self.ko, self.seg) if p is not None]
 
 
 def key_slices(result: StudyResult) -> list[int]:
@@ -199,7 +254,7 @@ KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + (
 )
 
 
-def _with_type2(ds):
+def with_type2(ds):
     """A new dataset with only the source's patient and study modules and its references
     (:data:`KEPT_FROM_SOURCE`), the type 2 patient/study attributes it lacks present and empty."""
     from pydicom.dataset import Dataset
@@ -214,16 +269,23 @@ def _with_type2(ds):
     return kept
 
 
-def _codes():
+def coded(value: str, scheme: str, meaning: str):
     from highdicom.sr import CodedConcept
 
-    present = CodedConcept("52101004", "SCT", "Present")
-    absent = CodedConcept("2667000", "SCT", "Absent")
-    probability = CodedConcept("122157", "DCM", "Probability")
-    unit = CodedConcept("1", "UCUM", "no units")
-    pe = CodedConcept("59282003", "SCT", "Pulmonary embolism")
-    labels = {label: CodedConcept(code, PRIVATE_SCHEME, meaning) for label, (code, meaning) in LABEL_CODES.items()}
-    return present, absent, probability, unit, pe, labels
+    return CodedConcept(value, scheme, meaning)
+
+
+PRESENT = ("52101004", "SCT", "Present")
+ABSENT = ("2667000", "SCT", "Absent")
+PROBABILITY = ("122157", "DCM", "Probability")
+NO_UNITS = ("1", "UCUM", "no units")
+PULMONARY_EMBOLISM = ("59282003", "SCT", "Pulmonary embolism")
+QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = ("121106", "DCM", "Comment")
+COMPUTED_TOMOGRAPHY = ("77477000", "SCT", "Computed tomography")
+AREA = ("42798000", "SCT", "Area")
+NO_MEASUREMENTS_TITLE = ("24627-2", "LN", "CT Chest Report")  # CID 7000; the title of an SR without candidates
+SQUARE_MM = ("mm2", "UCUM", "square millimeter")
 
 
 def _observer(algorithm: Algorithm):
@@ -233,13 +295,267 @@ def _observer(algorithm: Algorithm):
     return ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=_uid("pedetect-device", algorithm.identity),
+            uid=algorithm.device_uid,
             name=algorithm.name,
             manufacturer_name="pedetect",
             model_name=f"{algorithm.name} {algorithm.version}"[:64],
             serial_number=algorithm.identity,
         ),
     )
+
+
+def _algorithm_id(algorithm: Algorithm):
+    from highdicom.sr import AlgorithmIdentification
+
+    return AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None
+    )
+
+
+def contributing_equipment(algorithm: Algorithm):
+    """The Contributing Equipment item of the algorithm, as IHE AIR asks: purpose of reference,
+    manufacturer, model name, software versions (pedetect's version and the bundles' identity) and
+    serial number (the bundles' identity); the Device UID that changes with the bundles is the
+    object's own (:func:`add_contributing_equipment`)."""
+    from pydicom.dataset import Dataset
+
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = AIR_PURPOSE
+    item = Dataset()
+    item.Manufacturer = "pedetect"
+    item.ManufacturerModelName = algorithm.name
+    item.SoftwareVersions = [algorithm.version, algorithm.identity]
+    item.DeviceSerialNumber = algorithm.identity
+    item.ContributionDescription = ("PE detection: " + "; ".join(algorithm.bundles))[:1024]
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item
+
+
+def candidate_scoord(record: dict, rows: int, columns: int) -> tuple[str, np.ndarray]:
+    """The candidate's Image Region as SCOORD GraphicType and GraphicData ((column, row) pairs): its
+    outline, closed (the first point again at the end), when it has at least three points, else its
+    point. The candidate's coordinates are 0-based indices of pixel centres (row, col); DICOM's image
+    coordinates put the top left corner of the top left pixel at 0,0 and its centre at 0.5,0.5 (PS3.3
+    C.18.6.1.2), so each coordinate is the index + 0.5, kept within the image."""
+    outline = [(float(r), float(c)) for r, c in record.get("outline") or []]
+    if len(outline) >= 3:
+        points, graphic_type = outline + [outline[0]], "POLYLINE"
+    else:
+        points, graphic_type = [(float(record["row"]), float(record["col"]))], "POINT"
+    data = np.array([[c + 0.5, r + 0.5] for r, c in points], dtype=np.float64)
+    data[:, 0] = data[:, 0].clip(0.0, float(columns))
+    data[:, 1] = data[:, 1].clip(0.0, float(rows))
+    return graphic_type, data
+
+
+def outline_area(record: dict, pixel_spacing: Optional[tuple[float, float]]) -> Optional[float]:
+    """The area (mm²) inside the candidate's outline (the polygon through its vertices), or None without
+    an outline or a pixel spacing."""
+    outline = np.asarray(record.get("outline") or [], dtype=float)
+    if len(outline) < 3 or not pixel_spacing:
+        return None
+    rows, cols = outline[:, 0], outline[:, 1]
+    pixels = 0.5 * abs(float(np.dot(cols, np.roll(rows, -1)) - np.dot(rows, np.roll(cols, -1))))
+    return pixels * float(pixel_spacing[0]) * float(pixel_spacing[1])
+
+
+def pixel_spacing_of(header, frame: Optional[int]) -> Optional[tuple[float, float]]:
+    """PixelSpacing of a slice: the instance's, or for a frame its functional groups'."""
+    from pedetect.dicom.frames import frame_geometry
+
+    try:
+        if frame is None:
+            spacing = header.get("PixelSpacing")
+        else:
+            spacing = frame_geometry(header, int(header.get("NumberOfFrames") or 1))[frame - 1]["pixel_spacing"]
+        return (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    except Exception:  # a header without usable geometry: no area
+        return None
+
+
+def candidate_comment(candidate: CandidateRef) -> str:
+    """What a reader sees as the candidate's label (OHIF shows this comment on the annotation)."""
+    record = candidate.record
+    return (
+        f"{candidate.tracking_id}: {candidate.site[2].lower()}, p {float(record['score']):.2f}, "
+        f"slices {int(record['slice_first'])}-{int(record['slice_last'])} of the series "
+        f"(key slice {int(record['slice_index'])})"
+    )
+
+
+def _candidate_group(candidate: CandidateRef, algorithm: Algorithm):
+    """TID 1410 Planar ROI Measurements of one candidate: tracking identifier and UID, Finding (PE),
+    algorithm, Finding Site (the artery), the Image Region on the key slice, the outline's area and the
+    probability (NUM), each INFERRED FROM the same region, and a Comment with the slice range.
+
+    The area comes first: OHIF's freehand tool takes the group's first NUM as its area (and shows it
+    before it has computed its own), and the first NUM's SCOORD as its contour."""
+    from highdicom.sr import (
+        CoordinatesForMeasurement,
+        FindingSite,
+        ImageRegion,
+        Measurement,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        RelationshipTypeValues,
+        SourceImageForRegion,
+        TextContentItem,
+        TrackingIdentifier,
+    )
+
+    ref = candidate.ref
+    frames = None if ref.frame is None else [ref.frame]
+    graphic_type, data = candidate_scoord(candidate.record, int(ref.dataset.Rows), int(ref.dataset.Columns))
+
+    def source():
+        return SourceImageForRegion(
+            ref.dataset.SOPClassUID, ref.dataset.SOPInstanceUID, referenced_frame_numbers=frames
+        )
+
+    tool = CS3D_TOOLS[graphic_type]
+    measurements = []
+    area = outline_area(candidate.record, candidate.pixel_spacing) if graphic_type == "POLYLINE" else None
+    if area is not None:
+        measurements.append(Measurement(name=coded(*AREA), value=round(area, 3), unit=coded(*SQUARE_MM)))
+    measurements.append(
+        Measurement(name=coded(*PROBABILITY), value=float(candidate.record["score"]), unit=coded(*NO_UNITS))
+    )
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            identifier=f"{CS3D_TRACKING}:{tool}:{candidate.tracking_id}", uid=candidate.tracking_uid
+        ),
+        referenced_region=ImageRegion(graphic_type=graphic_type, graphic_data=data, source_image=source()),
+        finding_type=coded(*PULMONARY_EMBOLISM),
+        algorithm_id=_algorithm_id(algorithm),
+        finding_sites=[FindingSite(anatomic_location=coded(*candidate.site))],
+        measurements=measurements,
+    )
+    item = group[0]
+    for num in (child for child in item.ContentSequence if child.ValueType == "NUM"):
+        inferred = CoordinatesForMeasurement(graphic_type=graphic_type, graphic_data=data, source_image=source())
+        num.ContentSequence = [*num.get("ContentSequence", []), inferred]
+    item.ContentSequence.append(
+        TextContentItem(
+            name=coded(*COMMENT),
+            value=candidate_comment(candidate),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _image_library(refs: Sequence[KeyRef], frames_of_reference: Sequence[str]):
+    """TID 1600 Image Library: one group (modality CT and, when the slices share one, the frame of
+    reference) listing every slice the report references (TID 1601 entries, a frame with its number)."""
+    from highdicom.sr import (
+        CodeContentItem,
+        ContainerContentItem,
+        ImageContentItem,
+        RelationshipTypeValues,
+        UIDRefContentItem,
+    )
+    from pydicom.sr.codedict import codes
+
+    library = ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False
+    )
+    group = ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False
+    )
+    items = [
+        CodeContentItem(
+            name=codes.DCM.Modality,
+            value=coded("CT", "DCM", "Computed Tomography"),
+            relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
+        )
+    ]
+    if len(set(frames_of_reference)) == 1:
+        items.append(
+            UIDRefContentItem(
+                name=codes.DCM.FrameOfReferenceUID,
+                value=frames_of_reference[0],
+                relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT,
+            )
+        )
+    for ref in refs:
+        items.append(
+            ImageContentItem(
+                name=coded("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=ref.dataset.SOPClassUID,
+                referenced_sop_instance_uid=ref.dataset.SOPInstanceUID,
+                referenced_frame_numbers=ref.frame,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
+    group.ContentSequence = items
+    library.ContentSequence = [group]
+    return library
+
+
+def _evaluation(concept, decision: bool, model_probability: float, relationship="CONTAINS"):
+    """A CODE item (the decision after the label rules: Present or Absent) INFERRED FROM the model's
+    probability (NUM; left out when the model gave none)."""
+    from highdicom.sr import CodeContentItem, NumContentItem, RelationshipTypeValues
+
+    item = CodeContentItem(
+        name=concept, value=coded(*(PRESENT if decision else ABSENT)), relationship_type=relationship
+    )
+    children = []
+    if model_probability is not None and math.isfinite(float(model_probability)):
+        children.append(
+            NumContentItem(
+                name=coded(*PROBABILITY),
+                value=float(model_probability),
+                unit=coded(*NO_UNITS),
+                relationship_type=RelationshipTypeValues.INFERRED_FROM,
+            )
+        )
+    item.ContentSequence = children
+    return item
+
+
+def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Algorithm, comments: Sequence[str]):
+    """TID 1500's Qualitative Evaluations: PE (the model's highest slice probability; present when a
+    written slice value is above the threshold), INFERRED FROM the key slices and made by the algorithm
+    (TID 4019); each of the nine exam labels (private codes, model probability, written decision); the
+    comments (what was not used and why)."""
+    from highdicom.sr import (
+        ContainerContentItem,
+        RelationshipTypeValues,
+        SourceImageForMeasurement,
+        TextContentItem,
+    )
+
+    container = ContainerContentItem(
+        name=coded(*QUALITATIVE_EVALUATIONS),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,  # separate items (a reader, OHIF's text view, shows each with its name)
+    )
+    pe = _evaluation(coded(*PULMONARY_EMBOLISM), result.pe_positive, result.pe_probability)
+    pe.ContentSequence.extend(_algorithm_id(algorithm))
+    pe.ContentSequence.extend(
+        SourceImageForMeasurement(
+            ref.dataset.SOPClassUID,
+            ref.dataset.SOPInstanceUID,
+            referenced_frame_numbers=None if ref.frame is None else [ref.frame],
+        )
+        for ref in key_refs
+    )
+    items = [pe]
+    for label in EXAM_LABELS:
+        code, meaning = LABEL_CODES[label]
+        items.append(
+            _evaluation(
+                coded(code, PRIVATE_SCHEME, meaning),
+                result.exam_probabilities[label] > THRESHOLD,
+                result.model_exam_probabilities.get(label),
+            )
+        )
+    items += [
+        TextContentItem(name=coded(*COMMENT), value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
+        for text in comments
+    ]
+    container.ContentSequence = items
+    return container
 
 
 def build_sr(
@@ -251,64 +567,55 @@ def build_sr(
     series_uid: str,
     sop_uid: str,
     comments: Sequence[str] = (),
+    candidates: Sequence[CandidateRef] = (),
+    library: Sequence[KeyRef] = (),
+    frames_of_reference: Sequence[str] = (),
 ):
-    """The Comprehensive SR (TID 1500 Measurement Report) of one study; ``key_refs``: the PE finding's
-    source images, one IMAGE item per key slice (a frame: its instance and ReferencedFrameNumber);
-    ``comments``: TEXT items (DCM 121106 "Comment") in the report's Qualitative Evaluations container
-    (what was not used and why)."""
+    """The Comprehensive SR (TID 1500 Measurement Report) of one study (docs/dicom_results.md):
+    ``key_refs``: the key slices (the PE evaluation is INFERRED FROM them; a frame: its instance and
+    ReferencedFrameNumber); ``candidates``: one TID 1410 measurement group each (none: no Imaging
+    Measurements container); ``library``: every referenced slice, for the Image Library; ``comments``:
+    TEXT items (DCM 121106 "Comment") in the Qualitative Evaluations (what was not used and why)."""
     from highdicom.sr import (
-        AlgorithmIdentification,
-        CodedConcept,
+        CodeContentItem,
         ComprehensiveSR,
-        MeasurementReport,
-        Measurement,
-        MeasurementsAndQualitativeEvaluations,
+        ContainerContentItem,
+        LanguageOfContentItemAndDescendants,
         ObservationContext,
-        QualitativeEvaluation,
-        SourceImageForMeasurementGroup,
-        TrackingIdentifier,
+        RelationshipTypeValues,
     )
+    from highdicom.sr.templates import DEFAULT_LANGUAGE
     from pydicom.sr.codedict import codes
 
-    present, absent, probability, unit, pe, label_codes = _codes()
-    algorithm_id = AlgorithmIdentification(
-        name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None
-    )
-
-    def group(tracking: str, finding, model_probability: float, decision: bool, sources=None):
-        return MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(identifier=tracking, uid=_uid("tracking", sop_uid, tracking)),
-            finding_type=finding,
-            algorithm_id=algorithm_id,
-            measurements=[Measurement(name=probability, value=float(model_probability), unit=unit)],
-            qualitative_evaluations=[QualitativeEvaluation(name=finding, value=present if decision else absent)],
-            source_images=sources,
+    # A report without measurement groups is titled as the CT chest report it is (CID 7000, not CID 7021):
+    # OHIF 3.13.2 opens an "Imaging Measurement Report" in its measurement viewport, which reads the first
+    # measurement unguarded (a TypeError, its error page), and shows any other SR as text.
+    title = codes.DCM.ImagingMeasurementReport if candidates else coded(*NO_MEASUREMENTS_TITLE)
+    root = ContainerContentItem(name=title, template_id="1500", is_content_continuous=False)
+    content = []
+    content.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    content.extend(ObservationContext(observer_device_context=_observer(algorithm)))
+    content.append(
+        CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=coded(*COMPUTED_TOMOGRAPHY),
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
-
-    sources = [
-        SourceImageForMeasurementGroup(
-            ref.dataset.SOPClassUID,
-            ref.dataset.SOPInstanceUID,
-            referenced_frame_numbers=None if ref.frame is None else [ref.frame],
-        )
-        for ref in key_refs
-    ] or None
-    groups = [group(PE_TRACKING, pe, result.pe_probability, result.pe_positive, sources)]
-    for label in EXAM_LABELS:
-        model = result.model_exam_probabilities.get(label, float("nan"))
-        groups.append(group(label, label_codes[label], model, result.exam_probabilities[label] > THRESHOLD))
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=_observer(algorithm)),
-        procedure_reported=CodedConcept("77477000", "SCT", "Computed tomography"),
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
     )
-    content = report[0]
-    if comments:
-        content.ContentSequence.append(_comments(comments))
+    content.append(_image_library(library or key_refs, frames_of_reference))
+    if candidates:
+        measurements = ContainerContentItem(
+            name=codes.DCM.ImagingMeasurements,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+            is_content_continuous=False,
+        )
+        measurements.ContentSequence = [_candidate_group(c, algorithm)[0] for c in candidates]
+        content.append(measurements)
+    content.append(_evaluations(result, key_refs, algorithm, comments))
+    root.ContentSequence = content
     sr = ComprehensiveSR(
         evidence=evidence,
-        content=content,
+        content=root,
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["sr"],
         sop_instance_uid=sop_uid,
@@ -320,32 +627,25 @@ def build_sr(
     )
     sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    add_contributing_equipment(sr, algorithm)
     return sr
 
 
-def _comments(comments: Sequence[str]):
-    from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
-
-    container = ContainerContentItem(
-        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    )
-    container.ContentSequence = [
-        TextContentItem(
-            name=CodedConcept("121106", "DCM", "Comment"),
-            value=text[:1024],
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        for text in comments
+def add_contributing_equipment(dataset, algorithm: Algorithm) -> None:
+    """The algorithm's Contributing Equipment item, and its Device UID as the object's own (General
+    Equipment): AIR asks for it in the item, where dicom3tools (2022) does not know it (a warning)."""
+    dataset.DeviceUID = algorithm.device_uid
+    dataset.ContributingEquipmentSequence = [
+        *dataset.get("ContributingEquipmentSequence", []),
+        contributing_equipment(algorithm),
     ]
-    return container
 
 
 def sr_comments(sr) -> list[str]:
     """The comments of a pedetect SR (pydicom dataset): what was not used and why."""
     found = []
     for item in sr.ContentSequence:
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375":
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == QUALITATIVE_EVALUATIONS[0]:
             found += [str(child.TextValue) for child in item.ContentSequence if child.ValueType == "TEXT"]
     return found
 
@@ -360,7 +660,7 @@ def _private_scheme():
     return item
 
 
-def build_sc(reference, picture: np.ndarray, *, series_uid: str, sop_uid: str):
+def build_sc(reference, picture: np.ndarray, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
     """The Secondary Capture (highdicom SCImage) of the report picture, RGB."""
     from highdicom.sc import SCImage
 
@@ -379,8 +679,13 @@ def build_sc(reference, picture: np.ndarray, *, series_uid: str, sop_uid: str):
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     sc.SeriesDescription = SERIES_DESCRIPTIONS["sc"]
-    sc.Laterality = ""  # type 2C; a chest has none (dciodvfy asks for it present)
+    # Laterality (type 2C) is for a paired body part: a chest has none, so it is absent (not empty), and the
+    # body part says so (without it dciodvfy cannot tell that the condition is false).
+    if "Laterality" in sc:
+        del sc.Laterality
+    sc.BodyPartExamined = "CHEST"
     sc.BurnedInAnnotation = "NO"  # the picture holds probabilities and slice numbers, nothing of the patient
+    add_contributing_equipment(sc, algorithm)
     return sc
 
 
@@ -419,6 +724,7 @@ def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: st
         manufacturer="pedetect",
     )
     ko.SeriesDescription = SERIES_DESCRIPTIONS["ko"]
+    add_contributing_equipment(ko, algorithm)
     return ko
 
 
@@ -435,25 +741,40 @@ def read_picture(path: Path) -> np.ndarray:
 def write_study_results(
     result: StudyResult,
     sources: dict[str, Source],
-    picture: Optional[Path],
+    picture: Optional[np.ndarray | Path],
     algorithm: Algorithm,
     out_dir: Path,
     notes: Sequence[str] = (),
 ) -> StudyDicom:
-    """Write ``out_dir/<study>/{sr,sc,ko}.dcm`` for one predicted study.
+    """Write ``out_dir/<study>/{sr,sc,ko,seg}.dcm`` for one predicted study.
 
     ``sources``: slice name or SOPInstanceUID -> the file it came from (a frame ``sop#n`` is looked up
-    under its name, then its instance's UID; the key slices' headers are read for the references,
-    once per instance; the first readable one gives the patient and study modules). ``picture``: the report
-    PNG (no SC without it). Raises :class:`ResultError` when no source header is readable (nothing
-    to copy the patient from); parts that cannot be made are skipped with a note. ``notes`` (and
-    every file the prediction could not use, from ``result.skipped_files``) become the SR's comments.
+    under its name, then its instance's UID; the key slices' and the candidates' headers are read for
+    the references, once per instance; the first readable one gives the patient and study modules).
+    ``picture``: the report picture, an RGB array (``Predictor.picture``) or its PNG (no SC without it). No candidate: no SEG. Raises :class:`ResultError`
+    when no source header is readable (nothing to copy the patient from); parts that cannot be made
+    are skipped with a note. ``notes`` (and every file the prediction could not use, from
+    ``result.skipped_files``) become the SR's comments.
     """
     written = StudyDicom(result.study_uid)
     folder = Path(out_dir) / safe_name(result.study_uid)
-    key_refs = _key_refs(result, sources, written.notes)
+    headers: dict[str, Any] = {}  # SOPInstanceUID -> the full header (None: unreadable), read once
+    key_refs = [
+        ref
+        for ref in _refs([result.sop_uids[i] for i in key_slices(result)], sources, headers, written.notes)
+        if ref is not None
+    ]
     written.key_sops = [ref.name for ref in key_refs]
-    reference = key_refs[0].dataset if key_refs else None
+    seed = (result.study_uid, algorithm.identity, hashlib.sha256("|".join(result.sop_uids).encode()).hexdigest())
+    found = _refs([str(c.get("sop", "")) for c in result.candidates], sources, headers, written.notes)
+    candidates = []
+    for record, ref in zip(result.candidates, found):
+        if ref is None:
+            written.notes.append(f"candidate {record.get('candidate')}: key slice {record.get('sop')} not referenced")
+            continue
+        tracking_uid = _uid(*seed, "candidate", str(record.get("candidate")))
+        candidates.append(CandidateRef(record, ref, tracking_uid, pixel_spacing_of(ref.dataset, ref.frame)))
+    reference = key_refs[0].dataset if key_refs else (candidates[0].ref.dataset if candidates else None)
     for source in sources.values() if reference is None else ():
         try:
             reference = _header(source)
@@ -462,25 +783,46 @@ def write_study_results(
             written.notes.append(str(error))
     if reference is None:
         raise ResultError(f"study {result.study_uid}: no readable source instance to copy the patient and study from")
-    reference = _with_type2(reference)
+    reference = with_type2(reference)
     kept: dict[str, Any] = {}  # one reduced header per instance (the frames of one file share theirs)
-    for ref in key_refs:
+
+    def reduced(ref: KeyRef) -> KeyRef:
         sop = str(ref.dataset.SOPInstanceUID)
         if sop not in kept:
-            kept[sop] = _with_type2(ref.dataset)
-    key_refs = [KeyRef(kept[str(ref.dataset.SOPInstanceUID)], ref.frame) for ref in key_refs]
+            kept[sop] = with_type2(ref.dataset)
+        return KeyRef(kept[sop], ref.frame)
+
+    full_candidates = candidates
+    key_refs = [reduced(ref) for ref in key_refs]
+    candidates = [CandidateRef(c.record, reduced(c.ref), c.tracking_uid, c.pixel_spacing) for c in candidates]
+    library = _library(result, key_refs + [c.ref for c in candidates])
+    frames_of_reference = [str(headers[str(r.dataset.SOPInstanceUID)].get("FrameOfReferenceUID", "")) for r in library]
     evidence = list(kept.values()) or [reference]
-    seed = (result.study_uid, algorithm.identity, hashlib.sha256("|".join(result.sop_uids).encode()).hexdigest())
+    written.candidates = len(candidates)
 
     def uids(kind: str) -> dict[str, str]:
         return {"series_uid": _uid(*seed, kind, "series"), "sop_uid": _uid(*seed, kind, "instance")}
 
     comments = list(notes) + skipped_notes(result)
-    sr = build_sr(result, evidence, key_refs, algorithm, comments=comments, **uids("sr"))
+    sr = build_sr(
+        result,
+        evidence,
+        key_refs,
+        algorithm,
+        comments=comments,
+        candidates=candidates,
+        library=library,
+        frames_of_reference=[f for f in frames_of_reference if f],
+        **uids("sr"),
+    )
     written.sr = _save(sr, folder / FILE_NAMES["sr"], reference)
-    if picture is not None and Path(picture).exists():
+    if isinstance(picture, (str, Path)):  # the report's PNG
+        picture = read_picture(Path(picture)) if Path(picture).exists() else None
+    if picture is not None:
         written.sc = _save(
-            build_sc(reference, read_picture(Path(picture)), **uids("sc")), folder / FILE_NAMES["sc"], reference
+            build_sc(reference, picture, algorithm, **uids("sc")),
+            folder / FILE_NAMES["sc"],
+            reference,
         )
     else:
         written.notes.append("no report picture (no decoded slice): no secondary capture")
@@ -488,20 +830,36 @@ def write_study_results(
         written.ko = _save(build_ko(key_refs, algorithm, **uids("ko")), folder / FILE_NAMES["ko"], reference)
     else:
         written.notes.append("no key slice: no key object selection")
+    if full_candidates:
+        from pedetect.hospital.seg import SegError, build_seg
+
+        try:
+            seg = build_seg(full_candidates, algorithm, notes=written.notes, **uids("seg"))
+            written.seg = _save(seg, folder / FILE_NAMES["seg"], reference)
+        except SegError as error:
+            written.notes.append(f"no segmentation: {error}")
+    else:
+        written.notes.append("no clot candidate: no segmentation")
     return written
 
 
-def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str]) -> list[KeyRef]:
-    """The key slices (:func:`key_slices`, position order) whose source header is readable; each
-    instance's header read once. A frame number its file does not hold (the file changed since the
-    prediction) or an unreadable header is a note, and that slice is not referenced."""
-    headers: dict[str, Any] = {}
-    refs = []
-    for i in key_slices(result):
-        name = result.sop_uids[i]
+def _library(result: StudyResult, refs: Sequence[KeyRef]) -> list[KeyRef]:
+    """Every referenced slice once, in position order (slices the predictions do not name: last)."""
+    order = {name: i for i, name in enumerate(result.sop_uids)}
+    unique = {ref.name: ref for ref in refs}
+    return sorted(unique.values(), key=lambda ref: (order.get(ref.name, len(order)), ref.name))
+
+
+def _refs(names: Sequence[str], sources: dict[str, Source], headers: dict[str, Any], notes: list[str]):
+    """Each slice name (``sop`` or ``sop#frame``) as a :class:`KeyRef` to its full header, or None when
+    its source is unknown or unreadable or its frame number is not in the file (the file changed since
+    the prediction: a note). ``headers`` caches each instance's header (None: unreadable)."""
+    refs: list[Optional[KeyRef]] = []
+    for name in names:
         sop, frame = split_frame_key(name)
         source = sources.get(name, sources.get(sop))
         if source is None:
+            refs.append(None)
             continue
         if sop not in headers:
             try:
@@ -511,6 +869,7 @@ def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str])
                 notes.append(str(error))
         ds = headers[sop]
         if ds is None:
+            refs.append(None)
             continue
         frames = int(ds.get("NumberOfFrames") or 1)
         if frame is not None and not (1 <= frame <= frames and str(ds.get("SOPInstanceUID", "")) == sop):
@@ -518,6 +877,7 @@ def _key_refs(result: StudyResult, sources: dict[str, Source], notes: list[str])
                 f"{source}: key slice {name} not referenced (the file holds {frames} frame(s) of instance "
                 f"{ds.get('SOPInstanceUID', '(none)')})"
             )
+            refs.append(None)
             continue
         refs.append(KeyRef(ds, frame))
     return refs
@@ -557,42 +917,119 @@ def _save(dataset, path: Path, reference=None) -> Path:
 
 
 def read_sr_values(path: str | Path) -> dict[str, Any]:
-    """The values of a pedetect SR read back with highdicom: per tracking identifier the finding's
-    code, the model probability and the decision (True: present); and the referenced key slices, by
-    their names in the predictions (``sop#frame`` for a frame of a multi-frame instance)."""
-    import highdicom as hd
+    """The values of a pedetect SR: ``findings``: per exam output (``pulmonary_embolism`` and the nine
+    labels) the code, the model probability and the decision (True: present), from the Qualitative
+    Evaluations; ``key_sops``: the key slices the PE evaluation is inferred from, by their names in the
+    predictions (``sop#frame`` for a frame of a multi-frame instance); ``algorithm``: name, version,
+    parameters; ``comments``; ``candidates``: per measurement group its number, tracking identifier and
+    UID, finding and finding site codes, probability, SCOORD (graphic type, GraphicData as (column, row)
+    pairs, the key slice's name) and comment; ``library``: the Image Library's slices."""
+    import pydicom
 
-    sr = hd.sr.srread(str(path))
-    groups = sr.content.get_image_measurement_groups()
-    values: dict[str, Any] = {"findings": {}, "key_sops": [], "algorithm": None, "comments": sr_comments(sr)}
-    for group in groups:
-        tracking = group.tracking_identifier
-        (measurement,) = group.get_measurements()
-        (evaluation,) = group.get_qualitative_evaluations()
-        finding = group.finding_type
-        values["findings"][tracking] = {
-            "code": (finding.value, finding.scheme_designator),
-            "probability": float(measurement.value),
-            "present": evaluation.value.value == "52101004",
-        }
-        if tracking == PE_TRACKING:
-            values["key_sops"] = [_slice_name(ref) for ref in group.source_images]
-        if values["algorithm"] is None:
-            texts = [
-                (item.ConceptNameCodeSequence[0].CodeValue, item.TextValue)
-                for item in group[0].ContentSequence
-                if item.ValueType == "TEXT"
-            ]
-            values["algorithm"] = {
-                "name": next((t for code, t in texts if code == "111001"), None),
-                "version": next((t for code, t in texts if code == "111003"), None),
-                "parameters": [t for code, t in texts if code == "111002"],
-            }
+    sr = pydicom.dcmread(str(path))
+    values: dict[str, Any] = {
+        "findings": {},
+        "key_sops": [],
+        "algorithm": None,
+        "comments": sr_comments(sr),
+        "candidates": [],
+        "library": [],
+    }
+    labels = {code: label for label, (code, _) in LABEL_CODES.items()}
+    for item in sr.ContentSequence:
+        concept = _concept(item)
+        if concept == QUALITATIVE_EVALUATIONS[:2]:
+            for child in item.get("ContentSequence", []):
+                if child.ValueType != "CODE":
+                    continue
+                code = _concept(child)
+                tracking = PE_TRACKING if code == PULMONARY_EMBOLISM[:2] else labels.get(code[0])
+                if tracking is None:
+                    continue
+                grandchildren = list(child.get("ContentSequence", []))
+                numbers = [g for g in grandchildren if g.ValueType == "NUM" and _concept(g) == PROBABILITY[:2]]
+                values["findings"][tracking] = {
+                    "code": code,
+                    "probability": float(numbers[0].MeasuredValueSequence[0].NumericValue) if numbers else math.nan,
+                    "present": str(child.ConceptCodeSequence[0].CodeValue) == PRESENT[0],
+                }
+                if tracking == PE_TRACKING:
+                    values["key_sops"] = [_slice_name(g) for g in grandchildren if g.ValueType == "IMAGE"]
+                    values["algorithm"] = _algorithm_texts(grandchildren)
+        elif concept == ("111028", "DCM"):  # Image Library
+            for group in item.get("ContentSequence", []):
+                values["library"] += [
+                    _slice_name(g) for g in group.get("ContentSequence", []) if g.ValueType == "IMAGE"
+                ]
+        elif concept == ("126010", "DCM"):  # Imaging Measurements
+            for group in item.get("ContentSequence", []):
+                values["candidates"].append(_read_group(group))
     return values
 
 
+def _concept(item) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
+
+
+def _algorithm_texts(items) -> dict[str, Any]:
+    texts = [(_concept(i)[0], str(i.TextValue)) for i in items if i.ValueType == "TEXT"]
+    return {
+        "name": next((t for code, t in texts if code == "111001"), None),
+        "version": next((t for code, t in texts if code == "111003"), None),
+        "parameters": [t for code, t in texts if code == "111002"],
+    }
+
+
+def _scoord(item) -> dict[str, Any]:
+    (image,) = [i for i in item.ContentSequence if i.ValueType == "IMAGE"]
+    return {
+        "graphic_type": str(item.GraphicType),
+        "graphic_data": [[float(x), float(y)] for x, y in np.asarray(item.GraphicData, float).reshape(-1, 2)],
+        "sop": _slice_name(image),
+    }
+
+
+def _read_group(group) -> dict[str, Any]:
+    """One candidate's measurement group (TID 1410) as read back."""
+    found: dict[str, Any] = {"comment": None, "finding": None, "finding_site": None, "algorithm": None, "area": None}
+    children = list(group.ContentSequence)
+    for item in children:
+        concept = _concept(item)
+        if concept == ("112039", "DCM"):
+            found["tracking_id"] = str(item.TextValue)
+        elif concept == ("112040", "DCM"):
+            found["tracking_uid"] = str(item.UID)
+        elif concept == ("121071", "DCM"):
+            found["finding"] = _concept_value(item)
+        elif concept == ("363698007", "SCT"):
+            found["finding_site"] = _concept_value(item)
+        elif item.ValueType == "SCOORD" and concept == ("111030", "DCM"):
+            found["region"] = _scoord(item)
+        elif item.ValueType == "NUM" and concept == AREA[:2]:
+            found["area"] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "NUM" and concept == PROBABILITY[:2]:
+            found["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+            inferred = [i for i in item.get("ContentSequence", []) if i.ValueType == "SCOORD"]
+            found["probability_region"] = _scoord(inferred[0]) if inferred else None
+        elif item.ValueType == "TEXT" and concept == COMMENT[:2]:
+            found["comment"] = str(item.TextValue)
+    found["algorithm"] = _algorithm_texts(children)
+    number = re.search(r"PE candidate (\d+)$", found.get("tracking_id", ""))
+    found["candidate"] = int(number.group(1)) if number else None
+    slices = re.search(r"slices (\d+)-(\d+) of the series \(key slice (\d+)\)", found["comment"] or "")
+    if slices:
+        found["slice_first"], found["slice_last"], found["slice_index"] = map(int, slices.groups())
+    return found
+
+
+def _concept_value(item) -> tuple[str, str, str]:
+    code = item.ConceptCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning))
+
+
 def _slice_name(reference) -> str:
-    """The slice name of an SR image reference (highdicom content item): ``sop`` or ``sop#frame``."""
+    """The slice name of an SR image reference (an IMAGE content item): ``sop`` or ``sop#frame``."""
     from pydicom.multival import MultiValue
 
     item = reference.ReferencedSOPSequence[0]
@@ -606,7 +1043,10 @@ def describe(written: StudyDicom) -> str:
     """One line for a log: the study UID and what was written (no patient field)."""
     kinds = ", ".join(p.name for p in written.files) or "nothing"
     notes = f" ({'; '.join(written.notes)})" if written.notes else ""
-    return f"DICOM results of study {written.study_uid}: {kinds}, {len(written.key_sops)} key slice(s){notes}"
+    return (
+        f"DICOM results of study {written.study_uid}: {kinds}, {len(written.key_sops)} key slice(s), "
+        f"{written.candidates} clot candidate(s){notes}"
+    )
 
 
 def write_results(

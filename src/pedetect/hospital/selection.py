@@ -108,14 +108,21 @@ def _info(header, series: dict[str, SeriesInfo]) -> None:
 
 
 def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
-    """The CTPA series among ``files`` (one study's CT instances), by the rules above."""
+    """The CTPA series among ``files`` (one study's CT instances), by the rules above; each file's
+    header read once (:func:`pedetect.dicom.read.scan_files`)."""
     from pedetect.dicom.read import scan_files
 
     headers, failures = scan_files(sorted(files))
+    return select_headers(headers, failures, min_slices)
+
+
+def select_headers(headers: list, failures: list, min_slices: int = MIN_SLICES) -> Selection:
+    """The CTPA series among one study's scanned slice headers (``failures``: its files whose header
+    could not be read, passed on with the chosen series), by the rules above."""
     series: dict[str, SeriesInfo] = {}
     for header in headers:
         _info(header, series)
-    unreadable = [Path(failure.path) for failure in failures]
+    unreadable = [Path(str(failure.path)) for failure in failures]
     usable, rejected = [], []
     for info in series.values():
         if "LOCALIZER" in info.image_type:

@@ -3,10 +3,12 @@
 A pynetdicom C-STORE SCP (C-ECHO answered) writes each received instance to the spool as it arrives
 (``SPOOL/incoming/<study>/<sop>.dcm``, atomically: a received instance is never only in memory).
 A study is complete when no instance of it arrived for ``settle`` seconds (the files' times, so a
-restart sees the same); one study at a time is predicted with ``pedetect predict``'s own function
-(memory bounded as there), its DICOM results (:mod:`pedetect.hospital.results`) are put in
-``SPOOL/outbox/<study>/`` and the study is marked answered (``SPOOL/done/<study>.json``, written
-last). A delivery thread sends the outbox to the destination (:mod:`pedetect.hospital.deliver`),
+restart sees the same); one study at a time is predicted by the node's one
+:class:`~pedetect.infer.predictor.Predictor` (every bundle loaded once, when the node starts): its
+CTPA series chosen on the headers of one scan of its files (:mod:`pedetect.hospital.selection`), its
+DICOM results made from the prediction itself (:class:`~pedetect.hospital.answer.DicomAnswer`: no
+scratch copies, no report read back) and put in ``SPOOL/outbox/<study>/``, and the study is marked
+answered (``SPOOL/done/<study>.json``, written last). A delivery thread sends the outbox to the destination (:mod:`pedetect.hospital.deliver`),
 retrying with back-off; a result leaves the outbox only once the destination accepted it.
 
 Killed at any point and restarted on the same spool, the node predicts the studies received but not
@@ -18,7 +20,6 @@ images are acknowledged and not kept (logged by SOP class). Logs name UIDs, neve
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -117,6 +118,9 @@ class Server:
         self.stop_event = threading.Event()
         self.ae = None
         self.server = None
+        self.predictor = None  # infer.predictor.Predictor, loaded once (load)
+        self.decode = None
+        self._resources = None
 
     # -- the SCP
     def start(self) -> None:
@@ -168,13 +172,28 @@ class Server:
             return 0xA700  # out of resources
 
     # -- prediction
-    def _predict_with_pedetect(self, study_dir: Path, work: Path, results: Path) -> dict:
-        """Choose the series, predict it with ``pedetect predict``'s function, write the DICOM results."""
-        from pedetect.hospital.results import algorithm_of, describe, result_from_report, write_study_results
-        from pedetect.hospital.selection import select_series
-        from pedetect.infer.predict import predict
-        from pedetect.models.bundle import read_bundle
+    def load(self) -> None:
+        """The predictor (every bundle, once) and the slice decoder with its limit, for the node's life."""
+        from contextlib import ExitStack
 
+        from pedetect.infer.predictor import Predictor
+        from pedetect.infer.reader import slice_decoder
+
+        if self.predictor is not None:
+            return
+        started = time.time()
+        self.predictor = Predictor(list(self.config.model_dirs), device=self.config.device)
+        self._resources = ExitStack()
+        self.decode = self._resources.enter_context(slice_decoder(self.config.decode_timeout))
+        LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
+
+    def _predict(self, study_dir: Path, results: Path) -> dict:
+        """Choose the series, predict it, write the DICOM results; the study's record."""
+        from pedetect.hospital.answer import DicomAnswer
+        from pedetect.hospital.selection import select_series
+        from pedetect.infer.reader import StudyPlan
+
+        self.load()
         selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices)
         for line in selection.notes():
             LOG.info("study %s: %s", study_dir.name, line)
@@ -182,42 +201,24 @@ class Server:
         if selection.chosen is None:
             record["error"] = "no usable CT series: " + "; ".join(selection.notes()[1:])
             return record
-        chosen = work / "input"
-        chosen.mkdir(parents=True, exist_ok=True)
-        for path in selection.files:  # hard links (the read path does not follow symbolic links); a copy across devices
-            try:
-                os.link(path, chosen / path.name)
-            except OSError:
-                shutil.copyfile(path, chosen / path.name)
-        summary = predict(
-            chosen,
-            list(self.config.model_dirs),
-            work / "submission.csv",
-            report_dir=work / "report",
-            device=self.config.device,
-            progress=False,
-            echo=lambda m: LOG.info("%s", m),
-            decode_timeout=self.config.decode_timeout,
-        )
-        lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in summary.lost + summary.unplaced]
+        headers = selection.headers
+        study = headers[0].study or study_dir.name
+        started = time.time()
+        prediction = self.predictor.predict_headers(study, headers, selection.failures, self.decode)
+        lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in prediction.lost + prediction.unplaced]
         for line in lost:
             LOG.warning("study %s: file not used: %s", study_dir.name, line)
         record.update(
             {
-                "slices": summary.n_slices_read,
+                "slices": prediction.n_slices_read,
                 "lost": lost,
-                "errors": [error for _, error in summary.studies_failed],
-                "seconds": round(summary.seconds, 3),
+                "errors": [prediction.error] if prediction.error else [],
+                "seconds": round(time.time() - started, 3),
             }
         )
-        algorithm = algorithm_of([read_bundle(path) for path in self.config.model_dirs])
-        sources = {path.stem: path for path in selection.files}
-        for report in sorted((work / "report").glob("*.json")):
-            result = result_from_report(report)
-            written = write_study_results(
-                result, sources, report.with_suffix(".png"), algorithm, results, notes=selection.notes()
-            )
-            LOG.info("%s", describe(written))
+        plan = StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
+        answer = DicomAnswer(results, notes={study: selection.notes()}, echo=lambda line: LOG.info("%s", line))
+        answer.write(self.predictor, prediction, plan)
         return record
 
     def answer(self, study: str) -> None:
@@ -232,7 +233,7 @@ class Server:
             len(list(study_dir.glob("*.dcm"))),
             started - last,
         )
-        record = self._predict_with_pedetect(study_dir, work, work / "dicom")
+        record = self._predict(study_dir, work / "dicom")
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
             return
@@ -260,6 +261,7 @@ class Server:
         """Serve until :meth:`stop`: the SCP, the delivery thread, and studies predicted in this thread."""
         if self.server is None:
             self.start()
+        self.load()  # reception goes on meanwhile (the SCP answers in its own threads)
         delivery = threading.Thread(
             target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True
         )
@@ -295,6 +297,9 @@ class Server:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self._resources is not None:
+            self._resources.close()
+            self._resources = None
 
 
 def answered(spool: Path, study: str) -> Optional[dict]:

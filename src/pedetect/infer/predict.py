@@ -30,7 +30,8 @@ import pandas as pd
 from pedetect.console import echo as console_echo
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.series import Failure
-from pedetect.infer.predictor import Predictor, StudyRead, study_pictures, value_text
+from pedetect.infer.predictor import Predictor, StudyPrediction, StudyRead, study_pictures, value_text
+from pedetect.infer.reader import StudyPlan
 from pedetect.labels import EXAM_LABELS, split_exam_id
 
 
@@ -119,10 +120,11 @@ def predict(
     threads: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = console_echo,
-    dicom_out: str | Path | None = None,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
     clots: str | Path | None = None,
     localise: bool = True,
+    choose_series: Optional[Callable[[StudyPlan], tuple[Optional[StudyPlan], list[str]]]] = None,
+    on_prediction: Optional[Callable[[Predictor, StudyPrediction, StudyPlan], Optional[str]]] = None,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
@@ -138,9 +140,6 @@ def predict(
 
     started = time.perf_counter()
     out = Path(out)
-    # --dicom-out: DICOM results (pedetect.hospital) made from the report's pictures; a temporary report without --report.
-    scratch = _ScratchReport(dicom_out is not None and report_dir is None)
-    report_dir = report_dir or scratch.path
     summary = PredictSummary(out, Path(report_dir) if report_dir else None)
     sample_ids = read_submission(sample)["id"].tolist() if sample else None
     if not Path(input_path).exists():
@@ -166,7 +165,18 @@ def predict(
         scan = scan_input(input_path, progress=bar.update)
     timings["scan"] = time.perf_counter() - scan_started
     summary.n_files, summary.ignored, summary.unplaced = scan.n_files, len(scan.ignored), list(scan.unplaced)
-    summary.n_studies = len(scan.studies)
+    studies = scan.studies
+    if choose_series is not None:
+        studies = []
+        for plan in scan.studies:
+            chosen, notes = choose_series(plan)
+            for note in notes:
+                echo(f"study {plan.study}: {note}")
+            if chosen is None:
+                summary.studies_failed.append((plan.study, "; ".join(notes) or "no usable series"))
+            else:
+                studies.append(chosen)
+    summary.n_studies = len(studies)
     echo(
         f"predict: {len(scan.studies)} studies in {scan.n_files} file(s) of {input_path}; models {ensemble.description}"
     )
@@ -180,8 +190,12 @@ def predict(
         on_read = (
             (lambda read: writer.prepare(read.plan.study, study_pictures(read, ensemble.reads[0]))) if writer else None
         )
-        for outcome in _predict_studies(predictor, scan.studies, progress=progress, on_read=on_read, decode=decode):
+        for plan, outcome in _predict_studies(predictor, studies, progress=progress, on_read=on_read, decode=decode):
             outcome.result.timings = {k: round(v, 3) for k, v in outcome.seconds.items()}
+            if on_prediction is not None:
+                error = on_prediction(predictor, outcome, plan)
+                if error is not None:
+                    summary.studies_failed.append((plan.study, error))
             if writer is not None:
                 timings["report"] += writer.submit(outcome.result, outcome.pictures, outcome.location)
             outcome.pictures = outcome.location = None  # the study's images live on only in the report's queue
@@ -214,33 +228,7 @@ def predict(
     summary.timings = {k: round(v, 2) for k, v in timings.items()}
     if summary.report is not None:
         write_index(summary.report, results, notes=summary.text().splitlines())
-    if dicom_out is not None:
-        from pedetect.hospital.results import describe, write_results
-
-        sources = {plan.study: {h.sop: h.source for hs in plan.series.values() for h in hs} for plan in scan.studies}
-        for study, written, error in write_results(results, sources, summary.report, ensemble.bundles, Path(dicom_out)):
-            if error is not None:
-                summary.studies_failed.append((study, error))
-            else:
-                echo(describe(written))
-        if scratch.path is not None:
-            summary.report = None
-    scratch.cleanup()
     return summary
-
-
-class _ScratchReport:
-    """A temporary report folder (removed by ``cleanup``) when ``wanted``; else ``path`` is None."""
-
-    def __init__(self, wanted: bool):
-        import tempfile
-
-        self._dir = tempfile.TemporaryDirectory(prefix="pedetect-report-") if wanted else None
-        self.path = self._dir.name if self._dir else None
-
-    def cleanup(self) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
 
 
 def _predict_studies(
@@ -251,7 +239,7 @@ def _predict_studies(
     on_read: Optional[Callable[[StudyRead], None]] = None,
     decode=None,
 ):
-    """Each study's :class:`~pedetect.infer.predictor.StudyPrediction`, in order, the next study read in
+    """Each study's plan and :class:`~pedetect.infer.predictor.StudyPrediction`, in order, the next study read in
     a background thread while the models work on this one (memory: two studies at most); ``on_read``
     sees each study as soon as it is read, before the models; ``decode``: what decodes a slice (None:
     in this thread)."""
@@ -270,8 +258,9 @@ def _predict_studies(
             if on_read is not None:
                 on_read(read)
             outcome = predictor.predict_read(read)
+            plan = read.plan
             del read
-            yield outcome
+            yield plan, outcome
             bar.update(1)
 
 

@@ -319,6 +319,20 @@ class Predictor:
         """The distinct readings (windows, image size) the bundles need; the first is the report's."""
         return self.ensemble.reads
 
+    @property
+    def window_names(self) -> list[str]:
+        """The names of the report pictures' channels (the first reading's windows)."""
+        from pedetect.dicom.pixels import WINDOW_NAMES
+
+        return list(self.ensemble.preprocessing[0].get("window_names") or WINDOW_NAMES)
+
+    def picture(self, prediction: StudyPrediction) -> Optional[np.ndarray]:
+        """The study's report picture as an RGB array (the slice curve, the most suspicious slices, the
+        clot candidates marked): what the report PNG shows and the DICOM secondary capture holds."""
+        from pedetect.infer.report import study_picture
+
+        return study_picture(prediction.result, prediction.pictures, self.window_names)
+
     def read(self, plan, decode=None) -> StudyRead:
         """A planned study's series read with every reading the bundles need (``decode``: what decodes a slice)."""
         return read_study(plan, self.reads, decode)
@@ -330,11 +344,14 @@ class Predictor:
         """One planned study (:class:`pedetect.infer.reader.StudyPlan`), read and predicted."""
         return self.predict_read(self.read(plan, decode))
 
-    def predict_headers(self, study: str, headers: Sequence[Any], decode=None) -> StudyPrediction:
-        """One study's chosen series, given as the headers of its slices (from one scan of the files)."""
+    def predict_headers(
+        self, study: str, headers: Sequence[Any], failures: Sequence[Failure] = (), decode=None
+    ) -> StudyPrediction:
+        """One study's chosen series, given as the headers of its slices (from one scan of the files);
+        ``failures``: its files whose header could not be read (lost, each named)."""
         from pedetect.infer.reader import StudyPlan
 
-        plan = StudyPlan(study)
+        plan = StudyPlan(study, failures=list(failures))
         for header in headers:
             plan.series.setdefault(header.series, []).append(header)
         return self.predict_study(plan, decode)

@@ -190,7 +190,9 @@ def write_study_report(
     return StudyFiles(json_path, page, png_path, slices.bytes if slices else 0)
 
 
-def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -> None:
+def study_figure(result: StudyResult, pe_window_slices: np.ndarray):
+    """The report picture of one study (a matplotlib Figure, made without pyplot): the model's slice
+    curve and the three most suspicious slices in the PE window, the clot candidates marked on them."""
     # The figure without pyplot: pyplot's global state is not thread-safe, and this runs in the report thread.
     from matplotlib.figure import Figure
 
@@ -223,8 +225,32 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
         _mark_candidates(axis, result.candidates, int(index), height, width)
         axis.set_title(f"slice {index} (z {result.z[index]:.1f} mm): p = {probabilities[index]:.3f}", fontsize=9)
         axis.axis("off")
+    return figure
+
+
+PICTURE_DPI = 80
+
+
+def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -> None:
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=80)
+        study_figure(result, pe_window_slices).savefig(tmp, format="png", dpi=PICTURE_DPI)
+
+
+def study_picture(
+    result: StudyResult, pictures: np.ndarray, window_names: Sequence[str] = WINDOW_NAMES
+) -> Optional[np.ndarray]:
+    """The report picture as an ``(H, W, 3)`` uint8 RGB array (what the PNG shows; the DICOM
+    results' secondary capture), or None without slices. ``pictures``: the decoded slices
+    ``(N, H, W, 3)`` with channels = the windows ``window_names``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if pictures is None or not len(pictures) or len(pictures) != len(result.sop_uids):
+        return None
+    figure = study_figure(result, pictures[..., pe_channel(window_names)])
+    figure.set_dpi(PICTURE_DPI)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
 def _mark_candidates(axis, candidates: list[dict], index: int, height: int, width: int) -> None:
