@@ -7,6 +7,8 @@ weights (pedetect.testing); tests/test_orthanc.py runs the loop against a real P
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import socket
@@ -83,7 +85,14 @@ class Serve:
     """``pedetect serve`` in a subprocess (stopped, or killed, by its pid)."""
 
     def __init__(
-        self, model: Path, spool: Path, destination: str | None, *, settle: float = 0.5, port: int | None = None
+        self,
+        model: Path,
+        spool: Path,
+        destination: str | None,
+        *,
+        settle: float = 0.5,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
     ):
         self.port = port or free_port()
         self.log = spool.parent / f"{spool.name}-serve.log"
@@ -110,6 +119,7 @@ class Serve:
             "8",
         ]
         args += ["--destination", destination] if destination else []
+        args += list(extra)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.handle = open(self.log, "a")
         self.process = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT, env=env)
@@ -317,3 +327,29 @@ def test_bad_destination_is_refused_naming_the_forms(study):
         timeout=60,
     )
     assert run.returncode == 2 and "dimse:AE@host:port" in run.stderr
+
+
+def test_serve_tells_an_alert_receiver_of_each_answered_study(study, serves, tmp_path):
+    """With --alerts, each answered study is POSTed once to a JSON webhook (a real HTTP server on
+    loopback): its UID, the decision and probability, and no patient name."""
+    from test_alerts import HTTPReceiver
+
+    uid, files, model = study
+    receiver = HTTPReceiver()
+    try:
+        alerts = tmp_path / "alerts.yaml"
+        alerts.write_text(f"alerts:\n  receivers:\n    - {{kind: webhook, url: '{receiver.url}'}}\n")
+        spool = tmp_path / "spool"
+        node = serves(model, spool, None, settle=0.3, extra=("--alerts", str(alerts)))
+        assert c_store(node.port, files) == [0] * len(files)
+        record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
+        assert len(record["alerts"]) == 1
+        wait_for(lambda: receiver.posts, 30, "the alert", node.process, node.log)
+        time.sleep(1.0)  # nothing more comes
+        ((headers, document),) = receiver.posts
+        text = json.dumps(document)
+        assert uid in text and "probability" in text and headers.get("Idempotency-Key")
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert str(source.PatientName) not in text and str(source.PatientName) not in node.text()
+    finally:
+        receiver.close()

@@ -54,6 +54,12 @@ def serve_command(
     retry_max: float = typer.Option(
         60.0, "--retry-max", min=0.1, help="Longest wait between delivery retries, seconds (back-off doubles from 1 s)."
     ),
+    alerts: Optional[Path] = typer.Option(
+        None,
+        "--alerts",
+        help="YAML of alert receivers (HL7 v2 ORU^R01 over MLLP, FHIR R4, JSON webhook) told of each answered study, "
+        "queued on disk and retried (docs/alerts.md).",
+    ),
 ) -> None:
     """A DICOM node (C-STORE and C-ECHO) that predicts each CT study it receives and sends back DICOM
     results (Comprehensive SR, secondary capture, key images; docs/dicom_results.md).
@@ -75,6 +81,10 @@ def serve_command(
             parse_destination(destination)
         for path in model:
             read_bundle(path)
+        if alerts is not None:
+            from pedetect.hospital.alerts import AlertConfig
+
+            AlertConfig.from_yaml(alerts)  # a bad file stops the node before it listens
     except (ValueError, BundleError) as error:
         raise fail(str(error)) from None
     configure_logging()
@@ -90,6 +100,7 @@ def serve_command(
         retry_max=retry_max,
         min_slices=min_slices,
         decode_timeout=decode_timeout,
+        alerts=alerts,
     )
     try:
         with folder_lock(spool, command="pedetect serve"):

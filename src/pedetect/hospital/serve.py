@@ -54,6 +54,7 @@ class ServeConfig:
     decode_timeout: float = (
         DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
     )
+    alerts: Optional[Path] = None  # YAML of alert receivers (pedetect.hospital.alerts; docs/alerts.md)
 
 
 @dataclass
@@ -121,6 +122,13 @@ class Server:
         self.predictor = None  # infer.predictor.Predictor, loaded once (load)
         self.decode = None
         self._resources = None
+        self.alerts = None  # hospital.alerts.Alerts, made with the predictor (the bundle's operating points)
+        if config.alerts is not None:
+            from pedetect.hospital.alerts import AlertConfig
+
+            self.alert_config = AlertConfig.from_yaml(config.alerts)
+        else:
+            self.alert_config = None
 
     # -- the SCP
     def start(self) -> None:
@@ -186,9 +194,20 @@ class Server:
         self._resources = ExitStack()
         self.decode = self._resources.enter_context(slice_decoder(self.config.decode_timeout))
         LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
+        if self.alert_config is not None:
+            from pedetect.hospital.alerts import Alerts
+            from pedetect.hospital.results import algorithm_of
 
-    def _predict(self, study_dir: Path, results: Path) -> dict:
-        """Choose the series, predict it, write the DICOM results; the study's record."""
+            self.alerts = Alerts(
+                self.alert_config,
+                self.spool.root / "alerts",
+                algorithm_of(self.predictor.bundles).identity,
+                operating_points=self.predictor.ensemble.operating_points,
+            )
+
+    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, Optional[object]]:
+        """Choose the series, predict it, write the DICOM results; the study's record and its prediction
+        (None when no series was usable)."""
         from pedetect.hospital.answer import DicomAnswer
         from pedetect.hospital.selection import select_series
         from pedetect.infer.reader import StudyPlan
@@ -200,7 +219,7 @@ class Server:
         record: dict = {"series": selection.record()}
         if selection.chosen is None:
             record["error"] = "no usable CT series: " + "; ".join(selection.notes()[1:])
-            return record
+            return record, None
         headers = selection.headers
         study = headers[0].study or study_dir.name
         started = time.time()
@@ -219,7 +238,7 @@ class Server:
         plan = StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
         answer = DicomAnswer(results, notes={study: selection.notes()}, echo=lambda line: LOG.info("%s", line))
         answer.write(self.predictor, prediction, plan)
-        return record
+        return record, prediction
 
     def answer(self, study: str) -> None:
         """Predict one received study, queue its results, mark it answered."""
@@ -233,7 +252,7 @@ class Server:
             len(list(study_dir.glob("*.dcm"))),
             started - last,
         )
-        record = self._predict(study_dir, work / "dicom")
+        record, prediction = self._predict(study_dir, work / "dicom")
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
             return
@@ -243,6 +262,16 @@ class Server:
                 self.outbox.put(folder.name, path)
                 queued.append(path.name)
         record.update({"study": study, "results": queued, "answered_at": time.time(), "last_received": last})
+        if self.alerts is not None and prediction is not None:
+            # Queued before the study is marked answered: a crash in between predicts it again, and the
+            # alert's id (study, bundle, decision) replaces the pending one instead of adding a second.
+            try:
+                first = next(iter(sorted(study_dir.glob("*.dcm"))), None)
+                record["alerts"] = self.alerts.notify(
+                    prediction.result, self.alerts.study_fields(first) if first else {}
+                )
+            except Exception as error:  # the answer still goes out; the failure is logged
+                LOG.error("study %s: alerts not queued: %s: %s", study, type(error).__name__, str(error)[:200])
         write_json_atomic(self.spool.done_path(study), record)
         shutil.rmtree(work, ignore_errors=True)
         if record.get("error"):
@@ -266,6 +295,12 @@ class Server:
             target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True
         )
         delivery.start()
+        alerting = None
+        if self.alerts is not None:
+            alerting = threading.Thread(
+                target=self.alerts.run, args=(self.stop_event,), name="pedetect-alerts", daemon=True
+            )
+            alerting.start()
         resumed = [
             p.name
             for p in (self.spool.root / INCOMING).iterdir()
@@ -289,6 +324,8 @@ class Server:
         finally:
             self.shutdown()
             delivery.join(timeout=10)
+            if alerting is not None:
+                alerting.join(timeout=10)
 
     def stop(self) -> None:
         self.stop_event.set()
