@@ -197,6 +197,52 @@ def test_false_positives_per_scan_count_the_negative_scans_of_the_labels():
     assert any("not counted" in note for note in alone["notes"])
 
 
+def test_only_the_visible_emboli_and_rows_of_the_truth_are_scored():
+    """synth's clots.csv marks where a reader sees each embolus (visible 1/0): an embolus visible on no
+    slice is not scored, the hit test uses only the visible rows, and a candidate that hits nothing
+    but a row that is not visible is neither found nor a false positive."""
+    rows = [
+        clot("A", 1, 10, (20, 24, 30, 34)) | {"visible": 1},
+        clot("A", 1, 11, (20, 24, 30, 34)) | {"visible": 1},
+        clot("A", 1, 12, (60, 61, 70, 71), pixels=2) | {"visible": 0},  # a sliver at its end, elsewhere
+        clot("A", 2, 40, (100, 101, 100, 101), pixels=2) | {"visible": 0},  # visible nowhere
+        clot("B", 1, 5, (50, 54, 50, 54)) | {"visible": 1},
+    ]
+    candidates = [
+        cand("A", 1, 0.9, 10, 22.0, 32.0),  # A#1 on a visible slice: found
+        cand("A", 2, 0.8, 40, 100.0, 100.0),  # on A#2, which no reader sees: ignored
+        cand("A", 3, 0.7, 12, 60.0, 70.0),  # on A#1's row that is not visible: ignored
+        cand("B", 1, 0.6, 30, 5.0, 5.0),  # nothing: a false positive
+    ]
+    truth = pd.DataFrame(rows)
+    cands = pd.DataFrame(candidates, columns=list(cand("A", 1, 0.5, 0, 0.0, 0.0)))
+    report = froc_report(truth, cands, studies=["A", "B"])
+    assert report["emboli"] == 2 and report["emboli_by_side"]["left"] == 2  # A#1 and B#1
+    for rule in ("neighbour_box3", "point_in_box"):
+        scored = report["rules"][rule]
+        assert scored["true_positives"]["4"] == 1 and scored["sensitivity"]["4"] == 0.5, rule
+        # 0.8 and 0.7 are neither found nor false: the curve steps from 0.9 (A#1) to 0.6 (one FP).
+        assert scored["curve"] == {
+            "threshold": [None, 0.9, 0.6],
+            "fp_per_scan": [0.0, 0.0, 0.5],
+            "sensitivity": [0.0, 0.5, 0.5],
+        }, rule
+    note = next(n for n in report["notes"] if "visible column" in n)
+    assert "set aside 1 embolus(es) visible on no slice and 2 row(s)" in note
+    assert "neighbour_box3 2, point_in_box 2" in note
+    # The size bucket comes from the visible rows (A#1: 12 pixels, not its 2-pixel end).
+    assert report["emboli_by_size"] == {"<9": 0, "9-25": 2, ">25": 0}
+    # Without the column every row is the truth: three emboli, the 0.8 and 0.7 candidates hit.
+    everything = froc_report(truth.drop(columns=["visible"]), cands, studies=["A", "B"])
+    assert everything["emboli"] == 3 and not any("visible column" in n for n in everything["notes"])
+    assert everything["rules"]["point_in_box"]["true_positives"]["4"] == 2
+    # A value other than 0 or 1 is an error that names the column.
+    bad = truth.astype({"visible": object})
+    bad.loc[0, "visible"] = "yes"
+    with pytest.raises(InputError, match="'visible'"):
+        froc_report(bad, cands)
+
+
 def test_ties_in_score_are_one_threshold():
     truth_rows = [clot("A", 1, 10, (20, 24, 30, 34)), clot("B", 1, 10, (20, 24, 30, 34))]
     candidate_rows = [

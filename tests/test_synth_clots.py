@@ -20,6 +20,7 @@ from pedetect.synth.dataset import (
     CLOT_COLUMNS,
     EMBOLUS,
     SLICE_INDEX,
+    VISIBLE,
     clot_rows,
     clot_seg_folder,
     clots_path,
@@ -103,6 +104,7 @@ def test_clots_csv_is_the_rendered_embolus_volume_slice_by_slice(data, rendered,
             "level",
             "kind",
             "artery",
+            "visible",
         ]
     )
     labels = labels_of(data, split)
@@ -122,6 +124,8 @@ def test_clots_csv_is_the_rendered_embolus_volume_slice_by_slice(data, rendered,
         got = rows[[EMBOLUS, SOP, SLICE_INDEX, "row_min", "row_max", "col_min", "col_max", "pixels"]]
         assert [tuple(r) for r in got.itertuples(index=False)] == expected  # same rows, same order
         assert set(rows[EMBOLUS]) == set(range(1, len(plan.emboli) + 1))
+        visible = [int(plan.emboli[e - 1].visible[k]) for e, k in zip(rows[EMBOLUS], rows[SLICE_INDEX])]
+        assert rows[VISIBLE].tolist() == visible
         seen += len(rows)
     assert seen == len(clots) > 0
 
@@ -142,20 +146,25 @@ def test_rows_and_columns_are_the_dicom_images_own(data, rendered):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_clot_slices_are_exactly_the_positive_slices_of_the_labels(data, split):
+def test_visible_clot_slices_are_exactly_the_positive_slices_of_the_labels(data, split):
+    """The rows with visible = 1 name exactly the slices labelled positive; the other rows are drawn
+    clot no reader sees there (slivers at a clot's ends, small or faint clots)."""
     clots = pd.read_csv(clots_path(data, split))
     labels = labels_of(data, split)
     assert set(clots[STUDY]) <= set(labels[STUDY])
+    assert set(clots[VISIBLE]) <= {0, 1}
     negatives = 0
     for study, study_labels in labels.groupby(STUDY, sort=False):
         positive = set(study_labels.loc[study_labels[IMAGE_LABEL] == 1, SOP])
         rows = clots[clots[STUDY] == study]
-        assert set(rows[SOP]) == positive
+        assert set(rows.loc[rows[VISIBLE] == 1, SOP]) == positive
         slice_index = {sop: k for k, sop in enumerate(study_labels[SOP])}
         assert all(slice_index[s] == k for s, k in zip(rows[SOP], rows[SLICE_INDEX]))
         negatives += not positive
     if split == "test":
-        assert negatives > 0  # studies without an embolus contribute no rows
+        assert negatives > 0  # studies without a visible embolus have no visible row
+    if split == "train":
+        assert (clots[VISIBLE] == 0).any()  # and the truth keeps the rows no reader sees
 
 
 def test_side_level_and_kind_are_what_the_exam_labels_say():
@@ -164,10 +173,13 @@ def test_side_level_and_kind_are_what_the_exam_labels_say():
     chronicity labels."""
     seen_sides, seen_levels = set(), set()
     for k in range(24):
-        plan = plan_study(k, seed=31, slices=16, size=64, positive_fraction=1.0, indeterminate_fraction=0.0)
+        plan = plan_study(k, seed=31, slices=24, size=128, positive_fraction=1.0, indeterminate_fraction=0.0)
         rows = clot_rows(plan)
         if not plan.emboli:
             assert rows.empty and not plan.pe_slices.any()
+            continue
+        if not plan.pe_slices.any():  # emboli drawn that no reader sees: a negative exam
+            assert (rows[VISIBLE] == 0).all() and plan.exam["negative_exam_for_pe"] == 1
             continue
         vessels = {v.name: v for v in plan.vessels}
         assert set(rows["side"]) <= SIDES and set(rows["level"]) <= LEVELS and set(rows["kind"]) <= KINDS
@@ -177,16 +189,16 @@ def test_side_level_and_kind_are_what_the_exam_labels_say():
             assert row.level == ("main" if vessel.level in ("trunk", "main") else vessel.level)
             assert (row.side == "central") == (row.artery == "pa_trunk")
             assert row.kind == plan.emboli[row.embolus - 1].kind
-        exam = plan.exam
-        assert exam["central_pe"] == int((rows["level"] == "main").any())
-        assert exam["rightsided_pe"] == int((rows["side"] == "right").any())
-        assert exam["leftsided_pe"] == int((rows["side"] == "left").any())
-        kinds = set(rows["kind"])
+        exam, shown = plan.exam, rows[rows[VISIBLE] == 1]  # the labels are those of the visible emboli
+        assert exam["central_pe"] == int((shown["level"] == "main").any())
+        assert exam["rightsided_pe"] == int((shown["side"] == "right").any())
+        assert exam["leftsided_pe"] == int((shown["side"] == "left").any())
+        kinds = set(shown["kind"])
         assert exam["chronic_pe"] == int(kinds == {"chronic"})
         assert exam["acute_and_chronic_pe"] == int(kinds == {"acute", "chronic"})
         seen_sides |= set(rows["side"])
         seen_levels |= set(rows["level"])
-    assert seen_sides == SIDES and {"main", "lobar"} <= seen_levels
+    assert seen_sides == SIDES and {"main", "lobar", "segmental"} <= seen_levels
 
 
 def test_min_embolus_pixels_holds_on_every_row_and_no_emboli_gives_a_header(tmp_path):

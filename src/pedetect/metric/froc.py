@@ -6,6 +6,12 @@ that slice. A candidate is a scored point on a key slice. A candidate *hits* an 
 rule (:data:`RULES`); candidates are taken by score, highest first, and at each threshold an embolus
 is found when any candidate at or above it hits it (found once), a candidate that hits no embolus is
 a false positive, and one that hits only emboli already found is neither (as in LUNA16 and CAD-PE).
+
+When the truth has a ``visible`` column (synth's clots.csv: 1 where a reader sees the embolus on the
+slice, 0 where it is drawn but not visible, docs/synthetic_visibility.md), only the visible rows are
+the truth: an embolus visible on no slice is not scored, and the hit test uses only the slices where
+an embolus is visible. A candidate that hits nothing visible but a row that is not visible is neither
+found nor a false positive (as LUNA16 ignores hits on its "irrelevant findings", nodules under 3 mm).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ SCANS_FROM_LABELS = "labels"
 SCANS_FROM_FILES = "truth+candidates"
 
 BOX = ("row_min", "row_max", "col_min", "col_max")
+VISIBLE = "visible"  # optional truth column: 1 where a reader sees the embolus on the slice, 0 where not
 CLOT_INTEGERS: tuple[str, ...] = ("embolus", "slice_index") + BOX + ("pixels",)
 CLOT_COLUMNS: tuple[str, ...] = (STUDY, SERIES) + CLOT_INTEGERS + ("side",)
 CANDIDATE_COLUMNS: tuple[str, ...] = (STUDY, SERIES, "candidate", "score", "slice_index", "row", "col")
@@ -119,6 +126,8 @@ def validate_clots(frame: pd.DataFrame) -> pd.DataFrame:
     out["side"] = frame["side"].astype(str)
     if "level" in frame.columns:  # optional: a main-artery embolus's side may be named central (side_right)
         out["level"] = frame["level"].astype(str)
+    if VISIBLE in frame.columns:  # optional: only the visible rows are scored (:func:`visible_truth`)
+        out[VISIBLE] = _numbers(frame, VISIBLE, source, integer=True, low=0, high=1)
     for low, high in (("row_min", "row_max"), ("col_min", "col_max")):
         bad = out[low] > out[high]
         if bad.any():
@@ -207,6 +216,28 @@ def hits(truth: pd.DataFrame, candidates: pd.DataFrame, rule: str = DEFAULT_RULE
     )
     found = pairs.loc[inside, ["candidate_row", "embolus_row"]].drop_duplicates()
     return found.sort_values(["candidate_row", "embolus_row"]).reset_index(drop=True)
+
+
+def visible_truth(truth: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows scored, the rows set aside) of a validated truth: with a ``visible`` column, its rows
+    with 1 and those with 0 (an embolus visible on no slice has only rows set aside); without, all
+    rows and none."""
+    if VISIBLE not in truth.columns:
+        return truth, truth.iloc[:0]
+    shown = truth[VISIBLE].to_numpy() == 1
+    kept, aside = truth[shown].reset_index(drop=True), truth[~shown].reset_index(drop=True)
+    kept.attrs.update(truth.attrs)
+    return kept, aside
+
+
+def _ignored(truth: pd.DataFrame, aside: pd.DataFrame, candidates: pd.DataFrame, rule: str) -> np.ndarray:
+    """Rows of ``candidates`` that hit, by ``rule``, a row set aside (not visible) and no row of the
+    truth scored: neither found nor false positive."""
+    if len(aside) == 0 or len(candidates) == 0:
+        return np.zeros(0, dtype=np.int64)
+    hidden = set(hits(aside, candidates, rule)["candidate_row"])
+    shown = set(hits(truth, candidates, rule)["candidate_row"]) if len(truth) else set()
+    return np.array(sorted(hidden - shown), dtype=np.int64)
 
 
 def _scan_set(truth: pd.DataFrame, candidates: pd.DataFrame, studies: Sequence[str] | None) -> tuple[list[str], str]:
@@ -349,13 +380,26 @@ def froc_report(
     for rule in rules:
         if rule not in RULES:
             raise ValueError(f"unknown hit rule {rule!r}; the rules are: {', '.join(RULES)}")
-    scans, scans_from = _scan_set(truth, candidates, studies)
+    scans, scans_from = _scan_set(truth, candidates, studies)  # every study of the truth is a scan, visible or not
+    truth, aside = visible_truth(truth)
     if not scans:
         raise InputError(
             "no scans to score: the truth and the candidates are empty and no labels name the studies (give --labels)"
         )
     emboli = _emboli(truth)
     notes = []
+    ignored = {rule: _ignored(truth, aside, candidates, rule) for rule in rules}
+    if VISIBLE in truth.columns:
+        hidden = aside.drop_duplicates([STUDY, "embolus"]).merge(
+            emboli[[STUDY, "embolus"]], on=[STUDY, "embolus"], how="left", indicator=True
+        )
+        nowhere = int((hidden["_merge"] == "left_only").sum())
+        notes.append(
+            f"the truth's visible column: scored the {len(emboli)} emboli visible on at least one slice, on their "
+            f"{len(truth)} visible rows; set aside {nowhere} embolus(es) visible on no slice and {len(aside)} "
+            "row(s) where an embolus is not visible; candidates that hit only those are neither found nor false "
+            "positives: " + ", ".join(f"{rule} {len(rows)}" for rule, rows in ignored.items())
+        )
     if scans_from == SCANS_FROM_FILES:
         notes.append(
             f"the scans are the {len(scans)} studies named in the truth or the candidates: a study with neither "
@@ -375,8 +419,17 @@ def froc_report(
         "emboli_by_side": {name: int((emboli["side"] == name).sum()) for name in SIDES},
         "emboli_by_size": {name: int((emboli["size"] == name).sum()) for name in SIZE_BUCKETS},
         "notes": notes,
-        "rules": {rule: _score_rule(truth, candidates, emboli, scans, rule) for rule in rules},
+        "rules": {rule: _score_rule(truth, _without(candidates, ignored[rule]), emboli, scans, rule) for rule in rules},
     }
+
+
+def _without(candidates: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """``candidates`` less the given rows (renumbered from 0, as the scoring expects)."""
+    if len(rows) == 0:
+        return candidates
+    kept = candidates.drop(index=candidates.index[rows]).reset_index(drop=True)
+    kept.attrs.update(candidates.attrs)
+    return kept
 
 
 def froc(

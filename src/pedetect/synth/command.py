@@ -47,8 +47,8 @@ def synth_command(
         "--split",
         help="train: OUT/train.csv and OUT/clots.csv. test: OUT/test.csv, OUT/test_labels.csv, "
         "OUT/sample_submission.csv and OUT/test_clots.csv. The clot truth has one row per embolus and slice "
-        "(study, series, embolus number, slice name and index, its bounding box in image rows and columns, "
-        "pixels, side, level, kind, artery).",
+        "its mask crosses (study, series, embolus number, slice name and index, its bounding box in image rows "
+        "and columns, pixels, side, level, kind, artery, visible: 1 where a reader sees it, the labelled slices).",
     ),
     transfer_syntax: Syntax = typer.Option(
         Syntax.explicit, "--transfer-syntax", help="explicit VR little endian, RLE Lossless or JPEG 2000 Lossless."
@@ -62,8 +62,8 @@ def synth_command(
     clot_seg: bool = typer.Option(
         True,
         "--clot-seg/--no-clot-seg",
-        help="Also write a DICOM Segmentation of each positive study's emboli (BINARY, one segment per embolus, "
-        "referencing its CT slices) as `OUT/<split>_seg/<StudyInstanceUID>.dcm` (OUT/train_seg, OUT/test_seg): "
+        help="Also write a DICOM Segmentation of each study's emboli, visible or not (BINARY, one segment per "
+        "embolus, referencing its CT slices) as `OUT/<split>_seg/<StudyInstanceUID>.dcm` (OUT/train_seg, OUT/test_seg): "
         "beside the split's DICOM folder and not in it, since prepare and predict read every file there. "
         "About 50 ms a positive study of 40 slices at 256 px.",
     ),
@@ -81,8 +81,9 @@ def synth_command(
         0,
         "--min-embolus-pixels",
         min=0,
-        help="Conspicuous emboli: each shows at least this many pixels on every slice labelled with it "
-        "(0: as drawn, down to slivers of a pixel at the clot's ends and in small arteries). "
+        help="Conspicuous emboli: each is cut to the slices where it shows at least this many pixels, drawn "
+        "in trunk to segmental arteries as before the visibility rule (0: drawn in trunk to subsegmental "
+        "arteries, labelled on the slices where a reader would see it, docs/synthetic_visibility.md). "
         "pedetect demo uses 25 at 256 px, so a small CPU model trained for minutes can see them.",
     ),
     preview: Optional[Path] = typer.Option(
@@ -101,7 +102,9 @@ def synth_command(
 
     A chest phantom (body, lungs and vessels, heart, aorta, pulmonary arteries, spine and ribs) with
     emboli as filling defects; every label comes from the phantom's own geometry and obeys the
-    challenge's consistency rules. Scanners vary per study (slice count and spacing, pixel size,
+    challenge's consistency rules. A slice is labelled where a reader would see an embolus on it (its
+    contrast, size and partial volume against the study's noise, at the slice's pixel size and
+    thickness); emboli too small or faint to see stay drawn and in the clot truth, marked not visible. Scanners vary per study (slice count and spacing, pixel size,
     noise, rescale, signed/unsigned storage, instance order).
     """
     if out is None and preview is None:
@@ -129,16 +132,19 @@ def synth_command(
         )
         import pandas as pd
 
-        from pedetect.synth.dataset import EMBOLUS, clot_seg_folder, clots_path
+        from pedetect.synth.dataset import EMBOLUS, VISIBLE, clot_seg_folder, clots_path
 
         n_studies = labels["StudyInstanceUID"].nunique() if len(labels) else 0
         n_pos = int(labels.groupby("StudyInstanceUID")["pe_present_on_image"].max().sum()) if len(labels) else 0
         clots = clots_path(out, split.value)
-        n_emboli = len(pd.read_csv(clots).drop_duplicates(["StudyInstanceUID", EMBOLUS]))
+        truth = pd.read_csv(clots)
+        n_emboli = len(truth.drop_duplicates(["StudyInstanceUID", EMBOLUS]))
+        n_seen = len(truth[truth[VISIBLE] == 1].drop_duplicates(["StudyInstanceUID", EMBOLUS]))
+        unseen = f" ({n_emboli - n_seen} visible on no slice)" if n_seen < n_emboli else ""
         segs = f", SEGs in {clot_seg_folder(out, split.value)}" if clot_seg and n_emboli else ""
         typer.echo(
             f"wrote {n_studies} studies ({n_pos} positive), {len(labels)} slices to {out / split.value}; "
-            f"{n_emboli} emboli in {clots}{segs}"
+            f"{n_emboli} emboli in {clots}{unseen}{segs}"
         )
     if preview is not None:
         from pedetect.synth.preview import write_preview

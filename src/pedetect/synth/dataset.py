@@ -1,9 +1,10 @@
 """A whole synthetic dataset in the RSNA-STR layout: DICOM folders plus the label CSVs.
 
 Beside the labels, the phantom's own clot truth: ``clots.csv`` (``test_clots.csv`` for the test
-split), one row per embolus and slice, and optionally a DICOM Segmentation of each positive study's
-emboli in ``OUT/<split>_seg/<StudyInstanceUID>.dcm`` (outside ``OUT/<split>``, which prepare and
-predict read whole).
+split), one row per embolus and slice its mask crosses, with whether a reader sees it there
+(``visible``, docs/synthetic_visibility.md: the labels are the visible rows), and optionally a DICOM
+Segmentation of each study's emboli, visible or not, in ``OUT/<split>_seg/<StudyInstanceUID>.dcm``
+(outside ``OUT/<split>``, which prepare and predict read whole).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pedetect.synth.dicom import (
 from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, SPLITS, StudyPlan, plan_study, uid
 from pedetect.synth.render import render_plan
 
-# The clot truth: one row per embolus and slice it shows on (clots.csv / test_clots.csv).
+# The clot truth: one row per embolus and slice its mask crosses (clots.csv / test_clots.csv).
 EMBOLUS = "embolus"
 SLICE_INDEX = "slice_index"
+VISIBLE = "visible"
 CLOT_COLUMNS = (
     STUDY,
     SERIES,
@@ -48,6 +50,7 @@ CLOT_COLUMNS = (
     "level",  # main (trunk and main pulmonary arteries), lobar, segmental, subsegmental
     "kind",  # acute, chronic
     "artery",  # the phantom's vessel name
+    VISIBLE,  # 1: a reader sees it on this slice (the slice is labelled positive), 0: drawn but not visible
 )
 CLOT_FILES = {"train": "clots.csv", "test": "test_clots.csv"}
 SEG_MANUFACTURER = "pedetect synthetic phantom"
@@ -108,9 +111,11 @@ def clot_side_and_level(plan: StudyPlan, embolus_index: int) -> tuple[str, str]:
 
 
 def clot_rows(plan: StudyPlan, slice_ids: list[str] | None = None) -> pd.DataFrame:
-    """The clot truth of one study (:data:`CLOT_COLUMNS`): one row per embolus and slice it shows on,
-    emboli in plan order, slices in position order. ``slice_ids``: the slices' names in position
-    order (default the single-frame SOPInstanceUIDs)."""
+    """The clot truth of one study (:data:`CLOT_COLUMNS`): one row per embolus and slice its mask
+    crosses, emboli in plan order, slices in position order; ``visible`` says whether a reader sees
+    it there (``Embolus.visible``: the rows with 1 are the slices labelled positive, and an embolus
+    with no such row made no label). ``slice_ids``: the slices' names in position order (default the
+    single-frame SOPInstanceUIDs)."""
     ids = list(plan.sop_uids) if slice_ids is None else list(slice_ids)
     rows = []
     for i, ((k0, r0, c0), mask) in enumerate(embolus_masks(plan)):
@@ -126,13 +131,14 @@ def clot_rows(plan: StudyPlan, slice_ids: list[str] | None = None) -> pd.DataFra
             rows.append(
                 (plan.study_uid, plan.series_uid, i + 1, ids[k], k)
                 + (r0 + int(rr[0]), r0 + int(rr[-1]), c0 + int(cc[0]), c0 + int(cc[-1]), pixels)
-                + (side, level, e.kind, e.vessel)
+                + (side, level, e.kind, e.vessel, int(e.visible[k]))
             )
     return pd.DataFrame(rows, columns=list(CLOT_COLUMNS))
 
 
 def clot_segmentation(plan: StudyPlan, sources: list, volume: np.ndarray, *, enhanced: bool = False):
-    """The emboli of a study as a BINARY DICOM Segmentation (highdicom), one segment per embolus.
+    """The emboli of a study as a BINARY DICOM Segmentation (highdicom), one segment per embolus:
+    every embolus drawn, visible to a reader or not (clots.csv's ``visible`` says which slices are).
 
     ``sources``: the study's CT datasets as written (pydicom, headers suffice), single-frame slices in
     position order, or the one Enhanced CT dataset (``enhanced``: the segment frames then reference
@@ -204,7 +210,8 @@ def clot_segmentation(plan: StudyPlan, sources: list, volume: np.ndarray, *, enh
 
 def write_clot_seg(plan: StudyPlan, study_files: list[Path], folder: Path, *, enhanced: bool = False) -> Path | None:
     """The study's :func:`clot_segmentation` as ``folder/<StudyInstanceUID>.dcm`` (atomic), from its
-    CT files as written (position order; Enhanced CT: the one file). None when it has no embolus."""
+    CT files as written (position order; Enhanced CT: the one file). None when it has no embolus (a
+    study whose emboli no reader sees, so labelled negative, still has one)."""
     import pydicom
 
     if not plan.emboli:
@@ -288,9 +295,10 @@ def write_dataset(
     are rendered in that many processes (the files and labels are the same).
 
     The clot truth, always: ``out/clots.csv`` (train) or ``out/test_clots.csv`` (test), one row per
-    embolus and slice (:data:`CLOT_COLUMNS`; header only when no study has an embolus).
-    ``clot_seg``: also a DICOM Segmentation of each positive study's emboli (one BINARY segment per
-    embolus, referencing its CT slices, or its Enhanced CT file's frames) as
+    embolus and slice its mask crosses, ``visible`` 1 where a reader sees it (the labelled slices)
+    and 0 where not (:data:`CLOT_COLUMNS`; header only when no study has an embolus).
+    ``clot_seg``: also a DICOM Segmentation of each study's emboli, visible or not (one BINARY
+    segment per embolus, referencing its CT slices, or its Enhanced CT file's frames) as
     ``out/<split>_seg/<StudyInstanceUID>.dcm``, beside ``out/<split>`` rather than in it (prepare and
     predict read every file there). About 50 ms a positive study of 40 slices at 256 px; off by
     default, so that library callers (the demo, the tests) keep their folders as they were.
@@ -364,6 +372,7 @@ def write_dataset(
 __all__ = [
     "CLOT_COLUMNS",
     "CLOT_FILES",
+    "VISIBLE",
     "clot_rows",
     "clot_seg_folder",
     "clot_segmentation",

@@ -3,8 +3,11 @@
 A study is *planned* first (:func:`plan_study`): every random draw, the 3D geometry of the anatomy
 (capsules and ellipsoids in millimetres), the emboli and their rasterised masks, the scanner and the
 labels. Rendering the image volume (:mod:`pedetect.synth.render`) is then pure drawing. Labels come
-from the geometry alone: a slice is positive exactly when an embolus mask crosses it, so planning is
-enough to study label statistics without drawing a single image.
+from the geometry, the scanner and the tissues' HU alone: a slice is positive exactly when an embolus
+is *visible* on it (:mod:`pedetect.synth.visibility`: its filling defect's Rose SNR at the slice's
+pixel size, thickness and noise), so planning is enough to study label statistics without drawing a
+single image. With ``min_embolus_pixels`` (the demo's "conspicuous" profile) the emboli are also cut
+where they show fewer pixels than that (on the demo's data the rule then hides nothing more).
 
 Phantom frame (mm): x towards the patient's left, y towards the back, z towards the head. The chest
 is ``ANATOMY_HEIGHT`` mm tall and is mapped onto the scan range whatever the slice spacing, so a
@@ -33,6 +36,7 @@ from pedetect.labels import (
     TRAIN_COLUMNS,
 )
 from pedetect.synth.raster import Grid, Segment, segment_chunks, segment_mask
+from pedetect.synth.visibility import embolus_visibility, slab_thickness
 
 ANATOMY_HEIGHT = 280.0
 SPLITS = ("train", "test")
@@ -79,8 +83,15 @@ class Tissue(IntEnum):
 
 EMBOLUS_TISSUES = (Tissue.EMBOLUS_ACUTE, Tissue.EMBOLUS_CHRONIC)
 PA_LEVELS = ("trunk", "main", "lobar", "segmental", "subsegmental", "small")
-# Arteries that can hold an embolus (smaller ones vanish at test-friendly pixel sizes).
-EMBOLUS_LEVEL_WEIGHTS = {"trunk": 1.0, "main": 2.0, "lobar": 3.0, "segmental": 2.0}
+# Arteries that can hold an embolus, and the weight of each artery of a level when one is drawn (per
+# artery: there are 1 trunk, 2 main, 6 lobar, 18 segmental and 36 subsegmental arteries). Set so
+# that the most proximal visible clot of a positive exam is lobar, segmental or subsegmental about as
+# often as in the literature (docs/synthetic_visibility.md, "Level mix"; central is the drawn
+# central_pe rate).
+EMBOLUS_LEVEL_WEIGHTS = {"trunk": 1.0, "main": 2.0, "lobar": 2.0, "segmental": 1.0, "subsegmental": 0.45}
+# The "conspicuous" profile (min_embolus_pixels > 0, pedetect demo's data) keeps the mix it was made
+# with, no subsegmental arteries, so that its studies stay what they were, draw for draw.
+CONSPICUOUS_LEVEL_WEIGHTS = {"trunk": 1.0, "main": 2.0, "lobar": 3.0, "segmental": 2.0}
 
 
 def _location_base_probabilities() -> dict[str, float]:
@@ -154,7 +165,8 @@ class Embolus:
     locations: frozenset[str]
     segments: list[Segment]
     chunks: list  # [(box, mask)], the rasterised embolus clipped to its artery's lumen
-    slices: np.ndarray  # (S,) bool, slices that the embolus crosses
+    slices: np.ndarray  # (S,) bool, slices that the embolus crosses (its mask has a pixel there)
+    visible: np.ndarray  # (S,) bool, slices where a reader sees it (pedetect.synth.visibility); within slices
 
     @property
     def tissue(self) -> Tissue:
@@ -694,25 +706,26 @@ def _rasterise_embolus(segs: list[Segment], vessel: Vessel, grid: Grid) -> tuple
     return chunks, crossed
 
 
-def _keep_visible(chunks: list, grid: Grid, min_pixels: int) -> tuple[list, np.ndarray]:
+def _keep_conspicuous(chunks: list, grid: Grid, min_pixels: int) -> tuple[list, np.ndarray]:
     """The embolus only on the slices where its cross-section covers at least ``min_pixels`` pixels,
-    and those slices. A capsule's rounded ends cross a slice or two with a sliver of a pixel or
-    three, which no reader could see at a coarse pixel size: with a minimum, the clot stops where it
-    stops being visible, so the mask and the slice labels still agree voxel for voxel."""
+    and those slices (the "conspicuous" profile, ``min_embolus_pixels``). A capsule's rounded ends
+    cross a slice or two with a sliver of a pixel or three: with a minimum, the clot stops where it
+    stops being conspicuous, so the mask and the slice labels agree (unless the visibility rule hides
+    a slice as well: on the demo's data it hides none)."""
     canvases: dict[int, np.ndarray] = {}
     for box, m in chunks:
         for k in range(box[0].start, box[0].stop):
             canvas = canvases.setdefault(k, np.zeros((len(grid.ys), len(grid.xs)), dtype=bool))
             canvas[box[1], box[2]] |= m[k - box[0].start]
-    visible = np.zeros(len(grid.zs), dtype=bool)
+    shown = np.zeros(len(grid.zs), dtype=bool)
     for k, canvas in canvases.items():
-        visible[k] = int(canvas.sum()) >= min_pixels
+        shown[k] = int(canvas.sum()) >= min_pixels
     kept = []
     for box, m in chunks:
-        m = m & visible[box[0]][:, None, None]
+        m = m & shown[box[0]][:, None, None]
         if m.any():
             kept.append((box, m))
-    return kept, visible
+    return kept, shown
 
 
 def _overlap(a: list, b: list) -> bool:
@@ -741,11 +754,25 @@ def _overlap(a: list, b: list) -> bool:
 
 
 def _place_emboli(
-    rng: np.random.Generator, vessels: list[Vessel], grid: Grid, wanted: set[str], kinds: list[str], min_pixels: int = 0
+    rng: np.random.Generator,
+    vessels: list[Vessel],
+    grid: Grid,
+    wanted: set[str],
+    kinds: list[str],
+    min_pixels: int = 0,
+    see=None,
 ) -> list[Embolus]:
-    """Emboli realising the wanted location labels (each at a compatible artery) and kinds; with
-    ``min_pixels``, only where at least that many pixels of clot show on each slice it marks."""
-    sites = [v for v in vessels if v.level in EMBOLUS_LEVEL_WEIGHTS and v.locations() <= wanted]
+    """Emboli realising the wanted location labels (each at a compatible artery) and kinds.
+
+    An embolus is placed where a reader sees it on at least one slice (``see(segments, vessel, chunks,
+    kind)`` gives the slices where it is visible, :func:`pedetect.synth.visibility.embolus_visibility`;
+    without ``see``, wherever it crosses the grid); when no such place is found in the attempts, the
+    first place it crosses the grid at all is kept, visible nowhere (a clot below what the scan shows:
+    it labels nothing). With ``min_pixels`` (the conspicuous profile) the embolus is also cut to the
+    slices where at least that many pixels of it show, and the arteries are drawn with
+    :data:`CONSPICUOUS_LEVEL_WEIGHTS`."""
+    weights = CONSPICUOUS_LEVEL_WEIGHTS if min_pixels > 0 else EMBOLUS_LEVEL_WEIGHTS
+    sites = [v for v in vessels if v.level in weights and v.locations() <= wanted]
     if not sites:
         return []
     emboli: list[Embolus] = []
@@ -753,21 +780,30 @@ def _place_emboli(
     needs = sorted(wanted)
     for i, kind in enumerate(kinds):
         need = needs[i] if i < len(needs) else None
+        unseen: Embolus | None = None  # the first place found that no reader would see
+        placed = False
         for attempt in range(40):
             pool = [v for v in sites if need is None or need in v.locations()]
             if attempt >= 25:  # small series / pixel sizes: prefer big arteries
                 pool = [v for v in pool if v.level in ("trunk", "main", "lobar")] or pool
             if not pool:
                 break
-            w = np.array([EMBOLUS_LEVEL_WEIGHTS[v.level] for v in pool])
+            w = np.array([weights[v.level] for v in pool])
             vessel = pool[int(rng.choice(len(pool), p=w / w.sum()))]
             segs = _embolus_segments(rng, vessel, kind)
             chunks, crossed = _rasterise_embolus(segs, vessel, grid)
             if min_pixels > 0:
-                chunks, crossed = _keep_visible(chunks, grid, min_pixels)
+                chunks, crossed = _keep_conspicuous(chunks, grid, min_pixels)
             if crossed.any() and not any(_overlap(chunks, e.chunks) for e in emboli):
-                emboli.append(Embolus(vessel.name, vessel.level, kind, vessel.locations(), segs, chunks, crossed))
-                break
+                visible = crossed.copy() if see is None else see(segs, vessel, chunks, kind) & crossed
+                embolus = Embolus(vessel.name, vessel.level, kind, vessel.locations(), segs, chunks, crossed, visible)
+                if visible.any():
+                    emboli.append(embolus)
+                    placed = True
+                    break
+                unseen = unseen or embolus
+        if not placed and unseen is not None:
+            emboli.append(unseen)
     return emboli
 
 
@@ -982,9 +1018,17 @@ def plan_study(
     """Plan study ``index`` of the dataset (seed, split): geometry, scanner, UIDs and labels, no pixels.
 
     Study k depends only on (seed, split, k) and the options, never on how many studies are made.
-    ``kind`` forces "positive", "negative" or "indeterminate" (the rest of the study is unchanged).
-    ``min_embolus_pixels`` > 0 draws conspicuous emboli: each shows at least that many pixels on every
-    slice labelled with it (emboli then sit mostly in the larger arteries; see :func:`_keep_visible`).
+    ``kind`` forces "positive", "negative" or "indeterminate" (the rest of the study is unchanged; a
+    forced positive whose emboli no reader could see at this pixel size and slice count is realised
+    negative, its emboli kept, visible nowhere).
+    Default: the labels say where an embolus is visible (:mod:`pedetect.synth.visibility`), emboli are
+    drawn in trunk to subsegmental arteries (:data:`EMBOLUS_LEVEL_WEIGHTS`) and each is placed where it
+    shows on at least one slice. ``min_embolus_pixels`` > 0 draws conspicuous emboli instead (the
+    demo's profile): each shows at least that many pixels on every slice labelled with it and is cut
+    where it shows fewer (:func:`_keep_conspicuous`), and the emboli keep
+    :data:`CONSPICUOUS_LEVEL_WEIGHTS` (mostly the larger arteries, no subsegmental ones). The
+    visibility rule applies there too; on the demo's data (25 pixels at 256 px, 40 slices) it hides
+    no slice, so those studies are what they were before the rule.
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
@@ -1002,8 +1046,23 @@ def plan_study(
     grid = make_grid(sc)
     hu = _tissue_hu(r_look, lab["pa_hu"], lab["sys_hu"])
 
+    slab_mm = slab_thickness(grid, sc.spacing, sc.thickness)
+
+    def see(segs: list[Segment], vessel: Vessel, chunks: list, kind: str) -> np.ndarray:
+        """The slices where a reader sees this embolus (its Rose SNR in this study's noise and slab)."""
+        clot = Tissue.EMBOLUS_CHRONIC if kind == "chronic" else Tissue.EMBOLUS_ACUTE
+        return embolus_visibility(
+            segs,
+            vessel.segments(),
+            chunks,
+            grid,
+            slab_mm=slab_mm,
+            contrast_hu=hu[int(Tissue.PA_BLOOD)] - hu[int(clot)],
+            noise_sd=sc.noise_sd,
+        ).visible
+
     emboli = (
-        _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"], min_embolus_pixels)
+        _place_emboli(r_path, vessels, grid, lab["wanted"], lab["kinds"], min_embolus_pixels, see)
         if lab["kind"] == "positive"
         else []
     )
@@ -1022,18 +1081,21 @@ def plan_study(
             Blob(tuple(p), 0.55 * r, 0.55 * r, 1.2 * r, Tissue.MIMIC, (int(Tissue.SVC_BLOOD), int(Tissue.SYS_BLOOD)))
         )
 
+    # The labels are what a reader sees: the slices where an embolus is visible, and the exam labels of
+    # the emboli visible somewhere (one visible nowhere makes nothing positive).
     pe_slices = np.zeros(sc.n_slices, dtype=bool)
     for e in emboli:
-        pe_slices |= e.slices
+        pe_slices |= e.visible
+    seen = [e for e in emboli if e.visible.any()]
     realised = "positive" if pe_slices.any() else ("negative" if lab["kind"] == "positive" else lab["kind"])
     exam = {label: 0 for label in EXAM_LABELS + INFO_LABELS}
     if realised == "positive":
-        locs = set().union(*(e.locations for e in emboli))
+        locs = set().union(*(e.locations for e in seen))
         for label in LOCATION_LABELS:
             exam[label] = int(label in locs)
         gte = an.rv_lv_ratio >= 1.0
         exam[GTE_1], exam[LT_1] = int(gte), int(not gte)
-        kinds = {e.kind for e in emboli}
+        kinds = {e.kind for e in seen}
         exam[CHRONIC] = int(kinds == {"chronic"})
         exam[ACUTE_AND_CHRONIC] = int(kinds == {"acute", "chronic"})
     elif realised == "indeterminate":
@@ -1109,8 +1171,10 @@ def draw_labels(
 ) -> dict[str, int]:
     """The exam labels that study ``index`` is drawn with, without building its geometry (fast).
 
-    :func:`plan_study` realises exactly these labels whenever its emboli can be placed on the
-    slice grid (always at ordinary slice counts; ``StudyPlan.intended`` keeps them for checking).
+    :func:`plan_study` realises exactly these labels whenever its emboli can be placed where a reader
+    sees them (at the default 256 px nearly always; at a coarse pixel size or a few thick slices only
+    the larger arteries show, and an exam whose drawn locations cannot be seen is realised without
+    them; ``StudyPlan.intended`` keeps the drawn labels for checking).
     """
     return _intended_exam(
         _draw_labels(_streams(seed, split, index)[0], positive_fraction, indeterminate_fraction, None)

@@ -18,6 +18,7 @@ from pedetect.synth.phantom import (
     plan_study,
 )
 from pedetect.synth.raster import Grid, Segment, ellipse_rho2, paint, paint_ellipsoid, paint_scaled, paint_segment
+from pedetect.synth.visibility import NOISE_BLUR_PX
 
 T = Tissue
 
@@ -287,10 +288,12 @@ def _paint_vessels_and_emboli(vol: np.ndarray, plan: StudyPlan) -> np.ndarray:
 
 
 def _noise_bank(rng: np.random.Generator, h: int, w: int, sd: float, k: int = 4, pad: int = 16) -> np.ndarray:
-    """A few frames of correlated CT-like noise; slices take shifted windows of them."""
+    """A few frames of correlated CT-like noise; slices take shifted windows of them. White noise
+    blurred by a Gaussian of NOISE_BLUR_PX pixels, scaled to SD ``sd`` per pixel (the visibility rule
+    calibrates its correlation factor on exactly this noise)."""
     bank = rng.standard_normal((k, h + pad, w + pad), dtype=np.float32)
     for i in range(k):
-        bank[i] = cv2.GaussianBlur(bank[i], (0, 0), 0.8)
+        bank[i] = cv2.GaussianBlur(bank[i], (0, 0), NOISE_BLUR_PX)
     bank *= np.float32(sd) / bank.std()
     return bank
 
