@@ -170,15 +170,9 @@ class Nginx:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if self.process is not None:
-            self.log.close()
+        from test_orthanc import stop_process
+
+        stop_process(self.process, self.log)
         self.process = None
 
 

@@ -81,15 +81,7 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if self.process is not None:
-            self.log.close()
+        stop_process(self.process, self.log)
         self.process = None
 
     def get(self, path: str):
@@ -132,6 +124,19 @@ def orthancs(tmp_path):
     yield make
     for server in made:
         server.stop()
+
+
+def stop_process(process, log) -> None:
+    """Stop a server the test started (SIGTERM, then SIGKILL after 20 s) and close its log."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    if process is not None:
+        log.close()
 
 
 def results_in(pacs: Orthanc, study: str, kinds=("SR", "OT", "KO")):
