@@ -344,6 +344,7 @@ def test_serve_tells_an_alert_receiver_of_each_answered_study(study, serves, tmp
         assert c_store(node.port, files) == [0] * len(files)
         record = wait_for(lambda: answered(spool, uid), 120, "the study to be answered", node.process, node.log)
         assert len(record["alerts"]) == 1
+        assert isinstance(record["pe_positive"], bool) and record["operating_points"] == []  # none calibrated
         wait_for(lambda: receiver.posts, 30, "the alert", node.process, node.log)
         time.sleep(1.0)  # nothing more comes
         ((headers, document),) = receiver.posts

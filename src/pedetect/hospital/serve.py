@@ -233,6 +233,9 @@ class Server:
                 "lost": lost,
                 "errors": [prediction.error] if prediction.error else [],
                 "seconds": round(time.time() - started, 3),
+                # The decision at the bundle's operating points (pedetect calibrate) beside the label rules'.
+                "pe_positive": prediction.result.pe_positive,
+                "operating_points": prediction.result.operating_points,
             }
         )
         plan = StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
