@@ -67,7 +67,8 @@ class DicomAnswer:
         self.written: dict[str, Any] = {}  # study -> results.StudyDicom
 
     def write(self, predictor, prediction, plan):
-        """The study's DICOM results (:class:`~pedetect.hospital.results.StudyDicom`); raises when they cannot be made."""
+        """The study's DICOM results (:class:`~pedetect.hospital.results.StudyDicom`); raises when they
+        cannot be made."""
         from pedetect.hospital.results import algorithm_of, write_study_results
 
         sources = {header.sop: header.source for series in plan.series.values() for header in series}

@@ -232,7 +232,8 @@ def find_candidates(
     """The candidates of one series. ``slice_probabilities``: the model's PE probability of each decoded
     slice (a candidate's score is its map probability times its key slice's); ``pictures``: its decoded
     slices ``(N, H, W, C)`` uint8 in position order, channel c windowed by ``windows[c]`` (level, width):
-    their Hounsfield units place the defect and the lungs; ``geometries``, ``sops``: each decoded slice's; ``positions``: each decoded slice's place in the series (slices lost before it counted);
+    their Hounsfield units place the defect and the lungs; ``geometries``, ``sops``: each decoded
+    slice's; ``positions``: each decoded slice's place in the series (slices lost before it counted);
     ``picture_offset``: where the series' first slice sits among the study's report pictures."""
     probabilities = np.asarray(maps.probabilities, dtype=np.float32)
     if probabilities.ndim != 3 or len(probabilities) != len(pictures) or not len(pictures):
