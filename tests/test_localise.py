@@ -223,3 +223,17 @@ def test_the_activation_map_is_the_slice_head_on_each_position():
     assert torch.equal(embedding, same_embedding) and torch.equal(logit, same_logit)
     assert activation.shape[0] == 4 and activation.ndim == 3
     assert torch.all(positive_logit >= positive_map.amax(dim=(1, 2)) - 1e-5)
+
+
+def test_a_coarse_map_over_a_noisy_slice_searches_near_its_point_only():
+    """One map cell over a whole 1024-pixel slice of noise (a CNN that pools to one position): the
+    defect search stays within defect_search_max pixels of the map's point, however many pieces the
+    noise makes."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(200.0, 150.0, (1, 1024, 1024)).astype(np.float32)  # contrast and defects everywhere
+    pictures = window_hu(hu[0], DEFAULT_WINDOWS)[None]
+    geometry = SliceGeometry(1024, 1024, (0.0, 0.0, 0.0), IDENTITY, (0.5, 0.5))
+    maps = ActivationMaps(np.full((1, 1, 1), 0.9, np.float32), (0, 0, 1024, 1024))
+    (found,) = find_candidates(maps, np.ones(1), pictures, [geometry], ["s"], [0], series="s", windows=DEFAULT_WINDOWS)
+    limit = LocaliseSettings().defect_search_max
+    assert abs(found.row - 511.5) <= limit + 1 and abs(found.col - 511.5) <= limit + 1

@@ -74,6 +74,9 @@ class LocaliseSettings:
     # soft-tissue density inside opacified blood, searched for this far (cells of the map) from the map's
     # point. 0: the map's point and region alone.
     defect_search: float = 1.5
+    defect_search_max: float = (
+        32.0  # pixels of the decoded slice: the search's radius at most (a coarse map's cells are large)
+    )
     contrast_hu: float = 180.0  # opacified blood is above (CTPA: about 250-450 HU), a clot below (20-70 HU)
     defect_hu: tuple[float, float] = (-100.0, 150.0)  # what a defect inside the lumen may measure
     lumen_closing: int = 3  # pixels: the lumen is the contrast closed by a disk this wide (wall-adherent clots)
@@ -275,7 +278,7 @@ def find_candidates(
         outline_pic = [(y + r0, x + c0) for y, x in outline_pic]
         hu = estimate_hu(pictures[k : k + 1], windows)[0]
         if settings.defect_search > 0:
-            radius = settings.defect_search * max(region_h / map_h, region_w / map_w)
+            radius = min(settings.defect_search * max(region_h / map_h, region_w / map_w), settings.defect_search_max)
             defect = _filling_defect(hu, row_pic, col_pic, radius, settings)
             if defect is not None:
                 (row_pic, col_pic), outline_pic = defect
@@ -348,17 +351,20 @@ def _filling_defect(
 
 def _nearest_piece(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, row: float, col: float, radius: float):
     """The connected piece of ``mask`` (of at least 2 pixels) nearest (``row``, ``col``) and within
-    ``radius`` of it, as a mask; None when there is none."""
+    ``radius`` of it, as a mask; None when there is none. One pass over the window whatever the
+    number of pieces (a noisy window holds thousands)."""
     pieces, n = ndimage.label(mask)
-    best, best_distance = None, np.inf
-    for piece in range(1, n + 1):
-        member = pieces == piece
-        if member.sum() < 2:  # a pixel of noise
-            continue
-        distance = float(np.min(np.hypot(ys[member] - row, xs[member] - col)))
-        if distance <= radius and distance < best_distance:
-            best, best_distance = member, distance
-    return best
+    if n == 0:
+        return None
+    distance = np.hypot(ys - row, xs - col)
+    index = np.arange(1, n + 1)
+    nearest = np.asarray(ndimage.minimum(distance, pieces, index))
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    eligible = (sizes >= 2) & (nearest <= radius)  # a single pixel is noise
+    if not eligible.any():
+        return None
+    best = int(index[eligible][np.argmin(nearest[eligible])])
+    return pieces == best
 
 
 def _outline(mask: np.ndarray, max_points: int = 48) -> list[tuple[float, float]]:
