@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 # Score / prior-baseline score, cross-validated and on the test set, and the RV/LV >= 1 AUC on positive
 # exams (cross-validated: the heart model's own and stacked with stage 2). Measured with the folds side
-# by side (docs/stage2_notes.md, tenth session; training is deterministic on one machine): seed 1 (this
+# by side (docs/stage2_notes.md; training is deterministic on one machine): seed 1 (this
 # test) CV 0.36, test 0.12, RV/LV AUC 0.981 / 0.976; seeds 3, 5, 7 CV 0.28-0.36, test 0.19-0.35, RV/LV
 # AUC 0.94-0.99. The bars leave the spread between seeds as margin (another CPU or thread count
 # trains to other numbers within about that spread). A change to the demo recipe must re-measure.
