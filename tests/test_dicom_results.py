@@ -27,21 +27,22 @@ from pedetect.dicom.frames import frame_geometry, split_frame_key
 from pedetect.hospital.results import (
     CS3D_TRACKING,
     FINDING_SITES,
-    LABEL_CODES,
+    LABEL_CONCEPTS,
     NOT_DIAGNOSTIC,
     PE_TRACKING,
-    PRIVATE_SCHEME,
     TYPE2_PATIENT_STUDY,
     Algorithm,
     algorithm_of,
     candidate_scoord,
     key_slices,
+    label_key,
+    labels_summary,
     read_sr_values,
     write_study_results,
 )
 from pedetect.hospital.seg import candidate_mask
 from pedetect.infer.report import StudyResult
-from pedetect.labels import EXAM_LABELS
+from pedetect.labels import EXAM_LABEL_TITLES, EXAM_LABELS
 from pedetect.models.bundle import read_bundle
 from pedetect.synth import write_dataset
 from pedetect.testing import write_random_bundle
@@ -50,12 +51,6 @@ from train_fixtures import tiny_config
 N_STUDIES, SLICES, SIZE = 2, 12, 64
 VALIDATORS = ("dciodvfy", "dsrdump")
 OHIF_DIR = Path(__file__).resolve().parent / "ohif"  # package.json, package-lock.json, check_sr.mjs
-# dicom3tools (Debian 1.00~20220618) warns on every private coding scheme designator, declared in
-# CodingSchemeIdentificationSequence or not: the nine challenge labels' (one warning per use and one for
-# the declaration) are the only warnings a result may have.
-PRIVATE_SCHEME_WARNING = (
-    f"Warning - Unrecognized defined term <{PRIVATE_SCHEME}> for value 1 of attribute <Coding Scheme Designator>"
-)
 # dsrdump's own limits, not the object's: DCMTK checks TID 1500 but not the KOS's TID 2010.
 DSRDUMP_NOTICES = ("W: Check for template constraints not yet supported",)
 PHANTOM_SLICES, PHANTOM_SIZE, PHANTOM_SEED = 40, 256, 3  # seed 3's first positive test study: five emboli
@@ -63,15 +58,14 @@ ALGORITHM = Algorithm(bundles=("phantom-candidates demo folds=0 sha256:012345678
 
 
 def validator_report(path: Path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of dciodvfy on any object and of dsrdump on SR and KOS documents; the private
-    coding scheme's warnings (:data:`PRIVATE_SCHEME_WARNING`) are not counted."""
+    """(errors, warnings) of dciodvfy on any object and of dsrdump on SR and KOS documents."""
     missing = [tool for tool in VALIDATORS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed (Debian packages dicom3tools, dcmtk; .ci/run installs them)")
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     lines = (run.stdout + run.stderr).splitlines()
     errors = [f"dciodvfy: {line}" for line in lines if line.startswith("Error")]
-    warnings = [f"dciodvfy: {line}" for line in lines if line.startswith("Warning") and line != PRIVATE_SCHEME_WARNING]
+    warnings = [f"dciodvfy: {line}" for line in lines if line.startswith("Warning")]
     if pydicom.dcmread(path, stop_before_pixels=True).Modality in ("SR", "KO"):
         run = subprocess.run(["dsrdump", "-Ee", str(path)], capture_output=True, text=True, timeout=60)
         lines = (run.stdout + run.stderr).splitlines()
@@ -84,11 +78,6 @@ def validator_report(path: Path) -> tuple[list[str], list[str]]:
 def validator_errors(path: Path) -> list[str]:
     """Errors dciodvfy reports on any object, and dsrdump on SR and KOS documents (warnings allowed)."""
     return validator_report(path)[0]
-
-
-def private_scheme_warnings(path: Path) -> int:
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return (run.stdout + run.stderr).splitlines().count(PRIVATE_SCHEME_WARNING)
 
 
 def report_result(report: Path, study: str) -> StudyResult:
@@ -157,7 +146,7 @@ def test_the_sr_reads_back_to_the_reports_values(predicted):
         assert findings[PE_TRACKING]["probability"] == pytest.approx(result.pe_probability)
         assert findings[PE_TRACKING]["present"] == result.pe_positive
         for label in EXAM_LABELS:
-            assert findings[label]["code"] == (LABEL_CODES[label][0], PRIVATE_SCHEME)
+            assert findings[label]["code"] == LABEL_CONCEPTS[label][0][:2]
             assert findings[label]["probability"] == pytest.approx(result.model_exam_probabilities[label])
             assert findings[label]["present"] == (result.exam_probabilities[label] > 0.5)
         # Key slices: the three most suspicious and every slice written above 0.5, in position order.
@@ -206,7 +195,7 @@ def test_results_copy_the_patient_and_study_and_say_they_are_not_for_diagnosis(p
     assert len(series) == len(names)
     sr = pydicom.dcmread(root / "dicom" / study / "sr.dcm")
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
-    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    assert "CodingSchemeIdentificationSequence" not in sr  # standard codes only: nothing private to declare
     ko = pydicom.dcmread(root / "dicom" / study / "ko.dcm")
     images = [
         item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -493,9 +482,6 @@ def test_a_positive_study_gets_an_sr_and_a_segmentation_without_a_validator_erro
     assert written.candidates == len(result.candidates)
     for path in written.files:
         assert validator_report(path) == ([], []), path
-    # The private scheme: the declaration and the nine labels' codes, nothing else.
-    assert private_scheme_warnings(written.sr) == 1 + len(EXAM_LABELS)
-    assert all(private_scheme_warnings(path) == 0 for path in written.files[1:])
     import highdicom as hd
 
     assert type(hd.sr.srread(written.sr).content).__name__ == "MeasurementReport"  # highdicom parses it as TID 1500
@@ -569,18 +555,35 @@ def test_the_exam_outputs_are_qualitative_evaluations_with_all_nine_labels(phant
     }
     for label in EXAM_LABELS:
         assert values["findings"][label] == {
-            "code": (LABEL_CODES[label][0], PRIVATE_SCHEME),
+            "code": LABEL_CONCEPTS[label][0][:2],
             "probability": pytest.approx(result.model_exam_probabilities[label]),
             "present": result.exam_probabilities[label] > 0.5,
         }
     assert values["key_sops"] == [result.sop_uids[i] for i in key_slices(result)]
     assert values["comments"] == ["series used: test"]
     sr = pydicom.dcmread(written.sr)
+    # The labels in words, for viewers that list items by concept name alone (OHIF's text view).
+    (evaluations,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    (summary,) = [
+        i.TextValue for i in evaluations.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121111"
+    ]
+    assert summary == labels_summary(result)
+    for label in EXAM_LABELS:
+        decision = "present" if result.exam_probabilities[label] > 0.5 else "absent"
+        model = result.model_exam_probabilities[label]
+        assert f"{EXAM_LABEL_TITLES[label]}: {decision} (model {model:.2f})" in summary
     # No exam label is a measurement group: every group has its geometry.
     (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
     for group in measurements.ContentSequence:
         assert any(item.ValueType == "SCOORD" for item in group.ContentSequence)
-    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    # Every code of the labels is a standard one (PS3.16's SNOMED CT and DCM concepts, as pydicom lists them).
+    from pydicom.sr._concepts_dict import concepts
+
+    for concept, modifiers in LABEL_CONCEPTS.values():
+        for value, scheme, meaning in (concept, *(code for pair in modifiers for code in pair)):
+            known = {m for entries in concepts[scheme].values() for code, (m, _) in entries.items() if code == value}
+            assert known, (value, scheme, meaning)
+    assert len({label_key(*concept) for concept in LABEL_CONCEPTS.values()}) == len(EXAM_LABELS)
 
 
 def test_contributing_equipment_names_the_algorithm_as_air_asks(phantom):

@@ -29,6 +29,18 @@ EXAM_WEIGHTS: dict[str, float] = {
     "indeterminate": 0.09202453988,
 }
 EXAM_LABELS: tuple[str, ...] = tuple(EXAM_WEIGHTS)
+# How a reader names each exam label (the challenge's definitions, in a radiologist's words).
+EXAM_LABEL_TITLES: dict[str, str] = {
+    "negative_exam_for_pe": "negative exam for PE",
+    "rv_lv_ratio_gte_1": "RV/LV ratio >= 1",
+    "rv_lv_ratio_lt_1": "RV/LV ratio < 1",
+    "leftsided_pe": "left-sided PE",
+    "chronic_pe": "chronic PE",
+    "rightsided_pe": "right-sided PE",
+    "acute_and_chronic_pe": "acute and chronic PE",
+    "central_pe": "central PE",
+    "indeterminate": "indeterminate exam",
+}
 
 # Present in train.csv but not scored: image-quality and mimic flags.
 INFO_LABELS: tuple[str, ...] = ("qa_motion", "qa_contrast", "flow_artifact", "true_filling_defect_not_pe")

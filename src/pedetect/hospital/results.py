@@ -40,23 +40,53 @@ from pedetect.dicom.frames import frame_key, split_frame_key
 from pedetect.dicom.source import Source, read_bytes
 from pedetect.infer.report import StudyResult, safe_name
 from pedetect.io import atomic_path, file_sha256
-from pedetect.labels import EXAM_LABELS
+from pedetect.labels import EXAM_LABEL_TITLES, EXAM_LABELS
 from pedetect.metric.rules import THRESHOLD
 from pedetect.view.page import suspicious_slices
 
-PRIVATE_SCHEME = "99PEDETECT"  # the private coding scheme of the challenge's labels (docs/dicom_results.md)
-PRIVATE_SCHEME_NAME = "pedetect challenge labels (RSNA-STR PE 2020)"
-LABEL_CODES: dict[str, tuple[str, str]] = {  # exam label -> (code value, code meaning)
-    "negative_exam_for_pe": ("NEG-EXAM", "Negative exam for pulmonary embolism"),
-    "indeterminate": ("INDETERMINATE", "Indeterminate exam for pulmonary embolism"),
-    "chronic_pe": ("CHRONIC-PE", "Chronic pulmonary embolism"),
-    "acute_and_chronic_pe": ("ACUTE-CHRONIC-PE", "Acute and chronic pulmonary embolism"),
-    "central_pe": ("CENTRAL-PE", "Central pulmonary embolism"),
-    "leftsided_pe": ("LEFT-PE", "Left-sided pulmonary embolism"),
-    "rightsided_pe": ("RIGHT-PE", "Right-sided pulmonary embolism"),
-    "rv_lv_ratio_gte_1": ("RVLV-GTE-1", "RV/LV diameter ratio >= 1"),
-    "rv_lv_ratio_lt_1": ("RVLV-LT-1", "RV/LV diameter ratio < 1"),
+# The nine exam labels in standard codes only (SNOMED CT and DCM concepts of PS3.16; docs/dicom_results.md):
+# each is a CODE item named by its concept, qualified by HAS CONCEPT MOD items (name, value), whose value is
+# the decision after the label rules (Present / Absent). The (concept, modifiers) pair names the label.
+_FINDING = ("121071", "DCM", "Finding")
+_FINDING_SITE = ("363698007", "SCT", "Finding Site")
+_PE = ("59282003", "SCT", "Pulmonary embolism")
+_PULMONARY_ARTERY = ("81040000", "SCT", "Pulmonary artery")
+_RIGHT_VENTRICLE = ("53085002", "SCT", "Right ventricle")
+LabelConcept = tuple[tuple[str, str, str], tuple[tuple[tuple[str, str, str], tuple[str, str, str]], ...]]
+LABEL_CONCEPTS: dict[str, LabelConcept] = {  # exam label -> (concept name, ((modifier name, modifier value), ...))
+    "negative_exam_for_pe": (("260385009", "SCT", "Negative"), ((_FINDING, _PE),)),
+    "indeterminate": (("280416009", "SCT", "Indeterminate result"), ((_FINDING, _PE),)),
+    "chronic_pe": (("90734009", "SCT", "Chronic"), ((_FINDING, _PE),)),
+    "acute_and_chronic_pe": (
+        ("90734009", "SCT", "Chronic"),
+        ((_FINDING, _PE), (("385315009", "SCT", "Acute onset"), ("52101004", "SCT", "Present"))),
+    ),
+    "central_pe": (
+        _PE,
+        (
+            (_FINDING_SITE, _PULMONARY_ARTERY),
+            (("106233006", "SCT", "Topographical modifier"), ("26216008", "SCT", "Central")),
+        ),
+    ),
+    "leftsided_pe": (
+        _PE,
+        ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("7771000", "SCT", "Left"))),
+    ),
+    "rightsided_pe": (
+        _PE,
+        ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("24028007", "SCT", "Right"))),
+    ),
+    # The challenge's RV/LV diameter ratio >= 1 is CT's definition of an enlarged right ventricle.
+    "rv_lv_ratio_gte_1": (("260376009", "SCT", "Enlarged"), ((_FINDING_SITE, _RIGHT_VENTRICLE),)),
+    "rv_lv_ratio_lt_1": (("125112009", "SCT", "Within normal limits"), ((_FINDING_SITE, _RIGHT_VENTRICLE),)),
 }
+
+
+def label_key(concept: tuple[str, ...], modifiers) -> tuple:
+    """What names a label in an SR: the (value, scheme) of its concept and of each modifier's name and value."""
+    return (tuple(concept[:2]), tuple(sorted((tuple(name[:2]), tuple(value[:2])) for name, value in modifiers)))
+
+
 PE_TRACKING = "pulmonary_embolism"  # the key of the study-level PE finding in read_sr_values' findings
 N_KEY_TOP = 3  # the most suspicious slices always referenced (as the report picture shows them)
 SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903, "seg": 9904}
@@ -282,6 +312,7 @@ NO_UNITS = ("1", "UCUM", "no units")
 PULMONARY_EMBOLISM = ("59282003", "SCT", "Pulmonary embolism")
 QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = ("121106", "DCM", "Comment")
+SUMMARY = ("121111", "DCM", "Summary")
 COMPUTED_TOMOGRAPHY = ("77477000", "SCT", "Computed tomography")
 AREA = ("42798000", "SCT", "Area")
 NO_MEASUREMENTS_TITLE = ("24627-2", "LN", "CT Chest Report")  # CID 7000; the title of an SR without candidates
@@ -513,12 +544,24 @@ def _evaluation(concept, decision: bool, model_probability: float, relationship=
     return item
 
 
+def labels_summary(result: StudyResult) -> str:
+    """The nine exam labels in words: each decision after the label rules, with the model's probability."""
+    parts = []
+    for label in EXAM_LABELS:
+        decision = "present" if result.exam_probabilities[label] > THRESHOLD else "absent"
+        model = result.model_exam_probabilities.get(label)
+        known = model is not None and math.isfinite(float(model))
+        parts.append(f"{EXAM_LABEL_TITLES[label]}: {decision}" + (f" (model {model:.2f})" if known else ""))
+    return "Exam labels after the label rules: " + "; ".join(parts)
+
+
 def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Algorithm, comments: Sequence[str]):
     """TID 1500's Qualitative Evaluations: PE (the model's highest slice probability; present when a
     written slice value is above the threshold), INFERRED FROM the key slices and made by the algorithm
     (TID 4019); each of the nine exam labels (private codes, model probability, written decision); the
     comments (what was not used and why)."""
     from highdicom.sr import (
+        CodeContentItem,
         ContainerContentItem,
         RelationshipTypeValues,
         SourceImageForMeasurement,
@@ -542,14 +585,27 @@ def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Alg
     )
     items = [pe]
     for label in EXAM_LABELS:
-        code, meaning = LABEL_CODES[label]
-        items.append(
-            _evaluation(
-                coded(code, PRIVATE_SCHEME, meaning),
-                result.exam_probabilities[label] > THRESHOLD,
-                result.model_exam_probabilities.get(label),
-            )
+        concept, modifiers = LABEL_CONCEPTS[label]
+        item = _evaluation(
+            coded(*concept), result.exam_probabilities[label] > THRESHOLD, result.model_exam_probabilities.get(label)
         )
+        item.ContentSequence = [
+            *(
+                CodeContentItem(
+                    name=coded(*name), value=coded(*value), relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD
+                )
+                for name, value in modifiers
+            ),
+            *item.ContentSequence,
+        ]
+        items.append(item)
+    # Viewers that show an SR as text (OHIF) list each item by its concept name alone, without its
+    # modifiers: the summary names every label as the challenge does.
+    items.append(
+        TextContentItem(
+            name=coded(*SUMMARY), value=labels_summary(result), relationship_type=RelationshipTypeValues.CONTAINS
+        )
+    )
     items += [
         TextContentItem(name=coded(*COMMENT), value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
         for text in comments
@@ -626,7 +682,6 @@ def build_sr(
         is_verified=False,
     )
     sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
-    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     add_contributing_equipment(sr, algorithm)
     return sr
 
@@ -646,18 +701,12 @@ def sr_comments(sr) -> list[str]:
     found = []
     for item in sr.ContentSequence:
         if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == QUALITATIVE_EVALUATIONS[0]:
-            found += [str(child.TextValue) for child in item.ContentSequence if child.ValueType == "TEXT"]
+            found += [
+                str(child.TextValue)
+                for child in item.ContentSequence
+                if child.ValueType == "TEXT" and _concept(child) == COMMENT[:2]
+            ]
     return found
-
-
-def _private_scheme():
-    from pydicom.dataset import Dataset
-
-    item = Dataset()
-    item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = PRIVATE_SCHEME_NAME
-    item.CodingSchemeResponsibleOrganization = "pedetect (docs/dicom_results.md)"
-    return item
 
 
 def build_sc(reference, picture: np.ndarray, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
@@ -935,7 +984,7 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
         "candidates": [],
         "library": [],
     }
-    labels = {code: label for label, (code, _) in LABEL_CODES.items()}
+    labels = {label_key(*concept): label for label, concept in LABEL_CONCEPTS.items()}
     for item in sr.ContentSequence:
         concept = _concept(item)
         if concept == QUALITATIVE_EVALUATIONS[:2]:
@@ -943,10 +992,16 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
                 if child.ValueType != "CODE":
                     continue
                 code = _concept(child)
-                tracking = PE_TRACKING if code == PULMONARY_EMBOLISM[:2] else labels.get(code[0])
+                grandchildren = list(child.get("ContentSequence", []))
+                modifiers = [
+                    (_concept(g), _concept_value(g))
+                    for g in grandchildren
+                    if g.ValueType == "CODE" and g.RelationshipType == "HAS CONCEPT MOD"
+                ]
+                key = label_key(code, modifiers)
+                tracking = PE_TRACKING if key == label_key(PULMONARY_EMBOLISM, ()) else labels.get(key)
                 if tracking is None:
                     continue
-                grandchildren = list(child.get("ContentSequence", []))
                 numbers = [g for g in grandchildren if g.ValueType == "NUM" and _concept(g) == PROBABILITY[:2]]
                 values["findings"][tracking] = {
                     "code": code,
