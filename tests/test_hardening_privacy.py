@@ -285,6 +285,8 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
             "cpu",
             "--min-slices",
             "8",
+            "--http-port",
+            free_port(),
         )
     ]
     with open(log_path, "w") as handle:

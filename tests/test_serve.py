@@ -86,7 +86,7 @@ class Serve:
 
     def __init__(
         self,
-        model: Path,
+        model: Path | None,
         spool: Path,
         destination: str | None,
         *,
@@ -95,12 +95,12 @@ class Serve:
         extra: tuple[str, ...] = (),
     ):
         self.port = port or free_port()
+        self.http_port = free_port()
         self.log = spool.parent / f"{spool.name}-serve.log"
         args = [
             PEDETECT,
             "serve",
-            "--model",
-            str(model),
+            *(["--model", str(model)] if model is not None else []),
             "--ae-title",
             "PEDETECT",
             "--host",
@@ -117,6 +117,8 @@ class Serve:
             "1",
             "--min-slices",
             "8",
+            "--http-port",
+            str(self.http_port),
         ]
         args += ["--destination", destination] if destination else []
         args += list(extra)

@@ -712,6 +712,7 @@ class Alerts:
         *,
         operating_points: Mapping[str, Any] | None = None,
         version: str = __version__,
+        announce: bool = True,
     ):
         self.config = config
         self.root = Path(spool_dir)
@@ -731,7 +732,7 @@ class Alerts:
                     f"alerts: operating point {config.operating_point!r} is not in the bundle "
                     f"(its points: {', '.join(names) or 'none'})"
                 )
-        if config.receivers:
+        if config.receivers and announce:  # announce=False: a second queue of the same receivers (a worker's)
             LOG.info("alerts to %s; %s", ", ".join(r.describe() for r in config.receivers), self.rule())
 
     def rule(self) -> str:

@@ -17,42 +17,63 @@ from pedetect.console import fail
 
 
 def serve_command(
-    model: list[Path] = typer.Option(
-        ..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several."
+    model: Optional[list[Path]] = typer.Option(
+        None,
+        "--model",
+        help="Model bundle made by pedetect train; repeat to ensemble several (or models: in --config).",
     ),
-    ae_title: str = typer.Option("PEDETECT", "--ae-title", help="This node's AE title."),
-    port: int = typer.Option(11112, "--port", min=1, max=65535, help="TCP port of the DICOM node."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
-    spool: Path = typer.Option(
-        Path("pedetect-spool"),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="YAML with any of the settings below (models, spool, ae_title, host, port, settle, destination, device, "
+        "min_slices, decode_timeout, retry_max, alerts, workers, http_host, http_port); flags given here override it.",
+    ),
+    ae_title: Optional[str] = typer.Option(None, "--ae-title", help="This node's AE title. [default: PEDETECT]"),
+    port: Optional[int] = typer.Option(
+        None, "--port", min=1, max=65535, help="TCP port of the DICOM node. [default: 11112]"
+    ),
+    host: Optional[str] = typer.Option(
+        None, "--host", help="Address to listen on (127.0.0.1: this machine only). [default: 0.0.0.0]"
+    ),
+    spool: Optional[Path] = typer.Option(
+        None,
         "--spool",
-        help="Folder for received instances (incoming/), results not yet delivered (outbox/) and answered studies (done/).",
+        help="Folder for received instances (incoming/), results not yet delivered (outbox/) and answered studies "
+        "(done/). [default: pedetect-spool]",
     ),
-    settle: float = typer.Option(
-        10.0, "--settle", min=0.0, help="A study is complete when no instance of it came for this many seconds."
+    settle: Optional[float] = typer.Option(
+        None,
+        "--settle",
+        min=0.0,
+        help="A study is complete when no instance of it came for this many seconds. [default: 10]",
     ),
     destination: Optional[str] = typer.Option(
         None,
         "--destination",
         help="Where results go: dimse:AE@host:port (C-STORE) or dicomweb:URL (STOW-RS). Without it results stay in SPOOL/outbox/.",
     ),
-    min_slices: int = typer.Option(
-        20,
+    min_slices: Optional[int] = typer.Option(
+        None,
         "--min-slices",
         min=1,
-        help="A usable series has at least this many slices (series selection: docs/dicom_results.md).",
+        help="A usable series has at least this many slices (series selection: docs/dicom_results.md). [default: 20]",
     ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
-    decode_timeout: float = typer.Option(
-        60.0,
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto (CUDA when available), cpu or cuda. [default: auto]"
+    ),
+    decode_timeout: Optional[float] = typer.Option(
+        None,
         "--decode-timeout",
         min=0.0,
         metavar="SECONDS",
         help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
-        "(logged, the study still answered). 0: no limit.",
+        "(logged, the study still answered). 0: no limit. [default: 60]",
     ),
-    retry_max: float = typer.Option(
-        60.0, "--retry-max", min=0.1, help="Longest wait between delivery retries, seconds (back-off doubles from 1 s)."
+    retry_max: Optional[float] = typer.Option(
+        None,
+        "--retry-max",
+        min=0.1,
+        help="Longest wait between delivery retries, seconds (back-off doubles from 1 s). [default: 60]",
     ),
     alerts: Optional[Path] = typer.Option(
         None,
@@ -60,55 +81,95 @@ def serve_command(
         help="YAML of alert receivers (HL7 v2 ORU^R01 over MLLP, FHIR R4, JSON webhook) told of each answered study, "
         "queued on disk and retried (docs/alerts.md).",
     ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        max=64,
+        help="Prediction workers: 1 predicts in the node's process; more are processes of their own, each with the "
+        "models loaded once, sharing only the spool (each takes its own memory: docs/serve.md). [default: 1]",
+    ),
+    http_host: Optional[str] = typer.Option(
+        None, "--http-host", help="Address of /healthz and /metrics. [default: 127.0.0.1]"
+    ),
+    http_port: Optional[int] = typer.Option(
+        None, "--http-port", min=0, max=65535, help="Port of /healthz and /metrics; 0: none. [default: 9110]"
+    ),
 ) -> None:
     """A DICOM node (C-STORE and C-ECHO) that predicts each CT study it receives and sends back DICOM
-    results (Comprehensive SR, secondary capture, key images; docs/dicom_results.md).
+    results (Comprehensive SR, secondary capture, key images, segmentation; docs/dicom_results.md).
 
-    Each instance is written to the spool as it arrives; a study is predicted when no instance of it
-    came for --settle seconds, one study at a time; results are queued on disk and sent with retries.
-    Restarted on the same spool it answers what was received but not answered. Logs name UIDs only.
-    Stops on Ctrl-C or SIGTERM.
+    Each instance is written to the spool as it arrives; reception never waits on a prediction. A study
+    is predicted when no instance of it came for --settle seconds, oldest first, by one of --workers
+    workers that loaded the models once; results and alerts are queued on disk and sent with retries.
+    Restarted on the same spool it answers what was received but not answered. /healthz and /metrics
+    (Prometheus) on loopback. Logs name UIDs only. Stops on Ctrl-C or SIGTERM. docs/serve.md.
     """
     import signal
 
+    from pedetect.config import ConfigError, read_yaml, validate_config
     from pedetect.hospital.deliver import parse_destination
-    from pedetect.hospital.serve import Server, ServeConfig, configure_logging
+    from pedetect.hospital.serve import Server, ServeSettings, configure_logging
     from pedetect.io import FolderLocked, folder_lock
     from pedetect.models.bundle import BundleError, read_bundle
 
+    flags = {
+        "models": model or None,
+        "spool": spool,
+        "ae_title": ae_title,
+        "host": host,
+        "port": port,
+        "settle": settle,
+        "destination": destination,
+        "device": device,
+        "min_slices": min_slices,
+        "decode_timeout": decode_timeout,
+        "retry_max": retry_max,
+        "alerts": alerts,
+        "workers": workers,
+        "http_host": http_host,
+        "http_port": http_port,
+    }
     try:
-        if destination:
-            parse_destination(destination)
-        for path in model:
+        values = {}
+        if config is not None:
+            values = read_yaml(config) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{config}: expected a mapping of settings, got {type(values).__name__}")
+            for key in ("models", "spool", "alerts"):  # paths in the file are relative to the file
+                if key in values and values[key] is not None:
+                    relative = values[key] if isinstance(values[key], list) else [values[key]]
+                    resolved = [
+                        str((config.parent / str(v)).resolve()) if not Path(str(v)).is_absolute() else v
+                        for v in relative
+                    ]
+                    values[key] = resolved if isinstance(values[key], list) else resolved[0]
+        values.update({key: value for key, value in flags.items() if value is not None})
+        if not values.get("models"):
+            raise ConfigError("no model: give --model (or models: in --config)")
+        settings = validate_config(values, ServeSettings, source=str(config) if config else "pedetect serve")
+        if settings.destination:
+            parse_destination(settings.destination)
+        for path in settings.models:
             read_bundle(path)
-        if alerts is not None:
+        if settings.alerts is not None:
             from pedetect.hospital.alerts import AlertConfig
 
-            AlertConfig.from_yaml(alerts)  # a bad file stops the node before it listens
+            AlertConfig.from_yaml(settings.alerts)  # a bad file stops the node before it listens
     except (ValueError, BundleError) as error:
         raise fail(str(error)) from None
     configure_logging()
-    config = ServeConfig(
-        model_dirs=list(model),
-        spool=spool,
-        ae_title=ae_title,
-        host=host,
-        port=port,
-        settle=settle,
-        destination=destination,
-        device=device,
-        retry_max=retry_max,
-        min_slices=min_slices,
-        decode_timeout=decode_timeout,
-        alerts=alerts,
-    )
+    serve_config = settings.serve_config()
     try:
-        with folder_lock(spool, command="pedetect serve"):
-            server = Server(config)
+        with folder_lock(serve_config.spool, command="pedetect serve"):
+            server = Server(serve_config)
             try:
                 server.start()
             except OSError as error:
-                raise fail(f"cannot listen on {host}:{port}: {error}") from None
+                raise fail(
+                    f"cannot listen on {serve_config.host}:{serve_config.port} "
+                    f"(or /healthz on {serve_config.http_host}:{serve_config.http_port}): {error}"
+                ) from None
             signal.signal(signal.SIGTERM, lambda *_: server.stop())
             try:
                 server.run()

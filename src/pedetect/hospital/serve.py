@@ -1,15 +1,20 @@
 """``pedetect serve``: a DICOM node that answers CT studies with DICOM results.
 
 A pynetdicom C-STORE SCP (C-ECHO answered) writes each received instance to the spool as it arrives
-(``SPOOL/incoming/<study>/<sop>.dcm``, atomically: a received instance is never only in memory).
-A study is complete when no instance of it arrived for ``settle`` seconds (the files' times, so a
-restart sees the same); one study at a time is predicted by the node's one
-:class:`~pedetect.infer.predictor.Predictor` (every bundle loaded once, when the node starts): its
-CTPA series chosen on the headers of one scan of its files (:mod:`pedetect.hospital.selection`), its
-DICOM results made from the prediction itself (:class:`~pedetect.hospital.answer.DicomAnswer`: no
-scratch copies, no report read back) and put in ``SPOOL/outbox/<study>/``, and the study is marked
-answered (``SPOOL/done/<study>.json``, written last). A delivery thread sends the outbox to the destination (:mod:`pedetect.hospital.deliver`),
-retrying with back-off; a result leaves the outbox only once the destination accepted it.
+(``SPOOL/incoming/<study>/<sop>.dcm``, atomically: a received instance is never only in memory);
+reception never waits on a prediction (the SCP answers in its own threads). A study is complete when
+no instance of it arrived for ``settle`` seconds (the files' times, so a restart sees the same).
+Prediction :class:`Worker` s (``workers``: one in the node's own process, or that many processes
+sharing nothing but the spool) take complete studies oldest first, each claimed by a lock the kernel
+releases when its holder ends however it ends (``SPOOL/work/<study>.claim``). A worker loads its
+:class:`~pedetect.infer.predictor.Predictor` once (every bundle), chooses the CTPA series on one
+header scan of the study's files (:mod:`pedetect.hospital.selection`), makes the DICOM results from
+the prediction itself (:class:`~pedetect.hospital.answer.DicomAnswer`), puts them in
+``SPOOL/outbox/<study>/``, queues the alerts and marks the study answered (``SPOOL/done/<study>.json``,
+written last). The node's delivery thread sends the outbox to the destination
+(:mod:`pedetect.hospital.deliver`) and its alert thread the alerts, both retrying with back-off; a
+result leaves the outbox only once the destination accepted it. :mod:`pedetect.hospital.monitor`
+serves ``/healthz`` and ``/metrics`` (loopback by default).
 
 Killed at any point and restarted on the same spool, the node predicts the studies received but not
 answered and sends what the outbox still holds; results have UIDs derived from the study, the
@@ -20,13 +25,19 @@ images are acknowledged and not kept (logged by SOP class). Logs name UIDs, neve
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+from pydantic import Field
+
+from pedetect.config import StrictModel
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.hospital.selection import MIN_SLICES
@@ -34,7 +45,7 @@ from pedetect.infer.report import safe_name
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
 
 LOG = logging.getLogger("pedetect.serve")
-INCOMING, OUTBOX, DONE, WORK = "incoming", "outbox", "done", "work"
+INCOMING, OUTBOX, DONE, WORK, WORKERS = "incoming", "outbox", "done", "work", "workers"
 
 
 @dataclass
@@ -55,6 +66,35 @@ class ServeConfig:
         DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
     )
     alerts: Optional[Path] = None  # YAML of alert receivers (pedetect.hospital.alerts; docs/alerts.md)
+    workers: int = 1  # prediction workers: 1 runs in the node's process, more are processes of their own
+    http_host: str = "127.0.0.1"  # /healthz and /metrics (pedetect.hospital.monitor)
+    http_port: int = 9110  # 0: no HTTP endpoint
+
+
+class ServeSettings(StrictModel):
+    """``pedetect serve --config FILE`` (YAML; flags given on the command line override it): every key
+    is optional but ``models``, and the defaults are the flags' (``pedetect serve --help``)."""
+
+    models: list[Path] = Field(min_length=1)
+    spool: Path = Path("pedetect-spool")
+    ae_title: str = Field(default="PEDETECT", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    settle: float = Field(default=10.0, ge=0)
+    destination: Optional[str] = None
+    device: str = "auto"
+    min_slices: int = Field(default=MIN_SLICES, ge=1)
+    decode_timeout: float = Field(default=DEFAULT_DECODE_TIMEOUT_S, ge=0)
+    retry_max: float = Field(default=60.0, gt=0)
+    alerts: Optional[Path] = None
+    workers: int = Field(default=1, ge=1, le=64)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9110, ge=0, le=65535)
+
+    def serve_config(self) -> ServeConfig:
+        values = self.model_dump()
+        values["model_dirs"] = values.pop("models")
+        return ServeConfig(**values)
 
 
 @dataclass
@@ -66,7 +106,7 @@ class Spool:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        for name in (INCOMING, OUTBOX, DONE, WORK):
+        for name in (INCOMING, OUTBOX, DONE, WORK, WORKERS):
             (self.root / name).mkdir(parents=True, exist_ok=True)
 
     def study_dir(self, study: str) -> Path:
@@ -99,89 +139,73 @@ class Spool:
     def last_received(self, study: str) -> float:
         return max((p.stat().st_mtime for p in self.study_dir(study).glob("*.dcm")), default=0.0)
 
+    def unanswered(self) -> list[str]:
+        """Studies received and not answered (complete or not)."""
+        return [
+            p.name
+            for p in (self.root / INCOMING).iterdir()
+            if p.is_dir() and not (self.root / DONE / f"{p.name}.json").exists()
+        ]
+
+    @contextmanager
+    def claim(self, study: str) -> Iterator[bool]:
+        """Hold ``work/<study>.claim`` for the block (True), or False when another worker holds it: an
+        ``fcntl.flock`` the kernel releases when its process ends, however it ends."""
+        import fcntl
+
+        fd = os.open(self.root / WORK / f"{study}.claim", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
 
 def _safe(uid: str) -> str:
     return safe_name(str(uid))
 
 
-class Server:
-    """The node: the SCP (started by :meth:`start`), the prediction loop and the delivery thread."""
+class Worker:
+    """Predicts the spool's complete studies, oldest first, each under its claim: the predictor (every
+    bundle) and the slice decoder loaded once, for the worker's life. ``on_answered``: called after each
+    study (the node's delivery and alert threads are woken by it when the worker runs in their process)."""
 
-    def __init__(self, config: ServeConfig):
-        from pedetect.hospital.deliver import Outbox, parse_destination
+    def __init__(
+        self,
+        config: ServeConfig,
+        name: str = "worker-1",
+        stop_event: Optional[threading.Event] = None,
+        on_answered: Optional[Callable[[], None]] = None,
+    ):
+        from pedetect.hospital.deliver import Outbox
 
-        self.config = config
+        self.config, self.name = config, name
         self.spool = Spool(config.spool)
-        self.destination = parse_destination(config.destination) if config.destination else None
-        self.outbox = Outbox(
-            self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max
-        )
-        self.stop_event = threading.Event()
-        self.ae = None
-        self.server = None
+        self.outbox = Outbox(self.spool.root / OUTBOX, None)  # put only: the node delivers
+        self.stop_event = stop_event or threading.Event()
+        self.on_answered = on_answered or (lambda: None)
         self.predictor = None  # infer.predictor.Predictor, loaded once (load)
         self.decode = None
         self._resources = None
-        self.alerts = None  # hospital.alerts.Alerts, made with the predictor (the bundle's operating points)
-        if config.alerts is not None:
-            from pedetect.hospital.alerts import AlertConfig
+        self.alerts = None  # hospital.alerts.Alerts (queueing only), made with the predictor's operating points
+        self.status_path = self.spool.root / WORKERS / f"{name}.json"
 
-            self.alert_config = AlertConfig.from_yaml(config.alerts)
-        else:
-            self.alert_config = None
-
-    # -- the SCP
-    def start(self) -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-        from pynetdicom.sop_class import Verification
-        from pynetdicom.presentation import AllStoragePresentationContexts
-
-        ae = AE(ae_title=self.config.ae_title)
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.maximum_pdu_size = 0
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
-        self.ae = ae
-        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
-        LOG.info(
-            "listening as %s on %s:%d; spool %s; destination %s",
-            self.config.ae_title,
-            self.config.host,
-            self.config.port,
-            self.spool.root,
-            self.destination.describe() if self.destination else "none (results stay in the outbox)",
+    def status(self, state: str, study: Optional[str] = None) -> None:
+        """What the worker does now, for the node's /healthz (``SPOOL/workers/<name>.json``)."""
+        write_json_atomic(
+            self.status_path,
+            {"name": self.name, "pid": os.getpid(), "state": state, "study": study, "since": time.time()},
         )
 
-    def _on_store(self, event) -> int:
-        try:
-            ds = event.dataset
-            sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
-            sop = str(ds.get("SOPInstanceUID", event.request.AffectedSOPInstanceUID))
-            study = str(ds.get("StudyInstanceUID", ""))
-            if sop_class not in CT_SOP_CLASSES:
-                LOG.info(
-                    "instance %s of study %s not kept: %s is not a CT image",
-                    sop,
-                    study or "(none)",
-                    sop_class_name(sop_class),
-                )
-                return 0x0000
-            if not study:
-                LOG.warning("instance %s not kept: no StudyInstanceUID", sop)
-                return 0xC000  # cannot understand
-            new = self.spool.store(study, sop, event.encoded_dataset())  # the bytes as sent, with their file meta
-            LOG.debug("received %s of study %s%s", sop, study, "" if new else " (again: replaced)")
-            if not new:
-                LOG.info("instance %s of study %s received again: kept once", sop, study)
-            return 0x0000
-        except Exception as error:  # the sender is told; nothing half-written stays (atomic writes)
-            LOG.error("C-STORE failed: %s: %s", type(error).__name__, error)
-            return 0xA700  # out of resources
-
-    # -- prediction
     def load(self) -> None:
-        """The predictor (every bundle, once) and the slice decoder with its limit, for the node's life."""
+        """The predictor (every bundle, once) and the slice decoder with its limit, for the worker's life."""
         from contextlib import ExitStack
 
         from pedetect.infer.predictor import Predictor
@@ -189,21 +213,29 @@ class Server:
 
         if self.predictor is not None:
             return
+        self.status("loading")
         started = time.time()
         self.predictor = Predictor(list(self.config.model_dirs), device=self.config.device)
         self._resources = ExitStack()
         self.decode = self._resources.enter_context(slice_decoder(self.config.decode_timeout))
-        LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
-        if self.alert_config is not None:
-            from pedetect.hospital.alerts import Alerts
+        LOG.info("%s: models loaded in %.1f s: %s", self.name, time.time() - started, self.predictor.description)
+        if self.config.alerts is not None:
+            from pedetect.hospital.alerts import AlertConfig, Alerts
             from pedetect.hospital.results import algorithm_of
 
             self.alerts = Alerts(
-                self.alert_config,
+                AlertConfig.from_yaml(self.config.alerts),
                 self.spool.root / "alerts",
                 algorithm_of(self.predictor.bundles).identity,
                 operating_points=self.predictor.ensemble.operating_points,
+                announce=False,
             )
+        self.status("idle")
+
+    def close(self) -> None:
+        if self._resources is not None:
+            self._resources.close()
+            self._resources = None
 
     def _predict(self, study_dir: Path, results: Path) -> tuple[dict, Optional[object]]:
         """Choose the series, predict it, write the DICOM results; the study's record and its prediction
@@ -244,11 +276,12 @@ class Server:
         return record, prediction
 
     def answer(self, study: str) -> None:
-        """Predict one received study, queue its results, mark it answered."""
+        """Predict one received study, queue its results and alerts, mark it answered."""
         study_dir = self.spool.root / INCOMING / study
         work = self.spool.root / WORK / study
         shutil.rmtree(work, ignore_errors=True)
         started, last = time.time(), self.spool.last_received(study)
+        self.status("predicting", study)
         LOG.info(
             "predicting study %s (%d instances, %.1f s after the last one)",
             study,
@@ -264,7 +297,9 @@ class Server:
             for path in sorted(folder.glob("*.dcm")):
                 self.outbox.put(folder.name, path)
                 queued.append(path.name)
-        record.update({"study": study, "results": queued, "answered_at": time.time(), "last_received": last})
+        record.update(
+            {"study": study, "results": queued, "answered_at": time.time(), "last_received": last, "worker": self.name}
+        )
         if self.alerts is not None and prediction is not None:
             # Queued before the study is marked answered: a crash in between predicts it again, and the
             # alert's id (study, bundle, decision) replaces the pending one instead of adding a second.
@@ -287,48 +322,224 @@ class Server:
                 ", ".join(queued) or "no result",
                 len(record.get("lost", [])),
             )
-        self.outbox.wake()
 
-    def run(self) -> None:
-        """Serve until :meth:`stop`: the SCP, the delivery thread, and studies predicted in this thread."""
-        if self.server is None:
-            self.start()
-        self.load()  # reception goes on meanwhile (the SCP answers in its own threads)
-        delivery = threading.Thread(
-            target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True
-        )
-        delivery.start()
-        alerting = None
-        if self.alerts is not None:
-            alerting = threading.Thread(
-                target=self.alerts.run, args=(self.stop_event,), name="pedetect-alerts", daemon=True
-            )
-            alerting.start()
-        resumed = [
-            p.name
-            for p in (self.spool.root / INCOMING).iterdir()
-            if p.is_dir() and not self.spool.done_path(p.name).exists()
-        ]
-        if resumed:
-            LOG.info("resuming %d received study(ies) not yet answered: %s", len(resumed), ", ".join(resumed))
+    def take(self, study: str) -> bool:
+        """Answer one complete study if no other worker holds it; True when this worker answered it."""
+        with self.spool.claim(study) as claimed:
+            if not claimed or self.spool.done_path(study).exists():  # another worker has it, or just answered it
+                return False
+            try:
+                self.answer(study)
+            except Exception as error:  # the study is answered with its reason; the worker goes on
+                LOG.exception("study %s could not be answered: %s: %s", study, type(error).__name__, error)
+                write_json_atomic(
+                    self.spool.done_path(study),
+                    {"study": study, "error": f"{type(error).__name__}: {error}", "worker": self.name},
+                )
+            finally:
+                self.status("idle")
+        self.on_answered()
+        return True
+
+    def run(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """Answer complete studies until the stop event is set (or ``alive`` says the node is gone)."""
+        self.load()
         try:
-            while not self.stop_event.is_set():
+            while not self.stop_event.is_set() and alive():
                 for study in self.spool.pending(self.config.settle):
                     if self.stop_event.is_set():
                         break
-                    try:
-                        self.answer(study)
-                    except Exception as error:  # the study stays unanswered; the node goes on
-                        LOG.exception("study %s could not be answered: %s: %s", study, type(error).__name__, error)
-                        write_json_atomic(
-                            self.spool.done_path(study), {"study": study, "error": f"{type(error).__name__}: {error}"}
-                        )
+                    self.take(study)
                 self.stop_event.wait(self.config.poll)
         finally:
+            self.close()
+            self.status("stopped")
+
+
+def worker_process(config: ServeConfig, name: str, parent: int) -> None:
+    """A worker process's life (``workers`` > 1): it stops on SIGTERM, and when the node that started it
+    is gone (killed however: the kernel's parent-death signal where Linux has it, the parent's pid checked
+    in any case), so no worker outlives its node."""
+    configure_logging(prefix=name)
+    worker = Worker(config, name)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops its workers
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    worker.run(alive=lambda: os.getppid() == parent)
+
+
+class Server:
+    """The node: the SCP (started by :meth:`start`), the delivery and alert threads, the monitor, and
+    the prediction workers (:meth:`run`)."""
+
+    def __init__(self, config: ServeConfig):
+        from pedetect.hospital.deliver import Outbox, parse_destination
+        from pedetect.hospital.monitor import Monitor
+
+        if config.workers < 1:
+            raise ValueError(f"workers must be at least 1 (got {config.workers})")
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.destination = parse_destination(config.destination) if config.destination else None
+        self.outbox = Outbox(
+            self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max
+        )
+        self.stop_event = threading.Event()
+        self.ae = None
+        self.server = None
+        self.alerts = self._alerts() if config.alerts is not None else None  # delivery of what workers queue
+        self.local: Optional[Worker] = None  # the worker in this process (workers == 1)
+        self.processes: dict[str, object] = {}  # name -> multiprocessing Process (workers > 1)
+        self.monitor = Monitor(self)
+        for stale in (self.spool.root / WORKERS).glob("*.json"):  # what a previous node's workers said
+            stale.unlink(missing_ok=True)
+
+    def _alerts(self):
+        from pedetect.hospital.alerts import AlertConfig, Alerts
+        from pedetect.hospital.results import algorithm_of
+        from pedetect.metric.calibrate import read_operating_points
+        from pedetect.models.bundle import read_bundle
+
+        bundles = [read_bundle(path) for path in self.config.model_dirs]
+        points = next((p for p in (read_operating_points(b.path) for b in bundles) if p is not None), None)
+        return Alerts(
+            AlertConfig.from_yaml(self.config.alerts),
+            self.spool.root / "alerts",
+            algorithm_of(bundles).identity,
+            operating_points=points,
+        )
+
+    # -- the SCP
+    def start(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import Verification
+        from pynetdicom.presentation import AllStoragePresentationContexts
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.maximum_pdu_size = 0
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        self.ae = ae
+        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        LOG.info(
+            "listening as %s on %s:%d; spool %s; destination %s; %d prediction worker(s)",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            self.spool.root,
+            self.destination.describe() if self.destination else "none (results stay in the outbox)",
+            self.config.workers,
+        )
+        if self.config.http_port:
+            self.monitor.start(self.config.http_host, self.config.http_port)
+
+    def _on_store(self, event) -> int:
+        started = time.perf_counter()
+        try:
+            ds = event.dataset
+            sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
+            sop = str(ds.get("SOPInstanceUID", event.request.AffectedSOPInstanceUID))
+            study = str(ds.get("StudyInstanceUID", ""))
+            if sop_class not in CT_SOP_CLASSES:
+                LOG.info(
+                    "instance %s of study %s not kept: %s is not a CT image",
+                    sop,
+                    study or "(none)",
+                    sop_class_name(sop_class),
+                )
+                self.monitor.received("not kept", started)
+                return 0x0000
+            if not study:
+                LOG.warning("instance %s not kept: no StudyInstanceUID", sop)
+                self.monitor.received("refused", started)
+                return 0xC000  # cannot understand
+            new = self.spool.store(study, sop, event.encoded_dataset())  # the bytes as sent, with their file meta
+            LOG.debug("received %s of study %s%s", sop, study, "" if new else " (again: replaced)")
+            if not new:
+                LOG.info("instance %s of study %s received again: kept once", sop, study)
+            self.monitor.received("kept", started)
+            return 0x0000
+        except Exception as error:  # the sender is told; nothing half-written stays (atomic writes)
+            LOG.error("C-STORE failed: %s: %s", type(error).__name__, error)
+            self.monitor.received("failed", started)
+            return 0xA700  # out of resources
+
+    def _wake(self) -> None:
+        self.outbox.wake()
+        if self.alerts is not None:
+            self.alerts.wake()
+
+    # -- the workers
+    def _start_process(self, name: str) -> None:
+        import multiprocessing
+
+        # spawn, not fork: a forked child would inherit the SCP's threads and sockets
+        process = multiprocessing.get_context("spawn").Process(
+            target=worker_process, args=(self.config, name, os.getpid()), name=f"pedetect-{name}", daemon=False
+        )
+        process.start()
+        self.processes[name] = process
+        LOG.info("%s started (pid %d)", name, process.pid)
+
+    def _supervise(self) -> None:
+        """Start the worker processes and restart any that ends while the node runs."""
+        for n in range(1, self.config.workers + 1):
+            self._start_process(f"worker-{n}")
+        while not self.stop_event.wait(1.0):
+            for name, process in list(self.processes.items()):
+                if not process.is_alive():
+                    LOG.error("%s ended (exit code %s): started again", name, process.exitcode)
+                    self._start_process(name)
+
+    def _stop_processes(self) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker finishes nothing more and exits
+        deadline = time.monotonic() + 30
+        for process in self.processes.values():
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`: the SCP, the delivery, alert and monitor threads, and the workers."""
+        if self.server is None:
+            self.start()
+        threads = [
+            threading.Thread(target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True)
+        ]
+        if self.alerts is not None:
+            threads.append(
+                threading.Thread(target=self.alerts.run, args=(self.stop_event,), name="pedetect-alerts", daemon=True)
+            )
+        threads.append(
+            threading.Thread(target=self.monitor.watch, args=(self.stop_event,), name="pedetect-monitor", daemon=True)
+        )
+        for thread in threads:
+            thread.start()
+        resumed = self.spool.unanswered()
+        if resumed:
+            LOG.info("resuming %d received study(ies) not yet answered: %s", len(resumed), ", ".join(resumed))
+        try:
+            if self.config.workers == 1:  # reception goes on meanwhile (the SCP answers in its own threads)
+                self.local = Worker(self.config, "worker-1", self.stop_event, on_answered=self._wake)
+                self.local.run()
+            else:
+                self._supervise()
+        finally:
+            self.stop_event.set()
+            self._stop_processes()
             self.shutdown()
-            delivery.join(timeout=10)
-            if alerting is not None:
-                alerting.join(timeout=10)
+            for thread in threads:
+                thread.join(timeout=10)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -337,9 +548,7 @@ class Server:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        if self._resources is not None:
-            self._resources.close()
-            self._resources = None
+        self.monitor.stop()
 
 
 def answered(spool: Path, study: str) -> Optional[dict]:
@@ -348,9 +557,9 @@ def answered(spool: Path, study: str) -> Optional[dict]:
     return read_json(path) if path.exists() else None
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, prefix: str = "") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix + ': ' if prefix else ''}%(message)s"))
     root = logging.getLogger("pedetect")
     root.handlers[:] = [handler]
     root.setLevel(level)
