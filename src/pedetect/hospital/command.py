@@ -86,8 +86,8 @@ def serve_command(
         "--workers",
         min=1,
         max=64,
-        help="Prediction workers: 1 predicts in the node's process; more are processes of their own, each with the "
-        "models loaded once, sharing only the spool (each takes its own memory: docs/serve.md). [default: 1]",
+        help="Prediction worker processes, each with the models loaded once, sharing only the spool (each takes its "
+        "own memory: docs/serve.md). [default: 1]",
     ),
     http_host: Optional[str] = typer.Option(
         None, "--http-host", help="Address of /healthz and /metrics. [default: 127.0.0.1]"

@@ -4,8 +4,8 @@ A pynetdicom C-STORE SCP (C-ECHO answered) writes each received instance to the 
 (``SPOOL/incoming/<study>/<sop>.dcm``, atomically: a received instance is never only in memory);
 reception never waits on a prediction (the SCP answers in its own threads). A study is complete when
 no instance of it arrived for ``settle`` seconds (the files' times, so a restart sees the same).
-Prediction :class:`Worker` s (``workers``: one in the node's own process, or that many processes
-sharing nothing but the spool) take complete studies oldest first, each claimed by a lock the kernel
+Prediction :class:`Worker` s (``workers`` processes of their own, so that no prediction holds the
+SCP's interpreter lock, sharing nothing but the spool) take complete studies oldest first, each claimed by a lock the kernel
 releases when its holder ends however it ends (``SPOOL/work/<study>.claim``). A worker loads its
 :class:`~pedetect.infer.predictor.Predictor` once (every bundle), chooses the CTPA series on one
 header scan of the study's files (:mod:`pedetect.hospital.selection`), makes the DICOM results from
@@ -66,7 +66,7 @@ class ServeConfig:
         DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
     )
     alerts: Optional[Path] = None  # YAML of alert receivers (pedetect.hospital.alerts; docs/alerts.md)
-    workers: int = 1  # prediction workers: 1 runs in the node's process, more are processes of their own
+    workers: int = 1  # prediction worker processes
     http_host: str = "127.0.0.1"  # /healthz and /metrics (pedetect.hospital.monitor)
     http_port: int = 9110  # 0: no HTTP endpoint
 
@@ -174,15 +174,13 @@ def _safe(uid: str) -> str:
 
 class Worker:
     """Predicts the spool's complete studies, oldest first, each under its claim: the predictor (every
-    bundle) and the slice decoder loaded once, for the worker's life. ``on_answered``: called after each
-    study (the node's delivery and alert threads are woken by it when the worker runs in their process)."""
+    bundle) and the slice decoder loaded once, for the worker's life."""
 
     def __init__(
         self,
         config: ServeConfig,
         name: str = "worker-1",
         stop_event: Optional[threading.Event] = None,
-        on_answered: Optional[Callable[[], None]] = None,
     ):
         from pedetect.hospital.deliver import Outbox
 
@@ -190,7 +188,6 @@ class Worker:
         self.spool = Spool(config.spool)
         self.outbox = Outbox(self.spool.root / OUTBOX, None)  # put only: the node delivers
         self.stop_event = stop_event or threading.Event()
-        self.on_answered = on_answered or (lambda: None)
         self.predictor = None  # infer.predictor.Predictor, loaded once (load)
         self.decode = None
         self._resources = None
@@ -338,7 +335,6 @@ class Worker:
                 )
             finally:
                 self.status("idle")
-        self.on_answered()
         return True
 
     def run(self, alive: Callable[[], bool] = lambda: True) -> None:
@@ -357,9 +353,10 @@ class Worker:
 
 
 def worker_process(config: ServeConfig, name: str, parent: int) -> None:
-    """A worker process's life (``workers`` > 1): it stops on SIGTERM, and when the node that started it
-    is gone (killed however: the kernel's parent-death signal where Linux has it, the parent's pid checked
-    in any case), so no worker outlives its node."""
+    """A worker process's life. SIGTERM (the node stopping): it finishes the study in hand and ends. The
+    node gone however (SIGKILL included): the kernel kills it too (Linux's parent-death signal; the
+    parent's pid is checked between studies besides), so no worker outlives its node and a restarted
+    node finds each study answered or not, never half."""
     configure_logging(prefix=name)
     worker = Worker(config, name)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
@@ -367,7 +364,7 @@ def worker_process(config: ServeConfig, name: str, parent: int) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     worker.run(alive=lambda: os.getppid() == parent)
@@ -393,8 +390,7 @@ class Server:
         self.ae = None
         self.server = None
         self.alerts = self._alerts() if config.alerts is not None else None  # delivery of what workers queue
-        self.local: Optional[Worker] = None  # the worker in this process (workers == 1)
-        self.processes: dict[str, object] = {}  # name -> multiprocessing Process (workers > 1)
+        self.processes: dict[str, object] = {}  # name -> multiprocessing Process
         self.monitor = Monitor(self)
         for stale in (self.spool.root / WORKERS).glob("*.json"):  # what a previous node's workers said
             stale.unlink(missing_ok=True)
@@ -471,11 +467,6 @@ class Server:
             self.monitor.received("failed", started)
             return 0xA700  # out of resources
 
-    def _wake(self) -> None:
-        self.outbox.wake()
-        if self.alerts is not None:
-            self.alerts.wake()
-
     # -- the workers
     def _start_process(self, name: str) -> None:
         import multiprocessing
@@ -529,11 +520,7 @@ class Server:
         if resumed:
             LOG.info("resuming %d received study(ies) not yet answered: %s", len(resumed), ", ".join(resumed))
         try:
-            if self.config.workers == 1:  # reception goes on meanwhile (the SCP answers in its own threads)
-                self.local = Worker(self.config, "worker-1", self.stop_event, on_answered=self._wake)
-                self.local.run()
-            else:
-                self._supervise()
+            self._supervise()
         finally:
             self.stop_event.set()
             self._stop_processes()
