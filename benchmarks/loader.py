@@ -102,7 +102,6 @@ def loader_rate(dataset, sampler, workers: int, batches: int, batch_size: int) -
         images, _, _ = next(iterator)
         n += len(images)
     rate = n / (time.perf_counter() - start)
-    del iterator, loader
     return rate
 
 

@@ -39,8 +39,8 @@ def make_study(root: Path, slices: int, size: int = 512, seed: int = 11) -> Path
 
 
 def make_bundle(config_path: Path, out: Path, folds: int | None) -> Path:
-    from pedetect.testing import write_random_bundle
     from pedetect.recipe import load_experiment
+    from pedetect.testing import write_random_bundle
 
     config = load_experiment(config_path)
     return write_random_bundle(config, out, folds=folds or config.data.folds)

@@ -153,7 +153,7 @@ def formats(images: list[np.ndarray], work: Path, reads: int = 400) -> list[dict
                 paths.append(folder / f"{i}.bin")
                 paths[-1].write_bytes(blob)
 
-            def read(i: int) -> np.ndarray:
+            def read(i: int, paths=paths, decode=decode) -> np.ndarray:
                 with open(paths[i], "rb") as f:
                     return decode(f.read())
         else:
@@ -162,7 +162,7 @@ def formats(images: list[np.ndarray], work: Path, reads: int = 400) -> list[dict
             container.write_bytes(b"".join(blobs))
             fd = os.open(container, os.O_RDONLY)
 
-            def read(i: int, fd=fd, offsets=offsets) -> np.ndarray:
+            def read(i: int, fd=fd, offsets=offsets, decode=decode) -> np.ndarray:
                 return decode(os.pread(fd, int(offsets[i + 1] - offsets[i]), int(offsets[i])))
 
         read(0)
@@ -207,8 +207,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="Runs of each throughput measurement (best kept).")
     args = parser.parse_args()
 
-    from pedetect.synth import write_dataset
     from pedetect.dicom import read_files
+    from pedetect.synth import write_dataset
 
     cv2.setNumThreads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="pedetect-bench-"))

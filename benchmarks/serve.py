@@ -251,9 +251,9 @@ def latency(args, node: Node, destination: Destination, webhook: Webhook, studie
         client = storescu(node.port, folder)
         if client.wait(600):
             raise RuntimeError(f"storescu failed: {client.stderr.read().decode()[-500:]}")
-        record = wait_until(lambda: node.record(study), 600, f"study {study} answered")
-        sr = wait_until(lambda: destination.first(study), 120, "its SR at the destination")
-        alert = wait_until(lambda: webhook.arrivals.get(study), 120, "its alert")
+        record = wait_until(lambda study=study: node.record(study), 600, f"study {study} answered")
+        sr = wait_until(lambda study=study: destination.first(study), 120, "its SR at the destination")
+        alert = wait_until(lambda study=study: webhook.arrivals.get(study), 120, "its alert")
         to_sr.append(sr - record["last_received"])
         to_alert.append(alert - record["last_received"])
         predict_s.append(record.get("seconds", float("nan")))
@@ -334,9 +334,8 @@ def burst(args, node_factory, destination: Destination, studies, kill: bool) -> 
             thread.join(900)
         node = node_factory()
         for study, folder in studies:  # the modalities send again what was not answered (a broken association)
-            if not node.record(study):
-                if storescu(node.port, folder).wait(900):
-                    raise RuntimeError(f"storescu failed after the restart on {folder}")
+            if not node.record(study) and storescu(node.port, folder).wait(900):
+                raise RuntimeError(f"storescu failed after the restart on {folder}")
     for thread in threads:
         thread.join(900)
     wait_until(lambda: all(node.record(s) for s, _ in studies), 3600, "every study answered")
@@ -418,7 +417,7 @@ def main() -> None:
                 try:
                     out[phase] = burst(
                         args,
-                        lambda: Node(args, model, spool, target, webhook, port),
+                        lambda spool=spool, target=target: Node(args, model, spool, target, webhook, port),
                         target,
                         studies[: args.burst],
                         kill,

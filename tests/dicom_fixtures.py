@@ -5,8 +5,8 @@ from __future__ import annotations
 import glob
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import pydicom
@@ -48,13 +48,13 @@ def make_ct(
     *,
     study: str,
     series: str,
-    sop: Optional[str] = None,
-    position: Optional[Sequence[float]] = (0.0, 0.0, 0.0),
-    orientation: Optional[Sequence[float]] = (1, 0, 0, 0, 1, 0),
-    instance: Optional[int] = 1,
+    sop: str | None = None,
+    position: Sequence[float] | None = (0.0, 0.0, 0.0),
+    orientation: Sequence[float] | None = (1, 0, 0, 0, 1, 0),
+    instance: int | None = 1,
     slope: float = 1.0,
     intercept: float = -1024.0,
-    padding: Optional[int] = None,
+    padding: int | None = None,
     bits_stored: int = 16,
     preamble: bool = True,
     spacing: Sequence[float] = (0.7, 0.7),
@@ -134,8 +134,8 @@ def ct_series(
     *,
     rows: int = 32,
     cols: int = 32,
-    study: Optional[str] = None,
-    series: Optional[str] = None,
+    study: str | None = None,
+    series: str | None = None,
     step: float = 2.5,
     reverse_instances: bool = True,
     **kwargs,

@@ -17,7 +17,7 @@ def make_labels(image_truth: dict[str, list[int]], exam_truth: dict[str, dict[st
         for i, value in enumerate(slices):
             row = {STUDY: study, SERIES: f"{study}.s", SOP: f"{study}.{i}", IMAGE_LABEL: value}
             row.update({label: exam_truth.get(study, {}).get(label, 0) for label in EXAM_LABELS})
-            row.update({label: 0 for label in INFO_LABELS})
+            row.update(dict.fromkeys(INFO_LABELS, 0))
             rows.append(row)
     return pd.DataFrame(rows)[list(TRAIN_COLUMNS)]
 

@@ -211,7 +211,10 @@ def test_command_errors(cli, files, tmp_path):
     result = cli(
         "calibrate",
         *("--labels", write(one_class, tmp_path / "one.csv"), "--model", files["model"]),
-        *("--submission", write(make_submission(one_class, lambda s: 0.1, lambda s, l: 0.5), tmp_path / "one_sub.csv")),
+        *(
+            "--submission",
+            write(make_submission(one_class, lambda s: 0.1, lambda s, label: 0.5), tmp_path / "one_sub.csv"),
+        ),
     )
     assert result.exit_code == 2 and "needs both" in result.output
     assert not (files["model"] / OPERATING_POINTS_FILE).exists()

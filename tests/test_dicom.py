@@ -416,7 +416,7 @@ def test_truncated_pixel_data_is_named_by_the_fast_path(tmp_path):
 def test_discovery_by_content_and_zip_members(tmp_path):
     files = ct_series(tmp_path / "a" / "deep" / "er", 3, rows=8, cols=8)
     raw = make_ct(tmp_path / "no_preamble.bin", phantom(8, 8), study="1.2", series="1.2.9", preamble=False)
-    assert not raw.read_bytes()[128:132] == b"DICM"
+    assert raw.read_bytes()[128:132] != b"DICM"
     assert looks_like_dicom(raw.read_bytes()[:132])
     assert read_header(str(raw)).series == "1.2.9"
     found = discover(tmp_path)

@@ -338,7 +338,7 @@ def phantom_study(root: Path, seed: int = PHANTOM_SEED, *, positive: bool = True
                 "outline": [[float(p[0][1] + r0), float(p[0][0] + c0)] for p in contour],
             }
         )
-    exam = {label: 0.1 for label in EXAM_LABELS}
+    exam = dict.fromkeys(EXAM_LABELS, 0.1)
     exam["negative_exam_for_pe"] = 0.1 if positive else 0.9
     exam["rv_lv_ratio_lt_1"] = 0.8 if positive else 0.1
     result = StudyResult(

@@ -12,11 +12,11 @@ import torch
 from pedetect.data.dataset import series_inputs
 from pedetect.data.folds import read_folds
 from pedetect.labels import SERIES, SOP, STUDY
-from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, embedding_path
+from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 from pedetect.train.embed import read_series_embedding, run_embed
-from pedetect.train.setup import TrainError, training_inputs
 from pedetect.train.pipeline import train
+from pedetect.train.setup import TrainError, training_inputs
 from train_fixtures import FakeStore, fake_labels, tiny_config
 
 pytestmark = [

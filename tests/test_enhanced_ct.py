@@ -22,12 +22,11 @@ import pydicom
 import pytest
 
 from dicom_fixtures import PYDICOM_FILES
-from train_fixtures import ROOT, pedetect_command, tiny_config
-
 from pedetect.dicom import read_files
 from pedetect.dicom.frames import split_frame_key
 from pedetect.dicom.pixels import window_hu
 from pedetect.store import SliceStore
+from train_fixtures import ROOT, pedetect_command, tiny_config
 
 SIZE, SLICES, STUDIES, SEED = 48, 8, 3, 3  # train seed 3: instance orders shuffled, decreasing, decreasing
 SYNTAXES = ("explicit", "rle", "jpeg2000")

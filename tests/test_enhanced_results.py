@@ -205,7 +205,7 @@ def test_serve_answers_an_enhanced_study_with_frame_references(enhanced, tmp_pat
     assert record["slices"] == SLICES and record["lost"] == [], record
     assert record["series"]["used"] == header.SeriesInstanceUID
     assert sorted(record["results"]) == ["ko.dcm", "sc.dcm", "seg.dcm", "sr.dcm"]
-    (sr_path,) = [p for p in (spool / "outbox").rglob("sr.dcm")]
+    (sr_path,) = list((spool / "outbox").rglob("sr.dcm"))
     sr = pydicom.dcmread(sr_path)
     refs = image_references(sr.ContentSequence)
     assert refs and all(

@@ -10,7 +10,6 @@ in every runtime, with the choice of ``auto`` and a stale export.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -159,8 +158,9 @@ N_STUDIES, SLICES, SIZE = 4, 12, 64
 def exported(tmp_path_factory):
     """A random 2-fold bundle of the tiny recipe, a synthetic test set, its store, and the bundle's
     export (fp32 and int8, checked on that store without labels)."""
-    from pedetect.cli import app
     from typer.testing import CliRunner
+
+    from pedetect.cli import app
 
     root = tmp_path_factory.mktemp("export")
     write_dataset(root / "data", N_STUDIES, slices=SLICES, size=SIZE, seed=9, split="test", progress=False)

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import ROOT, pedetect_command, tiny_config
-
 from pedetect.models.bundle import BundleError, read_bundle
 from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, seq_dir
 from pedetect.testing import write_random_bundle
+from train_fixtures import ROOT, pedetect_command, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from train_fixtures import ROOT, pedetect_command, tiny_config
-
 from pedetect.io import LOCK_FILE
+from train_fixtures import ROOT, pedetect_command, tiny_config
 
 SIZE, SLICES = 48, 8
 
@@ -395,7 +394,7 @@ def test_prepare_on_a_full_disk_says_so_keeps_no_partial_file_and_the_rerun_fini
     if not (store / "slices.parquet").exists():
         from pedetect.store import SliceStore
 
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (whatever the error, an unfinished store is not opened)
             SliceStore(store)  # an unfinished store is not opened as a finished one
     assert not (store / LOCK_FILE).exists()
     disk.grow()

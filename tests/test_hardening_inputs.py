@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import struct
-import shutil
 import tempfile
 import threading
 import zipfile
@@ -121,7 +121,7 @@ def test_hostile_zip_members_are_refused_and_nothing_is_extracted(tmp_path, good
         f"{archive}::study/link.dcm": "zip member refused: a symbolic link",
         f"{archive}::study/encrypted.dcm": "zip member refused: encrypted",
         f"{archive}::study/nested.zip": "not DICOM: a zip archive (archives inside the input are not opened)",
-        f"{archive}::study/shrunk.dcm": f"zip member damaged or its declared size is wrong (Bad CRC-32 for file 'study/shrunk.dcm')",
+        f"{archive}::study/shrunk.dcm": "zip member damaged or its declared size is wrong (Bad CRC-32 for file 'study/shrunk.dcm')",
         f"{archive}::study/swollen.dcm": f"zip member's declared size is wrong: {real + 100} bytes declared, {real} inflated",
         f"{archive}::study/bomb.dcm": reasons[f"{archive}::study/bomb.dcm"],
     }

@@ -20,11 +20,10 @@ import pydicom
 import pytest
 
 from dicom_fixtures import make_ct
-from train_fixtures import ROOT, pedetect_command
-
 from pedetect.dicom.guard import DecodeGuard
 from pedetect.dicom.header import DicomError
 from pedetect.dicom.read import read_slice, scan_files
+from train_fixtures import ROOT, pedetect_command
 
 SIZE, SLICES, STUDIES = 48, 8, 2
 LIMIT = 0.25

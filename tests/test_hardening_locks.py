@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from pedetect.io import LOCK_FILE
 from test_hardening_faults import run, start, wait_for_lock
 from train_fixtures import tiny_config
-
-from pedetect.io import LOCK_FILE
 
 SIZE, SLICES = 48, 8
 

@@ -218,7 +218,8 @@ def test_no_canary_reaches_any_output_log_or_temporary_file(chain):
     written = [p for p in work.rglob("*") if p.is_file() and p not in chain.results]
     assert len(written) > 50  # the store, every stage's folders, the report and its slices
     found = {str(p.relative_to(work)): hits for p in written if (hits := leaks(p.read_bytes()))}
-    found.update({"the commands' output": hits for hits in [leaks("\n".join(chain.log).encode())] if hits})
+    if hits := leaks("\n".join(chain.log).encode()):
+        found["the commands' output"] = hits
     found.update(
         {f"{p.relative_to(work)} (its name)": hits for p in work.rglob("*") if (hits := leaks(p.name.encode()))}
     )
@@ -300,7 +301,11 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
             sent.update({str(pydicom.dcmread(f).SOPInstanceUID): f for f in files})
         for study in studies:
             record = wait_for(
-                lambda: answered(spool, study.name), 180, f"study {study.name} to be answered", node, log_path
+                lambda study=study: answered(spool, study.name),
+                180,
+                f"study {study.name} to be answered",
+                node,
+                log_path,
             )
             assert record["slices"] == 8 and set(record["results"]) - {"seg.dcm"} == {"ko.dcm", "sc.dcm", "sr.dcm"}
             n_results += len(record["results"])
@@ -328,5 +333,6 @@ def test_serve_writes_and_logs_no_canary_beyond_the_instances_it_receives(chain)
     )
     log = log_path.read_text()
     assert "answered" in log and "Traceback" not in log
-    found.update({"the serve log": hits for hits in [leaks(log.encode())] if hits})
+    if hits := leaks(log.encode()):
+        found["the serve log"] = hits
     assert found == {}, found

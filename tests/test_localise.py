@@ -208,9 +208,8 @@ def test_the_side_comes_from_the_patients_own_lungs():
 def test_the_activation_map_is_the_slice_head_on_each_position():
     """With global max pooling, the slice logit is at least the largest position's logit when every
     head weight is positive; and embed_with_map leaves embed's numbers as they are."""
-    from train_fixtures import tiny_config
-
     from pedetect.models.slice_classifier import build_slice_classifier
+    from train_fixtures import tiny_config
 
     config = tiny_config()
     model = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=3).eval()

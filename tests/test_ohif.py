@@ -179,9 +179,8 @@ class Nginx:
 def make_studies(root: Path) -> dict:
     """The positive and the negative phantom study with their results written (docs of each in
     tests/test_dicom_results.py): {"positive"|"negative": (result, sources, written)}."""
-    from test_dicom_results import ALGORITHM, PHANTOM_SEED, phantom_study, write_picture
-
     from pedetect.hospital.results import write_study_results
+    from test_dicom_results import ALGORITHM, PHANTOM_SEED, phantom_study, write_picture
 
     studies = {}
     for kind, seed in (("positive", PHANTOM_SEED), ("negative", PHANTOM_SEED + 1)):
@@ -196,7 +195,7 @@ def make_studies(root: Path) -> dict:
 
 def store(pacs, studies: dict) -> None:
     """Every CT slice and every result into Orthanc (its REST API, as a PACS receives them)."""
-    for result, sources, written in studies.values():
+    for _result, sources, written in studies.values():
         for path in [*sources.values(), *written.files]:
             pacs.post("/instances", Path(path).read_bytes(), "application/dicom")
 
@@ -388,7 +387,7 @@ def show_sr(ohif: Ohif, result) -> None:
         )
         row.click()
         wait_for(
-            lambda: (ohif.shown_image() or "").endswith(image_of(c)), 30, f"candidate {c['candidate']}'s key slice"
+            lambda c=c: (ohif.shown_image() or "").endswith(image_of(c)), 30, f"candidate {c['candidate']}'s key slice"
         )
         ohif.wait_drawn(f"candidate {c['candidate']}'s outline drawn")
     ohif.js(

@@ -18,9 +18,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from pedetect.hospital.answer import DicomAnswer
 from pedetect.hospital.results import read_sr_values
 from pedetect.hospital.serve import answered
-from pedetect.hospital.answer import DicomAnswer
 from pedetect.infer.predict import predict
 from test_serve import c_store, free_port, serves, study, wait_for  # noqa: F401  (fixtures)
 

@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 
 from pedetect.infer.predict import predict
-from pedetect.testing import write_random_bundle
 from pedetect.infer.reader import guess_uids
 from pedetect.labels import EXAM_LABELS, SERIES, SOP, STUDY, exam_id
 from pedetect.metric.consistency import find_violations
 from pedetect.metric.submission import align, read_studies, read_submission
 from pedetect.synth import write_dataset
+from pedetect.testing import write_random_bundle
 from train_fixtures import tiny_config
 
 N_STUDIES, SLICES, SIZE = 5, 14, 64

@@ -15,15 +15,15 @@ from sklearn.metrics import roc_auc_score
 
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 from pedetect.metric.evaluate import evaluate_files, evaluate_frames
+from pedetect.metric.loss import sigmoid
 from pedetect.models.bundle import BundleError, read_bundle
-from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series
 from pedetect.models.layout import COMPLETE, cnn_dir, embed_dir, seq_dir
-from pedetect.train.setup import TrainError, training_inputs
+from pedetect.models.sequence import build_sequence_head, load_sequence_head, metric_loss, predict_series
 from pedetect.recipe import ConfigError, apply_overrides
 from pedetect.train.embed import read_series_embedding
 from pedetect.train.pipeline import train
-from pedetect.metric.loss import sigmoid
 from pedetect.train.seq import collate, load_records, oof_submission, predict_records
+from pedetect.train.setup import TrainError, training_inputs
 from train_fixtures import tiny_config
 
 pytestmark = [

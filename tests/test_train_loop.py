@@ -12,13 +12,13 @@ import torch
 
 from pedetect.data.dataset import StoreError, training_targets
 from pedetect.data.folds import FoldsError
-from pedetect.models.slice_classifier import load_slice_classifier
+from pedetect.labels import IMAGE_LABEL
 from pedetect.models.layout import COMPLETE
-from pedetect.train.setup import TrainError
-from pedetect.train.pipeline import train
+from pedetect.models.slice_classifier import load_slice_classifier
 from pedetect.recipe import CnnConfig, SchedulerConfig, load_experiment
 from pedetect.train.module import LrSchedule, focal_loss, slice_loss
-from pedetect.labels import IMAGE_LABEL
+from pedetect.train.pipeline import train
+from pedetect.train.setup import TrainError
 from train_fixtures import FakeStore, fake_labels, fold_slice_auc, tiny_config
 
 pytestmark = [

@@ -225,7 +225,7 @@ def test_aucs_and_their_intervals_equal_sklearn_on_the_seeded_resamples(case, re
         else:
             assert entry["auc"] is None and entry["auc_ci95"] is None
     # Slices: whole studies resampled.
-    by_study = {s: frame for s, frame in slices.groupby(STUDY, sort=False)}
+    by_study = dict(list(slices.groupby(STUDY, sort=False)))
     resampled = resampled_auc_by_sklearn(
         [by_study[s][IMAGE_LABEL].to_numpy() for s in studies], [by_study[s]["p"].to_numpy() for s in studies], draws
     )
@@ -561,7 +561,6 @@ def save_example(out: Path, studies: int = 200) -> None:
 
     from pedetect.cli import app
     from pedetect.synth import write_dataset
-
     from test_viewer_browser import browser_paths
 
     with tempfile.TemporaryDirectory() as tmp:

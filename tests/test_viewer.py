@@ -10,7 +10,6 @@ import threading
 import urllib.request
 
 import numpy as np
-import pytest
 
 from pedetect.infer.ensemble import Ensemble
 from pedetect.metric.loss import sigmoid

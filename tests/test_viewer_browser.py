@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -324,9 +323,10 @@ def test_index_lists_the_most_suspicious_first_and_links_each_viewer(driver, rep
 
 
 def test_a_study_with_no_readable_slice_opens_and_says_so(driver, report):
+    from selenium.webdriver.common.by import By
+
     from pedetect.infer.report import StudyResult, write_study_report
     from pedetect.labels import EXAM_LABELS
-    from selenium.webdriver.common.by import By
 
     prior = dict.fromkeys(EXAM_LABELS, 0.1) | {"negative_exam_for_pe": 0.9}
     lost = StudyResult(

@@ -68,7 +68,7 @@ def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "
         if positive:
             start = int(rng.integers(0, slices // 2))
             image[start : start + int(rng.integers(slices // 4, slices // 2 + 1))] = 1
-        exam = {label: 0 for label in EXAM_LABELS}
+        exam = dict.fromkeys(EXAM_LABELS, 0)
         if positive:
             exam["rightsided_pe"] = 1
             exam["rv_lv_ratio_lt_1"] = 1
@@ -76,7 +76,7 @@ def fake_labels(n_studies: int, slices: int = 12, seed: int = 0, prefix: str = "
         else:
             exam["negative_exam_for_pe"] = 1
         for i in range(slices):
-            row = {c: 0 for c in TRAIN_COLUMNS}
+            row = dict.fromkeys(TRAIN_COLUMNS, 0)
             row.update(
                 {
                     STUDY: f"{prefix}{seed}.{s}",

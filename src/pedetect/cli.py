@@ -13,8 +13,8 @@ from pedetect.demo.command import demo_command
 from pedetect.export.command import export_command
 from pedetect.hospital.command import predict_command, serve_command
 from pedetect.metric.command import calibrate_command, check_command, evaluate_command
-from pedetect.synth.command import synth_command
 from pedetect.store.command import prepare_command
+from pedetect.synth.command import synth_command
 from pedetect.train.command import split_command, train_command
 from pedetect.view.command import view_command
 

@@ -26,7 +26,7 @@ Single values can be overridden from the command line: ``--set cnn.optimizer.lr=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,14 +50,14 @@ class DataConfig(Section):
         42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels)."
     )
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes per device.")
-    val_batch_size: Optional[int] = Field(
+    val_batch_size: int | None = Field(
         None, ge=1, description="Validation batch size; default: 2 × the training batch size."
     )
 
 
 class RuntimeConfig(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
-    devices: Union[int, Literal["auto"], list[int]] = Field(
+    devices: int | Literal["auto"] | list[int] = Field(
         "auto", description="Devices per node (an int, a list of ids, or 'auto')."
     )
     num_nodes: int = Field(1, ge=1, description="Number of nodes (DDP across nodes; launch with torchrun or SLURM).")
@@ -86,13 +86,13 @@ class WandbConfig(Section):
 
 class MlflowConfig(Section):
     experiment: str = "pedetect"
-    tracking_uri: Optional[str] = Field(None, description="Default: a file store under MODEL_DIR/mlruns.")
+    tracking_uri: str | None = Field(None, description="Default: a file store under MODEL_DIR/mlruns.")
 
 
 class LoggingConfig(Section):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
-    wandb: Optional[WandbConfig] = Field(None, description="Also log to Weights & Biases (needs wandb).")
-    mlflow: Optional[MlflowConfig] = Field(None, description="Also log to MLflow (needs mlflow).")
+    wandb: WandbConfig | None = Field(None, description="Also log to Weights & Biases (needs wandb).")
+    mlflow: MlflowConfig | None = Field(None, description="Also log to MLflow (needs mlflow).")
     progress_bar: bool = True
     log_every_n_steps: int = Field(20, ge=1)
 
@@ -114,7 +114,7 @@ class SchedulerConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak.")
     step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
-    step_steps: Optional[int] = Field(
+    step_steps: int | None = Field(
         None,
         ge=1,
         description="step: multiply the LR by gamma every this many optimiser steps instead of every step_epochs "
@@ -128,7 +128,7 @@ class SchedulerConfig(Section):
 
 class BackboneConfig(Section):
     name: str = Field("resnet10t", description="Any timm model name (timm.list_models()).")
-    weights: Optional[Union[Literal["pretrained"], Path]] = Field(
+    weights: Literal["pretrained"] | Path | None = Field(
         None,
         description="pretrained: timm's pretrained weights of the name's tag (fetched and cached by timm; offline: its cache, "
         "HF_HUB_OFFLINE=1); a path: local weights (.safetensors or a torch state dict); none: random init.",
@@ -167,7 +167,7 @@ class InputConfig(Section):
         description="Central square crop before the resize, as a fraction of the shorter side (1: the whole slice). "
         "A fixed stand-in for the 1st place's lung crop: it spends the pixels on the chest, where the pulmonary arteries are.",
     )
-    lung_crop: Optional[LungCropConfig] = Field(
+    lung_crop: LungCropConfig | None = Field(
         None,
         description="Crop every slice to its series' lung box (air inside the body, union over the series' slices, a margin), "
         "then resize (1st place; they regressed the box with a CNN). The boxes of the training series are recorded in "
@@ -184,7 +184,7 @@ class InputConfig(Section):
         return {"windows": 3, "pe": 1, "adjacent": 3, "both": 9}[self.mode]
 
     @model_validator(mode="after")
-    def _one_crop(self) -> "InputConfig":
+    def _one_crop(self) -> InputConfig:
         if self.lung_crop is not None and self.crop < 1:
             raise ValueError("crop and lung_crop both crop the slice: set crop to 1 with lung_crop")
         return self
@@ -225,7 +225,7 @@ class GridDropoutConfig(Section):
     unit_max: float = Field(0.25, gt=0, le=1, description="Largest grid unit, as a fraction of the image side.")
 
     @model_validator(mode="after")
-    def _units(self) -> "GridDropoutConfig":
+    def _units(self) -> GridDropoutConfig:
         if self.unit_min > self.unit_max:
             raise ValueError(f"unit_min ({self.unit_min}) is larger than unit_max ({self.unit_max})")
         return self
@@ -248,7 +248,7 @@ class AugmentConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _one_of(self) -> "AugmentConfig":
+    def _one_of(self) -> AugmentConfig:
         if self.dropout_one_of and self.cutout.p + self.grid_dropout.p > 1:
             raise ValueError(
                 f"dropout_one_of: cutout.p + grid_dropout.p is {self.cutout.p + self.grid_dropout.p}, more than 1"
@@ -284,7 +284,7 @@ class TargetsConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _disjoint(self) -> "TargetsConfig":
+    def _disjoint(self) -> TargetsConfig:
         both = sorted(set(self.exam_labels) & set(self.whole_exam_labels))
         if both:
             raise ValueError(
@@ -300,9 +300,7 @@ class TargetsConfig(Section):
 
 class LossConfig(Section):
     kind: Literal["bce", "focal"] = "bce"
-    focal_alpha: Optional[float] = Field(
-        0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting)."
-    )
+    focal_alpha: float | None = Field(0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting).")
     focal_gamma: float = Field(2.0, ge=0, description="focal: focusing exponent.")
     slice_weight: float = Field(
         1.0, gt=0, description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels)."
@@ -321,7 +319,7 @@ class SamplingConfig(Section):
     positive_share: float = Field(
         0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch."
     )
-    samples_per_epoch: Optional[int] = Field(
+    samples_per_epoch: int | None = Field(
         None, ge=1, description="balanced: slices per epoch; default: the training set size."
     )
 
@@ -353,10 +351,10 @@ class CnnConfig(Section):
     accumulate_grad_batches: int = Field(
         1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes."
     )
-    gradient_clip_norm: Optional[float] = Field(
+    gradient_clip_norm: float | None = Field(
         None, gt=0, description="Clip the global gradient norm (none: no clipping)."
     )
-    ema_decay: Optional[float] = Field(
+    ema_decay: float | None = Field(
         None,
         gt=0,
         lt=1,
@@ -377,10 +375,8 @@ class CnnConfig(Section):
         False,
         description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them.",
     )
-    limit_train_batches: Optional[Union[int, float]] = Field(
-        None, description="Debugging: cap training batches per epoch."
-    )
-    limit_val_batches: Optional[Union[int, float]] = Field(None, description="Debugging: cap validation batches.")
+    limit_train_batches: int | float | None = Field(None, description="Debugging: cap training batches per epoch.")
+    limit_val_batches: int | float | None = Field(None, description="Debugging: cap validation batches.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,7 +412,7 @@ class SeqConfig(Section):
     hidden: int = Field(128, ge=1, description="Hidden size per direction (GRU/LSTM) or model width (transformer).")
     layers: int = Field(2, ge=1, description="Stacked recurrent or transformer layers.")
     heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden).")
-    feedforward: Optional[int] = Field(None, ge=1, description="transformer: feed-forward width; default 4 × hidden.")
+    feedforward: int | None = Field(None, ge=1, description="transformer: feed-forward width; default 4 × hidden.")
     position: Literal["sinusoidal", "none"] = Field(
         "sinusoidal", description="transformer: position encoding added to the inputs (5th place: none)."
     )
@@ -454,7 +450,7 @@ class SeqConfig(Section):
         "way: one feature space for training, validation and prediction, at the price of features of series the "
         "CNN trained on). Either way head k is validated on, and predicts from, CNN k's embeddings of unseen series.",
     )
-    fixed_length: Optional[int] = Field(
+    fixed_length: int | None = Field(
         None,
         ge=2,
         description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask.",
@@ -477,7 +473,7 @@ class SeqConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1, description="Series per batch (padded to the longest).")
-    gradient_clip_norm: Optional[float] = Field(
+    gradient_clip_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm (none: no clipping)."
     )
     export: Literal["best", "last"] = Field(
@@ -485,7 +481,7 @@ class SeqConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "SeqConfig":
+    def _heads_divide_width(self) -> SeqConfig:
         if self.encoder == "transformer" and self.hidden % self.heads:
             raise ValueError(
                 f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for the transformer encoder"
@@ -540,12 +536,12 @@ class ExperimentConfig(Section):
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     seq: SeqConfig = Field(default_factory=SeqConfig)
-    heart: Optional[HeartConfig] = Field(
+    heart: HeartConfig | None = Field(
         None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone)."
     )
 
     @model_validator(mode="after")
-    def _seq_has_inputs(self) -> "ExperimentConfig":
+    def _seq_has_inputs(self) -> ExperimentConfig:
         if self.seq.inputs == "logits" and not self.embed.location_grid and not self.seq.use_cnn_logit:
             raise ValueError(
                 "seq.inputs: logits needs embed.location_grid > 0 or seq.use_cnn_logit: the head would have no input"

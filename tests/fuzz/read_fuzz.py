@@ -27,9 +27,9 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_MB = 512
@@ -252,7 +252,7 @@ class RunReport:
 
 
 def mutation_run(
-    runs: int, seed: int, folder: Path, *, on_finding: Optional[Callable[[str, bytes], None]] = None
+    runs: int, seed: int, folder: Path, *, on_finding: Callable[[str, bytes], None] | None = None
 ) -> RunReport:
     """``runs`` mutated inputs from the seed corpus (the seeds themselves first), reproducible by ``seed``."""
     rng = random.Random(seed)
@@ -314,7 +314,7 @@ def _atheris_main(seconds: int, corpus: Path) -> None:
     atheris.Fuzz()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--atheris", type=int, metavar="SECONDS", help="coverage-guided fuzzing for SECONDS (make fuzz)"

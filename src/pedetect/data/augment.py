@@ -120,10 +120,11 @@ def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: str = "
 
         m = matrix.astype(np.float64)
         mode = cv2.BORDER_REFLECT_101 if border == "reflect" else cv2.BORDER_CONSTANT
-        fn = lambda a: cv2.warpAffine(
-            a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0
-        )  # noqa: E731
-        return _chw(_cv2_apply(fn, _hwc_view(image)))
+
+        def warp(a: np.ndarray) -> np.ndarray:
+            return cv2.warpAffine(a, m, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0)
+
+        return _chw(_cv2_apply(warp, _hwc_view(image)))
     return warp_torch(image, matrix, out_size, border)
 
 

@@ -31,8 +31,8 @@ The crop (:func:`heart_crop`) resamples the box to a fixed ``depth × size²`` b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ def demo_command(
     test_studies: int = typer.Option(
         TEST_STUDIES, "--test-studies", min=1, help="Synthetic test studies (RLE lossless)."
     ),
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),

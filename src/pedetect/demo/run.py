@@ -8,9 +8,10 @@ baseline. Everything lands under ``--out``; a re-run resumes (prepare and train 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pedetect.console import echo as console_echo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
@@ -57,14 +58,14 @@ class DemoResult:
     predict_summary: Any
     seconds: dict[str, float] = field(default_factory=dict)
     seed: int = TRAIN_SEED  # of the training set; the test set's is seed_of_test_set(seed)
-    localisation: Optional[dict[str, Any]] = None  # the clot candidates' FROC (pedetect.metric.froc.froc)
+    localisation: dict[str, Any] | None = None  # the clot candidates' FROC (pedetect.metric.froc.froc)
 
     @property
     def ratio(self) -> float:
         return self.evaluation["score"] / self.prior_evaluation["score"]
 
     def table(self) -> str:
-        def auc(value: Optional[float]) -> str:
+        def auc(value: float | None) -> str:
             return "   n/a" if value is None else f"{value:.3f}"
 
         ev, prior = self.evaluation, self.prior_evaluation
@@ -86,7 +87,7 @@ class DemoResult:
             froc = self.localisation
             sens, side = froc["sensitivity"], froc.get("side_agreement") or {}
 
-            def share(value: Optional[float]) -> str:
+            def share(value: float | None) -> str:
                 return "n/a" if value is None else f"{100 * value:.0f} %"
 
             lines += [
@@ -120,13 +121,13 @@ def run_demo(
     from pedetect.metric.baselines import prior_submission
     from pedetect.metric.evaluate import evaluate_files, evaluate_frames
     from pedetect.metric.froc import froc, read_candidates, read_clots
-    from pedetect.synth.dataset import clots_path
     from pedetect.metric.submission import read_labels
     from pedetect.models.bundle import read_bundle
     from pedetect.store import prepare
     from pedetect.synth import write_dataset
-    from pedetect.train.setup import read_config_for_training
+    from pedetect.synth.dataset import clots_path
     from pedetect.train.pipeline import train
+    from pedetect.train.setup import read_config_for_training
 
     out = Path(out)
     data, store, model = out / "data", out / "store", out / "model"

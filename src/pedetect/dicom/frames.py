@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def frame_key(sop: str, number: int) -> str:
     return f"{sop}{FRAME_SEPARATOR}{int(number)}"
 
 
-def split_frame_key(key: str) -> tuple[str, Optional[int]]:
+def split_frame_key(key: str) -> tuple[str, int | None]:
     """``(SOPInstanceUID, frame number)`` of a slice key; ``(key, None)`` for a single-frame slice."""
     sop, sep, number = str(key).rpartition(FRAME_SEPARATOR)
     if sep and number.isdigit():
@@ -165,7 +165,7 @@ def _items(fp: Any, offset: int, end: int, little: bool) -> list[tuple[int, int]
 
 
 def encapsulated_frame_ranges(
-    fp: Any, offset: int, end: int, frames: int, little: bool, extended: Optional[bytes] = None
+    fp: Any, offset: int, end: int, frames: int, little: bool, extended: bytes | None = None
 ) -> list[list[tuple[int, int]]]:
     """The fragments ``[(offset, length), …]`` of each frame of encapsulated pixel data: one fragment
     a frame when the counts agree, else grouped by the Extended or Basic Offset Table; a file whose
@@ -182,7 +182,7 @@ def encapsulated_frame_ranges(
         return [[fragment] for fragment in fragments]
     if frames == 1:
         return [fragments]
-    starts: Optional[list[int]] = None
+    starts: list[int] | None = None
     if extended:
         starts = [int(v) for v in np.frombuffer(extended[: len(extended) // 8 * 8], dtype="<u8" if little else ">u8")]
     elif bot_length:
@@ -271,7 +271,7 @@ def frame_dataset(header: Any) -> Any:
     return ds
 
 
-def read_frame(header: Any, windows: Any, image_size: Optional[int], *, bgr: bool = False) -> np.ndarray:
+def read_frame(header: Any, windows: Any, image_size: int | None, *, bgr: bool = False) -> np.ndarray:
     """One frame of a multi-frame file, windowed (uint8 ``(H, W, 3)``), as :func:`pedetect.dicom.read.read_slice`."""
     from pedetect.dicom.pixels import window_dataset
 

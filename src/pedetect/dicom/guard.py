@@ -25,7 +25,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class DecoderUnavailable(RuntimeError):
     """The decoding process could not be started (not a fault of any input)."""
 
 
-def _read_exact(fd: int, n: int, deadline: Optional[float]) -> Optional[bytes]:
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     """``n`` bytes from ``fd``; None at end of file; raises TimeoutError past ``deadline`` (monotonic)."""
     parts, got = [], 0
     while got < n:
@@ -70,7 +70,7 @@ class DecodeGuard:
         if not limit_s > 0:
             raise ValueError(f"the decode time limit must be positive, got {limit_s}")
         self.limit_s = float(limit_s)
-        self._child: Optional[subprocess.Popen] = None
+        self._child: subprocess.Popen | None = None
         self._timed_out: set[str] = set()
         self.restarts = 0
 
@@ -121,7 +121,7 @@ class DecodeGuard:
             self._kill(self._child)
             self._child = None
 
-    def __enter__(self) -> "DecodeGuard":
+    def __enter__(self) -> DecodeGuard:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -129,7 +129,7 @@ class DecodeGuard:
 
     # -------------------------------------------------------------------------------- reading
     def read(
-        self, header: SliceHeader, windows: Any = None, image_size: Optional[int] = None, *, bgr: bool = False
+        self, header: SliceHeader, windows: Any = None, image_size: int | None = None, *, bgr: bool = False
     ) -> np.ndarray:
         """:func:`pedetect.dicom.read.read_slice` in the child, within the time limit; a failure raises
         :class:`~pedetect.dicom.header.DicomError` with the reason its failure row records."""

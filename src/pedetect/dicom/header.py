@@ -12,7 +12,7 @@ import math
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from pedetect.dicom.pixels import check_declared_size
 from pedetect.dicom.source import (
@@ -67,12 +67,12 @@ class SliceHeader:
     sop: str
     rows: int
     cols: int
-    position: Optional[tuple[float, float, float]] = None  # ImagePositionPatient
-    orientation: Optional[tuple[float, ...]] = None  # ImageOrientationPatient (6)
-    instance_number: Optional[int] = None
-    slice_location: Optional[float] = None
-    pixel_spacing: Optional[tuple[float, float]] = None
-    slice_thickness: Optional[float] = None
+    position: tuple[float, float, float] | None = None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6)
+    instance_number: int | None = None
+    slice_location: float | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    slice_thickness: float | None = None
     modality: str = ""
     transfer_syntax: str = ""
     size: int = 0  # file size in bytes
@@ -135,7 +135,7 @@ def _text(ds: Any, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def numbers(value: Any, n: int) -> Optional[tuple[float, ...]]:
+def numbers(value: Any, n: int) -> tuple[float, ...] | None:
     """``n`` finite floats from a DICOM value (one number or several), else None."""
     try:
         if value is None:
@@ -150,7 +150,7 @@ def numbers(value: Any, n: int) -> Optional[tuple[float, ...]]:
     return tuple(values)
 
 
-def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
+def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
     try:
         value = ds.get(keyword)
     except (TypeError, ValueError, OverflowError):
@@ -158,7 +158,7 @@ def _floats(ds: Any, keyword: str, n: int) -> Optional[tuple[float, ...]]:
     return numbers(value, n)
 
 
-def _float(ds: Any, keyword: str) -> Optional[float]:
+def _float(ds: Any, keyword: str) -> float | None:
     values = _floats(ds, keyword, 1)
     return values[0] if values else None
 
@@ -196,7 +196,7 @@ def series_fields(ds: Any) -> dict[str, Any]:
     }
 
 
-def _int(ds: Any, keyword: str) -> Optional[int]:
+def _int(ds: Any, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value is not None and str(value).strip() != "" else None
@@ -262,7 +262,7 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 
 
-def _pixel_element(fp: Any, ds: Any) -> Optional[dict]:
+def _pixel_element(fp: Any, ds: Any) -> dict | None:
     """Where the pixel data element starts, read from the bytes after the header (pydicom's
     ``stop_before_pixels`` leaves the file there): keyword, value offset and declared length."""
     head = fp.read(12)
@@ -478,7 +478,7 @@ def _frame_headers(
     source: Source,
     size: int,
     mtime_ns: int,
-    element: Optional[dict],
+    element: dict | None,
     syntax: str,
     rows: int,
     cols: int,
@@ -563,7 +563,7 @@ def _frame_headers(
     ]
 
 
-def _native_pixels(ds: Any, element: Optional[dict], syntax: str, rows: int, cols: int) -> Optional[dict]:
+def _native_pixels(ds: Any, element: dict | None, syntax: str, rows: int, cols: int) -> dict | None:
     """How to read this slice's pixels straight from its bytes (uncompressed little-endian 16-bit
     single-frame data without a modality LUT sequence), or None: then pydicom decodes it."""
     from pedetect.dicom.pixels import NATIVE_LITTLE_ENDIAN, padding_range, rescale

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class SeriesPlan:
     slices: list[SliceHeader]  # in order
     z: np.ndarray  # (N,) mm along the normal (NaN when unknown)
     order_by: str  # "position" | "instance_number" | "file"
-    normal: Optional[tuple[float, float, float]]
+    normal: tuple[float, float, float] | None
     rows: int
     cols: int
     irregularities: list[str] = field(default_factory=list)
@@ -50,7 +50,7 @@ def _mode(values: list) -> object:
     return Counter(values).most_common(1)[0][0]
 
 
-def _instance_trend(numbers: Sequence[Optional[int]]) -> str:
+def _instance_trend(numbers: Sequence[int | None]) -> str:
     if any(n is None for n in numbers):
         return "missing"
     if len(numbers) < 2:
@@ -82,7 +82,7 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
             f"mixed sizes: {len(rejected)} slice(s) of {', '.join(sizes)} set aside (series {rows}x{cols})"
         )
 
-    normal: Optional[np.ndarray] = None
+    normal: np.ndarray | None = None
     have_geometry = all(h.position is not None and h.orientation is not None for h in kept)
     if have_geometry:
         orientations = [tuple(round(v, 4) for v in h.orientation) for h in kept]  # type: ignore[union-attr]

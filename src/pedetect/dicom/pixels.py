@@ -13,8 +13,9 @@ mapping; tests hold the two equal.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 MAX_SLICE_PIXELS = 4096 * 4096
 
 
-def as_windows(windows: Optional[Sequence[Sequence[float]]]) -> tuple[tuple[float, float], ...]:
+def as_windows(windows: Sequence[Sequence[float]] | None) -> tuple[tuple[float, float], ...]:
     """Normalise windows to a hashable tuple of ``(level, width)`` floats (default: :data:`DEFAULT_WINDOWS`)."""
     if windows is None:
         return DEFAULT_WINDOWS
@@ -39,7 +40,7 @@ def as_windows(windows: Optional[Sequence[Sequence[float]]]) -> tuple[tuple[floa
     return out
 
 
-def window_hu(hu: np.ndarray, windows: Optional[Sequence[Sequence[float]]] = None) -> np.ndarray:
+def window_hu(hu: np.ndarray, windows: Sequence[Sequence[float]] | None = None) -> np.ndarray:
     """Reference windowing: float HU ``(H, W)`` → uint8 ``(H, W, C)``, one channel per window."""
     hu = np.asarray(hu, dtype=np.float64)
     channels = [
@@ -54,7 +55,7 @@ def _air_values(windows: tuple) -> tuple[int, ...]:
     return tuple(int(v) for v in window_hu(np.array([[AIR_HU]]), windows)[0, 0])
 
 
-def air_values(windows: Optional[Sequence[Sequence[float]]] = None) -> tuple[int, ...]:
+def air_values(windows: Sequence[Sequence[float]] | None = None) -> tuple[int, ...]:
     """The windowed value of air in each channel (the fill of padding added by resizing)."""
     return _air_values(as_windows(windows))
 
@@ -78,7 +79,7 @@ def rescale(ds: Any) -> tuple[float, float]:
     return number("RescaleSlope", 1.0), number("RescaleIntercept", 0.0)
 
 
-def padding_range(ds: Any) -> Optional[tuple[int, int]]:
+def padding_range(ds: Any) -> tuple[int, int] | None:
     """Stored-value range ``(low, high)`` that is padding (PixelPaddingValue … RangeLimit), if any."""
     value = ds.get("PixelPaddingValue")
     if value is None:
@@ -127,7 +128,7 @@ JPEG_SYNTAX_ROOT = "1.2.840.10008.1.2.4."
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, JPEG-LS
 
 
-def codestream_size(frame: bytes, syntax: str = "") -> Optional[tuple[int, int]]:
+def codestream_size(frame: bytes, syntax: str = "") -> tuple[int, int] | None:
     """``(rows, columns)`` a compressed frame declares in its own header (JPEG, JPEG-LS, JPEG 2000),
     or None when it declares none we read (RLE: its decoder allocates from Rows and Columns).
     ``syntax``: the transfer syntax, which says which header to look for; the JPEG 2000 markers can
@@ -230,7 +231,7 @@ def _interpret(patterns: np.ndarray, signed: bool, bits: int) -> np.ndarray:
     return values
 
 
-def _padding_mask(values: np.ndarray, padding: Optional[tuple[int, int]], signed: bool, bits: int) -> np.ndarray:
+def _padding_mask(values: np.ndarray, padding: tuple[int, int] | None, signed: bool, bits: int) -> np.ndarray:
     if padding is None:
         return np.zeros(values.shape, dtype=bool)
     low, high = padding
@@ -246,7 +247,7 @@ def window_table(
     bits: int,
     slope: float,
     intercept: float,
-    padding: Optional[tuple[int, int]],
+    padding: tuple[int, int] | None,
     windows: tuple[tuple[float, float], ...],
     bgr: bool = False,
 ) -> np.ndarray:
@@ -281,8 +282,8 @@ def hu_from_dataset(ds: Any) -> np.ndarray:
 
 def window_dataset(
     ds: Any,
-    windows: Optional[Sequence[Sequence[float]]] = None,
-    image_size: Optional[int] = None,
+    windows: Sequence[Sequence[float]] | None = None,
+    image_size: int | None = None,
     *,
     bgr: bool = False,
 ) -> np.ndarray:
@@ -308,9 +309,9 @@ def window_stored(
     bits: int,
     slope: float,
     intercept: float,
-    padding: Optional[tuple[int, int]],
+    padding: tuple[int, int] | None,
     windows: tuple[tuple[float, float], ...],
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     *,
     bgr: bool = False,
 ) -> np.ndarray:
@@ -323,7 +324,7 @@ def window_stored(
     return _fit(image, windows, image_size, bgr)
 
 
-def _fit(image: np.ndarray, windows: tuple, image_size: Optional[int], bgr: bool) -> np.ndarray:
+def _fit(image: np.ndarray, windows: tuple, image_size: int | None, bgr: bool) -> np.ndarray:
     if image_size is None:
         return image
     fill = air_values(windows)

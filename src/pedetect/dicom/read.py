@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from pedetect.dicom.source import Source, SourceError, read_bytes, source_label
 # Files whose headers one task scans: enough to amortise a task, few enough to report progress often.
 SCAN_CHUNK = 256
 
-Windows = Optional[Sequence[Sequence[float]]]
+Windows = Sequence[Sequence[float]] | None
 
 
 def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failure]]:
@@ -59,7 +59,7 @@ def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failu
 
 
 def read_slice(
-    header: SliceHeader, windows: Windows = None, image_size: Optional[int] = None, *, bgr: bool = False
+    header: SliceHeader, windows: Windows = None, image_size: int | None = None, *, bgr: bool = False
 ) -> np.ndarray:
     """One slice as windowed uint8 ``(H, W, 3)``: channels in window order (R, G, B), reversed when
     ``bgr`` (for the JPEG encoder); resized with aspect kept to ``image_size`` when given.
@@ -111,7 +111,7 @@ def slice_failure(header: SliceHeader, error: BaseException) -> Failure:
     return Failure.of(header, reason)
 
 
-def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
+def series_size(plan: SeriesPlan, image_size: int | None) -> tuple[int, int]:
     """``(height, width)`` of the series' windowed slices."""
     return (image_size, image_size) if image_size else (plan.rows, plan.cols)
 
@@ -119,11 +119,11 @@ def series_size(plan: SeriesPlan, image_size: Optional[int]) -> tuple[int, int]:
 def decode_series(
     plan: SeriesPlan,
     windows: Windows = None,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     *,
     bgr: bool = False,
-    reader: Optional[Callable[..., np.ndarray]] = None,
-) -> Iterator[tuple[int, Optional[np.ndarray], Optional[Failure]]]:
+    reader: Callable[..., np.ndarray] | None = None,
+) -> Iterator[tuple[int, np.ndarray | None, Failure | None]]:
     """Each slice of a planned series in position order: ``(i, image, None)`` for ``plan.slices[i]``
     decoded and windowed (see :func:`read_slice`), or ``(i, None, failure)``. A slice that cannot be
     decoded, or decodes to another size than the series', fails alone. ``reader``: what decodes a
@@ -170,7 +170,7 @@ class SeriesRead:
         return [h.sop for h in self.slices]
 
     @property
-    def instance_numbers(self) -> list[Optional[int]]:
+    def instance_numbers(self) -> list[int | None]:
         return [h.instance_number for h in self.slices]
 
     @property
@@ -193,10 +193,10 @@ class SeriesRead:
 def read_series(
     headers: Sequence[SliceHeader],
     windows: Windows = None,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     *,
     bgr: bool = False,
-    reader: Optional[Callable[..., np.ndarray]] = None,
+    reader: Callable[..., np.ndarray] | None = None,
 ) -> SeriesRead:
     """Order, decode and window the slices of one series (headers from :func:`scan_files`) into one
     preallocated array; slices that cannot be used are in ``lost``. ``reader``: as :func:`decode_series`."""
@@ -223,7 +223,7 @@ def read_series(
 
 
 def read_files(
-    sources: Iterable[Source], *, windows: Windows = None, image_size: Optional[int] = None, bgr: bool = False
+    sources: Iterable[Source], *, windows: Windows = None, image_size: int | None = None, bgr: bool = False
 ) -> tuple[list[SeriesRead], list[Failure]]:
     """Every series of some files, each read by :func:`read_series` (first-seen order), and the failures
     of files that belong to no series (unreadable files, duplicates); each series carries its own."""

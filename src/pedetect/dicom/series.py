@@ -6,8 +6,8 @@ prepare stores and :class:`~pedetect.dicom.read.SeriesRead` reports. Reading its
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 from pedetect.dicom.header import SliceHeader
 from pedetect.dicom.order import SeriesPlan, spacing_stats
@@ -22,15 +22,15 @@ class Failure:
 
     path: str
     reason: str
-    study: Optional[str] = None
-    series: Optional[str] = None
-    sop: Optional[str] = None
+    study: str | None = None
+    series: str | None = None
+    sop: str | None = None
 
     def as_record(self) -> dict:
         return {"path": self.path, "reason": self.reason, STUDY: self.study, SERIES: self.series, SOP: self.sop}
 
     @classmethod
-    def of(cls, header: SliceHeader, reason: str) -> "Failure":
+    def of(cls, header: SliceHeader, reason: str) -> Failure:
         return cls(header.label, reason, header.study or None, header.series, header.sop)
 
 

@@ -26,9 +26,10 @@ import os
 import stat
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Union
 
 DICM_OFFSET = 128
 HEAD_BYTES = 132
@@ -158,14 +159,14 @@ class BoundedFile:
     def __getattr__(self, name: str):
         return getattr(self.file, name)
 
-    def __enter__(self) -> "BoundedFile":
+    def __enter__(self) -> BoundedFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
 
 
-def open_path(path: "str | os.PathLike[str]") -> BoundedFile:
+def open_path(path: str | os.PathLike[str]) -> BoundedFile:
     """A regular file opened for reading; anything else raises :class:`SourceError` without being
     opened for real (the descriptor is non-blocking, and checked again before it is used)."""
     path = os.fspath(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,13 +17,13 @@ def export_command(
         help="A slice store (pedetect prepare): the real slices every exported model is checked on, and the int8 CNN calibrated on. "
         "The bundle's own training store, with --labels, also measures the score.",
     ),
-    labels: Optional[Path] = typer.Option(
+    labels: Path | None = typer.Option(
         None,
         "--labels",
         help="Labels of the store's studies (train.csv columns): measure each runtime's score and slice AUC on each fold's "
         "validation studies. Without them int8 is exported but never the default.",
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Export into a copy of the bundle here (what predict needs; no checkpoints or embeddings)."
     ),
     int8: bool = typer.Option(
@@ -34,7 +33,7 @@ def export_command(
         512, "--calibration-slices", min=1, help="Slices per fold that calibrate the int8 ranges."
     ),
     check_series: int = typer.Option(40, "--check-series", min=1, help="Series per fold the runtimes are compared on."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: every core)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: every core)."),
 ) -> None:
     """Export a bundle's models for ONNX Runtime: each fold's CNN and sequence head (and, with --int8,
     an int8 CNN), checked against PyTorch on real slices.
@@ -48,10 +47,9 @@ def export_command(
     from pedetect.data.dataset import StoreError
     from pedetect.data.folds import FoldsError
     from pedetect.export.job import ExportError, export_bundle
+    from pedetect.io import FolderLocked, folder_lock, output_lock
     from pedetect.metric.submission import InputError
     from pedetect.models.bundle import BundleError
-
-    from pedetect.io import FolderLocked, folder_lock, output_lock
 
     try:
         # One writer per output: MODEL_DIR (its onnx/ is replaced; train holds the same lock), or the --out copy.

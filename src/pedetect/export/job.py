@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -324,8 +325,8 @@ def _check_fold(source, check: list[str], cnn, head, folder: Path, config, *, in
         reference.add(torch_run)
         for name, (runtime_cnn, runtime_head) in runtimes.items():
             started = time.perf_counter()
-            e, l = embed_volume(runtime_cnn, volume, config.cnn.input, batch_size=batch_size)
-            run = (e, l, *runtime_head.predict_series(e, l))
+            embeddings, logits = embed_volume(runtime_cnn, volume, config.cnn.input, batch_size=batch_size)
+            run = (embeddings, logits, *runtime_head.predict_series(embeddings, logits))
             results[name].timed(time.perf_counter() - started, len(volume))
             results[name].add(run, torch_run)
     return reference, results

@@ -13,8 +13,9 @@ Nothing is copied, linked or read back from a report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pedetect.console import echo as console_echo
 from pedetect.hospital.selection import MIN_SLICES, Selection, select_headers
@@ -29,7 +30,7 @@ class SeriesChoice:
         self.notes: dict[str, list[str]] = {}
         self.selections: dict[str, Selection] = {}
 
-    def __call__(self, plan) -> tuple[Optional[Any], list[str]]:
+    def __call__(self, plan) -> tuple[Any | None, list[str]]:
         from pedetect.infer.reader import StudyPlan
 
         headers = [header for series in plan.series.values() for header in series]
@@ -54,8 +55,8 @@ class DicomAnswer:
         self,
         out_dir: str | Path,
         *,
-        notes: Optional[dict[str, list[str]]] = None,
-        send: Optional[Callable[[list[Path]], None]] = None,
+        notes: dict[str, list[str]] | None = None,
+        send: Callable[[list[Path]], None] | None = None,
         sent_to: str = "",
         echo: Callable[[str], None] = console_echo,
     ):
@@ -81,7 +82,7 @@ class DicomAnswer:
             notes=self.notes.get(plan.study, []),
         )
 
-    def __call__(self, predictor, prediction, plan) -> Optional[str]:
+    def __call__(self, predictor, prediction, plan) -> str | None:
         from pedetect.hospital.results import describe
 
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,51 +16,51 @@ from pedetect.console import fail
 
 
 def serve_command(
-    model: Optional[list[Path]] = typer.Option(
+    model: list[Path] | None = typer.Option(
         None,
         "--model",
         help="Model bundle made by pedetect train; repeat to ensemble several (or models: in --config).",
     ),
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None,
         "--config",
         help="YAML with any of the settings below (models, spool, ae_title, host, port, settle, destination, device, "
         "min_slices, decode_timeout, retry_max, alerts, workers, http_host, http_port); flags given here override it.",
     ),
-    ae_title: Optional[str] = typer.Option(None, "--ae-title", help="This node's AE title. [default: PEDETECT]"),
-    port: Optional[int] = typer.Option(
+    ae_title: str | None = typer.Option(None, "--ae-title", help="This node's AE title. [default: PEDETECT]"),
+    port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="TCP port of the DICOM node. [default: 11112]"
     ),
-    host: Optional[str] = typer.Option(
+    host: str | None = typer.Option(
         None, "--host", help="Address to listen on (127.0.0.1: this machine only). [default: 0.0.0.0]"
     ),
-    spool: Optional[Path] = typer.Option(
+    spool: Path | None = typer.Option(
         None,
         "--spool",
         help="Folder for received instances (incoming/), results not yet delivered (outbox/) and answered studies "
         "(done/). [default: pedetect-spool]",
     ),
-    settle: Optional[float] = typer.Option(
+    settle: float | None = typer.Option(
         None,
         "--settle",
         min=0.0,
         help="A study is complete when no instance of it came for this many seconds. [default: 10]",
     ),
-    destination: Optional[str] = typer.Option(
+    destination: str | None = typer.Option(
         None,
         "--destination",
         help="Where results go: dimse:AE@host:port (C-STORE) or dicomweb:URL (STOW-RS). Without it results stay in SPOOL/outbox/.",
     ),
-    min_slices: Optional[int] = typer.Option(
+    min_slices: int | None = typer.Option(
         None,
         "--min-slices",
         min=1,
         help="A usable series has at least this many slices (series selection: docs/dicom_results.md). [default: 20]",
     ),
-    device: Optional[str] = typer.Option(
+    device: str | None = typer.Option(
         None, "--device", help="auto (CUDA when available), cpu or cuda. [default: auto]"
     ),
-    decode_timeout: Optional[float] = typer.Option(
+    decode_timeout: float | None = typer.Option(
         None,
         "--decode-timeout",
         min=0.0,
@@ -69,19 +68,19 @@ def serve_command(
         help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
         "(logged, the study still answered). 0: no limit. [default: 60]",
     ),
-    retry_max: Optional[float] = typer.Option(
+    retry_max: float | None = typer.Option(
         None,
         "--retry-max",
         min=0.1,
         help="Longest wait between delivery retries, seconds (back-off doubles from 1 s). [default: 60]",
     ),
-    alerts: Optional[Path] = typer.Option(
+    alerts: Path | None = typer.Option(
         None,
         "--alerts",
         help="YAML of alert receivers (HL7 v2 ORU^R01 over MLLP, FHIR R4, JSON webhook) told of each answered study, "
         "queued on disk and retried (docs/alerts.md).",
     ),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None,
         "--workers",
         min=1,
@@ -89,10 +88,10 @@ def serve_command(
         help="Prediction worker processes, each with the models loaded once, sharing only the spool (each takes its "
         "own memory: docs/serve.md). [default: 1]",
     ),
-    http_host: Optional[str] = typer.Option(
+    http_host: str | None = typer.Option(
         None, "--http-host", help="Address of /healthz and /metrics. [default: 127.0.0.1]"
     ),
-    http_port: Optional[int] = typer.Option(
+    http_port: int | None = typer.Option(
         None, "--http-port", min=0, max=65535, help="Port of /healthz and /metrics; 0: none. [default: 9110]"
     ),
 ) -> None:
@@ -180,7 +179,7 @@ def serve_command(
 
 
 def predict_command(
-    input_path: Optional[Path] = typer.Argument(
+    input_path: Path | None = typer.Argument(
         None,
         help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb).",
     ),
@@ -190,7 +189,7 @@ def predict_command(
     out: Path = typer.Option(
         ..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."
     ),
-    report: Optional[Path] = typer.Option(
+    report: Path | None = typer.Option(
         None,
         "--report",
         help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG.",
@@ -201,7 +200,7 @@ def predict_command(
         "--tta",
         help="Also predict each series flipped left-right and average (the flipped view's left and right exchanged back).",
     ),
-    sample: Optional[Path] = typer.Option(
+    sample: Path | None = typer.Option(
         None,
         "--sample",
         help="Sample submission: write its ids in its order (ids the input lacks get the training prior).",
@@ -213,17 +212,17 @@ def predict_command(
         help="auto, torch, onnx or onnx-int8. auto: PyTorch on a GPU; on a CPU the fastest runtime that pedetect export "
         "made and found exact enough (int8, then ONNX fp32), else PyTorch.",
     ),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", min=1, help="CPU threads for the models (default: every core)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-    dicom_out: Optional[Path] = typer.Option(
+    dicom_out: Path | None = typer.Option(
         None,
         "--dicom-out",
         help="Folder for DICOM results: per study DIR/<StudyInstanceUID>/sr.dcm (Comprehensive SR, TID 1500), sc.dcm "
         "(the report picture) and ko.dcm (key slices); docs/dicom_results.md.",
     ),
-    clots: Optional[Path] = typer.Option(
+    clots: Path | None = typer.Option(
         None,
         "--clots",
         help="CSV of clot candidates: one row per candidate (StudyInstanceUID, candidate, score, side, key slice "
@@ -231,7 +230,7 @@ def predict_command(
         "outline); found where the slice CNN's activation maps peak (docs/localisation.md). Score it with "
         "pedetect evaluate --clots TRUTH --candidates FILE.",
     ),
-    dicomweb: Optional[str] = typer.Option(
+    dicomweb: str | None = typer.Option(
         None,
         "--dicomweb",
         help="Instead of INPUT: a DICOMweb server (e.g. http://pacs:8042/dicom-web); studies from --study "
@@ -256,7 +255,7 @@ def predict_command(
         help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
         "(its row interpolated, as for any slice that cannot be read). 0: no limit (decode in this process).",
     ),
-    destination: Optional[str] = typer.Option(
+    destination: str | None = typer.Option(
         None,
         "--destination",
         help="With --dicomweb: store each study's DICOM results at dicomweb:URL (STOW-RS) or dimse:AE@host:port (C-STORE).",

@@ -13,8 +13,8 @@ written to ``--dicom-out`` (a temporary folder when not given) and stored with `
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from pedetect.console import echo as console_echo
 from pedetect.hospital.selection import MIN_SLICES
@@ -22,7 +22,7 @@ from pedetect.hospital.selection import MIN_SLICES
 STUDY_UID_TAG, SERIES_UID_TAG, MODALITY_TAG = "0020000D", "0020000E", "00080060"
 
 
-def _value(item: dict, tag: str) -> Optional[str]:
+def _value(item: dict, tag: str) -> str | None:
     values = (item.get(tag) or {}).get("Value") or []
     return str(values[0]) if values else None
 
@@ -73,8 +73,8 @@ def predict_dicomweb(
     model_dirs: list,
     out: Path,
     *,
-    dicom_out: Optional[Path] = None,
-    destination: Optional[str] = None,
+    dicom_out: Path | None = None,
+    destination: str | None = None,
     min_slices: int = MIN_SLICES,
     echo: Callable[[str], None] = console_echo,
     **options,

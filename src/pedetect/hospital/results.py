@@ -29,9 +29,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -166,7 +167,7 @@ class KeyRef:
     instance, the frame number (from 1; None for a single-frame instance)."""
 
     dataset: Any  # the instance's header (pydicom Dataset): SOPClassUID, SOPInstanceUID, …
-    frame: Optional[int] = None
+    frame: int | None = None
 
     @property
     def name(self) -> str:
@@ -183,7 +184,7 @@ class CandidateRef:
     record: dict
     ref: KeyRef
     tracking_uid: str
-    pixel_spacing: Optional[tuple[float, float]] = None  # the key slice's (between rows, between columns), mm
+    pixel_spacing: tuple[float, float] | None = None  # the key slice's (between rows, between columns), mm
 
     @property
     def number(self) -> int:
@@ -203,10 +204,10 @@ class StudyDicom:
     """The files written for one study (None: not made, with the reason in ``notes``)."""
 
     study_uid: str
-    sr: Optional[Path] = None
-    sc: Optional[Path] = None
-    ko: Optional[Path] = None
-    seg: Optional[Path] = None
+    sr: Path | None = None
+    sc: Path | None = None
+    ko: Path | None = None
+    seg: Path | None = None
     key_sops: list[str] = field(default_factory=list)
     candidates: int = 0  # the candidates in the SR (and the SEG)
     notes: list[str] = field(default_factory=list)
@@ -222,7 +223,7 @@ def key_slices(result: StudyResult) -> list[int]:
     value is above the threshold."""
     model = np.asarray(result.model_slice_probabilities, dtype=float)
     top = list(np.argsort(-model, kind="stable")[:N_KEY_TOP]) if len(model) else []
-    chosen = set(int(i) for i in top) | set(suspicious_slices(model, THRESHOLD))
+    chosen = {int(i) for i in top} | set(suspicious_slices(model, THRESHOLD))
     chosen |= {i for i, p in enumerate(result.slice_probabilities) if p > THRESHOLD}
     return sorted(chosen)
 
@@ -379,7 +380,7 @@ def candidate_scoord(record: dict, rows: int, columns: int) -> tuple[str, np.nda
     return graphic_type, data
 
 
-def outline_area(record: dict, pixel_spacing: Optional[tuple[float, float]]) -> Optional[float]:
+def outline_area(record: dict, pixel_spacing: tuple[float, float] | None) -> float | None:
     """The area (mm²) inside the candidate's outline (the polygon through its vertices), or None without
     an outline or a pixel spacing."""
     outline = np.asarray(record.get("outline") or [], dtype=float)
@@ -390,7 +391,7 @@ def outline_area(record: dict, pixel_spacing: Optional[tuple[float, float]]) -> 
     return pixels * float(pixel_spacing[0]) * float(pixel_spacing[1])
 
 
-def pixel_spacing_of(header, frame: Optional[int]) -> Optional[tuple[float, float]]:
+def pixel_spacing_of(header, frame: int | None) -> tuple[float, float] | None:
     """PixelSpacing of a slice: the instance's, or for a frame its functional groups'."""
     from pedetect.dicom.frames import frame_geometry
 
@@ -790,7 +791,7 @@ def read_picture(path: Path) -> np.ndarray:
 def write_study_results(
     result: StudyResult,
     sources: dict[str, Source],
-    picture: Optional[np.ndarray | Path],
+    picture: np.ndarray | Path | None,
     algorithm: Algorithm,
     out_dir: Path,
     notes: Sequence[str] = (),
@@ -903,7 +904,7 @@ def _refs(names: Sequence[str], sources: dict[str, Source], headers: dict[str, A
     """Each slice name (``sop`` or ``sop#frame``) as a :class:`KeyRef` to its full header, or None when
     its source is unknown or unreadable or its frame number is not in the file (the file changed since
     the prediction: a note). ``headers`` caches each instance's header (None: unreadable)."""
-    refs: list[Optional[KeyRef]] = []
+    refs: list[KeyRef | None] = []
     for name in names:
         sop, frame = split_frame_key(name)
         source = sources.get(name, sources.get(sop))
@@ -1110,11 +1111,11 @@ def write_results(
     report_dir: Path,
     bundles: Sequence[Any],
     out_dir: Path,
-) -> list[tuple[str, Optional[StudyDicom], Optional[str]]]:
+) -> list[tuple[str, StudyDicom | None, str | None]]:
     """``pedetect predict --dicom-out``: the DICOM results of every predicted study, from the report's
     pictures (``report_dir/<study>.png``). Returns per study (UID, what was written, the error)."""
     algorithm = algorithm_of(bundles)
-    done: list[tuple[str, Optional[StudyDicom], Optional[str]]] = []
+    done: list[tuple[str, StudyDicom | None, str | None]] = []
     for result in results:
         picture = Path(report_dir) / f"{safe_name(result.study_uid)}.png"
         try:

@@ -9,7 +9,8 @@ spacing and matrix), nothing of the source's equipment or acquisition.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -22,7 +22,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 MIN_SLICES = 20
 AXIAL_COS = math.cos(math.radians(30))
@@ -38,11 +37,11 @@ class SeriesInfo:
     slices: int = 0  # the files' frames (one per single-frame file)
     description: str = ""
     image_type: tuple[str, ...] = ()
-    normal_z: Optional[float] = None  # |z component| of the slice normal (1: axial)
-    thickness: Optional[float] = None
+    normal_z: float | None = None  # |z component| of the slice normal (1: axial)
+    thickness: float | None = None
     kernel: str = ""
     contrast: bool = False
-    reason: Optional[str] = None  # why not usable
+    reason: str | None = None  # why not usable
 
     def summary(self) -> str:
         parts = [f"{self.slices} slices"]
@@ -54,7 +53,7 @@ class SeriesInfo:
 
 @dataclass
 class Selection:
-    chosen: Optional[SeriesInfo]
+    chosen: SeriesInfo | None
     rejected: list[SeriesInfo]  # each with its reason
     unreadable: list[Path]  # files whose header could not be read (passed on with the chosen series)
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pedetect.infer.localise import ActivationMaps
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SIDE_LABELS
 from pedetect.metric.loss import sigmoid
-
 
 # EXAM_LABELS order with leftsided_pe and rightsided_pe exchanged: a flipped view's exam outputs back in place.
 SIDE_SWAP = np.array(
@@ -74,8 +73,8 @@ class SeriesPrediction(NamedTuple):
 
     slices: np.ndarray  # (N,) slice PE probabilities
     exams: np.ndarray  # (9,) exam probabilities, EXAM_LABELS order
-    location: Optional[np.ndarray]  # (N, G, G) probability of each grid cell, None without a grid (see LocationView)
-    maps: Optional[ActivationMaps] = None  # where the CNNs find embolus, over the slices read with reads[0]
+    location: np.ndarray | None  # (N, G, G) probability of each grid cell, None without a grid (see LocationView)
+    maps: ActivationMaps | None = None  # where the CNNs find embolus, over the slices read with reads[0]
 
 
 class Ensemble:
@@ -239,7 +238,7 @@ class Ensemble:
         return float(model.predict(crops[key][None], device=self.device)[0])
 
 
-def _average_maps(maps: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> Optional[ActivationMaps]:
+def _average_maps(maps: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> ActivationMaps | None:
     """The mean of the members' maps that lie over the first one's region (within a pixel: a flipped
     view's centre crop can sit one pixel over) with its shape; other maps are left out."""
     if not maps:

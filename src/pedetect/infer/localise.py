@@ -31,8 +31,9 @@ Exam outputs and slice probabilities do not depend on any of this.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -97,15 +98,15 @@ class SliceGeometry:
 
     rows: int
     cols: int
-    position: Optional[tuple[float, float, float]]  # ImagePositionPatient
-    orientation: Optional[tuple[float, ...]]  # ImageOrientationPatient (row direction, column direction)
-    pixel_spacing: Optional[tuple[float, float]]  # (between rows, between columns), mm
+    position: tuple[float, float, float] | None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (row direction, column direction)
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns), mm
 
     @classmethod
     def of(cls, header: Any) -> SliceGeometry:
         return cls(int(header.rows), int(header.cols), header.position, header.orientation, header.pixel_spacing)
 
-    def patient(self, row: float, col: float) -> Optional[np.ndarray]:
+    def patient(self, row: float, col: float) -> np.ndarray | None:
         """The patient coordinates (mm, LPS) of pixel (row, col), or None without the geometry."""
         if self.position is None or self.orientation is None or len(self.orientation) != 6:
             return None
@@ -139,7 +140,7 @@ class Candidate:
     col: float
     slice_first: int
     slice_last: int
-    patient_mm: Optional[tuple[float, float, float]]
+    patient_mm: tuple[float, float, float] | None
     outline: list[tuple[float, float]]
     picture_index: int  # the key slice among the decoded slices of the study's report
     picture_point: tuple[float, float]  # (row, col) fractions of the decoded slice

@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,7 @@ from pedetect.labels import EXAM_LABELS, split_exam_id
 @dataclass
 class PredictSummary:
     out: Path
-    report: Optional[Path] = None
+    report: Path | None = None
     models: str = ""
     n_files: int = 0
     n_studies: int = 0
@@ -55,7 +55,7 @@ class PredictSummary:
     not_in_sample: int = 0  # ids the input gave that --sample lacks (appended at the end)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-    clots: Optional[Path] = None  # the clot candidates' CSV, when asked for
+    clots: Path | None = None  # the clot candidates' CSV, when asked for
     n_candidates: int = 0
 
     def add(self, outcome) -> None:
@@ -123,8 +123,8 @@ def predict(
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
     clots: str | Path | None = None,
     localise: bool = True,
-    choose_series: Optional[Callable[[StudyPlan], tuple[Optional[StudyPlan], list[str]]]] = None,
-    on_prediction: Optional[Callable[[Predictor, StudyPrediction, StudyPlan], Optional[str]]] = None,
+    choose_series: Callable[[StudyPlan], tuple[StudyPlan | None, list[str]]] | None = None,
+    on_prediction: Callable[[Predictor, StudyPrediction, StudyPlan], str | None] | None = None,
 ) -> PredictSummary:
     """Predict every study of ``input_path``; write ``out`` (and the report). Raises
     :class:`~pedetect.models.bundle.BundleError`, :class:`~pedetect.metric.submission.InputError`,
@@ -236,7 +236,7 @@ def _predict_studies(
     studies: list,
     *,
     progress: bool,
-    on_read: Optional[Callable[[StudyRead], None]] = None,
+    on_read: Callable[[StudyRead], None] | None = None,
     decode=None,
 ):
     """Each study's plan and :class:`~pedetect.infer.predictor.StudyPrediction`, in order, the next study read in

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -103,12 +104,12 @@ class StudyPrediction:
     result: StudyResult
     rows: list[tuple[str, str]]  # (id, text), nine exam rows then the slices
     changed: bool  # the consistency fix changed the rows
-    pictures: Optional[np.ndarray]  # the decoded slices (N, H, W, 3), for the report
-    location: Optional[np.ndarray]  # (N, G, G): where on each decoded slice the CNNs see PE (Ensemble.location_view)
+    pictures: np.ndarray | None  # the decoded slices (N, H, W, 3), for the report
+    location: np.ndarray | None  # (N, G, G): where on each decoded slice the CNNs see PE (Ensemble.location_view)
     n_slices_read: int
     lost: list[Failure]  # files or slices with a row but no pixels
     unplaced: list[Failure]  # lost files whose SOPInstanceUID is unknown (no row)
-    error: Optional[str]  # the study had no readable slice
+    error: str | None  # the study had no readable slice
     seconds: dict[str, float]  # read, model, localise, fix
 
 
@@ -121,7 +122,7 @@ class _SeriesOutputs:
     unplaced: list[tuple[str, Failure]]  # lost slices whose place is unknown: (series, failure)
     exams: list[np.ndarray]  # each series' exam probabilities
     weights: list[int]  # each series' decoded slices
-    locations: list[Optional[np.ndarray]]  # each series' location grid per slice (None: no grid)
+    locations: list[np.ndarray | None]  # each series' location grid per slice (None: no grid)
     candidates: list = field(default_factory=list)  # localise.Candidate of every series
     localise_seconds: float = 0.0
 
@@ -258,12 +259,12 @@ def predict_read(ensemble, read: StudyRead, prior_slice: float, prior_exam: np.n
     return StudyPrediction(result, study_rows, changed, pictures, location, len(decoded), lost, no_row, error, seconds)
 
 
-def study_pictures(read: StudyRead, key: tuple) -> Optional[np.ndarray]:
+def study_pictures(read: StudyRead, key: tuple) -> np.ndarray | None:
     """The study's decoded slices read with ``key``, (N, H, W, 3): its rows' order (series after series)."""
     return _concatenate([series[key].images for series in read.series if len(series[key])])
 
 
-def _concatenate(per_series: list[np.ndarray]) -> Optional[np.ndarray]:
+def _concatenate(per_series: list[np.ndarray]) -> np.ndarray | None:
     """The study's series one after the other (the order of its rows), without a copy for one series."""
     return per_series[0] if len(per_series) == 1 else (np.concatenate(per_series) if per_series else None)
 
@@ -326,7 +327,7 @@ class Predictor:
 
         return list(self.ensemble.preprocessing[0].get("window_names") or WINDOW_NAMES)
 
-    def picture(self, prediction: StudyPrediction) -> Optional[np.ndarray]:
+    def picture(self, prediction: StudyPrediction) -> np.ndarray | None:
         """The study's report picture as an RGB array (the slice curve, the most suspicious slices, the
         clot candidates marked): what the report PNG shows and the DICOM secondary capture holds."""
         from pedetect.infer.report import study_picture

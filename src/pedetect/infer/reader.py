@@ -16,10 +16,10 @@ so it still gets a row (:func:`guess_uids`). Files that are not DICOM and do not
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-def guess_uids(label: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+def guess_uids(label: str) -> tuple[str | None, str | None, str | None]:
     """(study, series, sop) from an RSNA-layout path ``…/<study>/<series>/<sop>.dcm``; None where a
     part is not a UID."""
     path = PurePath(label.split("::", 1)[-1])
@@ -110,8 +110,8 @@ def scan_input(input_path, *, progress: Callable[[int], None] = lambda n: None) 
 def read_series_planned(
     headers: Sequence[SliceHeader],
     windows,
-    image_size: Optional[int],
-    decode: Optional[Callable[..., np.ndarray]] = None,
+    image_size: int | None,
+    decode: Callable[..., np.ndarray] | None = None,
 ) -> SeriesRead:
     """Order, decode and window one series (prepare's read path) into a preallocated array, R,G,B;
     ``decode``: what decodes a slice (:func:`slice_decoder`'s), None: in this process."""
@@ -119,7 +119,7 @@ def read_series_planned(
 
 
 @contextmanager
-def slice_decoder(limit_s: float = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Optional[Callable[..., np.ndarray]]]:
+def slice_decoder(limit_s: float = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Callable[..., np.ndarray] | None]:
     """What decodes predict's slices: a :class:`~pedetect.dicom.guard.DecodeGuard`'s ``read`` with a
     limit of ``limit_s`` seconds per slice (its decoding process ended on exit), or None (decode in
     this process, no limit) when ``limit_s`` is 0. A slice past the limit fails with the guard's

@@ -21,10 +21,10 @@ import json
 import re
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -121,7 +121,7 @@ class StudyResult:
 class StudyFiles:
     json: Path
     page: Path
-    png: Optional[Path]
+    png: Path | None
     viewer_bytes: int  # the viewer's slice JPEGs
 
 
@@ -208,7 +208,7 @@ def study_figure(result: StudyResult, pe_window_slices: np.ndarray):
     curve.scatter(top, probabilities[top], color="tab:red", zorder=3)
     curve.set_xlim(0, max(len(probabilities) - 1, 1))
     curve.set_ylim(0, 1)
-    curve.set_xlabel("slice (position order, z from %.0f to %.0f mm)" % (result.z[0], result.z[-1]))
+    curve.set_xlabel(f"slice (position order, z from {result.z[0]:.0f} to {result.z[-1]:.0f} mm)")
     curve.set_ylabel("probability")
     positives = [label for label in EXAM_LABELS if result.exam_probabilities.get(label, 0) > THRESHOLD]
     decision = "positive" if result.pe_positive else "negative"
@@ -238,7 +238,7 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
 
 def study_picture(
     result: StudyResult, pictures: np.ndarray, window_names: Sequence[str] = WINDOW_NAMES
-) -> Optional[np.ndarray]:
+) -> np.ndarray | None:
     """The report picture as an ``(H, W, 3)`` uint8 RGB array (what the PNG shows; the DICOM
     results' secondary capture), or None without slices. ``pictures``: the decoded slices
     ``(N, H, W, 3)`` with channels = the windows ``window_names``."""

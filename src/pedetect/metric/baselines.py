@@ -28,7 +28,7 @@ def prior_submission(prior: dict[str, float], studies: pd.DataFrame) -> pd.DataF
 
 def positive_exam_prior(labels: pd.DataFrame) -> dict[str, float]:
     """Frequency of each exam label among PE-positive training exams (some slice positive)."""
-    exams = labels.groupby(STUDY, sort=False).agg({IMAGE_LABEL: "max", **{label: "first" for label in EXAM_LABELS}})
+    exams = labels.groupby(STUDY, sort=False).agg({IMAGE_LABEL: "max", **dict.fromkeys(EXAM_LABELS, "first")})
     positive = exams[exams[IMAGE_LABEL].astype(float) > 0]
     if positive.empty:
         return dict.fromkeys(EXAM_LABELS, 0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,41 +10,41 @@ from pedetect.console import fail
 
 
 def evaluate_command(
-    labels: Optional[Path] = typer.Option(
+    labels: Path | None = typer.Option(
         None,
         "--labels",
         help="Ground truth in the RSNA train.csv columns (one row per slice); with --clots, its studies are the scans.",
     ),
-    submission: Optional[Path] = typer.Option(
+    submission: Path | None = typer.Option(
         None, "--submission", help="Submission CSV: id,label; one row per slice and nine per study."
     ),
-    clots: Optional[Path] = typer.Option(
+    clots: Path | None = typer.Option(
         None,
         "--clots",
         help="Emboli truth (pedetect synth's clots.csv): one row per embolus and slice. Needs --candidates.",
     ),
-    candidates: Optional[Path] = typer.Option(
+    candidates: Path | None = typer.Option(
         None, "--candidates", help="Candidates (pedetect predict --clots): one row per candidate. Needs --clots."
     ),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the FROC figure here (PNG). Needs --clots."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the FROC figure here (PNG). Needs --clots."),
     as_json: bool = typer.Option(
         False,
         "--json",
         help="Print one JSON object (key 'score' is the metric, key 'froc' the FROC) instead of tables.",
     ),
-    report_dir: Optional[Path] = typer.Option(
+    report_dir: Path | None = typer.Option(
         None,
         "--report",
         help="Write a validation report into this folder: report.json, index.html and PNG figures "
         "(AUROC with bootstrap 95% CIs, operating points, calibration; docs/evaluation.md). Needs --labels and --submission.",
     ),
-    dicom: Optional[Path] = typer.Option(
+    dicom: Path | None = typer.Option(
         None,
         "--dicom",
         help="The studies' DICOM (a folder in any layout, or a zip): subgroups by manufacturer, model, slice "
         "thickness, kernel, contrast timing and slice count in the report. Needs --report.",
     ),
-    operating_points: Optional[Path] = typer.Option(
+    operating_points: Path | None = typer.Option(
         None,
         "--operating-points",
         help="Operating points from pedetect calibrate (a model folder or its operating_points.json): the "
@@ -145,9 +144,7 @@ def evaluate_command(
     typer.echo("\n\n".join(parts))
 
 
-def _validation(
-    labels: Path, submission: Path, dicom: Optional[Path], points: Optional[Path], resamples: int, seed: int
-):
+def _validation(labels: Path, submission: Path, dicom: Path | None, points: Path | None, resamples: int, seed: int):
     """The validation report's numbers (:func:`pedetect.metric.validation.validation_report`) for the
     evaluate command; input problems raise :class:`~pedetect.metric.submission.InputError`."""
     from pedetect.labels import SERIES, STUDY
@@ -199,13 +196,13 @@ def calibrate_command(
     submission: Path = typer.Option(
         ..., "--submission", help="The model's predictions for those studies (e.g. MODEL_DIR/seq/oof_predictions.csv)."
     ),
-    model: Optional[Path] = typer.Option(
+    model: Path | None = typer.Option(
         None, "--model", help="The model folder: the points are recorded as MODEL_DIR/operating_points.json."
     ),
     target_sensitivity: float = typer.Option(
         0.95, "--target-sensitivity", min=0.0, max=1.0, help="The sensitivity the first point must reach."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the points here instead of into --model."),
+    out: Path | None = typer.Option(None, "--out", help="Write the points here instead of into --model."),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON instead of a table."),
 ) -> None:
     """Choose thresholds for the exam-level PE decision (an exam is positive when its highest slice
@@ -219,8 +216,12 @@ def calibrate_command(
     """
     import json
 
-    from pedetect.metric.calibrate import calibrate_files, format_operating_points, operating_points_file
-    from pedetect.metric.calibrate import write_operating_points
+    from pedetect.metric.calibrate import (
+        calibrate_files,
+        format_operating_points,
+        operating_points_file,
+        write_operating_points,
+    )
     from pedetect.metric.submission import InputError
 
     if model is None and out is None:
@@ -243,7 +244,7 @@ def check_command(
     studies: Path = typer.Option(
         ..., "--studies", help="Any CSV with the three UID columns (e.g. test.csv) listing every slice."
     ),
-    fix: Optional[Path] = typer.Option(
+    fix: Path | None = typer.Option(
         None, "--fix", help="Write a consistent copy here, repairing each broken exam by its cheapest edit."
     ),
 ) -> None:

@@ -205,7 +205,7 @@ def study_attributes(
         record = found.get(uid)
         if record is None:
             missing += 1
-            values = {name: NO_DICOM for name in FIELDS}
+            values = dict.fromkeys(FIELDS, NO_DICOM)
         else:
             values = record.groups()
         for name, value in values.items():

@@ -137,7 +137,7 @@ def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[st
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     except Exception as error:  # SafetensorError (a Rust panic is a BaseException: also a bad file)
         raise BundleError(
             f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:200]})"

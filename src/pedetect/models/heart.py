@@ -123,7 +123,7 @@ class HeartStack:
         return exam
 
     @classmethod
-    def fit(cls, exam: np.ndarray, heart_logit: np.ndarray, target: np.ndarray, *, l2: float = 1e-2) -> "HeartStack":
+    def fit(cls, exam: np.ndarray, heart_logit: np.ndarray, target: np.ndarray, *, l2: float = 1e-2) -> HeartStack:
         """Maximum likelihood (with a small L2 on a and b) on positive exams: ``exam`` (N, 9) stage-2
         probabilities, ``heart_logit`` (N,), ``target`` (N,) the RV/LV ≥ 1 label."""
         from scipy.optimize import minimize
@@ -152,7 +152,7 @@ class HeartStack:
         write_json_atomic(Path(path), {**asdict(self), **extra})
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeartStack":
+    def load(cls, path: str | Path) -> HeartStack:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         values = {}
         for key in ("a", "b", "c"):

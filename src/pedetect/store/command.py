@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,20 +26,20 @@ def prepare_command(
     workers: int = typer.Option(
         1, "--workers", "-w", min=1, help="Worker processes on this machine (one per core is a good start)."
     ),
-    image_size: Optional[int] = typer.Option(
+    image_size: int | None = typer.Option(
         None,
         "--image-size",
         min=16,
         max=4096,
         help="Store slices as PX × PX, resizing other sizes with aspect kept (padding is air). Default: keep each series' own size.",
     ),
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None,
         "--config",
         help="YAML with prepare settings: image_size, windows (three of name/level/width: R,G,B), jpeg_quality, jpeg_sampling. "
         "Command-line options win.",
     ),
-    scheduler: Optional[str] = typer.Option(
+    scheduler: str | None = typer.Option(
         None,
         "--scheduler",
         help="Run on a Dask distributed cluster at this address (e.g. tcp://host:8786) instead of local processes; "

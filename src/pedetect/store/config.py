@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -25,7 +25,7 @@ DEFAULT_WINDOW_SPECS = (
 class PrepareConfig(StrictModel):
     """What the slice store holds. Changing any of it needs a new store."""
 
-    image_size: Optional[int] = Field(
+    image_size: int | None = Field(
         None,
         ge=16,
         le=4096,

@@ -22,9 +22,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S, DecodeGuard
 from pedetect.dicom.header import SliceHeader, describe_error
@@ -138,7 +139,7 @@ class SeriesTask:
 _GUARDS: dict[tuple[int, float], DecodeGuard] = {}
 
 
-def _decoder(limit: float) -> Optional[Callable[..., Any]]:
+def _decoder(limit: float) -> Callable[..., Any] | None:
     """What decodes this task's slices: the process's :class:`DecodeGuard` for ``limit`` seconds, or
     None (in process) when there is no limit."""
     if not limit or limit <= 0:
@@ -254,13 +255,13 @@ def _prepare_series(task: SeriesTask) -> dict:
 class Runner:
     """``imap(fn, items)`` yields results as tasks finish (any order)."""
 
-    def __init__(self, workers: int = 1, scheduler: Optional[str] = None):
+    def __init__(self, workers: int = 1, scheduler: str | None = None):
         self.workers = max(1, int(workers))
         self.scheduler = scheduler
         self._pool: Any = None
         self._client: Any = None
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         if self.scheduler:
             from distributed import Client
 
@@ -382,7 +383,7 @@ def _progress(total: int, unit: str, desc: str, enabled: bool) -> Any:
     )
 
 
-def _valid_marker(store: Path, name: str, fp: str, settings: dict) -> Optional[dict]:
+def _valid_marker(store: Path, name: str, fp: str, settings: dict) -> dict | None:
     path = marker_path(store, name)
     if not path.exists():
         return None
@@ -402,9 +403,9 @@ def prepare(
     out: str | Path,
     *,
     workers: int = 1,
-    image_size: Optional[int] = None,
-    config: Optional[PrepareConfig] = None,
-    scheduler: Optional[str] = None,
+    image_size: int | None = None,
+    config: PrepareConfig | None = None,
+    scheduler: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S,
@@ -443,7 +444,7 @@ def _prepare_locked(
     settings: dict,
     *,
     workers: int,
-    scheduler: Optional[str],
+    scheduler: str | None,
     progress: bool,
     echo: Callable[[str], None],
     started: float,

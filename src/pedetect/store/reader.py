@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -49,10 +49,10 @@ class SliceStore:
         self._slices: Any = None
         self._failures: Any = None
         self._series: Any = None
-        self._settings: Optional[dict] = None
-        self._index: Optional[dict[str, tuple[str, np.ndarray, np.ndarray]]] = None
-        self._series_rows: Optional[dict[str, int]] = None
-        self._files: "OrderedDict[str, int]" = OrderedDict()
+        self._settings: dict | None = None
+        self._index: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None
+        self._series_rows: dict[str, int] | None = None
+        self._files: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
 
     # ---------------------------------------------------------------------------------------- tables
@@ -199,7 +199,7 @@ class SliceStore:
         if os.getpid() == self._pid:
             self._drop_files(close=True)
 
-    def __enter__(self) -> "SliceStore":
+    def __enter__(self) -> SliceStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

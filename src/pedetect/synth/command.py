@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,14 +29,14 @@ class Syntax(str, Enum):
 
 
 def synth_command(
-    out: Optional[Path] = typer.Argument(
+    out: Path | None = typer.Argument(
         None,
         help="Output folder: `OUT/<split>/<Study>/<Series>/<SOP>.dcm` plus the CSVs (labels, and the clot truth "
         "OUT/clots.csv or OUT/test_clots.csv) and, with --clot-seg, OUT/train_seg/ or OUT/test_seg/. "
         "Optional with --preview.",
     ),
     studies: int = typer.Option(10, "--studies", "-n", min=0, help="Number of studies to write."),
-    slices: Optional[int] = typer.Option(
+    slices: int | None = typer.Option(
         None, "--slices", min=1, help="Slices per study (default: drawn per study, 60-140)."
     ),
     size: int = typer.Option(256, "--size", min=32, help="Rows and columns of each slice, in pixels."),
@@ -86,7 +85,7 @@ def synth_command(
         "arteries, labelled on the slices where a reader would see it, docs/synthetic_visibility.md). "
         "pedetect demo uses 25 at 256 px, so a small CPU model trained for minutes can see them.",
     ),
-    preview: Optional[Path] = typer.Option(
+    preview: Path | None = typer.Option(
         None, "--preview", help="Write a PNG montage of one positive study here (PE window, emboli outlined)."
     ),
     workers: int = typer.Option(

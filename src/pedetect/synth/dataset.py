@@ -83,9 +83,9 @@ def embolus_masks(plan: StudyPlan) -> list[tuple[tuple[int, int, int], np.ndarra
     for e in plan.emboli:
         lo = [min(box[ax].start for box, _ in e.chunks) for ax in range(3)]
         hi = [max(box[ax].stop for box, _ in e.chunks) for ax in range(3)]
-        mask = np.zeros([h - l for l, h in zip(lo, hi)], dtype=bool)
+        mask = np.zeros([h - low for low, h in zip(lo, hi)], dtype=bool)
         for box, m in e.chunks:
-            mask[tuple(slice(s.start - l, s.stop - l) for s, l in zip(box, lo))] |= m
+            mask[tuple(slice(s.start - low, s.stop - low) for s, low in zip(box, lo))] |= m
         masks.append(((lo[0], lo[1], lo[2]), mask))
     return masks
 

@@ -734,9 +734,9 @@ def _overlap(a: list, b: list) -> bool:
         for bb, mb in b:
             lo = [max(x.start, y.start) for x, y in zip(ba, bb)]
             hi = [min(x.stop, y.stop) for x, y in zip(ba, bb)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if any(h <= low for low, h in zip(lo, hi)):
                 continue
-            canvas = np.zeros([h - l for l, h in zip(lo, hi)], dtype=np.uint8)
+            canvas = np.zeros([h - low for low, h in zip(lo, hi)], dtype=np.uint8)
             for box, m in ((ba, ma), (bb, mb)):
                 # clip each mask to the shared window and add it in
                 sl_src, sl_dst = [], []
@@ -1033,7 +1033,7 @@ def plan_study(
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if not (
-        0.0 <= positive_fraction and 0.0 <= indeterminate_fraction and positive_fraction + indeterminate_fraction <= 1.0
+        positive_fraction >= 0.0 and indeterminate_fraction >= 0.0 and positive_fraction + indeterminate_fraction <= 1.0
     ):
         raise ValueError("positive_fraction and indeterminate_fraction must be >= 0 and sum to <= 1")
     if min_embolus_pixels < 0:
@@ -1088,7 +1088,7 @@ def plan_study(
         pe_slices |= e.visible
     seen = [e for e in emboli if e.visible.any()]
     realised = "positive" if pe_slices.any() else ("negative" if lab["kind"] == "positive" else lab["kind"])
-    exam = {label: 0 for label in EXAM_LABELS + INFO_LABELS}
+    exam = dict.fromkeys(EXAM_LABELS + INFO_LABELS, 0)
     if realised == "positive":
         locs = set().union(*(e.locations for e in seen))
         for label in LOCATION_LABELS:
@@ -1145,7 +1145,7 @@ def plan_study(
 
 def _intended_exam(lab: dict) -> dict[str, int]:
     """Exam and informational labels as drawn, before any geometry."""
-    exam = {label: 0 for label in EXAM_LABELS + INFO_LABELS}
+    exam = dict.fromkeys(EXAM_LABELS + INFO_LABELS, 0)
     if lab["kind"] == "positive":
         for label in LOCATION_LABELS:
             exam[label] = int(label in lab["wanted"])

@@ -53,7 +53,7 @@ def choose_slices(study: RenderedStudy, n: int = 12) -> list[int]:
     """About n slices: most through the emboli, a few for anatomical context; head first."""
     pos = np.flatnonzero(study.plan.pe_slices)
     S = study.plan.n_slices
-    n_pe = min(len(pos), n - 4 if S > n else n)
+    n_pe = min(len(pos), n - 4 if n < S else n)
     picks = set(pos[np.linspace(0, len(pos) - 1, n_pe).round().astype(int)].tolist()) if n_pe else set()
     us = np.linspace(0, 1, S)
     for target in (0.92, 0.7, 0.5, 0.3, 0.15, 0.8, 0.4):

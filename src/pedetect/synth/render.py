@@ -12,9 +12,9 @@ from pedetect.synth.phantom import (
     Anatomy,
     StudyPlan,
     Tissue,
+    dome_height,
     heart_scale,
     lung_scale,
-    dome_height,
     plan_study,
 )
 from pedetect.synth.raster import Grid, Segment, ellipse_rho2, paint, paint_ellipsoid, paint_scaled, paint_segment

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -43,8 +42,8 @@ def train_command(
     stage: str = typer.Option(
         "all", "--stage", help="cnn (stage 1), embed, seq, heart (recipes with a heart section), or all."
     ),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Train this fold only (0 … K−1); default: every fold."),
-    folds: Optional[Path] = typer.Option(
+    fold: int | None = typer.Option(None, "--fold", help="Train this fold only (0 … K−1); default: every fold."),
+    folds: Path | None = typer.Option(
         None,
         "--folds",
         help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed.",
@@ -138,5 +137,5 @@ def train_command(
     typer.echo(f"time: {timing}" + (f"; bundle complete: {out}" if result.get("bundle") else ""), err=True)
 
 
-def _number(value: Optional[float]) -> str:
+def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"

@@ -45,9 +45,6 @@ from pedetect.labels import EXAM_LABELS, NEGATIVE_LABELS, RV_LV_LABELS, SERIES, 
 from pedetect.models.layout import (
     COMPLETE,
     CV_FILE,
-    HEART_CROPS_FILE as CROPS_FILE,
-    HEART_OOF_LOGITS_FILE as OOF_LOGITS_FILE,
-    HEART_STACK_FILE as STACK_FILE,
     METRICS_FILE,
     OOF_FILE,
     WEIGHTS_FILE,
@@ -55,6 +52,15 @@ from pedetect.models.layout import (
     seq_dir,
     stage_root,
     write_complete,
+)
+from pedetect.models.layout import (
+    HEART_CROPS_FILE as CROPS_FILE,
+)
+from pedetect.models.layout import (
+    HEART_OOF_LOGITS_FILE as OOF_LOGITS_FILE,
+)
+from pedetect.models.layout import (
+    HEART_STACK_FILE as STACK_FILE,
 )
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.reporting import finite, write_fold_report
@@ -126,9 +132,8 @@ def heart_crops(inputs, table: pd.DataFrame, *, echo: Callable[[str], None]) -> 
     if not_found:
         echo(f"heart crops: no enhanced blood pool found in {not_found} series (cropped the cavity's centre instead)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, crops=crops, series=np.array(wanted), boxes=boxes, settings=np.array(json.dumps(settings)))
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, crops=crops, series=np.array(wanted), boxes=boxes, settings=np.array(json.dumps(settings)))
     return crops
 
 
@@ -306,7 +311,8 @@ def exam_matrix(oof: pd.DataFrame, studies: list[str]) -> np.ndarray:
 
 def with_exams(oof: pd.DataFrame, studies: list[str], exams: np.ndarray) -> pd.DataFrame:
     """``oof`` with the RV/LV rows of ``studies`` replaced from ``exams`` (studies, 9)."""
-    from pedetect.models.heart import GTE as GTE_COLUMN, LT as LT_COLUMN
+    from pedetect.models.heart import GTE as GTE_COLUMN
+    from pedetect.models.heart import LT as LT_COLUMN
 
     replace = {}
     for s, row in zip(studies, exams):

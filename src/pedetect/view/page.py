@@ -12,10 +12,10 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Sequence
 
 import numpy as np
 
