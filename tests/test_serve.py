@@ -8,7 +8,6 @@ weights (pedetect.testing); tests/test_orthanc.py runs the loop against a real P
 from __future__ import annotations
 
 import json
-
 import os
 import signal
 import socket
@@ -356,3 +355,39 @@ def test_serve_tells_an_alert_receiver_of_each_answered_study(study, serves, tmp
         assert str(source.PatientName) not in text and str(source.PatientName) not in node.text()
     finally:
         receiver.close()
+
+
+def test_the_outbox_sends_a_study_once_sealed_and_keeps_what_a_worker_puts_during_a_send(study, destination, tmp_path):
+    """A worker (another process) puts a study's results one file at a time: nothing is sent before
+    the seal, and a file put and sealed while the earlier ones are being sent stays and is sent next."""
+    from dataclasses import dataclass
+
+    from pedetect.hospital.deliver import SEAL, Destination, Outbox, parse_destination
+
+    uid, files, _ = study
+    destination.start()
+    real = parse_destination(f"dimse:DEST@127.0.0.1:{destination.port}")
+    outbox = Outbox(tmp_path / "outbox", None)
+
+    @dataclass(frozen=True)
+    class PutDuringSend(Destination):
+        def send(self, paths: list[Path]) -> None:
+            super().send(paths)
+            if not (outbox.root / uid / files[2].name).exists():  # the worker again, once
+                outbox.put(uid, files[2])
+                outbox.seal(uid)
+
+    outbox.destination = PutDuringSend(**{f: getattr(real, f) for f in ("kind", "ae_title", "host", "port")})
+    outbox.put(uid, files[0])
+    outbox.put(uid, files[1])
+    outbox.deliver_due()
+    assert destination.of_study(uid) == {} and outbox.waiting() == {}  # not sealed: not sent
+    outbox.seal(uid)
+    outbox.deliver_due()
+    sent = {ds.SOPInstanceUID for items in destination.of_study(uid).values() for ds in items}
+    assert len(sent) == 2
+    # The file put during the send is there, sealed anew, and goes with the next pass.
+    assert [p.name for p in outbox.waiting()[uid]] == [files[2].name] and (outbox.root / uid / SEAL).exists()
+    outbox.deliver_due()
+    sent = {ds.SOPInstanceUID for items in destination.of_study(uid).values() for ds in items}
+    assert len(sent) == 3 and not (outbox.root / uid).exists()

@@ -11,7 +11,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 LOG = logging.getLogger("pedetect.serve")
 _DIMSE = re.compile(r"^dimse:(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -89,10 +88,13 @@ def parse_destination(text: str, calling_ae: str = "PEDETECT") -> Destination:
     raise ValueError(f"--destination {text!r}: expected dimse:AE@host:port or dicomweb:http(s)://host:port/path")
 
 
-class Outbox:
-    """Results waiting for the destination, one folder per study."""
+SEAL = ".sealed"  # in a study's outbox folder: its results are complete (Outbox.seal)
 
-    def __init__(self, root: Path, destination: Optional[Destination], *, first: float = 1.0, most: float = 60.0):
+
+class Outbox:
+    """Results waiting for the destination, one folder per study, sent once sealed."""
+
+    def __init__(self, root: Path, destination: Destination | None, *, first: float = 1.0, most: float = 60.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.destination = destination
@@ -110,15 +112,29 @@ class Outbox:
         self._due.pop(study, None)
         return target
 
+    def seal(self, study: str) -> None:
+        """Mark a study's results complete (after every :meth:`put`): only sealed studies are sent, so
+        a worker in another process still putting files never has half of them sent and the rest
+        taken away with the folder. The seal holds a token of its own: a study sealed again while its
+        earlier results are being sent keeps its new seal."""
+        import uuid
+
+        from pedetect.io import write_bytes_atomic
+
+        write_bytes_atomic(self.root / study / SEAL, uuid.uuid4().hex.encode())
+
     def wake(self) -> None:
         self._wake.set()
 
     def waiting(self) -> dict[str, list[Path]]:
+        """The sealed studies' result files."""
         return {
-            d.name: sorted(d.glob("*.dcm")) for d in sorted(self.root.iterdir()) if d.is_dir() and any(d.glob("*.dcm"))
+            d.name: sorted(d.glob("*.dcm"))
+            for d in sorted(self.root.iterdir())
+            if d.is_dir() and (d / SEAL).exists() and any(d.glob("*.dcm"))
         }
 
-    def deliver_due(self, now: Optional[float] = None) -> None:
+    def deliver_due(self, now: float | None = None) -> None:
         """One pass: send every study whose retry time has come."""
         if self.destination is None:
             return
@@ -126,6 +142,10 @@ class Outbox:
         for study, paths in self.waiting().items():
             due, delay = self._due.get(study, (0.0, self.first))
             if due > now:
+                continue
+            try:
+                token = (self.root / study / SEAL).read_bytes()
+            except OSError:  # taken meanwhile (another pass): nothing to do
                 continue
             try:
                 self.destination.send(paths)
@@ -140,8 +160,14 @@ class Outbox:
                 )
                 continue
             for path in paths:
-                path.unlink()
-            shutil.rmtree(self.root / study, ignore_errors=True)
+                path.unlink(missing_ok=True)
+            seal = self.root / study / SEAL
+            if seal.exists() and seal.read_bytes() == token:  # not sealed again meanwhile
+                seal.unlink(missing_ok=True)
+            try:
+                (self.root / study).rmdir()  # only when nothing new came meanwhile
+            except OSError:
+                pass
             self._due.pop(study, None)
             LOG.info(
                 "delivered study %s: %s (%s)", study, ", ".join(p.name for p in paths), self.destination.describe()

@@ -30,10 +30,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 from pydantic import Field
 
@@ -56,7 +56,7 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     settle: float = 10.0
-    destination: Optional[str] = None
+    destination: str | None = None
     device: str = "auto"
     min_slices: int = MIN_SLICES  # a usable series has at least this many slices (pedetect.hospital.selection)
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
@@ -65,7 +65,7 @@ class ServeConfig:
     decode_timeout: float = (
         DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
     )
-    alerts: Optional[Path] = None  # YAML of alert receivers (pedetect.hospital.alerts; docs/alerts.md)
+    alerts: Path | None = None  # YAML of alert receivers (pedetect.hospital.alerts; docs/alerts.md)
     workers: int = 1  # prediction worker processes
     http_host: str = "127.0.0.1"  # /healthz and /metrics (pedetect.hospital.monitor)
     http_port: int = 9110  # 0: no HTTP endpoint
@@ -81,12 +81,12 @@ class ServeSettings(StrictModel):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     settle: float = Field(default=10.0, ge=0)
-    destination: Optional[str] = None
+    destination: str | None = None
     device: str = "auto"
     min_slices: int = Field(default=MIN_SLICES, ge=1)
     decode_timeout: float = Field(default=DEFAULT_DECODE_TIMEOUT_S, ge=0)
     retry_max: float = Field(default=60.0, gt=0)
-    alerts: Optional[Path] = None
+    alerts: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9110, ge=0, le=65535)
@@ -124,7 +124,7 @@ class Spool:
             self.done_path(study).unlink()
         return not again
 
-    def pending(self, settle: float, now: Optional[float] = None) -> list[str]:
+    def pending(self, settle: float, now: float | None = None) -> list[str]:
         """Studies received, not answered, and quiet for ``settle`` seconds; oldest first."""
         now = time.time() if now is None else now
         ready = []
@@ -180,7 +180,7 @@ class Worker:
         self,
         config: ServeConfig,
         name: str = "worker-1",
-        stop_event: Optional[threading.Event] = None,
+        stop_event: threading.Event | None = None,
     ):
         from pedetect.hospital.deliver import Outbox
 
@@ -194,7 +194,7 @@ class Worker:
         self.alerts = None  # hospital.alerts.Alerts (queueing only), made with the predictor's operating points
         self.status_path = self.spool.root / WORKERS / f"{name}.json"
 
-    def status(self, state: str, study: Optional[str] = None) -> None:
+    def status(self, state: str, study: str | None = None) -> None:
         """What the worker does now, for the node's /healthz (``SPOOL/workers/<name>.json``)."""
         write_json_atomic(
             self.status_path,
@@ -234,7 +234,7 @@ class Worker:
             self._resources.close()
             self._resources = None
 
-    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, Optional[object]]:
+    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, object | None]:
         """Choose the series, predict it, write the DICOM results; the study's record and its prediction
         (None when no series was usable)."""
         from pedetect.hospital.answer import DicomAnswer
@@ -294,6 +294,7 @@ class Worker:
             for path in sorted(folder.glob("*.dcm")):
                 self.outbox.put(folder.name, path)
                 queued.append(path.name)
+            self.outbox.seal(folder.name)
         record.update(
             {"study": study, "results": queued, "answered_at": time.time(), "last_received": last, "worker": self.name}
         )
@@ -413,8 +414,8 @@ class Server:
     # -- the SCP
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-        from pynetdicom.sop_class import Verification
         from pynetdicom.presentation import AllStoragePresentationContexts
+        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.config.ae_title)
         ae.add_supported_context(Verification)
@@ -538,7 +539,7 @@ class Server:
         self.monitor.stop()
 
 
-def answered(spool: Path, study: str) -> Optional[dict]:
+def answered(spool: Path, study: str) -> dict | None:
     """The record of an answered study (None: not answered)."""
     path = Path(spool) / DONE / f"{_safe(study)}.json"
     return read_json(path) if path.exists() else None
