@@ -21,9 +21,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 
-# The code's one formatting (ruff format, settings in pyproject.toml); .ci/run fails on a difference.
+# The code's one formatting and its lint rules (ruff; settings in pyproject.toml) and the types of src/
+# (mypy); .ci/run runs this before the tests and fails on any finding.
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks

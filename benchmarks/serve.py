@@ -371,6 +371,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a bundle (default: the demo recipe, random weights)")
     parser.add_argument("--phases", default="load,latency,reception,burst,kill")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--logs", type=Path, default=None, help="copy the nodes' logs into this folder")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         raise SystemExit("storescu not found (Debian package dcmtk)")
@@ -429,6 +430,10 @@ def main() -> None:
         finally:
             destination.stop()
             webhook.stop()
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in root.glob("spool-*.log"):
+                    shutil.copy(log, args.logs / log.name)
     out["cpus"] = os.cpu_count()
     print(json.dumps(out, indent=2))
     if args.json:
