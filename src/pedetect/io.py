@@ -181,6 +181,7 @@ def folder_lock(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     host = socket.gethostname()
+    fd = -1
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LOG = logging.getLogger("pedetect.serve")
 _DIMSE = re.compile(r"^dimse:(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -44,7 +45,7 @@ class Destination:
         else:
             self._stow(datasets)
 
-    def _c_store(self, datasets) -> None:
+    def _c_store(self, datasets: list[Any]) -> None:
         from pynetdicom import AE
 
         ae = AE(ae_title=self.calling_ae)
@@ -67,7 +68,7 @@ class Destination:
         finally:
             assoc.release()
 
-    def _stow(self, datasets) -> None:
+    def _stow(self, datasets: list[Any]) -> None:
         from dicomweb_client.api import DICOMwebClient
 
         try:

@@ -31,9 +31,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -43,6 +44,12 @@ from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.hospital.selection import MIN_SLICES
 from pedetect.infer.report import safe_name
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from pedetect.hospital.alerts import Alerts
+    from pedetect.infer.predictor import Predictor, StudyPrediction
 
 LOG = logging.getLogger("pedetect.serve")
 INCOMING, OUTBOX, DONE, WORK, WORKERS = "incoming", "outbox", "done", "work", "workers"
@@ -188,10 +195,10 @@ class Worker:
         self.spool = Spool(config.spool)
         self.outbox = Outbox(self.spool.root / OUTBOX, None)  # put only: the node delivers
         self.stop_event = stop_event or threading.Event()
-        self.predictor = None  # infer.predictor.Predictor, loaded once (load)
-        self.decode = None
-        self._resources = None
-        self.alerts = None  # hospital.alerts.Alerts (queueing only), made with the predictor's operating points
+        self.predictor: Predictor | None = None  # loaded once (load)
+        self.decode: Any = None  # the slice decoder (infer.reader.slice_decoder)
+        self._resources: ExitStack | None = None
+        self.alerts: Alerts | None = None  # queueing only, made with the predictor's operating points
         self.status_path = self.spool.root / WORKERS / f"{name}.json"
 
     def status(self, state: str, study: str | None = None) -> None:
@@ -203,8 +210,6 @@ class Worker:
 
     def load(self) -> None:
         """The predictor (every bundle, once) and the slice decoder with its limit, for the worker's life."""
-        from contextlib import ExitStack
-
         from pedetect.infer.predictor import Predictor
         from pedetect.infer.reader import slice_decoder
 
@@ -234,7 +239,7 @@ class Worker:
             self._resources.close()
             self._resources = None
 
-    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, object | None]:
+    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, StudyPrediction | None]:
         """Choose the series, predict it, write the DICOM results; the study's record and its prediction
         (None when no series was usable)."""
         from pedetect.hospital.answer import DicomAnswer
@@ -242,6 +247,7 @@ class Worker:
         from pedetect.infer.reader import StudyPlan
 
         self.load()
+        assert self.predictor is not None
         selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices)
         for line in selection.notes():
             LOG.info("study %s: %s", study_dir.name, line)
@@ -388,10 +394,10 @@ class Server:
             self.spool.root / OUTBOX, self.destination, first=config.retry_first, most=config.retry_max
         )
         self.stop_event = threading.Event()
-        self.ae = None
-        self.server = None
+        self.ae: Any = None  # pynetdicom's AE
+        self.server: Any = None  # its association server
         self.alerts = self._alerts() if config.alerts is not None else None  # delivery of what workers queue
-        self.processes: dict[str, object] = {}  # name -> multiprocessing Process
+        self.processes: dict[str, BaseProcess] = {}
         self.monitor = Monitor(self)
         for stale in (self.spool.root / WORKERS).glob("*.json"):  # what a previous node's workers said
             stale.unlink(missing_ok=True)
@@ -415,14 +421,14 @@ class Server:
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.presentation import AllStoragePresentationContexts
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.config.ae_title)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = 0
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self.ae = ae
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         LOG.info(
