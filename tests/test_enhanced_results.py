@@ -107,10 +107,14 @@ def image_references(items) -> list[tuple[str, str, list[int]]]:
 def key_image_references(sr) -> list[tuple[str, str, list[int]]]:
     """The IMAGE items the PE evaluation (Qualitative Evaluations) is inferred from: the key slices."""
     (evaluations,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    # The study-level PE evaluation: the Pulmonary embolism item without concept modifiers (the side
+    # labels are Pulmonary embolism items qualified by a finding site).
     (pe,) = [
         i
         for i in evaluations.ContentSequence
-        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "59282003"
+        if i.ValueType == "CODE"
+        and i.ConceptNameCodeSequence[0].CodeValue == "59282003"
+        and not any(c.RelationshipType == "HAS CONCEPT MOD" and c.ValueType == "CODE" for c in i.ContentSequence)
     ]
     return image_references([i for i in pe.ContentSequence if i.ValueType == "IMAGE"])
 

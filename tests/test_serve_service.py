@@ -1,8 +1,8 @@
 """``pedetect serve`` as a service: several prediction workers sharing only the spool, a YAML config,
 ``/healthz`` and ``/metrics`` (Prometheus text), and no worker outliving a node killed with SIGKILL.
 
-Real parts: the node as a process on loopback, pynetdicom associations in, the HTTP endpoint read with
-urllib and its metrics parsed with prometheus_client's own parser.
+Real parts: the node as a process on loopback, dcmtk's ``storescu`` as the modalities (four at once),
+the HTTP endpoint read with urllib and its metrics parsed with prometheus_client's own parser.
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ def metrics(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def send_concurrently(port: int, studies: dict[str, list[Path]], clients: int) -> list[int]:
-    """Each study sent in its own association, ``clients`` associations at a time; every status."""
-    statuses: list[int] = []
+    """Each study sent by its own dcmtk ``storescu`` (one association), ``clients`` at a time, as
+    modalities do; their exit codes."""
+    import shutil
+
+    if shutil.which("storescu") is None:
+        pytest.fail("storescu not installed (Debian package dcmtk; .ci/run installs it)")
+    codes: list[int] = []
     lock = threading.Lock()
     queue = list(studies.values())
 
@@ -71,16 +76,21 @@ def send_concurrently(port: int, studies: dict[str, list[Path]], clients: int) -
                 if not queue:
                     return
                 files = queue.pop()
-            got = c_store(port, files)
+            run = subprocess.run(
+                ["storescu", "-aet", "MODALITY", "-aec", "PEDETECT", "127.0.0.1", str(port), *map(str, files)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             with lock:
-                statuses.extend(got)
+                codes.append(run.returncode)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(120)
-    return statuses
+        thread.join(150)
+    return codes
 
 
 def alive(pid: int) -> bool:
@@ -113,9 +123,8 @@ def test_two_workers_from_a_config_file_answer_a_burst_once_each_and_the_metrics
     pids = {json.loads((spool / "workers" / f"worker-{n}.json").read_text())["pid"] for n in (1, 2)}
     assert len(pids) == 2 and node.process.pid not in pids
 
-    statuses = send_concurrently(node.port, studies, clients=4)
+    assert send_concurrently(node.port, studies, clients=4) == [0] * N_STUDIES
     n_files = sum(len(files) for files in studies.values())
-    assert statuses == [0] * n_files
     records = wait_for(
         lambda: (lambda r: r if all(r) else None)([answered(spool, uid) for uid in studies]),
         180,
@@ -159,8 +168,7 @@ def test_a_node_killed_mid_burst_leaves_no_worker_and_its_restart_answers_every_
     node = serves(model, spool, None, settle=0.3, extra=("--workers", "2"))
     wait_for(lambda: http_get(node.http_port, "/healthz")[0] == 200, 120, "the workers", node.process, node.log)
     pids = [json.loads((spool / "workers" / f"worker-{n}.json").read_text())["pid"] for n in (1, 2)]
-    statuses = send_concurrently(node.port, studies, clients=4)
-    assert statuses == [0] * sum(len(files) for files in studies.values())
+    assert send_concurrently(node.port, studies, clients=4) == [0] * N_STUDIES
     wait_for(lambda: "predicting study" in node.text(), 60, "a prediction to start", node.process, node.log)
     node.kill()  # SIGKILL: the node cannot tell its workers
     wait_for(lambda: not any(alive(pid) for pid in pids), 60, "the orphaned workers to end")
