@@ -15,8 +15,8 @@ from pedetect.models.slice_classifier import (
     build_slice_classifier,
     fold_batchnorm,
     load_slice_classifier,
-    save_weights,
 )
+from pedetect.models.weights import save_weights
 from pedetect.recipe import ExperimentConfig, apply_overrides, save_config
 
 TINY = "resnet10t"

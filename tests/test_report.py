@@ -128,3 +128,14 @@ def test_the_writer_works_in_the_background_and_raises_its_errors(tmp_path, monk
     with pytest.raises(OSError, match="disk full"), ReportWriter(tmp_path) as writer:
         writer.submit(make_result("c", 0.9), None)
         writer.finish()
+
+
+def test_a_uid_is_its_own_file_name_and_two_other_texts_never_share_one():
+    from pedetect.infer.report import safe_name
+
+    assert safe_name("1.2.840.113619.2.55.3") == "1.2.840.113619.2.55.3"
+    assert safe_name("6897fa9de148") == "6897fa9de148"  # the challenge's ids
+    # Texts that replacement alone would map to one name ("a_b"), and what truncation would have merged.
+    names = {safe_name(t) for t in ("a/b", "a\\b", "a b", "a_b", "x" * 200, "x" * 201, "..", "")}
+    assert len(names) == 8
+    assert all(len(n) <= 128 and "/" not in n and n not in (".", "..", "") for n in names)

@@ -171,7 +171,7 @@ class InputConfig(Section):
         None,
         description="Crop every slice to its series' lung box (air inside the body, union over the series' slices, a margin), "
         "then resize (1st place; they regressed the box with a CNN). The boxes of the training series are recorded in "
-        "MODEL_DIR/lung_boxes.csv; predict computes each series' box the same way. None: off.",
+        "MODEL_DIR/lung_boxes.json; predict computes each series' box the same way. None: off.",
     )
     image_size: int = Field(512, ge=16, description="Square side the (cropped) slice is resized to.")
     mean: float = Field(

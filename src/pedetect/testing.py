@@ -53,7 +53,8 @@ def write_random_bundle(
         write_complete,
     )
     from pedetect.models.sequence import build_sequence_head, save_sequence_head
-    from pedetect.models.slice_classifier import build_slice_classifier, save_weights
+    from pedetect.models.slice_classifier import build_slice_classifier
+    from pedetect.models.weights import save_weights
     from pedetect.recipe import save_config
 
     prior = prior or DEFAULT_PRIOR

@@ -301,15 +301,6 @@ def headers_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: in
         raise DicomError(f"DICOM header unreadable ({describe_error(error)})") from None
 
 
-def header_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> SliceHeader:
-    """The :class:`SliceHeader` of a single-slice dataset; raises :class:`DicomError` when it is
-    unusable, or holds several slices (:func:`headers_from_dataset` takes those)."""
-    headers = headers_from_dataset(ds, source, size=size, mtime_ns=mtime_ns)
-    if len(headers) != 1:
-        raise DicomError(f"a multi-frame image of {len(headers)} frames where one slice was expected")
-    return headers[0]
-
-
 # The header fields read per file, with their tags and VRs: decoded straight from the raw bytes
 # (pydicom's per-element conversion machinery costs more than the rest of the scan).
 _FIELDS: dict[str, tuple[int, str]] = {

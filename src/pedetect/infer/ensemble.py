@@ -93,7 +93,7 @@ class Ensemble:
     ):
         from pedetect.models.bundle import read_bundle, read_preprocessing
         from pedetect.models.heart import HeartStack, load_heart_model
-        from pedetect.models.layout import HEART_STACK_FILE, WEIGHTS_FILE, heart_dir
+        from pedetect.models.layout import WEIGHTS_FILE, heart_dir, heart_stack_path
         from pedetect.models.onnx import choose_runtime, load_runtime_fold
         from pedetect.models.sequence import load_sequence_head
         from pedetect.models.slice_classifier import fold_batchnorm, load_slice_classifier
@@ -113,9 +113,7 @@ class Ensemble:
         self.members: list[_Member] = []
         for b, bundle in enumerate(self.bundles):
             chosen = self.runtimes[b][0]
-            stack = (
-                HeartStack.load(bundle.path / "heart" / HEART_STACK_FILE) if bundle.config.heart is not None else None
-            )
+            stack = HeartStack.load(heart_stack_path(bundle.path)) if bundle.config.heart is not None else None
             for k in bundle.folds:
                 if chosen == "torch":
                     cnn = fold_batchnorm(load_slice_classifier(bundle.path, k, config=bundle.config, device=device))

@@ -126,8 +126,15 @@ class StudyFiles:
 
 
 def safe_name(uid: str) -> str:
-    """A file name for a UID: UIDs are digits and dots, but anything else is replaced."""
-    return re.sub(r"[^0-9A-Za-z._-]", "_", uid)[:128] or "study"
+    """A file name for a UID: the text itself when it is a safe name (letters, digits, ``._-``, at most
+    128 characters, not a dot name), as UIDs and the challenge's ids are; anything else has its other
+    characters replaced and a digest of the whole text appended, so that two texts never meet."""
+    if re.fullmatch(r"[0-9A-Za-z._-]{1,128}", uid) and uid not in (".", ".."):
+        return uid
+    import hashlib
+
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{re.sub(r'[^0-9A-Za-z._-]', '_', uid)[:100]}-{digest}"
 
 
 def pe_channel(window_names: Sequence[str]) -> int:

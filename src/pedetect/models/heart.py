@@ -164,17 +164,16 @@ class HeartStack:
 
 
 def save_heart_model(model: HeartCNN, path: str | Path) -> None:
-    from pedetect.models.slice_classifier import save_weights
+    from pedetect.models.weights import save_weights
 
     save_weights(model, path, kind="pedetect.heart_model", metadata={})
 
 
 def load_heart_model(path: str | Path, heart: HeartConfig, *, device: str | torch.device = "cpu") -> HeartCNN:
-    from safetensors.torch import load_file
+    from pedetect.models.weights import load_weights
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trained heart model: {path} is missing (run pedetect train --stage heart)")
     model = build_heart_model(heart)
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().to(device)
+    return load_weights(model, path).eval().to(device)

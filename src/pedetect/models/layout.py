@@ -7,6 +7,7 @@
     MODEL_DIR/prior.json                       training frequency of every label (predict's fallback)
     MODEL_DIR/bundle.json                      format, folds, stages, embedding width, CV score (written last)
     MODEL_DIR/preprocessing.json               how prepare read the DICOM (windows, image size)
+    MODEL_DIR/lung_boxes.json                  the training series' lung boxes (recipes with cnn.input.lung_crop)
     MODEL_DIR/cnn/summary.json                 stage 1: per-fold and mean validation AUC
     MODEL_DIR/cnn/fold<k>/model.safetensors    stage 1: fold k's slice CNN
     MODEL_DIR/cnn/fold<k>/checkpoints/         while fold k trains: last.ckpt, best.ckpt (resume)
@@ -60,6 +61,7 @@ CV_FILE = "cv.json"
 ONNX_DIR = "onnx"
 HEART_CROPS_FILE = "crops.npz"
 HEART_STACK_FILE = "stack.json"
+LUNG_BOXES_FILE = "lung_boxes.json"
 HEART_OOF_LOGITS_FILE = "oof_logits.csv"
 EXPORT_FILE = "export.json"
 
@@ -111,6 +113,16 @@ def onnx_dir(model_dir: str | Path, fold: int) -> Path:
 def embedding_path(model_dir: str | Path, fold: int, series_uid: str) -> Path:
     """Fold k's embeddings of one series (fold k's own studies only)."""
     return embed_dir(model_dir, fold) / f"{series_uid}.npz"
+
+
+def heart_stack_path(model_dir: str | Path) -> Path:
+    """``MODEL_DIR/heart/stack.json``: the stacker of the heart model and stage 2's RV/LV outputs."""
+    return stage_root(model_dir, "heart") / HEART_STACK_FILE
+
+
+def lung_boxes_path(model_dir: str | Path) -> Path:
+    """``MODEL_DIR/lung_boxes.json``: the training series' lung boxes (pedetect.train.boxes)."""
+    return Path(model_dir) / LUNG_BOXES_FILE
 
 
 def operating_points_path(model_dir: str | Path) -> Path:

@@ -416,7 +416,7 @@ def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: in
 
 def save_sequence_head(head: SequenceHead, path: str | Path) -> None:
     """The head's tensors as safetensors (atomically), the embedding width in the metadata."""
-    from pedetect.models.slice_classifier import save_weights
+    from pedetect.models.weights import save_weights
 
     save_weights(head, path, kind="pedetect.sequence_head", metadata={"embedding_dim": str(head.embedding_dim)})
 
@@ -431,7 +431,8 @@ def load_sequence_head(
     """The trained stage-2 head of one fold, in eval mode: built from ``MODEL_DIR/config.yaml`` (or
     ``config``) and loaded from ``MODEL_DIR/seq/fold<k>/model.safetensors``."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    from pedetect.models.weights import load_weights
 
     if config is None:
         config = read_model_config(model_dir)
@@ -445,8 +446,7 @@ def load_sequence_head(
     if "embedding_dim" not in metadata:
         raise ValueError(f"{path} is not a pedetect sequence head (no embedding_dim in its metadata)")
     head = build_sequence_head(config.seq, int(metadata["embedding_dim"]), input_columns=config.seq_input_columns)
-    head.load_state_dict(load_file(str(path)))
-    return head.eval().to(device)
+    return load_weights(head, path).eval().to(device)
 
 
 def predict_series(head: SequenceHead, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

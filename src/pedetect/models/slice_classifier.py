@@ -203,23 +203,6 @@ def build_slice_classifier(cnn: CnnConfig, *, load_pretrained: bool = True, loca
     )
 
 
-def save_weights(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    kind: str = "pedetect.slice_classifier",
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """The model's tensors as safetensors (atomically), with ``kind`` and ``metadata`` in the header."""
-    from safetensors.torch import save_file
-
-    from pedetect.io import atomic_path
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": kind, **(metadata or {})})
-
-
 def load_slice_classifier(
     model_dir: str | Path,
     fold: int,
@@ -229,7 +212,7 @@ def load_slice_classifier(
 ) -> SliceClassifier:
     """The trained stage-1 model of one fold, in eval mode: built from ``MODEL_DIR/config.yaml``
     (or ``config``) and loaded from ``MODEL_DIR/cnn/fold<k>/model.safetensors``."""
-    from safetensors.torch import load_file
+    from pedetect.models.weights import load_weights
 
     if config is None:
         config = read_model_config(model_dir)
@@ -237,8 +220,7 @@ def load_slice_classifier(
     if not path.is_file():
         raise FileNotFoundError(f"no trained CNN for fold {fold}: {path} is missing (run pedetect train --stage cnn)")
     model = build_slice_classifier(config.cnn, load_pretrained=False, location_grid=config.embed.location_grid)
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().to(device)
+    return load_weights(model, path).eval().to(device)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

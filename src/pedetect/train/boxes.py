@@ -16,8 +16,7 @@ from typing import Any
 
 from pedetect.console import echo as console_echo
 from pedetect.io import read_json, write_json_atomic
-
-LUNG_BOXES_FILE = "lung_boxes.json"
+from pedetect.models.layout import lung_boxes_path
 
 
 def training_lung_boxes(
@@ -39,7 +38,7 @@ def training_lung_boxes(
         windows = DEFAULT_WINDOWS
     windows = [[float(v) for v in w] for w in windows]
     settings = lung_box_settings(crop).as_dict()
-    path = Path(out) / LUNG_BOXES_FILE
+    path = lung_boxes_path(out)
     recorded: dict[str, list[float]] = {}
     if path.is_file():
         previous = read_json(path)

@@ -121,7 +121,7 @@ def export_fold(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the fold's weights, metrics and curves from the chosen checkpoint."""
-    from pedetect.models.slice_classifier import save_weights
+    from pedetect.models.weights import save_weights
 
     history = module.history
     monitor = config.cnn.monitor

@@ -49,6 +49,7 @@ from pedetect.models.layout import (
     OOF_FILE,
     WEIGHTS_FILE,
     heart_dir,
+    heart_stack_path,
     seq_dir,
     stage_root,
     write_complete,
@@ -58,9 +59,6 @@ from pedetect.models.layout import (
 )
 from pedetect.models.layout import (
     HEART_OOF_LOGITS_FILE as OOF_LOGITS_FILE,
-)
-from pedetect.models.layout import (
-    HEART_STACK_FILE as STACK_FILE,
 )
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.reporting import finite, write_fold_report
@@ -367,9 +365,7 @@ def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
         "heart_model": auc(heart_logit),
         "stacked": auc(rv_lv_given_positive(stacked)),
     }
-    final.save(
-        stage_root(out, "heart") / STACK_FILE, positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc
-    )
+    final.save(heart_stack_path(out), positive_exams=int(positive.sum()), rv_lv_auc_out_of_fold=rv_lv_auc)
 
     oof = with_exams(seq_oof, studies, stacked)
     truth = inputs.labels[inputs.labels[STUDY].isin(set(studies))]
