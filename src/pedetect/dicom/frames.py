@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from pedetect.dicom.header import numbers
+from pedetect.dicom.pixels import window_dataset
 from pedetect.dicom.source import Source, SourceError, ZipMember, open_path, read_bytes
+from pedetect.dicom.values import numbers
 
 FRAME_SEPARATOR = "#"
 # Walking item headers costs a read each: a hostile file of millions of empty items is refused early.
@@ -273,8 +274,6 @@ def frame_dataset(header: Any) -> Any:
 
 def read_frame(header: Any, windows: Any, image_size: int | None, *, bgr: bool = False) -> np.ndarray:
     """One frame of a multi-frame file, windowed (uint8 ``(H, W, 3)``), as :func:`pedetect.dicom.read.read_slice`."""
-    from pedetect.dicom.pixels import window_dataset
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return window_dataset(frame_dataset(header), windows, image_size, bgr=bgr)

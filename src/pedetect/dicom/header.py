@@ -8,12 +8,19 @@ short reason that ends up in ``failures.parquet``.
 from __future__ import annotations
 
 import io
-import math
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pedetect.dicom.frames import (
+    DEFLATED,
+    FrameError,
+    encapsulated_frame_ranges,
+    frame_geometry,
+    frame_key,
+    native_frame_ranges,
+)
 from pedetect.dicom.pixels import check_declared_size
 from pedetect.dicom.source import (
     Source,
@@ -26,6 +33,7 @@ from pedetect.dicom.source import (
     read_head,
     source_label,
 )
+from pedetect.dicom.values import numbers
 
 # Pixel data we can read as single-frame grayscale images.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -133,21 +141,6 @@ def _check_ct_image(ds: Any, sop_class: str) -> bool:
 def _text(ds: Any, keyword: str) -> str:
     value = ds.get(keyword)
     return str(value).strip() if value is not None else ""
-
-
-def numbers(value: Any, n: int) -> tuple[float, ...] | None:
-    """``n`` finite floats from a DICOM value (one number or several), else None."""
-    try:
-        if value is None:
-            return None
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            value = [value]
-        values = [float(v) for v in value]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if len(values) != n or not all(math.isfinite(v) for v in values):
-        return None
-    return tuple(values)
 
 
 def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
@@ -287,8 +280,6 @@ def _pixel_element(fp: Any, ds: Any) -> dict | None:
 def headers_from_dataset(ds: Any, source: Source, *, size: int = 0, mtime_ns: int = 0) -> list[SliceHeader]:
     """The :class:`SliceHeader` of each slice of a parsed dataset (one; one per frame of an Enhanced
     CT file); raises :class:`DicomError` when the file is unusable."""
-    from pedetect.dicom.frames import FrameError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -478,14 +469,6 @@ def _frame_headers(
     sop: str,
 ) -> list[SliceHeader]:
     """One :class:`SliceHeader` per frame of an Enhanced CT file (:mod:`pedetect.dicom.frames`)."""
-    from pedetect.dicom.frames import (
-        DEFLATED,
-        encapsulated_frame_ranges,
-        frame_geometry,
-        frame_key,
-        native_frame_ranges,
-    )
-
     if element is None:
         raise DicomError("DICOM without pixel data (multi-frame image: truncated before the pixels?)")
     if element["keyword"] != "PixelData":

@@ -121,8 +121,8 @@ def read_equipment(source: Any) -> dict[str, Any]:
     """The equipment fields of one file, its header only; raises the reader's errors."""
     import pydicom
 
-    from pedetect.dicom.header import numbers
     from pedetect.dicom.source import ZipMember, open_path, read_bytes
+    from pedetect.dicom.values import numbers
 
     handle = io.BytesIO(read_bytes(source)) if isinstance(source, ZipMember) else open_path(source)
     with handle, warnings.catch_warnings():
