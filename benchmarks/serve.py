@@ -179,7 +179,7 @@ class Node:
             PEDETECT, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--spool", str(spool), "--settle", str(args.settle), "--device", "cpu", "--retry-max", "1",
             "--destination", f"dimse:DEST@127.0.0.1:{destination.port}", "--alerts", str(alerts),
-            "--workers", str(args.workers), "--http-port", str(self.http_port),
+            "--workers", str(args.workers), "--http-port", str(self.http_port), "--runtime", args.runtime,
         ]  # fmt: skip
         self.handle = open(self.log, "a")
         self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT)
@@ -219,7 +219,7 @@ class Node:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def load_once(model: Path, studies: list[tuple[str, Path]], repeats: int) -> dict:
+def load_once(model: Path, studies: list[tuple[str, Path]], repeats: int, runtime: str = "auto") -> dict:
     from pedetect.hospital.selection import select_series
     from pedetect.infer.predictor import Predictor
 
@@ -227,13 +227,16 @@ def load_once(model: Path, studies: list[tuple[str, Path]], repeats: int) -> dic
         selection = select_series(sorted(folder.glob("*.dcm")), 20)
         predictor.predict_headers(selection.headers[0].study, selection.headers, selection.failures, None)
 
-    one(Predictor([model], device="cpu"), studies[0][1])  # warm-up: imports, allocator
+    def load():
+        return Predictor([model], device="cpu", runtime=runtime)
+
+    one(load(), studies[0][1])  # warm-up: imports, allocator
     each, once = [], []
     for _, folder in studies[1 : repeats + 1]:
         started = time.perf_counter()
-        one(Predictor([model], device="cpu"), folder)
+        one(load(), folder)
         each.append(time.perf_counter() - started)
-    predictor = Predictor([model], device="cpu")
+    predictor = load()
     for _, folder in studies[1 : repeats + 1]:
         started = time.perf_counter()
         one(predictor, folder)
@@ -367,6 +370,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--runtime", default="auto", help="the node's --runtime (auto, torch, onnx, onnx-int8)")
     parser.add_argument("--repeats", type=int, default=3, help="studies of the load-once phase")
     parser.add_argument("--model", type=Path, default=None, help="a bundle (default: the demo recipe, random weights)")
     parser.add_argument("--phases", default="load,latency,reception,burst,kill")
@@ -379,7 +383,14 @@ def main() -> None:
     from pedetect.recipe import load_experiment
     from pedetect.testing import write_random_bundle
 
-    out: dict = {"slices": args.slices, "size": args.size, "settle_s": args.settle, "workers": args.workers}
+    out: dict = {
+        "slices": args.slices,
+        "size": args.size,
+        "settle_s": args.settle,
+        "workers": args.workers,
+        "runtime": args.runtime,
+        "model": str(args.model) if args.model else "demo recipe, random weights",
+    }
     with tempfile.TemporaryDirectory(prefix="pedetect-bench-serve-") as scratch:
         root = Path(scratch)
         if args.model is None:
@@ -394,7 +405,7 @@ def main() -> None:
         destination, webhook = Destination(), Webhook()
         try:
             if "load" in phases:
-                out["load_once"] = load_once(model, studies, args.repeats)
+                out["load_once"] = load_once(model, studies, args.repeats, args.runtime)
                 print("load once:", out["load_once"], flush=True)
             port = free_port()
             if {"latency", "reception"} & phases:

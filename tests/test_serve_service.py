@@ -198,5 +198,8 @@ def test_a_bad_config_file_is_refused_naming_the_key_and_the_allowed_ones(burst,
     config.write_text(f"models: ['{model}']\nworkers: 0\n")
     run = subprocess.run([PEDETECT, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "workers" in run.stderr
+    config.write_text(f"models: ['{model}']\nruntime: fastest\n")
+    run = subprocess.run([PEDETECT, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "runtime" in run.stderr and "onnx-int8" in run.stderr
     run = subprocess.run([PEDETECT, "serve"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--model" in run.stderr

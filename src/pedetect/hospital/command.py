@@ -25,7 +25,8 @@ def serve_command(
         None,
         "--config",
         help="YAML with any of the settings below (models, spool, ae_title, host, port, settle, destination, device, "
-        "min_slices, decode_timeout, retry_max, alerts, workers, http_host, http_port); flags given here override it.",
+        "runtime, threads, min_slices, decode_timeout, retry_max, alerts, workers, http_host, http_port); flags given "
+        "here override it.",
     ),
     ae_title: str | None = typer.Option(None, "--ae-title", help="This node's AE title. [default: PEDETECT]"),
     port: int | None = typer.Option(
@@ -59,6 +60,14 @@ def serve_command(
     ),
     device: str | None = typer.Option(
         None, "--device", help="auto (CUDA when available), cpu or cuda. [default: auto]"
+    ),
+    runtime: str | None = typer.Option(
+        None,
+        "--runtime",
+        help="auto, torch, onnx or onnx-int8 (as pedetect predict --runtime). [default: auto]",
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="CPU threads of each worker's models. [default: every core]"
     ),
     decode_timeout: float | None = typer.Option(
         None,
@@ -121,6 +130,8 @@ def serve_command(
         "settle": settle,
         "destination": destination,
         "device": device,
+        "runtime": runtime,
+        "threads": threads,
         "min_slices": min_slices,
         "decode_timeout": decode_timeout,
         "retry_max": retry_max,

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -65,6 +65,8 @@ class ServeConfig:
     settle: float = 10.0
     destination: str | None = None
     device: str = "auto"
+    runtime: str = "auto"  # auto, torch, onnx or onnx-int8 (infer.predictor.Predictor)
+    threads: int | None = None  # CPU threads of each worker's models (None: every core)
     min_slices: int = MIN_SLICES  # a usable series has at least this many slices (pedetect.hospital.selection)
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
     retry_max: float = 60.0
@@ -90,6 +92,8 @@ class ServeSettings(StrictModel):
     settle: float = Field(default=10.0, ge=0)
     destination: str | None = None
     device: str = "auto"
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
     min_slices: int = Field(default=MIN_SLICES, ge=1)
     decode_timeout: float = Field(default=DEFAULT_DECODE_TIMEOUT_S, ge=0)
     retry_max: float = Field(default=60.0, gt=0)
@@ -217,7 +221,12 @@ class Worker:
             return
         self.status("loading")
         started = time.time()
-        self.predictor = Predictor(list(self.config.model_dirs), device=self.config.device)
+        self.predictor = Predictor(
+            list(self.config.model_dirs),
+            device=self.config.device,
+            runtime=self.config.runtime,
+            threads=self.config.threads,
+        )
         self._resources = ExitStack()
         self.decode = self._resources.enter_context(slice_decoder(self.config.decode_timeout))
         LOG.info("%s: models loaded in %.1f s: %s", self.name, time.time() - started, self.predictor.description)
@@ -511,12 +520,15 @@ class Server:
         """Serve until :meth:`stop`: the SCP, the delivery, alert and monitor threads, and the workers."""
         if self.server is None:
             self.start()
+        # The delivery and alert threads poll the spool often: the workers that fill it are other processes.
         threads = [
-            threading.Thread(target=self.outbox.run, args=(self.stop_event,), name="pedetect-deliver", daemon=True)
+            threading.Thread(target=self.outbox.run, args=(self.stop_event, 0.05), name="pedetect-deliver", daemon=True)
         ]
         if self.alerts is not None:
             threads.append(
-                threading.Thread(target=self.alerts.run, args=(self.stop_event,), name="pedetect-alerts", daemon=True)
+                threading.Thread(
+                    target=self.alerts.run, args=(self.stop_event, 0.1), name="pedetect-alerts", daemon=True
+                )
             )
         threads.append(
             threading.Thread(target=self.monitor.watch, args=(self.stop_event,), name="pedetect-monitor", daemon=True)
