@@ -24,23 +24,20 @@ import pydicom
 import pytest
 
 from pedetect.dicom.frames import frame_geometry, split_frame_key
+from pedetect.hospital.codes import FINDING_SITES, LABEL_CONCEPTS, PE_TRACKING, label_key
 from pedetect.hospital.results import (
     CS3D_TRACKING,
-    FINDING_SITES,
-    LABEL_CONCEPTS,
     NOT_DIAGNOSTIC,
-    PE_TRACKING,
     TYPE2_PATIENT_STUDY,
     Algorithm,
     algorithm_of,
     candidate_scoord,
     key_slices,
-    label_key,
     labels_summary,
-    read_sr_values,
     write_study_results,
 )
 from pedetect.hospital.seg import candidate_mask
+from pedetect.hospital.sr_read import read_sr_values
 from pedetect.infer.report import StudyResult
 from pedetect.labels import EXAM_LABEL_TITLES, EXAM_LABELS
 from pedetect.models.bundle import read_bundle

@@ -17,8 +17,9 @@ import pydicom
 import pytest
 
 from pedetect.dicom.frames import split_frame_key
-from pedetect.hospital.results import key_slices, read_sr_values, result_from_report
+from pedetect.hospital.results import key_slices, result_from_report
 from pedetect.hospital.serve import answered
+from pedetect.hospital.sr_read import read_sr_values
 from pedetect.synth import write_dataset
 from pedetect.testing import write_random_bundle
 from test_dicom_results import adapter_inputs, run_adapter, validator_report

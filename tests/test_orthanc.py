@@ -19,8 +19,8 @@ import pydicom
 import pytest
 
 from pedetect.hospital.answer import DicomAnswer
-from pedetect.hospital.results import read_sr_values
 from pedetect.hospital.serve import answered
+from pedetect.hospital.sr_read import read_sr_values
 from pedetect.infer.predict import predict
 from test_serve import c_store, free_port, serves, study, wait_for  # noqa: F401  (fixtures)
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pedetect.hospital.results import PE_TRACKING, read_sr_values
+from pedetect.hospital.codes import PE_TRACKING
 from pedetect.hospital.serve import answered
+from pedetect.hospital.sr_read import read_sr_values
 from pedetect.synth import write_dataset
 from pedetect.testing import write_random_bundle
 from train_fixtures import tiny_config

@@ -9,9 +9,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pedetect.hospital.results import read_sr_values
 from pedetect.hospital.selection import select_series
 from pedetect.hospital.serve import answered
+from pedetect.hospital.sr_read import read_sr_values
 from test_dicom_results import validator_errors
 from test_serve import StoreSCP, c_store, free_port, serves, study, wait_for  # noqa: F401  (fixtures)
 

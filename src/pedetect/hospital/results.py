@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,56 +38,30 @@ import numpy as np
 from pedetect import __version__
 from pedetect.dicom.frames import frame_key, split_frame_key
 from pedetect.dicom.source import Source, read_bytes
+from pedetect.hospital.codes import (
+    ABSENT,
+    AIR_PURPOSE,
+    AREA,
+    COMMENT,
+    COMPUTED_TOMOGRAPHY,
+    FINDING_SITES,
+    LABEL_CONCEPTS,
+    NO_MEASUREMENTS_TITLE,
+    NO_UNITS,
+    PRESENT,
+    PROBABILITY,
+    PULMONARY_EMBOLISM,
+    QUALITATIVE_EVALUATIONS,
+    SQUARE_MM,
+    SUMMARY,
+    coded,
+)
 from pedetect.infer.report import StudyResult, safe_name
 from pedetect.io import atomic_path, file_sha256
 from pedetect.labels import EXAM_LABEL_TITLES, EXAM_LABELS
 from pedetect.metric.rules import THRESHOLD
 from pedetect.view.page import suspicious_slices
 
-# The nine exam labels in standard codes only (SNOMED CT and DCM concepts of PS3.16; docs/dicom_results.md):
-# each is a CODE item named by its concept, qualified by HAS CONCEPT MOD items (name, value), whose value is
-# the decision after the label rules (Present / Absent). The (concept, modifiers) pair names the label.
-_FINDING = ("121071", "DCM", "Finding")
-_FINDING_SITE = ("363698007", "SCT", "Finding Site")
-_PE = ("59282003", "SCT", "Pulmonary embolism")
-_PULMONARY_ARTERY = ("81040000", "SCT", "Pulmonary artery")
-_RIGHT_VENTRICLE = ("53085002", "SCT", "Right ventricle")
-LabelConcept = tuple[tuple[str, str, str], tuple[tuple[tuple[str, str, str], tuple[str, str, str]], ...]]
-LABEL_CONCEPTS: dict[str, LabelConcept] = {  # exam label -> (concept name, ((modifier name, modifier value), ...))
-    "negative_exam_for_pe": (("260385009", "SCT", "Negative"), ((_FINDING, _PE),)),
-    "indeterminate": (("280416009", "SCT", "Indeterminate result"), ((_FINDING, _PE),)),
-    "chronic_pe": (("90734009", "SCT", "Chronic"), ((_FINDING, _PE),)),
-    "acute_and_chronic_pe": (
-        ("90734009", "SCT", "Chronic"),
-        ((_FINDING, _PE), (("385315009", "SCT", "Acute onset"), ("52101004", "SCT", "Present"))),
-    ),
-    "central_pe": (
-        _PE,
-        (
-            (_FINDING_SITE, _PULMONARY_ARTERY),
-            (("106233006", "SCT", "Topographical modifier"), ("26216008", "SCT", "Central")),
-        ),
-    ),
-    "leftsided_pe": (
-        _PE,
-        ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("7771000", "SCT", "Left"))),
-    ),
-    "rightsided_pe": (
-        _PE,
-        ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("24028007", "SCT", "Right"))),
-    ),
-    # The challenge's RV/LV diameter ratio >= 1 is CT's definition of an enlarged right ventricle.
-    "rv_lv_ratio_gte_1": (("260376009", "SCT", "Enlarged"), ((_FINDING_SITE, _RIGHT_VENTRICLE),)),
-    "rv_lv_ratio_lt_1": (("125112009", "SCT", "Within normal limits"), ((_FINDING_SITE, _RIGHT_VENTRICLE),)),
-}
-
-
-def label_key(concept: tuple[str, ...], modifiers) -> tuple:
-    """What names a label in an SR: the (value, scheme) of its concept and of each modifier's name and value."""
-    return (tuple(concept[:2]), tuple(sorted((tuple(name[:2]), tuple(value[:2])) for name, value in modifiers)))
-
-
-PE_TRACKING = "pulmonary_embolism"  # the key of the study-level PE finding in read_sr_values' findings
 N_KEY_TOP = 3  # the most suspicious slices always referenced (as the report picture shows them)
 SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "ko": 9903, "seg": 9904}
 NOT_DIAGNOSTIC = "NOT FOR DIAGNOSTIC USE"
@@ -99,20 +72,11 @@ SERIES_DESCRIPTIONS = {
     "seg": f"pedetect PE candidates ({NOT_DIAGNOSTIC})",
 }
 FILE_NAMES = {"sr": "sr.dcm", "sc": "sc.dcm", "ko": "ko.dcm", "seg": "seg.dcm"}
-# Where each candidate is (localise's side, from the patient's own lungs) as the SNOMED CT finding site.
-# "central" is between the lungs' medial edges: the pulmonary trunk and the start of both main arteries.
-FINDING_SITES: dict[str, tuple[str, str, str]] = {
-    "central": ("45341000", "SCT", "Pulmonary trunk"),
-    "right": ("78480002", "SCT", "Right pulmonary artery"),
-    "left": ("50408007", "SCT", "Left pulmonary artery"),
-}
 # cornerstone's tracking-identifier convention (@cornerstonejs/adapters, CORNERSTONE_3D_TAG): OHIF picks the
 # tool that can show and edit a measurement group by this prefix; without it a freehand outline is drawn
 # read-only and cannot be tracked. The text after the tool name is pedetect's own.
 CS3D_TRACKING = "Cornerstone3DTools@^0.1.0"
 CS3D_TOOLS = {"POLYLINE": "PlanarFreehandROI", "POINT": "Probe"}
-# IHE AI Results (AIR) Rev 1.1, 6.5.3.1: the Contributing Equipment item of the algorithm.
-AIR_PURPOSE = ("Newcode1", "99IHE", "Processing Algorithm")
 # Type 2 attributes of the Patient and General Study modules: written empty when the source lacks them.
 TYPE2_PATIENT_STUDY = (
     "PatientName",
@@ -298,26 +262,6 @@ def with_type2(ds):
         if keyword not in kept or kept[keyword].value is None:
             setattr(kept, keyword, "")
     return kept
-
-
-def coded(value: str, scheme: str, meaning: str):
-    from highdicom.sr import CodedConcept
-
-    return CodedConcept(value, scheme, meaning)
-
-
-PRESENT = ("52101004", "SCT", "Present")
-ABSENT = ("2667000", "SCT", "Absent")
-PROBABILITY = ("122157", "DCM", "Probability")
-NO_UNITS = ("1", "UCUM", "no units")
-PULMONARY_EMBOLISM = ("59282003", "SCT", "Pulmonary embolism")
-QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS", "Qualitative Evaluations")
-COMMENT = ("121106", "DCM", "Comment")
-SUMMARY = ("121111", "DCM", "Summary")
-COMPUTED_TOMOGRAPHY = ("77477000", "SCT", "Computed tomography")
-AREA = ("42798000", "SCT", "Area")
-NO_MEASUREMENTS_TITLE = ("24627-2", "LN", "CT Chest Report")  # CID 7000; the title of an SR without candidates
-SQUARE_MM = ("mm2", "UCUM", "square millimeter")
 
 
 def _observer(algorithm: Algorithm):
@@ -697,19 +641,6 @@ def add_contributing_equipment(dataset, algorithm: Algorithm) -> None:
     ]
 
 
-def sr_comments(sr) -> list[str]:
-    """The comments of a pedetect SR (pydicom dataset): what was not used and why."""
-    found = []
-    for item in sr.ContentSequence:
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == QUALITATIVE_EVALUATIONS[0]:
-            found += [
-                str(child.TextValue)
-                for child in item.ContentSequence
-                if child.ValueType == "TEXT" and _concept(child) == COMMENT[:2]
-            ]
-    return found
-
-
 def build_sc(reference, picture: np.ndarray, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
     """The Secondary Capture (highdicom SCImage) of the report picture, RGB."""
     from highdicom.sc import SCImage
@@ -964,135 +895,6 @@ def _save(dataset, path: Path, reference=None) -> Path:
     with atomic_path(path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)
     return path
-
-
-def read_sr_values(path: str | Path) -> dict[str, Any]:
-    """The values of a pedetect SR: ``findings``: per exam output (``pulmonary_embolism`` and the nine
-    labels) the code, the model probability and the decision (True: present), from the Qualitative
-    Evaluations; ``key_sops``: the key slices the PE evaluation is inferred from, by their names in the
-    predictions (``sop#frame`` for a frame of a multi-frame instance); ``algorithm``: name, version,
-    parameters; ``comments``; ``candidates``: per measurement group its number, tracking identifier and
-    UID, finding and finding site codes, probability, SCOORD (graphic type, GraphicData as (column, row)
-    pairs, the key slice's name) and comment; ``library``: the Image Library's slices."""
-    import pydicom
-
-    sr = pydicom.dcmread(str(path))
-    values: dict[str, Any] = {
-        "findings": {},
-        "key_sops": [],
-        "algorithm": None,
-        "comments": sr_comments(sr),
-        "candidates": [],
-        "library": [],
-    }
-    labels = {label_key(*concept): label for label, concept in LABEL_CONCEPTS.items()}
-    for item in sr.ContentSequence:
-        concept = _concept(item)
-        if concept == QUALITATIVE_EVALUATIONS[:2]:
-            for child in item.get("ContentSequence", []):
-                if child.ValueType != "CODE":
-                    continue
-                code = _concept(child)
-                grandchildren = list(child.get("ContentSequence", []))
-                modifiers = [
-                    (_concept(g), _concept_value(g))
-                    for g in grandchildren
-                    if g.ValueType == "CODE" and g.RelationshipType == "HAS CONCEPT MOD"
-                ]
-                key = label_key(code, modifiers)
-                tracking = PE_TRACKING if key == label_key(PULMONARY_EMBOLISM, ()) else labels.get(key)
-                if tracking is None:
-                    continue
-                numbers = [g for g in grandchildren if g.ValueType == "NUM" and _concept(g) == PROBABILITY[:2]]
-                values["findings"][tracking] = {
-                    "code": code,
-                    "probability": float(numbers[0].MeasuredValueSequence[0].NumericValue) if numbers else math.nan,
-                    "present": str(child.ConceptCodeSequence[0].CodeValue) == PRESENT[0],
-                }
-                if tracking == PE_TRACKING:
-                    values["key_sops"] = [_slice_name(g) for g in grandchildren if g.ValueType == "IMAGE"]
-                    values["algorithm"] = _algorithm_texts(grandchildren)
-        elif concept == ("111028", "DCM"):  # Image Library
-            for group in item.get("ContentSequence", []):
-                values["library"] += [
-                    _slice_name(g) for g in group.get("ContentSequence", []) if g.ValueType == "IMAGE"
-                ]
-        elif concept == ("126010", "DCM"):  # Imaging Measurements
-            for group in item.get("ContentSequence", []):
-                values["candidates"].append(_read_group(group))
-    return values
-
-
-def _concept(item) -> tuple[str, str]:
-    code = item.ConceptNameCodeSequence[0]
-    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
-
-
-def _algorithm_texts(items) -> dict[str, Any]:
-    texts = [(_concept(i)[0], str(i.TextValue)) for i in items if i.ValueType == "TEXT"]
-    return {
-        "name": next((t for code, t in texts if code == "111001"), None),
-        "version": next((t for code, t in texts if code == "111003"), None),
-        "parameters": [t for code, t in texts if code == "111002"],
-    }
-
-
-def _scoord(item) -> dict[str, Any]:
-    (image,) = [i for i in item.ContentSequence if i.ValueType == "IMAGE"]
-    return {
-        "graphic_type": str(item.GraphicType),
-        "graphic_data": [[float(x), float(y)] for x, y in np.asarray(item.GraphicData, float).reshape(-1, 2)],
-        "sop": _slice_name(image),
-    }
-
-
-def _read_group(group) -> dict[str, Any]:
-    """One candidate's measurement group (TID 1410) as read back."""
-    found: dict[str, Any] = {"comment": None, "finding": None, "finding_site": None, "algorithm": None, "area": None}
-    children = list(group.ContentSequence)
-    for item in children:
-        concept = _concept(item)
-        if concept == ("112039", "DCM"):
-            found["tracking_id"] = str(item.TextValue)
-        elif concept == ("112040", "DCM"):
-            found["tracking_uid"] = str(item.UID)
-        elif concept == ("121071", "DCM"):
-            found["finding"] = _concept_value(item)
-        elif concept == ("363698007", "SCT"):
-            found["finding_site"] = _concept_value(item)
-        elif item.ValueType == "SCOORD" and concept == ("111030", "DCM"):
-            found["region"] = _scoord(item)
-        elif item.ValueType == "NUM" and concept == AREA[:2]:
-            found["area"] = float(item.MeasuredValueSequence[0].NumericValue)
-        elif item.ValueType == "NUM" and concept == PROBABILITY[:2]:
-            found["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
-            inferred = [i for i in item.get("ContentSequence", []) if i.ValueType == "SCOORD"]
-            found["probability_region"] = _scoord(inferred[0]) if inferred else None
-        elif item.ValueType == "TEXT" and concept == COMMENT[:2]:
-            found["comment"] = str(item.TextValue)
-    found["algorithm"] = _algorithm_texts(children)
-    number = re.search(r"PE candidate (\d+)$", found.get("tracking_id", ""))
-    found["candidate"] = int(number.group(1)) if number else None
-    slices = re.search(r"slices (\d+)-(\d+) of the series \(key slice (\d+)\)", found["comment"] or "")
-    if slices:
-        found["slice_first"], found["slice_last"], found["slice_index"] = map(int, slices.groups())
-    return found
-
-
-def _concept_value(item) -> tuple[str, str, str]:
-    code = item.ConceptCodeSequence[0]
-    return (str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning))
-
-
-def _slice_name(reference) -> str:
-    """The slice name of an SR image reference (an IMAGE content item): ``sop`` or ``sop#frame``."""
-    from pydicom.multival import MultiValue
-
-    item = reference.ReferencedSOPSequence[0]
-    frames = item.get("ReferencedFrameNumber")
-    if frames is None or frames == "":
-        return str(item.ReferencedSOPInstanceUID)
-    return frame_key(str(item.ReferencedSOPInstanceUID), int(frames[0] if isinstance(frames, MultiValue) else frames))
 
 
 def describe(written: StudyDicom) -> str:

@@ -92,12 +92,12 @@ def build_seg(candidates: Sequence[Any], algorithm: Any, *, notes: list[str], se
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    from pedetect.hospital.codes import coded
     from pedetect.hospital.results import (
         NOT_DIAGNOSTIC,
         SERIES_DESCRIPTIONS,
         SERIES_NUMBERS,
         add_contributing_equipment,
-        coded,
     )
 
     if not candidates:
