@@ -116,6 +116,39 @@ class SinusoidalPosition(nn.Module):
         return x + self.table[: x.shape[1]]
 
 
+def _check_head_options(
+    embedding_dim: int,
+    *,
+    encoder: str,
+    use_cnn_logit: bool,
+    exam_structure: str,
+    exam_pooling: str,
+    input_columns: int | None,
+    position: str,
+    exam_pool: str,
+    attention: str,
+    head_hidden: int,
+    resize: str,
+) -> None:
+    """ValueError naming the option when a :class:`SequenceHead`'s options cannot go together."""
+    if encoder not in ("gru", "lstm", "double_lstm", "transformer"):
+        raise ValueError(f"unknown sequence encoder {encoder!r}; choose gru, lstm, double_lstm or transformer")
+    if exam_pool not in ("attention_max", "attention", "mean_max"):
+        raise ValueError(f"unknown exam_pool {exam_pool!r}; choose attention_max, attention or mean_max")
+    if exam_pooling == "per_output" and (exam_pool != "attention_max" or head_hidden or encoder == "double_lstm"):
+        raise ValueError("exam_pooling per_output needs exam_pool attention_max, head_hidden 0 and a single encoder")
+    if attention not in ("linear", "tanh") or position not in ("sinusoidal", "none") or resize not in ("all", "longer"):
+        raise ValueError(f"attention {attention!r}, position {position!r} or resize {resize!r} unknown")
+    if input_columns is not None and not 0 <= input_columns <= embedding_dim:
+        raise ValueError(f"input_columns must be None or 0 … {embedding_dim}, got {input_columns}")
+    if input_columns == 0 and not use_cnn_logit:
+        raise ValueError("input_columns=0 and use_cnn_logit=False leave the head no input")
+    if exam_structure not in ("independent", "conditional"):
+        raise ValueError(f"unknown exam_structure {exam_structure!r}; choose independent or conditional")
+    if exam_pooling not in ("shared", "per_output"):
+        raise ValueError(f"unknown exam_pooling {exam_pooling!r}; choose shared or per_output")
+
+
 class SequenceHead(nn.Module):
     """Bidirectional GRU/LSTM or transformer over slice embeddings; slice and exam logits."""
 
@@ -143,29 +176,22 @@ class SequenceHead(nn.Module):
         resize: str = "all",
     ):
         super().__init__()
-        if exam_pool not in ("attention_max", "attention", "mean_max"):
-            raise ValueError(f"unknown exam_pool {exam_pool!r}; choose attention_max, attention or mean_max")
-        if exam_pooling == "per_output" and (exam_pool != "attention_max" or head_hidden or encoder == "double_lstm"):
-            raise ValueError(
-                "exam_pooling per_output needs exam_pool attention_max, head_hidden 0 and a single encoder"
-            )
-        if (
-            attention not in ("linear", "tanh")
-            or position not in ("sinusoidal", "none")
-            or resize not in ("all", "longer")
-        ):
-            raise ValueError(f"attention {attention!r}, position {position!r} or resize {resize!r} unknown")
+        _check_head_options(
+            embedding_dim,
+            encoder=encoder,
+            use_cnn_logit=use_cnn_logit,
+            exam_structure=exam_structure,
+            exam_pooling=exam_pooling,
+            input_columns=input_columns,
+            position=position,
+            exam_pool=exam_pool,
+            attention=attention,
+            head_hidden=head_hidden,
+            resize=resize,
+        )
         self.exam_pool = exam_pool
         self.attention_kind = attention
         self.resize = resize
-        if input_columns is not None and not 0 <= input_columns <= embedding_dim:
-            raise ValueError(f"input_columns must be None or 0 … {embedding_dim}, got {input_columns}")
-        if input_columns == 0 and not use_cnn_logit:
-            raise ValueError("input_columns=0 and use_cnn_logit=False leave the head no input")
-        if exam_structure not in ("independent", "conditional"):
-            raise ValueError(f"unknown exam_structure {exam_structure!r}; choose independent or conditional")
-        if exam_pooling not in ("shared", "per_output"):
-            raise ValueError(f"unknown exam_pooling {exam_pooling!r}; choose shared or per_output")
         self.exam_structure = exam_structure
         self.exam_pooling = exam_pooling
         self.embedding_dim = embedding_dim
@@ -177,6 +203,24 @@ class SequenceHead(nn.Module):
         self.input_columns = embedding_dim if input_columns is None else int(input_columns)
         in_dim = self.input_columns * (3 if neighbour_diffs else 1) + (1 if use_cnn_logit else 0)
         self.encoder_kind = encoder
+        out_dim = self._build_encoder(in_dim, hidden, layers, dropout, heads, feedforward, position)
+        self.dropout = nn.Dropout(dropout)
+        self.slice_head = _output(out_dim, 1, head_hidden, dropout)
+        n_exam = len(EXAM_LABELS) if exam_structure == "independent" else len(CONDITIONAL_OUTPUTS)
+        # shared: one attention over the slices for every exam output; per_output: each output attends
+        # to its own slices (the RV/LV outputs to the heart's, positive/negative to the emboli's).
+        self.attention = nn.Linear(out_dim, 1 if exam_pooling == "shared" else n_exam)
+        if encoder == "double_lstm":  # an attention per LSTM, their pooled vectors summed (4th place)
+            self.attention2 = nn.Linear(out_dim, 1)
+        pooled_dim = out_dim if exam_pool == "attention" else 2 * out_dim
+        self.exam_head = _output(pooled_dim, n_exam, head_hidden, dropout)
+
+    def _build_encoder(
+        self, in_dim: int, hidden: int, layers: int, dropout: float, heads: int, feedforward: int | None, position: str
+    ) -> int:
+        """The encoder of ``self.encoder_kind`` (its modules made in the order their weights were always
+        drawn); the width of its outputs."""
+        encoder = self.encoder_kind
         if encoder in ("gru", "lstm", "double_lstm"):
             rnn = nn.GRU if encoder == "gru" else nn.LSTM
             self.encoder = rnn(
@@ -196,25 +240,12 @@ class SequenceHead(nn.Module):
                     bidirectional=True,
                     dropout=dropout if layers > 1 else 0.0,
                 )
-            out_dim = 2 * hidden
-        elif encoder == "transformer":
-            self.project = nn.Linear(in_dim, hidden)
-            self.position = SinusoidalPosition(hidden) if position == "sinusoidal" else nn.Identity()
-            layer = nn.TransformerEncoderLayer(hidden, heads, feedforward or 4 * hidden, dropout, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-            out_dim = hidden
-        else:
-            raise ValueError(f"unknown sequence encoder {encoder!r}; choose gru, lstm or transformer")
-        self.dropout = nn.Dropout(dropout)
-        self.slice_head = _output(out_dim, 1, head_hidden, dropout)
-        n_exam = len(EXAM_LABELS) if exam_structure == "independent" else len(CONDITIONAL_OUTPUTS)
-        # shared: one attention over the slices for every exam output; per_output: each output attends
-        # to its own slices (the RV/LV outputs to the heart's, positive/negative to the emboli's).
-        self.attention = nn.Linear(out_dim, 1 if exam_pooling == "shared" else n_exam)
-        if encoder == "double_lstm":  # an attention per LSTM, their pooled vectors summed (4th place)
-            self.attention2 = nn.Linear(out_dim, 1)
-        pooled_dim = out_dim if exam_pool == "attention" else 2 * out_dim
-        self.exam_head = _output(pooled_dim, n_exam, head_hidden, dropout)
+            return 2 * hidden
+        self.project = nn.Linear(in_dim, hidden)
+        self.position = SinusoidalPosition(hidden) if position == "sinusoidal" else nn.Identity()
+        layer = nn.TransformerEncoderLayer(hidden, heads, feedforward or 4 * hidden, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        return hidden
 
     def predict_series(self, embeddings: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slice logits ``(N,)`` and exam logits ``(9,)`` (EXAM_LABELS order), float32, of one series.
