@@ -1,4 +1,4 @@
-"""Enhanced CT (issue #22): the frames of Enhanced CT and Legacy Converted Enhanced CT files are
+"""Enhanced CT: the frames of Enhanced CT and Legacy Converted Enhanced CT files are
 slices, read one frame at a time with their geometry and rescale from the functional groups.
 
 The data are made here: ``pedetect synth`` writes the same studies as single-frame files and, with

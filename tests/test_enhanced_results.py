@@ -1,4 +1,4 @@
-"""DICOM results of an Enhanced (multi-frame) CT study (issue #22): the predictions name a frame's
+"""DICOM results of an Enhanced (multi-frame) CT study: the predictions name a frame's
 slice ``<SOPInstanceUID>#<n>``; the SR, the KOS, the SEG and the SC must instead reference the
 multi-frame instance by its own SOPInstanceUID and the frame by ReferencedFrameNumber.
 

@@ -1,4 +1,4 @@
-"""A model bundle from someone else (issue #22): every way to make one bad is a clear error naming
+"""A model bundle from someone else: every way to make one bad is a clear error naming
 the file (and the key or tensor) from :func:`pedetect.models.bundle.read_bundle`, and from
 ``pedetect predict`` an exit status 2 before any study is read. Bundles are made with
 :func:`pedetect.testing.write_random_bundle` and then edited on disk."""

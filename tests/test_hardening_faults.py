@@ -1,4 +1,4 @@
-"""Concurrency and faults (issue #22): two runs into one folder, a lock left by a dead run, a full
+"""Concurrency and faults: two runs into one folder, a lock left by a dead run, a full
 disk during prepare and predict. Every run here is a real ``pedetect`` process; nothing is mocked.
 
 Two runs at once are made deterministic with signals: the first is frozen (SIGSTOP) as soon as it

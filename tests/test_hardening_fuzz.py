@@ -1,4 +1,4 @@
-"""The read path under fuzzing (issue #22): a bounded, seeded pass of the mutation loop in
+"""The read path under fuzzing: a bounded, seeded pass of the mutation loop in
 tests/fuzz/read_fuzz.py (``make fuzz`` runs atheris for longer), every earlier finding replayed
 from tests/data/fuzz_regressions, and the declared-size checks on inputs built here."""
 

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue #22): zips with unsafe member names, links, encryption, nested archives,
+"""Hostile inputs: zips with unsafe member names, links, encryption, nested archives,
 lying sizes and bombs; folders with link loops, special files, unreadable files and very deep
 trees. Each case is built here, and each must end as a failure row with its reason while the rest
 of the input is prepared and nothing is written outside the output folder."""

@@ -1,4 +1,4 @@
-"""A per-file time limit in prepare (issue #22): a slice whose decoding takes longer than
+"""A per-file time limit in prepare: a slice whose decoding takes longer than
 ``--decode-timeout`` becomes a failure row with that reason, its decoder process is killed and
 replaced, and the batch goes on.
 

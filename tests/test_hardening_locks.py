@@ -1,4 +1,4 @@
-"""Two runs into one output (issue #22): ``pedetect export`` and ``pedetect predict`` hold locks
+"""Two runs into one output: ``pedetect export`` and ``pedetect predict`` hold locks
 (:func:`pedetect.io.folder_lock`, as prepare and train do): export on MODEL_DIR (or, with ``--out``,
 on the copy), predict on its submission (a lock file beside it) and on its ``--report`` and
 ``--dicom-out`` folders. Real processes, made deterministic with signals as in

@@ -1,4 +1,4 @@
-"""Property tests of slice order and rescale (issue #22): any permutation of a series' files gives
+"""Property tests of slice order and rescale: any permutation of a series' files gives
 the same order, the documented fallbacks (InstanceNumber, then SOPInstanceUID) are taken and
 recorded when orientation is degenerate or a position is missing, and the table-driven windowing
 equals HU = stored × slope + intercept windowed by hand."""

@@ -1,4 +1,4 @@
-"""No patient data leaks (issue #22): synthetic studies whose PatientName, PatientID,
+"""No patient data leaks: synthetic studies whose PatientName, PatientID,
 PatientBirthDate, AccessionNumber and InstitutionName hold canary strings go through the real chain
 as processes — prepare → train (every stage, a recipe of seconds) → predict with ``--report`` and
 ``--dicom-out``, and ``pedetect serve`` fed the test studies by C-STORE on a loopback port — and every byte of every file written (archives and Parquet tables opened, PNG

@@ -1,5 +1,5 @@
 """Only CT images enter the store: every other DICOM object (MR, US, CR, SC, SEG, SR, dose reports,
-colour images) is a failure row whose reason names what it is (issue #22, "Real-world files")."""
+colour images) is a failure row whose reason names what it is."""
 
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ from train_fixtures import DEMO_CHAIN, ROOT, fold_slice_auc, pedetect_command, r
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
-# Issue #4's bar. Measured with configs/demo.yaml on these studies (2 CPU cores): 0.888, 0.950, 0.998
-# after epochs 1-3 (128 s), and 0.982 / 0.985 / 0.981 per fold in pedetect demo (docs/stage1_notes.md);
-# the recipe trains a fourth epoch since (docs/stage2_notes.md, eighth session).
+# Measured with configs/demo.yaml on these studies (2 CPU cores): 0.888, 0.950, 0.998 after epochs 1-3
+# (128 s), and 0.982 / 0.985 / 0.981 per fold in pedetect demo (docs/stage1_notes.md); the recipe trains a
+# fourth epoch (docs/stage2_notes.md, "2026-12-01 — epochs of stage 1: four instead of three").
 DEMO_MIN_AUC = 0.90
 
 
