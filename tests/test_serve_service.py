@@ -139,6 +139,7 @@ def test_two_workers_from_a_config_file_answer_a_burst_once_each_and_the_metrics
     for uid in studies:
         assert {"sr.dcm", "sc.dcm", "ko.dcm"} <= {p.name for p in (spool / "outbox" / uid).glob("*.dcm")}
     assert node.text().count("answered in") == N_STUDIES
+    assert not list((spool / "work").glob("*.claim"))  # each claim went with its answer
 
     found = wait_for(
         lambda: (lambda m: m if m[("pedetect_studies_answered_total", ())] == N_STUDIES else None)(

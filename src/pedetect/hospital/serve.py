@@ -338,11 +338,20 @@ class Worker:
 
     def take(self, study: str) -> bool:
         """Answer one complete study if no other worker holds it; True when this worker answered it."""
+        if self.spool.done_path(study).exists():  # answered since this worker listed it
+            return False
+        claim = self.spool.root / WORK / f"{study}.claim"
         with self.spool.claim(study) as claimed:
-            if not claimed or self.spool.done_path(study).exists():  # another worker has it, or just answered it
+            if not claimed:  # another worker has it
+                return False
+            if self.spool.done_path(study).exists():  # another worker just answered it
+                claim.unlink(missing_ok=True)
                 return False
             try:
                 self.answer(study)
+                # The claim's file goes with the answer (one empty file per study would pile up); a worker
+                # that opened it meanwhile gets the lock after this one and finds the study answered.
+                claim.unlink(missing_ok=True)
             except Exception as error:  # the study is answered with its reason; the worker goes on
                 LOG.exception("study %s could not be answered: %s: %s", study, type(error).__name__, error)
                 write_json_atomic(
