@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,7 +69,7 @@ class Monitor:
         self.workers = Gauge(
             "pedetect_workers_ready", "Prediction workers with their models loaded", registry=self.registry
         )
-        self._seen = self._done_files()  # what earlier nodes answered is not this node's
+        self._seen = self._done_names()  # what earlier nodes answered is not this node's
         self._http: ThreadingHTTPServer | None = None
 
     # -- counting
@@ -76,15 +77,16 @@ class Monitor:
         self.received_total.labels(outcome).inc()
         self.store_seconds.observe(time.perf_counter() - started)
 
-    def _done_files(self) -> set[tuple[str, int]]:
-        done = Path(self.server.spool.root) / "done"
-        return {(p.name, p.stat().st_mtime_ns) for p in done.glob("*.json")}
+    def _done_names(self) -> set[str]:
+        # Names only (no stat per record): a study answered again lost its record meanwhile (a new
+        # instance removes it), so it comes back as a new name.
+        return {name for name in os.listdir(Path(self.server.spool.root) / "done") if name.endswith(".json")}
 
     def update(self) -> None:
         """Count the records answered since the last call; refresh the gauges."""
         done = Path(self.server.spool.root) / "done"
-        current = self._done_files()
-        for name, _ in sorted(current - self._seen):
+        current = self._done_names()
+        for name in sorted(current - self._seen):
             try:
                 record = read_json(done / name)
             except (OSError, ValueError):
@@ -114,8 +116,7 @@ class Monitor:
     def worker_states(self) -> list[dict]:
         """Each worker's last word (SPOOL/workers/<name>.json), with whether its process lives."""
         states = []
-        for n in range(1, self.server.config.workers + 1):
-            name = f"worker-{n}"
+        for name in self.server.worker_names:
             path = Path(self.server.spool.root) / "workers" / f"{name}.json"
             try:
                 state = read_json(path)

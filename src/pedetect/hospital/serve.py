@@ -158,13 +158,16 @@ class Spool:
             if p.is_dir() and not (self.root / DONE / f"{p.name}.json").exists()
         ]
 
+    def claim_path(self, study: str) -> Path:
+        return self.root / WORK / f"{study}.claim"
+
     @contextmanager
     def claim(self, study: str) -> Iterator[bool]:
         """Hold ``work/<study>.claim`` for the block (True), or False when another worker holds it: an
         ``fcntl.flock`` the kernel releases when its process ends, however it ends."""
         import fcntl
 
-        fd = os.open(self.root / WORK / f"{study}.claim", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.claim_path(study), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,7 +343,7 @@ class Worker:
         """Answer one complete study if no other worker holds it; True when this worker answered it."""
         if self.spool.done_path(study).exists():  # answered since this worker listed it
             return False
-        claim = self.spool.root / WORK / f"{study}.claim"
+        claim = self.spool.claim_path(study)
         with self.spool.claim(study) as claimed:
             if not claimed:  # another worker has it
                 return False
@@ -423,16 +426,15 @@ class Server:
     def _alerts(self):
         from pedetect.hospital.alerts import AlertConfig, Alerts
         from pedetect.hospital.results import algorithm_of
-        from pedetect.metric.calibrate import read_operating_points
+        from pedetect.metric.calibrate import first_operating_points
         from pedetect.models.bundle import read_bundle
 
         bundles = [read_bundle(path) for path in self.config.model_dirs]
-        points = next((p for p in (read_operating_points(b.path) for b in bundles) if p is not None), None)
         return Alerts(
             AlertConfig.from_yaml(self.config.alerts),
             self.spool.root / "alerts",
             algorithm_of(bundles).identity,
-            operating_points=points,
+            operating_points=first_operating_points([b.path for b in bundles]),
         )
 
     # -- the SCP
@@ -504,10 +506,14 @@ class Server:
         self.processes[name] = process
         LOG.info("%s started (pid %d)", name, process.pid)
 
+    @property
+    def worker_names(self) -> list[str]:
+        return [f"worker-{n}" for n in range(1, self.config.workers + 1)]
+
     def _supervise(self) -> None:
         """Start the worker processes and restart any that ends while the node runs."""
-        for n in range(1, self.config.workers + 1):
-            self._start_process(f"worker-{n}")
+        for name in self.worker_names:
+            self._start_process(name)
         while not self.stop_event.wait(1.0):
             for name, process in list(self.processes.items()):
                 if not process.is_alive():

@@ -146,11 +146,9 @@ class Ensemble:
         first = next((m for m in self.members if m.location[0] > 0), None)
         self.location_view = LocationView(first.location[0], first.location[1], first.read) if first else None
         # The first bundle's operating points (pedetect calibrate), for a decision at a chosen threshold.
-        from pedetect.metric.calibrate import read_operating_points
+        from pedetect.metric.calibrate import first_operating_points
 
-        self.operating_points = next(
-            (points for points in (read_operating_points(b.path) for b in self.bundles) if points is not None), None
-        )
+        self.operating_points = first_operating_points([b.path for b in self.bundles])
         labels = (IMAGE_LABEL, *EXAM_LABELS)
         self.prior = {label: float(np.mean([bundle.prior[label] for bundle in self.bundles])) for label in labels}
 

@@ -251,6 +251,12 @@ def read_operating_points(model_dir: str | Path) -> dict[str, Any] | None:
     return read_operating_points_file(path)
 
 
+def first_operating_points(model_dirs) -> dict[str, Any] | None:
+    """The operating points of the first of ``model_dirs`` that has them (an ensemble decides at its
+    first bundle's points); ``None`` when none has."""
+    return next((points for points in map(read_operating_points, model_dirs) if points is not None), None)
+
+
 def resolve_operating_points(path: str | Path) -> Path:
     """The file of ``--operating-points``: the path itself, or a model folder's operating_points.json."""
     path = Path(path)
