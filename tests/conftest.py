@@ -1,5 +1,6 @@
-"""Fixtures shared by several test files (pytest finds them here). Helpers that tests import by name
-stay in train_fixtures.py, dicom_fixtures.py and metric_helpers.py."""
+"""Fixtures shared by test files in several folders (pytest finds them here, for every folder below);
+those of one folder's tests only are in that folder's conftest.py (tests/hospital/conftest.py).
+Helpers that tests import by name are in the helpers package (tests/helpers/)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from helpers.train import FakeStore, fake_labels, tiny_config
 from pedetect.cli import app
 from pedetect.recipe import ExperimentConfig
-from train_fixtures import FakeStore, fake_labels, tiny_config
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ class TrainedModel(NamedTuple):
 def trained_model(tmp_path_factory) -> TrainedModel:
     """Every stage (cnn → embed → seq, 3 folds) of :func:`tiny_config` with the 9-channel
     adjacent-slice input (so a slice's neighbours matter to its embedding), on 12 fake studies of 10
-    slices. Trained once per session (test_embed.py, test_seq_train.py: both in the xdist group
+    slices. Trained once per session (train/test_embed.py, train/test_seq_train.py: both in the xdist group
     "train", so one worker trains it); tests must not change it — use ``trained_copy`` for that."""
     from pedetect.train.pipeline import train
 

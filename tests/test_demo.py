@@ -15,12 +15,12 @@ import json
 import pandas as pd
 import pytest
 
+from helpers.processes import run_pedetect
 from pedetect.demo.run import default_config, run_demo
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
 from pedetect.metric.evaluate import evaluate_files
 from pedetect.metric.submission import expected_ids, read_studies
 from pedetect.models.bundle import read_bundle, read_preprocessing
-from train_fixtures import run_pedetect
 
 # Its own group: the other xdist worker runs it while the "train" group runs the stage tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from torch import nn
 
+from helpers.processes import ROOT, pedetect_command, run_pedetect
 from pedetect.labels import EXAM_LABELS, SERIES
 from pedetect.models.sequence import load_sequence_head
 from pedetect.models.slice_classifier import GeM, load_slice_classifier
 from pedetect.recipe import load_experiment
-from train_fixtures import ROOT, pedetect_command, run_pedetect
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 

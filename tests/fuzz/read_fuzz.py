@@ -9,7 +9,7 @@ Two drivers over the one target, :func:`check_input`:
 
 - ``python tests/fuzz/read_fuzz.py --atheris SECONDS``: coverage-guided by atheris (``make fuzz``);
 - :func:`mutation_run` (and ``--runs N --seed S``): a seeded, structure-aware mutation loop of our
-  own, which the test suite runs (tests/test_hardening_fuzz.py) because it is reproducible.
+  own, which the test suite runs (tests/dicom/test_read_fuzz.py) because it is reproducible.
 
 Seeds are real files: pydicom's CT files, pydicom's MR / secondary-capture files in other transfer
 syntaxes (big endian, implicit, deflate, RLE, JPEG, JPEG-LS, JPEG 2000) relabelled as CT so the

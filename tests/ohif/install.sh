@@ -2,9 +2,9 @@
 # What the OHIF checks need, under tests/ohif (ignored by git; .ci/run calls this, and so can you):
 # - node_modules/: @cornerstonejs/adapters, core and tools 5.6.8 and dcmjs 0.52.0, the versions OHIF Viewer
 #   3.13.2 bundles, exactly as package-lock.json pins them (npm ci), for check_sr.mjs
-#   (tests/test_dicom_results.py, tests/test_enhanced_results.py);
+#   (tests/hospital/test_dicom_results.py, tests/hospital/test_enhanced_results.py);
 # - app/: OHIF Viewer 3.13.2's prebuilt app, the dist/ folder of npm's @ohif/app, its tarball checked against
-#   the registry's integrity pinned below (tests/test_ohif.py serves it with nginx).
+#   the registry's integrity pinned below (tests/hospital/test_ohif.py serves it with nginx).
 # Both are kept when already there (the same lock file, the same version).
 set -euo pipefail
 cd "$(dirname "$0")"

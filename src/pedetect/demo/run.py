@@ -22,7 +22,7 @@ SIZE = 256
 # few pixels, which a from-scratch CPU model cannot learn in minutes (docs/stage1_notes.md).
 MIN_EMBOLUS_PIXELS = 25
 # Half the studies positive (RSNA: about a third): more positive slices for a model trained in minutes,
-# as in the real-chain tests (tests/train_fixtures.py).
+# as in the real-chain tests (tests/helpers/train.py).
 POSITIVE_FRACTION = 0.5
 # The training set's seed; the test set's is the next one, so every --seed K gives studies the model
 # never saw (the default: training seed 1, test seed 2).
