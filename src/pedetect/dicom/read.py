@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,45 @@ def scan_files(sources: Iterable[Source]) -> tuple[list[SliceHeader], list[Failu
                 raise
             failures.append(Failure(source_label(source), f"unreadable ({describe_error(error)})"))
     return headers, failures
+
+
+class ScanMemo:
+    """:func:`scan_files` of files on disk, each file's headers (or failure) kept while the file stays
+    the same (size, mtime and inode): a folder that fills over time is scanned once per file, so a scan
+    when it is complete reads only what came last (``pedetect serve`` scans a study's instances as they
+    arrive). The headers are shared between scans: callers must not change them."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[tuple[int, int, int], list[SliceHeader], list[Failure]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def scan(self, paths: Iterable[str | os.PathLike[str]]) -> tuple[list[SliceHeader], list[Failure]]:
+        headers: list[SliceHeader] = []
+        failures: list[Failure] = []
+        for path in paths:
+            key = os.fspath(path)
+            try:
+                st = os.stat(key)
+                stamp: tuple[int, int, int] | None = (st.st_size, st.st_mtime_ns, st.st_ino)
+            except OSError:
+                stamp = None  # scan_files reports it
+            entry = self._files.get(key)
+            if entry is None or stamp is None or entry[0] != stamp:
+                scanned = scan_files([key])
+                if stamp is not None:
+                    self._files[key] = (stamp, *scanned)
+                entry = (stamp or (0, 0, 0), *scanned)
+            headers.extend(entry[1])
+            failures.extend(entry[2])
+        return headers, failures
+
+    def retain(self, folders: Iterable[str | os.PathLike[str]]) -> None:
+        """Keep only what was scanned of the files directly in ``folders`` (the others: answered, gone)."""
+        kept = {os.fspath(folder) for folder in folders}
+        for key in [k for k in self._files if os.path.dirname(k) not in kept]:
+            del self._files[key]
 
 
 def read_slice(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,12 +107,13 @@ def _info(header, series: dict[str, SeriesInfo]) -> None:
     info.slices += 1  # a frame of an Enhanced CT file is a slice of its own header
 
 
-def select_series(files: list[Path], min_slices: int = MIN_SLICES) -> Selection:
+def select_series(files: list[Path], min_slices: int = MIN_SLICES, scan: Callable | None = None) -> Selection:
     """The CTPA series among ``files`` (one study's CT instances), by the rules above; each file's
-    header read once (:func:`pedetect.dicom.read.scan_files`)."""
+    header read once (``scan``: :func:`pedetect.dicom.read.scan_files` or a
+    :class:`~pedetect.dicom.read.ScanMemo`'s ``scan``)."""
     from pedetect.dicom.read import scan_files
 
-    headers, failures = scan_files(sorted(files))
+    headers, failures = (scan or scan_files)(sorted(files))
     return select_headers(headers, failures, min_slices)
 
 

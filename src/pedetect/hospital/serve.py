@@ -7,11 +7,12 @@ no instance of it arrived for ``settle`` seconds (the files' times, so a restart
 Prediction :class:`Worker` s (``workers`` processes of their own, so that no prediction holds the
 SCP's interpreter lock, sharing nothing but the spool) take complete studies oldest first, each claimed by a lock the kernel
 releases when its holder ends however it ends (``SPOOL/work/<study>.claim``). A worker loads its
-:class:`~pedetect.infer.predictor.Predictor` once (every bundle), chooses the CTPA series on one
-header scan of the study's files (:mod:`pedetect.hospital.selection`), makes the DICOM results from
-the prediction itself (:class:`~pedetect.hospital.answer.DicomAnswer`), puts them in
-``SPOOL/outbox/<study>/``, queues the alerts and marks the study answered (``SPOOL/done/<study>.json``,
-written last). The node's delivery thread sends the outbox to the destination
+:class:`~pedetect.infer.predictor.Predictor` once (every bundle) and warms it up on a small synthetic
+study; while idle it scans the headers of the studies still arriving and wakes when the first will be
+complete. It chooses the CTPA series on those headers (:mod:`pedetect.hospital.selection`), predicts,
+queues the alerts, makes the DICOM results from the prediction itself
+(:class:`~pedetect.hospital.answer.DicomAnswer`), puts them in ``SPOOL/outbox/<study>/`` and marks the
+study answered (``SPOOL/done/<study>.json``, written last). The node's delivery thread sends the outbox to the destination
 (:mod:`pedetect.hospital.deliver`) and its alert thread the alerts, both retrying with back-off; a
 result leaves the outbox only once the destination accepted it. :mod:`pedetect.hospital.monitor`
 serves ``/healthz`` and ``/metrics`` (loopback by default).
@@ -41,6 +42,7 @@ from pydantic import Field
 from pedetect.config import StrictModel
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
+from pedetect.dicom.read import ScanMemo
 from pedetect.hospital.selection import MIN_SLICES
 from pedetect.infer.report import safe_name
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
     from pedetect.hospital.alerts import Alerts
     from pedetect.infer.predictor import Predictor, StudyPrediction
+    from pedetect.infer.reader import StudyPlan
 
 LOG = logging.getLogger("pedetect.serve")
 INCOMING, OUTBOX, DONE, WORK, WORKERS = "incoming", "outbox", "done", "work", "workers"
@@ -70,7 +73,7 @@ class ServeConfig:
     min_slices: int = MIN_SLICES  # a usable series has at least this many slices (pedetect.hospital.selection)
     retry_first: float = 1.0  # seconds before the first retry of a delivery, doubled each time
     retry_max: float = 60.0
-    poll: float = 0.2
+    poll: float = 0.2  # the longest an idle worker sleeps (it wakes sooner when a study will be complete)
     decode_timeout: float = (
         DEFAULT_DECODE_TIMEOUT_S  # seconds a slice may take to decode (0: no limit); past it the slice is lost
     )
@@ -137,15 +140,24 @@ class Spool:
 
     def pending(self, settle: float, now: float | None = None) -> list[str]:
         """Studies received, not answered, and quiet for ``settle`` seconds; oldest first."""
+        return self.states(settle, now)[0]
+
+    def states(self, settle: float, now: float | None = None) -> tuple[list[str], dict[str, float]]:
+        """The studies received and not answered: those quiet for ``settle`` seconds (oldest first), and
+        those still arriving with the seconds until they will be (if nothing more comes)."""
         now = time.time() if now is None else now
-        ready = []
+        ready, arriving = [], {}
         for folder in (self.root / INCOMING).iterdir():
             if not folder.is_dir() or (self.root / DONE / f"{folder.name}.json").exists():
                 continue
-            times = [p.stat().st_mtime for p in folder.glob("*.dcm")]
-            if times and now - max(times) >= settle:
-                ready.append((max(times), folder.name))
-        return [name for _, name in sorted(ready)]
+            last = max((p.stat().st_mtime for p in folder.glob("*.dcm")), default=None)
+            if last is None:
+                continue
+            if now - last >= settle:
+                ready.append((last, folder.name))
+            else:
+                arriving[folder.name] = settle - (now - last)
+        return [name for _, name in sorted(ready)], arriving
 
     def last_received(self, study: str) -> float:
         return max((p.stat().st_mtime for p in self.study_dir(study).glob("*.dcm")), default=0.0)
@@ -206,6 +218,7 @@ class Worker:
         self.decode: Any = None  # the slice decoder (infer.reader.slice_decoder)
         self._resources: ExitStack | None = None
         self.alerts: Alerts | None = None  # queueing only, made with the predictor's operating points
+        self.headers = ScanMemo()  # the headers of the studies arriving, scanned while they arrive
         self.status_path = self.spool.root / WORKERS / f"{name}.json"
 
     def status(self, state: str, study: str | None = None) -> None:
@@ -244,29 +257,69 @@ class Worker:
                 operating_points=self.predictor.ensemble.operating_points,
                 announce=False,
             )
+        self.warm_up()
         self.status("idle")
+
+    def warm_up(self) -> None:
+        """Predict a small synthetic study (24 slices of 512², written in the worker's own folder of
+        ``SPOOL/work``) and make its DICOM results, then throw both away: what a process does once on its
+        first study (kernels chosen, fonts cached, modules imported: 1.6 s of the first study's 5.5 s with
+        the demo bundle on 2 cores) is not paid by a patient's. A failure is logged, not fatal."""
+        from pedetect.hospital.answer import DicomAnswer
+        from pedetect.hospital.selection import select_series
+        from pedetect.infer.reader import StudyPlan
+        from pedetect.synth.dataset import write_dataset
+
+        assert self.predictor is not None
+        folder = self.spool.root / WORK / f"warm-up-{self.name}"
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.time()
+        try:
+            write_dataset(
+                folder / "study",
+                1,
+                slices=24,
+                size=512,
+                split="test",
+                positive_fraction=1.0,
+                indeterminate_fraction=0.0,
+                progress=False,
+            )
+            selection = select_series(sorted((folder / "study").rglob("*.dcm")), min_slices=1)
+            if selection.chosen is None:
+                raise ValueError("; ".join(selection.notes()))
+            headers = selection.headers
+            prediction = self.predictor.predict_headers(headers[0].study, headers, selection.failures, self.decode)
+            plan = StudyPlan(headers[0].study, {selection.chosen.uid: headers}, [])
+            DicomAnswer(folder / "dicom", echo=lambda line: None).write(self.predictor, prediction, plan)
+            LOG.info("%s: warmed up in %.1f s", self.name, time.time() - started)
+        except Exception as error:
+            LOG.warning(
+                "%s: warm-up failed (%s: %s); the first study pays for it", self.name, type(error).__name__, error
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         if self._resources is not None:
             self._resources.close()
             self._resources = None
 
-    def _predict(self, study_dir: Path, results: Path) -> tuple[dict, StudyPrediction | None]:
-        """Choose the series, predict it, write the DICOM results; the study's record and its prediction
-        (None when no series was usable)."""
-        from pedetect.hospital.answer import DicomAnswer
+    def _predict(self, study_dir: Path) -> tuple[dict, StudyPrediction | None, StudyPlan | None]:
+        """Choose the series and predict it: the study's record, its prediction and the plan of what was
+        read (None, None when no series was usable)."""
         from pedetect.hospital.selection import select_series
         from pedetect.infer.reader import StudyPlan
 
         self.load()
         assert self.predictor is not None
-        selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices)
+        selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices, scan=self.headers.scan)
         for line in selection.notes():
             LOG.info("study %s: %s", study_dir.name, line)
         record: dict = {"series": selection.record()}
         if selection.chosen is None:
             record["error"] = "no usable CT series: " + "; ".join(selection.notes()[1:])
-            return record, None
+            return record, None, None
         headers = selection.headers
         study = headers[0].study or study_dir.name
         started = time.time()
@@ -283,15 +336,15 @@ class Worker:
                 # The decision at the bundle's operating points (pedetect calibrate) beside the label rules'.
                 "pe_positive": prediction.result.pe_positive,
                 "operating_points": prediction.result.operating_points,
+                "notes": selection.notes(),
             }
         )
-        plan = StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
-        answer = DicomAnswer(results, notes={study: selection.notes()}, echo=lambda line: LOG.info("%s", line))
-        answer.write(self.predictor, prediction, plan)
-        return record, prediction
+        return record, prediction, StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
 
     def answer(self, study: str) -> None:
-        """Predict one received study, queue its results and alerts, mark it answered."""
+        """Predict one received study, queue its alerts, then its DICOM results, and mark it answered."""
+        from pedetect.hospital.answer import DicomAnswer
+
         study_dir = self.spool.root / INCOMING / study
         work = self.spool.root / WORK / study
         shutil.rmtree(work, ignore_errors=True)
@@ -303,10 +356,26 @@ class Worker:
             len(list(study_dir.glob("*.dcm"))),
             started - last,
         )
-        record, prediction = self._predict(study_dir, work / "dicom")
+        record, prediction, plan = self._predict(study_dir)
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
             return
+        if self.alerts is not None and prediction is not None:
+            # The alert goes before the DICOM results are made (the people who act first). Queued before
+            # the study is marked answered: a crash in between predicts it again, and the alert's id
+            # (study, bundle, decision) replaces the pending one instead of adding a second.
+            try:
+                first = next(iter(sorted(study_dir.glob("*.dcm"))), None)
+                record["alerts"] = self.alerts.notify(
+                    prediction.result, self.alerts.study_fields(first) if first else {}
+                )
+            except Exception as error:  # the answer still goes out; the failure is logged
+                LOG.error("study %s: alerts not queued: %s: %s", study, type(error).__name__, str(error)[:200])
+        notes = record.pop("notes", [])
+        if prediction is not None and plan is not None:
+            assert self.predictor is not None
+            answer = DicomAnswer(work / "dicom", notes={plan.study: notes}, echo=lambda line: LOG.info("%s", line))
+            answer.write(self.predictor, prediction, plan)
         queued = []
         for folder in (work / "dicom").glob("*"):
             for path in sorted(folder.glob("*.dcm")):
@@ -316,16 +385,6 @@ class Worker:
         record.update(
             {"study": study, "results": queued, "answered_at": time.time(), "last_received": last, "worker": self.name}
         )
-        if self.alerts is not None and prediction is not None:
-            # Queued before the study is marked answered: a crash in between predicts it again, and the
-            # alert's id (study, bundle, decision) replaces the pending one instead of adding a second.
-            try:
-                first = next(iter(sorted(study_dir.glob("*.dcm"))), None)
-                record["alerts"] = self.alerts.notify(
-                    prediction.result, self.alerts.study_fields(first) if first else {}
-                )
-            except Exception as error:  # the answer still goes out; the failure is logged
-                LOG.error("study %s: alerts not queued: %s: %s", study, type(error).__name__, str(error)[:200])
         write_json_atomic(self.spool.done_path(study), record)
         shutil.rmtree(work, ignore_errors=True)
         if record.get("error"):
@@ -370,11 +429,21 @@ class Worker:
         self.load()
         try:
             while not self.stop_event.is_set() and alive():
-                for study in self.spool.pending(self.config.settle):
+                ready, arriving = self.spool.states(self.config.settle)
+                self.headers.retain(self.spool.root / INCOMING / study for study in [*ready, *arriving])
+                answered_one = False
+                for study in ready:
                     if self.stop_event.is_set():
                         break
-                    self.take(study)
-                self.stop_event.wait(self.config.poll)
+                    answered_one = self.take(study) or answered_one
+                if answered_one:
+                    continue  # more may have settled meanwhile
+                # Idle: the headers of the studies still arriving are scanned now, not when they are
+                # complete, and the worker wakes when the first of them will be.
+                for study in arriving:
+                    self.headers.scan(sorted((self.spool.root / INCOMING / study).glob("*.dcm")))
+                wake = min(arriving.values(), default=self.config.poll)
+                self.stop_event.wait(min(max(wake, 0.01), self.config.poll))
         finally:
             self.close()
             self.status("stopped")
