@@ -63,7 +63,7 @@ def worker(study, tmp_path, caplog):
 
 def test_a_worker_warms_up_on_load_and_leaves_nothing_behind(worker, caplog):
     loading = "\n".join(record.getMessage() for record in caplog.get_records("setup"))
-    assert "worker-1: warmed up in" in loading and "warm-up failed" not in loading
+    assert "warmed up in" in loading and "warm-up failed" not in loading
     assert list((worker.spool.root / WORK).iterdir()) == []
     assert list((worker.spool.root / "outbox").rglob("*.dcm")) == [] and worker.alerts.pending() == []
 
@@ -77,7 +77,7 @@ def test_a_failed_warm_up_is_logged_and_the_worker_still_answers(study, worker, 
     monkeypatch.setattr("pedetect.synth.dataset.write_dataset", broken)
     with caplog.at_level(logging.INFO, logger="pedetect.serve"):
         worker.warm_up()
-    assert "worker-1: warm-up failed (OSError: disk full)" in caplog.text
+    assert "warm-up failed (OSError: disk full)" in caplog.text
     assert list((worker.spool.root / WORK).iterdir()) == []
     received(worker.spool.root, uid, files, seconds_ago=5)
     assert worker.take(uid) and answered(worker.spool.root, uid)["results"]

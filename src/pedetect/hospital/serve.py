@@ -245,7 +245,8 @@ class Worker:
         )
         self._resources = ExitStack()
         self.decode = self._resources.enter_context(slice_decoder(self.config.decode_timeout))
-        LOG.info("%s: models loaded in %.1f s: %s", self.name, time.time() - started, self.predictor.description)
+        # the worker's name is the prefix of its process's log lines (configure_logging)
+        LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
         if self.config.alerts is not None:
             from pedetect.hospital.alerts import AlertConfig, Alerts
             from pedetect.hospital.results import algorithm_of
@@ -292,11 +293,9 @@ class Worker:
             prediction = self.predictor.predict_headers(headers[0].study, headers, selection.failures, self.decode)
             plan = StudyPlan(headers[0].study, {selection.chosen.uid: headers}, [])
             DicomAnswer(folder / "dicom", echo=lambda line: None).write(self.predictor, prediction, plan)
-            LOG.info("%s: warmed up in %.1f s", self.name, time.time() - started)
+            LOG.info("warmed up in %.1f s", time.time() - started)
         except Exception as error:
-            LOG.warning(
-                "%s: warm-up failed (%s: %s); the first study pays for it", self.name, type(error).__name__, error
-            )
+            LOG.warning("warm-up failed (%s: %s); the first study pays for it", type(error).__name__, error)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
