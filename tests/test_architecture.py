@@ -17,7 +17,7 @@ import pedetect
 
 # Bottom to top. A module may import from its own layer and the layers below it.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"__init__", "_lazy", "labels", "io", "config", "recipe", "runtime", "console"}),
+    frozenset({"__init__", "_lazy", "labels", "io", "config", "recipe", "runtime", "console", "options"}),
     frozenset({"dicom", "metric", "synth"}),
     frozenset({"store"}),
     frozenset({"data"}),

@@ -43,18 +43,22 @@ def _root(
     """Pulmonary embolism detection on CT pulmonary angiography."""
 
 
-app.command("synth")(synth_command)
-app.command("prepare")(prepare_command)
-app.command("evaluate")(evaluate_command)
-app.command("check")(check_command)
-app.command("calibrate")(calibrate_command)
-app.command("split")(split_command)
-app.command("train")(train_command)
-app.command("predict")(predict_command)
-app.command("view")(view_command)
-app.command("export")(export_command)
-app.command("serve")(serve_command)
-app.command("demo")(demo_command)
+# In this order in --help; each command is named by its function: ``synth_command`` is ``pedetect synth``.
+for command in (
+    synth_command,
+    prepare_command,
+    evaluate_command,
+    check_command,
+    calibrate_command,
+    split_command,
+    train_command,
+    predict_command,
+    view_command,
+    export_command,
+    serve_command,
+    demo_command,
+):
+    app.command(command.__name__.removesuffix("_command"))(command)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
@@ -84,8 +85,6 @@ def validate_config(data: Any, model: type[M], *, source: str = "config") -> M:
 
 def read_yaml(path: str | Path) -> Any:
     """The YAML file at ``path``, parsed safely (plain data only); errors as :class:`ConfigError`."""
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 TMP_MARK = ".tmp-"
 # A write that failed for want of room: no space, over quota, over the process's file size limit (RLIMIT_FSIZE).
@@ -65,8 +71,6 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def _json_default(value: Any) -> Any:
     """numpy scalars and arrays, and paths, as JSON values."""
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -104,8 +108,6 @@ def write_parquet_atomic(path: str | os.PathLike[str], frame) -> None:
 
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes, read a megabyte at a time: what a later output was made from."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -172,10 +174,6 @@ def folder_lock(
     and a network file system may not carry flock): the message says which file to delete.
     The file is removed when the block ends (and the folder, when this call made it and it is still empty).
     """
-    import fcntl
-    import socket
-    import time
-
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from pedetect.config import ConfigError, StrictModel, allowed_keys, read_yaml, validate_config
+from pedetect.io import write_text_atomic
 from pedetect.labels import EXAM_LABELS
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_experiment", "apply_overrides", "save_config"]
@@ -613,7 +615,6 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
     """Return a copy of ``config`` with ``section.key=value`` overrides applied (values read as YAML)."""
     if not overrides:
         return config
-    import yaml
 
     data = config.model_dump(mode="json")
     for item in overrides:
@@ -638,12 +639,8 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
 
 def config_to_yaml(config: ExperimentConfig) -> str:
     """The resolved config as YAML (every default written out), in field order."""
-    import yaml
-
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=100)
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    from pedetect.io import write_text_atomic
-
     write_text_atomic(path, config_to_yaml(config))

@@ -9,7 +9,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
+
+from pedetect.io import write_csv_atomic, write_json_atomic
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
+from pedetect.models.bundle import write_bundle_info, write_preprocessing
+from pedetect.models.heart import HeartStack, build_heart_model, save_heart_model
+from pedetect.models.layout import (
+    CONFIG_FILE,
+    FOLDS_FILE,
+    HEART_STACK_FILE,
+    PRIOR_FILE,
+    WEIGHTS_FILE,
+    cnn_dir,
+    heart_dir,
+    seq_dir,
+    stage_root,
+    write_complete,
+)
+from pedetect.models.sequence import build_sequence_head, save_sequence_head
+from pedetect.models.slice_classifier import build_slice_classifier
+from pedetect.models.weights import save_weights
+from pedetect.recipe import save_config
 
 # Roughly the RSNA training frequencies (slices for the image label, exams for the others).
 DEFAULT_PRIOR = {
@@ -38,25 +60,6 @@ def write_random_bundle(
     """Write a bundle of ``folds`` folds of ``config``'s CNN and sequence head (and heart model, with
     a stacker that weighs it, when the config has a heart section) with random weights (seeded),
     readable by :func:`pedetect.models.bundle.read_bundle` and ``predict``."""
-    import pandas as pd
-    import torch
-
-    from pedetect.io import write_csv_atomic, write_json_atomic
-    from pedetect.models.bundle import write_bundle_info, write_preprocessing
-    from pedetect.models.layout import (
-        CONFIG_FILE,
-        FOLDS_FILE,
-        PRIOR_FILE,
-        WEIGHTS_FILE,
-        cnn_dir,
-        seq_dir,
-        write_complete,
-    )
-    from pedetect.models.sequence import build_sequence_head, save_sequence_head
-    from pedetect.models.slice_classifier import build_slice_classifier
-    from pedetect.models.weights import save_weights
-    from pedetect.recipe import save_config
-
     prior = prior or DEFAULT_PRIOR
     absent = {IMAGE_LABEL, *EXAM_LABELS} - set(prior)
     if absent:
@@ -81,16 +84,10 @@ def write_random_bundle(
         )
         write_complete(seq_dir(out, k), {})
         if config.heart is not None:
-            from pedetect.models.heart import build_heart_model, save_heart_model
-            from pedetect.models.layout import heart_dir
-
             save_heart_model(build_heart_model(config.heart), heart_dir(out, k) / WEIGHTS_FILE)
             write_complete(heart_dir(out, k), {})
     stages = ["cnn", "embed", "seq"]
     if config.heart is not None:
-        from pedetect.models.heart import HeartStack
-        from pedetect.models.layout import HEART_STACK_FILE, stage_root
-
         HeartStack(a=1.0, b=2.0, c=0.0).save(stage_root(out, "heart") / HEART_STACK_FILE)
         stages.append("heart")
     write_bundle_info(out, folds=list(range(folds)), embedding_dim=width, cv_score=None, stages=stages)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -102,8 +103,6 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     if (h, w) == (size, size):
         return image
     if image.dtype == torch.uint8 and image.device.type == "cpu":
-        import cv2
-
         interpolation = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
         return _chw(_cv2_apply(lambda a: cv2.resize(a, (size, size), interpolation=interpolation), _hwc_view(image)))
     mode = "area" if size < min(h, w) else "bilinear"
@@ -116,8 +115,6 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
 def warp(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: str = "constant") -> torch.Tensor:
     """Bilinear affine warp of a (C, H, W) tensor; outside the source is 0 (or the source mirrored)."""
     if image.dtype == torch.uint8 and image.device.type == "cpu":
-        import cv2
-
         m = matrix.astype(np.float64)
         mode = cv2.BORDER_REFLECT_101 if border == "reflect" else cv2.BORDER_CONSTANT
 
@@ -149,8 +146,6 @@ def warp_torch(image: torch.Tensor, matrix: np.ndarray, out_size: int, border: s
 def brightness_contrast(image: torch.Tensor, gain: float, offset: float) -> torch.Tensor:
     """``clip(x · gain + offset · 255)`` on the 0–255 scale (a lookup table on uint8)."""
     if image.dtype == torch.uint8 and image.device.type == "cpu":
-        import cv2
-
         table = np.clip(np.arange(256) * gain + offset * 255, 0, 255).round().astype(np.uint8)
         return _chw(_cv2_apply(lambda a: cv2.LUT(a, table), _hwc_view(image)))
     out = image.float() * gain + offset * 255

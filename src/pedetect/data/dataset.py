@@ -22,15 +22,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 import torch.utils.data
 from torch.utils.data import Dataset
 
-from pedetect.data.augment import SliceAugment
+from pedetect.data.augment import SliceAugment, crop_region
+from pedetect.data.lung_box import LungBoxSettings, lung_box_of_windows
+from pedetect.dicom.pixels import DEFAULT_WINDOWS
 from pedetect.labels import IMAGE_LABEL, NEGATIVE_LABELS, SERIES, SIDE_LABELS, SOP, STUDY
 from pedetect.recipe import AugmentConfig
+from pedetect.store.reader import SliceStore
 
 SLICE_INDEX = "slice_index"
 N_SLICES = "n_slices"
@@ -54,8 +58,6 @@ class SliceSource(Protocol):
 
 
 def open_store(path: str | Path) -> SliceSource:
-    from pedetect.store import SliceStore
-
     path = Path(path)
     if not path.exists():
         raise StoreError(f"slice store not found: {path} (make one with pedetect prepare)")
@@ -225,8 +227,6 @@ def single_threaded_opencv() -> None:
     worker can deadlock (seen: ``cv2.setNumThreads`` waiting forever in a worker forked from a process
     that had run torch ops), so the parent sets it before the fork and the workers inherit it.
     """
-    import cv2
-
     cv2.setNumThreads(1)
 
 
@@ -274,8 +274,6 @@ def series_inputs(volume: np.ndarray, input_config, box=None) -> torch.Tensor:
 def input_region(height: int, width: int, input_config, box=None) -> tuple[int, int, int, int]:
     """``(row0, col0, row1, col1)`` of a ``height`` × ``width`` slice that :func:`series_inputs` feeds
     the CNN (resized to ``image_size``): the series' lung ``box`` or the central crop."""
-    from pedetect.data.augment import crop_region
-
     return crop_region(height, width, float(input_config.crop), box)
 
 
@@ -287,11 +285,7 @@ def series_lung_box(volume: np.ndarray, input_config, windows=None):
     settings = getattr(input_config, "lung_crop", None)
     if settings is None:
         return None
-    from pedetect.data.lung_box import lung_box_of_windows
-
     if windows is None:
-        from pedetect.dicom.pixels import DEFAULT_WINDOWS
-
         windows = DEFAULT_WINDOWS
     level, width = (float(v) for v in windows[0])
     return lung_box_of_windows(volume, (level, width), lung_box_settings(settings), channel=0)
@@ -299,7 +293,5 @@ def series_lung_box(volume: np.ndarray, input_config, windows=None):
 
 def lung_box_settings(crop_config):
     """The :class:`~pedetect.data.lung_box.LungBoxSettings` of a ``cnn.input.lung_crop`` section."""
-    from pedetect.data.lung_box import LungBoxSettings
-
     names = ("tissue_hu", "air_hu", "min_region", "margin", "min_side")
     return LungBoxSettings(**{name: getattr(crop_config, name) for name in names})

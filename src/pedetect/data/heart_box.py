@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from pedetect.data.lung_box import body_mask, hu_from_window, lung_mask
 
@@ -87,8 +88,6 @@ def estimate_hu(volume: np.ndarray, windows: Sequence[Sequence[float]]) -> np.nd
 def _reduce(hu: np.ndarray, step: int) -> np.ndarray:
     """Means of ``step`` × ``step`` blocks, then a light blur: the search works on the anatomy, not
     the noise (a left ventricle at 120 HU under 25 HU of noise breaks up when thresholded raw)."""
-    from scipy import ndimage
-
     n, h, w = hu.shape
     h2, w2 = h // step * step, w // step * step
     small = hu[:, :h2, :w2].reshape(n, h2 // step, step, w2 // step, step).mean(axis=(2, 4))
@@ -116,8 +115,6 @@ def _in_front_of_the_spine(lung: np.ndarray) -> np.ndarray:
 def _chambers(thick: np.ndarray) -> np.ndarray:
     """The thick blood regions that are a sizeable part of the slice's largest (the chambers, not a
     vessel that survived the opening)."""
-    from scipy import ndimage
-
     labels, n = ndimage.label(thick)
     if n == 0:
         return thick
@@ -137,8 +134,6 @@ def _cavity(lung: np.ndarray) -> np.ndarray:
 
 def locate_heart(hu: np.ndarray) -> HeartBox:
     """The heart's box in a series' Hounsfield units ``hu`` (N, H, W), slices in position order."""
-    from scipy import ndimage
-
     n, h, w = hu.shape
     step = max(1, int(round(max(h, w) / WORK_SIDE)))
     small = _reduce(hu, step)
@@ -208,6 +203,8 @@ def locate_heart(hu: np.ndarray) -> HeartBox:
 
 def heart_crop(hu: np.ndarray, box: HeartBox, *, depth: int, size: int, window: Sequence[float]) -> np.ndarray:
     """The box of ``hu`` (N, H, W) in ``window`` (level, width), resampled (linear) to (depth, size, size) uint8."""
+    # torch here only: the heart model's crop (recipes with a heart: section); localisation imports
+    # this module for estimate_hu alone.
     import torch
     import torch.nn.functional as F
 

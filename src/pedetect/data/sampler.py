@@ -20,13 +20,12 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) outside distributed runs."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
-from pedetect.demo.run import TEST_STUDIES, TRAIN_SEED, TRAIN_STUDIES
+from pedetect.demo.run import TEST_STUDIES, TRAIN_SEED, TRAIN_STUDIES, DemoError, run_demo
 
 
 def demo_command(
@@ -19,7 +20,7 @@ def demo_command(
     config: Path | None = typer.Option(
         None, "--config", help="Experiment config; default: configs/demo.yaml of this repository."
     ),
-    overrides: list[str] = typer.Option([], "--set", help="Override one config value (as pedetect train --set)."),
+    overrides: list[str] = options.overrides(),
     seed: int = typer.Option(
         TRAIN_SEED,
         "--seed",
@@ -30,8 +31,6 @@ def demo_command(
     different seeds) → prepare → train (configs/demo.yaml) → predict with report → evaluate, and a
     closing table: the score against the prior baseline, slice AUC, per-label AUC, the report's place.
     """
-    from pedetect.demo.run import DemoError, run_demo
-
     try:
         result = run_demo(
             out,

@@ -117,6 +117,8 @@ def run_demo(
     progress: bool = True,
     echo: Callable[[str], None] = console_echo,
 ) -> DemoResult:
+    # The pipeline is imported here, not at the top: pedetect --help imports this module (the demo
+    # command's defaults above), and must not import torch, pandas or pydicom.
     from pedetect.infer.predict import predict
     from pedetect.metric.baselines import prior_submission
     from pedetect.metric.evaluate import evaluate_files, evaluate_frames

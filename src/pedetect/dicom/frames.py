@@ -30,6 +30,9 @@ import warnings
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID
 
 from pedetect.dicom.pixels import window_dataset
 from pedetect.dicom.source import Source, SourceError, ZipMember, open_path, read_bytes
@@ -250,10 +253,6 @@ def read_ranges(source: Source, ranges: list[tuple[int, int]], size: int) -> byt
 def frame_dataset(header: Any) -> Any:
     """One frame of a multi-frame file as a single-frame dataset (the file's pixel module, the frame's
     rescale): what :func:`pedetect.dicom.pixels.window_dataset` reads for a single-frame slice."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID
-
     frame = header.extra["frame"]
     pixel = frame["pixel_module"]
     data = read_ranges(header.source, frame["ranges"], header.size)

@@ -17,6 +17,7 @@ reason as UTF-8), never a pickle: nothing it decodes can make the parent run any
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import select
@@ -29,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+import pedetect
 from pedetect.dicom.header import DicomError, SliceHeader, describe_error, is_input_failure
+from pedetect.dicom.read import read_slice
 from pedetect.dicom.source import SourceError
 
 # Seconds one slice may take to decode. A 512 × 512 JPEG 2000 slice decodes in about 0.05 s and a
@@ -76,8 +79,6 @@ class DecodeGuard:
 
     # -------------------------------------------------------------------------------- the child
     def _start(self) -> subprocess.Popen:
-        import pedetect
-
         root = os.path.dirname(os.path.dirname(os.path.abspath(pedetect.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -196,8 +197,6 @@ def _failure_reason(error: BaseException) -> str:
 
 def serve() -> None:
     """The child: read requests on stdin, answer on stdout, until stdin closes."""
-    from pedetect.dicom.read import read_slice
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then closes our stdin
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing a library prints may mix with the answers
@@ -225,8 +224,6 @@ def serve() -> None:
 
 def _warm_up() -> None:
     """Import the decoders and the windowing now, so a slice's time limit is not spent importing them."""
-    import importlib
-
     for name in ("cv2", "pydicom.pixels", "pydicom.encaps", "openjpeg", "rle", "libjpeg", "jpeg_ls", "gdcm"):
         try:
             importlib.import_module(name)

@@ -13,6 +13,11 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
 from pedetect.dicom.frames import (
     DEFLATED,
     FrameError,
@@ -21,7 +26,7 @@ from pedetect.dicom.frames import (
     frame_key,
     native_frame_ranges,
 )
-from pedetect.dicom.pixels import check_declared_size
+from pedetect.dicom.pixels import NATIVE_LITTLE_ENDIAN, check_declared_size, padding_range, rescale
 from pedetect.dicom.source import (
     Source,
     SourceError,
@@ -32,6 +37,7 @@ from pedetect.dicom.source import (
     read_bytes,
     read_head,
     source_label,
+    source_stat,
 )
 from pedetect.dicom.values import numbers
 
@@ -105,8 +111,6 @@ def printable(text: str, limit: int = 64) -> str:
 
 def sop_class_name(uid: str) -> str:
     """``Name (uid)`` of a SOP class as failure reasons give it (pydicom's name; the UID alone when unknown)."""
-    from pydicom.uid import UID
-
     uid = printable(uid)
     name = UID(uid).name if uid else ""
     return f"{name} ({uid})" if name and name != uid else f"SOP class {uid or '(empty)'}"
@@ -202,9 +206,6 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
 
     Raises :class:`DicomError` for empty files, non-DICOM content and unparsable headers.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     if data is None and header_only and not isinstance(source, ZipMember):
         head = read_head(source)
     else:
@@ -342,7 +343,6 @@ class _RawView:
         spec = _FIELDS.get(keyword)
         if spec is None or not self._little:
             return self.ds.get(keyword, default)
-        from pydicom.dataelem import RawDataElement
 
         element = self._dict.get(spec[0])
         if element is None:
@@ -442,17 +442,17 @@ def _headers(ds: Any, source: Source, size: int, mtime_ns: int) -> list[SliceHea
     ]
 
 
-# The pixel module of a multi-frame file, copied into each frame's one-frame dataset.
-_PIXEL_MODULE = (
+# How a frame's pixel values are stored (the Image Pixel module's description, besides Rows and Columns).
+PIXEL_DESCRIPTION = (
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "BitsAllocated",
     "BitsStored",
     "HighBit",
     "PixelRepresentation",
-    "PixelPaddingValue",
-    "PixelPaddingRangeLimit",
 )
+# The pixel module of a multi-frame file, copied into each frame's one-frame dataset.
+_PIXEL_MODULE = (*PIXEL_DESCRIPTION, "PixelPaddingValue", "PixelPaddingRangeLimit")
 
 
 def _frame_headers(
@@ -540,8 +540,6 @@ def _frame_headers(
 def _native_pixels(ds: Any, element: dict | None, syntax: str, rows: int, cols: int) -> dict | None:
     """How to read this slice's pixels straight from its bytes (uncompressed little-endian 16-bit
     single-frame data without a modality LUT sequence), or None: then pydicom decodes it."""
-    from pedetect.dicom.pixels import NATIVE_LITTLE_ENDIAN, padding_range, rescale
-
     if element is None or element["keyword"] != "PixelData" or element["length"] == 0xFFFFFFFF:
         return None
     implicit, little = getattr(ds, "original_encoding", (None, None))
@@ -577,8 +575,6 @@ def read_header(source: Source) -> SliceHeader:
 def read_headers(source: Source) -> list[SliceHeader]:
     """The headers of one file's slices: one, or one per frame of an Enhanced CT file (pixel data
     not decoded); raises :class:`DicomError`."""
-    from pedetect.dicom.source import source_stat
-
     try:
         size, mtime_ns = source_stat(source)
         if size == 0:

@@ -13,11 +13,15 @@ mapping; tests hold the two equal.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import cv2
 import numpy as np
+from pydicom.encaps import get_frame
+from pydicom.uid import UID
 
 # (level, width) of the lung, PE and mediastinal windows: channels R, G, B.
 DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (100.0, 700.0), (40.0, 400.0))
@@ -164,9 +168,6 @@ def _check_before_decoding(ds: Any, rows: int, cols: int) -> None:
     """What pydicom's decoders would allocate must fit the slice cap and the header's own size: a
     compressed frame declaring other dimensions than Rows × Columns is decoded at its own size (a
     40,000 × 40,000 JPEG 2000 frame in a 2 kB file is 1.6 GB) before pydicom notices the mismatch."""
-    from pydicom.encaps import get_frame
-    from pydicom.uid import UID
-
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     check_declared_size(rows, cols, frames, int(ds.get("SamplesPerPixel", 1) or 1))
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if getattr(ds, "file_meta", None) is not None else None
@@ -205,7 +206,6 @@ def stored_pixels(ds: Any) -> tuple[np.ndarray, bool, int]:
             raise ValueError(f"pixel data too short: {len(data)} bytes for {rows}x{cols}x16 bit")
         array = np.frombuffer(data, dtype="<u2", count=rows * cols).reshape(rows, cols)
         return array, signed, stored
-    import warnings
 
     _check_before_decoding(ds, rows, cols)
     with warnings.catch_warnings():
@@ -316,8 +316,6 @@ def window_stored(
     bgr: bool = False,
 ) -> np.ndarray:
     """16-bit stored values (low ``bits`` hold the value) → windowed uint8 (H, W, 3) by table lookup."""
-    import cv2
-
     table = window_table(signed, bits, float(slope), float(intercept), padding, windows, bgr)
     packed = np.take(table, array.view(np.uint16))
     image = cv2.cvtColor(packed.view(np.uint8).reshape(*array.shape, 4), cv2.COLOR_RGBA2RGB)
@@ -334,8 +332,6 @@ def _fit(image: np.ndarray, windows: tuple, image_size: int | None, bgr: bool) -
 def resize_keep_aspect(image: np.ndarray, size: int, fill: Sequence[int] = (0, 0, 0)) -> np.ndarray:
     """Scale so the longer side is ``size`` (aspect kept) and centre on a ``size`` × ``size`` canvas
     filled with ``fill`` (the windowed value of air)."""
-    import cv2
-
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return image

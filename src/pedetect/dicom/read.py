@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pedetect.dicom.frames import read_frame
 from pedetect.dicom.header import (
     DicomError,
     SliceHeader,
@@ -109,8 +110,6 @@ def read_slice(
     that changed since the scan, and any decoder error as it comes."""
     windows = as_windows(windows)
     if "frame" in header.extra:  # one frame of a multi-frame file: its bytes only
-        from pedetect.dicom.frames import read_frame
-
         return read_frame(header, windows, image_size, bgr=bgr)
     data = read_bytes(header.source)
     native = header.extra.get("native")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
 
 
@@ -33,7 +34,7 @@ def export_command(
         512, "--calibration-slices", min=1, help="Slices per fold that calibrate the int8 ranges."
     ),
     check_series: int = typer.Option(40, "--check-series", min=1, help="Series per fold the runtimes are compared on."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: every core)."),
+    threads: int | None = options.threads(of="the models"),
 ) -> None:
     """Export a bundle's models for ONNX Runtime: each fold's CNN and sequence head (and, with --int8,
     an int8 CNN), checked against PyTorch on real slices.

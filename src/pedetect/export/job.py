@@ -30,12 +30,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
 import pandas as pd
+import torch
 
 from pedetect.console import echo as console_echo
-from pedetect.data.dataset import SLICE_INDEX
-from pedetect.data.folds import FOLD
+from pedetect.data.dataset import SLICE_INDEX, open_store, series_inputs, series_lung_box, slice_items
+from pedetect.data.folds import FOLD, attach_folds, read_folds, read_labels
+from pedetect.io import file_sha256, write_json_atomic
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY
+from pedetect.metric.evaluate import roc_auc
+from pedetect.metric.loss import sigmoid
+from pedetect.models.bundle import read_bundle, read_preprocessing
+from pedetect.models.layout import EXPORT_FILE, FOLDS_FILE, ONNX_DIR, WEIGHTS_FILE, cnn_dir, onnx_dir, seq_dir
+from pedetect.models.onnx import (
+    CNN_FILE,
+    CNN_INT8_FILE,
+    SEQ_FILE,
+    OnnxSequenceHead,
+    OnnxSliceClassifier,
+    export_sequence_head,
+    export_slice_classifier,
+    quantize_slice_classifier,
+)
+from pedetect.models.sequence import load_sequence_head
+from pedetect.models.slice_classifier import embed_volume, load_slice_classifier
+from pedetect.train.embed import store_windows
+from pedetect.train.seq import SeriesRecord, score_records
 
 EXPORT_FORMAT = 1
 FP32_TOLERANCE = 1e-4  # largest change of any probability for ONNX fp32 to count as the same model
@@ -68,8 +89,6 @@ class _Check:
     def add(self, run: tuple[np.ndarray, ...], reference: tuple[np.ndarray, ...] | None = None) -> None:
         """One series' (embedding, CNN logit, head slice logits, head exam logits); the largest
         differences are taken against ``reference`` (PyTorch's run of the same series) when given."""
-        from pedetect.metric.loss import sigmoid
-
         _, l1, s1, x1 = run
         self.slice_logits.append(l1)
         self.head_slices.append(s1)
@@ -103,10 +122,6 @@ def copy_bundle(model_dir: Path, out: Path) -> None:
 
 
 def _labelled_items(source, labels: str | Path | pd.DataFrame, model_dir: Path) -> pd.DataFrame:
-    from pedetect.data.dataset import slice_items
-    from pedetect.data.folds import attach_folds, read_folds, read_labels
-    from pedetect.models.layout import FOLDS_FILE
-
     frame = labels if isinstance(labels, pd.DataFrame) else read_labels(labels)
     items = slice_items(frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels))
     return attach_folds(items, read_folds(model_dir / FOLDS_FILE), source=str(model_dir / FOLDS_FILE))
@@ -122,9 +137,6 @@ def _choose(series: list[str], n: int | None, seed: int) -> list[str]:
 
 def _calibration_batches(source, series: list[str], input_config, *, slices: int, batch_size: int, seed: int):
     """``slices`` slices of the given series, as the CNN takes them, ``batch_size`` at a time."""
-    from pedetect.data.dataset import series_inputs, series_lung_box
-    from pedetect.train.embed import store_windows
-
     rng = np.random.default_rng(seed)
     order = [series[i] for i in rng.permutation(len(series))]
     per_series = max(1, -(-slices // max(len(order), 1)))
@@ -162,22 +174,6 @@ def export_bundle(
     """Export every fold of the bundle at ``model_dir`` (into ``out``, a copy, when given); returns
     the record written to ``onnx/export.json``. Raises :class:`ExportError` or
     :class:`~pedetect.models.bundle.BundleError` before writing anything when an argument is unusable."""
-    import onnxruntime
-    import torch
-
-    from pedetect.data.dataset import open_store
-    from pedetect.io import file_sha256, write_json_atomic
-    from pedetect.models.bundle import read_bundle, read_preprocessing
-    from pedetect.models.layout import EXPORT_FILE, ONNX_DIR, WEIGHTS_FILE, cnn_dir, onnx_dir, seq_dir
-    from pedetect.models.onnx import (
-        CNN_FILE,
-        CNN_INT8_FILE,
-        SEQ_FILE,
-        export_sequence_head,
-        export_slice_classifier,
-        quantize_slice_classifier,
-    )
-
     started = time.perf_counter()
     model_dir = Path(model_dir)
     bundle = read_bundle(model_dir)
@@ -292,17 +288,11 @@ def _check_preprocessing(preprocessing: dict, source, store, echo) -> None:
 
 
 def _load_fold(model_dir: Path, fold: int, config):
-    from pedetect.models.sequence import load_sequence_head
-    from pedetect.models.slice_classifier import load_slice_classifier
-
     return load_slice_classifier(model_dir, fold, config=config), load_sequence_head(model_dir, fold, config=config)
 
 
 def _check_fold(source, check: list[str], cnn, head, folder: Path, config, *, int8: bool, threads, batch_size: int):
     """PyTorch's :class:`_Check` and each runtime's, over the fold's check series."""
-    from pedetect.models.onnx import CNN_FILE, CNN_INT8_FILE, SEQ_FILE, OnnxSequenceHead, OnnxSliceClassifier
-    from pedetect.models.slice_classifier import embed_volume
-
     onnx_head = OnnxSequenceHead(folder / SEQ_FILE, threads=threads)
     # No memory arenas: PyTorch and two ONNX Runtime CNNs side by side would each keep their peak
     # (a full-size CNN at 512 px: about 5 GB apiece).
@@ -346,8 +336,6 @@ def _merge(into: _Check, other: _Check) -> None:
 def _records(items: pd.DataFrame, source, check: list[str], fold: int) -> list[Any]:
     """A :class:`~pedetect.train.seq.SeriesRecord` (targets; PyTorch's embeddings are not kept) per
     check series, in the order the checks ran."""
-    from pedetect.train.seq import SeriesRecord
-
     target_of = dict(zip(items[SOP], items[IMAGE_LABEL].astype(np.float32)))
     exam_of = items.groupby(SERIES)[[STUDY, *EXAM_LABELS]].first()
     slices = source.slices
@@ -377,9 +365,6 @@ def _records(items: pd.DataFrame, source, check: list[str], fold: int) -> list[A
 
 def _quality(records: list[Any], check: _Check) -> dict[str, float]:
     """Score (the competition metric) and slice AUC (the CNN's logits) of one runtime on the records."""
-    from pedetect.metric.evaluate import roc_auc
-    from pedetect.train.seq import score_records
-
     parts = score_records(records, check.head_slices, np.stack(check.head_exams).astype(np.float64))
     target = np.concatenate([r.slice_target[r.labelled] for r in records])
     score = np.concatenate([s[r.labelled] for r, s in zip(records, check.slice_logits)])

@@ -47,11 +47,16 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
+import hl7
+import pydicom
+import requests
+import yaml
 from hl7.client import CR, EB, SB, MLLPClient
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pedetect import __version__
 from pedetect.io import atomic_path, read_json
+from pedetect.metric.rules import THRESHOLD
 
 LOG = logging.getLogger("pedetect.serve.alerts")
 
@@ -179,8 +184,6 @@ class AlertConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> AlertConfig:
         """A YAML file: the configuration itself or a mapping with an ``alerts`` key holding it."""
-        import yaml
-
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         if isinstance(data, dict) and "alerts" in data and "receivers" not in data:
             data = data["alerts"]
@@ -209,8 +212,6 @@ def decide(result, config: AlertConfig, bundle_points: Mapping[str, Any] | None 
     threshold, else the configured (or the bundle's first) operating point, else the decision after
     the label rules, stated as such. ``bundle_points``: the bundle's operating-points record, used
     when the result carries none."""
-    from pedetect.metric.rules import THRESHOLD
-
     probability = float(result.pe_probability)
     points = list(result.operating_points or (bundle_points or {}).get("points") or [])
     note = ""
@@ -298,8 +299,6 @@ class Notice:
 def _hl7_escape(value: Any) -> str:
     """A value for one HL7 component: the delimiters escaped by the ``hl7`` package (\\F\\, \\S\\, …),
     other characters kept (the message is UTF-8: MSH-18), control characters as spaces."""
-    import hl7
-
     text = "".join(c if c >= " " or c == "\r" else " " for c in str(value))
     out, ascii_run = [], []
     for c in text:
@@ -433,8 +432,6 @@ class _MLLPClient(MLLPClient):
 
 def send_hl7(receiver: Receiver, message: str, control_id: str) -> str:
     """Send an ORU and read the ACK: the ACK code, or :class:`AlertError` with the receiver's reason."""
-    import hl7
-
     with _MLLPClient(receiver.host, receiver.port, receiver.timeout) as client:
         raw = client.send_message(message)
     if not raw:
@@ -489,6 +486,7 @@ def _quantity(value: float) -> dict:
 
 def fhir_resources(notice: Notice, receiver: Receiver, patient: Mapping[str, str], link: str | None) -> list[dict]:
     """The PE Observation and the DiagnosticReport (R4), checked with ``fhir.resources.R4B``."""
+    # fhir.resources (its R4B models take a while to import) for FHIR receivers only
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
     from fhir.resources.R4B.observation import Observation
 
@@ -582,7 +580,7 @@ def fhir_resources(notice: Notice, receiver: Receiver, patient: Mapping[str, str
 
 def fhir_transaction(resources: Sequence[dict], base: str | None = None) -> dict:
     """A transaction Bundle that PUTs each resource at its id (``fullUrl`` from ``base`` when given)."""
-    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.bundle import Bundle  # FHIR receivers only, as above
 
     entries = []
     for resource in resources:
@@ -606,8 +604,6 @@ def _conclusion(notice: Notice) -> str:
 
 
 def send_fhir(receiver: Receiver, bundle: dict) -> str:
-    import requests
-
     bundle = fhir_transaction([entry["resource"] for entry in bundle["entry"]], receiver.url)
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **receiver.headers}
     response = requests.post(
@@ -673,8 +669,6 @@ def webhook_document(notice: Notice, receiver: Receiver, patient: Mapping[str, s
 
 
 def send_webhook(receiver: Receiver, document: dict, id: str) -> str:
-    import requests
-
     headers = {
         "Content-Type": "application/json",
         "Idempotency-Key": id,
@@ -754,8 +748,6 @@ class Alerts:
     def study_fields(self, path: str | os.PathLike[str]) -> dict[str, str]:
         """What :meth:`notify` takes from a study's DICOM file: the accession number, and the patient's
         ID and name only when a receiver is configured with ``patient_fields``."""
-        import pydicom
-
         keys = list(STUDY_KEYS) + (list(PATIENT_KEYS) if self.wants_patient_fields else [])
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keys)

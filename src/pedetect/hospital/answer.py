@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pedetect.console import echo as console_echo
+from pedetect.hospital.results import algorithm_of, describe, write_study_results
 from pedetect.hospital.selection import MIN_SLICES, Selection, select_headers
+from pedetect.infer.reader import StudyPlan
 
 
 class SeriesChoice:
@@ -31,8 +33,6 @@ class SeriesChoice:
         self.selections: dict[str, Selection] = {}
 
     def __call__(self, plan) -> tuple[Any | None, list[str]]:
-        from pedetect.infer.reader import StudyPlan
-
         headers = [header for series in plan.series.values() for header in series]
         # Files whose header could not be read go with the chosen series: predict names them lost.
         unreadable = [failure for failure in plan.failures if not failure.reason.startswith("duplicate")]
@@ -70,8 +70,6 @@ class DicomAnswer:
     def write(self, predictor, prediction, plan):
         """The study's DICOM results (:class:`~pedetect.hospital.results.StudyDicom`); raises when they
         cannot be made."""
-        from pedetect.hospital.results import algorithm_of, write_study_results
-
         sources = {header.sop: header.source for series in plan.series.values() for header in series}
         return write_study_results(
             prediction.result,
@@ -83,8 +81,6 @@ class DicomAnswer:
         )
 
     def __call__(self, predictor, prediction, plan) -> str | None:
-        from pedetect.hospital.results import describe
-
         try:
             written = self.write(predictor, prediction, plan)
             self.written[plan.study] = written

@@ -1,14 +1,8 @@
 """The coded concepts of pedetect's DICOM results, written by :mod:`pedetect.hospital.results` and read
-back by :mod:`pedetect.hospital.sr_read`: every code and where it comes from is in docs/dicom_results.md."""
+back by :mod:`pedetect.hospital.sr_read`: every code and where it comes from is in docs/dicom_results.md.
+Each is a (value, scheme, meaning) tuple; :func:`pedetect.hospital.results.coded` makes it highdicom's."""
 
 from __future__ import annotations
-
-
-def coded(value: str, scheme: str, meaning: str):
-    from highdicom.sr import CodedConcept
-
-    return CodedConcept(value, scheme, meaning)
-
 
 PRESENT = ("52101004", "SCT", "Present")
 ABSENT = ("2667000", "SCT", "Absent")
@@ -29,31 +23,30 @@ SQUARE_MM = ("mm2", "UCUM", "square millimeter")
 # the decision after the label rules (Present / Absent). The (concept, modifiers) pair names the label.
 _FINDING = ("121071", "DCM", "Finding")
 _FINDING_SITE = ("363698007", "SCT", "Finding Site")
-_PE = ("59282003", "SCT", "Pulmonary embolism")
 _PULMONARY_ARTERY = ("81040000", "SCT", "Pulmonary artery")
 _RIGHT_VENTRICLE = ("53085002", "SCT", "Right ventricle")
 LabelConcept = tuple[tuple[str, str, str], tuple[tuple[tuple[str, str, str], tuple[str, str, str]], ...]]
 LABEL_CONCEPTS: dict[str, LabelConcept] = {  # exam label -> (concept name, ((modifier name, modifier value), ...))
-    "negative_exam_for_pe": (("260385009", "SCT", "Negative"), ((_FINDING, _PE),)),
-    "indeterminate": (("280416009", "SCT", "Indeterminate result"), ((_FINDING, _PE),)),
-    "chronic_pe": (("90734009", "SCT", "Chronic"), ((_FINDING, _PE),)),
+    "negative_exam_for_pe": (("260385009", "SCT", "Negative"), ((_FINDING, PULMONARY_EMBOLISM),)),
+    "indeterminate": (("280416009", "SCT", "Indeterminate result"), ((_FINDING, PULMONARY_EMBOLISM),)),
+    "chronic_pe": (("90734009", "SCT", "Chronic"), ((_FINDING, PULMONARY_EMBOLISM),)),
     "acute_and_chronic_pe": (
         ("90734009", "SCT", "Chronic"),
-        ((_FINDING, _PE), (("385315009", "SCT", "Acute onset"), ("52101004", "SCT", "Present"))),
+        ((_FINDING, PULMONARY_EMBOLISM), (("385315009", "SCT", "Acute onset"), PRESENT)),
     ),
     "central_pe": (
-        _PE,
+        PULMONARY_EMBOLISM,
         (
             (_FINDING_SITE, _PULMONARY_ARTERY),
             (("106233006", "SCT", "Topographical modifier"), ("26216008", "SCT", "Central")),
         ),
     ),
     "leftsided_pe": (
-        _PE,
+        PULMONARY_EMBOLISM,
         ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("7771000", "SCT", "Left"))),
     ),
     "rightsided_pe": (
-        _PE,
+        PULMONARY_EMBOLISM,
         ((_FINDING_SITE, _PULMONARY_ARTERY), (("272741003", "SCT", "Laterality"), ("24028007", "SCT", "Right"))),
     ),
     # The challenge's RV/LV diameter ratio >= 1 is CT's definition of an enlarged right ventricle.

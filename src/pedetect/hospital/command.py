@@ -8,19 +8,18 @@ answer studies with DICOM results (:mod:`pedetect.hospital.answer`): nothing in 
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
 
 
 def serve_command(
-    model: list[Path] | None = typer.Option(
-        None,
-        "--model",
-        help="Model bundle made by pedetect train; repeat to ensemble several (or models: in --config).",
-    ),
+    model: list[Path] | None = options.models(None, note="or models: in --config"),
     config: Path | None = typer.Option(
         None,
         "--config",
@@ -58,24 +57,11 @@ def serve_command(
         min=1,
         help="A usable series has at least this many slices (series selection: docs/dicom_results.md). [default: 20]",
     ),
-    device: str | None = typer.Option(
-        None, "--device", help="auto (CUDA when available), cpu or cuda. [default: auto]"
-    ),
-    runtime: str | None = typer.Option(
-        None,
-        "--runtime",
-        help="auto, torch, onnx or onnx-int8 (as pedetect predict --runtime). [default: auto]",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="CPU threads of each worker's models. [default: every core]"
-    ),
-    decode_timeout: float | None = typer.Option(
-        None,
-        "--decode-timeout",
-        min=0.0,
-        metavar="SECONDS",
-        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
-        "(logged, the study still answered). 0: no limit. [default: 60]",
+    device: str | None = options.device(None),
+    runtime: str | None = options.runtime(None),
+    threads: int | None = options.threads(of="each worker's models"),
+    decode_timeout: float | None = options.decode_timeout(
+        None, then="the slice is lost (logged, the study still answered). 0: no limit."
     ),
     retry_max: float | None = typer.Option(
         None,
@@ -113,8 +99,6 @@ def serve_command(
     Restarted on the same spool it answers what was received but not answered. /healthz and /metrics
     (Prometheus) on loopback. Logs name UIDs only. Stops on Ctrl-C or SIGTERM. docs/serve.md.
     """
-    import signal
-
     from pedetect.config import ConfigError, read_yaml, validate_config
     from pedetect.hospital.deliver import parse_destination
     from pedetect.hospital.serve import Server, ServeSettings, configure_logging
@@ -194,9 +178,7 @@ def predict_command(
         None,
         help="A folder (any layout, e.g. the RSNA test folder) or a zip of DICOM files: one or many studies (or --dicomweb).",
     ),
-    model: list[Path] = typer.Option(
-        ..., "--model", help="Model bundle made by pedetect train; repeat to ensemble several (averaged)."
-    ),
+    model: list[Path] = options.models(..., note="averaged"),
     out: Path = typer.Option(
         ..., "--out", help="Submission CSV to write: id,label (one row per slice, nine per study)."
     ),
@@ -205,7 +187,7 @@ def predict_command(
         "--report",
         help="Folder for the report: index.html, and per study a viewer page (the series, the slice curve, where the model looks), a JSON and a PNG.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    device: str = options.device("auto"),
     tta: bool = typer.Option(
         False,
         "--tta",
@@ -217,16 +199,9 @@ def predict_command(
         help="Sample submission: write its ids in its order (ids the input lacks get the training prior).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per CNN batch."),
-    runtime: str = typer.Option(
-        "auto",
-        "--runtime",
-        help="auto, torch, onnx or onnx-int8. auto: PyTorch on a GPU; on a CPU the fastest runtime that pedetect export "
-        "made and found exact enough (int8, then ONNX fp32), else PyTorch.",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="CPU threads for the models (default: every core)."
-    ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    runtime: str = options.runtime("auto"),
+    threads: int | None = options.threads(of="the models"),
+    progress: bool = options.progress(),
     dicom_out: Path | None = typer.Option(
         None,
         "--dicom-out",
@@ -258,13 +233,10 @@ def predict_command(
     min_slices: int = typer.Option(
         20, "--min-slices", min=1, help="With --dicomweb: a usable series has at least this many slices."
     ),
-    decode_timeout: float = typer.Option(
+    decode_timeout: float = options.decode_timeout(
         60.0,
-        "--decode-timeout",
-        min=0.0,
-        metavar="SECONDS",
-        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is lost "
-        "(its row interpolated, as for any slice that cannot be read). 0: no limit (decode in this process).",
+        then="the slice is lost (its row interpolated, as for any slice that cannot be read). 0: no limit (decode in "
+        "this process).",
     ),
     destination: str | None = typer.Option(
         None,
@@ -288,7 +260,7 @@ def predict_command(
         raise fail("give one of INPUT (a folder or a zip) and --dicomweb URL")
     if dicomweb is None and (study or qido or destination):
         raise fail("--study, --qido and --destination go with --dicomweb")
-    options = dict(
+    predict_options = dict(
         report_dir=report,
         device=device,
         tta=tta,
@@ -300,7 +272,6 @@ def predict_command(
         decode_timeout=decode_timeout,
         clots=clots,
     )
-    from contextlib import ExitStack
 
     from pedetect.io import FolderLocked, folder_lock, output_lock
 
@@ -328,13 +299,13 @@ def predict_command(
                 dicom_out=dicom_out,
                 destination=destination,
                 min_slices=min_slices,
-                **options,
+                **predict_options,
             )
         else:
             from pedetect.hospital.answer import DicomAnswer
 
             answer = DicomAnswer(dicom_out) if dicom_out is not None else None
-            summary = predict(input_path, list(model), out, on_prediction=answer, **options)
+            summary = predict(input_path, list(model), out, on_prediction=answer, **predict_options)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from None
     except OSError as error:

@@ -9,9 +9,14 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pydicom
+
+from pedetect.io import atomic_path, write_bytes_atomic
 
 LOG = logging.getLogger("pedetect.serve")
 _DIMSE = re.compile(r"^dimse:(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -37,8 +42,6 @@ class Destination:
 
     def send(self, paths: list[Path]) -> None:
         """Send the files; :class:`DeliveryError` unless the destination accepted every one."""
-        import pydicom
-
         datasets = [pydicom.dcmread(path) for path in paths]
         if self.kind == "dimse":
             self._c_store(datasets)
@@ -46,7 +49,7 @@ class Destination:
             self._stow(datasets)
 
     def _c_store(self, datasets: list[Any]) -> None:
-        from pynetdicom import AE
+        from pynetdicom import AE  # for dimse: destinations only (dicomweb: ones need none of it)
 
         ae = AE(ae_title=self.calling_ae)
         for syntax in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
@@ -69,7 +72,7 @@ class Destination:
             assoc.release()
 
     def _stow(self, datasets: list[Any]) -> None:
-        from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.api import DICOMwebClient  # for dicomweb: destinations only
 
         try:
             DICOMwebClient(url=self.url).store_instances(datasets=datasets)
@@ -105,8 +108,6 @@ class Outbox:
 
     def put(self, study: str, path: Path) -> Path:
         """Queue a result file (copied, atomically, into the outbox)."""
-        from pedetect.io import atomic_path
-
         target = self.root / study / path.name
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)
@@ -118,10 +119,6 @@ class Outbox:
         a worker in another process still putting files never has half of them sent and the rest
         taken away with the folder. The seal holds a token of its own: a study sealed again while its
         earlier results are being sent keeps its new seal."""
-        import uuid
-
-        from pedetect.io import write_bytes_atomic
-
         write_bytes_atomic(self.root / study / SEAL, uuid.uuid4().hex.encode())
 
     def wake(self) -> None:

@@ -16,8 +16,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dicomweb_client.api import DICOMwebClient
+
 from pedetect.console import echo as console_echo
+from pedetect.hospital.answer import DicomAnswer, SeriesChoice
+from pedetect.hospital.deliver import parse_destination
 from pedetect.hospital.selection import MIN_SLICES
+from pedetect.infer.predict import predict
 
 STUDY_UID_TAG, SERIES_UID_TAG, MODALITY_TAG = "0020000D", "0020000E", "00080060"
 
@@ -81,12 +86,6 @@ def predict_dicomweb(
 ):
     """Retrieve, select, predict, write DICOM results and (with ``destination``) store them; returns
     predict's summary with the studies that could not be retrieved, selected or delivered among its failures."""
-    from dicomweb_client.api import DICOMwebClient
-
-    from pedetect.hospital.answer import DicomAnswer, SeriesChoice
-    from pedetect.hospital.deliver import parse_destination
-    from pedetect.infer.predict import predict
-
     target = parse_destination(destination) if destination else None
     client = DICOMwebClient(url=url.rstrip("/"))
     uids = find_studies(client, studies, filters)

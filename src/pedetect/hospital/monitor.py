@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 from pedetect.io import read_json
 
 LOG = logging.getLogger("pedetect.serve")
@@ -33,8 +35,6 @@ class Monitor:
     """The node's metrics (a registry of its own) and the HTTP endpoint that serves them."""
 
     def __init__(self, server: Any, poll: float = 0.5):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.server, self.poll = server, poll
         self.registry = CollectorRegistry()
         self.received_total = Counter(
@@ -147,8 +147,6 @@ class Monitor:
 
     # -- the endpoint
     def start(self, host: str, port: int) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         monitor = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -25,7 +25,9 @@ items of the Qualitative Evaluations container, the PE decision inferred from th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -33,10 +35,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import pydicom
+from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+from highdicom.sc import SCImage
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    ComprehensiveSR,
+    ContainerContentItem,
+    CoordinatesForMeasurement,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageContentItem,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    RelationshipTypeValues,
+    SourceImageForMeasurement,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+    UIDRefContentItem,
+)
+from highdicom.sr.templates import DEFAULT_LANGUAGE
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from pedetect import __version__
-from pedetect.dicom.frames import frame_key, split_frame_key
+from pedetect.dicom.frames import frame_geometry, frame_key, split_frame_key
 from pedetect.dicom.source import Source, read_bytes
 from pedetect.hospital.codes import (
     ABSENT,
@@ -54,7 +88,6 @@ from pedetect.hospital.codes import (
     QUALITATIVE_EVALUATIONS,
     SQUARE_MM,
     SUMMARY,
-    coded,
 )
 from pedetect.infer.report import StudyResult, safe_name
 from pedetect.io import atomic_path, file_sha256
@@ -111,6 +144,11 @@ class Algorithm:
     def device_uid(self) -> str:
         """The algorithm's Device UID (AIR): a new one with every other bundle (or pedetect version)."""
         return _uid("pedetect-device", self.identity)
+
+
+def coded(value: str, scheme: str, meaning: str) -> CodedConcept:
+    """A code of :mod:`pedetect.hospital.codes` as highdicom's concept: ``coded(*PRESENT)``."""
+    return CodedConcept(value, scheme, meaning)
 
 
 def algorithm_of(bundles: Sequence[Any]) -> Algorithm:
@@ -193,17 +231,11 @@ def key_slices(result: StudyResult) -> list[int]:
 
 
 def _uid(*parts: str) -> str:
-    from pydicom.uid import generate_uid
-
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
 def _header(source: Source):
     """A source instance's header (no pixels); ResultError naming the file when unreadable."""
-    import io
-
-    import pydicom
-
     try:
         return pydicom.dcmread(io.BytesIO(read_bytes(source)), stop_before_pixels=True, force=True)
     except Exception as error:
@@ -252,8 +284,6 @@ KEPT_FROM_SOURCE = tuple(_PATIENT_STUDY.split()) + (
 def with_type2(ds):
     """A new dataset with only the source's patient and study modules and its references
     (:data:`KEPT_FROM_SOURCE`), the type 2 patient/study attributes it lacks present and empty."""
-    from pydicom.dataset import Dataset
-
     kept = Dataset()
     for keyword in KEPT_FROM_SOURCE:
         if keyword in ds:
@@ -265,9 +295,6 @@ def with_type2(ds):
 
 
 def _observer(algorithm: Algorithm):
-    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
-    from pydicom.sr.codedict import codes
-
     return ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -281,8 +308,6 @@ def _observer(algorithm: Algorithm):
 
 
 def _algorithm_id(algorithm: Algorithm):
-    from highdicom.sr import AlgorithmIdentification
-
     return AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version, parameters=list(algorithm.bundles) or None
     )
@@ -293,8 +318,6 @@ def contributing_equipment(algorithm: Algorithm):
     manufacturer, model name, software versions (pedetect's version and the bundles' identity) and
     serial number (the bundles' identity); the Device UID that changes with the bundles is the
     object's own (:func:`add_contributing_equipment`)."""
-    from pydicom.dataset import Dataset
-
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = AIR_PURPOSE
     item = Dataset()
@@ -337,8 +360,6 @@ def outline_area(record: dict, pixel_spacing: tuple[float, float] | None) -> flo
 
 def pixel_spacing_of(header, frame: int | None) -> tuple[float, float] | None:
     """PixelSpacing of a slice: the instance's, or for a frame its functional groups'."""
-    from pedetect.dicom.frames import frame_geometry
-
     try:
         if frame is None:
             spacing = header.get("PixelSpacing")
@@ -366,18 +387,6 @@ def _candidate_group(candidate: CandidateRef, algorithm: Algorithm):
 
     The area comes first: OHIF's freehand tool takes the group's first NUM as its area (and shows it
     before it has computed its own), and the first NUM's SCOORD as its contour."""
-    from highdicom.sr import (
-        CoordinatesForMeasurement,
-        FindingSite,
-        ImageRegion,
-        Measurement,
-        PlanarROIMeasurementsAndQualitativeEvaluations,
-        RelationshipTypeValues,
-        SourceImageForRegion,
-        TextContentItem,
-        TrackingIdentifier,
-    )
-
     ref = candidate.ref
     frames = None if ref.frame is None else [ref.frame]
     graphic_type, data = candidate_scoord(candidate.record, int(ref.dataset.Rows), int(ref.dataset.Columns))
@@ -422,15 +431,6 @@ def _candidate_group(candidate: CandidateRef, algorithm: Algorithm):
 def _image_library(refs: Sequence[KeyRef], frames_of_reference: Sequence[str]):
     """TID 1600 Image Library: one group (modality CT and, when the slices share one, the frame of
     reference) listing every slice the report references (TID 1601 entries, a frame with its number)."""
-    from highdicom.sr import (
-        CodeContentItem,
-        ContainerContentItem,
-        ImageContentItem,
-        RelationshipTypeValues,
-        UIDRefContentItem,
-    )
-    from pydicom.sr.codedict import codes
-
     library = ContainerContentItem(
         name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False
     )
@@ -470,8 +470,6 @@ def _image_library(refs: Sequence[KeyRef], frames_of_reference: Sequence[str]):
 def _evaluation(concept, decision: bool, model_probability: float, relationship="CONTAINS"):
     """A CODE item (the decision after the label rules: Present or Absent) INFERRED FROM the model's
     probability (NUM; left out when the model gave none)."""
-    from highdicom.sr import CodeContentItem, NumContentItem, RelationshipTypeValues
-
     item = CodeContentItem(
         name=concept, value=coded(*(PRESENT if decision else ABSENT)), relationship_type=relationship
     )
@@ -505,14 +503,6 @@ def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Alg
     written slice value is above the threshold), INFERRED FROM the key slices and made by the algorithm
     (TID 4019); each of the nine exam labels (private codes, model probability, written decision); the
     comments (what was not used and why)."""
-    from highdicom.sr import (
-        CodeContentItem,
-        ContainerContentItem,
-        RelationshipTypeValues,
-        SourceImageForMeasurement,
-        TextContentItem,
-    )
-
     container = ContainerContentItem(
         name=coded(*QUALITATIVE_EVALUATIONS),
         relationship_type=RelationshipTypeValues.CONTAINS,
@@ -577,17 +567,6 @@ def build_sr(
     ReferencedFrameNumber); ``candidates``: one TID 1410 measurement group each (none: no Imaging
     Measurements container); ``library``: every referenced slice, for the Image Library; ``comments``:
     TEXT items (DCM 121106 "Comment") in the Qualitative Evaluations (what was not used and why)."""
-    from highdicom.sr import (
-        CodeContentItem,
-        ComprehensiveSR,
-        ContainerContentItem,
-        LanguageOfContentItemAndDescendants,
-        ObservationContext,
-        RelationshipTypeValues,
-    )
-    from highdicom.sr.templates import DEFAULT_LANGUAGE
-    from pydicom.sr.codedict import codes
-
     # A report without measurement groups is titled as the CT chest report it is (CID 7000, not CID 7021):
     # OHIF 3.13.2 opens an "Imaging Measurement Report" in its measurement viewport, which reads the first
     # measurement unguarded (a TypeError, its error page), and shows any other SR as text.
@@ -617,18 +596,32 @@ def build_sr(
     sr = ComprehensiveSR(
         evidence=evidence,
         content=root,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="pedetect",
+        **result_identity("sr", series_uid=series_uid, sop_uid=sop_uid),
         is_complete=True,
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = SERIES_DESCRIPTIONS["sr"]
-    add_contributing_equipment(sr, algorithm)
+    finish_result(sr, "sr", algorithm)
     return sr
+
+
+def result_identity(kind: str, *, series_uid: str, sop_uid: str) -> dict[str, Any]:
+    """What every result's highdicom constructor is given alike: its series (numbered by ``kind``: sr,
+    sc, ko or seg), its SOP Instance UID, instance number 1 and pedetect as manufacturer."""
+    return dict(
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS[kind],
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="pedetect",
+    )
+
+
+def finish_result(dataset, kind: str, algorithm: Algorithm) -> None:
+    """What every result gets once highdicom made it: its series description and the algorithm's
+    Contributing Equipment (:func:`add_contributing_equipment`)."""
+    dataset.SeriesDescription = SERIES_DESCRIPTIONS[kind]
+    add_contributing_equipment(dataset, algorithm)
 
 
 def add_contributing_equipment(dataset, algorithm: Algorithm) -> None:
@@ -643,30 +636,23 @@ def add_contributing_equipment(dataset, algorithm: Algorithm) -> None:
 
 def build_sc(reference, picture: np.ndarray, algorithm: Algorithm, *, series_uid: str, sop_uid: str):
     """The Secondary Capture (highdicom SCImage) of the report picture, RGB."""
-    from highdicom.sc import SCImage
-
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=np.ascontiguousarray(picture, dtype=np.uint8),
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="pedetect",
+        **result_identity("sc", series_uid=series_uid, sop_uid=sop_uid),
         patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
-    sc.SeriesDescription = SERIES_DESCRIPTIONS["sc"]
+    finish_result(sc, "sc", algorithm)
     # Laterality (type 2C) is for a paired body part: a chest has none, so it is absent (not empty), and the
     # body part says so (without it dciodvfy cannot tell that the condition is false).
     if "Laterality" in sc:
         del sc.Laterality
     sc.BodyPartExamined = "CHEST"
     sc.BurnedInAnnotation = "NO"  # the picture holds probabilities and slice numbers, nothing of the patient
-    add_contributing_equipment(sc, algorithm)
     return sc
 
 
@@ -674,9 +660,6 @@ def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: st
     """The Key Object Selection ("Of Interest", DCM 113000) of the key slices: one IMAGE item per
     instance, in the order of its first key slice; a multi-frame instance's item lists its key frames
     in ReferencedFrameNumber (PS3.3 C.10.2.1: required when the reference is not to every frame)."""
-    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
-    from pydicom.sr.codedict import codes
-
     instances: dict[str, tuple[Any, list[int]]] = {}
     for ref in key_refs:
         _, frames = instances.setdefault(str(ref.dataset.SOPInstanceUID), (ref.dataset, []))
@@ -698,21 +681,14 @@ def build_ko(key_refs: Sequence[KeyRef], algorithm: Algorithm, *, series_uid: st
     ko = KeyObjectSelectionDocument(
         evidence=[ds for ds, _ in instances.values()],
         content=content,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["ko"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="pedetect",
+        **result_identity("ko", series_uid=series_uid, sop_uid=sop_uid),
     )
-    ko.SeriesDescription = SERIES_DESCRIPTIONS["ko"]
-    add_contributing_equipment(ko, algorithm)
+    finish_result(ko, "ko", algorithm)
     return ko
 
 
 def read_picture(path: Path) -> np.ndarray:
     """A PNG as (H, W, 3) uint8 RGB (even sizes are not needed: SC frames may be odd)."""
-    import cv2
-
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ResultError(f"{path}: cannot read the report picture")
@@ -812,7 +788,7 @@ def write_study_results(
     else:
         written.notes.append("no key slice: no key object selection")
     if full_candidates:
-        from pedetect.hospital.seg import SegError, build_seg
+        from pedetect.hospital.seg import SegError, build_seg  # here: seg imports this module's helpers
 
         try:
             seg = build_seg(full_candidates, algorithm, notes=written.notes, **uids("seg"))
@@ -874,8 +850,6 @@ def skipped_notes(result: StudyResult) -> list[str]:
 
 def result_from_report(path: Path) -> StudyResult:
     """A study's :class:`StudyResult` from its report JSON (``REPORT/<study>.json``)."""
-    import dataclasses
-
     record = json.loads(Path(path).read_text())
     names = {f.name for f in dataclasses.fields(StudyResult)}
     return StudyResult(**{k: v for k, v in record.items() if k in names})

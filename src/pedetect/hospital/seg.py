@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
+import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from pedetect.dicom.header import PIXEL_DESCRIPTION
+from pedetect.hospital.results import NOT_DIAGNOSTIC, coded, finish_result, result_identity, with_type2
 
 GEOMETRY = (
     "FrameOfReferenceUID",
@@ -25,12 +32,7 @@ GEOMETRY = (
     "Rows",
     "Columns",
     "NumberOfFrames",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
+    *PIXEL_DESCRIPTION,
 )
 # The functional groups of an Enhanced CT frame that place it (PS3.3 C.7.6.16.2): all a segmentation needs.
 GEOMETRY_GROUPS = ("PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence")
@@ -44,10 +46,6 @@ class SegError(Exception):
 
 def geometry_header(ds) -> Any:
     """A source header reduced to the patient and study modules, the references and the geometry."""
-    from pydicom.dataset import Dataset
-
-    from pedetect.hospital.results import with_type2
-
     kept = with_type2(ds)
     for keyword in GEOMETRY:
         if keyword in ds:
@@ -69,8 +67,6 @@ def candidate_mask(record: dict, rows: int, columns: int) -> np.ndarray:
     """The candidate on its key slice as a (rows, columns) mask: the outline filled (its vertices,
     0-based pixel-centre coordinates, rounded to pixels; the boundary pixels included), or without
     an outline of three points the point and its neighbours."""
-    import cv2
-
     mask = np.zeros((rows, columns), dtype=np.uint8)
     outline = [(float(r), float(c)) for r, c in record.get("outline") or []]
     if len(outline) >= 3:
@@ -89,17 +85,6 @@ def build_seg(candidates: Sequence[Any], algorithm: Any, *, notes: list[str], se
     """The Segmentation of ``candidates`` (:class:`pedetect.hospital.results.CandidateRef` with the key
     slice's full header): the candidates of the strongest one's series (a segmentation has one source
     series; the others are a note), segment k = the k-th of them. Raises :class:`SegError`."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    from pedetect.hospital.codes import coded
-    from pedetect.hospital.results import (
-        NOT_DIAGNOSTIC,
-        SERIES_DESCRIPTIONS,
-        SERIES_NUMBERS,
-        add_contributing_equipment,
-    )
-
     if not candidates:
         raise SegError("no clot candidate")
     series = str(candidates[0].ref.dataset.SeriesInstanceUID)
@@ -150,17 +135,12 @@ def build_seg(candidates: Sequence[Any], algorithm: Any, *, notes: list[str], se
         pixel_array=pixels,
         segmentation_type="BINARY",
         segment_descriptions=descriptions,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["seg"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="pedetect",
+        **result_identity("seg", series_uid=series_uid, sop_uid=sop_uid),
         manufacturer_model_name=algorithm.name,
         software_versions=algorithm.version,
         device_serial_number=algorithm.identity,
         content_label=CONTENT_LABEL,
         content_description=f"pedetect PE candidates ({NOT_DIAGNOSTIC})"[:64],
     )
-    seg.SeriesDescription = SERIES_DESCRIPTIONS["seg"]
-    add_contributing_equipment(seg, algorithm)
+    finish_result(seg, "seg", algorithm)
     return seg

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pedetect.dicom.read import scan_files
+
 MIN_SLICES = 20
 AXIAL_COS = math.cos(math.radians(30))
 # Kernels of lung or bone reconstructions (Siemens B/I/Br 50+, GE LUNG/BONE/EDGE, Philips YA-YC/L/D, Toshiba FC5x-FC8x).
@@ -111,8 +113,6 @@ def select_series(files: list[Path], min_slices: int = MIN_SLICES, scan: Callabl
     """The CTPA series among ``files`` (one study's CT instances), by the rules above; each file's
     header read once (``scan``: :func:`pedetect.dicom.read.scan_files` or a
     :class:`~pedetect.dicom.read.ScanMemo`'s ``scan``)."""
-    from pedetect.dicom.read import scan_files
-
     headers, failures = (scan or scan_files)(sorted(files))
     return select_headers(headers, failures, min_slices)
 

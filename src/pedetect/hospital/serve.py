@@ -25,7 +25,10 @@ images are acknowledged and not kept (logged by SOP class). Logs name UIDs, neve
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -43,16 +46,18 @@ from pedetect.config import StrictModel
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
 from pedetect.dicom.header import CT_SOP_CLASSES, sop_class_name
 from pedetect.dicom.read import ScanMemo
-from pedetect.hospital.selection import MIN_SLICES
+from pedetect.hospital.alerts import AlertConfig, Alerts
+from pedetect.hospital.deliver import Outbox, parse_destination
+from pedetect.hospital.monitor import Monitor
+from pedetect.hospital.selection import MIN_SLICES, select_series
+from pedetect.infer.reader import StudyPlan, slice_decoder
 from pedetect.infer.report import safe_name
 from pedetect.io import read_json, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from pedetect.hospital.alerts import Alerts
     from pedetect.infer.predictor import Predictor, StudyPrediction
-    from pedetect.infer.reader import StudyPlan
 
 LOG = logging.getLogger("pedetect.serve")
 INCOMING, OUTBOX, DONE, WORK, WORKERS = "incoming", "outbox", "done", "work", "workers"
@@ -177,8 +182,6 @@ class Spool:
     def claim(self, study: str) -> Iterator[bool]:
         """Hold ``work/<study>.claim`` for the block (True), or False when another worker holds it: an
         ``fcntl.flock`` the kernel releases when its process ends, however it ends."""
-        import fcntl
-
         fd = os.open(self.claim_path(study), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -208,8 +211,6 @@ class Worker:
         name: str = "worker-1",
         stop_event: threading.Event | None = None,
     ):
-        from pedetect.hospital.deliver import Outbox
-
         self.config, self.name = config, name
         self.spool = Spool(config.spool)
         self.outbox = Outbox(self.spool.root / OUTBOX, None)  # put only: the node delivers
@@ -230,8 +231,7 @@ class Worker:
 
     def load(self) -> None:
         """The predictor (every bundle, once) and the slice decoder with its limit, for the worker's life."""
-        from pedetect.infer.predictor import Predictor
-        from pedetect.infer.reader import slice_decoder
+        from pedetect.infer.predictor import Predictor  # torch: in the worker processes only, never the node's
 
         if self.predictor is not None:
             return
@@ -248,8 +248,7 @@ class Worker:
         # the worker's name is the prefix of its process's log lines (configure_logging)
         LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
         if self.config.alerts is not None:
-            from pedetect.hospital.alerts import AlertConfig, Alerts
-            from pedetect.hospital.results import algorithm_of
+            from pedetect.hospital.results import algorithm_of  # highdicom: where results are made
 
             self.alerts = Alerts(
                 AlertConfig.from_yaml(self.config.alerts),
@@ -266,9 +265,8 @@ class Worker:
         ``SPOOL/work``) and make its DICOM results, then throw both away: what a process does once on its
         first study (kernels chosen, fonts cached, modules imported: 1.6 s of the first study's 5.5 s with
         the demo bundle on 2 cores) is not paid by a patient's. A failure is logged, not fatal."""
+        # The warm-up's and the results' libraries (highdicom, the phantom) are the workers', not the node's.
         from pedetect.hospital.answer import DicomAnswer
-        from pedetect.hospital.selection import select_series
-        from pedetect.infer.reader import StudyPlan
         from pedetect.synth.dataset import write_dataset
 
         assert self.predictor is not None
@@ -307,8 +305,6 @@ class Worker:
     def _predict(self, study_dir: Path) -> tuple[dict, StudyPrediction | None, StudyPlan | None]:
         """Choose the series and predict it: the study's record, its prediction and the plan of what was
         read (None, None when no series was usable)."""
-        from pedetect.hospital.selection import select_series
-        from pedetect.infer.reader import StudyPlan
 
         self.load()
         assert self.predictor is not None
@@ -342,7 +338,7 @@ class Worker:
 
     def answer(self, study: str) -> None:
         """Predict one received study, queue its alerts, then its DICOM results, and mark it answered."""
-        from pedetect.hospital.answer import DicomAnswer
+        from pedetect.hospital.answer import DicomAnswer  # highdicom: the workers', not the node's
 
         study_dir = self.spool.root / INCOMING / study
         work = self.spool.root / WORK / study
@@ -458,8 +454,6 @@ def worker_process(config: ServeConfig, name: str, parent: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops its workers
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -471,9 +465,6 @@ class Server:
     the prediction workers (:meth:`run`)."""
 
     def __init__(self, config: ServeConfig):
-        from pedetect.hospital.deliver import Outbox, parse_destination
-        from pedetect.hospital.monitor import Monitor
-
         if config.workers < 1:
             raise ValueError(f"workers must be at least 1 (got {config.workers})")
         self.config = config
@@ -492,7 +483,7 @@ class Server:
             stale.unlink(missing_ok=True)
 
     def _alerts(self):
-        from pedetect.hospital.alerts import AlertConfig, Alerts
+        # The bundles' metadata for the node's alert sender (torch and pandas come with them: only with alerts).
         from pedetect.hospital.results import algorithm_of
         from pedetect.metric.calibrate import first_operating_points
         from pedetect.models.bundle import read_bundle
@@ -507,6 +498,7 @@ class Server:
 
     # -- the SCP
     def start(self) -> None:
+        # The SCP's library: the node's, not its workers'.
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.presentation import AllStoragePresentationContexts
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -564,8 +556,6 @@ class Server:
 
     # -- the workers
     def _start_process(self, name: str) -> None:
-        import multiprocessing
-
         # spawn, not fork: a forked child would inherit the SCP's threads and sockets
         process = multiprocessing.get_context("spawn").Process(
             target=worker_process, args=(self.config, name, os.getpid()), name=f"pedetect-{name}", daemon=False

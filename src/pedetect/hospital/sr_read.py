@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.multival import MultiValue
 
 from pedetect.dicom.frames import frame_key
 from pedetect.hospital.codes import (
@@ -45,8 +47,6 @@ def read_sr_values(path: str | Path) -> dict[str, Any]:
     parameters; ``comments``; ``candidates``: per measurement group its number, tracking identifier and
     UID, finding and finding site codes, probability, SCOORD (graphic type, GraphicData as (column, row)
     pairs, the key slice's name) and comment; ``library``: the Image Library's slices."""
-    import pydicom
-
     sr = pydicom.dcmread(str(path))
     values: dict[str, Any] = {
         "findings": {},
@@ -157,8 +157,6 @@ def _concept_value(item) -> tuple[str, str, str]:
 
 def _slice_name(reference) -> str:
     """The slice name of an SR image reference (an IMAGE content item): ``sop`` or ``sop#frame``."""
-    from pydicom.multival import MultiValue
-
     item = reference.ReferencedSOPSequence[0]
     frames = item.get("ReferencedFrameNumber")
     if frames is None or frames == "":

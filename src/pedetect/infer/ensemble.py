@@ -28,9 +28,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pedetect.data.heart_box import series_heart_crop
 from pedetect.infer.localise import ActivationMaps
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SIDE_LABELS
+from pedetect.metric.calibrate import first_operating_points
 from pedetect.metric.loss import sigmoid
+from pedetect.models.bundle import read_bundle, read_preprocessing
+from pedetect.models.heart import HeartStack, load_heart_model
+from pedetect.models.layout import WEIGHTS_FILE, heart_dir, heart_stack_path
+from pedetect.models.onnx import choose_runtime, load_runtime_fold
+from pedetect.models.sequence import load_sequence_head
+from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 
 # EXAM_LABELS order with leftsided_pe and rightsided_pe exchanged: a flipped view's exam outputs back in place.
 SIDE_SWAP = np.array(
@@ -91,13 +99,6 @@ class Ensemble:
         threads: int | None = None,
         localise: bool = True,
     ):
-        from pedetect.models.bundle import read_bundle, read_preprocessing
-        from pedetect.models.heart import HeartStack, load_heart_model
-        from pedetect.models.layout import WEIGHTS_FILE, heart_dir, heart_stack_path
-        from pedetect.models.onnx import choose_runtime, load_runtime_fold
-        from pedetect.models.sequence import load_sequence_head
-        from pedetect.models.slice_classifier import fold_batchnorm, load_slice_classifier
-
         if not model_dirs:
             raise ValueError("no model: give at least one --model MODEL_DIR")
         self.device = device
@@ -146,8 +147,6 @@ class Ensemble:
         first = next((m for m in self.members if m.location[0] > 0), None)
         self.location_view = LocationView(first.location[0], first.location[1], first.read) if first else None
         # The first bundle's operating points (pedetect calibrate), for a decision at a chosen threshold.
-        from pedetect.metric.calibrate import first_operating_points
-
         self.operating_points = first_operating_points([b.path for b in self.bundles])
         labels = (IMAGE_LABEL, *EXAM_LABELS)
         self.prior = {label: float(np.mean([bundle.prior[label] for bundle in self.bundles])) for label in labels}
@@ -166,8 +165,6 @@ class Ensemble:
         ``volumes``: the series read with each distinct preprocessing of the bundles (:attr:`reads`),
         ``(N, H, W, 3)`` uint8 in position order.
         """
-        from pedetect.models.slice_classifier import embed_volume
-
         per_bundle: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         cells: list[np.ndarray] = []
         maps: list[tuple[tuple[int, int, int, int], np.ndarray]] = []  # (region, probabilities) per member and view
@@ -224,8 +221,6 @@ class Ensemble:
 
     def _heart_logit(self, member: _Member, volume: np.ndarray, crops: dict[tuple, np.ndarray]) -> float:
         """Fold ``member``'s heart model on the series' heart crop (made once per reading and crop setting)."""
-        from pedetect.data.heart_box import series_heart_crop
-
         model, heart, _ = member.heart
         key = (member.read, heart.depth, heart.size, tuple(heart.window))
         if key not in crops:

@@ -26,13 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from pedetect.console import echo as console_echo
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S
+from pedetect.dicom.pixels import WINDOW_NAMES
 from pedetect.dicom.series import Failure
+from pedetect.infer.localise import CANDIDATE_COLUMNS, candidate_rows
 from pedetect.infer.predictor import Predictor, StudyPrediction, StudyRead, study_pictures, value_text
-from pedetect.infer.reader import StudyPlan
+from pedetect.infer.reader import StudyPlan, scan_input, slice_decoder
+from pedetect.infer.report import ReportWriter, write_index
+from pedetect.io import write_csv_atomic
 from pedetect.labels import EXAM_LABELS, split_exam_id
+from pedetect.metric.submission import read_submission
 
 
 @dataclass
@@ -131,13 +137,6 @@ def predict(
     ``FileNotFoundError`` or ``ValueError`` before any work when an argument is unusable; problems
     with single files or studies are in the returned summary instead. ``decode_timeout``: seconds one
     slice may take to decode, past that it is lost (:func:`pedetect.infer.reader.slice_decoder`; 0: no limit)."""
-    from tqdm.auto import tqdm
-
-    from pedetect.infer.reader import scan_input, slice_decoder
-    from pedetect.infer.report import write_index
-    from pedetect.io import write_csv_atomic
-    from pedetect.metric.submission import read_submission
-
     started = time.perf_counter()
     out = Path(out)
     summary = PredictSummary(out, Path(report_dir) if report_dir else None)
@@ -218,8 +217,6 @@ def predict(
     write_csv_atomic(submission, out)
     summary.n_rows = len(submission)
     if clots is not None:
-        from pedetect.infer.localise import CANDIDATE_COLUMNS, candidate_rows
-
         found = [row for result in results for row in candidate_rows(result.study_uid, result.candidates)]
         write_csv_atomic(pd.DataFrame(found, columns=list(CANDIDATE_COLUMNS)), Path(clots))
         summary.clots = Path(clots)
@@ -243,8 +240,6 @@ def _predict_studies(
     a background thread while the models work on this one (memory: two studies at most); ``on_read``
     sees each study as soon as it is read, before the models; ``decode``: what decodes a slice (None:
     in this thread)."""
-    from tqdm.auto import tqdm
-
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedetect-read") as pool,
         tqdm(
@@ -266,9 +261,6 @@ def _predict_studies(
 
 def _report_writer(report_dir: Path, ensemble):
     """The report's writer for slices read with the first bundle's settings (the images predict keeps)."""
-    from pedetect.dicom.pixels import WINDOW_NAMES
-    from pedetect.infer.report import ReportWriter
-
     preprocessing = ensemble.preprocessing[0]
     view = ensemble.location_view
     return ReportWriter(

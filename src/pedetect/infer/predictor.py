@@ -30,11 +30,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from pedetect.dicom.header import describe_error
+from pedetect.dicom.pixels import WINDOW_NAMES
 from pedetect.dicom.series import Failure
-from pedetect.infer.report import StudyResult
+from pedetect.infer.ensemble import Ensemble
+from pedetect.infer.localise import SliceGeometry, find_candidates, number_candidates
+from pedetect.infer.reader import StudyPlan, read_series_planned
+from pedetect.infer.report import StudyResult, study_picture
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, exam_id
-from pedetect.metric.consistency import LOWERED
+from pedetect.metric.consistency import LOWERED, cheapest_negative_edit, fix_submission
+from pedetect.metric.submission import align
+from pedetect.runtime import resolve_device
 
 DUPLICATE = "duplicate SOPInstanceUID"
 
@@ -53,9 +61,6 @@ class StudyRead:
 
 
 def read_study(plan, reads: list[tuple], decode=None) -> StudyRead:
-    from pedetect.dicom.header import describe_error
-    from pedetect.infer.reader import read_series_planned
-
     started = time.perf_counter()
     series, failures = [], []
     for headers in plan.series.values():
@@ -69,8 +74,6 @@ def read_study(plan, reads: list[tuple], decode=None) -> StudyRead:
 def consistent_prior(prior: dict[str, float]) -> tuple[float, np.ndarray]:
     """(slice value, exam values) for a study nothing is known about: the training prior, made a
     consistent negative exam by the fix's own edit (slices just below 0.5 at most)."""
-    from pedetect.metric.consistency import cheapest_negative_edit
-
     exam = {label: float(prior[label]) for label in EXAM_LABELS}
     exam.update(cheapest_negative_edit(np.zeros(0), exam).exam)
     return min(float(prior[IMAGE_LABEL]), LOWERED), np.array([exam[label] for label in EXAM_LABELS])
@@ -81,9 +84,6 @@ def fix_study(
 ) -> tuple[list[tuple[str, str]], bool]:
     """The study's rows ``(id, text)`` (nine exam rows, then the slices) after ``check --fix``'s repair;
     ``slice_rows``: (series, sop, value). Returns the rows and whether the fix changed any."""
-    from pedetect.metric.consistency import fix_submission
-    from pedetect.metric.submission import align
-
     ids = [exam_id(study, label) for label in EXAM_LABELS] + [sop for _, sop, _ in slice_rows]
     texts = [value_text(v) for v in exam] + [value_text(v) for _, _, v in slice_rows]
     frame = pd.DataFrame({"id": ids, "label": [float(t) for t in texts], "label_text": texts})
@@ -159,8 +159,6 @@ def _run_series(ensemble, read: StudyRead) -> _SeriesOutputs:
 
 def _series_candidates(ensemble, first, prediction, picture_offset: int) -> list:
     """Clot candidates of one series from its activation maps (:mod:`pedetect.infer.localise`)."""
-    from pedetect.infer.localise import SliceGeometry, find_candidates
-
     return find_candidates(
         prediction.maps,
         prediction.slices,
@@ -196,8 +194,6 @@ def fill_lost(
 
 def predict_read(ensemble, read: StudyRead, prior_slice: float, prior_exam: np.ndarray) -> StudyPrediction:
     """One study's rows after the fix, its report record and its decoded images (for the picture)."""
-    from pedetect.infer.localise import number_candidates
-
     plan = read.plan
     started = time.perf_counter()
     outputs = _run_series(ensemble, read)
@@ -286,14 +282,9 @@ class Predictor:
         threads: int | None = None,
         localise: bool = True,
     ):
-        from pedetect.infer.ensemble import Ensemble
-        from pedetect.runtime import resolve_device
-
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"--threads must be at least 1, got {threads}")
-            import torch
-
             torch.set_num_threads(threads)
         self.model_dirs = [Path(d) for d in model_dirs]
         self.ensemble = Ensemble(
@@ -323,15 +314,11 @@ class Predictor:
     @property
     def window_names(self) -> list[str]:
         """The names of the report pictures' channels (the first reading's windows)."""
-        from pedetect.dicom.pixels import WINDOW_NAMES
-
         return list(self.ensemble.preprocessing[0].get("window_names") or WINDOW_NAMES)
 
     def picture(self, prediction: StudyPrediction) -> np.ndarray | None:
         """The study's report picture as an RGB array (the slice curve, the most suspicious slices, the
         clot candidates marked): what the report PNG shows and the DICOM secondary capture holds."""
-        from pedetect.infer.report import study_picture
-
         return study_picture(prediction.result, prediction.pictures, self.window_names)
 
     def read(self, plan, decode=None) -> StudyRead:
@@ -350,8 +337,6 @@ class Predictor:
     ) -> StudyPrediction:
         """One study's chosen series, given as the headers of its slices (from one scan of the files);
         ``failures``: its files whose header could not be read (lost, each named)."""
-        from pedetect.infer.reader import StudyPlan
-
         plan = StudyPlan(study, failures=list(failures))
         for header in headers:
             plan.series.setdefault(header.series, []).append(header)

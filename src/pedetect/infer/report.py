@@ -16,6 +16,7 @@ Only UIDs identify a study here: patient names, IDs and dates never enter a repo
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -32,7 +33,8 @@ from pedetect.dicom.pixels import DEFAULT_WINDOWS, WINDOW_NAMES
 from pedetect.io import atomic_path
 from pedetect.labels import EXAM_LABELS
 from pedetect.metric.rules import THRESHOLD
-from pedetect.view.slices import ViewerSlices, write_viewer_slices
+from pedetect.view.page import ASSETS_DIR, suspicious_slices, window_presets, write_study_page, write_viewer_assets
+from pedetect.view.slices import ViewerSlices, crop_box, write_viewer_slices
 
 N_SUSPICIOUS = 3  # slices in the PNG
 
@@ -131,7 +133,6 @@ def safe_name(uid: str) -> str:
     characters replaced and a digest of the whole text appended, so that two texts never meet."""
     if re.fullmatch(r"[0-9A-Za-z._-]{1,128}", uid) and uid not in (".", ".."):
         return uid
-    import hashlib
 
     digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{re.sub(r'[^0-9A-Za-z._-]', '_', uid)[:100]}-{digest}"
@@ -162,9 +163,6 @@ def write_study_report(
     CNN's grid cells over the central crop ``crop`` of each slice (``Ensemble.location_view``);
     ``slices``: the viewer's JPEGs when already written (:meth:`ReportWriter.prepare`).
     """
-    from pedetect.view.page import suspicious_slices, window_presets, write_study_page
-    from pedetect.view.slices import crop_box
-
     out_dir = Path(out_dir)
     name = safe_name(result.study_uid)
     has_slices = pictures is not None and len(pictures) == len(result.sop_uids) and len(pictures) > 0
@@ -201,6 +199,8 @@ def study_figure(result: StudyResult, pe_window_slices: np.ndarray):
     """The report picture of one study (a matplotlib Figure, made without pyplot): the model's slice
     curve and the three most suspicious slices in the PE window, the clot candidates marked on them."""
     # The figure without pyplot: pyplot's global state is not thread-safe, and this runs in the report thread.
+    # matplotlib is imported here (it is slow to import): pedetect serve's receiving process imports this
+    # module (safe_name) and draws nothing.
     from matplotlib.figure import Figure
 
     probabilities = np.asarray(result.model_slice_probabilities)
@@ -249,7 +249,7 @@ def study_picture(
     """The report picture as an ``(H, W, 3)`` uint8 RGB array (what the PNG shows; the DICOM
     results' secondary capture), or None without slices. ``pictures``: the decoded slices
     ``(N, H, W, 3)`` with channels = the windows ``window_names``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # slow to import: see study_figure
 
     if pictures is None or not len(pictures) or len(pictures) != len(result.sop_uids):
         return None
@@ -344,8 +344,6 @@ def write_index(out_dir: Path, results: list[StudyResult], notes: list[str] | No
     """``index.html``: every study, most suspicious first (the model's PE probability), linking its
     viewer page, PNG and JSON; ``notes`` (the run's summary: what was lost) above the table. Also
     writes the viewer's script and style the study pages share."""
-    from pedetect.view.page import ASSETS_DIR, write_viewer_assets
-
     write_viewer_assets(out_dir)
     rows = []
     for result in sorted(results, key=lambda r: (-r.pe_probability, r.study_uid)):

@@ -9,9 +9,8 @@ decision ``score > t`` each gives a distinct split of the studies. Two points ar
   such threshold on ties).
 
 They are recorded in the model folder as ``operating_points.json`` (:data:`OPERATING_POINTS_FILE`,
-versioned, written atomically); :func:`read_operating_points` reads and checks it. This module
-imports only the standard library at module level: ``pedetect.models.layout`` takes the file's name
-from here.
+versioned, written atomically); :func:`read_operating_points` reads and checks it.
+``pedetect.models.layout`` takes the file's name from here.
 """
 
 from __future__ import annotations
@@ -22,6 +21,12 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from pedetect.io import file_sha256, write_json_atomic
+from pedetect.metric.submission import InputError, read_labels, read_submission
+from pedetect.metric.validation import confusion, study_scores
 
 OPERATING_POINTS_FILE = "operating_points.json"
 OPERATING_POINTS_VERSION = 1
@@ -46,16 +51,12 @@ def point_name(target_sensitivity: float) -> str:
 
 def candidate_thresholds(score) -> Any:
     """The thresholds that give distinct decisions ``score > t``: 0 and the distinct scores, highest first."""
-    import numpy as np
-
     return np.unique(np.r_[0.0, np.asarray(score, dtype=np.float64)])[::-1]
 
 
 def _counts(truth, score, thresholds):
     """True positives and true negatives of ``score > t`` at each threshold, and the numbers of
     positive and negative studies."""
-    import numpy as np
-
     truth = np.asarray(truth, dtype=bool)
     score = np.asarray(score, dtype=np.float64)
     positives, negatives = np.sort(score[truth]), np.sort(score[~truth])
@@ -67,8 +68,6 @@ def _counts(truth, score, thresholds):
 def threshold_for_sensitivity(truth, score, target: float) -> tuple[float, bool]:
     """The highest candidate threshold whose sensitivity is ≥ ``target``, and whether the target is
     reached (when no candidate reaches it, the lowest candidate, 0, and False)."""
-    import numpy as np
-
     thresholds = candidate_thresholds(score)
     tp, _, n_pos, _ = _counts(truth, score, thresholds)
     reached = np.flatnonzero(tp >= target * n_pos - 1e-9)  # sensitivity >= target, without rounding
@@ -79,8 +78,6 @@ def threshold_for_sensitivity(truth, score, target: float) -> tuple[float, bool]
 
 def youden_threshold(truth, score) -> float:
     """The candidate threshold with the largest sensitivity + specificity − 1 (the highest on ties)."""
-    import numpy as np
-
     thresholds = candidate_thresholds(score)
     tp, tn, n_pos, n_neg = _counts(truth, score, thresholds)
     j = tp * n_neg + tn * n_pos  # J x n_pos x n_neg + n_pos x n_neg: integers, so ties are exact
@@ -88,8 +85,6 @@ def youden_threshold(truth, score) -> float:
 
 
 def _point(name: str, truth, score, threshold: float, **extra: Any) -> dict[str, Any]:
-    from pedetect.metric.validation import confusion
-
     c = confusion(truth, score, threshold)
     point = {"name": name, "threshold": threshold}
     for key in ("sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "ppv_ci95"):
@@ -102,8 +97,6 @@ def _point(name: str, truth, score, threshold: float, **extra: Any) -> dict[str,
 def choose_operating_points(truth, score, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> list[dict]:
     """The two points (see the module's docstring) with their sensitivity, specificity, PPV and NPV
     and Wilson 95% intervals on these studies."""
-    import numpy as np
-
     truth = np.asarray(truth, dtype=bool)
     if not 0 < target_sensitivity <= 1:
         raise ValueError(f"the target sensitivity must be in (0, 1], got {target_sensitivity}")
@@ -138,10 +131,6 @@ def calibrate_files(
 ) -> dict[str, Any]:
     """The operating-points record (:func:`validate_operating_points`' format) of a submission scored
     against labels (train.csv columns); raises :class:`~pedetect.metric.submission.InputError`."""
-    from pedetect.io import file_sha256
-    from pedetect.metric.submission import InputError, read_labels, read_submission
-    from pedetect.metric.validation import study_scores
-
     scores = study_scores(read_labels(labels_path), read_submission(submission_path), submission_path)
     try:
         points = choose_operating_points(scores.pe_truth, scores.pe_score, target_sensitivity)
@@ -265,8 +254,6 @@ def resolve_operating_points(path: str | Path) -> Path:
 
 def write_operating_points(record: Mapping[str, Any], path: str | Path) -> Path:
     """Write a record (checked first) atomically: a reader sees the old file or the new one."""
-    from pedetect.io import write_json_atomic
-
     validate_operating_points(record, str(path))
     write_json_atomic(path, dict(record))
     return Path(path)

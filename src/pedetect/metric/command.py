@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
 
 from pedetect.console import fail
+from pedetect.labels import SERIES, STUDY
 
 
 def evaluate_command(
@@ -147,7 +149,6 @@ def evaluate_command(
 def _validation(labels: Path, submission: Path, dicom: Path | None, points: Path | None, resamples: int, seed: int):
     """The validation report's numbers (:func:`pedetect.metric.validation.validation_report`) for the
     evaluate command; input problems raise :class:`~pedetect.metric.submission.InputError`."""
-    from pedetect.labels import SERIES, STUDY
     from pedetect.metric.calibrate import OperatingPointsError, read_operating_points_file, resolve_operating_points
     from pedetect.metric.submission import InputError, read_labels, read_submission
     from pedetect.metric.validation import operating_points_from_record, validation_report
@@ -254,8 +255,6 @@ def check_command(
     submission (1st-place method: per broken exam, the cheaper of the cheapest consistent-positive and
     consistent-negative edits); rows of exams that were already consistent are copied unchanged.
     """
-    from collections import Counter
-
     from pedetect.metric.consistency import find_violations, fix_submission, write_submission
     from pedetect.metric.rules import RULES
     from pedetect.metric.submission import InputError, align, read_studies, read_submission

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pedetect.io import write_csv_atomic
 from pedetect.labels import (
     CHRONICITY_LABELS,
     EXAM_LABELS,
@@ -200,7 +201,5 @@ def fix_submission(submission: pd.DataFrame, aligned: AlignedSubmission) -> tupl
 
 def write_submission(submission: pd.DataFrame, path) -> None:
     """Write ``id,label`` atomically, each value as its ``label_text``."""
-    from pedetect.io import write_csv_atomic
-
     out = submission[["id", "label_text"]].rename(columns={"label_text": "label"})
     write_csv_atomic(out, path)

@@ -18,7 +18,7 @@ def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
     evaluation, and the validation of both training stages."""
     if len(np.unique(target)) < 2:
         return float("nan")
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # sklearn is slow to import; most importers of this module compute no AUC
 
     return float(roc_auc_score(target, score))
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pedetect.io import atomic_path
 from pedetect.labels import SERIES, STUDY
 from pedetect.metric.submission import MAX_SHOWN, InputError
 
@@ -512,9 +513,7 @@ def plot_froc(result: dict[str, Any], path: str | Path) -> Path:
     """Write the FROC figure of :func:`froc_report` (a curve per rule, and per side for the first rule)
     or of one rule's :func:`froc` (overall and per side) as a PNG; log FP/scan from 1/8 to 8, the
     four rates marked."""
-    from matplotlib.figure import Figure
-
-    from pedetect.io import atomic_path
+    from matplotlib.figure import Figure  # matplotlib only for evaluate --plot
 
     rules = result.get("rules") or {result["rule"]: result}
     main_name, main = next(iter(rules.items()))

@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
+from pedetect.dicom.header import describe_error, is_input_failure, printable
+from pedetect.dicom.read import scan_files
+from pedetect.dicom.series import group_headers
+from pedetect.dicom.source import ZipMember, discover, open_path, read_bytes, source_label
+from pedetect.dicom.values import numbers
+
 FIELDS: dict[str, str] = {
     "manufacturer": "Manufacturer",
     "model": "Manufacturer / ManufacturerModelName",
@@ -99,8 +107,6 @@ class SeriesHeader:
 
 
 def _value(ds: Any, keyword: str) -> str:
-    from pedetect.dicom.header import printable
-
     value = ds.get(keyword) if ds is not None else None
     if value is None:
         return ""
@@ -119,11 +125,6 @@ def _first_item(ds: Any, keyword: str) -> Any:
 
 def read_equipment(source: Any) -> dict[str, Any]:
     """The equipment fields of one file, its header only; raises the reader's errors."""
-    import pydicom
-
-    from pedetect.dicom.source import ZipMember, open_path, read_bytes
-    from pedetect.dicom.values import numbers
-
     handle = io.BytesIO(read_bytes(source)) if isinstance(source, ZipMember) else open_path(source)
     with handle, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,11 +149,6 @@ def scan_series(
     """One :class:`SeriesHeader` per study found under ``dicom`` (a folder in any layout, or a zip),
     and what the scan found (files, unreadable files). A study's series is the one the labels name
     (``series_of``: study → its series in the labels) when present, else its largest."""
-    from pedetect.dicom.header import describe_error, is_input_failure
-    from pedetect.dicom.read import scan_files
-    from pedetect.dicom.series import group_headers
-    from pedetect.dicom.source import discover, source_label
-
     sources = discover(dicom)
     headers, failures = scan_files(sources)
     by_series, duplicates = group_headers(headers)

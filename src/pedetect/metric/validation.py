@@ -20,6 +20,7 @@ is "some slice is labelled positive" (``pe_present_on_image``).
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, NEGATIVE_LABELS, SOP, STUDY
+from pedetect.metric.evaluate import evaluate_frames, roc_auc
 from pedetect.metric.rules import THRESHOLD
+from pedetect.metric.submission import align
 
 REPORT_VERSION = 1
 BOOTSTRAP_RESAMPLES = 2000
@@ -246,8 +249,6 @@ def study_scores(
 ) -> StudyScores:
     """Align a submission (:func:`~pedetect.metric.submission.read_submission`) to parsed labels
     (:func:`~pedetect.metric.submission.read_labels`) and derive the exam-level PE score and truth."""
-    from pedetect.metric.submission import align
-
     aligned = align(submission, labels, submission_path)
     image_target = labels.set_index(SOP).loc[aligned.sop_uids, IMAGE_LABEL].to_numpy(dtype=np.float64)
     exams = labels.drop_duplicates(STUDY).set_index(STUDY)
@@ -310,7 +311,7 @@ def operating_points_from_record(record: Mapping[str, Any] | None, source: str) 
 def _roc_points(truth: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray] | None:
     if len(np.unique(truth)) < 2:
         return None
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # sklearn is slow to import: only the report's ROC curves need it
 
     fpr, tpr, thresholds = roc_curve(truth, score)
     return {"fpr": fpr, "tpr": tpr, "thresholds": thresholds}
@@ -345,8 +346,6 @@ def subgroup_table(
     decision with its bootstrap interval (resampling the group's studies; seeded per group) and
     sensitivity and specificity at each point with Wilson intervals; ``small`` when the group has
     fewer than :data:`SMALL_GROUP` studies or lacks positives or negatives (shown all the same)."""
-    from pedetect.metric.evaluate import roc_auc
-
     fields: dict[str, Any] = {}
     for field_number, (name, by_study) in enumerate(attributes.items()):
         values = np.array([by_study.get(uid, "unknown") for uid in scores.study_uids], dtype=object)
@@ -390,8 +389,6 @@ def subgroup_table(
 def _group_order(value: str):
     """Groups of numbers in their order ("<=1 mm", "(1, 2] mm", ..., ">3 mm"; "<100", "100-199", ...,
     ">=400"), then names alphabetically, "unknown..." last."""
-    import re
-
     if value.startswith("unknown"):
         return (2, 0.0, value)
     match = re.search(r"\d+(\.\d+)?", value)
@@ -419,8 +416,6 @@ def validation_report(
     only); ``attributes``: per subgroup field, each study's value (:mod:`pedetect.metric.subgroups`).
     One set of ``resamples`` study resamples (``numpy.random.default_rng(seed)``) serves every label,
     the slices and the exam-level decision, so their intervals come from the same resampled studies."""
-    from pedetect.metric.evaluate import evaluate_frames, roc_auc
-
     if resamples < 1:
         raise ValueError("the bootstrap needs at least one resample")
     report = evaluate_frames(labels, submission, submission_path)

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
+from pedetect.io import atomic_path, write_json_atomic, write_text_atomic
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
+from pedetect.metric.froc import plot_froc
 from pedetect.metric.validation import EXAM_PE, ValidationResult
 
 REPORT_FILE = "report.json"
@@ -36,8 +39,6 @@ def _ci(interval: list[float] | None, digits: int = 3) -> str:
 
 
 def _save(figure, path: Path) -> Path:
-    from pedetect.io import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
     return path
@@ -47,11 +48,20 @@ def _entry(report: dict[str, Any], name: str) -> dict[str, Any]:
     return report[EXAM_PE] if name == EXAM_PE else report["labels"][name]
 
 
+def _probability_panel(axis, title: str, xlabel: str, ylabel: str) -> None:
+    """A square panel of one rate against another, both on [0, 1] (a little room above 1)."""
+    axis.set_title(title, fontsize=9)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.01)
+    axis.set_aspect("equal")
+    axis.tick_params(labelsize=7)
+    axis.set_xlabel(xlabel, fontsize=8)
+    axis.set_ylabel(ylabel, fontsize=8)
+
+
 def plot_roc(result: ValidationResult, path: Path) -> Path:
     """ROC curves of the exam-level decision, the slices and the nine exam labels, AUC and 95% CI in
     each title; the exam-level decision's operating points marked."""
-    from matplotlib.figure import Figure
-
     report = result.report
     figure = Figure(figsize=(13, 10), layout="constrained")
     axes = figure.subplots(3, 4).ravel()
@@ -75,13 +85,7 @@ def plot_roc(result: ValidationResult, path: Path) -> Path:
                     )
             axis.legend(loc="lower right", fontsize=7)
         auc = "AUC undefined" if entry["auc"] is None else f"AUC {_fmt(entry['auc'])} {_ci(entry['auc_ci95'])}"
-        axis.set_title(f"{TITLES.get(name, name)}\n{auc}", fontsize=9)
-        axis.set_xlim(0, 1)
-        axis.set_ylim(0, 1.01)
-        axis.set_aspect("equal")
-        axis.tick_params(labelsize=7)
-        axis.set_xlabel("1 - specificity", fontsize=8)
-        axis.set_ylabel("sensitivity", fontsize=8)
+        _probability_panel(axis, f"{TITLES.get(name, name)}\n{auc}", "1 - specificity", "sensitivity")
     axes[-1].axis("off")
     boot = report["methods"]["bootstrap"]
     axes[-1].text(
@@ -99,8 +103,6 @@ def plot_roc(result: ValidationResult, path: Path) -> Path:
 def plot_calibration(result: ValidationResult, path: Path) -> Path:
     """Reliability diagrams (observed frequency against mean predicted probability per bin, Wilson
     95% bars; bars below: the share of predictions in each bin) of the slices and the nine labels."""
-    from matplotlib.figure import Figure
-
     report = result.report
     figure = Figure(figsize=(13, 10), layout="constrained")
     axes = figure.subplots(3, 4).ravel()
@@ -129,13 +131,7 @@ def plot_calibration(result: ValidationResult, path: Path) -> Path:
                 lw=1.2,
                 capsize=2,
             )
-        axis.set_title(f"{TITLES.get(name, name)}\nECE {_fmt(cal['ece'])}", fontsize=9)
-        axis.set_xlim(0, 1)
-        axis.set_ylim(0, 1.01)
-        axis.set_aspect("equal")
-        axis.tick_params(labelsize=7)
-        axis.set_xlabel("mean predicted", fontsize=8)
-        axis.set_ylabel("observed", fontsize=8)
+        _probability_panel(axis, f"{TITLES.get(name, name)}\nECE {_fmt(cal['ece'])}", "mean predicted", "observed")
     for axis in axes[len(names) :]:
         axis.axis("off")
     axes[-1].text(
@@ -151,8 +147,6 @@ def plot_calibration(result: ValidationResult, path: Path) -> Path:
 
 def plot_subgroups(report: dict[str, Any], path: Path) -> Path:
     """A forest plot: the exam-level AUROC and its 95% interval per subgroup, small groups hollow and grey."""
-    from matplotlib.figure import Figure
-
     subgroups = report["subgroups"]
     rows = []
     for field_name, table in subgroups["fields"].items():
@@ -434,8 +428,6 @@ def _froc_html(froc: dict[str, Any], figures: dict[str, str]) -> str:
 
 def write_report(result: ValidationResult, out: str | Path) -> dict[str, Path]:
     """Write the figures, ``index.html`` and ``report.json`` (last) into ``out``; their paths by name."""
-    from pedetect.io import write_json_atomic, write_text_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = result.report
@@ -446,8 +438,6 @@ def write_report(result: ValidationResult, out: str | Path) -> dict[str, Path]:
     if "subgroups" in report:
         written["subgroups"] = plot_subgroups(report, out / SUBGROUP_FIGURE)
     if "froc" in report:
-        from pedetect.metric.froc import plot_froc
-
         written["froc"] = plot_froc(report["froc"], out / FROC_FIGURE)
     report["figures"] = {name: path.name for name, path in written.items()}
     write_text_atomic(out / INDEX_FILE, render_index(report, report["figures"]))

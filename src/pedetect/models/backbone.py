@@ -22,7 +22,14 @@ import difflib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from pedetect.io import file_sha256
+from pedetect.models.small_cnn import register
+
+# timm is imported where a backbone is named or built: it takes seconds to import, and the sequence
+# stages and ONNX inference import this module (through the slice classifier) without building one.
 
 
 class BackboneError(ValueError):
@@ -32,8 +39,6 @@ class BackboneError(ValueError):
 def check_backbone_name(name: str) -> None:
     """Raise a :class:`BackboneError` suggesting close names when timm has no model ``name``."""
     import timm
-
-    from pedetect.models.small_cnn import register
 
     register()
     if timm.is_model(name):
@@ -55,8 +60,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "or set cnn.backbone.weights to null for random weights)"
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         try:
@@ -206,8 +209,6 @@ def create_backbone(
 def weights_provenance(weights: str | Path | None, name: str) -> dict[str, str]:
     """What a model's starting weights were, for the bundle: random, a timm tag (and its hub id or
     URL), or a local file's SHA-256."""
-    from pedetect.io import file_sha256
-
     if weights is None:
         return {"weights": "random"}
     if weights == PRETRAINED:

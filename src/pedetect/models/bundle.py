@@ -11,22 +11,44 @@ score measures (fold k's studies embedded by CNN k, scored by head k).
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+import torch
+import yaml
+from safetensors import safe_open
+
+from pedetect.config import ConfigError
+from pedetect.dicom.pixels import DEFAULT_WINDOWS
+from pedetect.io import write_json_atomic
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
+from pedetect.models.heart import HeartStack, build_heart_model
 from pedetect.models.layout import (
     BUNDLE_FILE,
     COMPLETE,
     CONFIG_FILE,
     FOLDS_FILE,
+    HEART_STACK_FILE,
+    ONNX_DIR,
     PREPROCESSING_FILE,
     PRIOR_FILE,
+    STAGES,
+    WEIGHTS_FILE,
+    cnn_dir,
     complete_folds,
     fold_dir,
+    heart_dir,
     read_model_config,
+    seq_dir,
 )
+from pedetect.models.sequence import build_sequence_head
+from pedetect.models.slice_classifier import build_slice_classifier
 
 if TYPE_CHECKING:
     from pedetect.recipe import ExperimentConfig
@@ -49,10 +71,6 @@ class Bundle:
 
 def _fold_ids(root: Path, folds_csv: Path) -> list[int]:
     """The fold numbers of folds.csv (whole numbers from 0)."""
-    import io
-
-    import pandas as pd
-
     try:
         column = pd.read_csv(io.BytesIO(_small_file(root, folds_csv)))["fold"]
     except (KeyError, ValueError) as error:
@@ -85,8 +103,6 @@ def _inside(root: Path, path: Path) -> Path:
 
 def _small_file(root: Path, path: Path) -> bytes:
     """A small file of the bundle, whole (inside the folder, a regular file, under MAX_SMALL_FILE)."""
-    import stat
-
     _inside(root, path)
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
@@ -107,8 +123,6 @@ def _check_yaml(root: Path, path: Path) -> None:
     """A bundle's config.yaml: plain YAML only. It is parsed with ``yaml.safe_load`` (no Python
     objects) by :func:`pedetect.config.load_config`; aliases (``&a`` / ``*a``, never written by
     ``pedetect train``) are refused here, since nested aliases expand exponentially when validated."""
-    import yaml
-
     text = _small_file(root, path)
     try:
         for event in yaml.parse(text.decode("utf-8", "replace"), Loader=yaml.SafeLoader):
@@ -122,8 +136,6 @@ def _without_outside_paths(config: ExperimentConfig) -> ExperimentConfig:
     """The config with its one path setting, ``cnn.backbone.weights`` (where training *started*),
     cleared: trained weights come from the bundle's own files, so nothing read through a bundle's
     config can open a file outside the bundle. (bundle.json keeps that provenance as a record.)"""
-    from pathlib import PurePath
-
     if isinstance(config.cnn.backbone.weights, PurePath):
         config = config.model_copy(deep=True)
         config.cnn.backbone.weights = None
@@ -132,8 +144,6 @@ def _without_outside_paths(config: ExperimentConfig) -> ExperimentConfig:
 
 def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor names → shapes, and the metadata, from a safetensors file's header (no tensor is read)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -169,12 +179,6 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
     """Every fold's weights against the models ``config`` describes, before any is loaded: each file
     a safetensors file of the right kind, with exactly the tensors, and the shapes, of the model
     built from the config (built on torch's meta device: no memory, no weights)."""
-    import torch
-
-    from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, seq_dir
-    from pedetect.models.sequence import build_sequence_head
-    from pedetect.models.slice_classifier import build_slice_classifier
-
     root = model_dir.resolve()
     try:
         with torch.device("meta"):
@@ -194,9 +198,6 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
     head_shapes = {name: tuple(t.shape) for name, t in head.state_dict().items()}
     checks = [("cnn", cnn_dir, cnn_shapes, "CNN"), ("seq", seq_dir, head_shapes, "sequence head")]
     if config.heart is not None:
-        from pedetect.models.heart import build_heart_model
-        from pedetect.models.layout import heart_dir
-
         with torch.device("meta"):
             heart = build_heart_model(config.heart)
         checks.append(
@@ -223,8 +224,6 @@ def check_weights(model_dir: Path, config: ExperimentConfig, folds: list[int], e
 def _check_onnx(model_dir: Path, folds: list[int]) -> None:
     """Exported models (``pedetect export``) carry their weights inside: a tensor stored as external
     data would name a file to open, possibly outside the bundle; refused."""
-    from pedetect.models.layout import ONNX_DIR
-
     root = model_dir.resolve()
     folder = model_dir / ONNX_DIR
     if not folder.exists():
@@ -233,6 +232,7 @@ def _check_onnx(model_dir: Path, folds: list[int]) -> None:
     files = sorted(folder.rglob("*.onnx"))
     if not files:
         return
+    # onnx (about a second to import) only for a bundle with an ONNX export
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -265,8 +265,6 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
     - each fold's weights are safetensors with exactly the tensors and shapes of the config's models;
     - exported ONNX models keep their weights inside.
     """
-    from pedetect.config import ConfigError
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BundleError(f"model folder not found: {model_dir}")
@@ -301,8 +299,6 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
         for stage in ("cnn", "seq"):
             _small_file(root, fold_dir(model_dir, stage, k) / COMPLETE)
     prior = _json_file(root, model_dir / PRIOR_FILE)
-    from pedetect.labels import EXAM_LABELS, IMAGE_LABEL
-
     if not isinstance(prior, dict):
         raise BundleError(f"{model_dir / PRIOR_FILE} is not a JSON object of label: probability")
     absent = [label for label in (IMAGE_LABEL, *EXAM_LABELS) if label not in prior]
@@ -324,9 +320,6 @@ def read_bundle(model_dir: str | Path, *, allow_partial: bool = False) -> Bundle
 
 def _check_stack(root: Path, model_dir: Path) -> None:
     """heart/stack.json: the stacker's three finite numbers."""
-    from pedetect.models.heart import HeartStack
-    from pedetect.models.layout import HEART_STACK_FILE
-
     path = model_dir / "heart" / HEART_STACK_FILE
     if not path.is_file():
         raise BundleError(
@@ -370,9 +363,6 @@ def write_bundle_info(
 ) -> dict[str, Any]:
     """``MODEL_DIR/bundle.json``, written when a full training run finishes; ``starting_weights``:
     where the CNN's training started (:func:`pedetect.models.backbone.weights_provenance`)."""
-    from pedetect.io import write_json_atomic
-    from pedetect.models.layout import STAGES
-
     info = {
         "format": BUNDLE_FORMAT,
         "folds": folds,
@@ -389,8 +379,6 @@ def write_bundle_info(
 def write_preprocessing(model_dir: str | Path, store_settings: dict[str, Any]) -> dict[str, Any]:
     """``MODEL_DIR/preprocessing.json`` from the settings of the slice store the model was trained on
     (``SliceStore.settings``): what ``predict`` needs to read DICOM exactly as ``prepare`` did."""
-    from pedetect.io import write_json_atomic
-
     keys = ("windows", "window_names", "image_size", "jpeg_quality", "jpeg_sampling")
     record = {key: store_settings[key] for key in keys if key in store_settings}
     write_json_atomic(Path(model_dir) / PREPROCESSING_FILE, record)
@@ -398,8 +386,6 @@ def write_preprocessing(model_dir: str | Path, store_settings: dict[str, Any]) -
 
 
 def _number(value: Any) -> bool:
-    import math
-
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -420,6 +406,5 @@ def read_preprocessing(model_dir: str | Path) -> dict[str, Any]:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096):
             raise BundleError(f"{path}: image_size {size!r} is not a whole number of pixels from 16 to 4096")
         return {"image_size": record.get("image_size"), **record, "recorded": True}
-    from pedetect.dicom.pixels import DEFAULT_WINDOWS
 
     return {"windows": [list(w) for w in DEFAULT_WINDOWS], "image_size": None, "recorded": False}

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from torch import nn
 
+from pedetect.io import write_json_atomic
 from pedetect.labels import EXAM_LABELS, RV_LV_LABELS
+from pedetect.models.weights import load_weights, save_weights
 from pedetect.recipe import HeartConfig
 
 GTE, LT = (EXAM_LABELS.index(label) for label in RV_LV_LABELS)
@@ -126,8 +129,6 @@ class HeartStack:
     def fit(cls, exam: np.ndarray, heart_logit: np.ndarray, target: np.ndarray, *, l2: float = 1e-2) -> HeartStack:
         """Maximum likelihood (with a small L2 on a and b) on positive exams: ``exam`` (N, 9) stage-2
         probabilities, ``heart_logit`` (N,), ``target`` (N,) the RV/LV ≥ 1 label."""
-        from scipy.optimize import minimize
-
         x = np.stack(
             [_logit(rv_lv_given_positive(exam)), np.asarray(heart_logit, dtype=np.float64), np.ones(len(exam))], axis=1
         )
@@ -147,8 +148,6 @@ class HeartStack:
         return cls(a, b, c)
 
     def save(self, path: str | Path, **extra) -> None:
-        from pedetect.io import write_json_atomic
-
         write_json_atomic(Path(path), {**asdict(self), **extra})
 
     @classmethod
@@ -164,14 +163,10 @@ class HeartStack:
 
 
 def save_heart_model(model: HeartCNN, path: str | Path) -> None:
-    from pedetect.models.weights import save_weights
-
     save_weights(model, path, kind="pedetect.heart_model", metadata={})
 
 
 def load_heart_model(path: str | Path, heart: HeartConfig, *, device: str | torch.device = "cpu") -> HeartCNN:
-    from pedetect.models.weights import load_weights
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trained heart model: {path} is missing (run pedetect train --stage heart)")

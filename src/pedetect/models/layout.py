@@ -34,10 +34,13 @@ records what the fold was made from, so a later stage can tell stale inputs).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pedetect.io import write_json_atomic
 from pedetect.metric.calibrate import OPERATING_POINTS_FILE
+from pedetect.recipe import ConfigError, load_experiment
 
 if TYPE_CHECKING:
     from pedetect.recipe import ExperimentConfig
@@ -142,8 +145,6 @@ def read_complete(directory: Path) -> dict[str, Any]:
 
 def write_complete(directory: Path, record: dict[str, Any]) -> None:
     """Mark a fold finished; call last, after everything else of the fold is written."""
-    from pedetect.io import write_json_atomic
-
     write_json_atomic(directory / COMPLETE, record, indent=None)
 
 
@@ -159,8 +160,6 @@ def complete_folds(model_dir: str | Path, stage: str) -> list[int]:
 
 def remove_outputs(model_dir: str | Path, names: tuple[str, ...]) -> None:
     """Delete the named folders and files of MODEL_DIR (missing ones are fine)."""
-    import shutil
-
     for name in names:
         path = Path(model_dir) / name
         if path.is_dir():
@@ -171,8 +170,6 @@ def remove_outputs(model_dir: str | Path, names: tuple[str, ...]) -> None:
 
 def read_model_config(model_dir: str | Path) -> ExperimentConfig:
     """The resolved recipe saved in a model folder by ``pedetect train``."""
-    from pedetect.recipe import ConfigError, load_experiment
-
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{model_dir} is not a model folder: {path.name} is missing")

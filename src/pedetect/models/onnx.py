@@ -20,6 +20,8 @@ slices and pairs heads with CNNs whatever the runtime.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +30,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+
+from pedetect.io import atomic_path, file_sha256
+from pedetect.models.layout import EXPORT_FILE, ONNX_DIR, WEIGHTS_FILE, cnn_dir, onnx_dir, seq_dir
 
 if TYPE_CHECKING:
     from pedetect.models.sequence import SequenceHead
@@ -69,8 +74,6 @@ class _OneSeries(nn.Module):
 
 def export_slice_classifier(model: SliceClassifier, path: str | Path, *, channels: int, image_size: int) -> None:
     """``model`` (eval mode, on the CPU) as ONNX at ``path`` (atomically), batch size dynamic."""
-    from pedetect.io import atomic_path
-
     model = model.eval().cpu()
     example = torch.randint(0, 256, (2, channels, image_size, image_size), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -102,8 +105,6 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
     Recurrent heads go through the TorchScript exporter (ONNX's GRU/LSTM operators keep the length
     free; torch.export would unroll the recurrence over the example's length), transformers through
     torch.export (the TorchScript exporter lacks PyTorch's fused encoder layer)."""
-    from pedetect.io import atomic_path
-
     head = head.eval().cpu()
     if head.fixed_length is not None and getattr(head, "resize", "all") == "longer":
         # Resizing only series longer than fixed_length is a branch on the length, which a traced
@@ -145,7 +146,7 @@ def onnx_session(path: str | Path, *, threads: int | None = None, keep_memory: b
     """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads (None: its default,
     every physical core). ``keep_memory=False``: no memory arena, so the session holds no more than
     its current run (several sessions side by side, as the export's check runs them)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only for the onnx runtimes: PyTorch inference imports this module without it
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = keep_memory
@@ -249,12 +250,9 @@ def quantize_slice_classifier(fp32_path: str | Path, int8_path: str | Path, batc
     """Static int8 quantization of an exported CNN (QDQ format: ONNX Runtime fuses each
     dequantize–op–quantize into an integer kernel), per-channel int8 weights, uint8 activations
     whose ranges are the minima and maxima seen on ``batches`` (real slices, uint8 ``(B, C, S, S)``)."""
-    import tempfile
-
+    # onnxruntime's quantizer only for export --int8
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from pedetect.io import atomic_path
 
     with tempfile.TemporaryDirectory(prefix="pedetect-quant-") as scratch, atomic_path(int8_path) as tmp:
         prepared = Path(scratch) / "prepared.onnx"
@@ -282,11 +280,6 @@ _RUNTIME_CNN = {"onnx": CNN_FILE, "onnx-int8": CNN_INT8_FILE}
 def read_export(model_dir: str | Path) -> dict | None:
     """``MODEL_DIR/onnx/export.json`` when it exists and every fold's files were made from the
     weights the bundle holds now (a retrained fold makes the export stale: None)."""
-    import json
-
-    from pedetect.io import file_sha256
-    from pedetect.models.layout import EXPORT_FILE, ONNX_DIR, WEIGHTS_FILE, cnn_dir, onnx_dir, seq_dir
-
     path = Path(model_dir) / ONNX_DIR / EXPORT_FILE
     if not path.is_file():
         return None
@@ -359,8 +352,6 @@ def _speeds(timed: dict[str, float]) -> str:
 
 def load_runtime_fold(model_dir: str | Path, fold: int, runtime: str, *, threads: int | None = None):
     """Fold ``fold``'s (CNN, head) in an exported runtime (``onnx`` or ``onnx-int8``)."""
-    from pedetect.models.layout import onnx_dir
-
     folder = onnx_dir(model_dir, fold)
     return OnnxSliceClassifier(folder / _RUNTIME_CNN[runtime], threads=threads), OnnxSequenceHead(
         folder / SEQ_FILE, threads=threads

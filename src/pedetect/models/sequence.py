@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pedetect.labels import CHRONICITY_LABELS, EXAM_LABELS, LOCATION_LABELS
 from pedetect.metric.loss import LossParts, weighted_log_loss_parts
 from pedetect.models.layout import WEIGHTS_FILE, read_model_config, seq_dir
+from pedetect.models.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from pedetect.recipe import ExperimentConfig, SeqConfig
@@ -447,8 +449,6 @@ def build_sequence_head(seq: SeqConfig, embedding_dim: int, *, input_columns: in
 
 def save_sequence_head(head: SequenceHead, path: str | Path) -> None:
     """The head's tensors as safetensors (atomically), the embedding width in the metadata."""
-    from pedetect.models.weights import save_weights
-
     save_weights(head, path, kind="pedetect.sequence_head", metadata={"embedding_dim": str(head.embedding_dim)})
 
 
@@ -461,10 +461,6 @@ def load_sequence_head(
 ) -> SequenceHead:
     """The trained stage-2 head of one fold, in eval mode: built from ``MODEL_DIR/config.yaml`` (or
     ``config``) and loaded from ``MODEL_DIR/seq/fold<k>/model.safetensors``."""
-    from safetensors import safe_open
-
-    from pedetect.models.weights import load_weights
-
     if config is None:
         config = read_model_config(model_dir)
     path = seq_dir(model_dir, fold) / WEIGHTS_FILE

@@ -17,11 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pedetect.data.dataset import input_region, series_inputs, series_lung_box
 from pedetect.models.backbone import create_backbone
 from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, read_model_config
+from pedetect.models.weights import load_weights
 
 if TYPE_CHECKING:
     from pedetect.recipe import CnnConfig, ExperimentConfig
@@ -212,8 +216,6 @@ def load_slice_classifier(
 ) -> SliceClassifier:
     """The trained stage-1 model of one fold, in eval mode: built from ``MODEL_DIR/config.yaml``
     (or ``config``) and loaded from ``MODEL_DIR/cnn/fold<k>/model.safetensors``."""
-    from pedetect.models.weights import load_weights
-
     if config is None:
         config = read_model_config(model_dir)
     path = cnn_dir(model_dir, fold) / WEIGHTS_FILE
@@ -229,8 +231,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     On a CPU the normalisation is a memory-bound pass over every full-resolution feature map, so
     folding it doubled the demo CNN's slices per second in the embedding pass; the folded model can no
     longer train (its BatchNorm is gone). timm's fused norm-and-activation layers are left as they are."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode (training BatchNorm uses batch statistics)")
     channels_last = any(
@@ -277,10 +277,6 @@ def embed_volume(
     and ``predict`` both call this. With ``cnn.input.lung_crop`` the series' lung box is computed
     here from the whole volume (``windows``: the [level, width] windows it was made with).
     """
-    import numpy as np
-
-    from pedetect.data.dataset import input_region, series_inputs, series_lung_box
-
     device = torch.device(device)
     n = len(volume)
     embeddings = np.zeros((n, model.embedding_dim), dtype=np.float16)

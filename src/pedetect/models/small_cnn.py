@@ -80,7 +80,7 @@ class SmallSliceCNN(nn.Module):
 
 def register() -> None:
     """Register ``pedetect_small_cnn`` with timm (once)."""
-    import timm
+    import timm  # imported when a backbone is named or built (pedetect.models.backbone says why)
     from timm.models import register_model
 
     if timm.is_model("pedetect_small_cnn"):

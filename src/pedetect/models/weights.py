@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pedetect.io import atomic_path
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -21,10 +24,6 @@ def save_weights(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """The model's tensors as safetensors (atomically), with ``kind`` and ``metadata`` in the header."""
-    from safetensors.torch import save_file
-
-    from pedetect.io import atomic_path
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "kind": kind, **(metadata or {})})
@@ -32,7 +31,5 @@ def save_weights(
 
 def load_weights(model: M, path: str | Path) -> M:
     """``model`` with the tensors of the safetensors file at ``path`` (every key, exactly)."""
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(str(path)))
     return model

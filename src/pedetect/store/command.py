@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
 
 
@@ -45,16 +46,9 @@ def prepare_command(
         help="Run on a Dask distributed cluster at this address (e.g. tcp://host:8786) instead of local processes; "
         "INPUT and --out must be visible to every worker at the same paths.",
     ),
-    progress: bool = typer.Option(
-        True, "--progress/--no-progress", help="Show progress bars (rate and ETA) on stderr."
-    ),
-    decode_timeout: float = typer.Option(
-        60.0,
-        "--decode-timeout",
-        min=0.0,
-        metavar="SECONDS",
-        help="Seconds one slice may take to decode; past that its decoder process is stopped and the slice is a failure "
-        "(the batch goes on). 0: no limit (decode in the worker itself).",
+    progress: bool = options.progress(),
+    decode_timeout: float = options.decode_timeout(
+        60.0, then="the slice is a failure (the batch goes on). 0: no limit (decode in the worker itself)."
     ),
 ) -> None:
     """Read DICOM CT series into a slice store: slices ordered by position, three windows as uint8 channels.

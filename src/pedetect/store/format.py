@@ -19,6 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -59,8 +60,6 @@ _SAMPLING = {
 
 
 def jpeg_params(quality: int, sampling: str) -> list[int]:
-    import cv2
-
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     if hasattr(cv2, "IMWRITE_JPEG_SAMPLING_FACTOR"):
         params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, int(getattr(cv2, _SAMPLING[sampling]))]
@@ -69,8 +68,6 @@ def jpeg_params(quality: int, sampling: str) -> list[int]:
 
 def encode_frame(image_bgr: np.ndarray, params: list[int]) -> bytes:
     """One (H, W, 3) uint8 slice in B,G,R order (so that the JPEG's red is the first window)."""
-    import cv2
-
     ok, buffer = cv2.imencode(".jpg", image_bgr, params)
     if not ok:
         raise ValueError("JPEG encoding failed")
@@ -79,8 +76,6 @@ def encode_frame(image_bgr: np.ndarray, params: list[int]) -> bytes:
 
 def decode_frame(data: bytes | memoryview | np.ndarray) -> np.ndarray:
     """A stored frame → (H, W, 3) uint8, channels R, G, B = the windows in config order."""
-    import cv2
-
     buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
     if flag is not None:

@@ -23,9 +23,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import as_completed as completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
 
 from pedetect.dicom.guard import DEFAULT_DECODE_TIMEOUT_S, DecodeGuard
 from pedetect.dicom.header import SliceHeader, describe_error
@@ -163,18 +169,9 @@ def prepare_series(task: SeriesTask) -> dict:
     """Write one series (data file, then marker); returns a short result for the progress report."""
     try:
         return _prepare_series(task)
-    except OSError as error:
-        if is_disk_full(error):  # every later series would fail the same way: stop the job, say so
-            raise
-        return {
-            "series": task.headers[0].series,
-            "name": task.name,
-            "error": describe_error(error, 300),
-            "n_slices": 0,
-            "failures": [],
-            "n_headers": len(task.headers),
-        }
     except Exception as error:  # the series stays unfinished (no marker) and is retried on the next run
+        if isinstance(error, OSError) and is_disk_full(error):
+            raise  # every later series would fail the same way: stop the job, say so
         return {
             "series": task.headers[0].series,
             "name": task.name,
@@ -263,12 +260,10 @@ class Runner:
 
     def __enter__(self) -> Runner:
         if self.scheduler:
-            from distributed import Client
+            from distributed import Client  # Dask (slow to import) only with --scheduler
 
             self._client = Client(self.scheduler)
         elif self.workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
             self._pool = ProcessPoolExecutor(max_workers=self.workers)
         return self
 
@@ -297,8 +292,6 @@ class Runner:
             finally:
                 self._client.cancel(futures)
         elif self._pool is not None:
-            from concurrent.futures import as_completed as completed
-
             futures = [self._pool.submit(fn, item) for item in items]
             try:
                 for future in completed(futures):
@@ -376,8 +369,6 @@ def _clean_tmp(store: Path) -> None:
 
 
 def _progress(total: int, unit: str, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.05
     )
@@ -515,9 +506,6 @@ def _prepare_locked(
 
 def _assemble(store: Path, names: list[str], extra_failures: list[dict], summary: PrepareSummary) -> None:
     """Write slices.parquet, series.parquet and failures.parquet from every marker in the store."""
-    import numpy as np
-    import pandas as pd
-
     slice_frames, series_rows, failures = [], [], list(extra_failures)
     marker_names = sorted(
         entry.name[: -len(MARKER_SUFFIX)]

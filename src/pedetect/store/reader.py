@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pedetect.io import read_json
 from pedetect.labels import SERIES, SOP, STUDY
@@ -60,16 +61,12 @@ class SliceStore:
     @property
     def slices(self) -> Any:
         if self._slices is None:
-            import pandas as pd
-
             self._slices = pd.read_parquet(self.path / SLICES_FILE)
         return self._slices
 
     @property
     def failures(self) -> Any:
         if self._failures is None:
-            import pandas as pd
-
             path = self.path / FAILURES_FILE
             self._failures = (
                 pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["path", "reason", STUDY, SERIES, SOP])
@@ -79,8 +76,6 @@ class SliceStore:
     @property
     def series(self) -> Any:
         if self._series is None:
-            import pandas as pd
-
             self._series = pd.read_parquet(self.path / SERIES_FILE)
         return self._series
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
 
 # Keep in step with pedetect.synth.phantom (not imported here to keep `pedetect --help` fast).
@@ -95,7 +96,7 @@ def synth_command(
         min=1,
         help="Processes rendering studies at once (the files are the same whatever the number).",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    progress: bool = options.progress(),
 ) -> None:
     """Write synthetic CT pulmonary angiography studies with ground-truth PE labels.
 

@@ -9,14 +9,22 @@ Segmentation of each study's emboli, visible or not, in ``OUT/<split>_seg/<Study
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pandas as pd
+import pydicom
+from pydicom.sr.codedict import codes
+from tqdm.auto import tqdm
 
+from pedetect import __version__
 from pedetect.io import atomic_path, write_csv_atomic
 from pedetect.labels import EXAM_LABELS, SERIES, SOP, STUDY, SUBMISSION_COLUMNS, TRAIN_COLUMNS, UID_COLUMNS, exam_id
 from pedetect.synth.dicom import (
@@ -145,11 +153,6 @@ def clot_segmentation(plan: StudyPlan, sources: list, volume: np.ndarray, *, enh
     its frames). ``volume``: :func:`embolus_volume`. Same plan, same bytes: the UIDs come from the
     study's own, dates and times are the CT's, and nothing is drawn from the clock or at random.
     """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    from pedetect import __version__
-
     if enhanced:
         volume = volume[np.argsort(enhanced_frame_numbers(plan))]  # frame order
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -212,8 +215,6 @@ def write_clot_seg(plan: StudyPlan, study_files: list[Path], folder: Path, *, en
     """The study's :func:`clot_segmentation` as ``folder/<StudyInstanceUID>.dcm`` (atomic), from its
     CT files as written (position order; Enhanced CT: the one file). None when it has no embolus (a
     study whose emboli no reader sees, so labelled negative, still has one)."""
-    import pydicom
-
     if not plan.emboli:
         return None
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in study_files]
@@ -231,29 +232,14 @@ def _write_study(
     index: int,
     *,
     root: Path,
-    seed: int,
-    split: str,
-    slices: int | None,
-    size: int,
-    positive_fraction: float,
-    indeterminate_fraction: float,
-    min_embolus_pixels: int,
     transfer_syntax: str,
     enhanced: bool,
     seg_folder: Path | None,
+    **dataset: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Render and write study ``index`` (and its SEG into ``seg_folder``); its labels (train.csv
-    columns) and its clot truth (:data:`CLOT_COLUMNS`)."""
-    plan = plan_study(
-        index,
-        seed=seed,
-        split=split,
-        slices=slices,
-        size=size,
-        positive_fraction=positive_fraction,
-        indeterminate_fraction=indeterminate_fraction,
-        min_embolus_pixels=min_embolus_pixels,
-    )
+    """Render and write study ``index`` of ``dataset`` (:func:`plan_study`'s keyword arguments) and its
+    SEG into ``seg_folder``; its labels (train.csv columns) and its clot truth (:data:`CLOT_COLUMNS`)."""
+    plan = plan_study(index, **dataset)
     rendered = render_plan(plan)
     study_labels = plan.labels_frame()
     if enhanced:
@@ -321,6 +307,9 @@ def write_dataset(
     write = partial(
         _write_study,
         root=root,
+        transfer_syntax=transfer_syntax,
+        enhanced=enhanced,
+        seg_folder=clot_seg_folder(out, split) if clot_seg else None,
         seed=seed,
         split=split,
         slices=slices,
@@ -328,21 +317,13 @@ def write_dataset(
         positive_fraction=positive_fraction,
         indeterminate_fraction=indeterminate_fraction,
         min_embolus_pixels=min_embolus_pixels,
-        transfer_syntax=transfer_syntax,
-        enhanced=enhanced,
-        seg_folder=clot_seg_folder(out, split) if clot_seg else None,
     )
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n_studies, desc=f"synth {split}", unit="study", file=sys.stderr)
     frames, clot_frames = [], []
     with ExitStack() as stack:
         if workers > 1 and n_studies > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             # Every study depends on (seed, split, index) alone, so the processes write the same files.
             context = multiprocessing.get_context("spawn")  # no fork of a caller that holds torch's threads
             pool = stack.enter_context(ProcessPoolExecutor(min(workers, n_studies), mp_context=context))

@@ -15,18 +15,22 @@ orientation, spacing and rescale in functional groups.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.pixels import get_encoder
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pedetect import __version__
-from pedetect.synth.phantom import StudyPlan, uid
+from pedetect.dicom.frames import frame_key
+from pedetect.synth.phantom import Scanner, StudyPlan, uid
 
 TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless}
 IMPLEMENTATION_UID = uid("pedetect", "implementation")
@@ -119,6 +123,23 @@ def _encode(ds: Dataset) -> list[bytes]:
     return [bytes(c) for c in chunks]
 
 
+def _frame_encoder(transfer_syntax_uid: str, sc: Scanner) -> Callable[[np.ndarray], bytes]:
+    """What encodes one frame of ``sc``'s stored pixels in a compressed transfer syntax (pydicom's
+    pylibjpeg encoders): the encoded bytes of a (rows, columns) array."""
+    encoder = get_encoder(transfer_syntax_uid)
+    options = dict(
+        rows=sc.size,
+        columns=sc.size,
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=sc.bits_stored,
+        pixel_representation=int(sc.signed),
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+    )
+    return lambda frame: encoder.encode(np.ascontiguousarray(frame), encoding_plugin="pylibjpeg", **options)
+
+
 class SeriesWriter:
     """Writes the slices of one planned series; ``write(k, pixels)`` for slice k in position order."""
 
@@ -139,25 +160,11 @@ class SeriesWriter:
             + _element(0x00020013, b"SH", IMPLEMENTATION_VERSION.encode())
         )
         self.meta_head = _element(0x00020001, b"OB", b"\x00\x01") + _element(0x00020002, b"UI", CTImageStorage.encode())
-        self._encoder = None
-        if transfer_syntax != "explicit":
-            from pydicom.pixels import get_encoder
-
-            self._encoder = get_encoder(self.ts_uid)
-            self._opts = dict(
-                rows=sc.size,
-                columns=sc.size,
-                samples_per_pixel=1,
-                bits_allocated=16,
-                bits_stored=sc.bits_stored,
-                pixel_representation=int(sc.signed),
-                photometric_interpretation="MONOCHROME2",
-                number_of_frames=1,
-            )
+        self._encode = None if transfer_syntax == "explicit" else _frame_encoder(self.ts_uid, sc)
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _pixels(self, pixels: np.ndarray) -> bytes:
-        if self._encoder is None:
+        if self._encode is None:
             return _element(
                 _PIXELS,
                 b"OW",
@@ -165,7 +172,7 @@ class SeriesWriter:
                 .astype("<u2" if not self.plan.scanner.signed else "<i2", copy=False)
                 .tobytes(),
             )
-        frame = self._encoder.encode(np.ascontiguousarray(pixels), encoding_plugin="pylibjpeg", **self._opts)
+        frame = self._encode(pixels)
         if len(frame) % 2:
             frame += b"\0"
         return (
@@ -248,8 +255,6 @@ def enhanced_frame_numbers(plan: StudyPlan) -> np.ndarray:
 
 def enhanced_slice_ids(plan: StudyPlan) -> list[str]:
     """The slice keys the reader gives the frames (``SOPInstanceUID#frame``), in position order."""
-    from pedetect.dicom.frames import frame_key
-
     sop = enhanced_sop_uid(plan)
     return [frame_key(sop, n) for n in enhanced_frame_numbers(plan)]
 
@@ -263,9 +268,6 @@ def _item(**values: object) -> Dataset:
 
 def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str = "explicit") -> Dataset:
     """The series as one Enhanced CT Image Storage dataset (file meta included)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.encaps import encapsulate
-
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer syntax must be one of {sorted(TRANSFER_SYNTAXES)}")
     sc = plan.scanner
@@ -319,20 +321,8 @@ def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str =
         ds.PixelData = volume.tobytes()
         ds["PixelData"].VR = "OW"
     else:
-        from pydicom.pixels import get_encoder
-
-        encoder = get_encoder(ts)
-        options = dict(
-            rows=sc.size,
-            columns=sc.size,
-            samples_per_pixel=1,
-            bits_allocated=16,
-            bits_stored=sc.bits_stored,
-            pixel_representation=int(sc.signed),
-            photometric_interpretation="MONOCHROME2",
-            number_of_frames=1,
-        )
-        encoded = [encoder.encode(volume[i], encoding_plugin="pylibjpeg", **options) for i in range(len(volume))]
+        encode = _frame_encoder(ts, sc)
+        encoded = [encode(volume[i]) for i in range(len(volume))]
         ds.PixelData = encapsulate(encoded, has_bot=True)
         ds["PixelData"].VR = "OB"
     meta = FileMetaDataset()

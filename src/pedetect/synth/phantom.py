@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
+import pandas as pd
 
 from pedetect.labels import (
     CHRONICITY_LABELS,
@@ -286,8 +287,6 @@ class StudyPlan:
 
     def labels_frame(self):
         """The train.csv rows of this study, in position order."""
-        import pandas as pd
-
         n = self.n_slices
         data: dict[str, object] = {
             STUDY: [self.study_uid] * n,

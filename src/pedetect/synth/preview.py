@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from scipy.ndimage import binary_dilation
 
 from pedetect.labels import EXAM_LABELS, INFO_LABELS
-from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, plan_study
+from pedetect.synth.phantom import POSITIVE_FRACTION, plan_study
 from pedetect.synth.render import RenderedStudy, render_plan
 
 PE_WINDOW = (100.0, 700.0)  # level, width
 COLOURS = {"acute": "#ff3b30", "chronic": "#ffd60a"}
 
 
-def first_positive(
-    seed: int = 0,
-    split: str = "train",
-    slices: int | None = None,
-    size: int = 256,
-    positive_fraction: float = POSITIVE_FRACTION,
-    indeterminate_fraction: float = INDETERMINATE_FRACTION,
-    limit: int = 200,
-) -> RenderedStudy:
-    """A positive study of the dataset (seed, split) that shows its emboli well, rendered.
+def first_positive(limit: int = 200, **dataset: Any) -> RenderedStudy:
+    """A positive study of the dataset (:func:`plan_study`'s keyword arguments: seed, split, slices,
+    size, the fractions) that shows its emboli well, rendered.
 
     The first one with an embolus in the pulmonary trunk or a main artery, else the first with a
     lobar embolus, else the first positive one; study 0 forced positive if there is none.
     """
-    kw = dict(
-        seed=seed,
-        split=split,
-        slices=slices,
-        size=size,
-        positive_fraction=positive_fraction,
-        indeterminate_fraction=indeterminate_fraction,
-    )
     best, best_rank = None, 3
-    for i in range(limit if positive_fraction > 0 else 0):
-        plan = plan_study(i, **kw)
+    for i in range(limit if dataset.get("positive_fraction", POSITIVE_FRACTION) > 0 else 0):
+        plan = plan_study(i, **dataset)
         if plan.kind != "positive":
             continue
         rank = min({"trunk": 0, "main": 0, "lobar": 1}.get(e.level, 2) for e in plan.emboli)
@@ -46,7 +34,7 @@ def first_positive(
             best, best_rank = plan, rank
         if rank == 0:
             break
-    return render_plan(best or plan_study(0, kind="positive", **kw))
+    return render_plan(best or plan_study(0, kind="positive", **dataset))
 
 
 def choose_slices(study: RenderedStudy, n: int = 12) -> list[int]:
@@ -78,17 +66,12 @@ def _title(study: RenderedStudy) -> str:
 
 def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
     """Draw the montage of ``study`` to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from scipy.ndimage import binary_dilation
-
     ks = choose_slices(study, n)
     cols = 4
     level, width = PE_WINDOW
     n_rows = (len(ks) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 3.4, n_rows * 2.5 + 0.8), facecolor="black", squeeze=False)
+    fig = Figure(figsize=(cols * 3.4, n_rows * 2.5 + 0.8), facecolor="black")
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     z = study.z
     body = (study.tissue != 0).any(axis=0)
     body[study.tissue[0] == 13] = False  # not the table
@@ -122,20 +105,10 @@ def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, facecolor="black")
-    plt.close(fig)
     return path
 
 
-def write_preview(
-    path: Path,
-    *,
-    seed: int = 0,
-    size: int = 256,
-    slices: int | None = None,
-    split: str = "train",
-    positive_fraction: float = POSITIVE_FRACTION,
-    indeterminate_fraction: float = INDETERMINATE_FRACTION,
-) -> Path:
-    """Montage of the first positive study of the dataset (seed, split) written to ``path``."""
-    study = first_positive(seed, split, slices, size, positive_fraction, indeterminate_fraction)
-    return save_montage(study, path)
+def write_preview(path: Path, **dataset: Any) -> Path:
+    """Montage of the first positive study of the dataset (:func:`plan_study`'s keyword arguments: seed,
+    split, slices, size, positive_fraction, indeterminate_fraction) written to ``path``."""
+    return save_montage(first_positive(**dataset), path)

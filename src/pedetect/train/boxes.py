@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import lung_box_settings, series_lung_box
+from pedetect.data.lung_box import Box
+from pedetect.dicom.pixels import DEFAULT_WINDOWS
 from pedetect.io import read_json, write_json_atomic
 from pedetect.models.layout import lung_boxes_path
+from pedetect.train.embed import store_windows
 
 
 def training_lung_boxes(
@@ -24,17 +28,11 @@ def training_lung_boxes(
 ) -> dict | None:
     """``{series: Box}`` for ``series`` (None without ``cnn.input.lung_crop``), from ``out/lung_boxes.json``
     when it was made alike, else computed from the store ``source`` and written there."""
-    from pedetect.data.dataset import lung_box_settings, series_lung_box
-    from pedetect.data.lung_box import Box
-    from pedetect.train.embed import store_windows
-
     crop = config.cnn.input.lung_crop
     if crop is None:
         return None
     windows = store_windows(source)
     if windows is None:
-        from pedetect.dicom.pixels import DEFAULT_WINDOWS
-
         windows = DEFAULT_WINDOWS
     windows = [[float(v) for v in w] for w in windows]
     settings = lung_box_settings(crop).as_dict()

@@ -25,11 +25,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import DataLoader
 
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import SliceDataset, open_store, side_target_columns, single_threaded_opencv
 from pedetect.data.folds import FOLD
+from pedetect.data.sampler import EpochSampler, ShardSampler
 from pedetect.io import read_json, write_json_atomic
 from pedetect.labels import IMAGE_LABEL, SERIES, STUDY
+from pedetect.models.backbone import check_backbone_name, read_state_dict, weights_provenance
 from pedetect.models.layout import (
     CHECKPOINTS_DIR,
     COMPLETE,
@@ -41,8 +46,11 @@ from pedetect.models.layout import (
     stage_root,
     write_complete,
 )
+from pedetect.models.slice_classifier import build_slice_classifier
+from pedetect.models.weights import save_weights
 from pedetect.recipe import ExperimentConfig
 from pedetect.runtime import is_global_zero
+from pedetect.train.boxes import training_lung_boxes
 from pedetect.train.parallel import processes_for, run_folds
 from pedetect.train.reporting import finite, write_fold_report
 from pedetect.train.setup import TrainError, TrainingInputs, resolve_paths
@@ -55,6 +63,9 @@ from pedetect.train.trainer import (
     uses_gpu,
 )
 
+# Lightning (and pedetect.train.module, built on it) is imported where stage 1 trains: it takes
+# seconds to import, and pedetect.train.pipeline imports this module whatever the stage.
+
 
 def make_loaders(
     config: ExperimentConfig,
@@ -64,11 +75,6 @@ def make_loaders(
     seed: int,
     boxes: dict | None = None,
 ):
-    from torch.utils.data import DataLoader
-
-    from pedetect.data.dataset import SliceDataset, single_threaded_opencv
-    from pedetect.data.sampler import EpochSampler, ShardSampler
-
     cnn = config.cnn
     common = dict(
         mode=cnn.input.mode,
@@ -121,8 +127,6 @@ def export_fold(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the fold's weights, metrics and curves from the chosen checkpoint."""
-    from pedetect.models.weights import save_weights
-
     history = module.history
     monitor = config.cnn.monitor
     chosen: dict[str, Any] | None = None
@@ -254,10 +258,7 @@ def train_fold(
 ) -> dict[str, Any] | None:
     """Train one fold (resuming from its last.ckpt); returns its metrics on the writing process."""
     import lightning as L
-    import torch
 
-    from pedetect.models.backbone import weights_provenance
-    from pedetect.models.slice_classifier import build_slice_classifier
     from pedetect.train.module import SliceModule
 
     quiet_lightning()
@@ -267,9 +268,6 @@ def train_fold(
     train_items, val_items = split_fold(items, fold)
     boxes = None
     if config.cnn.input.lung_crop is not None:
-        from pedetect.data.dataset import open_store
-        from pedetect.train.boxes import training_lung_boxes
-
         source = open_store(store) if isinstance(store, (str, Path)) else store
         boxes = training_lung_boxes(config, source, sorted(items[SERIES].unique()), out, echo=echo)
     train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed, boxes)
@@ -345,9 +343,6 @@ def write_summary(out: Path, n_folds: int) -> dict[str, Any]:
 def check_cnn_config(config: ExperimentConfig) -> None:
     """The backbone exists in timm, its weights file (if any) is there, and the augmentation keeps
     the side labels right (:func:`~pedetect.data.dataset.side_target_columns`), before any work."""
-    from pedetect.data.dataset import side_target_columns
-    from pedetect.models.backbone import check_backbone_name, read_state_dict
-
     try:
         side_target_columns(config.cnn.targets.head_labels, config.cnn.augment)
     except ValueError as error:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from pedetect import options
 from pedetect.console import fail
+from pedetect.labels import STUDY
 
 
 def split_command(
@@ -22,7 +24,6 @@ def split_command(
     """
     from pedetect.data.folds import FOLD, FoldsError, fold_summary, make_folds, read_labels
     from pedetect.io import write_csv_atomic
-    from pedetect.labels import STUDY
 
     try:
         frame = read_labels(labels)
@@ -48,11 +49,7 @@ def train_command(
         "--folds",
         help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed.",
     ),
-    overrides: list[str] = typer.Option(
-        [],
-        "--set",
-        help="Override one config value, e.g. --set cnn.epochs=2 --set runtime.devices=2 (value read as YAML).",
-    ),
+    overrides: list[str] = options.overrides(),
     force: bool = typer.Option(
         False, "--force", help="Retrain folds that are already complete (and accept a changed config)."
     ),

@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import open_store
 from pedetect.data.folds import FOLD
 from pedetect.io import atomic_path, file_sha256, read_json, write_json_atomic
 from pedetect.labels import SERIES, SOP
@@ -45,6 +47,7 @@ from pedetect.models.layout import (
     stage_root,
     write_complete,
 )
+from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.parallel import processes_for, reopened, run_folds
 from pedetect.train.setup import TrainError, TrainingInputs
@@ -87,8 +90,6 @@ class _SeriesReader:
 
     def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
         if self._store is None:
-            from pedetect.data.dataset import open_store
-
             self._store = open_store(self.store_ref)
         return self.series[i], self._store.read_series(self.series[i])
 
@@ -126,10 +127,6 @@ def embed_fold(
 ) -> dict[str, Any]:
     """Embed fold k's own series (every series, with scope ``all``) with fold k's CNN; returns what
     its COMPLETE marker holds."""
-    import torch
-
-    from pedetect.models.slice_classifier import embed_volume, fold_batchnorm, load_slice_classifier
-
     config, out = inputs.config, inputs.out
     weights = cnn_dir(out, fold) / WEIGHTS_FILE
     if not is_complete(cnn_dir(out, fold)) or not weights.is_file():

@@ -28,20 +28,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
 
 from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
+from pedetect.data.heart_box import series_heart_crop
 from pedetect.io import atomic_path, read_json, write_csv_atomic, write_json_atomic
 from pedetect.labels import EXAM_LABELS, NEGATIVE_LABELS, RV_LV_LABELS, SERIES, STUDY, exam_id
+from pedetect.models.heart import GTE as GTE_COLUMN
+from pedetect.models.heart import LT as LT_COLUMN
+from pedetect.models.heart import HeartStack, build_heart_model, rv_lv_given_positive, save_heart_model
 from pedetect.models.layout import (
     COMPLETE,
     CV_FILE,
@@ -61,7 +69,9 @@ from pedetect.models.layout import (
     HEART_OOF_LOGITS_FILE as OOF_LOGITS_FILE,
 )
 from pedetect.runtime import is_global_zero, resolve_device
+from pedetect.store.config import DEFAULT_WINDOW_SPECS
 from pedetect.train.reporting import finite, write_fold_report
+from pedetect.train.seq import oof_scores
 
 GTE = RV_LV_LABELS[0]
 NEGATIVE, INDETERMINATE = NEGATIVE_LABELS
@@ -85,8 +95,6 @@ def crop_settings(inputs) -> dict[str, Any]:
 
 
 def default_windows() -> list[list[float]]:
-    from pedetect.store.config import DEFAULT_WINDOW_SPECS
-
     return [[float(w["level"]), float(w["width"])] for w in DEFAULT_WINDOW_SPECS]
 
 
@@ -140,15 +148,11 @@ _WORKER: dict[str, Any] = {}
 
 def _start_crop_worker(source, settings: dict[str, Any], single_thread: bool = True) -> None:
     if single_thread:  # a worker process: one series at a time, threads would only contend
-        import torch
-
         torch.set_num_threads(1)
     _WORKER.update(source=source, settings=settings)
 
 
 def _crop_one(series_uid: str):
-    from pedetect.data.heart_box import series_heart_crop
-
     settings = _WORKER["settings"]
     volume = _WORKER["source"].read_series(series_uid)
     return series_heart_crop(
@@ -162,8 +166,6 @@ def _crops_of(source, series_uids: list[str], settings: dict[str, Any], processe
         _start_crop_worker(source, settings, single_thread=False)
         yield from map(_crop_one, series_uids)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     with ProcessPoolExecutor(
@@ -198,10 +200,7 @@ def train_heart_fold(
     fingerprint: str,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    import torch
-    from sklearn.metrics import roc_auc_score
-
-    from pedetect.models.heart import build_heart_model, save_heart_model
+    # imports Lightning (seconds): only here, since pedetect train imports this module whatever the stage
     from pedetect.train.module import LrSchedule, build_optimizer, log_loss
 
     heart = inputs.config.heart
@@ -309,9 +308,6 @@ def exam_matrix(oof: pd.DataFrame, studies: list[str]) -> np.ndarray:
 
 def with_exams(oof: pd.DataFrame, studies: list[str], exams: np.ndarray) -> pd.DataFrame:
     """``oof`` with the RV/LV rows of ``studies`` replaced from ``exams`` (studies, 9)."""
-    from pedetect.models.heart import GTE as GTE_COLUMN
-    from pedetect.models.heart import LT as LT_COLUMN
-
     replace = {}
     for s, row in zip(studies, exams):
         replace[exam_id(s, RV_LV_LABELS[0])] = float(row[GTE_COLUMN])
@@ -324,11 +320,6 @@ def with_exams(oof: pd.DataFrame, studies: list[str], exams: np.ndarray) -> pd.D
 
 def stack_and_score(inputs, table: pd.DataFrame) -> dict[str, Any]:
     """Cross-fitted stacking of the out-of-fold predictions, ``heart/cv.json`` and the final stacker."""
-    from sklearn.metrics import roc_auc_score
-
-    from pedetect.models.heart import HeartStack, rv_lv_given_positive
-    from pedetect.train.seq import oof_scores
-
     out = inputs.out
     logits = pd.concat(
         [pd.read_csv(heart_dir(out, k) / OOF_LOGITS_FILE) for k in range(inputs.n_folds)], ignore_index=True

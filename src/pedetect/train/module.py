@@ -11,8 +11,11 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pedetect.labels import EXAM_WEIGHTS
 from pedetect.metric.evaluate import roc_auc
+from pedetect.metric.loss import binary_cross_entropy
 from pedetect.models.slice_classifier import SliceClassifier, fold_batchnorm
 from pedetect.recipe import CnnConfig, LossConfig, OptimizerConfig, SchedulerConfig
 
@@ -47,8 +50,6 @@ def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -
         # Mean over the trained entries; a batch without any adds 0 (and keeps the graph the same on
         # every process).
         if config.targets.exam_label_weights == "metric":
-            from pedetect.labels import EXAM_WEIGHTS
-
             weights = torch.tensor(
                 [EXAM_WEIGHTS[label] for label in config.targets.head_labels], dtype=exam.dtype, device=exam.device
             )
@@ -104,8 +105,6 @@ def build_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimize
 
 def log_loss(target: np.ndarray, probability: np.ndarray) -> float:
     """Mean binary log loss with the metric's clipping (pedetect.metric.loss)."""
-    from pedetect.metric.loss import binary_cross_entropy
-
     return float(np.mean(binary_cross_entropy(target.astype(np.float64), probability.astype(np.float64))))
 
 
@@ -121,8 +120,6 @@ class SliceModule(L.LightningModule):
         # and resume carry it; frozen, so DDP and the optimiser leave it alone.
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         if config.ema_decay is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.history: list[dict[str, Any]] = []

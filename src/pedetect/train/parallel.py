@@ -15,13 +15,18 @@ only what is left.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import open_store
 from pedetect.train.setup import TrainError, TrainingInputs
 
 
@@ -58,8 +63,6 @@ def shipped_inputs(inputs: TrainingInputs, *, needs_store: bool = True) -> Train
 
 def reopened(inputs: TrainingInputs) -> TrainingInputs:
     """In a fold's process: ``inputs`` with its store opened again."""
-    from pedetect.data.dataset import open_store
-
     return dataclasses.replace(inputs, source=open_store(inputs.store))
 
 
@@ -74,9 +77,6 @@ def _executor(processes: int):
     if _pool is not None and _pool[0] != processes:
         shutdown_fold_processes()
     if _pool is None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
         _pool = (processes, ProcessPoolExecutor(processes, mp_context=context))
     return _pool[1]
@@ -91,8 +91,6 @@ def shutdown_fold_processes() -> None:
 
 
 def _run_fold(work: Callable[[int], Any], fold: int, threads: int) -> Any:
-    import torch
-
     torch.set_num_threads(threads)
     return work(fold)
 

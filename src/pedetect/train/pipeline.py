@@ -15,11 +15,16 @@ from typing import Any
 import pandas as pd
 
 from pedetect.console import echo as console_echo
+from pedetect.models.backbone import weights_provenance
+from pedetect.models.bundle import write_bundle_info, write_preprocessing
 from pedetect.models.layout import STAGES
 from pedetect.recipe import ExperimentConfig
 from pedetect.runtime import is_global_zero
 from pedetect.train.cnn import check_cnn_config, run_cnn
+from pedetect.train.embed import run_embed
+from pedetect.train.heart import HeartTrainError, run_heart
 from pedetect.train.parallel import shutdown_fold_processes
+from pedetect.train.seq import run_seq
 from pedetect.train.setup import training_inputs
 
 
@@ -42,12 +47,6 @@ def train(
     "heart": heart/cv.json or None (recipes with a heart section),
     "seconds": {stage: wall time of this run}, "bundle": bundle.json or None}`` for the stages run.
     """
-    from pedetect.models.backbone import weights_provenance
-    from pedetect.models.bundle import write_bundle_info, write_preprocessing
-    from pedetect.train.embed import run_embed
-    from pedetect.train.heart import HeartTrainError, run_heart
-    from pedetect.train.seq import run_seq
-
     if stage not in (*STAGES, "all"):
         raise ValueError(f"unknown stage {stage!r}; choose cnn, embed, seq, heart or all")
     if stage == "heart" and config.heart is None:

@@ -7,11 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pedetect.io import atomic_path, write_csv_atomic, write_json_atomic
 from pedetect.models.layout import CURVES_FILE, METRICS_FILE, METRICS_TABLE
 
 
 def write_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    # matplotlib (slow to import) here only: export and the train command import this module's
+    # users (train.seq, train.heart) without drawing.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,8 +50,6 @@ def write_fold_report(
 ) -> dict[str, Any]:
     """``metrics`` plus the per-epoch ``history`` (non-finite values as null) as metrics.json, the
     history as metrics.csv, and its curves as curves.png; returns what metrics.json holds."""
-    import pandas as pd
-
     record = {**metrics, "epochs": [{k: finite(v) for k, v in h.items()} for h in history]}
     write_json_atomic(directory / METRICS_FILE, record)
     write_csv_atomic(pd.DataFrame(history), directory / METRICS_TABLE)

@@ -34,12 +34,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pedetect.console import echo as console_echo
 from pedetect.data.folds import FOLD
 from pedetect.io import read_json, write_csv_atomic, write_json_atomic
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SERIES, SOP, STUDY, UID_COLUMNS, exam_id
-from pedetect.metric.loss import sigmoid
+from pedetect.metric.baselines import exam_from_slices, label_prior, positive_exam_prior, prior_submission
+from pedetect.metric.consistency import fix_submission
+from pedetect.metric.evaluate import evaluate_frames, roc_auc
+from pedetect.metric.loss import sigmoid, weighted_log_loss_parts
+from pedetect.metric.submission import align
 from pedetect.models.layout import (
     COMPLETE,
     CV_FILE,
@@ -55,6 +60,7 @@ from pedetect.models.layout import (
     stage_root,
     write_complete,
 )
+from pedetect.models.sequence import build_sequence_head, metric_loss, save_sequence_head
 from pedetect.runtime import is_global_zero, resolve_device
 from pedetect.train.embed import read_series_embedding
 from pedetect.train.parallel import processes_for, run_folds
@@ -133,8 +139,6 @@ def training_records(inputs: TrainingInputs, records: Sequence[SeriesRecord], fo
 
 def collate(records: Sequence[SeriesRecord], device) -> dict[str, Any]:
     """Pad a list of series to the longest: tensors on ``device`` with masks of real and labelled slices."""
-    import torch
-
     t = max(len(r.logit) for r in records)
     d = records[0].embedding.shape[1]
     b = len(records)
@@ -160,8 +164,6 @@ def predict_records(
     head, records: Sequence[SeriesRecord], *, batch_size: int, device
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Slice logits per series and exam logits ``(J, 9)`` of ``records``, in eval mode."""
-    import torch
-
     head.eval()
     slices, exams = [], []
     with torch.inference_mode():
@@ -177,8 +179,6 @@ def predict_records(
 
 def score_records(records: Sequence[SeriesRecord], slice_logits: Sequence[np.ndarray], exam_logits: np.ndarray):
     """The metric's parts (:class:`LossParts`) over ``records``, labelled slices only."""
-    from pedetect.metric.loss import weighted_log_loss_parts
-
     image_target = np.concatenate([r.slice_target[r.labelled] for r in records]).astype(np.float64)
     image_logit = np.concatenate([s[r.labelled] for r, s in zip(records, slice_logits)])
     exam_index = np.concatenate([np.full(int(r.labelled.sum()), j) for j, r in enumerate(records)]).astype(np.int64)
@@ -209,10 +209,6 @@ def embeddings_fingerprint(out: Path, n_folds: int) -> str:
 
 def train_epoch(head, optimizer, schedule, train: Sequence[SeriesRecord], order: np.ndarray, *, seq, device) -> float:
     """One pass over ``train`` in ``order``, the metric as the loss; returns the mean batch loss."""
-    import torch
-
-    from pedetect.models.sequence import metric_loss
-
     head.train()
     losses = []
     for start in range(0, len(order), seq.batch_size):
@@ -231,8 +227,6 @@ def train_epoch(head, optimizer, schedule, train: Sequence[SeriesRecord], order:
 
 def validate(head, val: Sequence[SeriesRecord], *, batch_size: int, device) -> dict[str, float]:
     """The competition score of ``val`` and its parts, and the slice AUC."""
-    from pedetect.metric.evaluate import roc_auc
-
     slice_logits, exam_logits = predict_records(head, val, batch_size=batch_size, device=device)
     parts = score_records(val, slice_logits, exam_logits)
     auc = roc_auc(
@@ -256,9 +250,7 @@ def train_seq_fold(
     echo: Callable[[str], None] = console_echo,
 ) -> dict[str, Any]:
     """Train fold k's head on the other folds' series; export the best (or last) epoch."""
-    import torch
-
-    from pedetect.models.sequence import build_sequence_head
+    # imports Lightning (seconds): only here, since pedetect export imports this module to score
     from pedetect.train.module import LrSchedule, build_optimizer
 
     config = inputs.config
@@ -323,8 +315,6 @@ def export_seq_fold(
     device,
 ) -> dict[str, Any]:
     """Fold k's head, its out-of-fold predictions, metrics and curves, then its COMPLETE marker."""
-    from pedetect.models.sequence import save_sequence_head
-
     config, out = inputs.config, inputs.out
     seq = config.seq
     directory = seq_dir(out, fold)
@@ -367,8 +357,6 @@ def is_trained(out: Path, fold: int, n_folds: int) -> bool:
 
 def write_prior(inputs: TrainingInputs) -> dict[str, float]:
     """``MODEL_DIR/prior.json``: every label's training frequency (predict's fallback)."""
-    from pedetect.metric.baselines import label_prior
-
     prior = label_prior(inputs.labels)
     write_json_atomic(inputs.out / PRIOR_FILE, prior)
     return prior
@@ -377,10 +365,6 @@ def write_prior(inputs: TrainingInputs) -> dict[str, float]:
 def oof_scores(truth: pd.DataFrame, oof: pd.DataFrame, what: str) -> dict[str, Any]:
     """The metric of out-of-fold predictions ``oof`` (id, label) against ``truth``, before and after
     the consistency fix: the fields every cv.json starts with."""
-    from pedetect.metric.consistency import fix_submission
-    from pedetect.metric.evaluate import evaluate_frames
-    from pedetect.metric.submission import align
-
     oof = oof.assign(label_text=oof["label"].map(repr))  # the fix works on the values as written
     report = evaluate_frames(truth, oof, what)
     fixed, fixes = fix_submission(oof, align(oof, truth))
@@ -403,9 +387,6 @@ def oof_scores(truth: pd.DataFrame, oof: pd.DataFrame, what: str) -> dict[str, A
 
 def cross_validation(inputs: TrainingInputs, records: Sequence[SeriesRecord]) -> dict[str, Any]:
     """``seq/oof_predictions.csv`` and ``seq/cv.json`` from every fold's out-of-fold predictions."""
-    from pedetect.metric.baselines import exam_from_slices, label_prior, positive_exam_prior, prior_submission
-    from pedetect.metric.evaluate import evaluate_frames
-
     out = inputs.out
     oof = pd.concat([pd.read_csv(seq_dir(out, k) / OOF_FILE) for k in range(inputs.n_folds)], ignore_index=True)
     truth = inputs.labels[inputs.labels[STUDY].isin({r.study for r in records})]

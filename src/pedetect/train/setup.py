@@ -8,6 +8,7 @@ resolves the folds (given, recorded in the folder, or made here), for the stages
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from pedetect.console import echo as console_echo
+from pedetect.data.dataset import open_store, slice_items
 from pedetect.data.folds import (
     FOLD,
     attach_folds,
@@ -26,7 +28,7 @@ from pedetect.data.folds import (
     read_folds,
     read_labels,
 )
-from pedetect.io import write_csv_atomic
+from pedetect.io import folder_lock, write_csv_atomic
 from pedetect.models.layout import CONFIG_FILE, FOLDS_FILE, OUTPUTS_AFTER, remove_outputs
 from pedetect.recipe import ConfigError, ExperimentConfig, apply_overrides, load_experiment, save_config
 from pedetect.runtime import is_global_zero
@@ -179,8 +181,6 @@ def training_inputs(
 ) -> TrainingInputs:
     """Open the store and labels, check the model folder's config (:func:`prepare_model_dir`) and
     resolve the folds: the common set-up of every stage."""
-    from pedetect.data.dataset import open_store, slice_items
-
     out = Path(out)
     source = open_store(store) if isinstance(store, (str, Path)) else store  # a path, or a store object (tests)
     if isinstance(store, str):
@@ -204,10 +204,6 @@ def model_dir_lock(out: str | Path, *, echo: Callable[[str], None] = console_ech
     """The model folder's lock (:func:`pedetect.io.folder_lock`) for the process that writes it: a
     second ``pedetect train`` into the same folder is refused before it changes anything. The other
     processes of a distributed run (rank > 0) are started by the holder and take no lock."""
-    import contextlib
-
-    from pedetect.io import folder_lock
-
     if not is_global_zero():
         return contextlib.nullcontext(Path(out))
     return folder_lock(out, command="pedetect train", echo=echo)

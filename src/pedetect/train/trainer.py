@@ -6,17 +6,24 @@ does: data, model, trainer, export.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import warnings
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pedetect.io import atomic_path
 from pedetect.recipe import ExperimentConfig
 from pedetect.train.setup import TrainError
 
+# Lightning is imported inside the functions, as in pedetect.train.cnn (which imports this module
+# whatever the stage); the TensorBoard, W&B and MLflow loggers only when the recipe asks for them.
+
 
 def _require(module: str, what: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise TrainError(f"{what} is configured but the '{module}' package is not installed (pip install {module})")
 
@@ -29,8 +36,6 @@ def build_loggers(config: ExperimentConfig, directory: Path, out: Path, fold: in
     ]  # logs/version_<n>: a resumed run keeps the old log
     log = config.logging
     if log.tensorboard:
-        from importlib.util import find_spec
-
         if find_spec("tensorboard") is None and find_spec("tensorboardX") is None:
             raise TrainError("logging.tensorboard is set but neither 'tensorboard' nor 'tensorboardX' is installed")
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -71,9 +76,6 @@ class _DropTips:
 
 def quiet_lightning() -> None:
     """Drop Lightning's advertising tips and the warnings from its own internals, not about this run."""
-    import logging
-    import warnings
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in log.filters):
@@ -85,16 +87,12 @@ def quiet_lightning() -> None:
 
 def uses_gpu(config: ExperimentConfig) -> bool:
     """The recipe trains on CUDA (``gpu``/``cuda``, or ``auto`` with a CUDA device present)."""
-    import torch
-
     accelerator = config.runtime.accelerator
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def resolve_precision(config: ExperimentConfig) -> str:
     """``auto``: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32-true on CPU."""
-    import torch
-
     if config.runtime.precision != "auto":
         return config.runtime.precision
     if uses_gpu(config):
@@ -105,7 +103,6 @@ def resolve_precision(config: ExperimentConfig) -> str:
 def safe_checkpoint_io():
     """Lightning checkpoint I/O that writes atomically (a kill never leaves half a last.ckpt) and
     reads weights-only (a checkpoint is a pickle: only tensors and plain containers are accepted)."""
-    import torch
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     class SafeCheckpointIO(TorchCheckpointIO):
@@ -122,6 +119,4 @@ def safe_checkpoint_io():
 
 
 def load_checkpoint_state(path: Path) -> dict[str, Any]:
-    import torch
-
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -14,7 +15,6 @@ LOOPBACK = "127.0.0.1"
 def serve_report(report_dir: Path, port: int = 0):
     """An HTTP server of ``report_dir``'s files on loopback only (``port`` 0: any free port), not
     yet serving: call ``serve_forever``. Its port is ``server.server_address[1]``."""
-    import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class QuietHandler(SimpleHTTPRequestHandler):

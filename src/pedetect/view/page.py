@@ -19,6 +19,8 @@ from string import Template
 
 import numpy as np
 
+from pedetect.io import write_text_atomic
+
 ASSETS_DIR = "viewer"  # REPORT/viewer/viewer.js, viewer.css
 ASSET_FILES = ("viewer.js", "viewer.css")
 # The window presets, in the order of their buttons and keys 1, 2, 3; labels as a radiologist names them.
@@ -33,8 +35,6 @@ def _asset(name: str) -> str:
 
 def write_viewer_assets(report_dir: str | Path) -> None:
     """The study pages' script and style, into ``REPORT/viewer/``."""
-    from pedetect.io import write_text_atomic
-
     for name in ASSET_FILES:
         write_text_atomic(Path(report_dir) / ASSETS_DIR / name, _asset(name))
 
@@ -42,8 +42,6 @@ def write_viewer_assets(report_dir: str | Path) -> None:
 def write_study_page(report_dir: str | Path, name: str, data: dict) -> Path:
     """``REPORT/<name>.html``: the viewer of one study; ``data`` is the study's report record with
     its ``viewer`` section (written by :func:`pedetect.infer.report.write_study_report`)."""
-    from pedetect.io import write_text_atomic
-
     # JSON inside <script>: a "<" could end or confuse the element ("</script>", "<!--"); as \u003c the JSON is the same.
     payload = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     page = Template(_asset("study.html")).substitute(

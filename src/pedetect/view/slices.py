@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from pedetect.io import write_bytes_atomic
+from pedetect.store.format import encode_frame, jpeg_params
 
 MAX_SIDE = 512
 SLICE_BUDGET_BYTES = 80_000  # 500 slices: 40 MB
@@ -39,10 +43,6 @@ class ViewerSlices:
 def encode_viewer_slice(image_rgb: np.ndarray, budget: int = SLICE_BUDGET_BYTES) -> tuple[bytes, int]:
     """One ``(H, W, 3)`` uint8 slice (channels = the windows in store order) as JPEG bytes within
     ``budget``, and the quality used. Sides above :data:`MAX_SIDE` are shrunk (area averaging) first."""
-    import cv2
-
-    from pedetect.store.format import encode_frame, jpeg_params
-
     image = _fit(image_rgb, MAX_SIDE)
     bgr = np.ascontiguousarray(image[:, :, ::-1])  # the store's codec takes B, G, R: red stays the first window
     while True:
@@ -58,8 +58,6 @@ def encode_viewer_slice(image_rgb: np.ndarray, budget: int = SLICE_BUDGET_BYTES)
 def write_viewer_slices(report_dir: Path, name: str, pictures: np.ndarray) -> ViewerSlices:
     """``REPORT/slices/<name>/<i>.jpg`` for every slice of ``pictures`` ((N, H, W, 3) uint8, position
     order); files of an earlier run beyond this run's slices are removed."""
-    from pedetect.io import write_bytes_atomic
-
     folder = Path(report_dir) / SLICES_DIR / name
     folder.mkdir(parents=True, exist_ok=True)
     files, total, qualities = [], 0, {}
@@ -84,8 +82,6 @@ def _fitted_shape(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def _fit(image: np.ndarray, side: int) -> np.ndarray:
-    import cv2
-
     height, width = _fitted_shape(*image.shape[:2], side)
     if (height, width) == image.shape[:2]:
         return image
@@ -95,7 +91,7 @@ def _fit(image: np.ndarray, side: int) -> np.ndarray:
 def crop_box(height: int, width: int, crop: float) -> tuple[float, float, float, float]:
     """``(left, top, width, height)`` as fractions of the slice: the central square the CNN saw
     (``cnn.input.crop``), found by the training code's own crop, so the two cannot disagree."""
-    from pedetect.data.augment import centre_crop
+    from pedetect.data.augment import centre_crop  # imports torch: the report's readers need none
 
     rows = np.broadcast_to(np.arange(height)[:, None], (height, width))
     cols = np.broadcast_to(np.arange(width)[None, :], (height, width))
