@@ -26,7 +26,7 @@ from pedetect.data.lung_box import (
 from pedetect.labels import SERIES, STUDY
 from pedetect.recipe import InputConfig, LungCropConfig
 from pedetect.store import SliceStore
-from pedetect.synth.phantom import Tissue
+from pedetect.synth.anatomy import Tissue
 from pedetect.synth.render import render_study
 
 N, SLICES, SIZE, SEED = 8, 24, 128, 5

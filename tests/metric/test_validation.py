@@ -388,8 +388,8 @@ def test_synthetic_files_hold_the_plan_with_equipment_headers(tmp_path):
 
 def test_synthetic_equipment_varies_from_its_own_stream():
     from pedetect.synth import plan_study
-    from pedetect.synth.phantom import EQUIPMENT as TABLE
     from pedetect.synth.phantom import sample_equipment
+    from pedetect.synth.scanner import EQUIPMENT as TABLE
 
     plans = [plan_study(i, seed=8, size=64, slices=4) for i in range(80)]
     vendors = {p.scanner.manufacturer for p in plans}

@@ -14,7 +14,7 @@ from pedetect.data.heart_box import HeartBox, estimate_hu, heart_crop, locate_he
 from pedetect.dicom.pixels import window_hu
 from pedetect.labels import EXAM_LABELS, RV_LV_LABELS, STUDY
 from pedetect.models.heart import GTE, LT, HeartStack
-from pedetect.synth.phantom import ANATOMY_HEIGHT, Tissue, heart_scale
+from pedetect.synth.anatomy import ANATOMY_HEIGHT, Tissue, heart_scale
 from pedetect.synth.render import render_study
 
 WINDOWS = [(-600.0, 1500.0), (100.0, 700.0), (40.0, 400.0)]  # the store's default (lung, PE, mediastinal)

@@ -28,7 +28,8 @@ from pedetect.labels import (
 )
 from pedetect.metric.rules import exam_violations
 from pedetect.synth import plan_study, render_study, write_dataset
-from pedetect.synth.phantom import Tissue, draw_labels
+from pedetect.synth.anatomy import Tissue
+from pedetect.synth.phantom import draw_labels
 from pedetect.synth.render import render_plan
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -27,7 +27,7 @@ from pedetect.synth.dataset import (
     embolus_volume,
 )
 from pedetect.synth.dicom import enhanced_frame_numbers, enhanced_sop_uid
-from pedetect.synth.phantom import EMBOLUS_TISSUES
+from pedetect.synth.emboli import EMBOLUS_TISSUES
 
 SLICES, SIZE = 32, 128
 TRAIN = {"slices": SLICES, "size": SIZE, "seed": 7, "positive_fraction": 1.0, "indeterminate_fraction": 0.0}

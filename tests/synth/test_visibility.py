@@ -15,8 +15,9 @@ from scipy.signal import fftconvolve
 
 from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, exam_id
 from pedetect.synth import plan_study, write_dataset
+from pedetect.synth.anatomy import Tissue
 from pedetect.synth.dataset import VISIBLE, clot_rows, clots_path
-from pedetect.synth.phantom import CONSPICUOUS_LEVEL_WEIGHTS, EMBOLUS_LEVEL_WEIGHTS, Tissue
+from pedetect.synth.emboli import CONSPICUOUS_LEVEL_WEIGHTS, EMBOLUS_LEVEL_WEIGHTS
 from pedetect.synth.raster import Grid, Segment
 from pedetect.synth.render import _noise_bank, render_plan
 from pedetect.synth.visibility import (
@@ -131,12 +132,13 @@ def test_slab_fill_is_the_fraction_of_the_slab_the_clot_fills():
 
 
 def test_embolus_visibility_dilutes_the_thin_ends_of_a_clot():
-    from pedetect.synth.phantom import Vessel, _rasterise_embolus
+    from pedetect.synth.anatomy import Vessel
+    from pedetect.synth.emboli import rasterise_embolus
 
     grid = _grid(n_slices=12, dz=2.0, px=0.7, size=48)
     vessel = Vessel("a", Tissue.PA_BLOOD, np.array([[0.0, 0.0, -10.0], [0.0, 0.0, 40.0]]), np.array([5.0, 5.0]))
     clot = [Segment((0.0, 0.0, 6.0), (0.0, 0.0, 14.0), 2.5, 2.5)]
-    chunks, crossed = _rasterise_embolus(clot, vessel, grid)
+    chunks, crossed = rasterise_embolus(clot, vessel, grid)
     thin = embolus_visibility(clot, vessel.segments(), chunks, grid, slab_mm=2.0, contrast_hu=300.0, noise_sd=20.0)
     thick = embolus_visibility(clot, vessel.segments(), chunks, grid, slab_mm=8.0, contrast_hu=300.0, noise_sd=20.0)
     np.testing.assert_array_equal(thin.pixels > 0, crossed)

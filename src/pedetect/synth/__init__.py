@@ -22,7 +22,7 @@ _EXPORTS = {
     "RenderedStudy": "pedetect.synth.render",
     "plan_study": "pedetect.synth.phantom",
     "StudyPlan": "pedetect.synth.phantom",
-    "Tissue": "pedetect.synth.phantom",
+    "Tissue": "pedetect.synth.anatomy",
     "POSITIVE_FRACTION": "pedetect.synth.phantom",
     "INDETERMINATE_FRACTION": "pedetect.synth.phantom",
     "write_series": "pedetect.synth.dicom",
@@ -33,9 +33,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pedetect.synth.anatomy import Tissue
     from pedetect.synth.dataset import sample_submission, write_dataset
     from pedetect.synth.dicom import TRANSFER_SYNTAXES, write_series
-    from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, StudyPlan, Tissue, plan_study
+    from pedetect.synth.phantom import INDETERMINATE_FRACTION, POSITIVE_FRACTION, StudyPlan, plan_study
     from pedetect.synth.preview import write_preview
     from pedetect.synth.render import RenderedStudy, render_plan, render_study
 

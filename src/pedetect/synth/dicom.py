@@ -30,7 +30,8 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittle
 
 from pedetect import __version__
 from pedetect.dicom.frames import frame_key
-from pedetect.synth.phantom import Scanner, StudyPlan, uid
+from pedetect.synth.phantom import StudyPlan, uid
+from pedetect.synth.scanner import Scanner
 
 TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless}
 IMPLEMENTATION_UID = uid("pedetect", "implementation")

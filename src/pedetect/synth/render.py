@@ -7,16 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pedetect.synth.phantom import (
-    ANATOMY_HEIGHT,
-    Anatomy,
-    StudyPlan,
-    Tissue,
-    dome_height,
-    heart_scale,
-    lung_scale,
-    plan_study,
-)
+from pedetect.synth.anatomy import ANATOMY_HEIGHT, Anatomy, Tissue, dome_height, heart_scale, lung_scale
+from pedetect.synth.phantom import StudyPlan, plan_study
 from pedetect.synth.raster import Grid, Segment, ellipse_rho2, paint, paint_ellipsoid, paint_scaled, paint_segment
 from pedetect.synth.visibility import NOISE_BLUR_PX
 
