@@ -12,7 +12,7 @@ receiver, both in this process. Phases:
    predictor made once; seconds per study and the ratio.
 2. **latency**: ``--studies`` studies sent one after another (each by one ``storescu``); per study the
    seconds from its last instance received (the node's own record) to its SR at the destination and
-   to its alert at the receiver; p50 / p95, and the same less ``--settle``.
+   to its alert at the receiver; p50 / p95, and the same less ``--settle`` (the JSON lists each study's).
 3. **reception while predicting**: a study sent, and while the node predicts it (its /healthz says so)
    a second one sent by pynetdicom from this process, each C-STORE's response time measured.
 4. **burst**: ``--burst`` studies from ``--clients`` concurrent ``storescu`` clients: every study
@@ -269,6 +269,9 @@ def latency(args, node: Node, destination: Destination, webhook: Webhook, studie
         "to_sr_after_settle_p50_s": percentile(to_sr, 0.5) - args.settle,
         "to_sr_after_settle_p95_s": percentile(to_sr, 0.95) - args.settle,
         "predict_p50_s": percentile(predict_s, 0.5),
+        "to_sr_s": [round(v, 3) for v in to_sr],  # each study's, in the order sent
+        "to_alert_s": [round(v, 3) for v in to_alert],
+        "predict_s": predict_s,
     }
 
 
