@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from pedetect.dicom.frames import frame_geometry, split_frame_key
-from pedetect.hospital.results import Algorithm
+from pedetect.hospital.identity import Algorithm
 from pedetect.infer.report import StudyResult
 from pedetect.labels import EXAM_LABELS
 from pedetect.synth import write_dataset

@@ -34,18 +34,10 @@ from helpers.results import (
 )
 from helpers.train import tiny_config
 from pedetect.hospital.codes import FINDING_SITES, LABEL_CONCEPTS, PE_TRACKING, label_key
-from pedetect.hospital.results import (
-    CS3D_TRACKING,
-    NOT_DIAGNOSTIC,
-    TYPE2_PATIENT_STUDY,
-    Algorithm,
-    algorithm_of,
-    candidate_scoord,
-    key_slices,
-    labels_summary,
-    write_study_results,
-)
+from pedetect.hospital.identity import NOT_DIAGNOSTIC, TYPE2_PATIENT_STUDY, Algorithm, algorithm_of
+from pedetect.hospital.results import key_slices, write_study_results
 from pedetect.hospital.seg import candidate_mask
+from pedetect.hospital.sr import CS3D_TRACKING, candidate_scoord, labels_summary
 from pedetect.hospital.sr_read import read_sr_values
 from pedetect.infer.report import StudyResult
 from pedetect.labels import EXAM_LABEL_TITLES, EXAM_LABELS

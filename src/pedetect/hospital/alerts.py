@@ -694,7 +694,7 @@ def _write_private(path: Path, record: dict) -> None:
 class Alerts:
     """Notifications queued on disk (``spool_dir``) and sent to the configured receivers.
 
-    ``bundle``: the identity of the bundles that predicted (``results.algorithm_of(bundles).identity``),
+    ``bundle``: the identity of the bundles that predicted (``identity.algorithm_of(bundles).identity``),
     in the ids; ``operating_points``: the bundle's operating-points record (``Predictor.ensemble.operating_points``),
     used to check the configured point's name now and when a result carries no points."""
 

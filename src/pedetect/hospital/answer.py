@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pedetect.console import echo as console_echo
-from pedetect.hospital.results import algorithm_of, describe, write_study_results
+from pedetect.hospital.identity import algorithm_of
+from pedetect.hospital.results import describe, write_study_results
 from pedetect.hospital.selection import MIN_SLICES, Selection, select_headers
 from pedetect.infer.reader import StudyPlan
 

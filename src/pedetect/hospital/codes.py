@@ -1,6 +1,6 @@
 """The coded concepts of pedetect's DICOM results, written by :mod:`pedetect.hospital.results` and read
 back by :mod:`pedetect.hospital.sr_read`: every code and where it comes from is in docs/dicom_results.md.
-Each is a (value, scheme, meaning) tuple; :func:`pedetect.hospital.results.coded` makes it highdicom's."""
+Each is a (value, scheme, meaning) tuple; :func:`pedetect.hospital.identity.coded` makes it highdicom's."""
 
 from __future__ import annotations
 

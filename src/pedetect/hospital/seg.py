@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pedetect.dicom.header import PIXEL_DESCRIPTION
-from pedetect.hospital.results import NOT_DIAGNOSTIC, coded, finish_result, result_identity, with_type2
+from pedetect.hospital.identity import NOT_DIAGNOSTIC, coded, finish_result, result_identity, with_type2
 
 GEOMETRY = (
     "FrameOfReferenceUID",

@@ -248,7 +248,7 @@ class Worker:
         # the worker's name is the prefix of its process's log lines (configure_logging)
         LOG.info("models loaded in %.1f s: %s", time.time() - started, self.predictor.description)
         if self.config.alerts is not None:
-            from pedetect.hospital.results import algorithm_of  # highdicom: where results are made
+            from pedetect.hospital.identity import algorithm_of  # highdicom: where results are made
 
             self.alerts = Alerts(
                 AlertConfig.from_yaml(self.config.alerts),
@@ -484,7 +484,7 @@ class Server:
 
     def _alerts(self):
         # The bundles' metadata for the node's alert sender (torch and pandas come with them: only with alerts).
-        from pedetect.hospital.results import algorithm_of
+        from pedetect.hospital.identity import algorithm_of
         from pedetect.metric.calibrate import first_operating_points
         from pedetect.models.bundle import read_bundle
 
