@@ -47,31 +47,35 @@ class Section(StrictModel):
 
 
 class DataConfig(Section):
-    folds: int = Field(5, ge=2, description="Number of cross-validation folds when pedetect makes them itself.")
+    folds: int = Field(default=5, ge=2, description="Number of cross-validation folds when pedetect makes them itself.")
     fold_seed: int = Field(
-        42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels)."
+        default=42, description="Seed of the fold split (the folds are grouped by study, stratified on exam labels)."
     )
-    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per device.")
+    num_workers: int = Field(default=4, ge=0, description="DataLoader worker processes per device.")
     val_batch_size: int | None = Field(
-        None, ge=1, description="Validation batch size; default: 2 × the training batch size."
+        default=None, ge=1, description="Validation batch size; default: 2 × the training batch size."
     )
 
 
 class RuntimeConfig(Section):
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
-    devices: int | Literal["auto"] | list[int] = Field(
-        "auto", description="Devices per node (an int, a list of ids, or 'auto')."
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        default="auto", description="Lightning accelerator."
     )
-    num_nodes: int = Field(1, ge=1, description="Number of nodes (DDP across nodes; launch with torchrun or SLURM).")
+    devices: int | Literal["auto"] | list[int] = Field(
+        default="auto", description="Devices per node (an int, a list of ids, or 'auto')."
+    )
+    num_nodes: int = Field(
+        default=1, ge=1, description="Number of nodes (DDP across nodes; launch with torchrun or SLURM)."
+    )
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
-        "auto", description="'auto' uses DDP whenever more than one device is used."
+        default="auto", description="'auto' uses DDP whenever more than one device is used."
     )
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
-        "auto", description="'auto': bf16-mixed on GPUs that support it, else 16-mixed on GPU, 32-true on CPU."
+        default="auto", description="'auto': bf16-mixed on GPUs that support it, else 16-mixed on GPU, 32-true on CPU."
     )
-    deterministic: bool = Field(False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
+    deterministic: bool = Field(default=False, description="Ask PyTorch for deterministic algorithms (slower on GPU).")
     parallel_folds: int = Field(
-        1,
+        default=1,
         ge=1,
         description="On a CPU: stage 1, the embedding pass and stage 2 run this many folds at once, each in its "
         "own process with an equal share of the cores that reads its own data (small networks use a second core "
@@ -82,42 +86,44 @@ class RuntimeConfig(Section):
 class WandbConfig(Section):
     project: str = "pedetect"
     offline: bool = Field(
-        True, description="Offline runs are written under MODEL_DIR and synced later with `wandb sync`."
+        default=True, description="Offline runs are written under MODEL_DIR and synced later with `wandb sync`."
     )
 
 
 class MlflowConfig(Section):
     experiment: str = "pedetect"
-    tracking_uri: str | None = Field(None, description="Default: a file store under MODEL_DIR/mlruns.")
+    tracking_uri: str | None = Field(default=None, description="Default: a file store under MODEL_DIR/mlruns.")
 
 
 class LoggingConfig(Section):
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
-    wandb: WandbConfig | None = Field(None, description="Also log to Weights & Biases (needs wandb).")
-    mlflow: MlflowConfig | None = Field(None, description="Also log to MLflow (needs mlflow).")
+    tensorboard: bool = Field(default=False, description="Also log to TensorBoard (needs the tensorboard package).")
+    wandb: WandbConfig | None = Field(default=None, description="Also log to Weights & Biases (needs wandb).")
+    mlflow: MlflowConfig | None = Field(default=None, description="Also log to MLflow (needs mlflow).")
     progress_bar: bool = True
-    log_every_n_steps: int = Field(20, ge=1)
+    log_every_n_steps: int = Field(default=20, ge=1)
 
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (after warm-up).")
-    weight_decay: float = Field(1e-2, ge=0)
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate (after warm-up).")
+    weight_decay: float = Field(default=1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = Field(0.9, ge=0, description="SGD only.")
+    momentum: float = Field(default=0.9, ge=0, description="SGD only.")
 
 
 class SchedulerConfig(Section):
     name: Literal["cosine", "linear", "step", "constant"] = Field(
-        "cosine",
+        default="cosine",
         description="LR curve per optimiser step after warm-up: cosine or linear decay to min_lr_ratio, step decay, or constant.",
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up from 0, in (fractional) epochs.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak.")
-    step_epochs: float = Field(1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
-    gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
+    warmup_epochs: float = Field(default=0.0, ge=0, description="Linear warm-up from 0, in (fractional) epochs.")
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="cosine, linear: final LR as a fraction of the peak."
+    )
+    step_epochs: float = Field(default=1.0, gt=0, description="step: multiply the LR by gamma every step_epochs.")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="step: decay factor.")
     step_steps: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="step: multiply the LR by gamma every this many optimiser steps instead of every step_epochs "
         "(5th place: 0.99 every 500 steps).",
@@ -129,14 +135,16 @@ class SchedulerConfig(Section):
 
 
 class BackboneConfig(Section):
-    name: str = Field("resnet10t", description="Any timm model name (timm.list_models()).")
+    name: str = Field(default="resnet10t", description="Any timm model name (timm.list_models()).")
     weights: Literal["pretrained"] | Path | None = Field(
-        None,
+        default=None,
         description="pretrained: timm's pretrained weights of the name's tag (fetched and cached by timm; offline: its cache, "
         "HF_HUB_OFFLINE=1); a path: local weights (.safetensors or a torch state dict); none: random init.",
     )
-    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
-    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone supports it.")
+    drop_rate: float = Field(default=0.0, ge=0, lt=1, description="Dropout before the classifier.")
+    drop_path_rate: float = Field(
+        default=0.0, ge=0, lt=1, description="Stochastic depth, where the backbone supports it."
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
 
 
@@ -144,42 +152,43 @@ class LungCropConfig(Section):
     """Crop each series to its lungs (computed from Hounsfield units, pedetect.data.lung_box) before the resize."""
 
     margin: float = Field(
-        0.05, ge=0, le=0.5, description="Added on each side of the lungs' box, as a fraction of the slice side."
+        default=0.05, ge=0, le=0.5, description="Added on each side of the lungs' box, as a fraction of the slice side."
     )
     min_side: float = Field(
-        0.3, gt=0, le=1, description="The box is at least this fraction of the slice wide and high."
+        default=0.3, gt=0, le=1, description="The box is at least this fraction of the slice wide and high."
     )
-    tissue_hu: float = Field(-500.0, description="Above: the body.")
-    air_hu: float = Field(-400.0, description="Below, inside the body: lung and airway.")
+    tissue_hu: float = Field(default=-500.0, description="Above: the body.")
+    air_hu: float = Field(default=-400.0, description="Below, inside the body: lung and airway.")
     min_region: float = Field(
-        0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas)."
+        default=0.1, gt=0, le=1, description="Air regions smaller than this × the largest are not lung (bowel gas)."
     )
 
 
 class InputConfig(Section):
     mode: Literal["windows", "pe", "adjacent", "both"] = Field(
-        "windows",
+        default="windows",
         description="windows: lung/PE/mediastinal windows of one slice (3 ch); pe: the PE window of one slice (1 ch); "
         "adjacent: PE window of slices z-1, z, z+1 (3 ch, 1st/2nd places); both: the three windows of z-1, z, z+1 (9 ch).",
     )
     crop: float = Field(
-        1.0,
+        default=1.0,
         gt=0,
         le=1,
         description="Central square crop before the resize, as a fraction of the shorter side (1: the whole slice). "
         "A fixed stand-in for the 1st place's lung crop: it spends the pixels on the chest, where the pulmonary arteries are.",
     )
     lung_crop: LungCropConfig | None = Field(
-        None,
+        default=None,
         description="Crop every slice to its series' lung box (air inside the body, union over the series' slices, a margin), "
         "then resize (1st place; they regressed the box with a CNN). The boxes of the training series are recorded in "
         "MODEL_DIR/lung_boxes.json; predict computes each series' box the same way. None: off.",
     )
-    image_size: int = Field(512, ge=16, description="Square side the (cropped) slice is resized to.")
+    image_size: int = Field(default=512, ge=16, description="Square side the (cropped) slice is resized to.")
     mean: float = Field(
-        0.456, description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values)."
+        default=0.456,
+        description="Input normalisation: (pixel/255 - mean) / std on every channel (ImageNet's middle values).",
     )
-    std: float = Field(0.224, gt=0)
+    std: float = Field(default=0.224, gt=0)
 
     @property
     def channels(self) -> int:
@@ -193,38 +202,47 @@ class InputConfig(Section):
 
 
 class ShiftScaleRotateConfig(Section):
-    p: float = Field(0.0, ge=0, le=1)
-    shift: float = Field(0.0625, ge=0, description="Max shift as a fraction of the side.")
-    scale: float = Field(0.1, ge=0, lt=1, description="Scale drawn from [1-scale, 1+scale].")
-    rotate: float = Field(15.0, ge=0, le=180, description="Max rotation in degrees.")
+    p: float = Field(default=0.0, ge=0, le=1)
+    shift: float = Field(default=0.0625, ge=0, description="Max shift as a fraction of the side.")
+    scale: float = Field(default=0.1, ge=0, lt=1, description="Scale drawn from [1-scale, 1+scale].")
+    rotate: float = Field(default=15.0, ge=0, le=180, description="Max rotation in degrees.")
     border: Literal["constant", "reflect"] = Field(
-        "constant", description="Outside the slice: 0, or the slice mirrored."
+        default="constant", description="Outside the slice: 0, or the slice mirrored."
     )
 
 
 class BrightnessContrastConfig(Section):
-    p: float = Field(0.0, ge=0, le=1)
-    brightness: float = Field(0.2, ge=0, description="Added offset drawn from [-b, b] × 255.")
+    p: float = Field(default=0.0, ge=0, le=1)
+    brightness: float = Field(default=0.2, ge=0, description="Added offset drawn from [-b, b] × 255.")
     contrast: float = Field(
-        0.2, ge=0, lt=1, description="Gain on pixel values drawn from [1-c, 1+c] (albumentations: brightness_by_max)."
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Gain on pixel values drawn from [1-c, 1+c] (albumentations: brightness_by_max).",
     )
 
 
 class CutoutConfig(Section):
-    p: float = Field(0.0, ge=0, le=1)
-    holes: int = Field(1, ge=1, description="Number of rectangles set to 0.")
-    size: float = Field(0.2, gt=0, le=1, description="Max side of each rectangle, as a fraction of the image side.")
+    p: float = Field(default=0.0, ge=0, le=1)
+    holes: int = Field(default=1, ge=1, description="Number of rectangles set to 0.")
+    size: float = Field(
+        default=0.2, gt=0, le=1, description="Max side of each rectangle, as a fraction of the image side."
+    )
     fixed_size: bool = Field(
-        False,
+        default=False,
         description="Every rectangle exactly size × size (albumentations' Cutout); false: sides drawn up to size.",
     )
 
 
 class GridDropoutConfig(Section):
-    p: float = Field(0.0, ge=0, le=1)
-    ratio: float = Field(0.5, gt=0, lt=1, description="Side of each dropped square as a fraction of its grid unit.")
-    unit_min: float = Field(0.125, gt=0, le=1, description="Smallest grid unit, as a fraction of the image side.")
-    unit_max: float = Field(0.25, gt=0, le=1, description="Largest grid unit, as a fraction of the image side.")
+    p: float = Field(default=0.0, ge=0, le=1)
+    ratio: float = Field(
+        default=0.5, gt=0, lt=1, description="Side of each dropped square as a fraction of its grid unit."
+    )
+    unit_min: float = Field(
+        default=0.125, gt=0, le=1, description="Smallest grid unit, as a fraction of the image side."
+    )
+    unit_max: float = Field(default=0.25, gt=0, le=1, description="Largest grid unit, as a fraction of the image side.")
 
     @model_validator(mode="after")
     def _units(self) -> GridDropoutConfig:
@@ -234,17 +252,20 @@ class GridDropoutConfig(Section):
 
 
 class AugmentConfig(Section):
-    hflip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip.")
-    vflip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
+    hflip: float = Field(default=0.0, ge=0, le=1, description="Probability of a left-right flip.")
+    vflip: float = Field(default=0.0, ge=0, le=1, description="Probability of an up-down flip.")
     rotate90: float = Field(
-        0.0, ge=0, le=1, description="Probability of a rotation by 90, 180 or 270 degrees (exact, no interpolation)."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Probability of a rotation by 90, 180 or 270 degrees (exact, no interpolation).",
     )
     shift_scale_rotate: ShiftScaleRotateConfig = Field(default_factory=ShiftScaleRotateConfig)
     brightness_contrast: BrightnessContrastConfig = Field(default_factory=BrightnessContrastConfig)
     cutout: CutoutConfig = Field(default_factory=CutoutConfig)
     grid_dropout: GridDropoutConfig = Field(default_factory=GridDropoutConfig)
     dropout_one_of: bool = Field(
-        False,
+        default=False,
         description="cutout and grid_dropout as alternatives (albumentations OneOf): a sample gets cutout with probability "
         "cutout.p, else grid dropout with probability grid_dropout.p, never both (the two p must sum to at most 1).",
     )
@@ -268,9 +289,11 @@ class TargetsConfig(Section):
         description="Exam labels also predicted per slice, trained on every slice of positive exams: findings seen away "
         "from the emboli, such as the RV/LV ratio at the heart (stage 2 pools them over the series).",
     )
-    exam_weight: float = Field(1.0, ge=0, description="Weight of the exam-label loss relative to the slice loss.")
+    exam_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the exam-label loss relative to the slice loss."
+    )
     exam_label_weights: Literal["mean", "metric"] = Field(
-        "mean",
+        default="mean",
         description="mean: the exam loss is the mean over every trained (slice, label) entry; metric: each label's loss times "
         "its weight in the competition metric, summed over labels and averaged over the slices that train them (5th place).",
     )
@@ -302,37 +325,45 @@ class TargetsConfig(Section):
 
 class LossConfig(Section):
     kind: Literal["bce", "focal"] = "bce"
-    focal_alpha: float | None = Field(0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting).")
-    focal_gamma: float = Field(2.0, ge=0, description="focal: focusing exponent.")
+    focal_alpha: float | None = Field(
+        default=0.25, ge=0, le=1, description="focal: weight of positives (None: no weighting)."
+    )
+    focal_gamma: float = Field(default=2.0, ge=0, description="focal: focusing exponent.")
     slice_weight: float = Field(
-        1.0, gt=0, description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels)."
+        default=1.0,
+        gt=0,
+        description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels).",
     )
 
 
 class SamplingConfig(Section):
     mode: Literal["all", "balanced", "per_study"] = Field(
-        "all",
+        default="all",
         description="all: every training slice once per epoch, shuffled; balanced: samples_per_epoch slices, positive_share "
         "of them positive; per_study (5th place): study_slices random slices of every study, plus positive slices (at most "
         "study_positives per study) up to positive_share × the negatives among those.",
     )
-    study_slices: int = Field(2, ge=1, description="per_study: slices drawn from every training study per epoch.")
-    study_positives: int = Field(8, ge=0, description="per_study: most positive slices added from one study per epoch.")
+    study_slices: int = Field(
+        default=2, ge=1, description="per_study: slices drawn from every training study per epoch."
+    )
+    study_positives: int = Field(
+        default=8, ge=0, description="per_study: most positive slices added from one study per epoch."
+    )
     positive_share: float = Field(
-        0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch."
+        default=0.25, gt=0, lt=1, description="balanced: expected share of positive slices per epoch."
     )
     samples_per_epoch: int | None = Field(
-        None, ge=1, description="balanced: slices per epoch; default: the training set size."
+        default=None, ge=1, description="balanced: slices per epoch; default: the training set size."
     )
 
 
 class HeadConfig(Section):
     pool: Literal["backbone", "gem"] = Field(
-        "backbone",
+        default="backbone",
         description="backbone: the backbone's own global pooling; gem: generalised mean pooling, p = 3 (4th place).",
     )
     hidden: int = Field(
-        0,
+        default=0,
         ge=0,
         description="0: one linear layer on the pooled features; n: dropout, n units, BatchNorm, ReLU, then the output layer (4th place: 256).",
     )
@@ -348,37 +379,41 @@ class CnnConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1, description="Per device.")
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Per device.")
     accumulate_grad_batches: int = Field(
-        1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes."
+        default=1, ge=1, description="Effective batch = batch_size × accumulate × devices × nodes."
     )
     gradient_clip_norm: float | None = Field(
-        None, gt=0, description="Clip the global gradient norm (none: no clipping)."
+        default=None, gt=0, description="Clip the global gradient norm (none: no clipping)."
     )
     ema_decay: float | None = Field(
-        None,
+        default=None,
         gt=0,
         lt=1,
         description="Validate and export an exponential moving average of the weights with this decay per "
         "optimiser step (0.99: about the last 100 steps); none: the weights as trained.",
     )
     monitor: Literal["val_auc", "val_loss"] = Field(
-        "val_auc", description="Metric that picks the best epoch (exported weights)."
+        default="val_auc", description="Metric that picks the best epoch (exported weights)."
     )
-    export: Literal["best", "last"] = Field("best", description="Which epoch's weights become model.safetensors.")
+    export: Literal["best", "last"] = Field(
+        default="best", description="Which epoch's weights become model.safetensors."
+    )
     validation: Literal["every_epoch", "last_epoch"] = Field(
-        "every_epoch",
+        default="every_epoch",
         description="every_epoch: validate after each epoch (the learning curve; best picks among them); "
         "last_epoch: only after the last (the exported weights are the last epoch's; saves a pass over the "
         "validation slices per epoch). Checkpoints for resume are written after every epoch either way.",
     )
     keep_checkpoints: bool = Field(
-        False,
+        default=False,
         description="Keep the Lightning .ckpt files (pickles) after a fold completes; the bundle never needs them.",
     )
-    limit_train_batches: int | float | None = Field(None, description="Debugging: cap training batches per epoch.")
-    limit_val_batches: int | float | None = Field(None, description="Debugging: cap validation batches.")
+    limit_train_batches: int | float | None = Field(
+        default=None, description="Debugging: cap training batches per epoch."
+    )
+    limit_val_batches: int | float | None = Field(default=None, description="Debugging: cap validation batches.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,13 +422,15 @@ class CnnConfig(Section):
 
 class EmbedConfig(Section):
     batch_size: int = Field(
-        64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results)."
+        default=64, ge=1, description="Slices per CNN forward pass when embedding a series (memory, not results)."
     )
     num_workers: int = Field(
-        1, ge=0, description="Processes reading series from the store ahead of the CNN (0: in the main process)."
+        default=1,
+        ge=0,
+        description="Processes reading series from the store ahead of the CNN (0: in the main process).",
     )
     location_grid: int = Field(
-        0,
+        default=0,
         ge=0,
         le=8,
         description="Append to each slice's embedding the CNN's slice logit on every cell of a G x G grid "
@@ -407,79 +444,87 @@ class EmbedConfig(Section):
 
 class SeqConfig(Section):
     encoder: Literal["gru", "lstm", "transformer", "double_lstm"] = Field(
-        "gru",
+        default="gru",
         description="Bidirectional GRU or LSTM, a small transformer encoder, or double_lstm (4th place): two stacked "
         "bidirectional LSTMs of `layers` layers each, their outputs summed for the slices and pooled each by its own attention for the exam.",
     )
-    hidden: int = Field(128, ge=1, description="Hidden size per direction (GRU/LSTM) or model width (transformer).")
-    layers: int = Field(2, ge=1, description="Stacked recurrent or transformer layers.")
-    heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden).")
-    feedforward: int | None = Field(None, ge=1, description="transformer: feed-forward width; default 4 × hidden.")
+    hidden: int = Field(
+        default=128, ge=1, description="Hidden size per direction (GRU/LSTM) or model width (transformer)."
+    )
+    layers: int = Field(default=2, ge=1, description="Stacked recurrent or transformer layers.")
+    heads: int = Field(default=4, ge=1, description="transformer: attention heads (must divide hidden).")
+    feedforward: int | None = Field(
+        default=None, ge=1, description="transformer: feed-forward width; default 4 × hidden."
+    )
     position: Literal["sinusoidal", "none"] = Field(
-        "sinusoidal", description="transformer: position encoding added to the inputs (5th place: none)."
+        default="sinusoidal", description="transformer: position encoding added to the inputs (5th place: none)."
     )
     exam_pool: Literal["attention_max", "attention", "mean_max"] = Field(
-        "attention_max",
+        default="attention_max",
         description="How the exam head pools the slices: attention (a learnt weighted mean) and max, attention alone (4th "
         "place), or mean and max (5th place).",
     )
     attention: Literal["linear", "tanh"] = Field(
-        "linear", description="Attention score per slice: linear, or tanh of a linear map (1st place)."
+        default="linear", description="Attention score per slice: linear, or tanh of a linear map (1st place)."
     )
     head_hidden: int = Field(
-        0,
+        default=0,
         ge=0,
         description="0: linear slice and exam outputs; n: a hidden layer of n units, ReLU and dropout before each (4th place: 256).",
     )
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between layers and before the output heads.")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout between layers and before the output heads.")
     input_dropout: float = Field(
-        0.0, ge=0, lt=1, description="Dropout on the slice embeddings (not the CNN logit) as they enter the head."
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the slice embeddings (not the CNN logit) as they enter the head.",
     )
     neighbour_diffs: bool = Field(
-        False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f."
+        default=False, description="Input [f, f - f_prev, f - f_next] per slice (1st place) instead of f."
     )
-    use_cnn_logit: bool = Field(True, description="Also input the CNN's slice logit.")
+    use_cnn_logit: bool = Field(default=True, description="Also input the CNN's slice logit.")
     inputs: Literal["features", "logits"] = Field(
-        "features",
+        default="features",
         description="features: each slice's whole embedding (the CNN's pooled features, then its location logits); "
         "logits: the location logits alone (embed.location_grid² numbers, with the slice logit when use_cnn_logit): "
         "numbers that mean the same whichever fold's CNN made them.",
     )
     training_embeddings: Literal["out_of_fold", "own_cnn"] = Field(
-        "out_of_fold",
+        default="out_of_fold",
         description="What head k trains on. out_of_fold: every other fold's series as embedded by that fold's CNN, "
         "which never saw them; own_cnn: its own CNN's embeddings of its training series (the published solutions' "
         "way: one feature space for training, validation and prediction, at the price of features of series the "
         "CNN trained on). Either way head k is validated on, and predicts from, CNN k's embeddings of unseen series.",
     )
     fixed_length: int | None = Field(
-        None,
+        default=None,
         ge=2,
         description="Resize every series to this many slices and the slice logits back (1st place: 128); none: pad and mask.",
     )
     resize: Literal["all", "longer"] = Field(
-        "all",
+        default="all",
         description="fixed_length: resize every series (all), or only those longer than fixed_length, padding the shorter (1st place).",
     )
     exam_structure: Literal["independent", "conditional"] = Field(
-        "independent",
+        default="independent",
         description="independent: nine exam logits from the pooled features; conditional: p(positive), p(indeterminate | "
         "not positive) and each positive-only label given positive, multiplied out (the label rules' structure).",
     )
     exam_pooling: Literal["shared", "per_output"] = Field(
-        "shared",
+        default="shared",
         description="shared: one attention pooling over the slices for every exam output; per_output: an attention per "
         "exam output (RV/LV can attend to the heart's slices while positive/negative attends to the emboli's).",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1, description="Series per batch (padded to the longest).")
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="Series per batch (padded to the longest).")
     gradient_clip_norm: float | None = Field(
-        1.0, gt=0, description="Clip the global gradient norm (none: no clipping)."
+        default=1.0, gt=0, description="Clip the global gradient norm (none: no clipping)."
     )
     export: Literal["best", "last"] = Field(
-        "best", description="best: the epoch with the lowest validation score (the metric); last: the last epoch."
+        default="best",
+        description="best: the epoch with the lowest validation score (the metric); last: the last epoch.",
     )
 
     @model_validator(mode="after")
@@ -498,40 +543,43 @@ class HeartConfig(Section):
     (:mod:`pedetect.data.heart_box`), trained on the RV/LV label of positive exams, its logit stacked
     with the sequence head's RV/LV output by a logistic regression fitted out of fold."""
 
-    depth: int = Field(16, ge=2, description="Slices of the heart crop (the heart's slices resampled to this many).")
-    size: int = Field(64, ge=16, description="Side of the square heart crop, in pixels.")
+    depth: int = Field(
+        default=16, ge=2, description="Slices of the heart crop (the heart's slices resampled to this many)."
+    )
+    size: int = Field(default=64, ge=16, description="Side of the square heart crop, in pixels.")
     window: tuple[float, float] = Field(
-        (50.0, 350.0), description="Level and width of the crop's window (mediastinal)."
+        default=(50.0, 350.0), description="Level and width of the crop's window (mediastinal)."
     )
     model: Literal["2.5d", "3d"] = Field(
-        "2.5d", description="2.5d: the crop's slices are the channels of a 2D CNN; 3d: 3D convolutions."
+        default="2.5d", description="2.5d: the crop's slices are the channels of a 2D CNN; 3d: 3D convolutions."
     )
     widths: list[int] = Field(
         default_factory=lambda: [16, 32, 64, 64], min_length=1, description="Channels of each conv stage."
     )
-    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output.")
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="Dropout before the output.")
     shift: float = Field(
-        0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side."
+        default=0.06, ge=0, lt=0.5, description="Training: random shift of the crop, as a fraction of its side."
     )
     intensity: float = Field(
-        0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i]."
+        default=0.1, ge=0, lt=1, description="Training: random gain and offset of the crop's values, [-i, i]."
     )
     class_weight: Literal["balanced", "none"] = Field(
-        "balanced", description="balanced: each class of the RV/LV label weighs the same in the loss (weighted BCE)."
+        default="balanced",
+        description="balanced: each class of the RV/LV label weighs the same in the loss (weighted BCE).",
     )
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=1e-2))
     scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(name="cosine"))
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=16, ge=1)
 
 
 # --------------------------------------------------------------------------------------------------
 
 
 class ExperimentConfig(Section):
-    name: str = Field("experiment", description="A short name for the experiment.")
-    source: str = Field("", description="Where the recipe comes from (solution, write-up, changes).")
-    seed: int = Field(42, description="Global seed (lightning.seed_everything), offset by the fold number.")
+    name: str = Field(default="experiment", description="A short name for the experiment.")
+    source: str = Field(default="", description="Where the recipe comes from (solution, write-up, changes).")
+    seed: int = Field(default=42, description="Global seed (lightning.seed_everything), offset by the fold number.")
     data: DataConfig = Field(default_factory=DataConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -539,7 +587,7 @@ class ExperimentConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     seq: SeqConfig = Field(default_factory=SeqConfig)
     heart: HeartConfig | None = Field(
-        None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone)."
+        default=None, description="The heart model for RV/LV (none: the sequence head's RV/LV alone)."
     )
 
     @model_validator(mode="after")

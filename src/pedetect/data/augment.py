@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -189,13 +190,18 @@ def crop_region(height: int, width: int, crop: float = 1.0, box=None) -> tuple[i
 
 def box_crop(image: torch.Tensor, box) -> torch.Tensor:
     """The ``box`` (:class:`pedetect.data.lung_box.Box`, fractions of the slice) of a (C, H, W) tensor (a view)."""
-    r0, c0, r1, c1 = crop_region(*image.shape[-2:], box=box)
+    height, width = image.shape[-2:]
+    r0, c0, r1, c1 = crop_region(height, width, box=box)
     return image[..., r0:r1, c0:c1]
 
 
-def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
+_Image = TypeVar("_Image", torch.Tensor, np.ndarray)
+
+
+def centre_crop(image: _Image, fraction: float) -> _Image:
     """The central square of side ``fraction`` × the shorter side (a view, no copy)."""
-    r0, c0, r1, c1 = crop_region(*image.shape[-2:], fraction)
+    height, width = image.shape[-2:]
+    r0, c0, r1, c1 = crop_region(height, width, fraction)
     return image[..., r0:r1, c0:c1]
 
 
@@ -249,7 +255,12 @@ class SliceAugment:
             # Shrink by area averaging first (no aliasing of thin vessels), then one warp at the training size.
             if min(image.shape[-2:]) > self.size:
                 image = resize(image, self.size)
-            image = warp(image, affine_matrix(tuple(image.shape[-2:]), self.size, geometry), self.size, geometry.border)
+            image = warp(
+                image,
+                affine_matrix((image.shape[-2], image.shape[-1]), self.size, geometry),
+                self.size,
+                geometry.border,
+            )
         bc = c.brightness_contrast
         if bc.p > 0 and rng.random() < bc.p:
             gain = float(rng.uniform(1 - bc.contrast, 1 + bc.contrast))
@@ -274,6 +285,6 @@ class SliceAugment:
             lo, hi = (max(2, int(round(f * self.size))) for f in (gd.unit_min, gd.unit_max))
             unit = int(rng.integers(lo, hi + 1))
             hole = max(1, int(round(unit * gd.ratio)))
-            offset = (int(rng.integers(0, unit)), int(rng.integers(0, unit)))
-            image = cutout(image, grid_boxes(self.size, unit, hole, offset))
+            grid_offset = (int(rng.integers(0, unit)), int(rng.integers(0, unit)))
+            image = cutout(image, grid_boxes(self.size, unit, hole, grid_offset))
         return image, geometry

@@ -52,7 +52,8 @@ class StoreError(ValueError):
 class SliceSource(Protocol):
     """What the datasets need from a slice store (``pedetect.store.SliceStore``)."""
 
-    slices: pd.DataFrame
+    @property
+    def slices(self) -> pd.DataFrame: ...
 
     def read_slice(self, series_uid: str, slice_index: int) -> np.ndarray: ...
 
@@ -179,6 +180,8 @@ class SliceDataset(Dataset):
     @property
     def store(self) -> SliceSource:
         if self._store is None or (isinstance(self._store_ref, (str, Path)) and os.getpid() != self._pid):
+            # a store given as an object is kept from the start, so only a path is ever (re)opened
+            assert isinstance(self._store_ref, (str, Path))
             self._store = open_store(self._store_ref)
             self._pid = os.getpid()
         return self._store

@@ -58,7 +58,7 @@ def iterative_stratification(targets: np.ndarray, n_folds: int, seed: int) -> np
     remaining = targets.copy()
     unassigned = np.ones(n_rows, dtype=bool)
 
-    def place(row: int, preference: np.ndarray) -> None:
+    def place(row: int | np.integer, preference: np.ndarray) -> None:
         candidates = np.flatnonzero(preference == preference.max())
         if len(candidates) > 1:
             by_rows = wanted_rows[candidates]

@@ -171,7 +171,7 @@ def locate_heart(hu: np.ndarray) -> HeartBox:
         z1 = peak + 1
         while z1 < n and keep[z1]:
             z1 += 1
-        chosen = [boxes[k] for k in range(z0, z1) if boxes[k] is not None]
+        chosen = [box for box in boxes[z0:z1] if box is not None]
         y0, y1 = min(b[0] for b in chosen), max(b[1] for b in chosen)
         x0, x1 = min(b[2] for b in chosen), max(b[3] for b in chosen)
         z0, z1 = max(0, z0 - 1), min(n, z1 + 1)  # the slices just beyond still hold myocardium

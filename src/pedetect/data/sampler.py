@@ -93,12 +93,15 @@ class EpochSampler(Sampler[int]):
         return rng.permutation(picks)
 
     def _per_study(self, rng: np.random.Generator) -> np.ndarray:
+        studies = self.studies
+        assert studies is not None  # per_study mode: __init__ requires the study of every slice
+
         def first_of_each_study(rows: np.ndarray, k: int) -> np.ndarray:
             """Of ``rows`` in a random order, the first ``k`` of each study (pandas' groupby.head)."""
             rows = rng.permutation(rows)
-            order = np.argsort(self.studies[rows], kind="stable")
+            order = np.argsort(studies[rows], kind="stable")
             grouped = rows[order]
-            starts = np.r_[0, np.flatnonzero(np.diff(self.studies[grouped])) + 1]
+            starts = np.r_[0, np.flatnonzero(np.diff(studies[grouped])) + 1]
             rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
             picked = grouped[rank < k]
             return picked[np.argsort(rng.random(len(picked)))]  # back to a random order

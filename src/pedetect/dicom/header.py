@@ -230,10 +230,15 @@ def dcmread_source(source: Source, *, header_only: bool = False, data: bytes | N
                 if len(ds) == 0 and len(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not preamble)):
                     raise DicomError("pixel data unreadable (the file ends inside its encapsulated frames: truncated)")
                 return ds
-            fp: Any = io.BytesIO(data) if data is not None else open_path(source)
+            fp: Any
+            if data is not None:
+                fp = io.BytesIO(data)
+            else:
+                assert not isinstance(source, ZipMember)  # a zip member's bytes are read above
+                fp = open_path(source)
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
-                ds._pedetect_pixels = _pixel_element(fp, ds)  # type: ignore[attr-defined]
+                ds._pedetect_pixels = _pixel_element(fp, ds)
             finally:
                 fp.close()
             return ds

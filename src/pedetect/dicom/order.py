@@ -13,10 +13,13 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from pedetect.dicom.header import SliceHeader
+
+_T = TypeVar("_T")
 
 GAP_FACTOR = 1.5  # a step larger than this × the median step is a gap
 DUPLICATE_MM = 1e-3  # positions closer than this are duplicates
@@ -46,7 +49,7 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / norm
 
 
-def _mode(values: list) -> object:
+def _mode(values: list[_T]) -> _T:
     return Counter(values).most_common(1)[0][0]
 
 
@@ -69,7 +72,7 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
         raise ValueError("no slices")
     irregular: list[str] = []
     rejected: list[tuple[SliceHeader, str]] = []
-    rows, cols = _mode([(h.rows, h.cols) for h in headers])  # type: ignore[misc]
+    rows, cols = _mode([(h.rows, h.cols) for h in headers])
     kept = []
     for h in headers:
         if (h.rows, h.cols) != (rows, cols):
@@ -88,7 +91,7 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
         orientations = [tuple(round(v, 4) for v in h.orientation) for h in kept]  # type: ignore[union-attr]
         common = _mode(orientations)
         try:
-            normal = slice_normal(common)  # type: ignore[arg-type]
+            normal = slice_normal(common)
         except ValueError:
             normal = None
         if normal is not None and len(set(orientations)) > 1:
@@ -135,7 +138,7 @@ def plan_series(headers: Sequence[SliceHeader]) -> SeriesPlan:
     return plan
 
 
-def spacing_stats(z: Sequence[float]) -> dict:
+def spacing_stats(z: Sequence[float] | np.ndarray) -> dict:
     """Slice spacing and its irregularities from ordered z positions.
 
     Returns ``spacing`` (median step, mm), ``min_step``, ``max_step``, ``n_gaps`` (steps >

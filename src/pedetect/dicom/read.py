@@ -248,6 +248,7 @@ def read_series(
         if failure is not None:
             lost.append((failure, float(i)))
             continue
+        assert image is not None  # decode_series yields an image whenever there is no failure
         images[len(kept)] = image
         kept.append(i)
     return SeriesRead(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from pedetect.dicom.header import SliceHeader
 from pedetect.dicom.order import SeriesPlan, spacing_stats
 from pedetect.labels import SERIES, SOP, STUDY
@@ -57,7 +59,7 @@ def group_headers(headers: Iterable[SliceHeader]) -> tuple[dict[str, list[SliceH
 def series_metadata(
     plan: SeriesPlan,
     kept: Sequence[SliceHeader],
-    z: Sequence[float],
+    z: Sequence[float] | np.ndarray,
     *,
     height: int,
     width: int,

@@ -276,7 +276,9 @@ def discover(input_path: str | Path) -> list[Source]:
             names = [info.filename for info in zipfile.ZipFile(archive).infolist() if not info.is_dir()]
             return [ZipMember(archive, name) for name in sorted(names)]
         return [os.fspath(path)]
-    return sorted(_walk(os.fspath(path)))
+    files: list[Source] = []
+    files.extend(sorted(_walk(os.fspath(path))))
+    return files
 
 
 def _walk(root: str) -> Iterator[str]:

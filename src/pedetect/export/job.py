@@ -102,7 +102,7 @@ class _Check:
         moved = max(float(np.abs(sigmoid(s0) - sigmoid(s1)).max()), float(np.abs(sigmoid(x0) - sigmoid(x1)).max()))
         self.max_probability = max(self.max_probability, moved)
 
-    def record(self) -> dict[str, float]:
+    def record(self) -> dict[str, float | None]:
         return {
             "max_abs_embedding": self.max_embedding,
             "max_abs_slice_logit": self.max_logit,
@@ -245,12 +245,13 @@ def export_bundle(
             + f" ({time.perf_counter() - fold_started:.0f} s)"
         )
 
-    summary = {name: check.record() for name, check in checks.items()}
+    # Per runtime: the check's numbers (None where undefined) and the quality scores (JSON record).
+    summary: dict[str, dict[str, Any]] = {name: check.record() for name, check in checks.items()}
     summary["torch"] = {"seconds_per_100_slices": reference.record()["seconds_per_100_slices"]}
     if records:
         summary["torch"].update(_quality(records, reference))
-        for name, check in checks.items():
-            summary[name].update(_quality(records, check))
+        for name, runtime_check in checks.items():
+            summary[name].update(_quality(records, runtime_check))
             summary[name]["score_change"] = summary[name]["score"] - summary["torch"]["score"]
             summary[name]["slice_auc_change"] = summary[name]["slice_auc"] - summary["torch"]["slice_auc"]
     accepted = {"onnx": summary["onnx"]["max_abs_probability"] <= FP32_TOLERANCE}

@@ -126,6 +126,7 @@ class Ensemble:
                 location = (grid, float(bundle.config.cnn.input.crop))
                 heart = None
                 if stack is not None:  # small: PyTorch whatever the runtime of the CNN
+                    assert bundle.config.heart is not None  # the stack is loaded only with a heart model
                     model = load_heart_model(
                         heart_dir(bundle.path, k) / WEIGHTS_FILE, bundle.config.heart, device=device
                     )
@@ -236,4 +237,5 @@ def _average_maps(maps: list[tuple[tuple[int, int, int, int], np.ndarray]]) -> A
         return None
     region, first = maps[0]
     same = [m for r, m in maps if m.shape == first.shape and all(abs(a - b) <= 1 for a, b in zip(r, region))]
-    return ActivationMaps(np.mean(same, axis=0).astype(np.float32), tuple(int(v) for v in region))
+    row0, col0, row1, col1 = region
+    return ActivationMaps(np.mean(same, axis=0).astype(np.float32), (int(row0), int(col0), int(row1), int(col1)))

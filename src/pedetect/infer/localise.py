@@ -304,7 +304,9 @@ def find_candidates(
                 col=round(float(cols[0]), 2),
                 slice_first=int(positions[in_slices[0]]),
                 slice_last=int(positions[in_slices[-1]]),
-                patient_mm=None if point_mm is None else tuple(round(float(v), 2) for v in point_mm),
+                patient_mm=None
+                if point_mm is None
+                else (round(float(point_mm[0]), 2), round(float(point_mm[1]), 2), round(float(point_mm[2]), 2)),
                 outline=[(round(float(r), 2), round(float(c), 2)) for r, c in zip(rows[1:], cols[1:])],
                 picture_index=picture_offset + k,
                 picture_point=(round(row_pic / height, 5), round(col_pic / width, 5)),

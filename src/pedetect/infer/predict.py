@@ -248,6 +248,7 @@ def _predict_studies(
     ):
         pending = pool.submit(predictor.read, studies[0], decode) if studies else None
         for i in range(len(studies)):
+            assert pending is not None  # study i was submitted before the loop or in the previous turn
             read = pending.result()
             pending = pool.submit(predictor.read, studies[i + 1], decode) if i + 1 < len(studies) else None
             if on_read is not None:

@@ -62,7 +62,8 @@ class StudyRead:
 
 def read_study(plan, reads: list[tuple], decode=None) -> StudyRead:
     started = time.perf_counter()
-    series, failures = [], []
+    series: list[dict] = []
+    failures: list[Failure] = []
     for headers in plan.series.values():
         try:
             series.append({key: read_series_planned(headers, key[0], key[1], decode) for key in reads})
@@ -251,7 +252,8 @@ def predict_read(ensemble, read: StudyRead, prior_slice: float, prior_exam: np.n
             for p in ensemble.operating_points["points"]
         ]
     pictures = study_pictures(read, ensemble.reads[0])
-    location = _concatenate(outputs.locations) if all(grid is not None for grid in outputs.locations) else None
+    grids = [grid for grid in outputs.locations if grid is not None]
+    location = _concatenate(grids) if len(grids) == len(outputs.locations) else None
     return StudyPrediction(result, study_rows, changed, pictures, location, len(decoded), lost, no_row, error, seconds)
 
 

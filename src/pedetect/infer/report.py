@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class StudyResult:
     slice_probabilities: list[float]  # written: after the label rules
     model_exam_probabilities: dict[str, float]  # the model's own (the prior for a study with no readable slice)
     model_slice_probabilities: list[float]  # the model's own
-    skipped_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason", ...}
+    skipped_files: list[dict[str, str | float | None]] = field(default_factory=list)  # {"path", "reason", ...}
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     error: str | None = None
     candidates: list[dict] = field(default_factory=list)  # clot candidates, strongest first (localise.Candidate.record)
@@ -71,7 +72,7 @@ class StudyResult:
     def repair(self) -> dict:
         """What the label rules' repair decided against the model: per exam label the model's
         probability, the written value, the decision and whether the repair changed it."""
-        labels = []
+        labels: list[dict[str, Any]] = []
         for label in EXAM_LABELS:
             model, written = self.model_exam_probabilities.get(label), self.exam_probabilities.get(label)
             decision = written is not None and written > THRESHOLD
@@ -166,7 +167,7 @@ def write_study_report(
     out_dir = Path(out_dir)
     name = safe_name(result.study_uid)
     has_slices = pictures is not None and len(pictures) == len(result.sop_uids) and len(pictures) > 0
-    if has_slices and (slices is None or len(slices.files) != len(pictures)):
+    if pictures is not None and has_slices and (slices is None or len(slices.files) != len(pictures)):
         slices = write_viewer_slices(out_dir, name, pictures)
     record = result.to_json()
     record["viewer"] = {
@@ -178,18 +179,20 @@ def write_study_report(
         "suspicious": suspicious_slices(result.model_slice_probabilities, THRESHOLD),
         "location": None,
     }
-    if slices and location is not None and len(location) == len(pictures):
-        record["viewer"]["location"] = {
-            "grid": int(location.shape[1]),
-            "crop_box": [round(v, 5) for v in crop_box(pictures.shape[1], pictures.shape[2], crop)],
-            "cells": np.round(location.reshape(len(location), -1).astype(float), 3).tolist(),
-        }
+    if slices and location is not None:
+        assert pictures is not None  # viewer slices are only ever written from the study's pictures
+        if len(location) == len(pictures):
+            record["viewer"]["location"] = {
+                "grid": int(location.shape[1]),
+                "crop_box": [round(v, 5) for v in crop_box(pictures.shape[1], pictures.shape[2], crop)],
+                "cells": np.round(location.reshape(len(location), -1).astype(float), 3).tolist(),
+            }
     json_path = out_dir / f"{name}.json"
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
     page = write_study_page(out_dir, name, record)
     png_path = None
-    if has_slices:
+    if pictures is not None and has_slices:
         png_path = out_dir / f"{name}.png"
         _plot_study(png_path, result, pictures[..., pe_channel(window_names)])
     return StudyFiles(json_path, page, png_path, slices.bytes if slices else 0)
@@ -244,7 +247,7 @@ def _plot_study(path: Path, result: StudyResult, pe_window_slices: np.ndarray) -
 
 
 def study_picture(
-    result: StudyResult, pictures: np.ndarray, window_names: Sequence[str] = WINDOW_NAMES
+    result: StudyResult, pictures: np.ndarray | None, window_names: Sequence[str] = WINDOW_NAMES
 ) -> np.ndarray | None:
     """The report picture as an ``(H, W, 3)`` uint8 RGB array (what the PNG shows; the DICOM
     results' secondary capture), or None without slices. ``pictures``: the decoded slices

@@ -90,8 +90,8 @@ def evaluate_command(
         raise fail("give --labels and --submission (the competition metric), or --clots and --candidates (the FROC)")
     if report_dir is not None and submission is None:
         raise fail("--report needs --labels and --submission (the report is of a submission scored against labels)")
-    for given, name in ((dicom, "--dicom"), (operating_points, "--operating-points")):
-        if given is not None and report_dir is None:
+    for option, name in ((dicom, "--dicom"), (operating_points, "--operating-points")):
+        if option is not None and report_dir is None:
             raise fail(f"{name} adds to the validation report: give --report DIR with it")
 
     report: dict = {}
@@ -100,20 +100,24 @@ def evaluate_command(
         if submission is not None and report_dir is None:
             from pedetect.metric.evaluate import evaluate_files
 
+            assert labels is not None  # --submission needs --labels (checked above)
             report = evaluate_files(labels, submission)
         elif submission is not None:
+            assert labels is not None  # --submission needs --labels (checked above)
             result = _validation(labels, submission, dicom, operating_points, bootstrap, seed)
             report = result.report
         if scoring_froc:
             from pedetect.metric.froc import froc_report, read_candidates, read_clots, read_scan_studies
 
             studies = read_scan_studies(labels) if labels is not None else None
+            assert clots is not None and candidates is not None  # scoring_froc: both given (checked above)
             report["froc"] = froc_report(read_clots(clots), read_candidates(candidates), studies)
     except InputError as error:
         raise fail(str(error)) from None
     if result is not None:
         from pedetect.metric.validation_page import write_report
 
+        assert report_dir is not None  # result is only made with --report
         written = write_report(result, report_dir)
         typer.echo(f"wrote {written['index']} and {written['report']}", err=True)
 
@@ -235,7 +239,12 @@ def calibrate_command(
         record = calibrate_files(labels, submission, target_sensitivity)
     except InputError as error:
         raise fail(str(error)) from None
-    path = write_operating_points(record, out if out is not None else operating_points_file(model))
+    if out is not None:
+        target = out
+    else:
+        assert model is not None  # --model or --out is required (checked above)
+        target = operating_points_file(model)
+    path = write_operating_points(record, target)
     typer.echo(f"wrote {path}", err=True)
     typer.echo(json.dumps(record, indent=2) if as_json else format_operating_points(record))
 

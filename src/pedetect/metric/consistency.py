@@ -39,7 +39,7 @@ LOWERED = THRESHOLD - FIX_MARGIN
 _LABEL_POSITION = {label: k for k, label in enumerate(EXAM_LABELS)}
 
 
-def edit_cost(own: np.ndarray, new: np.ndarray, weight: np.ndarray | float) -> np.ndarray:
+def edit_cost(own: np.ndarray | float, new: np.ndarray | float, weight: np.ndarray | float) -> np.ndarray:
     """Weighted log loss added by replacing ``own`` with ``new``, ``own`` taken as the truth."""
     own = np.asarray(own, dtype=np.float64)
     new = np.asarray(new, dtype=np.float64)

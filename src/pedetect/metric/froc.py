@@ -269,7 +269,7 @@ def _operating_points(found_at: np.ndarray, fp_at: np.ndarray, n_scans: int) -> 
 
 def _sensitivity(found: np.ndarray | int, total: int):
     if total == 0:
-        return None if np.ndim(found) == 0 else [None] * len(found)
+        return None if np.ndim(found) == 0 else [None] * len(np.asarray(found))
     return float(found) / total if np.ndim(found) == 0 else (np.asarray(found) / total).tolist()
 
 

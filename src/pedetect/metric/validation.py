@@ -212,6 +212,7 @@ def calibration(truth: np.ndarray, probability: np.ndarray, bins: int = CALIBRAT
         mean_p = float(predicted[k] / n) if n else None
         frac = float(observed[k] / n) if n else None
         if n:
+            assert frac is not None and mean_p is not None  # both set for a non-empty bin
             ece += n / total * abs(frac - mean_p)
         rows.append(
             {
@@ -292,7 +293,7 @@ class ValidationResult:
     """The report (JSON-serialisable) and the curves its figures draw (not in the JSON)."""
 
     report: dict[str, Any]
-    roc: dict[str, dict[str, np.ndarray]]  # per label: fpr, tpr
+    roc: dict[str, dict[str, np.ndarray] | None]  # per label: fpr, tpr (None: one class only, no curve)
 
 
 def operating_points_from_record(record: Mapping[str, Any] | None, source: str) -> list[OperatingPoint]:
@@ -423,7 +424,7 @@ def validation_report(
     points = list(operating_points) if operating_points else operating_points_from_record(None, "")
     n_studies = len(scores.study_uids)
     counts = resample_counts(n_studies, resamples, np.random.default_rng(seed))
-    roc: dict[str, dict[str, np.ndarray]] = {}
+    roc: dict[str, dict[str, np.ndarray] | None] = {}
 
     # Slices: resample studies, take all their slices.
     image = report["labels"][IMAGE_LABEL]

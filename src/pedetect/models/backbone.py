@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -59,6 +60,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"pretrained weights file not found: {path} (nothing is downloaded; put the file there, "
             "or set cnn.backbone.weights to null for random weights)"
         )
+    state: Any  # a state dict, or whatever else torch.load finds in the file (checked below)
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
@@ -122,7 +124,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
 PRETRAINED = "pretrained"
 
 
-def pretrained_source(name: str) -> dict[str, str]:
+def pretrained_source(name: str) -> dict[str, str | tuple[str, str]]:
     """Where timm's pretrained weights of ``name`` come from: its tag and hub id or URL."""
     import timm
 
@@ -132,7 +134,9 @@ def pretrained_source(name: str) -> dict[str, str]:
         raise BackboneError(
             f"timm has no pretrained weights for '{name}'; set cnn.backbone.weights to a local file or to null"
         )
-    record = {"tag": f"{model_name}.{cfg.tag}" if getattr(cfg, "tag", None) else model_name}
+    record: dict[str, str | tuple[str, str]] = {
+        "tag": f"{model_name}.{cfg.tag}" if getattr(cfg, "tag", None) else model_name
+    }
     if cfg.hf_hub_id:
         record["hf_hub_id"] = cfg.hf_hub_id
         record["file"] = cfg.hf_hub_filename or "model.safetensors (or pytorch_model.bin)"
@@ -206,7 +210,7 @@ def create_backbone(
     return _create_pretrained(name, None if weights == PRETRAINED else weights, **common)
 
 
-def weights_provenance(weights: str | Path | None, name: str) -> dict[str, str]:
+def weights_provenance(weights: str | Path | None, name: str) -> dict[str, str | tuple[str, str]]:
     """What a model's starting weights were, for the bundle: random, a timm tag (and its hub id or
     URL), or a local file's SHA-256."""
     if weights is None:

@@ -358,7 +358,7 @@ def write_bundle_info(
     folds: list[int],
     embedding_dim: int,
     cv_score: float | None,
-    starting_weights: dict[str, str] | None = None,
+    starting_weights: dict[str, Any] | None = None,
     stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """``MODEL_DIR/bundle.json``, written when a full training run finishes; ``starting_weights``:

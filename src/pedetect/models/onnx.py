@@ -90,6 +90,7 @@ def export_slice_classifier(model: SliceClassifier, path: str | Path, *, channel
             external_data=False,
             verbose=False,
         )
+        assert program is not None  # dynamo=True: the exporter returns the program
         program.save(str(tmp))
 
 
@@ -113,7 +114,7 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
             "seq.resize: longer (resize only long series) is not exportable to ONNX; predict with --runtime torch"
         )
     example = (torch.randn(1, 8, head.embedding_dim), torch.randn(1, 8))
-    names = {"input_names": ["embeddings", "cnn_logits"], "output_names": ["slice_logits", "exam_logits"]}
+    input_names, output_names = ["embeddings", "cnn_logits"], ["slice_logits", "exam_logits"]
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if head.encoder_kind == "transformer":
@@ -126,8 +127,10 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
                 dynamo=True,
                 external_data=False,
                 verbose=False,
-                **names,
+                input_names=input_names,
+                output_names=output_names,
             )
+            assert program is not None  # dynamo=True: the exporter returns the program
             program.save(str(tmp))
             return
         _register_sinh()
@@ -138,7 +141,8 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
             opset_version=SEQ_OPSET,
             dynamo=False,
             dynamic_axes={"embeddings": {1: "length"}, "cnn_logits": {1: "length"}, "slice_logits": {1: "length"}},
-            **names,
+            input_names=input_names,
+            output_names=output_names,
         )
 
 
@@ -338,7 +342,7 @@ def choose_runtime(model_dir: str | Path, requested: str, folds: list[int], *, d
         ) + ")"
     speed = {name: record["check"].get(name, {}).get("seconds_per_100_slices") for name in (*exact, "torch")}
     timed = {name: value for name, value in speed.items() if value}
-    fastest = min(timed, key=timed.get) if timed else exact[0]
+    fastest = min(timed, key=lambda name: timed[name]) if timed else exact[0]
     if fastest == "torch":
         return "torch", f"faster than {', '.join(exact)} in the export's timing ({_speeds(timed)})"
     return fastest, f"{record['why'][fastest]}; fastest in the export's timing ({_speeds(timed)})"

@@ -105,6 +105,8 @@ def resize_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class SinusoidalPosition(nn.Module):
+    table: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, dim: int, max_len: int = 4096):
         super().__init__()
         position = torch.arange(max_len).unsqueeze(1)
@@ -153,6 +155,8 @@ def _check_head_options(
 
 class SequenceHead(nn.Module):
     """Bidirectional GRU/LSTM or transformer over slice embeddings; slice and exam logits."""
+
+    encoder: nn.Module  # nn.GRU, nn.LSTM or nn.TransformerEncoder (encoder_kind)
 
     def __init__(
         self,
@@ -296,7 +300,11 @@ class SequenceHead(nn.Module):
         recurrent encoder runs unpacked, the path an ONNX export takes.
         """
         padded = mask is not None
-        mask = mask.bool() if padded else torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
+        mask = (
+            mask.bool()
+            if mask is not None
+            else torch.ones(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
+        )
         x = self.input_dropout(embeddings[..., embeddings.shape[-1] - self.input_columns :].float())
         if self.neighbour_diffs:
             x = neighbour_differences(x, mask)
@@ -333,6 +341,7 @@ class SequenceHead(nn.Module):
             exam_logits = self.exam_head(torch.cat([attended[:, 0], maxed], dim=-1))
         else:  # output k reads its own attended vector: row k of the head's weights on [attended_k, maxed]
             pooled = torch.cat([attended, maxed.unsqueeze(1).expand_as(attended)], dim=-1)
+            assert isinstance(self.exam_head, nn.Linear)  # per_output needs head_hidden 0: a linear head
             exam_logits = (pooled * self.exam_head.weight).sum(-1) + self.exam_head.bias
         if self.exam_structure == "conditional":
             exam_logits = conditional_exam_logits(exam_logits)
@@ -344,6 +353,7 @@ class SequenceHead(nn.Module):
         """1st place: series longer than fixed_length resized to it, shorter ones padded and masked;
         the slice logits of resized series resized back."""
         length = self.fixed_length
+        assert length is not None  # forward resizes only with a fixed_length
         lengths = mask.sum(1).tolist() if padded else [x.shape[1]] * x.shape[0]
         if max(lengths) <= length:
             return self._heads(x, mask, padded=padded)
@@ -363,6 +373,7 @@ class SequenceHead(nn.Module):
 
     def _heads_resized(self, x: torch.Tensor, mask: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.fixed_length
+        assert length is not None  # forward resizes only with a fixed_length
         full = torch.ones((x.shape[0], length), dtype=torch.bool, device=x.device)
         if not padded:  # every series is T long: resize the batch at once (no per-series lengths to read)
             slice_resized, exam_logits = self._heads(resize_batch(x, length), full, padded=False)

@@ -15,7 +15,7 @@ For later stages::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from pedetect.models.layout import WEIGHTS_FILE, cnn_dir, read_model_config
 from pedetect.models.weights import load_weights
 
 if TYPE_CHECKING:
+    from pedetect.models.onnx import OnnxSliceClassifier
     from pedetect.recipe import CnnConfig, ExperimentConfig
 
 
@@ -46,6 +47,9 @@ class GeM(nn.Module):
 
 
 class SliceClassifier(nn.Module):
+    mean: torch.Tensor  # buffers (register_buffer)
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -63,10 +67,13 @@ class SliceClassifier(nn.Module):
             raise ValueError(f"unknown pooling {pool!r}; choose backbone or gem")
         if location_grid < 0:
             raise ValueError(f"location_grid must be 0 (off) or a grid side, got {location_grid}")
-        self.backbone = backbone
+        # A timm model (or pedetect_small_cnn): num_features, forward_features and forward_head are timm's
+        # API, not nn.Module's (whose __getattr__ the stubs type as Tensor | Module), so it is held as Any.
+        self.backbone: Any = backbone
         self.exam_labels = tuple(exam_labels)
         # timm: pooled features are head_hidden_size wide where a model has a pre-logits head (MobileNetV3).
-        self.feature_dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        timm_model = cast(Any, backbone)  # as self.backbone: timm's attributes
+        self.feature_dim = int(getattr(timm_model, "head_hidden_size", None) or timm_model.num_features)
         self.location_grid = int(location_grid)
         # What stage 2 reads per slice: the pooled features, then one slice logit per cell of the grid.
         self.embedding_dim = self.feature_dim + self.location_grid**2
@@ -130,7 +137,9 @@ class SliceClassifier(nn.Module):
         maximum, so the map is highest where the CNN found what made it fire: a detector's map learnt
         from slice labels alone (docs/localisation.md). The embedding and slice logit are those of
         :meth:`embed`, to the bit."""
-        return self._embed_map(self.backbone.forward_features(self.normalise(x)), with_map=True)
+        embedding, logit, activation = self._embed_map(self.backbone.forward_features(self.normalise(x)), with_map=True)
+        assert activation is not None  # with_map=True: the map is always drawn
+        return embedding, logit, activation
 
     def _embed_map(
         self, feature_map: torch.Tensor, *, with_map: bool
@@ -225,7 +234,10 @@ def load_slice_classifier(
     return load_weights(model, path).eval().to(device)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def fold_batchnorm(model: _Model) -> _Model:
     """``model`` (in eval mode) for inference only, in place: each BatchNorm2d that follows a Conv2d in a
     ``Sequential`` is folded into the convolution's weights and bias (the same outputs to rounding).
     On a CPU the normalisation is a memory-bound pass over every full-resolution feature map, so
@@ -257,7 +269,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def embed_volume(
-    model: SliceClassifier,
+    model: SliceClassifier | OnnxSliceClassifier,
     volume,
     input_config,
     *,

@@ -84,6 +84,7 @@ def prepare_command(
     except OSError as error:
         if not is_disk_full(error):
             raise
+        assert error.errno is not None  # is_disk_full: errno is one of DISK_FULL_ERRNOS
         raise fail(
             f"no room to write the slice store {out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
             "the series finished so far are kept and no file was left half-written: free space and run the same command again to finish",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, field_validator
 
@@ -15,7 +15,15 @@ class WindowSpec(StrictModel):
     width: float = Field(..., gt=0, description="Window width, HU.")
 
 
-DEFAULT_WINDOW_SPECS = (
+class WindowDict(TypedDict):
+    """The fields of :class:`WindowSpec` as a plain mapping."""
+
+    name: str
+    level: float
+    width: float
+
+
+DEFAULT_WINDOW_SPECS: tuple[WindowDict, ...] = (
     {"name": "lung", "level": -600.0, "width": 1500.0},
     {"name": "pe", "level": 100.0, "width": 700.0},
     {"name": "mediastinal", "level": 40.0, "width": 400.0},
@@ -26,7 +34,7 @@ class PrepareConfig(StrictModel):
     """What the slice store holds. Changing any of it needs a new store."""
 
     image_size: int | None = Field(
-        None,
+        default=None,
         ge=16,
         le=4096,
         description="Square side in pixels; other sizes are resized with aspect kept. None: keep each series' size.",
@@ -36,10 +44,13 @@ class PrepareConfig(StrictModel):
         description="Exactly three windows, channels R, G, B (default: lung L-600/W1500, PE L100/W700, mediastinal L40/W400).",
     )
     jpeg_quality: int = Field(
-        90, ge=50, le=100, description="JPEG quality of the stored frames (chosen by measurement, docs/benchmarks.md)."
+        default=90,
+        ge=50,
+        le=100,
+        description="JPEG quality of the stored frames (chosen by measurement, docs/benchmarks.md).",
     )
     jpeg_sampling: Literal["444", "422", "420"] = Field(
-        "444", description="Chroma sampling; 4:4:4 keeps every window at full resolution (docs/benchmarks.md)."
+        default="444", description="Chroma sampling; 4:4:4 keeps every window at full resolution (docs/benchmarks.md)."
     )
 
     @field_validator("windows")

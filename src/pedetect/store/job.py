@@ -204,6 +204,7 @@ def _prepare_series(task: SeriesTask) -> dict:
         ):  # B,G,R for the JPEG encoder
             header = plan.slices[i]
             if failure is None:
+                assert image is not None  # decode_series yields an image whenever there is no failure
                 try:
                     frame = encode_frame(image, params)
                 except Exception as error:  # this slice only

@@ -76,7 +76,7 @@ def make_loaders(
     boxes: dict | None = None,
 ):
     cnn = config.cnn
-    common = dict(
+    common: dict[str, Any] = dict(
         mode=cnn.input.mode,
         image_size=cnn.input.image_size,
         crop=cnn.input.crop,
@@ -97,7 +97,7 @@ def make_loaders(
         study_positives=cnn.sampling.study_positives,
     )
     workers = config.data.num_workers
-    loader_args = dict(num_workers=workers, pin_memory=uses_gpu(config), persistent_workers=workers > 0)
+    loader_args: dict[str, Any] = dict(num_workers=workers, pin_memory=uses_gpu(config), persistent_workers=workers > 0)
     if workers > 0:
         loader_args["prefetch_factor"] = 4
         single_threaded_opencv()
@@ -393,7 +393,7 @@ def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any] 
     class EpochLines(L.Callback):
         def on_train_epoch_end(self, trainer, module) -> None:
             # Runs before the module records the epoch, after its validation (if any) recorded it.
-            record = next((h for h in module.history if h["epoch"] == trainer.current_epoch), {})
+            record: dict[str, Any] = next((h for h in module.history if h["epoch"] == trainer.current_epoch), {})
             auc = record.get("val_auc")
             shown = f", validation AUC {auc:.4f}" if auc is not None and np.isfinite(auc) else ""
             console_echo(

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -83,7 +83,8 @@ class _SeriesReader:
     def __init__(self, store: Any, series: list[str]):
         self.store_ref = store
         self.series = series
-        self._store = None if isinstance(store, (str, Path)) else store
+        # a SliceStore (read_series is the store's, beyond the datasets' SliceSource protocol)
+        self._store: Any = None if isinstance(store, (str, Path)) else store
 
     def __len__(self) -> int:
         return len(self.series)
@@ -150,8 +151,10 @@ def embed_fold(
     echo(f"embed fold {fold}: {len(todo)} of {len(series)} series to embed with fold {fold}'s CNN on {device}")
     started = time.perf_counter()
     workers = config.embed.num_workers
+    # _SeriesReader is a map-style dataset by its __getitem__ and __len__ (not a Dataset subclass)
+    reader = cast("torch.utils.data.Dataset[tuple[str, np.ndarray]]", _SeriesReader(inputs.store, todo))
     loader = torch.utils.data.DataLoader(
-        _SeriesReader(inputs.store, todo), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+        reader, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
     )
     n_slices = 0
     for series_uid, volume in loader:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -91,7 +91,8 @@ class LrSchedule:
 
 def build_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimizer:
     # No weight decay on biases and norm weights (1-d tensors), as timm and torchvision's references.
-    decay, no_decay = [], []
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
     for p in parameters:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -137,7 +138,8 @@ class SliceModule(L.LightningModule):
     @property
     def evaluated_model(self) -> SliceClassifier:
         """The network that is validated and exported: the weight average when configured."""
-        return self.model if self.ema is None else self.ema.module
+        # AveragedModel's module is its own copy of self.model (a SliceClassifier); the stubs say Module.
+        return self.model if self.ema is None else cast(SliceClassifier, self.ema.module)
 
     # ----------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
@@ -149,7 +151,9 @@ class SliceModule(L.LightningModule):
         loss = slice_loss(self.config, self.model(images), targets)
         # Per step only: the epoch mean is in the history (no per-step all-reduce under DDP).
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(images))
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # configure_optimizers returns one optimizer
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(images))
         self._train_loss_sum += float(loss.detach())
         self._train_loss_n += 1
         self._train_samples += len(images)
@@ -178,10 +182,15 @@ class SliceModule(L.LightningModule):
         return self._train_loss_sum / max(self._train_loss_n, 1)
 
     def _training_record(self, train_seconds: float) -> dict[str, Any]:
+        lr = float("nan")
+        if self.trainer.optimizers:
+            optimizer = self.optimizers()
+            assert not isinstance(optimizer, list)  # configure_optimizers returns one optimizer
+            lr = float(optimizer.param_groups[0]["lr"])
         return {
             "epoch": int(self.current_epoch),
             "train_loss": self.epoch_train_loss,
-            "lr": float(self.optimizers().param_groups[0]["lr"]) if self.trainer.optimizers else float("nan"),
+            "lr": lr,
             "train_seconds": train_seconds,
             "train_slices_per_second": self._train_samples * self.trainer.world_size / train_seconds
             if train_seconds and train_seconds > 0
@@ -231,17 +240,17 @@ class SliceModule(L.LightningModule):
         if self.trainer.world_size > 1:
             # Pad to a common length, gather, then drop the padding (index −1).
             n = torch.tensor([len(index)], device=device)
-            longest = int(self.all_gather(n).max())
+            # all_gather gives a tensor back for a tensor (the stubs: any collection of tensors)
+            longest = int(cast(torch.Tensor, self.all_gather(n)).max())
             pad = longest - len(index)
             index = torch.cat([index, torch.full((pad,), -1, dtype=index.dtype, device=device)])
             prob = torch.cat([prob, torch.zeros(pad, device=device)])
             target = torch.cat([target, torch.zeros(pad, device=device)])
-            index, prob, target = (self.all_gather(t).reshape(-1) for t in (index, prob, target))
+            index, prob, target = (cast(torch.Tensor, self.all_gather(t)).reshape(-1) for t in (index, prob, target))
             keep = index >= 0
             index, prob, target = index[keep], prob[keep], target[keep]
             _, first = np.unique(index.cpu().numpy(), return_index=True)
-            prob, target = prob.cpu().numpy()[first], target.cpu().numpy()[first]
-            return target, prob
+            return target.cpu().numpy()[first], prob.cpu().numpy()[first]
         return target.cpu().numpy(), prob.cpu().numpy()
 
     def on_validation_epoch_end(self) -> None:

@@ -11,7 +11,7 @@ import logging
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -91,7 +91,7 @@ def uses_gpu(config: ExperimentConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_precision(config: ExperimentConfig) -> str:
+def resolve_precision(config: ExperimentConfig) -> Literal["32-true", "16-mixed", "bf16-mixed"]:
     """``auto``: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32-true on CPU."""
     if config.runtime.precision != "auto":
         return config.runtime.precision

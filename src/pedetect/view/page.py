@@ -30,7 +30,7 @@ SUSPICIOUS_LIMIT = 20
 
 
 def _asset(name: str) -> str:
-    return resources.files("pedetect.view").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("pedetect.view").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def write_viewer_assets(report_dir: str | Path) -> None:

@@ -60,7 +60,9 @@ def write_viewer_slices(report_dir: Path, name: str, pictures: np.ndarray) -> Vi
     order); files of an earlier run beyond this run's slices are removed."""
     folder = Path(report_dir) / SLICES_DIR / name
     folder.mkdir(parents=True, exist_ok=True)
-    files, total, qualities = [], 0, {}
+    files: list[str] = []
+    total = 0
+    qualities: dict[int, int] = {}
     for i, picture in enumerate(pictures):
         data, quality = encode_viewer_slice(picture)
         file_name = f"{i:05d}.jpg"
@@ -72,7 +74,7 @@ def write_viewer_slices(report_dir: Path, name: str, pictures: np.ndarray) -> Vi
     for stale in folder.glob("*.jpg"):
         if stale.name not in kept:
             stale.unlink()
-    height, width = _fitted_shape(*pictures.shape[1:3], MAX_SIDE)
+    height, width = _fitted_shape(pictures.shape[1], pictures.shape[2], MAX_SIDE)
     return ViewerSlices(files, total, qualities, width, height)
 
 
@@ -82,7 +84,7 @@ def _fitted_shape(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def _fit(image: np.ndarray, side: int) -> np.ndarray:
-    height, width = _fitted_shape(*image.shape[:2], side)
+    height, width = _fitted_shape(image.shape[0], image.shape[1], side)
     if (height, width) == image.shape[:2]:
         return image
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
