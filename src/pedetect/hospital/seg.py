@@ -105,7 +105,7 @@ def build_seg(candidates: Sequence[Any], algorithm: Any, *, notes: list[str], se
             raise SegError("candidates in several multi-frame instances")
         frames = int(first.get("NumberOfFrames") or 1)
         pixels = np.zeros((frames, rows, columns, len(chosen)), dtype=bool)
-        index = {str(first.SOPInstanceUID): None}
+        index: dict[str, int | None] = {str(first.SOPInstanceUID): None}
     else:
         pixels = np.zeros((len(instances), rows, columns, len(chosen)), dtype=bool)
         index = {sop: i for i, sop in enumerate(instances)}

@@ -124,7 +124,8 @@ def select_headers(headers: list, failures: list, min_slices: int = MIN_SLICES) 
     for header in headers:
         _info(header, series)
     unreadable = [Path(str(failure.path)) for failure in failures]
-    usable, rejected = [], []
+    usable: list[SeriesInfo] = []
+    rejected: list[SeriesInfo] = []
     for info in series.values():
         if "LOCALIZER" in info.image_type:
             info.reason = "localizer (scout)"
@@ -145,7 +146,7 @@ def select_headers(headers: list, failures: list, min_slices: int = MIN_SLICES) 
         )
     )
     chosen = usable[0] if usable else None
-    for other in usable[1:]:
-        other.reason = f"another series preferred ({other.summary()} against {chosen.summary()})"
+    for other in usable[1:]:  # only when there is a chosen one
+        other.reason = f"another series preferred ({other.summary()} against {usable[0].summary()})"
         rejected.append(other)
     return Selection(chosen, rejected, unreadable, failures)

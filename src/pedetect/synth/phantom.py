@@ -335,7 +335,7 @@ def plan_study(
     exam[FLOW_ARTIFACT] = int(lab["flow"])
     exam[TRUE_FILLING_DEFECT] = int(lab["mimic"])
 
-    key = (seed, split, index, size, slices, positive_fraction, indeterminate_fraction, kind)
+    key: tuple[object, ...] = (seed, split, index, size, slices, positive_fraction, indeterminate_fraction, kind)
     if min_embolus_pixels:  # (the default keeps the UIDs it always had)
         key += (min_embolus_pixels,)
     n = sc.n_slices

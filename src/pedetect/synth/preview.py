@@ -75,10 +75,10 @@ def save_montage(study: RenderedStudy, path: Path, n: int = 12) -> Path:
     z = study.z
     body = (study.tissue != 0).any(axis=0)
     body[study.tissue[0] == 13] = False  # not the table
-    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    body_rows, body_cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
     pad = max(2, study.plan.scanner.size // 64)
-    r0, r1 = max(rows[0] - pad, 0), rows[-1] + pad + 1
-    c0, c1 = max(cols[0] - pad, 0), cols[-1] + pad + 1
+    r0, r1 = max(body_rows[0] - pad, 0), body_rows[-1] + pad + 1
+    c0, c1 = max(body_cols[0] - pad, 0), body_cols[-1] + pad + 1
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), ks):
