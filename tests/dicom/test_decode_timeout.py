@@ -9,8 +9,6 @@ a limit of a fraction of that; the synthetic slices beside it decode in millisec
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pydicom
 import pytest
 
 from helpers.dicom import make_ct
-from helpers.processes import ROOT, pedetect_command
+from helpers.processes import run
 from pedetect.dicom.guard import DecodeGuard
 from pedetect.dicom.header import DicomError
 from pedetect.dicom.read import read_slice, scan_files
@@ -31,17 +29,6 @@ LIMIT = 0.25
 # a machine loaded by other jobs took over 0.25 s; the slow slice alone takes about 1 s.
 PREDICT_LIMIT = 0.5
 SLOW_SERIES = "1.2.826.0.1.3680043.8.498.99.1"
-
-
-def pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        pedetect_command(*args),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def slow_slice(path: Path, **where) -> Path:
@@ -59,7 +46,7 @@ def slow_slice(path: Path, **where) -> Path:
 @pytest.fixture(scope="module")
 def dicom(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("limits")
-    result = pedetect(
+    result = run(
         "synth", root / "synth", "-n", STUDIES, "--slices", SLICES, "--size", SIZE, "--no-progress", "--seed", 4
     )
     assert result.returncode == 0, result.stderr
@@ -70,7 +57,7 @@ def dicom(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_slice_that_decodes_past_the_limit_is_a_failure_and_the_batch_goes_on(dicom, tmp_path, workers):
     started = time.monotonic()
-    result = pedetect(
+    result = run(
         "prepare", dicom, "--out", tmp_path / "store", "--decode-timeout", LIMIT, "--workers", workers, "--no-progress"
     )
     assert result.returncode == 1, result.stdout + result.stderr  # 1: something was lost
@@ -88,7 +75,7 @@ def test_a_slice_that_decodes_past_the_limit_is_a_failure_and_the_batch_goes_on(
 
 def test_the_same_slice_is_stored_without_the_tight_limit(dicom, tmp_path):
     """The slice is valid: under the default limit it is read like any other."""
-    result = pedetect("prepare", dicom, "--out", tmp_path / "store", "--no-progress")
+    result = run("prepare", dicom, "--out", tmp_path / "store", "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     slices = pd.read_parquet(tmp_path / "store" / "slices.parquet")
     assert len(slices) == STUDIES * SLICES + 1 and SLOW_SERIES in set(slices["SeriesInstanceUID"])
@@ -148,7 +135,7 @@ def test_predict_loses_a_slice_that_decodes_past_the_limit_and_answers_every_stu
     """predict decodes through the same guard: the slow slice is lost with the limit's reason, still
     gets its row (placed between its decoded neighbours), and every study is predicted."""
     started = time.monotonic()
-    result = pedetect(
+    result = run(
         "predict",
         predict_input,
         "--model",
@@ -179,7 +166,7 @@ def test_predict_loses_a_slice_that_decodes_past_the_limit_and_answers_every_stu
 
 def test_predict_without_a_limit_reads_the_slow_slice(predict_input, model, tmp_path):
     """--decode-timeout 0 decodes in the process itself, as long as it takes: nothing is lost."""
-    result = pedetect(
+    result = run(
         "predict",
         predict_input,
         "--model",

@@ -11,7 +11,6 @@ file (another implementation of the functional groups than ours); pydicom's real
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +21,7 @@ import pydicom
 import pytest
 
 from helpers.dicom import PYDICOM_FILES
-from helpers.processes import ROOT, pedetect_command
+from helpers.processes import run
 from helpers.train import tiny_config
 from pedetect.dicom import read_files
 from pedetect.dicom.frames import split_frame_key
@@ -34,15 +33,8 @@ SYNTAXES = ("explicit", "rle", "jpeg2000")
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def pedetect(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        pedetect_command(*args),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+def pedetect(*args) -> subprocess.CompletedProcess:
+    result = run(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -46,7 +46,8 @@ def start(*args, log: Path) -> subprocess.Popen:
     return process
 
 
-def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``pedetect ARGS…`` run to its end with one OpenMP thread, its output captured (any exit code)."""
     return subprocess.run(
         pedetect_command(*args),
         capture_output=True,

@@ -265,9 +265,7 @@ class Worker:
         ``SPOOL/work``) and make its DICOM results, then throw both away: what a process does once on its
         first study (kernels chosen, fonts cached, modules imported: 1.6 s of the first study's 5.5 s with
         the demo bundle on 2 cores) is not paid by a patient's. A failure is logged, not fatal."""
-        # The warm-up's and the results' libraries (highdicom, the phantom) are the workers', not the node's.
-        from pedetect.hospital.answer import DicomAnswer
-        from pedetect.synth.dataset import write_dataset
+        from pedetect.synth.dataset import write_dataset  # the phantom: the workers', not the node's
 
         assert self.predictor is not None
         folder = self.spool.root / WORK / f"warm-up-{self.name}"
@@ -284,13 +282,11 @@ class Worker:
                 indeterminate_fraction=0.0,
                 progress=False,
             )
-            selection = select_series(sorted((folder / "study").rglob("*.dcm")), min_slices=1)
-            if selection.chosen is None:
-                raise ValueError("; ".join(selection.notes()))
-            headers = selection.headers
-            prediction = self.predictor.predict_headers(headers[0].study, headers, selection.failures, self.decode)
-            plan = StudyPlan(headers[0].study, {selection.chosen.uid: headers}, [])
-            DicomAnswer(folder / "dicom", echo=lambda line: None).write(self.predictor, prediction, plan)
+            files = sorted((folder / "study").rglob("*.dcm"))
+            record, prediction, plan, notes = self._predict(files, "warm-up", min_slices=1)
+            if prediction is None or plan is None:
+                raise ValueError(record["error"])
+            self._write_results(prediction, plan, notes, folder / "dicom")
             LOG.info("warmed up in %.1f s", time.time() - started)
         except Exception as error:
             LOG.warning("warm-up failed (%s: %s); the first study pays for it", type(error).__name__, error)
@@ -302,26 +298,28 @@ class Worker:
             self._resources.close()
             self._resources = None
 
-    def _predict(self, study_dir: Path) -> tuple[dict, StudyPrediction | None, StudyPlan | None]:
-        """Choose the series and predict it: the study's record, its prediction and the plan of what was
-        read (None, None when no series was usable)."""
-
+    def _predict(
+        self, files: list[Path], name: str, min_slices: int
+    ) -> tuple[dict, StudyPrediction | None, StudyPlan | None, list[str]]:
+        """Choose the series among one study's ``files`` (``name`` in the log) and predict it: the
+        study's record, its prediction, the plan of what was read (None, None when no series was
+        usable) and the selection's notes."""
         self.load()
         assert self.predictor is not None
-        selection = select_series(sorted(study_dir.glob("*.dcm")), self.config.min_slices, scan=self.headers.scan)
+        selection = select_series(files, min_slices, scan=self.headers.scan)
         for line in selection.notes():
-            LOG.info("study %s: %s", study_dir.name, line)
+            LOG.info("study %s: %s", name, line)
         record: dict = {"series": selection.record()}
         if selection.chosen is None:
             record["error"] = "no usable CT series: " + "; ".join(selection.notes()[1:])
-            return record, None, None
+            return record, None, None, selection.notes()
         headers = selection.headers
-        study = headers[0].study or study_dir.name
+        study = headers[0].study or name
         started = time.time()
         prediction = self.predictor.predict_headers(study, headers, selection.failures, self.decode)
         lost = [f"{Path(str(f.path)).name}: {f.reason}" for f in prediction.lost + prediction.unplaced]
         for line in lost:
-            LOG.warning("study %s: file not used: %s", study_dir.name, line)
+            LOG.warning("study %s: file not used: %s", name, line)
         record.update(
             {
                 "slices": prediction.n_slices_read,
@@ -331,27 +329,29 @@ class Worker:
                 # The decision at the bundle's operating points (pedetect calibrate) beside the label rules'.
                 "pe_positive": prediction.result.pe_positive,
                 "operating_points": prediction.result.operating_points,
-                "notes": selection.notes(),
             }
         )
-        return record, prediction, StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
+        plan = StudyPlan(study, {selection.chosen.uid: headers}, list(selection.failures))
+        return record, prediction, plan, selection.notes()
+
+    def _write_results(self, prediction: StudyPrediction, plan: StudyPlan, notes: list[str], folder: Path) -> None:
+        """The study's DICOM results in ``folder/<study>/``."""
+        from pedetect.hospital.answer import DicomAnswer  # highdicom: the workers', not the node's
+
+        assert self.predictor is not None
+        answer = DicomAnswer(folder, notes={plan.study: notes}, echo=lambda line: LOG.info("%s", line))
+        answer.write(self.predictor, prediction, plan)
 
     def answer(self, study: str) -> None:
         """Predict one received study, queue its alerts, then its DICOM results, and mark it answered."""
-        from pedetect.hospital.answer import DicomAnswer  # highdicom: the workers', not the node's
-
         study_dir = self.spool.root / INCOMING / study
         work = self.spool.root / WORK / study
         shutil.rmtree(work, ignore_errors=True)
         started, last = time.time(), self.spool.last_received(study)
         self.status("predicting", study)
-        LOG.info(
-            "predicting study %s (%d instances, %.1f s after the last one)",
-            study,
-            len(list(study_dir.glob("*.dcm"))),
-            started - last,
-        )
-        record, prediction, plan = self._predict(study_dir)
+        files = sorted(study_dir.glob("*.dcm"))
+        LOG.info("predicting study %s (%d instances, %.1f s after the last one)", study, len(files), started - last)
+        record, prediction, plan, notes = self._predict(files, study, self.config.min_slices)
         if self.spool.last_received(study) > started:  # instances came in meanwhile: predict again when quiet
             LOG.info("study %s received more instances during prediction: predicted again when quiet", study)
             return
@@ -360,17 +360,13 @@ class Worker:
             # the study is marked answered: a crash in between predicts it again, and the alert's id
             # (study, bundle, decision) replaces the pending one instead of adding a second.
             try:
-                first = next(iter(sorted(study_dir.glob("*.dcm"))), None)
                 record["alerts"] = self.alerts.notify(
-                    prediction.result, self.alerts.study_fields(first) if first else {}
+                    prediction.result, self.alerts.study_fields(files[0]) if files else {}
                 )
             except Exception as error:  # the answer still goes out; the failure is logged
                 LOG.error("study %s: alerts not queued: %s: %s", study, type(error).__name__, str(error)[:200])
-        notes = record.pop("notes", [])
         if prediction is not None and plan is not None:
-            assert self.predictor is not None
-            answer = DicomAnswer(work / "dicom", notes={plan.study: notes}, echo=lambda line: LOG.info("%s", line))
-            answer.write(self.predictor, prediction, plan)
+            self._write_results(prediction, plan, notes, work / "dicom")
         queued = []
         for folder in (work / "dicom").glob("*"):
             for path in sorted(folder.glob("*.dcm")):
