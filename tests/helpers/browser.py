@@ -60,7 +60,8 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
 
 
 def missing(message: str) -> None:
-    """A skip on a developer's machine, a failure on CI: CI must not pass without the browser test."""
+    """A skip on a developer's machine, a failure on CI (``CI``, or ``PEDETECT_REQUIRE_BROWSER`` that
+    .ci/run sets): CI must not pass without the browser, node and OHIF tests."""
     if os.environ.get("CI") or os.environ.get("PEDETECT_REQUIRE_BROWSER"):
         pytest.fail(message)
     pytest.skip(message)

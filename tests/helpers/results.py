@@ -7,7 +7,6 @@ test_ohif.py)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from helpers.browser import missing
 from pedetect.dicom.frames import frame_geometry, split_frame_key
 from pedetect.hospital.identity import Algorithm
 from pedetect.infer.report import StudyResult
@@ -32,9 +32,9 @@ ALGORITHM = Algorithm(bundles=("phantom-candidates demo folds=0 sha256:012345678
 
 def validator_report(path: Path) -> tuple[list[str], list[str]]:
     """(errors, warnings) of dciodvfy on any object and of dsrdump on SR and KOS documents."""
-    missing = [tool for tool in VALIDATORS if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not installed (Debian packages dicom3tools, dcmtk; .ci/run installs them)")
+    absent = [tool for tool in VALIDATORS if shutil.which(tool) is None]
+    if absent:
+        pytest.fail(f"{', '.join(absent)} not installed (Debian packages dicom3tools, dcmtk; .ci/run installs them)")
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     lines = (run.stdout + run.stderr).splitlines()
     errors = [f"dciodvfy: {line}" for line in lines if line.startswith("Error")]
@@ -200,9 +200,7 @@ def run_adapter(sr: Path, images: dict, expected: list, work: Path) -> dict:
     """tests/ohif/check_sr.mjs on ``sr``: OHIF 3.13.2's adapters turn its groups into tool state."""
     node = shutil.which("node")
     if node is None:
-        if os.environ.get("CI") or os.environ.get("PEDETECT_REQUIRE_BROWSER"):  # .ci/run sets the latter
-            pytest.fail("node is not installed (Debian: nodejs npm; .ci/run installs them)")
-        pytest.skip("node is not installed (CI installs it: .ci/run)")
+        missing("node is not installed (Debian: nodejs npm; .ci/run installs them)")
     if not (OHIF_DIR / "node_modules" / "@cornerstonejs" / "adapters").is_dir():
         pytest.fail(f"run `npm ci` in {OHIF_DIR} (.ci/run does): @cornerstonejs/adapters is not installed")
     (work / "images.json").write_text(json.dumps(images))
