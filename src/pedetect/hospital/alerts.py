@@ -141,11 +141,23 @@ class Receiver(BaseModel):
                 raise ValueError(f"a {self.kind} receiver needs url: http(s)://host[:port]/path, got {self.url!r}")
         return self
 
+    @property
+    def endpoint(self) -> str:
+        """A fhir or webhook receiver's URL (the validator above made sure it has one)."""
+        assert self.url is not None
+        return self.url
+
+    @property
+    def mllp_address(self) -> tuple[str, int]:
+        """An hl7 receiver's host and port (the validator above made sure it has both)."""
+        assert self.host is not None and self.port is not None
+        return self.host, self.port
+
     def describe(self) -> str:
         """Name, kind and host: a URL's path and query are not logged (a webhook's may hold its secret)."""
         if self.kind == "hl7":
             return f"{self.name} (hl7 {self.host}:{self.port})"
-        parts = urlsplit(self.url)
+        parts = urlsplit(self.endpoint)
         return f"{self.name} ({self.kind} {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''})"
 
     def secrets(self) -> list[str]:
@@ -300,7 +312,8 @@ def _hl7_escape(value: Any) -> str:
     """A value for one HL7 component: the delimiters escaped by the ``hl7`` package (\\F\\, \\S\\, …),
     other characters kept (the message is UTF-8: MSH-18), control characters as spaces."""
     text = "".join(c if c >= " " or c == "\r" else " " for c in str(value))
-    out, ascii_run = [], []
+    out: list[str] = []
+    ascii_run: list[str] = []
     for c in text:
         if c > "\x7e":
             out.append(hl7.util.escape(_HL7_CONTAINER, "".join(ascii_run)) if ascii_run else "")
@@ -432,7 +445,7 @@ class _MLLPClient(MLLPClient):
 
 def send_hl7(receiver: Receiver, message: str, control_id: str) -> str:
     """Send an ORU and read the ACK: the ACK code, or :class:`AlertError` with the receiver's reason."""
-    with _MLLPClient(receiver.host, receiver.port, receiver.timeout) as client:
+    with _MLLPClient(*receiver.mllp_address, receiver.timeout) as client:
         raw = client.send_message(message)
     if not raw:
         raise AlertError("the connection closed without an ACK")
@@ -493,7 +506,7 @@ def fhir_resources(notice: Notice, receiver: Receiver, patient: Mapping[str, str
     report_id, observation_id = fhir_ids(notice.key)
     decision, moment = notice.decision, _fhir_time(notice.created)
     study_ref = {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{notice.study}"}}
-    subject = None
+    subject: dict[str, Any] | None = None
     if receiver.patient_fields and (patient.get("PatientID") or patient.get("PatientName")):
         subject = {"type": "Patient"}
         if patient.get("PatientID"):
@@ -585,7 +598,7 @@ def fhir_transaction(resources: Sequence[dict], base: str | None = None) -> dict
     entries = []
     for resource in resources:
         url = f"{resource['resourceType']}/{resource['id']}"
-        entry = {"resource": resource, "request": {"method": "PUT", "url": url}}
+        entry: dict[str, Any] = {"resource": resource, "request": {"method": "PUT", "url": url}}
         if base:
             entry = {"fullUrl": f"{base.rstrip('/')}/{url}", **entry}
         entries.append(entry)
@@ -604,10 +617,10 @@ def _conclusion(notice: Notice) -> str:
 
 
 def send_fhir(receiver: Receiver, bundle: dict) -> str:
-    bundle = fhir_transaction([entry["resource"] for entry in bundle["entry"]], receiver.url)
+    bundle = fhir_transaction([entry["resource"] for entry in bundle["entry"]], receiver.endpoint)
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **receiver.headers}
     response = requests.post(
-        receiver.url.rstrip("/"), data=json.dumps(bundle).encode(), headers=headers, timeout=receiver.timeout
+        receiver.endpoint.rstrip("/"), data=json.dumps(bundle).encode(), headers=headers, timeout=receiver.timeout
     )
     if not 200 <= response.status_code < 300:
         raise AlertError(f"HTTP {response.status_code}: {_http_reason(response)}")
@@ -676,7 +689,7 @@ def send_webhook(receiver: Receiver, document: dict, id: str) -> str:
         **receiver.headers,
     }
     response = requests.post(
-        receiver.url, data=json.dumps(document).encode(), headers=headers, timeout=receiver.timeout
+        receiver.endpoint, data=json.dumps(document).encode(), headers=headers, timeout=receiver.timeout
     )
     if not 200 <= response.status_code < 300:
         raise AlertError(f"HTTP {response.status_code}: {_http_reason(response)}")

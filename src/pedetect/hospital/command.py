@@ -11,6 +11,7 @@ import os
 import signal
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -125,7 +126,7 @@ def serve_command(
         "http_port": http_port,
     }
     try:
-        values = {}
+        values: dict[str, Any] = {}
         if config is not None:
             values = read_yaml(config) or {}
             if not isinstance(values, dict):
@@ -260,7 +261,7 @@ def predict_command(
         raise fail("give one of INPUT (a folder or a zip) and --dicomweb URL")
     if dicomweb is None and (study or qido or destination):
         raise fail("--study, --qido and --destination go with --dicomweb")
-    predict_options = dict(
+    predict_options: dict[str, Any] = dict(
         report_dir=report,
         device=device,
         tta=tta,
@@ -304,6 +305,7 @@ def predict_command(
         else:
             from pedetect.hospital.answer import DicomAnswer
 
+            assert input_path is not None  # checked above: exactly one of INPUT and --dicomweb
             answer = DicomAnswer(dicom_out) if dicom_out is not None else None
             summary = predict(input_path, list(model), out, on_prediction=answer, **predict_options)
     except (BundleError, InputError, FileNotFoundError, ValueError) as error:
@@ -313,6 +315,7 @@ def predict_command(
 
         if not is_disk_full(error):
             raise
+        assert error.errno is not None  # is_disk_full: errno is one of DISK_FULL_ERRNOS
         raise fail(
             f"no room to write {error.filename or out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
             "no file was left half-written and no submission was written: free space and run the same command again",

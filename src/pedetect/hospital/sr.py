@@ -19,6 +19,7 @@ from highdicom.sr import (
     CodeContentItem,
     ComprehensiveSR,
     ContainerContentItem,
+    ContentItem,
     CoordinatesForMeasurement,
     FindingSite,
     ImageContentItem,
@@ -36,6 +37,8 @@ from highdicom.sr import (
     UIDRefContentItem,
 )
 from highdicom.sr.templates import DEFAULT_LANGUAGE
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from pedetect.hospital.codes import (
@@ -156,7 +159,7 @@ def _candidate_group(candidate: CandidateRef, algorithm: Algorithm):
     item = group[0]
     for num in (child for child in item.ContentSequence if child.ValueType == "NUM"):
         inferred = CoordinatesForMeasurement(graphic_type=graphic_type, graphic_data=data, source_image=source())
-        num.ContentSequence = [*num.get("ContentSequence", []), inferred]
+        num.ContentSequence = DicomSequence([*num.get("ContentSequence", []), inferred])
     item.ContentSequence.append(
         TextContentItem(
             name=coded(*COMMENT),
@@ -176,7 +179,7 @@ def _image_library(refs: Sequence[KeyRef], frames_of_reference: Sequence[str]):
     group = ContainerContentItem(
         name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False
     )
-    items = [
+    items: list[ContentItem] = [
         CodeContentItem(
             name=codes.DCM.Modality,
             value=coded("CT", "DCM", "Computed Tomography"),
@@ -201,12 +204,12 @@ def _image_library(refs: Sequence[KeyRef], frames_of_reference: Sequence[str]):
                 relationship_type=RelationshipTypeValues.CONTAINS,
             )
         )
-    group.ContentSequence = items
-    library.ContentSequence = [group]
+    group.ContentSequence = DicomSequence(items)
+    library.ContentSequence = DicomSequence([group])
     return library
 
 
-def _evaluation(concept, decision: bool, model_probability: float, relationship="CONTAINS"):
+def _evaluation(concept, decision: bool, model_probability: float | None, relationship="CONTAINS"):
     """A CODE item (the decision after the label rules: Present or Absent) INFERRED FROM the model's
     probability (NUM; left out when the model gave none)."""
     item = CodeContentItem(
@@ -222,7 +225,7 @@ def _evaluation(concept, decision: bool, model_probability: float, relationship=
                 relationship_type=RelationshipTypeValues.INFERRED_FROM,
             )
         )
-    item.ContentSequence = children
+    item.ContentSequence = DicomSequence(children)
     return item
 
 
@@ -257,21 +260,23 @@ def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Alg
         )
         for ref in key_refs
     )
-    items = [pe]
+    items: list[ContentItem] = [pe]
     for label in EXAM_LABELS:
         concept, modifiers = LABEL_CONCEPTS[label]
         item = _evaluation(
             coded(*concept), result.exam_probabilities[label] > THRESHOLD, result.model_exam_probabilities.get(label)
         )
-        item.ContentSequence = [
-            *(
-                CodeContentItem(
-                    name=coded(*name), value=coded(*value), relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD
-                )
-                for name, value in modifiers
-            ),
-            *item.ContentSequence,
-        ]
+        item.ContentSequence = DicomSequence(
+            [
+                *(
+                    CodeContentItem(
+                        name=coded(*name), value=coded(*value), relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD
+                    )
+                    for name, value in modifiers
+                ),
+                *item.ContentSequence,
+            ]
+        )
         items.append(item)
     # Viewers that show an SR as text (OHIF) list each item by its concept name alone, without its
     # modifiers: the summary names every label as the challenge does.
@@ -284,7 +289,7 @@ def _evaluations(result: StudyResult, key_refs: Sequence[KeyRef], algorithm: Alg
         TextContentItem(name=coded(*COMMENT), value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
         for text in comments
     ]
-    container.ContentSequence = items
+    container.ContentSequence = DicomSequence(items)
     return container
 
 
@@ -311,7 +316,7 @@ def build_sr(
     # measurement unguarded (a TypeError, its error page), and shows any other SR as text.
     title = codes.DCM.ImagingMeasurementReport if candidates else coded(*NO_MEASUREMENTS_TITLE)
     root = ContainerContentItem(name=title, template_id="1500", is_content_continuous=False)
-    content = []
+    content: list[Dataset] = []  # highdicom's templates are sequences of pydicom Datasets
     content.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
     content.extend(ObservationContext(observer_device_context=observer_context(algorithm)))
     content.append(
@@ -328,10 +333,10 @@ def build_sr(
             relationship_type=RelationshipTypeValues.CONTAINS,
             is_content_continuous=False,
         )
-        measurements.ContentSequence = [_candidate_group(c, algorithm)[0] for c in candidates]
+        measurements.ContentSequence = DicomSequence([_candidate_group(c, algorithm)[0] for c in candidates])
         content.append(measurements)
     content.append(_evaluations(result, key_refs, algorithm, comments))
-    root.ContentSequence = content
+    root.ContentSequence = DicomSequence(content)
     sr = ComprehensiveSR(
         evidence=evidence,
         content=root,

@@ -194,12 +194,11 @@ def clot_segmentation(plan: StudyPlan, sources: list, volume: np.ndarray, *, enh
         content_time=str(first.ContentTime),
     )
     seg.SeriesDescription = "EMBOLI (SYNTHETIC PHANTOM TRUTH)"
-    seg.SeriesDate, seg.SeriesTime = str(first.SeriesDate), str(first.SeriesTime)
-    date, time = str(first.ContentDate), str(first.ContentTime)
-    seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
+    seg.SeriesDate, seg.SeriesTime = first.SeriesDate, first.SeriesTime
+    seg.InstanceCreationDate, seg.InstanceCreationTime = first.ContentDate, first.ContentTime
     for item in seg.get("ContributingEquipmentSequence", []):  # highdicom's own entry says when, by the clock
         if "ContributionDateTime" in item:
-            item.ContributionDateTime = date + time
+            item.ContributionDateTime = f"{first.ContentDate}{first.ContentTime}"
     # highdicom draws the dimension organisation UID at random: one derived from the study instead.
     dimension_uid = uid("clot-seg dimension", kind, plan.series_uid)
     for item in seg.DimensionOrganizationSequence:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -26,7 +27,14 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.pixels import get_encoder
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 from pedetect import __version__
 from pedetect.dicom.frames import frame_key
@@ -34,7 +42,7 @@ from pedetect.synth.phantom import StudyPlan, uid
 from pedetect.synth.scanner import Scanner
 
 TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless}
-IMPLEMENTATION_UID = uid("pedetect", "implementation")
+IMPLEMENTATION_UID = UID(uid("pedetect", "implementation"))
 IMPLEMENTATION_VERSION = f"PEDETECT_{__version__}".replace(".", "_")[:16]
 # Tags each slice writes itself, in file order.
 _SOP, _INSTANCE, _POSITION, _LOCATION, _PIXELS = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
@@ -128,7 +136,7 @@ def _frame_encoder(transfer_syntax_uid: str, sc: Scanner) -> Callable[[np.ndarra
     """What encodes one frame of ``sc``'s stored pixels in a compressed transfer syntax (pydicom's
     pylibjpeg encoders): the encoded bytes of a (rows, columns) array."""
     encoder = get_encoder(transfer_syntax_uid)
-    options = dict(
+    options: dict[str, Any] = dict(
         rows=sc.size,
         columns=sc.size,
         samples_per_pixel=1,
@@ -328,8 +336,8 @@ def enhanced_dataset(plan: StudyPlan, stored: np.ndarray, transfer_syntax: str =
         ds["PixelData"].VR = "OB"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ts
+    meta.MediaStorageSOPInstanceUID = UID(sop)
+    meta.TransferSyntaxUID = UID(ts)
     meta.ImplementationClassUID = IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     ds.file_meta = meta
