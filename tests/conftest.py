@@ -17,6 +17,21 @@ from pedetect.cli import app
 from pedetect.recipe import ExperimentConfig
 
 
+@pytest.fixture(autouse=True)
+def _xdist_group_applied(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` (make test) a test marked xdist_group fails unless the mark took effect
+    (xdist appends ``@group`` to its id): without it, tests of one module run on both workers, and the
+    demo's and the training tests' module fixtures are built twice, minutes longer, silently."""
+    node = request.node
+    grouped = getattr(request.config.option, "loadgroup", False) and node.get_closest_marker("xdist_group")
+    if grouped and "@" not in node.nodeid:
+        pytest.fail(
+            f"--dist loadgroup ignored this test's xdist_group: this pytest ({pytest.__version__}) and "
+            "pytest-xdist do not work together; install the versions pyproject.toml allows",
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def cli():
     """``pedetect ARGS…`` run in this process: ``cli("check", path, "--studies", path)`` → click's Result.
