@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -79,19 +79,24 @@ def export_slice_classifier(model: SliceClassifier, path: str | Path, *, channel
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notes, not ours
-        program = torch.onnx.export(
+        _export_dynamo(
             _EmbedWithMap(model),
             (example,),
+            tmp,
             dynamic_shapes={"pixels": {0: batch}},
             input_names=["pixels"],
             output_names=["embedding", "logit", "activation"],
-            opset_version=CNN_OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
         )
-        assert program is not None  # dynamo=True: the exporter returns the program
-        program.save(str(tmp))
+
+
+def _export_dynamo(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, **names_and_shapes: Any) -> None:
+    """``module`` through torch.export into one self-contained ONNX file at ``path`` (weights inside,
+    at :data:`CNN_OPSET`)."""
+    program = torch.onnx.export(
+        module, example, opset_version=CNN_OPSET, dynamo=True, external_data=False, verbose=False, **names_and_shapes
+    )
+    assert program is not None  # dynamo=True: the exporter returns the program
+    program.save(str(path))
 
 
 def _register_sinh() -> None:
@@ -119,19 +124,14 @@ def export_sequence_head(head: SequenceHead, path: str | Path) -> None:
         warnings.simplefilter("ignore")
         if head.encoder_kind == "transformer":
             length = torch.export.Dim("length", min=1, max=4096)
-            program = torch.onnx.export(
+            _export_dynamo(
                 _OneSeries(head).eval(),
                 example,
+                tmp,
                 dynamic_shapes={"embeddings": {1: length}, "cnn_logits": {1: length}},
-                opset_version=CNN_OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
                 input_names=input_names,
                 output_names=output_names,
             )
-            assert program is not None  # dynamo=True: the exporter returns the program
-            program.save(str(tmp))
             return
         _register_sinh()
         torch.onnx.export(
