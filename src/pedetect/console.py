@@ -5,6 +5,7 @@ Imports only Typer (and the standard library), so that every ``<concern>/command
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -24,3 +25,10 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     (2: the request cannot run as asked; 1: it ran and something was lost)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
+
+
+def fail_disk_full(error: OSError, what: str, advice: str) -> typer.Exit:
+    """:func:`fail` (exit 1) for a write that found no room (:func:`pedetect.io.is_disk_full`): what
+    could not be written, the system's reason, then ``advice`` (what is kept, how to finish)."""
+    reason = os.strerror(error.errno) if error.errno is not None else str(error)
+    return fail(f"no room to write {what}: {reason} (the disk, a quota or a file size limit is full); {advice}", code=1)

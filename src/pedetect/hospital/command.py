@@ -7,7 +7,6 @@ answer studies with DICOM results (:mod:`pedetect.hospital.answer`): nothing in 
 
 from __future__ import annotations
 
-import os
 import signal
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import typer
 
 from pedetect import options
-from pedetect.console import fail
+from pedetect.console import fail, fail_disk_full
 
 
 def serve_command(
@@ -315,12 +314,10 @@ def predict_command(
 
         if not is_disk_full(error):
             raise
-        assert error.errno is not None  # is_disk_full: errno is one of DISK_FULL_ERRNOS
-        raise fail(
-            f"no room to write {error.filename or out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
-            "no file was left half-written and no submission was written: free space and run the same command again",
-            code=1,
-        ) from None
+        advice = (
+            "no file was left half-written and no submission was written: free space and run the same command again"
+        )
+        raise fail_disk_full(error, str(error.filename or out), advice) from None
     finally:
         locks.close()
     typer.echo(summary.text(), err=True)

@@ -5,13 +5,12 @@ Only Typer and pathlib at import time; the job is imported when the command runs
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
 from pedetect import options
-from pedetect.console import fail
+from pedetect.console import fail, fail_disk_full
 
 
 def prepare_command(
@@ -84,12 +83,11 @@ def prepare_command(
     except OSError as error:
         if not is_disk_full(error):
             raise
-        assert error.errno is not None  # is_disk_full: errno is one of DISK_FULL_ERRNOS
-        raise fail(
-            f"no room to write the slice store {out}: {os.strerror(error.errno)} (the disk, a quota or a file size limit is full); "
-            "the series finished so far are kept and no file was left half-written: free space and run the same command again to finish",
-            code=1,
-        ) from None
+        advice = (
+            "the series finished so far are kept and no file was left half-written: free space and run the same "
+            "command again to finish"
+        )
+        raise fail_disk_full(error, f"the slice store {out}", advice) from None
     typer.echo(summary.text())
     if not summary.ok:
         raise typer.Exit(1)
