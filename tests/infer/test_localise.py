@@ -61,7 +61,8 @@ def test_peaks_become_candidates_strongest_first_with_their_place():
         series="1.2.3",
         windows=DEFAULT_WINDOWS,
         picture_offset=5,
-        settings=LocaliseSettings(defect_search=0),  # the map's own point (the defect search: below)
+        # the map's own point, no neighbouring defects (both below)
+        settings=LocaliseSettings(defect_search=0, neighbour_reach=0),
     )
     assert [round(c.score, 3) for c in found] == [0.9, 0.6]
     first, second = found
@@ -110,16 +111,19 @@ def test_suppression_and_the_limit_per_series():
     sops, window = [str(k) for k in range(10)], DEFAULT_WINDOWS
     certain = np.ones(10)
     # By default a peak within 1 slice and 2 cells of a stronger one is the same finding: every peak stands.
-    found = find_candidates(maps, certain, pictures, geometries, sops, range(10), series="s", windows=window)
+    peaks_only = LocaliseSettings(neighbour_reach=0)  # the phantom's other emboli stay out of this test
+    found = find_candidates(
+        maps, certain, pictures, geometries, sops, range(10), series="s", windows=window, settings=peaks_only
+    )
     assert [c.slice_index for c in found] == [8, 6, 4, 2, 0]
-    wider = LocaliseSettings(suppress_slices=2)
+    wider = LocaliseSettings(suppress_slices=2, neighbour_reach=0)
     found = find_candidates(
         maps, certain, pictures, geometries, sops, range(10), series="s", windows=window, settings=wider
     )
     assert [c.slice_index for c in found] == [8, 4, 0]
     limited = find_candidates(
         maps, certain, pictures, geometries, sops, range(10), series="s", windows=window,
-        settings=LocaliseSettings(suppress_slices=2, max_candidates=2),
+        settings=LocaliseSettings(suppress_slices=2, max_candidates=2, neighbour_reach=0),
     )  # fmt: skip
     assert [c.slice_index for c in limited] == [8, 4]
     # The slice's probability scales the score: a peak on an unlikely slice falls below the minimum.
@@ -233,6 +237,37 @@ def test_a_coarse_map_over_a_noisy_slice_searches_near_its_point_only():
     pictures = window_hu(hu[0], DEFAULT_WINDOWS)[None]
     geometry = SliceGeometry(1024, 1024, (0.0, 0.0, 0.0), IDENTITY, (0.5, 0.5))
     maps = ActivationMaps(np.full((1, 1, 1), 0.9, np.float32), (0, 0, 1024, 1024))
-    (found,) = find_candidates(maps, np.ones(1), pictures, [geometry], ["s"], [0], series="s", windows=DEFAULT_WINDOWS)
-    limit = LocaliseSettings().defect_search_max
-    assert abs(found.row - 511.5) <= limit + 1 and abs(found.col - 511.5) <= limit + 1
+    found = find_candidates(maps, np.ones(1), pictures, [geometry], ["s"], [0], series="s", windows=DEFAULT_WINDOWS)
+    settings = LocaliseSettings()
+    limit = settings.defect_search_max
+    assert abs(found[0].row - 511.5) <= limit + 1 and abs(found[0].col - 511.5) <= limit + 1
+    # The noise's other "defects" near the point: at most neighbour_max of them, within the same reach.
+    assert 1 < len(found) <= 1 + settings.neighbour_max
+    for neighbour in found[1:]:
+        assert np.hypot(neighbour.row - found[0].row, neighbour.col - found[0].col) <= limit + 1
+        assert neighbour.score == pytest.approx(settings.neighbour_score * found[0].score, abs=1e-6)
+
+
+def test_a_defect_in_the_neighbouring_artery_is_a_candidate_of_its_own():
+    """Two opacified arteries side by side, a clot in each, one map peak over the first (a stronger
+    neighbour's peak would suppress a second one): the second clot is a candidate too, scored
+    neighbour_score × the peak's, on the same key slice; a third clot beyond neighbour_reach is not."""
+    hu = np.full((256, 256), -800.0, np.float32)  # lung
+    rows, cols = np.mgrid[0:256, 0:256]
+    arteries = [(100, 100), (100, 116), (100, 160)]  # 8-pixel map cells: 2 and 7.5 cells from the first
+    for r, c in arteries:
+        hu[(rows - r) ** 2 + (cols - c) ** 2 <= 7**2] = 350.0  # contrast
+        hu[(rows - r) ** 2 + (cols - c) ** 2 <= 3**2] = 40.0  # the clot: soft tissue inside it
+    pictures = window_hu(hu, DEFAULT_WINDOWS)[None]
+    geometry = SliceGeometry(256, 256, (0.0, 0.0, 0.0), IDENTITY, (0.7, 0.7))
+    probabilities = np.full((1, 32, 32), 0.01, np.float32)  # below min_score: one peak
+    probabilities[0, 100 // 8, 100 // 8] = 0.9
+    maps = ActivationMaps(probabilities, (0, 0, 256, 256))
+    args = (maps, np.ones(1), pictures, [geometry], ["key"], [3])
+    found = find_candidates(*args, series="s", windows=DEFAULT_WINDOWS)
+    assert [(round(c.row), round(c.col)) for c in found] == [(100, 100), (100, 116)]
+    assert [c.score for c in found] == [pytest.approx(0.9), pytest.approx(0.9 * LocaliseSettings().neighbour_score)]
+    assert {(c.sop, c.slice_index, c.slice_first, c.slice_last) for c in found} == {("key", 3, 3, 3)}
+    assert len(found[1].outline) >= 4  # the second clot's own contour
+    alone = find_candidates(*args, series="s", windows=DEFAULT_WINDOWS, settings=LocaliseSettings(neighbour_reach=0))
+    assert [(round(c.row), round(c.col)) for c in alone] == [(100, 100)]

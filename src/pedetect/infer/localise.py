@@ -17,8 +17,12 @@ the same pixels, and this module turns one series' maps into candidates (docs/lo
    ``region_fraction`` of the way from their slice's median map value to the peak's: its slice range;
 4. on the key slice (the peak's), the map resampled to the pixels the CNN saw: the point is the
    centroid of the region's pixels weighted by how far they rise above the region's floor, the
-   outline the region's contour; both are given in the DICOM image's own pixel grid;
-5. the side from the patient's own anatomy on the key slice: the lungs (air inside the body, from
+   outline the region's contour — or, where the Hounsfield units show one near it, the filling
+   defect's centroid and contour; both are given in the DICOM image's own pixel grid;
+5. the other filling defects near each peak's point on its key slice (a neighbouring artery's clot,
+   which a stronger peak close by would otherwise hide) as candidates of their own, scored
+   ``neighbour_score`` × the peak's;
+6. the side from the patient's own anatomy on the key slice: the lungs (air inside the body, from
    the lung window) split into right and left by their position along the patient's x axis; a
    point between their medial edges is central (mediastinum: pulmonary trunk and main arteries),
    else it takes the side of the lung it lies towards. Coordinates in the patient frame (mm) come
@@ -81,6 +85,15 @@ class LocaliseSettings:
     contrast_hu: float = 180.0  # opacified blood is above (CTPA: about 250-450 HU), a clot below (20-70 HU)
     defect_hu: tuple[float, float] = (-100.0, 150.0)  # what a defect inside the lumen may measure
     lumen_closing: int = 3  # pixels: the lumen is the contrast closed by a disk this wide (wall-adherent clots)
+    # Other filling defects near a peak's point (docs/localisation.md, "Neighbouring defects"): those of at
+    # least neighbour_min_pixels pixels within neighbour_reach cells of the point, and at least
+    # neighbour_apart pixels from every candidate's point on that slice, are candidates scored
+    # neighbour_score × the peak's, the nearest neighbour_max per peak. neighbour_reach 0: none.
+    neighbour_reach: float = 2.5
+    neighbour_max: int = 2
+    neighbour_score: float = 0.9
+    neighbour_min_pixels: int = 6
+    neighbour_apart: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,43 @@ def find_candidates(
     r0, c0, r1, c1 = maps.region
     region_h, region_w = r1 - r0, c1 - c0
     n_slices, map_h, map_w = probabilities.shape
+    cell = max(region_h / map_h, region_w / map_w)  # pixels of the decoded slice per map cell
+    slice_hu: dict[int, np.ndarray] = {}
+
+    def hu_of(k: int) -> np.ndarray:
+        if k not in slice_hu:
+            slice_hu[k] = estimate_hu(pictures[k : k + 1], windows)[0]
+        return slice_hu[k]
+
+    def candidate(k: int, score: float, row_pic: float, col_pic: float, outline_pic, first: int, last: int):
+        """A candidate on key slice k at (row_pic, col_pic) of the decoded slice, in every frame."""
+        geometry = geometries[k]
+        rows, cols = picture_to_image(
+            np.array([row_pic] + [p[0] for p in outline_pic]),
+            np.array([col_pic] + [p[1] for p in outline_pic]),
+            (height, width),
+            (geometry.rows, geometry.cols),
+        )
+        point_mm = geometry.patient(float(rows[0]), float(cols[0]))
+        return Candidate(
+            series=series,
+            score=round(float(score), 6),
+            side=_side(geometry, hu_of(k), row_pic, col_pic, settings.band_mm),
+            sop=sops[k],
+            slice_index=int(positions[k]),
+            row=round(float(rows[0]), 2),
+            col=round(float(cols[0]), 2),
+            slice_first=first,
+            slice_last=last,
+            patient_mm=None
+            if point_mm is None
+            else (round(float(point_mm[0]), 2), round(float(point_mm[1]), 2), round(float(point_mm[2]), 2)),
+            outline=[(round(float(r), 2), round(float(c), 2)) for r, c in zip(rows[1:], cols[1:])],
+            picture_index=picture_offset + k,
+            picture_point=(round(row_pic / height, 5), round(col_pic / width, 5)),
+            picture_outline=[(round(y / height, 5), round(x / width, 5)) for y, x in outline_pic],
+        )
+
     candidates = []
     for k, i, j in _peaks(scores, settings):
         peak = float(probabilities[k, i, j])
@@ -277,43 +327,53 @@ def find_candidates(
         row_pic, col_pic = cy + r0, cx + c0
         outline_pic = _outline(blob) if blob.any() else []
         outline_pic = [(y + r0, x + c0) for y, x in outline_pic]
-        hu = estimate_hu(pictures[k : k + 1], windows)[0]
         if settings.defect_search > 0:
-            radius = min(settings.defect_search * max(region_h / map_h, region_w / map_w), settings.defect_search_max)
-            defect = _filling_defect(hu, row_pic, col_pic, radius, settings)
+            radius = min(settings.defect_search * cell, settings.defect_search_max)
+            defect = _filling_defect(hu_of(k), row_pic, col_pic, radius, settings)
             if defect is not None:
                 (row_pic, col_pic), outline_pic = defect
-        geometry = geometries[k]
-        image = (geometry.rows, geometry.cols)
-        rows, cols = picture_to_image(
-            np.array([row_pic] + [p[0] for p in outline_pic]),
-            np.array([col_pic] + [p[1] for p in outline_pic]),
-            (height, width),
-            image,
-        )
-        point_mm = geometry.patient(float(rows[0]), float(cols[0]))
-        side = _side(geometry, hu, row_pic, col_pic, settings.band_mm)
-        candidates.append(
-            Candidate(
-                series=series,
-                score=round(float(scores[k, i, j]), 6),
-                side=side,
-                sop=sops[k],
-                slice_index=int(positions[k]),
-                row=round(float(rows[0]), 2),
-                col=round(float(cols[0]), 2),
-                slice_first=int(positions[in_slices[0]]),
-                slice_last=int(positions[in_slices[-1]]),
-                patient_mm=None
-                if point_mm is None
-                else (round(float(point_mm[0]), 2), round(float(point_mm[1]), 2), round(float(point_mm[2]), 2)),
-                outline=[(round(float(r), 2), round(float(c), 2)) for r, c in zip(rows[1:], cols[1:])],
-                picture_index=picture_offset + k,
-                picture_point=(round(row_pic / height, 5), round(col_pic / width, 5)),
-                picture_outline=[(round(y / height, 5), round(x / width, 5)) for y, x in outline_pic],
-            )
-        )
-    return candidates
+        first, last = int(positions[in_slices[0]]), int(positions[in_slices[-1]])
+        candidates.append((k, candidate(k, scores[k, i, j], row_pic, col_pic, outline_pic, first, last)))
+    found = [c for _, c in candidates]
+    if settings.neighbour_reach > 0:
+        found += _neighbour_candidates(candidates, height, width, cell, hu_of, candidate, settings)
+    return found
+
+
+def _neighbour_candidates(peaks, height: int, width: int, cell: float, hu_of, candidate, settings: LocaliseSettings):
+    """The filling defects near each peak's point on its key slice (``peaks``: (slice, candidate),
+    strongest first) that no candidate's point is close to: a candidate each (step 5 of the module's
+    list), scored ``neighbour_score`` × its peak's, with its peak's slice range."""
+    taken: dict[int, list[tuple[float, float]]] = {}
+    for k, c in peaks:
+        taken.setdefault(k, []).append((c.picture_point[0] * height, c.picture_point[1] * width))
+    reach = min(settings.neighbour_reach * cell, settings.defect_search_max)
+    found = []
+    for k, c in peaks:
+        row, col = c.picture_point[0] * height, c.picture_point[1] * width
+        defects = _defect_masks(hu_of(k), settings)[0]
+        pieces, n = ndimage.label(defects)
+        if n == 0:
+            continue
+        index = np.arange(1, n + 1)
+        sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+        centres = np.asarray(ndimage.center_of_mass(np.ones_like(pieces), pieces, index)).reshape(-1, 2)
+        distances = np.hypot(centres[:, 0] - row, centres[:, 1] - col)
+        added = 0
+        for piece in index[np.argsort(distances, kind="stable")]:
+            (y, x), distance = centres[piece - 1], distances[piece - 1]
+            if distance > reach or added == settings.neighbour_max:
+                break
+            if sizes[piece - 1] < settings.neighbour_min_pixels:
+                continue
+            if any(np.hypot(y - a, x - b) < settings.neighbour_apart for a, b in taken[k]):
+                continue
+            taken[k].append((y, x))
+            added += 1
+            outline = _outline(pieces == piece)
+            score = c.score * settings.neighbour_score
+            found.append(candidate(k, score, float(y), float(x), outline, c.slice_first, c.slice_last))
+    return found
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -337,19 +397,25 @@ def _filling_defect(
     window = hu[top:bottom, left:right]
     if window.size == 0:
         return None
-    disk = _disk(settings.lumen_closing)
-    contrast = window > settings.contrast_hu
-    low, high = settings.defect_hu
-    dense = ~contrast & (window >= low) & (window <= high)
-    lumen = ndimage.binary_closing(contrast, structure=disk, border_value=0) | ndimage.binary_fill_holes(contrast)
-    near_contrast = ndimage.binary_dilation(contrast, structure=disk)
     ys, xs = np.mgrid[top:bottom, left:right]
-    for defect in (dense & lumen, dense & near_contrast):
+    for defect in _defect_masks(window, settings):
         member = _nearest_piece(defect, ys, xs, row, col, radius)
         if member is not None:
             outline = [(y + top, x + left) for y, x in _outline(member)]
             return (float(ys[member].mean()), float(xs[member].mean())), outline
     return None
+
+
+def _defect_masks(hu: np.ndarray, settings: LocaliseSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-tissue pixels (``defect_hu``) of ``hu`` inside the lumen (the opacified blood, above
+    ``contrast_hu``, closed by a disk of ``lumen_closing`` pixels, its holes filled), and those within
+    ``lumen_closing`` pixels of opacified blood."""
+    disk = _disk(settings.lumen_closing)
+    contrast = hu > settings.contrast_hu
+    low, high = settings.defect_hu
+    dense = ~contrast & (hu >= low) & (hu <= high)
+    lumen = ndimage.binary_closing(contrast, structure=disk, border_value=0) | ndimage.binary_fill_holes(contrast)
+    return dense & lumen, dense & ndimage.binary_dilation(contrast, structure=disk)
 
 
 def _nearest_piece(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, row: float, col: float, radius: float):
