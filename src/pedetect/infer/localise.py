@@ -348,16 +348,19 @@ def _neighbour_candidates(peaks, height: int, width: int, cell: float, hu_of, ca
     for k, c in peaks:
         taken.setdefault(k, []).append((c.picture_point[0] * height, c.picture_point[1] * width))
     reach = min(settings.neighbour_reach * cell, settings.defect_search_max)
+    defects_of: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # per key slice, once
     found = []
     for k, c in peaks:
         row, col = c.picture_point[0] * height, c.picture_point[1] * width
-        defects = _defect_masks(hu_of(k), settings)[0]
-        pieces, n = ndimage.label(defects)
-        if n == 0:
+        if k not in defects_of:
+            pieces, n = ndimage.label(_defect_masks(hu_of(k), settings)[0])
+            index = np.arange(1, n + 1)
+            sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+            centres = np.asarray(ndimage.center_of_mass(np.ones_like(pieces), pieces, index)).reshape(-1, 2)
+            defects_of[k] = (pieces, index, sizes, centres)
+        pieces, index, sizes, centres = defects_of[k]
+        if len(index) == 0:
             continue
-        index = np.arange(1, n + 1)
-        sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
-        centres = np.asarray(ndimage.center_of_mass(np.ones_like(pieces), pieces, index)).reshape(-1, 2)
         distances = np.hypot(centres[:, 0] - row, centres[:, 1] - col)
         added = 0
         for piece in index[np.argsort(distances, kind="stable")]:
