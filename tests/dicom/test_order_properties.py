@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from helpers.dicom import reference_window
 from pedetect.dicom import SliceHeader, plan_series
-from pedetect.dicom.pixels import DEFAULT_WINDOWS, window_stored
+from pedetect.dicom.pixels import DEFAULT_WINDOWS, StoredEncoding, window_stored
 
 unit = st.tuples(*[st.floats(-1, 1, allow_nan=False)] * 3).filter(lambda v: np.linalg.norm(v) > 0.1)
 
@@ -111,6 +111,6 @@ def test_table_windowing_equals_rescaled_hounsfield_units(signed, bits, slope, i
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     values = rng.integers(low, high + 1, size=(6, 7))
     stored = (values & 0xFFFF).astype(np.uint16)  # the 16-bit words as the file holds them
-    image = window_stored(stored, signed, bits, slope, intercept, None, DEFAULT_WINDOWS)
+    image = window_stored(stored, StoredEncoding(signed, bits, slope, intercept), DEFAULT_WINDOWS)
     expected = reference_window(values * slope + intercept)
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1  # float32 vs float64 rounding at .5

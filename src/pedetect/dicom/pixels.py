@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -222,41 +223,54 @@ def stored_pixels(ds: Any) -> tuple[np.ndarray, bool, int]:
     return array, array.dtype.kind == "i", array.dtype.itemsize * 8
 
 
-def _interpret(patterns: np.ndarray, signed: bool, bits: int) -> np.ndarray:
-    """Values of 16-bit words whose low ``bits`` hold the (signed) stored value."""
-    mask = (1 << bits) - 1
-    values = (patterns & mask).astype(np.int64)
-    if signed:
-        values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
-    return values
+@dataclass(frozen=True)
+class StoredEncoding:
+    """How a slice's 16-bit stored words become Hounsfield units: the low ``bits`` hold the value (two's
+    complement when ``signed``), HU = value × ``slope`` + ``intercept``, and values in ``padding``
+    (PixelPaddingValue … RangeLimit) are air. Hashable: the window tables are cached by it."""
 
+    signed: bool
+    bits: int
+    slope: float
+    intercept: float
+    padding: tuple[int, int] | None = None
 
-def _padding_mask(values: np.ndarray, padding: tuple[int, int] | None, signed: bool, bits: int) -> np.ndarray:
-    if padding is None:
-        return np.zeros(values.shape, dtype=bool)
-    low, high = padding
-    mask = (values >= low) & (values <= high)
-    if not signed and high < 0:  # a negative padding value written for unsigned data: its bit pattern
-        mask |= (values >= low + (1 << bits)) & (values <= high + (1 << bits))
-    return mask
+    @classmethod
+    def of(cls, ds: Any, signed: bool, bits: int) -> StoredEncoding:
+        """A dataset's encoding, with ``signed`` and ``bits`` as :func:`stored_pixels` found them."""
+        slope, intercept = rescale(ds)
+        return cls(signed, bits, slope, intercept, padding_range(ds))
+
+    def values(self, patterns: np.ndarray) -> np.ndarray:
+        """The stored values (int64) of 16-bit words."""
+        mask = (1 << self.bits) - 1
+        values = (patterns & mask).astype(np.int64)
+        if self.signed:
+            values = np.where(values >= 1 << (self.bits - 1), values - (1 << self.bits), values)
+        return values
+
+    def hounsfield(self, values: np.ndarray) -> np.ndarray:
+        """Float64 HU of stored values, padding as air."""
+        hu = values * self.slope + self.intercept
+        hu[self._padding_mask(values)] = AIR_HU
+        return hu
+
+    def _padding_mask(self, values: np.ndarray) -> np.ndarray:
+        if self.padding is None:
+            return np.zeros(values.shape, dtype=bool)
+        low, high = self.padding
+        mask = (values >= low) & (values <= high)
+        if not self.signed and high < 0:  # a negative padding value written for unsigned data: its bit pattern
+            mask |= (values >= low + (1 << self.bits)) & (values <= high + (1 << self.bits))
+        return mask
 
 
 @lru_cache(maxsize=256)
-def window_table(
-    signed: bool,
-    bits: int,
-    slope: float,
-    intercept: float,
-    padding: tuple[int, int] | None,
-    windows: tuple[tuple[float, float], ...],
-    bgr: bool = False,
-) -> np.ndarray:
+def window_table(encoding: StoredEncoding, windows: tuple[tuple[float, float], ...], bgr: bool = False) -> np.ndarray:
     """65,536 packed pixels (uint32, bytes = channels then 0): the windowed value of every 16-bit word."""
     if len(windows) > 4:
         raise ValueError("at most 4 windows can be packed")
-    values = _interpret(np.arange(1 << 16, dtype=np.int64), signed, bits)
-    hu = values * slope + intercept
-    hu[_padding_mask(values, padding, signed, bits)] = AIR_HU
+    hu = encoding.hounsfield(encoding.values(np.arange(1 << 16, dtype=np.int64)))
     channels = window_hu(hu, windows)
     if bgr:
         channels = channels[:, ::-1]
@@ -270,14 +284,12 @@ def window_table(
 def hu_from_dataset(ds: Any) -> np.ndarray:
     """Float32 Hounsfield units of one slice (padding as air)."""
     array, signed, bits = stored_pixels(ds)
-    slope, intercept = rescale(ds)
+    encoding = StoredEncoding.of(ds, signed, bits)
     if array.dtype.kind in "iu" and array.dtype.itemsize == 2:
-        values = _interpret(array.astype(np.int64) & 0xFFFF, signed, bits)
+        values = encoding.values(array.astype(np.int64) & 0xFFFF)
     else:
         values = array.astype(np.float64)
-    hu = values * slope + intercept
-    hu[_padding_mask(values, padding_range(ds), signed, bits)] = AIR_HU
-    return hu.astype(np.float32)
+    return encoding.hounsfield(values).astype(np.float32)
 
 
 def window_dataset(
@@ -294,9 +306,8 @@ def window_dataset(
     if len(wins) != 3:
         raise ValueError(f"the store holds exactly 3 windows, got {len(wins)}")
     array, signed, bits = stored_pixels(ds)
-    slope, intercept = rescale(ds)
     if array.dtype.kind in "iu" and array.dtype.itemsize == 2:
-        return window_stored(array, signed, bits, slope, intercept, padding_range(ds), wins, image_size, bgr=bgr)
+        return window_stored(array, StoredEncoding.of(ds, signed, bits), wins, image_size, bgr=bgr)
     image = window_hu(hu_from_dataset(ds), wins)
     if bgr:
         image = np.ascontiguousarray(image[:, :, ::-1])
@@ -305,18 +316,14 @@ def window_dataset(
 
 def window_stored(
     array: np.ndarray,
-    signed: bool,
-    bits: int,
-    slope: float,
-    intercept: float,
-    padding: tuple[int, int] | None,
+    encoding: StoredEncoding,
     windows: tuple[tuple[float, float], ...],
     image_size: int | None = None,
     *,
     bgr: bool = False,
 ) -> np.ndarray:
-    """16-bit stored values (low ``bits`` hold the value) → windowed uint8 (H, W, 3) by table lookup."""
-    table = window_table(signed, bits, float(slope), float(intercept), padding, windows, bgr)
+    """16-bit stored words → windowed uint8 (H, W, 3) by table lookup."""
+    table = window_table(encoding, windows, bgr)
     packed = np.take(table, array.view(np.uint16))
     image = cv2.cvtColor(packed.view(np.uint8).reshape(*array.shape, 4), cv2.COLOR_RGBA2RGB)
     return _fit(image, windows, image_size, bgr)

@@ -34,7 +34,7 @@ from pedetect.dicom.header import (
     read_headers,
 )
 from pedetect.dicom.order import SeriesPlan, plan_series
-from pedetect.dicom.pixels import as_windows, window_dataset, window_stored
+from pedetect.dicom.pixels import StoredEncoding, as_windows, window_dataset, window_stored
 from pedetect.dicom.series import Failure, group_headers, series_metadata
 from pedetect.dicom.source import Source, SourceError, read_bytes, source_label
 
@@ -122,17 +122,8 @@ def read_slice(
             )
         array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
         padding = tuple(native["padding"]) if native["padding"] is not None else None
-        return window_stored(
-            array,
-            native["signed"],
-            native["bits"],
-            native["slope"],
-            native["intercept"],
-            padding,
-            windows,
-            image_size,
-            bgr=bgr,
-        )
+        encoding = StoredEncoding(native["signed"], native["bits"], native["slope"], native["intercept"], padding)
+        return window_stored(array, encoding, windows, image_size, bgr=bgr)
     ds = dcmread_source(header.source, data=data)
     with warnings.catch_warnings():  # pydicom warns, with the value, about malformed UIDs
         warnings.simplefilter("ignore")
