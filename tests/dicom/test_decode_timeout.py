@@ -9,6 +9,7 @@ a limit of a fraction of that; the synthetic slices beside it decode in millisec
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -81,8 +82,14 @@ def test_the_same_slice_is_stored_without_the_tight_limit(dicom, tmp_path):
     assert len(slices) == STUDIES * SLICES + 1 and SLOW_SERIES in set(slices["SeriesInstanceUID"])
 
 
-def test_the_guard_stops_the_decoder_rather_than_waiting_for_it_and_starts_a_new_one(dicom):
-    headers, failures = scan_files([str(dicom / "slow.dcm"), *sorted(map(str, dicom.rglob("*.dcm")))[:1]])
+def test_the_guard_stops_the_decoder_rather_than_waiting_for_it_and_starts_a_new_one(dicom, tmp_path):
+    from pydicom.uid import RLELossless
+
+    native = sorted(dicom.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(native)
+    ds.compress(RLELossless)  # a slice that needs a decoder, and decodes in milliseconds
+    ds.save_as(tmp_path / "rle.dcm")
+    headers, failures = scan_files([str(dicom / "slow.dcm"), str(tmp_path / "rle.dcm")])
     assert failures == []
     slow, quick = (headers[0], headers[1]) if headers[0].series == SLOW_SERIES else (headers[1], headers[0])
     t = time.monotonic()
@@ -100,6 +107,28 @@ def test_the_guard_stops_the_decoder_rather_than_waiting_for_it_and_starts_a_new
         np.testing.assert_array_equal(guard.read(quick), read_slice(quick))  # a fresh child
         assert guard._child is not first_child
     assert guarded < unguarded / 2, (guarded, unguarded)
+
+
+def test_the_guard_reads_uncompressed_slices_in_its_own_process(dicom):
+    """No decoder runs on uncompressed 16-bit data: the guard reads it without its child (no pipe to
+    copy each slice through), the same pixels, and a file cut short fails with the child's reason."""
+    (header,), failures = scan_files([str(sorted(dicom.rglob("*.dcm"))[0])])
+    assert failures == [] and "native" in header.extra
+    with DecodeGuard(LIMIT) as guard:
+        np.testing.assert_array_equal(guard.read(header, image_size=32), read_slice(header, image_size=32))
+        assert guard._child is None and guard.restarts == 0
+        size = header.extra["native"]["offset"] + 100  # the same size as scanned, its pixels cut short
+        short = dataclasses.replace(header, size=size, extra={**header.extra, "native": {**header.extra["native"]}})
+        data = Path(header.source).read_bytes()[:size]
+        cut = Path(header.source).with_name("cut.dcm")
+        cut.write_bytes(data)
+        try:
+            short = dataclasses.replace(short, source=str(cut))
+            with pytest.raises(DicomError, match=r"pixel data unreadable \(truncated: 100 of \d+ bytes\)"):
+                guard.read(short)
+        finally:
+            cut.unlink()
+        assert guard._child is None
 
 
 SLOW_STUDY = "1.2.826.0.1.3680043.8.498.98"

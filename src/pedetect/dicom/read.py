@@ -105,25 +105,16 @@ def read_slice(
     """One slice as windowed uint8 ``(H, W, 3)``: channels in window order (R, G, B), reversed when
     ``bgr`` (for the JPEG encoder); resized with aspect kept to ``image_size`` when given.
 
-    Uncompressed 16-bit data is read straight from the bytes at the offset the scan found; anything
-    else is parsed and decoded by pydicom. Raises :class:`DicomError` for a truncated file or one
-    that changed since the scan, and any decoder error as it comes."""
+    Uncompressed 16-bit data is read straight from the bytes at the offset the scan found
+    (:func:`read_native`); anything else is parsed and decoded by pydicom. Raises :class:`DicomError`
+    for a truncated file or one that changed since the scan, and any decoder error as it comes."""
     windows = as_windows(windows)
     if "frame" in header.extra:  # one frame of a multi-frame file: its bytes only
         return read_frame(header, windows, image_size, bgr=bgr)
     data = read_bytes(header.source)
-    native = header.extra.get("native")
-    if native is not None and len(data) == header.size:
-        count = header.rows * header.cols
-        end = native["offset"] + 2 * count
-        if end > len(data) or native["length"] < 2 * count:
-            raise DicomError(
-                f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)"
-            )
-        array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
-        padding = tuple(native["padding"]) if native["padding"] is not None else None
-        encoding = StoredEncoding(native["signed"], native["bits"], native["slope"], native["intercept"], padding)
-        return window_stored(array, encoding, windows, image_size, bgr=bgr)
+    image = read_native(header, windows, image_size, bgr=bgr, data=data)
+    if image is not None:
+        return image
     ds = dcmread_source(header.source, data=data)
     with warnings.catch_warnings():  # pydicom warns, with the value, about malformed UIDs
         warnings.simplefilter("ignore")
@@ -131,6 +122,39 @@ def read_slice(
     if sop != header.sop:
         raise DicomError("file changed while preparing (SOPInstanceUID differs from the scan)")
     return window_dataset(ds, windows, image_size, bgr=bgr)
+
+
+def read_native(
+    header: SliceHeader,
+    windows: Windows = None,
+    image_size: int | None = None,
+    *,
+    bgr: bool = False,
+    data: bytes | None = None,
+) -> np.ndarray | None:
+    """The slice as :func:`read_slice` gives it, read without a decoder: uncompressed 16-bit data at the
+    offset the scan found, windowed by table lookup. None when it needs a decoder (compressed or other
+    pixel data, a frame of a multi-frame file) or its file's size changed since the scan. No
+    third-party code parses the pixel bytes here, so nothing can hang on them: the decode guard
+    (:mod:`pedetect.dicom.guard`) reads these slices in its own process. ``data``: the file's bytes,
+    when the caller has them."""
+    native = header.extra.get("native")
+    if native is None or "frame" in header.extra:
+        return None
+    if data is None:
+        data = read_bytes(header.source)
+    if len(data) != header.size:
+        return None
+    count = header.rows * header.cols
+    end = native["offset"] + 2 * count
+    if end > len(data) or native["length"] < 2 * count:
+        raise DicomError(
+            f"pixel data unreadable (truncated: {max(0, len(data) - native['offset'])} of {2 * count} bytes)"
+        )
+    array = np.frombuffer(data, dtype="<u2", count=count, offset=native["offset"]).reshape(header.rows, header.cols)
+    padding = tuple(native["padding"]) if native["padding"] is not None else None
+    encoding = StoredEncoding(native["signed"], native["bits"], native["slope"], native["intercept"], padding)
+    return window_stored(array, encoding, as_windows(windows), image_size, bgr=bgr)
 
 
 def slice_failure(header: SliceHeader, error: BaseException) -> Failure:
