@@ -69,6 +69,9 @@ def test_serve_answers_a_study_and_delivers_when_the_destination_comes_back(stud
         node.log,
     )
     assert sorted(got) == sorted(kinds)
+    with destination.lock:
+        arrived = [str(ds.Modality) for ds in destination.received if ds.StudyInstanceUID == uid]
+    assert arrived[0] == "SR", arrived  # the finding first, then the pictures (names sort it last)
     wait_for(lambda: not list((spool / "outbox").rglob("*.dcm")), 10, "the outbox to empty", node.process, node.log)
     sr_path = destination.folder / f"{got['SR'][0].SOPInstanceUID}.dcm"
     values = read_sr_values(sr_path)

@@ -41,8 +41,10 @@ class Destination:
         )
 
     def send(self, paths: list[Path]) -> None:
-        """Send the files; :class:`DeliveryError` unless the destination accepted every one."""
-        datasets = [pydicom.dcmread(path) for path in paths]
+        """Send the files, SRs first (an SR carries the finding a worklist or viewer acts on: it arrives
+        before the larger pictures and segmentations); :class:`DeliveryError` unless the destination
+        accepted every one."""
+        datasets = sorted((pydicom.dcmread(path) for path in paths), key=lambda ds: ds.get("Modality") != "SR")
         if self.kind == "dimse":
             self._c_store(datasets)
         else:
