@@ -4,8 +4,10 @@ while predicting.
 Everything runs on this machine: synthetic CTPA studies (one positive study of ``--slices`` slices of
 ``--size``² written by ``pedetect synth``, cloned with new UIDs), a bundle of the demo recipe with
 random weights (or ``--model``), the node as a process (``pedetect serve``), dcmtk's ``storescu`` as
-the modality, a pynetdicom C-STORE SCP as the destination PACS and a JSON webhook receiver as the alert
-receiver, both in this process. Phases:
+the modality, the destination PACS (``--pacs scp``: a pynetdicom C-STORE SCP in this process, which
+stamps each arrival; ``--pacs orthanc``: a real Orthanc on loopback ports, tests/helpers/orthanc.py,
+asked by QIDO-RS every 50 ms whether the SR is there) and a JSON webhook receiver in this process as the
+alert receiver. Phases:
 
 1. **load once**: in this process, the series chosen and predicted as a worker does it, with a
    predictor made for each study (what serve did before it loaded its models once) and with one
@@ -21,7 +23,8 @@ receiver, both in this process. Phases:
    answered and started again on the spool: every study answered once, nothing lost.
 
     python benchmarks/serve.py [--studies 10] [--burst 20] [--clients 4] [--slices 250] [--size 512]
-                               [--settle 1] [--workers 1] [--model BUNDLE] [--json OUT]
+                               [--settle 1] [--workers 1] [--model BUNDLE] [--pacs scp|orthanc]
+                               [--json OUT]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.orthanc: the tests' Orthanc, started the same way here
 PEDETECT = str(Path(sys.executable).with_name("pedetect"))
 
 
@@ -143,6 +147,44 @@ class Destination:
         self.server.shutdown()
 
 
+class OrthancDestination:
+    """A real Orthanc (its own configuration and storage under ``folder``, loopback ports) as the
+    destination: the time each study's SR is first seen there, by QIDO-RS every 50 ms (the latency
+    phase's ``wait_until`` poll), so a time is at most ~50 ms plus one query late."""
+
+    def __init__(self, folder: Path) -> None:
+        from helpers.orthanc import Orthanc
+
+        self.orthanc = Orthanc(folder, free_port())
+        self.orthanc.start()
+        self.port, self.lock, self.seen = self.orthanc.dicom, threading.Lock(), {}
+
+    def _sr_instances(self, study: str) -> set[str]:
+        uids: set[str] = set()
+        for series in self.orthanc.series_of(study).get("SR", []):
+            for item in self.orthanc.get(f"/dicom-web/studies/{study}/series/{series}/instances") or []:
+                uids.add(item["00080018"]["Value"][0])
+        return uids
+
+    def first(self, study: str, modality: str = "SR") -> float | None:
+        assert modality == "SR", "only SRs are looked for in Orthanc"
+        with self.lock:
+            if study not in self.seen and self._sr_instances(study):
+                self.seen[study] = time.time()
+            return self.seen.get(study)
+
+    def distinct(self, study: str, modality: str = "SR") -> int:
+        assert modality == "SR", "only SRs are looked for in Orthanc"
+        return len(self._sr_instances(study))
+
+    def stop(self) -> None:
+        self.orthanc.stop()
+
+
+def make_destination(kind: str, folder: Path) -> Destination | OrthancDestination:
+    return OrthancDestination(folder) if kind == "orthanc" else Destination()
+
+
 class Webhook:
     """A JSON webhook receiver: the arrival time of each study's first alert."""
 
@@ -170,7 +212,7 @@ class Webhook:
 
 # ------------------------------------------------------------------------------------------------ node
 class Node:
-    def __init__(self, args, model: Path, spool: Path, destination: Destination, webhook: Webhook, port: int):
+    def __init__(self, args, model: Path, spool: Path, destination, webhook: Webhook, port: int):
         self.spool, self.port, self.http_port = spool, port, free_port()
         alerts = spool.parent / f"{spool.name}-alerts.yaml"
         alerts.write_text(f"alerts:\n  receivers:\n    - {{kind: webhook, url: 'http://127.0.0.1:{webhook.port}/'}}\n")
@@ -178,7 +220,7 @@ class Node:
         command = [
             PEDETECT, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--spool", str(spool), "--settle", str(args.settle), "--device", "cpu", "--retry-max", "1",
-            "--destination", f"dimse:DEST@127.0.0.1:{destination.port}", "--alerts", str(alerts),
+            "--destination", f"dimse:{'ORTHANC' if args.pacs == 'orthanc' else 'DEST'}@127.0.0.1:{destination.port}", "--alerts", str(alerts),
             "--workers", str(args.workers), "--http-port", str(self.http_port), "--runtime", args.runtime,
         ]  # fmt: skip
         self.handle = open(self.log, "a")
@@ -248,7 +290,7 @@ def load_once(model: Path, studies: list[tuple[str, Path]], repeats: int, runtim
     }
 
 
-def latency(args, node: Node, destination: Destination, webhook: Webhook, studies) -> dict:
+def latency(args, node: Node, destination, webhook: Webhook, studies) -> dict:
     to_sr, to_alert, predict_s = [], [], []
     for study, folder in studies:
         client = storescu(node.port, folder)
@@ -311,7 +353,7 @@ def reception_while_predicting(node: Node, first: tuple[str, Path], second: tupl
     }
 
 
-def burst(args, node_factory, destination: Destination, studies, kill: bool) -> dict:
+def burst(args, node_factory, destination, studies, kill: bool) -> dict:
     node = node_factory()
     queue = list(studies)
     lock = threading.Lock()
@@ -377,6 +419,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="studies of the load-once phase")
     parser.add_argument("--model", type=Path, default=None, help="a bundle (default: the demo recipe, random weights)")
     parser.add_argument("--phases", default="load,latency,reception,burst,kill")
+    parser.add_argument(
+        "--pacs", choices=("scp", "orthanc"), default="scp", help="the destination: a pynetdicom SCP or a real Orthanc"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--logs", type=Path, default=None, help="copy the nodes' logs into this folder")
     args = parser.parse_args()
@@ -392,6 +437,7 @@ def main() -> None:
         "settle_s": args.settle,
         "workers": args.workers,
         "runtime": args.runtime,
+        "pacs": args.pacs,
         "model": str(args.model) if args.model else "demo recipe, random weights",
     }
     with tempfile.TemporaryDirectory(prefix="pedetect-bench-serve-") as scratch:
@@ -405,7 +451,7 @@ def main() -> None:
         started = time.time()
         studies = make_studies(root, count, args.slices, args.size)
         print(f"{count} studies of {args.slices} × {args.size}² written in {time.time() - started:.0f} s", flush=True)
-        destination, webhook = Destination(), Webhook()
+        destination, webhook = make_destination(args.pacs, root / "pacs-latency"), Webhook()
         try:
             if "load" in phases:
                 out["load_once"] = load_once(model, studies, args.repeats, args.runtime)
@@ -428,7 +474,7 @@ def main() -> None:
                     continue
                 spool = root / f"spool-{phase}"
                 shutil.rmtree(spool, ignore_errors=True)
-                target = Destination()
+                target = make_destination(args.pacs, root / f"pacs-{phase}")
                 try:
                     out[phase] = burst(
                         args,
@@ -448,6 +494,8 @@ def main() -> None:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 for log in root.glob("spool-*.log"):
                     shutil.copy(log, args.logs / log.name)
+                for log in root.glob("pacs-*/orthanc.log"):
+                    shutil.copy(log, args.logs / f"{log.parent.name}.log")
     out["cpus"] = os.cpu_count()
     print(json.dumps(out, indent=2))
     if args.json:
