@@ -19,6 +19,7 @@ from pedetect.recipe import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = [
     "demo.yaml",
+    "realistic.yaml",
     "rsna_4th_rexnet200.yaml",
     "rsna_5th_effnetb5.yaml",
     "rsna_1st_seresnext50.yaml",
@@ -31,8 +32,8 @@ def test_recipes_validate_and_name_their_source(name):
     config = load_experiment(CONFIGS / name)
     assert config.source, f"{name} must say where it comes from"
     check_backbone_name(config.cnn.backbone.name)  # timm has it (pedetect_small_cnn registered with timm)
-    if name == "demo.yaml":
-        assert config.cnn.backbone.weights is None  # the demo starts from random weights: nothing to fetch
+    if name in ("demo.yaml", "realistic.yaml"):
+        assert config.cnn.backbone.weights is None  # the demo's recipes start from random weights: nothing to fetch
     else:  # each winner started from pretrained weights: timm knows where this tag's come from (no download here)
         assert config.cnn.backbone.weights == "pretrained"
         source = pretrained_source(config.cnn.backbone.name)

@@ -113,7 +113,7 @@ def synthetic_chain(
             slices=slices,
             size=size,
             seed=seed,
-            positive_fraction=demo.POSITIVE_FRACTION,
+            positive_fraction=demo.PROFILES["conspicuous"].positive_fraction,
             min_embolus_pixels=min_embolus_pixels,
             progress=False,
         )
@@ -155,7 +155,13 @@ def tiny_config(*extra: str):
 
 
 # The synthetic studies of the real-chain tests (tests/train/test_train.py): pedetect demo's data.
-DEMO_CHAIN = dict(n_train=120, n_val=30, size=demo.SIZE, slices=demo.SLICES, min_embolus_pixels=demo.MIN_EMBOLUS_PIXELS)
+DEMO_CHAIN = dict(
+    n_train=120,
+    n_val=30,
+    size=demo.SIZE,
+    slices=demo.SLICES,
+    min_embolus_pixels=demo.PROFILES["conspicuous"].min_embolus_pixels,
+)
 
 
 def fold_slice_auc(out, fold: int, store, labels: pd.DataFrame) -> float:
