@@ -2,7 +2,8 @@
 replaced when one slice takes longer than the limit (docs/reliability.md, "A decoder that hangs").
 Uncompressed 16-bit slices need no decoder (:func:`pedetect.dicom.read.read_native`: the words at the
 offset the scan found, through a lookup table) and are read in the caller's process: sent through
-the child they cost a pipe's copy each, 0.5-1.2 s of a 250-slice 512 × 512 study's 2-3 s prediction.
+the child they cost a pipe's copy each, 0.6-1.3 s of a 250-slice 512 × 512 study's 2-3 s prediction
+(docs/serve.md, "Measured").
 
 A decoder stuck inside C code (OpenJPEG, CharLS, libjpeg, GDCM, the Rust RLE decoder) cannot be
 interrupted from Python: no signal handler runs until it returns, and a thread cannot be stopped.
