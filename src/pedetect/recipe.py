@@ -334,6 +334,12 @@ class LossConfig(Section):
         gt=0,
         description="Factor on the slice-label loss (5th place: 2.5 beside metric-weighted exam labels).",
     )
+    clot_map_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Factor on a dense loss that teaches the CNN's activation map the training emboli's boxes "
+        "(pedetect train --clots: pedetect synth's clots.csv, its visible rows); 0: slice labels alone.",
+    )
 
 
 class SamplingConfig(Section):

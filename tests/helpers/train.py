@@ -28,26 +28,56 @@ class FakeStore:
         frame = labels[[STUDY, SERIES, SOP, IMAGE_LABEL]].copy()
         frame["slice_index"] = frame.groupby(SERIES).cumcount()
         frame["z"] = frame["slice_index"] * 2.5
+        frame["height"] = frame["width"] = size
         self.slices = frame.drop(columns=[IMAGE_LABEL]).reset_index(drop=True)
         self._positive = dict(zip(zip(frame[SERIES], frame["slice_index"]), frame[IMAGE_LABEL].astype(bool)))
 
-    def read_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
+    def _geometry(self, series_uid: str, slice_index: int):
+        """(generator after the noise, artery centre, radius, defect mask or None) of one slice."""
         key = (series_uid, int(slice_index))
         if key not in self._positive:
             raise KeyError(key)
         rng = np.random.default_rng([self.seed, zlib.crc32(series_uid.encode()), int(slice_index)])
         s = self.size
-        yy, xx = np.mgrid[:s, :s]
-        image = np.full((s, s), 60.0) + rng.normal(0, 8, (s, s))
+        noise = rng.normal(0, 8, (s, s))
         cy, cx = rng.uniform(0.35 * s, 0.65 * s, 2)
         radius = s * 0.16
-        artery = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-        image[artery] = 200
+        defect = None
         if self._positive[key]:
             dy, dx = rng.uniform(-0.4 * radius, 0.4 * radius, 2)
-            image[(yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 < (0.45 * radius) ** 2] = 70
+            yy, xx = np.mgrid[:s, :s]
+            defect = (yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 < (0.45 * radius) ** 2
+        return noise, (cy, cx), radius, defect
+
+    def read_slice(self, series_uid: str, slice_index: int) -> np.ndarray:
+        noise, (cy, cx), radius, defect = self._geometry(series_uid, slice_index)
+        s = self.size
+        yy, xx = np.mgrid[:s, :s]
+        image = np.full((s, s), 60.0) + noise
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = 200
+        if defect is not None:
+            image[defect] = 70
         image = np.clip(image, 0, 255)
         return np.stack([image * 0.8, image, np.clip(image * 1.2, 0, 255)], axis=2).astype(np.uint8)
+
+    def defect_box(self, series_uid: str, slice_index: int) -> tuple[int, int, int, int] | None:
+        """The inclusive ``(row_min, row_max, col_min, col_max)`` of a positive slice's filling defect
+        (None on a negative slice): the clot truth ``pedetect synth`` would write for it."""
+        defect = self._geometry(series_uid, slice_index)[3]
+        if defect is None:
+            return None
+        rows, cols = np.nonzero(defect)
+        return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+    def clots_frame(self) -> pd.DataFrame:
+        """Every defect as clots.csv rows (one embolus per study, visible on every positive slice)."""
+        rows = []
+        for study, series, index in self.slices[[STUDY, SERIES, "slice_index"]].itertuples(index=False):
+            box = self.defect_box(series, index)
+            if box is not None:
+                rows.append((study, series, 1, index, *box, (box[1] - box[0] + 1) * (box[3] - box[2] + 1), "right", 1))
+        columns = [STUDY, SERIES, "embolus", "slice_index", "row_min", "row_max", "col_min", "col_max"]
+        return pd.DataFrame(rows, columns=[*columns, "pixels", "side", "visible"])
 
     def read_series(self, series_uid: str) -> np.ndarray:
         n = int((self.slices[SERIES] == series_uid).sum())

@@ -236,6 +236,21 @@ class SliceAugment:
             )
         return Geometry(hflip, vflip, angle=quarter)
 
+    def place(self, image: torch.Tensor, geometry: Geometry, box=None) -> torch.Tensor:
+        """The geometric part of :meth:`transform` alone: crop (the lung ``box`` or the central
+        square), resize and ``geometry``'s warp. A per-pixel target (the clot map of
+        ``cnn.loss.clot_map_weight``) goes through this with its slice's geometry, so it stays on
+        the pixels it marks."""
+        image = box_crop(image, box) if box is not None else centre_crop(image, self.crop)
+        if geometry.is_identity:
+            return resize(image, self.size)
+        # Shrink by area averaging first (no aliasing of thin vessels), then one warp at the training size.
+        if min(image.shape[-2:]) > self.size:
+            image = resize(image, self.size)
+        return warp(
+            image, affine_matrix((image.shape[-2], image.shape[-1]), self.size, geometry), self.size, geometry.border
+        )
+
     def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None, box=None) -> torch.Tensor:
         return self.transform(image, rng, box)[0]
 
@@ -244,23 +259,11 @@ class SliceAugment:
     ) -> tuple[torch.Tensor, Geometry]:
         """The slice and the geometry drawn for it (targets that name a side follow the geometry).
         ``box``: the series' lung box (``cnn.input.lung_crop``), cropped before the resize."""
-        image = box_crop(image, box) if box is not None else centre_crop(image, self.crop)
         if self.config is None or rng is None:
-            return resize(image, self.size), Geometry()
+            return self.place(image, Geometry(), box), Geometry()
         c = self.config
         geometry = self.draw_geometry(rng)
-        if geometry.is_identity:
-            image = resize(image, self.size)
-        else:
-            # Shrink by area averaging first (no aliasing of thin vessels), then one warp at the training size.
-            if min(image.shape[-2:]) > self.size:
-                image = resize(image, self.size)
-            image = warp(
-                image,
-                affine_matrix((image.shape[-2], image.shape[-1]), self.size, geometry),
-                self.size,
-                geometry.border,
-            )
+        image = self.place(image, geometry, box)
         bc = c.brightness_contrast
         if bc.p > 0 and rng.random() < bc.p:
             gain = float(rng.uniform(1 - bc.contrast, 1 + bc.contrast))

@@ -3,7 +3,9 @@
 A :class:`SliceDataset` yields ``(image, target, index)``: a ``(C, S, S)`` uint8 tensor (the model
 normalises), the targets (slice label, then the configured exam labels; NaN where one is not trained
 on: :func:`training_targets`) as float32, and the row index (validation gathers predictions across
-processes by it). The store is opened lazily in each process, so the dataset can be handed to
+processes by it). Given clot boxes it yields a fourth item, the slice's clot map: a ``(1, S, S)``
+uint8 tensor, 255 on the boxes of the emboli visible on it, placed as the image is
+(:func:`clot_map`). The store is opened lazily in each process, so the dataset can be handed to
 forking or spawning data-loader workers.
 
 Input modes (``cnn.input.mode``):
@@ -150,6 +152,7 @@ class SliceDataset(Dataset):
         exam_labels: tuple[str, ...] = (),
         whole_exam_labels: tuple[str, ...] = (),
         boxes: dict | None = None,
+        clot_boxes: dict[tuple[str, int], np.ndarray] | None = None,
     ):
         if mode not in ("windows", "pe", "adjacent", "both"):
             raise ValueError(f"unknown input mode {mode!r}")
@@ -166,6 +169,9 @@ class SliceDataset(Dataset):
         self.train = augment is not None
         # cnn.input.lung_crop: each series' lung box (pedetect.data.lung_box.Box), cropped before the resize.
         self.boxes = boxes
+        # (series, slice_index) -> (K, 4) inclusive [row_min, row_max, col_min, col_max] of the visible
+        # emboli on that slice, in the store's pixels: the target of cnn.loss.clot_map_weight.
+        self.clot_boxes = clot_boxes
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
 
@@ -211,8 +217,11 @@ class SliceDataset(Dataset):
         neighbours = [store.read_slice(series, j) for j in (max(index - 1, 0), index, min(index + 1, last))]
         return stack_input(np.stack(neighbours), 1, self.mode)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)
+    def __getitem__(
+        self, i: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        raw = self.read(i)
+        image = torch.from_numpy(np.ascontiguousarray(raw)).permute(2, 0, 1)
         box = self.boxes[self.series[i]] if self.boxes is not None else None
         image, geometry = self.transform.transform(image, self.rng() if self.train else None, box)
         target = self.targets[i]
@@ -220,7 +229,20 @@ class SliceDataset(Dataset):
             left, right = self.side_columns
             target = target.copy()
             target[[left, right]] = target[[right, left]]
-        return image, torch.from_numpy(target), i
+        if self.clot_boxes is None:
+            return image, torch.from_numpy(target), i
+        clots = self.clot_boxes.get((self.series[i], int(self.slice_index[i])))
+        placed = self.transform.place(clot_map(raw.shape[:2], clots), geometry, box)
+        return image, torch.from_numpy(target), i, placed
+
+
+def clot_map(shape: tuple[int, int], clots: np.ndarray | None) -> torch.Tensor:
+    """A ``(1, H, W)`` uint8 map of a slice of ``shape``: 255 inside each inclusive
+    ``[row_min, row_max, col_min, col_max]`` box of ``clots`` (``(K, 4)``), 0 elsewhere."""
+    out = torch.zeros((1, *shape), dtype=torch.uint8)
+    for r0, r1, c0, c1 in clots if clots is not None else ():
+        out[0, r0 : r1 + 1, c0 : c1 + 1] = 255
+    return out
 
 
 def single_threaded_opencv() -> None:

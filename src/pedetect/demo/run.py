@@ -201,7 +201,9 @@ def run_demo(
         experiment = read_config_for_training(
             config, list(overrides or []) + ([] if progress else ["logging.progress_bar=false"])
         )
-        result = train(experiment, store=store, labels=data / "train.csv", out=model, echo=echo)
+        # synth's clot truth of the training studies, for recipes that learn the emboli's boxes.
+        clots = clots_path(data, "train") if experiment.cnn.loss.clot_map_weight > 0 else None
+        result = train(experiment, store=store, labels=data / "train.csv", out=model, clots=clots, echo=echo)
     except Exception as error:
         raise DemoError(f"train failed: {error}") from error
     cv = result.get("heart") or result.get("seq") or {}  # with a heart model, its stacked RV/LV

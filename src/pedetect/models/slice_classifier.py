@@ -116,6 +116,16 @@ class SliceClassifier(nn.Module):
         """Logits ``(B, 1 + len(exam_labels))``; column 0 is the slice label."""
         return self.logits(self.dropout(self.features(x)))
 
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s logits and the activation map ``(B, h, w)`` of :meth:`embed_with_map`
+        from one backbone pass: what training with ``cnn.loss.clot_map_weight`` supervises."""
+        feature_map = self.backbone.forward_features(self.normalise(x))
+        if self.gem is not None:
+            features = self._head_of_pooled(self.gem(feature_map))
+        else:
+            features = self.backbone.forward_head(feature_map, pre_logits=True)
+        return self.logits(self.dropout(features)), self._activation(feature_map)
+
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume.
 
@@ -156,11 +166,14 @@ class SliceClassifier(nn.Module):
             embedding = torch.cat([features, cell_logits.to(features.dtype)], dim=1)
         if not with_map:
             return embedding, logit, None
-        batch, channels, height, width = feature_map.shape
+        return embedding, logit, self._activation(feature_map).to(logit.dtype)
+
+    def _activation(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The slice logit of every position of a ``(B, C, h, w)`` map: ``(B, h, w)``."""
+        channels, height, width = feature_map.shape[1:]
         # Every position a one-pixel map, pooled as the backbone pools (max, mean or GeM of one value is that value).
         positions = feature_map.permute(0, 2, 3, 1).reshape(-1, channels, 1, 1)
-        activation = self._cell_logits(positions, pooled=False).reshape(-1, height, width)
-        return embedding, logit, activation.to(logit.dtype)
+        return self._cell_logits(positions, pooled=False).reshape(-1, height, width)
 
     def _cell_logits(self, cells: torch.Tensor, *, pooled: bool) -> torch.Tensor:
         """The slice logit of each one-pixel map ``(K, C, 1, 1)``: ``(K,)``. ``pooled``: the cells are

@@ -74,6 +74,7 @@ def make_loaders(
     val_items: pd.DataFrame,
     seed: int,
     boxes: dict | None = None,
+    clot_boxes: dict | None = None,
 ):
     cnn = config.cnn
     common: dict[str, Any] = dict(
@@ -84,7 +85,14 @@ def make_loaders(
         whole_exam_labels=tuple(cnn.targets.whole_exam_labels),
         boxes=boxes,
     )
-    train_set = SliceDataset(store, train_items, augment=cnn.augment, **common)
+    # The clot maps are a training target only: validation scores the slice label.
+    train_set = SliceDataset(
+        store,
+        train_items,
+        augment=cnn.augment,
+        clot_boxes=clot_boxes if cnn.loss.clot_map_weight > 0 else None,
+        **common,
+    )
     val_set = SliceDataset(store, val_items, augment=None, **common)
     sampler = EpochSampler(
         train_set.positive,
@@ -255,8 +263,10 @@ def train_fold(
     out: Path,
     callbacks: Sequence = (),
     echo: Callable[[str], None] = console_echo,
+    clot_boxes: dict | None = None,
 ) -> dict[str, Any] | None:
-    """Train one fold (resuming from its last.ckpt); returns its metrics on the writing process."""
+    """Train one fold (resuming from its last.ckpt); returns its metrics on the writing process.
+    ``clot_boxes``: :attr:`TrainingInputs.clot_boxes`, for ``cnn.loss.clot_map_weight``."""
     import lightning as L
 
     from pedetect.train.module import SliceModule
@@ -270,7 +280,7 @@ def train_fold(
     if config.cnn.input.lung_crop is not None:
         source = open_store(store) if isinstance(store, (str, Path)) else store
         boxes = training_lung_boxes(config, source, sorted(items[SERIES].unique()), out, echo=echo)
-    train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed, boxes)
+    train_loader, val_loader = make_loaders(config, store, train_items, val_items, seed, boxes, clot_boxes)
     # Every fold starts from the same weights, as it would from one pretrained file: the folds'
     # embedding spaces stay comparable, which stage 2 needs (it trains on out-of-fold embeddings made
     # by the other folds' CNNs). The data order still differs per fold (seeded above).
@@ -347,6 +357,10 @@ def check_cnn_config(config: ExperimentConfig) -> None:
         side_target_columns(config.cnn.targets.head_labels, config.cnn.augment)
     except ValueError as error:
         raise TrainError(str(error)) from None
+    if config.cnn.loss.clot_map_weight > 0 and config.cnn.head.hidden:
+        # The map is the head on every position: a hidden layer's BatchNorm would learn the statistics
+        # of positions, not of pooled slices.
+        raise TrainError("cnn.loss.clot_map_weight needs a head without a hidden layer (cnn.head.hidden: 0)")
     check_backbone_name(config.cnn.backbone.name)
     weights = resolve_paths(config).cnn.backbone.weights
     if isinstance(weights, Path) and not weights.is_file():
@@ -379,7 +393,14 @@ def run_cnn(
         stage="cnn",
         echo=echo,
         in_turn=lambda k: train_fold(
-            inputs.config, inputs.items, k, store=inputs.store, out=out, callbacks=callbacks, echo=echo
+            inputs.config,
+            inputs.items,
+            k,
+            store=inputs.store,
+            out=out,
+            callbacks=callbacks,
+            echo=echo,
+            clot_boxes=inputs.clot_boxes,
         ),
     )
     return write_summary(out, inputs.n_folds)
@@ -401,4 +422,12 @@ def _train_fold_in_process(inputs: TrainingInputs, fold: int) -> dict[str, Any] 
                 f"train loss {module.epoch_train_loss:.4f}{shown}"
             )
 
-    return train_fold(inputs.config, inputs.items, fold, store=inputs.store, out=inputs.out, callbacks=[EpochLines()])
+    return train_fold(
+        inputs.config,
+        inputs.items,
+        fold,
+        store=inputs.store,
+        out=inputs.out,
+        callbacks=[EpochLines()],
+        clot_boxes=inputs.clot_boxes,
+    )

@@ -49,6 +49,12 @@ def train_command(
         "--folds",
         help="Folds CSV (pedetect split); default: made from the labels with the config's data.folds and data.fold_seed.",
     ),
+    clots: Path | None = typer.Option(
+        None,
+        "--clots",
+        help="The training emboli's boxes (pedetect synth's clots.csv: its visible rows), which a recipe with "
+        "cnn.loss.clot_map_weight needs.",
+    ),
     overrides: list[str] = options.overrides(),
     force: bool = typer.Option(
         False, "--force", help="Retrain folds that are already complete (and accept a changed config)."
@@ -97,7 +103,15 @@ def train_command(
         experiment = read_config_for_training(config, overrides)
         with model_dir_lock(out):  # one writer per model folder
             result = train(
-                experiment, stage=stage, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force
+                experiment,
+                stage=stage,
+                store=store,
+                labels=labels,
+                out=out,
+                folds=folds,
+                fold=fold,
+                force=force,
+                clots=clots,
             )
     except (ConfigError, FoldsError, StoreError, BackboneError, TrainError, HeartTrainError, FolderLocked) as error:
         raise fail(str(error)) from None

@@ -60,6 +60,20 @@ def slice_loss(config: CnnConfig, logits: torch.Tensor, targets: torch.Tensor) -
     return loss
 
 
+def clot_map_loss(activation: torch.Tensor, clot_maps: torch.Tensor) -> torch.Tensor:
+    """The dense loss of ``cnn.loss.clot_map_weight``: binary cross-entropy of the activation map
+    ``(B, h, w)`` against the clot maps ``(B, 1, S, S)`` (uint8, 255 on the boxes of visible emboli).
+    A position is positive when any input pixel under it is on a box (the maps max-pooled to the
+    activation's size). Positives and negatives are averaged apart and added: a clot covers one to a
+    few of the 256 positions of a 16 × 16 map, so a plain mean would teach "nowhere"."""
+    target = (F.adaptive_max_pool2d(clot_maps.float(), activation.shape[-2:])[:, 0] >= 128).float()
+    loss = F.binary_cross_entropy_with_logits(activation.float(), target, reduction="none")
+    positive = target > 0.5
+    negative_term = loss[~positive].mean() if (~positive).any() else loss.sum() * 0.0
+    positive_term = loss[positive].mean() if positive.any() else loss.sum() * 0.0
+    return positive_term + negative_term
+
+
 class LrSchedule:
     """LR factor per optimiser step: linear warm-up, then cosine or linear decay, step decay or constant.
 
@@ -147,8 +161,13 @@ class SliceModule(L.LightningModule):
         self._epoch_start = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets, _ = batch
-        loss = slice_loss(self.config, self.model(images), targets)
+        images, targets = batch[0], batch[1]
+        if len(batch) > 3 and self.config.loss.clot_map_weight > 0:  # the dataset was given the clot boxes
+            logits, activation = self.model.forward_with_map(images)
+            loss = slice_loss(self.config, logits, targets)
+            loss = loss + self.config.loss.clot_map_weight * clot_map_loss(activation, batch[3])
+        else:
+            loss = slice_loss(self.config, self.model(images), targets)
         # Per step only: the epoch mean is in the history (no per-step all-reduce under DDP).
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
         optimizer = self.optimizers()
@@ -220,7 +239,7 @@ class SliceModule(L.LightningModule):
         self._validated = (fold_batchnorm(copy.deepcopy(self.evaluated_model).eval()),)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, targets, index = batch
+        images, targets, index = batch[:3]
         logits = self._validated[0](images)
         loss = slice_loss(self.config, logits, targets)
         self.log("val_batch_loss", loss, on_step=False, on_epoch=True, batch_size=len(images), sync_dist=True)

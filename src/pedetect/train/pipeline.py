@@ -39,9 +39,11 @@ def train(
     fold: int | None = None,
     force: bool = False,
     callbacks: Sequence = (),
+    clots: str | Path | None = None,
     echo: Callable[[str], None] = console_echo,
 ) -> dict[str, Any]:
-    """Run ``stage`` (cnn, embed, seq, heart or all) on every fold (or ``fold``).
+    """Run ``stage`` (cnn, embed, seq, heart or all) on every fold (or ``fold``). ``clots``: the
+    training emboli's boxes, which ``cnn.loss.clot_map_weight`` needs (``pedetect synth``'s clots.csv).
 
     Returns ``{"cnn": cnn/summary.json, "embed": embed/summary.json, "seq": seq/cv.json or None,
     "heart": heart/cv.json or None (recipes with a heart section),
@@ -55,7 +57,7 @@ def train(
     if "cnn" in stages:
         check_cnn_config(config)
     inputs = training_inputs(
-        config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, echo=echo
+        config, store=store, labels=labels, out=out, folds=folds, fold=fold, force=force, clots=clots, echo=echo
     )
     runners = {
         "cnn": lambda: run_cnn(inputs, force=force, callbacks=callbacks, echo=echo),

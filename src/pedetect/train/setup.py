@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pedetect.console import echo as console_echo
-from pedetect.data.dataset import open_store, slice_items
+from pedetect.data.dataset import SLICE_INDEX, open_store, slice_items
 from pedetect.data.folds import (
     FOLD,
     attach_folds,
@@ -29,6 +30,9 @@ from pedetect.data.folds import (
     read_labels,
 )
 from pedetect.io import folder_lock, write_csv_atomic
+from pedetect.labels import SERIES
+from pedetect.metric.froc import BOX, read_clots, visible_truth
+from pedetect.metric.submission import InputError
 from pedetect.models.layout import CONFIG_FILE, FOLDS_FILE, OUTPUTS_AFTER, remove_outputs
 from pedetect.recipe import ConfigError, ExperimentConfig, apply_overrides, load_experiment, save_config
 from pedetect.runtime import is_global_zero
@@ -166,6 +170,47 @@ class TrainingInputs:
     items: pd.DataFrame  # slice_items + fold
     n_folds: int
     todo: list[int]  # the folds asked for
+    # (series, slice_index) -> (K, 4) boxes of the emboli visible there (read_clot_boxes), for
+    # cnn.loss.clot_map_weight; None without --clots.
+    clot_boxes: dict[tuple[str, int], np.ndarray] | None = None
+
+
+def read_clot_boxes(path: str | Path, items: pd.DataFrame, source: Any) -> dict[tuple[str, int], np.ndarray]:
+    """The boxes of the emboli visible on each training slice (``pedetect synth``'s clots.csv, its
+    ``visible`` rows; the truth ``pedetect evaluate --clots`` scores): ``(series, slice_index) ->
+    (K, 4)`` inclusive ``[row_min, row_max, col_min, col_max]`` in the store's pixels.
+
+    Raises :class:`TrainError` for a file that cannot be read, boxes on no slice of the labels
+    (another dataset), or boxes outside their slice (a store prepared at another size: the boxes
+    are in the DICOM's own pixels, so prepare the store without ``--image-size``)."""
+    try:
+        truth, _ = visible_truth(read_clots(path))
+    except (InputError, OSError) as error:
+        raise TrainError(f"--clots: {error}") from None
+    keys = pd.MultiIndex.from_frame(truth[[SERIES, SLICE_INDEX]])
+    labelled = pd.MultiIndex.from_frame(items[[SERIES, SLICE_INDEX]])
+    unknown = ~keys.isin(labelled)
+    if unknown.any():
+        first = truth[unknown].iloc[0]
+        raise TrainError(
+            f"--clots {path}: {int(unknown.sum())} of {len(truth)} visible rows name a slice the labels do not have "
+            f"(first: series {first[SERIES]}, slice {first[SLICE_INDEX]}); give the clots.csv of the same training data"
+        )
+    sizes = source.slices.groupby(SERIES)[["height", "width"]].first()
+    height = sizes["height"].reindex(truth[SERIES]).to_numpy()
+    width = sizes["width"].reindex(truth[SERIES]).to_numpy()
+    outside = (truth["row_max"].to_numpy() >= height) | (truth["col_max"].to_numpy() >= width)
+    if outside.any():
+        first = truth[outside].iloc[0]
+        raise TrainError(
+            f"--clots {path}: {int(outside.sum())} box(es) reach past their slice in the store (first: series "
+            f"{first[SERIES]}, slice {first[SLICE_INDEX]}); the boxes are in the DICOM's pixels, so prepare the store "
+            "at the DICOM's own size (no --image-size)"
+        )
+    return {
+        (str(series), int(index)): group[list(BOX)].to_numpy(dtype=np.int64)
+        for (series, index), group in truth.groupby([SERIES, SLICE_INDEX], sort=False)
+    }
 
 
 def training_inputs(
@@ -177,10 +222,12 @@ def training_inputs(
     folds: str | Path | None = None,
     fold: int | None = None,
     force: bool = False,
+    clots: str | Path | None = None,
     echo: Callable[[str], None] = console_echo,
 ) -> TrainingInputs:
     """Open the store and labels, check the model folder's config (:func:`prepare_model_dir`) and
-    resolve the folds: the common set-up of every stage."""
+    resolve the folds: the common set-up of every stage. ``clots``: the training emboli's boxes
+    (:func:`read_clot_boxes`), which ``cnn.loss.clot_map_weight`` needs."""
     out = Path(out)
     source = open_store(store) if isinstance(store, (str, Path)) else store  # a path, or a store object (tests)
     if isinstance(store, str):
@@ -190,6 +237,12 @@ def training_inputs(
     items = slice_items(
         label_frame, source.slices, source="the labels" if isinstance(labels, pd.DataFrame) else str(labels)
     )
+    if config.cnn.loss.clot_map_weight > 0 and clots is None:
+        raise TrainError(
+            "cnn.loss.clot_map_weight is set: give the training emboli's boxes with --clots "
+            "(pedetect synth writes them to clots.csv beside train.csv)"
+        )
+    clot_boxes = read_clot_boxes(clots, items, source) if clots is not None else None
     prepare_model_dir(config, out, force=force, echo=echo)
     fold_frame = resolve_folds(config, label_frame, out, Path(folds) if folds else None, force=force, echo=echo)
     n_folds = n_folds_of(fold_frame)
@@ -197,7 +250,7 @@ def training_inputs(
     if fold is not None:
         check_fold_index(fold, n_folds)
     todo = [fold] if fold is not None else list(range(n_folds))
-    return TrainingInputs(config, store, source, out, label_frame, items, n_folds, todo)
+    return TrainingInputs(config, store, source, out, label_frame, items, n_folds, todo, clot_boxes)
 
 
 def model_dir_lock(out: str | Path, *, echo: Callable[[str], None] = console_echo):
