@@ -1,8 +1,13 @@
 """runtime.parallel_folds: stage 1 and the embedding pass with the folds in processes of their own give
 the models and embeddings of the folds trained one after another (on a store prepared from real
-synthetic DICOM, which each process opens itself)."""
+synthetic DICOM, which each process opens itself); the folds' processes end when their parent is killed."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +69,38 @@ def test_folds_in_processes_match_folds_in_turn(store, tmp_path):
     with pytest.raises(TrainError, match="cnn fold 2 failed in its process"):
         train(parallel, stage="cnn", store=store_path, labels=labels, out=out)
     assert (cnn_dir(out, 0) / COMPLETE).is_file() and (cnn_dir(out, 1) / COMPLETE).is_file()
+
+
+def test_the_folds_processes_end_with_the_process_that_started_them(tmp_path):
+    # A `pedetect train` stopped by SIGKILL (or SIGTERM) cannot shut its fold processes down: they must
+    # end by themselves rather than train on, unseen, on every core.
+    script = (
+        "import time, sys\n"
+        "from pedetect.train.parallel import _executor\n"
+        "pool = _executor(2)\n"
+        "futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+        "time.sleep(0.5)\n"
+        "print(*pool._processes, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 2 and all(alive(pid) for pid in children)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in children)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

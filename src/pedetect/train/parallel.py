@@ -14,9 +14,14 @@ only what is left.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -66,10 +71,32 @@ def reopened(inputs: TrainingInputs) -> TrainingInputs:
     return dataclasses.replace(inputs, source=open_store(inputs.store))
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
 # The processes of the last parallel stage, kept for the next (stage 1, the embedding pass and stage 2
 # of one `pedetect train` reuse them: each spawn imports torch and Lightning again, 10-15 s of the
 # demo's two cores per stage). pedetect.train.pipeline shuts them down when training ends.
 _pool: tuple[int, Any] | None = None
+
+
+def _end_with(parent: int) -> None:
+    """A fold process's initializer: it ends when ``parent`` (the ``pedetect train`` that started it)
+    does. A parent stopped by SIGTERM or SIGKILL cannot shut its pool down, and folds left training on
+    their own kept every core busy for the rest of their schedule. Linux sends SIGTERM at the parent's
+    death (PR_SET_PDEATHSIG); elsewhere a thread polls for the parent once a second."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pedetect-parent-watch", daemon=True).start()
 
 
 def _executor(processes: int):
@@ -78,7 +105,10 @@ def _executor(processes: int):
         shutdown_fold_processes()
     if _pool is None:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-        _pool = (processes, ProcessPoolExecutor(processes, mp_context=context))
+        _pool = (
+            processes,
+            ProcessPoolExecutor(processes, mp_context=context, initializer=_end_with, initargs=(os.getpid(),)),
+        )
     return _pool[1]
 
 
