@@ -10,7 +10,16 @@ import pytest
 
 from helpers.metric import cand, clot, frames, make_labels, make_submission, six_candidates_over_three_scans, write
 from pedetect.labels import SERIES, STUDY
-from pedetect.metric.froc import froc, froc_report, hits, plot_froc, read_candidates, read_clots
+from pedetect.metric.froc import (
+    exam_sensitivity_by_level,
+    froc,
+    froc_report,
+    hits,
+    plot_froc,
+    read_candidates,
+    read_clots,
+    validate_clots,
+)
 from pedetect.metric.submission import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -332,3 +341,26 @@ def test_side_agreement_counts_the_strongest_hit_of_each_found_embolus():
         row["side"] = side
     result = froc(*frames(truth_rows, candidate_rows), studies=["A"])
     assert result["side_agreement"]["2"] == {"found": 3, "side_right": 2, "fraction": pytest.approx(2 / 3)}
+
+
+def test_exams_found_at_the_decision_by_their_most_proximal_visible_clot():
+    rows = [
+        clot("A", 1, 10, (20, 24, 30, 34)) | {"level": "subsegmental", "visible": 1},
+        clot("A", 2, 12, (40, 50, 40, 50)) | {"level": "lobar", "visible": 1},  # A counts as lobar
+        clot("B", 1, 5, (50, 54, 50, 54)) | {"level": "main", "visible": 0},  # a main clot no reader sees
+        clot("B", 2, 6, (50, 54, 50, 54)) | {"level": "segmental", "visible": 1},
+        clot("C", 1, 7, (50, 54, 50, 54)) | {"level": "segmental", "visible": 1},
+        clot("D", 1, 7, (50, 54, 50, 54)) | {"level": "main", "visible": 0},  # visible nowhere: not counted
+    ]
+    truth = validate_clots(pd.DataFrame(rows))
+    negative = {"A": 0.2, "B": 0.49, "C": 0.5, "D": 0.9, "E": 0.1}  # C at the decision is called negative
+    assert exam_sensitivity_by_level(truth, negative) == {
+        "main": {"found": 0, "exams": 0},
+        "lobar": {"found": 1, "exams": 1},
+        "segmental": {"found": 1, "exams": 2},
+        "subsegmental": {"found": 0, "exams": 0},
+    }
+    with pytest.raises(InputError, match="no negative_exam_for_pe prediction for 1 positive study"):
+        exam_sensitivity_by_level(truth, {"A": 0.2, "B": 0.4})
+    with pytest.raises(InputError, match="no 'level' column"):
+        exam_sensitivity_by_level(truth.drop(columns=["level"]), negative)

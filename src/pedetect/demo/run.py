@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pedetect.console import echo as console_echo
-from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, STUDY
+from pedetect.labels import EXAM_LABELS, IMAGE_LABEL, NEGATIVE_LABELS, STUDY
+
+NEGATIVE_EXAM = NEGATIVE_LABELS[0]  # negative_exam_for_pe: below 0.5 the exam is called positive
 
 POSITIVE_FRACTION_SYNTH = 0.31  # pedetect.synth.phantom.POSITIVE_FRACTION (not imported: --help stays fast)
 
@@ -83,6 +85,10 @@ class DemoResult:
     seed: int = TRAIN_SEED  # of the training set; the test set's is seed_of_test_set(seed)
     profile: str = DEFAULT_PROFILE
     localisation: dict[str, Any] | None = None  # the clot candidates' FROC (pedetect.metric.froc.froc)
+    # Positive exams found at the decision by their most proximal visible clot's level, and the
+    # negative exams called negative (pedetect.metric.froc.exam_sensitivity_by_level).
+    exams_by_level: dict[str, dict[str, int]] | None = None
+    negatives_right: tuple[int, int] | None = None
 
     @property
     def ratio(self) -> float:
@@ -121,6 +127,13 @@ class DemoResult:
                 f"found at 1 FP/scan {share(sens['1'])}, at 2 FP/scan {share(sens['2'])}; "
                 f"side right for {share((side.get('2') or {}).get('fraction'))} of those found at 2 FP/scan",
             ]
+        if self.exams_by_level is not None and self.negatives_right is not None:
+            found = ", ".join(f"{level} {v['found']}/{v['exams']}" for level, v in self.exams_by_level.items())
+            right, negatives = self.negatives_right
+            lines += [
+                f"exams at the decision: positives found by their most proximal visible clot: {found}; "
+                f"negatives called negative {right}/{negatives}",
+            ]
         lines += [
             "",
             f"report: {self.report / 'index.html'}",
@@ -148,8 +161,8 @@ def run_demo(
     from pedetect.infer.predict import predict
     from pedetect.metric.baselines import prior_submission
     from pedetect.metric.evaluate import evaluate_files, evaluate_frames
-    from pedetect.metric.froc import froc, read_candidates, read_clots
-    from pedetect.metric.submission import read_labels
+    from pedetect.metric.froc import exam_sensitivity_by_level, froc, read_candidates, read_clots
+    from pedetect.metric.submission import read_labels, read_submission
     from pedetect.models.bundle import read_bundle
     from pedetect.store import prepare
     from pedetect.synth import write_dataset
@@ -229,7 +242,13 @@ def run_demo(
     evaluation = evaluate_files(data / "test_labels.csv", submission)
     prior = evaluate_frames(labels, prior_submission(read_bundle(model).prior, labels), "prior baseline")
     truth = clots_path(data, "test")
-    localisation = froc(read_clots(truth), read_candidates(candidates), studies=labels[STUDY].unique())
+    truth_frame = read_clots(truth)
+    localisation = froc(truth_frame, read_candidates(candidates), studies=labels[STUDY].unique())
+    predicted_rows = read_submission(submission).set_index("id")["label"]
+    negative = {s: float(predicted_rows[f"{s}_{NEGATIVE_EXAM}"]) for s in labels[STUDY].unique()}
+    by_level = exam_sensitivity_by_level(truth_frame, negative) if "level" in truth_frame.columns else None
+    negative_studies = labels.loc[labels[NEGATIVE_EXAM] == 1, STUDY].unique()
+    negatives_right = (int(sum(negative[s] >= 0.5 for s in negative_studies)), len(negative_studies))
     step("evaluate")
     seconds["total"] = sum(seconds.values())
     return DemoResult(
@@ -244,4 +263,6 @@ def run_demo(
         seed=seed,
         profile=profile,
         localisation=localisation,
+        exams_by_level=by_level,
+        negatives_right=negatives_right,
     )

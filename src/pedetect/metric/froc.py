@@ -181,6 +181,39 @@ def read_scan_studies(path: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------- scoring
 
 
+# pedetect synth's clot levels, proximal first (main: the trunk and the main arteries).
+LEVELS: tuple[str, ...] = ("main", "lobar", "segmental", "subsegmental")
+
+
+def exam_sensitivity_by_level(
+    truth: pd.DataFrame, negative_probability: dict[str, float], *, decision: float = 0.5
+) -> dict[str, dict[str, int]]:
+    """Positive exams found at the exam decision, by the level of their most proximal visible clot.
+
+    ``truth``: a validated clot truth with a ``level`` column (only its visible rows count:
+    :func:`visible_truth`); ``negative_probability``: each study's predicted ``negative_exam_for_pe``
+    (a study is found when it is below ``decision``). A study with no visible clot is not counted.
+    Returns ``{level: {"found": k, "exams": n}}`` in :data:`LEVELS` order, then any other level seen.
+    """
+    if "level" not in truth.columns:
+        raise InputError(f"{truth.attrs.get('source', 'the clot truth')}: no 'level' column to group the exams by")
+    shown, _ = visible_truth(truth)
+    rank = {level: k for k, level in enumerate(LEVELS)}
+    levels = shown[[STUDY, "level"]].assign(rank=shown["level"].map(lambda v: rank.get(v, len(LEVELS))))
+    proximal = levels.sort_values(["rank", "level"]).drop_duplicates(STUDY)
+    missing = sorted(set(proximal[STUDY]) - set(negative_probability))
+    if missing:
+        raise InputError(
+            f"no negative_exam_for_pe prediction for {len(missing)} positive study(ies): {_shown(missing)}"
+        )
+    result: dict[str, dict[str, int]] = {}
+    for level in [*LEVELS, *sorted(set(proximal["level"]) - set(LEVELS))]:
+        studies = proximal.loc[proximal["level"] == level, STUDY]
+        found = sum(negative_probability[s] < decision for s in studies)
+        result[level] = {"found": int(found), "exams": len(studies)}
+    return result
+
+
 def _emboli(truth: pd.DataFrame) -> pd.DataFrame:
     """One row per embolus (study, embolus): its series, side, largest slice's pixels and size bucket."""
     extra = {"level": ("level", "first")} if "level" in truth.columns else {}
