@@ -49,7 +49,7 @@ def data(tmp_path_factory):
     return root
 
 
-def _train_and_predict(data, recipe: str, tmp_path, *extra: str):
+def _train_and_predict(data, recipe: str, tmp_path, *extra: str, train_options: tuple = ()):
     out = tmp_path / "model"
     overrides = [arg for item in (*SHRINK, *extra) for arg in ("--set", item)]
     run_pedetect(
@@ -61,6 +61,7 @@ def _train_and_predict(data, recipe: str, tmp_path, *extra: str):
         data / "synth" / "train.csv",
         "--out",
         out,
+        *train_options,
         *overrides,
     )
     submission = tmp_path / "submission.csv"
@@ -208,3 +209,33 @@ def test_1st_place_recipe(data, tmp_path):
     assert all((y1 - y0) * (x1 - x0) < 0.9 for y0, x0, y1, x1 in boxes["boxes"].values())
     seq_metrics = json.loads((out / "seq" / "fold0" / "metrics.json").read_text())
     assert seq_metrics["exported_epoch"] == 1  # the last of seq.epochs=2 (export: last)
+
+
+def test_realistic_recipe(data, tmp_path):
+    # The demo's CNN with the dense loss on its activation map: it needs the training emboli's boxes.
+    refused = subprocess.run(
+        pedetect_command(
+            "train",
+            ROOT / "configs" / "realistic.yaml",
+            "--store",
+            data / "store",
+            "--labels",
+            data / "synth" / "train.csv",
+            "--out",
+            tmp_path / "refused",
+            *[a for s in SHRINK for a in ("--set", s)],
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        refused.returncode != 0
+        and "clot_map_weight is set: give the training emboli's boxes with --clots" in refused.stderr
+    )
+    clots = data / "synth" / "clots.csv"
+    assert (pd.read_csv(clots)["visible"] == 1).any()  # boxes to learn from
+    # Without the heart model: these 6 studies hold too few positive exams to learn RV/LV from.
+    out, cnn, _ = _train_and_predict(data, "realistic.yaml", tmp_path, "heart=null", train_options=("--clots", clots))
+    assert type(cnn.backbone).__name__ == "SmallSliceCNN" and cnn.feature_dim == 64
+    assert load_experiment(out / "config.yaml").cnn.loss.clot_map_weight == 1.0
