@@ -82,11 +82,13 @@ _pool: tuple[int, Any] | None = None
 def _end_with(parent: int) -> None:
     """A fold process's initializer: it ends when ``parent`` (the ``pedetect train`` that started it)
     does. A parent stopped by SIGTERM or SIGKILL cannot shut its pool down, and folds left training on
-    their own kept every core busy for the rest of their schedule. Linux sends SIGTERM at the parent's
-    death (PR_SET_PDEATHSIG); elsewhere a thread polls for the parent once a second."""
+    their own kept every core busy for the rest of their schedule. Linux sends SIGKILL at the parent's
+    death (PR_SET_PDEATHSIG; not SIGTERM, which Lightning catches to stop at the end of a step, and
+    nothing is lost: every write is a temporary file renamed); elsewhere a thread polls for the
+    parent once a second."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
         return
