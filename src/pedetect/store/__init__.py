@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pedetect._lazy import lazy_getattr
+from pedetect._lazy import by_name, lazy_getattr
 
-_EXPORTS = {
-    "SliceStore": "pedetect.store.reader",
-    "prepare": "pedetect.store.job",
-    "PrepareSummary": "pedetect.store.job",
-    "StoreSettingsError": "pedetect.store.job",
-    "PrepareConfig": "pedetect.store.config",
-    "WindowSpec": "pedetect.store.config",
-}
+_EXPORTS = by_name(
+    {
+        "pedetect.store.reader": ("SliceStore",),
+        "pedetect.store.job": ("prepare", "PrepareSummary", "StoreSettingsError"),
+        "pedetect.store.config": ("PrepareConfig", "WindowSpec"),
+    }
+)
 
 __all__ = sorted(_EXPORTS)
 

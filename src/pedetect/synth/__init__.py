@@ -12,23 +12,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pedetect._lazy import lazy_getattr
+from pedetect._lazy import by_name, lazy_getattr
 
-_EXPORTS = {
-    "write_dataset": "pedetect.synth.dataset",
-    "sample_submission": "pedetect.synth.dataset",
-    "render_study": "pedetect.synth.render",
-    "render_plan": "pedetect.synth.render",
-    "RenderedStudy": "pedetect.synth.render",
-    "plan_study": "pedetect.synth.phantom",
-    "StudyPlan": "pedetect.synth.phantom",
-    "Tissue": "pedetect.synth.anatomy",
-    "POSITIVE_FRACTION": "pedetect.synth.phantom",
-    "INDETERMINATE_FRACTION": "pedetect.synth.phantom",
-    "write_series": "pedetect.synth.dicom",
-    "TRANSFER_SYNTAXES": "pedetect.synth.dicom",
-    "write_preview": "pedetect.synth.preview",
-}
+_EXPORTS = by_name(
+    {
+        "pedetect.synth.dataset": ("write_dataset", "sample_submission"),
+        "pedetect.synth.render": ("render_study", "render_plan", "RenderedStudy"),
+        "pedetect.synth.phantom": ("plan_study", "StudyPlan", "POSITIVE_FRACTION", "INDETERMINATE_FRACTION"),
+        "pedetect.synth.anatomy": ("Tissue",),
+        "pedetect.synth.dicom": ("write_series", "TRANSFER_SYNTAXES"),
+        "pedetect.synth.preview": ("write_preview",),
+    }
+)
 
 __all__ = sorted(_EXPORTS)
 
