@@ -232,7 +232,10 @@ class SliceDataset(Dataset):
         if self.clot_boxes is None:
             return image, torch.from_numpy(target), i
         clots = self.clot_boxes.get((self.series[i], int(self.slice_index[i])))
-        placed = self.transform.place(clot_map(raw.shape[:2], clots), geometry, box)
+        if clots is None:  # most slices: an empty map, placed or not (no warp on the hot path)
+            placed = torch.zeros((1, *image.shape[-2:]), dtype=torch.uint8)
+        else:
+            placed = self.transform.place(clot_map(raw.shape[:2], clots), geometry, box)
         return image, torch.from_numpy(target), i, placed
 
 

@@ -120,11 +120,7 @@ class SliceClassifier(nn.Module):
         """:meth:`forward`'s logits and the activation map ``(B, h, w)`` of :meth:`embed_with_map`
         from one backbone pass: what training with ``cnn.loss.clot_map_weight`` supervises."""
         feature_map = self.backbone.forward_features(self.normalise(x))
-        if self.gem is not None:
-            features = self._head_of_pooled(self.gem(feature_map))
-        else:
-            features = self.backbone.forward_head(feature_map, pre_logits=True)
-        return self.logits(self.dropout(features)), self._activation(feature_map)
+        return self.logits(self.dropout(self._pooled(feature_map))), self._activation(feature_map)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding (B, D), slice logit (B,))``: what stage 2 and ``predict`` consume.
@@ -154,10 +150,7 @@ class SliceClassifier(nn.Module):
     def _embed_map(
         self, feature_map: torch.Tensor, *, with_map: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.gem is not None:
-            features = self._head_of_pooled(self.gem(feature_map))
-        else:
-            features = self.backbone.forward_head(feature_map, pre_logits=True)
+        features = self._pooled(feature_map)
         logit = self.logits(features)[:, 0]
         embedding = features
         if self.location_grid:
@@ -167,6 +160,12 @@ class SliceClassifier(nn.Module):
         if not with_map:
             return embedding, logit, None
         return embedding, logit, self._activation(feature_map).to(logit.dtype)
+
+    def _pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The pooled features ``(B, feature_dim)`` of a ``(B, C, h, w)`` map: GeM, or the backbone's own pooling."""
+        if self.gem is not None:
+            return self._head_of_pooled(self.gem(feature_map))
+        return self.backbone.forward_head(feature_map, pre_logits=True)
 
     def _activation(self, feature_map: torch.Tensor) -> torch.Tensor:
         """The slice logit of every position of a ``(B, C, h, w)`` map: ``(B, h, w)``."""
