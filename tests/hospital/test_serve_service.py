@@ -138,6 +138,8 @@ def test_two_workers_from_a_config_file_answer_a_burst_once_each_and_the_metrics
     assert sorted(p.name for p in (spool / "outbox").iterdir()) == sorted(studies)
     for uid in studies:
         assert {"sr.dcm", "sc.dcm", "ko.dcm"} <= {p.name for p in (spool / "outbox" / uid).glob("*.dcm")}
+    # The log line follows the study's done record: wait for the last one to be written, then count.
+    wait_for(lambda: node.text().count("answered in") >= N_STUDIES, 30, "every answer logged", node.process, node.log)
     assert node.text().count("answered in") == N_STUDIES
     assert not list((spool / "work").glob("*.claim"))  # each claim went with its answer
 
